@@ -1,0 +1,50 @@
+"""Tullius: fault-tolerant task processing where no failure is ever silent.
+
+The public API, re-exported here and nowhere else.  See the README for use and
+``docs/design.md`` for how it works.
+"""
+
+from tullius.api import chain, configure, queue, tree
+from tullius.band import Band
+from tullius.chain import ChainLink, ChainTree
+from tullius.document import Failure, FailureKind, Status
+from tullius.errors import (
+    ConfigError,
+    InvalidTransition,
+    StoreError,
+    StoreUnavailable,
+    TaskDefinitionError,
+    TaskError,
+    TaskFieldError,
+    TaskNotFound,
+    TulliusError,
+    UnknownTaskClass,
+)
+from tullius.task import Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Band",
+    "ChainLink",
+    "ChainTree",
+    "ConfigError",
+    "Failure",
+    "FailureKind",
+    "InvalidTransition",
+    "Status",
+    "StoreError",
+    "StoreUnavailable",
+    "Task",
+    "TaskDefinitionError",
+    "TaskError",
+    "TaskFieldError",
+    "TaskNotFound",
+    "TulliusError",
+    "UnknownTaskClass",
+    "__version__",
+    "chain",
+    "configure",
+    "queue",
+    "tree",
+]

@@ -1,0 +1,127 @@
+"""The application-facing calls: ``tullius.queue()``, ``tullius.configure()``, ``tullius.chain()``.
+
+Where queued tasks go, in order of precedence:
+
+1. a *sink* installed by a driver for the code it runs (the simulator routes
+   ``queue()`` inside ``run()``/``failed()`` to its store; a worker process
+   sends them to its daemon);
+2. the store or database given to `configure()`;
+3. ``tullius_deps.make_db()``, as in the original README.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+from tullius.chain import ChainLink, ChainTree, read_chain, read_tree
+from tullius.document import TaskSpec, queued_doc
+from tullius.errors import ConfigError
+from tullius.store import Store
+from tullius.task import Task, to_specs
+
+Sink = Callable[[Sequence[TaskSpec]], list[str]]
+
+_sink: ContextVar[Sink | None] = ContextVar("tullius_queue_sink", default=None)
+_store: Store | None = None
+
+
+def configure(*, db: Any = None, store: Store | None = None) -> None:
+    """Say where ``queue()`` and ``chain()`` go, instead of ``tullius_deps.make_db()``.
+
+    Args:
+        db: a pymongo ``Database``.
+        store: any `Store` (e.g. a ``MemoryStore`` in tests).  Give one, or neither to reset.
+    """
+    global _store
+    if db is not None and store is not None:
+        raise ConfigError("configure", "db and store", "give one of db= or store=, not both")
+    if db is not None:
+        from tullius.runtime.mongo_store import MongoStore  # pymongo only when asked for
+
+        mongo = MongoStore(db)
+        mongo.ensure_indexes()
+        _store = mongo
+    else:
+        _store = store
+
+
+def current_store() -> Store:
+    """The configured store, or one made from ``tullius_deps.make_db()`` (then cached)."""
+    global _store
+    if _store is None:
+        from tullius.deps import load_deps
+        from tullius.runtime.mongo_store import MongoStore
+
+        deps = load_deps()
+        assert deps is not None
+        if deps.make_db is None:
+            raise ConfigError("tullius_deps.make_db", None, "must be defined to queue tasks")
+        mongo = MongoStore(deps.make_db())
+        mongo.ensure_indexes()
+        _store = mongo
+    return _store
+
+
+@contextmanager
+def queue_sink(sink: Sink) -> Iterator[None]:
+    """Route ``queue()`` calls in this context (thread/task) to ``sink``; for drivers."""
+    token = _sink.set(sink)
+    try:
+        yield
+    finally:
+        _sink.reset(token)
+
+
+def insert_queued(
+    store: Store, specs: Sequence[TaskSpec], *, now: datetime, new_id: Callable[[], str]
+) -> list[str]:
+    """Insert new root tasks for ``specs``; return their ids.  Used by every driver."""
+    docs = [queued_doc(spec, task_id=new_id(), now=now) for spec in specs]
+    store.insert_tasks(docs)
+    return [doc.task_id for doc in docs]
+
+
+def queue(task_or_tasks: Task | Iterable[Task]) -> list[str]:
+    """Store tasks to be run.  Returns their ids, also set as each task's ``task_id``.
+
+    All tasks are validated before any is stored: a refused call stores nothing.
+
+    Raises:
+        TaskDefinitionError: something that is not a Task, or a field that can't be stored.
+        ConfigError: no store is configured and ``tullius_deps`` is missing.
+    """
+    tasks = [task_or_tasks] if isinstance(task_or_tasks, Task) else list(task_or_tasks)
+    specs = to_specs(tasks, role="queue() argument")
+    sink = _sink.get()
+    if sink is not None:
+        ids = sink(specs)
+    else:
+        ids = insert_queued(
+            current_store(), specs, now=datetime.now(UTC), new_id=lambda: uuid.uuid4().hex
+        )
+    for task, task_id in zip(tasks, ids, strict=True):
+        task.task_id = task_id
+    return ids
+
+
+def _task_id(task_or_id: Task | str) -> str:
+    if isinstance(task_or_id, Task):
+        if task_or_id.task_id is None:
+            raise ConfigError("task", task_or_id, "has not been queued; expected a queued task or its id")
+        return task_or_id.task_id
+    return task_or_id
+
+
+def chain(task_or_id: Task | str, *, store: Store | None = None) -> list[ChainLink]:
+    """The failure chain of a queued task: it, then the first task produced at each step."""
+    return read_chain(store or current_store(), _task_id(task_or_id))
+
+
+def tree(task_or_id: Task | str, *, store: Store | None = None) -> ChainTree:
+    """Everything produced from a queued task, as a tree."""
+    return read_tree(store or current_store(), _task_id(task_or_id))

@@ -1,0 +1,34 @@
+"""Clocks: the only way drivers learn the time.
+
+The machine never reads a clock; drivers pass ``now`` into it.  A clock gives
+two readings: ``now()``, aware UTC wall time, written into records and compared
+with ``start_after``; and ``monotonic()``, seconds that never jump, used to
+judge lease staleness and timeouts locally.  The simulator's clock lives in
+``tullius/sim/clock.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """Aware UTC wall-clock time."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds from an arbitrary origin; never goes backwards."""
+        ...
+
+
+class SystemClock:
+    """The real clock of this machine."""
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return time.monotonic()

@@ -1,0 +1,465 @@
+"""The stored shape of tasks and of the records that decide their fate.
+
+Two kinds of documents live in the store:
+
+* a **task document** (`TaskDoc`): what to run, for which class, with which
+  fields, and a ``status`` *hint* saying where it probably is;
+* **records** (`Record`), each inserted once under a deterministic id derived
+  from the task id.  Records, not hints, are the truth: whoever inserts a
+  record id first decides that step of the task's life (who runs it, how the
+  run ended, who handles the failure, what the handler returned).
+
+A `TaskView` is one task document with its records, as read.  `status_of()`
+derives the true status from the records alone; `machine.py` decides what may
+happen next.  This module holds data and the pure conversions to and from BSON
+dictionaries (the only place that knows field names in the database).  No I/O,
+no clock, no randomness here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+from base64 import b32encode
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+
+class Status(str, enum.Enum):
+    """Where a task is in its life.  The value is what the store keeps."""
+
+    #: Stored, waiting for a worker (possibly not before ``start_after``).
+    QUEUED = "queued"
+    #: A worker's claim record won; ``run()`` is running under a lease.
+    RUNNING = "running"
+    #: ``run()`` returned; its successors are (being) inserted.  Terminal.
+    SUCCEEDED = "succeeded"
+    #: The run failed (or a handler attempt did); ``failed()`` must run next.
+    FAILED = "failed"
+    #: A worker's handler claim won; ``failed()`` is running under a lease.
+    HANDLING = "handling"
+    #: ``failed()`` returned; its replacements are (being) inserted.  Terminal.
+    HANDLED = "handled"
+    #: ``failed()`` failed on every allowed attempt.  Terminal, for an operator
+    #: to look at: the failure is recorded, never dropped.
+    UNHANDLED = "unhandled"
+
+
+TERMINAL: Final = frozenset({Status.SUCCEEDED, Status.HANDLED, Status.UNHANDLED})
+
+
+class Origin(str, enum.Enum):
+    """How a task came to be stored."""
+
+    #: Queued by application code through ``tullius.queue()``.
+    QUEUED = "queued"
+    #: Returned by a successful ``run()``.
+    SUCCESSOR = "successor"
+    #: Returned by ``failed()`` after a failure.
+    REPLACEMENT = "replacement"
+
+
+class RecordKind(str, enum.Enum):
+    """What a record decides."""
+
+    #: Ownership of the task's one run (a lease, renewed by ``beat``).
+    RUN = "run"
+    #: How the run ended: success with successors, or a failure.
+    OUTCOME = "outcome"
+    #: Ownership of one attempt at running ``failed()``.
+    HANDLER = "handler"
+    #: How that attempt ended: replacements, or a handler error.
+    HANDLER_END = "handler_end"
+
+
+class FailureKind:
+    """The ``kind`` values Tullius itself writes into a `Failure`."""
+
+    EXCEPTION: Final = "exception"  #: run() or failed() raised
+    TIMEOUT: Final = "timeout"  #: stopped at its deadline
+    CRASHED: Final = "crashed"  #: the worker process died under it
+    LOST: Final = "lost"  #: its server stopped renewing the lease
+    BAD_RETURN: Final = "bad_return"  #: returned something that is not a task
+    UNLOADABLE: Final = "unloadable"  #: its class or fields could not be loaded
+    SHUTDOWN: Final = "shutdown"  #: its daemon stopped before it finished
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What went wrong, as ``failed()`` sees it in ``self.failure``.
+
+    Attributes:
+        kind: one of `FailureKind` (or a kind of the user's own).
+        message: one line for people.
+        at: when it was recorded (aware UTC).
+        traceback: the formatted traceback, for exceptions.
+        server: the server that recorded it.
+    """
+
+    kind: str
+    message: str
+    at: datetime
+    traceback: str | None = None
+    server: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as returned by user code, before it has an id.
+
+    ``run()`` and ``failed()`` produce specs; the machine turns them into
+    `TaskDoc`s with ids derived from the parent, so that inserting them again
+    is harmless.
+    """
+
+    class_name: str
+    fields: Mapping[str, Any]
+    priority: int
+    timeout: timedelta
+    handler_timeout: timedelta
+    handler_attempts: int
+    delay: timedelta | None = None
+    start_after: datetime | None = None
+
+
+@dataclass(frozen=True)
+class TaskDoc:
+    """One stored task.  Only ``status`` and ``due_at`` ever change, and they are hints."""
+
+    task_id: str
+    class_name: str
+    fields: Mapping[str, Any]
+    priority: int
+    timeout: timedelta
+    handler_timeout: timedelta
+    handler_attempts: int
+    start_after: datetime
+    created_at: datetime
+    origin: Origin = Origin.QUEUED
+    parent_id: str | None = None
+    root_id: str = ""
+    #: Hint: where the task probably is.  `status_of()` is the truth.
+    status: Status = Status.QUEUED
+    #: Hint: when the next piece of work on it may start (queued and failed tasks).
+    due_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Record:
+    """A decision about one task, inserted once under ``record_id``.
+
+    Attributes:
+        record_id: deterministic, from `run_id()` and friends.
+        token: unique to the writer's attempt, so a writer can tell its own
+            record from a rival's after an ambiguous write error.
+        beat: heartbeat counter of a RUN or HANDLER record; the only field
+            ever updated, and only by the owner.
+        ok: for OUTCOME and HANDLER_END: did it succeed.
+        failure: the run's failure (OUTCOME) or the handler's error (HANDLER_END).
+        spawned: successors (OUTCOME) or replacements (HANDLER_END), with ids.
+        retry_at: for a failed HANDLER_END, when the next attempt may start.
+    """
+
+    record_id: str
+    task_id: str
+    kind: RecordKind
+    token: str
+    at: datetime
+    server: str
+    attempt: int = 0
+    worker: str | None = None
+    beat: int = 0
+    ok: bool | None = None
+    failure: Failure | None = None
+    spawned: tuple[TaskDoc, ...] = ()
+    retry_at: datetime | None = None
+
+
+# --- record ids -------------------------------------------------------------
+
+
+def run_id(task_id: str) -> str:
+    """Id of the record that owns the task's run."""
+    return f"{task_id}:run"
+
+
+def outcome_id(task_id: str) -> str:
+    """Id of the record of how the run ended."""
+    return f"{task_id}:outcome"
+
+
+def handler_id(task_id: str, attempt: int) -> str:
+    """Id of the record that owns handler attempt ``attempt`` (1-based)."""
+    return f"{task_id}:handler:{attempt}"
+
+
+def handler_end_id(task_id: str, attempt: int) -> str:
+    """Id of the record of how handler attempt ``attempt`` ended."""
+    return f"{task_id}:handler:{attempt}:end"
+
+
+def derive_task_id(parent_id: str, origin: Origin, index: int) -> str:
+    """The id of the ``index``-th task spawned by ``parent_id``.
+
+    Deterministic, so that every writer who materialises the same accepted
+    record inserts the same ids (and the second insert is a harmless no-op);
+    hashed, so that ids stay short along chains of thousands of retries.
+    """
+    digest = hashlib.blake2b(f"{parent_id}/{origin.value}/{index}".encode(), digest_size=10)
+    return b32encode(digest.digest()).decode().lower()
+
+
+def queued_doc(
+    spec: TaskSpec,
+    *,
+    task_id: str,
+    now: datetime,
+    origin: Origin = Origin.QUEUED,
+    parent: TaskDoc | None = None,
+) -> TaskDoc:
+    """A new QUEUED task document for ``spec``, starting after its delay or ``start_after``."""
+    start_after = spec.start_after or now + (spec.delay or timedelta(0))
+    return TaskDoc(
+        task_id=task_id,
+        class_name=spec.class_name,
+        fields=spec.fields,
+        priority=spec.priority,
+        timeout=spec.timeout,
+        handler_timeout=spec.handler_timeout,
+        handler_attempts=spec.handler_attempts,
+        start_after=start_after,
+        created_at=now,
+        origin=origin,
+        parent_id=None if parent is None else parent.task_id,
+        root_id=task_id if parent is None else (parent.root_id or parent.task_id),
+        status=Status.QUEUED,
+        due_at=start_after,
+    )
+
+
+# --- views ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """A task document and its records, as read together."""
+
+    task: TaskDoc
+    records: Mapping[str, Record] = field(default_factory=dict)
+
+    @property
+    def task_id(self) -> str:
+        return self.task.task_id
+
+    @property
+    def run(self) -> Record | None:
+        return self.records.get(run_id(self.task_id))
+
+    @property
+    def outcome(self) -> Record | None:
+        return self.records.get(outcome_id(self.task_id))
+
+    @property
+    def handler_attempt(self) -> int:
+        """The highest handler attempt claimed so far (0 if none)."""
+        n = 0
+        while handler_id(self.task_id, n + 1) in self.records:
+            n += 1
+        return n
+
+    def handler(self, attempt: int) -> Record | None:
+        return self.records.get(handler_id(self.task_id, attempt))
+
+    def handler_end(self, attempt: int) -> Record | None:
+        return self.records.get(handler_end_id(self.task_id, attempt))
+
+    def current_lease(self) -> Record | None:
+        """The RUN or HANDLER record whose lease is live, if the task is running or handling."""
+        status = status_of(self)
+        if status is Status.RUNNING:
+            return self.run
+        if status is Status.HANDLING:
+            return self.handler(self.handler_attempt)
+        return None
+
+    def with_record(self, record: Record) -> TaskView:
+        return TaskView(self.task, {**self.records, record.record_id: record})
+
+
+def status_of(view: TaskView) -> Status:
+    """The true status of a task, derived from its records alone (never the hint)."""
+    if view.run is None:
+        return Status.QUEUED
+    outcome = view.outcome
+    if outcome is None:
+        return Status.RUNNING
+    if outcome.ok:
+        return Status.SUCCEEDED
+    attempt = view.handler_attempt
+    if attempt == 0:
+        return Status.FAILED
+    end = view.handler_end(attempt)
+    if end is None:
+        return Status.HANDLING
+    if end.ok:
+        return Status.HANDLED
+    if attempt >= view.task.handler_attempts:
+        return Status.UNHANDLED
+    return Status.FAILED
+
+
+def due_at_of(view: TaskView) -> datetime | None:
+    """When the next piece of work on the task may start, or None if none is pending."""
+    status = status_of(view)
+    if status is Status.QUEUED:
+        return view.task.start_after
+    if status is Status.FAILED:
+        attempt = view.handler_attempt
+        end = view.handler_end(attempt) if attempt else None
+        if end is not None and end.retry_at is not None:
+            return end.retry_at
+        assert view.outcome is not None  # FAILED implies an outcome
+        return view.outcome.at
+    return None
+
+
+# --- BSON conversion ----------------------------------------------------------
+
+
+def stored_time(when: datetime) -> datetime:
+    """``when`` as the store keeps it: aware UTC, truncated to milliseconds (BSON's precision)."""
+    if when.tzinfo is None:
+        raise ValueError(f"naive datetime {when!r}; expected an aware datetime")
+    when = when.astimezone(UTC)
+    return when.replace(microsecond=when.microsecond // 1000 * 1000)
+
+
+def stored_value(value: Any) -> Any:
+    """A field value as it comes back from the store (tuples become lists, times lose µs)."""
+    if isinstance(value, datetime):
+        return stored_time(value)
+    if isinstance(value, list | tuple):
+        return [stored_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: stored_value(item) for key, item in value.items()}
+    return value
+
+
+def _ms(delta: timedelta) -> int:
+    return delta // timedelta(milliseconds=1)
+
+
+def task_to_bson(doc: TaskDoc) -> dict[str, Any]:
+    """The dictionary stored for a task; ``_id`` is the task id."""
+    return {
+        "_id": doc.task_id,
+        "cls": doc.class_name,
+        "fields": stored_value(dict(doc.fields)),
+        "priority": doc.priority,
+        "timeout_ms": _ms(doc.timeout),
+        "handler_timeout_ms": _ms(doc.handler_timeout),
+        "handler_attempts": doc.handler_attempts,
+        "start_after": stored_time(doc.start_after),
+        "created_at": stored_time(doc.created_at),
+        "origin": doc.origin.value,
+        "parent_id": doc.parent_id,
+        "root_id": doc.root_id,
+        "status": doc.status.value,
+        "due_at": None if doc.due_at is None else stored_time(doc.due_at),
+    }
+
+
+def task_from_bson(data: Mapping[str, Any]) -> TaskDoc:
+    """Inverse of `task_to_bson`.  Raises KeyError/ValueError on a malformed document."""
+    return TaskDoc(
+        task_id=str(data["_id"]),
+        class_name=data["cls"],
+        fields=dict(data["fields"]),
+        priority=int(data["priority"]),
+        timeout=timedelta(milliseconds=data["timeout_ms"]),
+        handler_timeout=timedelta(milliseconds=data["handler_timeout_ms"]),
+        handler_attempts=int(data["handler_attempts"]),
+        start_after=_aware(data["start_after"]),
+        created_at=_aware(data["created_at"]),
+        origin=Origin(data.get("origin", Origin.QUEUED.value)),
+        parent_id=data.get("parent_id"),
+        root_id=data.get("root_id") or str(data["_id"]),
+        status=Status(data.get("status", Status.QUEUED.value)),
+        due_at=None if data.get("due_at") is None else _aware(data["due_at"]),
+    )
+
+
+def _aware(value: datetime) -> datetime:
+    # pymongo without tz_aware=True (or mongomock) hands back naive UTC datetimes.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def failure_to_bson(failure: Failure) -> dict[str, Any]:
+    return {
+        "kind": failure.kind,
+        "message": failure.message,
+        "at": stored_time(failure.at),
+        "traceback": failure.traceback,
+        "server": failure.server,
+    }
+
+
+def failure_from_bson(data: Mapping[str, Any]) -> Failure:
+    return Failure(
+        kind=data["kind"],
+        message=data["message"],
+        at=_aware(data["at"]),
+        traceback=data.get("traceback"),
+        server=data.get("server"),
+    )
+
+
+def record_to_bson(record: Record) -> dict[str, Any]:
+    """The dictionary stored for a record; ``_id`` is the record id."""
+    return {
+        "_id": record.record_id,
+        "task_id": record.task_id,
+        "kind": record.kind.value,
+        "token": record.token,
+        "at": stored_time(record.at),
+        "server": record.server,
+        "attempt": record.attempt,
+        "worker": record.worker,
+        "beat": record.beat,
+        "ok": record.ok,
+        "failure": None if record.failure is None else failure_to_bson(record.failure),
+        "spawned": [task_to_bson(doc) for doc in record.spawned],
+        "retry_at": None if record.retry_at is None else stored_time(record.retry_at),
+    }
+
+
+def record_from_bson(data: Mapping[str, Any]) -> Record:
+    """Inverse of `record_to_bson`."""
+    return Record(
+        record_id=str(data["_id"]),
+        task_id=data["task_id"],
+        kind=RecordKind(data["kind"]),
+        token=data["token"],
+        at=_aware(data["at"]),
+        server=data["server"],
+        attempt=int(data.get("attempt", 0)),
+        worker=data.get("worker"),
+        beat=int(data.get("beat", 0)),
+        ok=data.get("ok"),
+        failure=None if data.get("failure") is None else failure_from_bson(data["failure"]),
+        spawned=tuple(task_from_bson(item) for item in data.get("spawned") or ()),
+        retry_at=None if data.get("retry_at") is None else _aware(data["retry_at"]),
+    )
+
+
+def as_stored(doc: TaskDoc) -> TaskDoc:
+    """``doc`` exactly as reading it back from any store would return it."""
+    return task_from_bson(task_to_bson(doc))
+
+
+def replace_status(doc: TaskDoc, status: Status, due_at: datetime | None) -> TaskDoc:
+    """``doc`` with new hints."""
+    return dataclasses.replace(doc, status=status, due_at=due_at)

@@ -1,0 +1,240 @@
+"""The store conversations every driver has: claim work, finish it, renew, sweep.
+
+Each conversation is a generator that yields store operations (see
+``store.py``) and receives their results; it calls `machine.step()` for every
+decision.  The daemon runs them straight through with `drive()`; the simulator
+interleaves the operations of many servers and injects faults between them.
+One engine, two drivers: the rules can't drift apart.
+
+Nothing here reads a clock or a random source of its own: ``now``, the
+observer's monotonic reading and ``rng`` are arguments.  A store error raised
+into a conversation ends it; every write it made is safe to repeat, so the
+driver simply runs the conversation again later.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from tullius.band import Band
+from tullius.document import Record, Status, TaskView
+from tullius.effects import InsertRecord
+from tullius.errors import InvalidTransition
+from tullius.events import (
+    Claimed,
+    Event,
+    HandlerClaimed,
+    LeaseExpired,
+    Swept,
+)
+from tullius.machine import settle, step
+from tullius.policy import LeaseWatch
+from tullius.store import Beat, FindByStatus, FindDue, Load, Operation, Store, perform
+
+T = TypeVar("T")
+Conversation = Generator[Operation, Any, T]
+
+#: How many candidates one claim looks at before giving up for this round.
+CLAIM_BATCH = 8
+#: How many unsettled tasks one sweep examines.
+SWEEP_BATCH = 1000
+
+
+class JobKind(str, enum.Enum):
+    RUN = "run"  #: call ``run()``
+    HANDLE = "handle"  #: call ``failed()``
+
+
+@dataclass(frozen=True)
+class Job:
+    """Work a worker owns: the task as read right after its lease record won."""
+
+    kind: JobKind
+    view: TaskView
+    lease: Record
+
+    @property
+    def task_id(self) -> str:
+        return self.view.task_id
+
+    @property
+    def token(self) -> str:
+        return self.lease.token
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a finish went: ``accepted`` if our record won, else the rival's ``record``."""
+
+    accepted: bool
+    record: Record
+    view: TaskView
+
+
+@dataclass
+class SweepReport:
+    """What one sweep did, for logs and tests."""
+
+    examined: int = 0
+    expired: list[str] = field(default_factory=list)  #: lease record ids declared lost
+    repaired: list[str] = field(default_factory=list)  #: task ids whose hints/inserts were fixed
+
+
+def drive(store: Store, conversation: Conversation[T]) -> T:
+    """Run a conversation against ``store`` to the end, one operation at a time."""
+    try:
+        op = next(conversation)
+        while True:
+            op = conversation.send(perform(store, op))
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+def apply_step(view: TaskView, decided: Any) -> Conversation[Record | None]:
+    """Apply a `machine.Step`; return None if it took effect, or the rival record that won.
+
+    The idempotent effects after the insert are recomputed from the record the
+    store returned, so a writer repeating its own insert after an ambiguous
+    error completes exactly what its first attempt stored.
+    """
+    record = decided.record
+    if record is None:
+        for effect in decided.effects:
+            yield effect
+        return None
+    winner: Record = yield InsertRecord(record)
+    if winner.token != record.token:
+        return winner
+    for effect in settle(view.with_record(winner)):
+        yield effect
+    return None
+
+
+def repair(view: TaskView, *, now: datetime) -> Conversation[bool]:
+    """Re-issue the idempotent effects of the task's true status; True if anything was written."""
+    decided = step(view, Swept(), now=now)
+    if not decided.effects:
+        return False
+    yield from apply_step(view, decided)
+    return True
+
+
+def claim(
+    band: Band,
+    *,
+    server: str,
+    worker: str | None,
+    token: str,
+    now: datetime,
+    rng: random.Random | None = None,
+    batch: int = CLAIM_BATCH,
+) -> Conversation[Job | None]:
+    """Take the most urgent due work in ``band``, or None.
+
+    1. Failed tasks first (their ``failed()`` is overdue work), then queued ones;
+       most urgent first: lowest priority, then earliest due.
+    2. A queued candidate is claimed optimistically by inserting its RUN
+       record: if the task had been claimed, the insert loses and nothing else
+       was written.  A failed candidate is loaded first, for its attempt count.
+    3. A candidate whose hint was stale is repaired and skipped.
+    """
+    events: tuple[tuple[Status, Event], ...] = (
+        (Status.FAILED, HandlerClaimed(token=token, server=server, worker=worker)),
+        (Status.QUEUED, Claimed(token=token, server=server, worker=worker)),
+    )
+    for status, event in events:
+        docs = yield FindDue(status, band.min_priority, band.max_priority, now, batch)
+        for doc in docs:
+            view: TaskView | None = TaskView(doc)
+            if status is Status.FAILED:
+                view = yield Load(doc.task_id)
+            if view is None:
+                continue
+            try:
+                decided = step(view, event, now=now, rng=rng)
+            except InvalidTransition:
+                yield from repair(view, now=now)
+                continue
+            rival = yield from apply_step(view, decided)
+            if rival is None:
+                assert decided.record is not None
+                kind = JobKind.HANDLE if status is Status.FAILED else JobKind.RUN
+                return Job(kind, decided.view, decided.record)
+            fresh = yield Load(doc.task_id)
+            if fresh is not None:
+                yield from repair(fresh, now=now)
+    return None
+
+
+def finish(
+    job: Job, event: Event, *, now: datetime, rng: random.Random | None = None
+) -> Conversation[Verdict]:
+    """Record how ``job`` ended.  Safe to run again after a store error.
+
+    Raises:
+        InvalidTransition: ``event`` does not fit the job (a driver bug).
+    """
+    decided = step(job.view, event, now=now, rng=rng)
+    rival = yield from apply_step(job.view, decided)
+    if rival is not None:
+        return Verdict(False, rival, job.view.with_record(rival))
+    assert decided.record is not None
+    return Verdict(True, decided.record, decided.view)
+
+
+def renew(job: Job) -> Conversation[bool]:
+    """Renew the job's lease; False if the job is no longer ours (someone ended it)."""
+    beat = yield Beat(job.lease.record_id)
+    if beat is None:
+        return False
+    view: TaskView | None = yield Load(job.task_id)
+    if view is None:
+        return False
+    lease = view.current_lease()
+    return lease is not None and lease.token == job.token
+
+
+def sweep(
+    watch: LeaseWatch,
+    *,
+    observer: str,
+    now: datetime,
+    monotonic_now: float,
+    own_tokens: frozenset[str] = frozenset(),
+    rng: random.Random | None = None,
+    limit: int = SWEEP_BATCH,
+) -> Conversation[SweepReport]:
+    """Fail stale leases as ``lost`` and repair hints of running and handling tasks.
+
+    1. Read the tasks whose hint says RUNNING or HANDLING.
+    2. For each, load its records.  A live lease that is not ours is observed by
+       ``watch``; once stale, `LeaseExpired` is stepped (first insert wins
+       against the owner's late result and against other sweepers).
+    3. A task whose hint disagrees with its records is repaired (`Swept`).
+    """
+    report = SweepReport()
+    live: set[str] = set()
+    docs = yield FindByStatus((Status.RUNNING, Status.HANDLING), limit)
+    for doc in docs:
+        view: TaskView | None = yield Load(doc.task_id)
+        if view is None:
+            continue
+        report.examined += 1
+        lease = view.current_lease()
+        if lease is not None and lease.token not in own_tokens:
+            live.add(lease.record_id)
+            if watch.is_stale(lease.record_id, lease.beat, monotonic_now):
+                decided = step(view, LeaseExpired(lease.record_id, observer), now=now, rng=rng)
+                rival = yield from apply_step(view, decided)
+                if rival is None:
+                    report.expired.append(lease.record_id)
+                continue
+        if (yield from repair(view, now=now)):
+            report.repaired.append(view.task_id)
+    watch.forget_except(live)
+    return report

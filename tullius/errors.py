@@ -1,0 +1,134 @@
+"""Every exception Tullius raises on purpose, in one tree.
+
+    TulliusError
+      ConfigError            bad settings; raised at start-up, before any task runs
+      TaskDefinitionError    a Task subclass or instance is malformed (raised where it is written)
+        TaskFieldError       a field value that can't be stored as BSON
+      TaskError
+        InvalidTransition    an event not allowed in the task's status; nothing changed
+        TaskNotFound
+        UnknownTaskClass     a stored document names a class that can't be loaded
+      StoreError
+        StoreUnavailable     the database could not be reached after retries
+
+Each exception keeps its data as attributes and builds its message from them, so
+callers can act on the data and people can read the message. Nothing else lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TulliusError(Exception):
+    """Base of every error Tullius raises deliberately."""
+
+
+class ConfigError(TulliusError):
+    """A setting is wrong; raised eagerly, before any task is touched.
+
+    Attributes:
+        setting: the name of the setting, as the user spelled it.
+        value: the offending value.
+        expected: what would have been accepted.
+    """
+
+    def __init__(self, setting: str, value: Any, expected: str) -> None:
+        self.setting = setting
+        self.value = value
+        self.expected = expected
+        super().__init__(f"{setting}={value!r} {expected}")
+
+
+class TaskDefinitionError(TulliusError, TypeError):
+    """A Task subclass or a Task construction is malformed.
+
+    A ``TypeError`` too, because that is what Python raises for a bad call.
+    """
+
+
+class TaskFieldError(TaskDefinitionError):
+    """A task field holds a value that can't be stored as a BSON value.
+
+    Attributes:
+        task_class: the Task subclass name.
+        field: the field name, with a path inside nested values (``items[2].when``).
+        value_type: the type name of the value that was refused.
+        expected: what would have been accepted.
+    """
+
+    def __init__(self, task_class: str, field: str, value_type: str, expected: str) -> None:
+        self.task_class = task_class
+        self.field = field
+        self.value_type = value_type
+        self.expected = expected
+        super().__init__(
+            f"{task_class}.{field} holds a {value_type!r} value, which can't be stored as BSON; "
+            f"expected {expected}"
+        )
+
+
+class TaskError(TulliusError):
+    """Something about one stored task."""
+
+
+class InvalidTransition(TaskError):
+    """An event is not allowed in the task's current status; nothing was changed.
+
+    Attributes:
+        task_id: the task.
+        status: its status when the event arrived.
+        event: the event that was refused.
+        reason: why, when more than "no such transition".
+    """
+
+    def __init__(self, task_id: str, status: str, event: object, reason: str = "") -> None:
+        self.task_id = task_id
+        self.status = status
+        self.event = event
+        self.reason = reason
+        detail = f": {reason}" if reason else ""
+        super().__init__(
+            f"can't handle {type(event).__name__} in status {status!r} "
+            f"(task_id={task_id!r}){detail}"
+        )
+
+
+class TaskNotFound(TaskError):
+    """No task with this id is stored."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"no task with task_id={task_id!r}")
+
+
+class UnknownTaskClass(TaskError):
+    """A stored task names a class that can't be loaded as a Task subclass.
+
+    Attributes:
+        name: the stored class name.
+        reason: what went wrong when loading it.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"can't load task class {name!r}: {reason}")
+
+
+class StoreError(TulliusError):
+    """The store failed an operation. The operation may or may not have been applied."""
+
+
+class StoreUnavailable(StoreError):
+    """The database could not be reached, even after retrying.
+
+    Attributes:
+        operation: what was being attempted.
+        cause: a short description of the last error (never containing credentials).
+    """
+
+    def __init__(self, operation: str, cause: str) -> None:
+        self.operation = operation
+        self.cause = cause
+        super().__init__(f"store unavailable during {operation}: {cause}")

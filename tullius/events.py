@@ -1,0 +1,91 @@
+"""The machine's inputs: facts a driver observed or outcomes it wants recorded.
+
+Each event is a frozen dataclass named in the past tense.  Events that only the
+owner of a lease may report carry the owner's ``token``; the machine refuses
+them from anyone else.  Nothing here does I/O or reads a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tullius.document import Failure, TaskSpec
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A worker wants to run a queued task."""
+
+    token: str
+    server: str
+    worker: str | None = None
+
+
+@dataclass(frozen=True)
+class Succeeded:
+    """The owner's ``run()`` returned these successors."""
+
+    token: str
+    successors: tuple[TaskSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The owner's ``run()`` failed (raised, timed out, crashed, was shut down...)."""
+
+    token: str
+    failure: Failure
+
+
+@dataclass(frozen=True)
+class LeaseExpired:
+    """An observer saw the lease ``record_id`` go unrenewed for too long.
+
+    Staleness is judged on the observer's own monotonic clock (see
+    `policy.LeaseWatch`), never by comparing wall clocks across servers.
+    """
+
+    record_id: str
+    observer: str
+
+
+@dataclass(frozen=True)
+class HandlerClaimed:
+    """A worker wants to run ``failed()`` for a failed task."""
+
+    token: str
+    server: str
+    worker: str | None = None
+
+
+@dataclass(frozen=True)
+class HandlerSucceeded:
+    """The owner's ``failed()`` returned these replacements."""
+
+    token: str
+    replacements: tuple[TaskSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class HandlerFailed:
+    """The owner's ``failed()`` raised, hung, or returned something that is not a task."""
+
+    token: str
+    error: Failure
+
+
+@dataclass(frozen=True)
+class Swept:
+    """A sweeper (or a loser of a race) wants the hints and pending inserts repaired."""
+
+
+Event = (
+    Claimed
+    | Succeeded
+    | Failed
+    | LeaseExpired
+    | HandlerClaimed
+    | HandlerSucceeded
+    | HandlerFailed
+    | Swept
+)

@@ -1,0 +1,100 @@
+"""Arithmetic of time: leases, heartbeats, sweeps and handler backoff.
+
+Pure functions and one small bookkeeping class.  Instants and randomness are
+arguments: a driver passes its clock's reading and its own ``random.Random``.
+Grow this module, not the transition table, when timing rules change.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+from tullius.errors import ConfigError
+
+#: First wait before retrying a failed ``failed()``; doubled on each attempt.
+HANDLER_BACKOFF_BASE = timedelta(seconds=1)
+#: Longest wait between two attempts at ``failed()``.
+HANDLER_BACKOFF_CAP = timedelta(minutes=5)
+
+
+def handler_backoff(attempt: int, rng: random.Random | None = None) -> timedelta:
+    """How long to wait after handler attempt ``attempt`` (1-based) failed.
+
+    Exponential (1 s, 2 s, 4 s, ... up to 5 min).  With ``rng``, "equal jitter":
+    a uniform draw from the upper half, so that many handlers failing together
+    (say, during a database outage) do not retry together.
+    """
+    if attempt < 1:
+        raise ValueError(f"attempt={attempt!r} must be >= 1")
+    delay = min(HANDLER_BACKOFF_BASE * (2 ** min(attempt - 1, 30)), HANDLER_BACKOFF_CAP)
+    if rng is None:
+        return delay
+    return delay / 2 + delay / 2 * rng.random()
+
+
+@dataclass(frozen=True)
+class LeaseTimings:
+    """Heartbeat, sweep and staleness periods derived from one promise: ``lease``.
+
+    The promise: when a server dies, the tasks it owned are failed as ``lost``
+    by another server within ``lease``.  An observer sees the dead owner's last
+    beat at most ``sweep`` after it was written (so at most ``sweep`` after the
+    death), calls it stale ``stale_after`` later, and acts at its next sweep:
+    ``2 * sweep + stale_after`` = 5/6 of the lease, leaving a sixth for the
+    store round trips.  A live owner beats every ``heartbeat`` and would have
+    to miss three beats in a row to be declared lost, which absorbs ordinary
+    database latency.
+    """
+
+    lease: timedelta = timedelta(seconds=30)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lease, timedelta) or self.lease <= timedelta(0):
+            raise ConfigError("lease", self.lease, "must be a positive timedelta")
+
+    @property
+    def heartbeat(self) -> timedelta:
+        return self.lease / 6
+
+    @property
+    def sweep(self) -> timedelta:
+        return self.lease / 6
+
+    @property
+    def stale_after(self) -> timedelta:
+        return self.lease / 2
+
+
+class LeaseWatch:
+    """One observer's memory of the heartbeats it has seen.
+
+    A lease is stale when its beat counter has not changed for ``stale_after``
+    on *this observer's* monotonic clock.  No wall clock of any server is
+    compared with another's, so skewed or jumping wall clocks can't expire a
+    live lease.  Forgetting (after a store outage, or a restart) only delays a
+    verdict: the window starts again from the next observation.
+    """
+
+    def __init__(self, stale_after: timedelta) -> None:
+        self.stale_after = stale_after.total_seconds()
+        self._seen: dict[str, tuple[int, float]] = {}
+
+    def is_stale(self, record_id: str, beat: int, monotonic_now: float) -> bool:
+        """Record an observation; True if ``beat`` has not moved for ``stale_after``."""
+        seen = self._seen.get(record_id)
+        if seen is None or seen[0] != beat:
+            self._seen[record_id] = (beat, monotonic_now)
+            return False
+        return monotonic_now - seen[1] >= self.stale_after
+
+    def forget_except(self, record_ids: set[str]) -> None:
+        """Drop observations of leases that are no longer live."""
+        for record_id in list(self._seen):
+            if record_id not in record_ids:
+                del self._seen[record_id]
+
+    def reset(self) -> None:
+        """Forget everything, e.g. after this observer lost the store for a while."""
+        self._seen.clear()

@@ -1,0 +1,152 @@
+"""What the engine needs from a database, and the operations it asks for.
+
+`Store` is the protocol both `MemoryStore` (simulator, tests) and `MongoStore`
+(daemon) implement; an agreement test runs one behaviour suite against both.
+Each method's docstring says what is atomic and what a lost race returns.  The
+protocol never needs a transaction, and never trusts a conditional update to
+be atomic: FerretDB's are not.  The only atomic primitive relied on is that
+inserting a document whose ``_id`` exists is rejected.
+
+The engine (``engine.py``) talks to a store through *operations*: frozen
+dataclasses yielded by its generators and carried out by `perform()`.  This is
+what lets the simulator interleave the store traffic of many servers one
+operation at a time and inject faults between any two of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from tullius.document import Record, Status, TaskDoc, TaskView
+from tullius.effects import InsertRecord, InsertTasks, SetStatus
+
+
+class Store(Protocol):
+    """Durable storage of task documents and their records.
+
+    Every method may raise `StoreError`; after one, the write may or may not
+    have been applied, and repeating it is always safe.
+    """
+
+    def insert_tasks(self, docs: Sequence[TaskDoc]) -> int:
+        """Insert each task whose id is not stored yet; return how many were new.
+
+        Atomic per document.  A stored id is left untouched, so a repeat is a
+        no-op.  Not atomic across documents: after an error, some may be in.
+        """
+        ...
+
+    def insert_record(self, record: Record) -> Record:
+        """Insert ``record`` unless its id is stored; return the stored record.
+
+        Atomic: of racing inserts of one id exactly one wins, everywhere.  The
+        caller compares the returned record's ``token`` with its own: equal
+        means it won (also when repeating its own insert after an ambiguous
+        error), different means a rival's record decided this step.
+        """
+        ...
+
+    def set_status(self, task_id: str, status: Status, due_at: datetime | None) -> None:
+        """Set the status and due-time hints unless the stored hint is terminal.
+
+        A conditional update: NOT atomic on every server (two racing writers
+        may both apply).  Hints are therefore only hints; sweeps repair them.
+        """
+        ...
+
+    def beat(self, record_id: str) -> int | None:
+        """Increment the heartbeat counter of a lease record; return it, or None if missing.
+
+        Only the lease's owner calls this, so racing is not a concern.
+        """
+        ...
+
+    def load(self, task_id: str) -> TaskView | None:
+        """The task and all of its records, or None if no such task.
+
+        Not a snapshot: a record inserted during the read may be missing, which
+        only makes the view stale, never inconsistent (records never change
+        except ``beat``).
+        """
+        ...
+
+    def find_due(
+        self, status: Status, min_priority: float, max_priority: float, now: datetime, limit: int
+    ) -> list[TaskDoc]:
+        """Tasks whose hint is ``status``, priority in the band and ``due_at <= now``.
+
+        Most urgent first: by priority, then ``due_at``, then id.  Hints may be
+        stale; the caller must check the records before acting.
+        """
+        ...
+
+    def find_by_status(self, statuses: Sequence[Status], limit: int) -> list[TaskDoc]:
+        """Tasks whose hint is one of ``statuses``, oldest ``due_at`` first, then by id."""
+        ...
+
+    def find_children(self, parent_id: str) -> list[TaskDoc]:
+        """Tasks spawned by ``parent_id`` (successors and replacements), by id."""
+        ...
+
+    def count_by_status(self) -> dict[Status, int]:
+        """How many task documents carry each status hint."""
+        ...
+
+
+# --- read operations (the write operations are the machine's effects) ---------
+
+
+@dataclass(frozen=True)
+class Load:
+    task_id: str
+
+
+@dataclass(frozen=True)
+class FindDue:
+    status: Status
+    min_priority: float
+    max_priority: float
+    now: datetime
+    limit: int
+
+
+@dataclass(frozen=True)
+class FindByStatus:
+    statuses: tuple[Status, ...]
+    limit: int
+
+
+@dataclass(frozen=True)
+class Beat:
+    record_id: str
+
+
+Operation = InsertRecord | InsertTasks | SetStatus | Load | FindDue | FindByStatus | Beat
+
+
+def perform(store: Store, op: Operation) -> Any:
+    """Carry out one operation against ``store`` and return its result."""
+    match op:
+        case InsertRecord(record):
+            return store.insert_record(record)
+        case InsertTasks(docs):
+            return store.insert_tasks(docs)
+        case SetStatus(task_id, status, due_at):
+            return store.set_status(task_id, status, due_at)
+        case Load(task_id):
+            return store.load(task_id)
+        case FindDue(status, low, high, now, limit):
+            return store.find_due(status, low, high, now, limit)
+        case FindByStatus(statuses, limit):
+            return store.find_by_status(statuses, limit)
+        case Beat(record_id):
+            return store.beat(record_id)
+    raise TypeError(f"unknown store operation {op!r}")
+
+
+def operation_name(op: Operation) -> str:
+    """A stable name for an operation kind, used to aim injected faults."""
+    return type(op).__name__

@@ -1,0 +1,316 @@
+"""The user's side of a task: the `Task` base class and its conversions.
+
+Users subclass `Task`, set ``timeout`` (and optionally ``priority``,
+``failed_timeout``, ``failed_attempts``), write ``run()`` and ``failed()``, and
+construct instances with keyword fields.  This module validates all of that
+where the user writes it (class definition, construction, queueing), converts
+tasks to `TaskSpec`s for the machine, and rebuilds tasks from stored documents
+by their stable class name.  Field values must be plain BSON values: stored
+documents are data, never pickles, so write access to the database never
+becomes code execution.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any, ClassVar, Final
+
+from tullius.document import Failure, TaskDoc, TaskSpec
+from tullius.errors import TaskDefinitionError, TaskFieldError, UnknownTaskClass
+
+_INT64: Final = 2**63
+_EXPECTED_VALUE: Final = (
+    "None, bool, int (64-bit), float, str, bytes, an aware datetime, "
+    "or a list/tuple/dict of those (dict keys: str, not starting with '$', without '.')"
+)
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+class Task:
+    """Base class of every task.
+
+    Class attributes (checked when the subclass is defined):
+        timeout: required, a positive ``timedelta``: how long ``run()`` may take.
+        priority: 0 is most urgent; default 5.  An instance may override it.
+        failed_timeout: how long one call of ``failed()`` may take; default 1 min.
+        failed_attempts: how many times ``failed()`` is tried before the task is
+            left UNHANDLED for an operator; default 5.
+        task_name: the stable name stored with each task; defaults to
+            ``"module:QualName"``.  Set it to keep old documents loadable when
+            you move or rename the class.
+
+    Pass ``abstract=True`` in the class statement for a base class without a
+    timeout: ``class Base(tullius.Task, abstract=True)``.
+    """
+
+    timeout: ClassVar[timedelta]
+    priority: int | float = 5
+    failed_timeout: ClassVar[timedelta] = timedelta(minutes=1)
+    failed_attempts: ClassVar[int] = 5
+    task_name: ClassVar[str] = ""
+
+    #: Set on a task rebuilt for ``failed()``: what went wrong.
+    failure: Failure | None
+    #: The stored id, once the task is queued or rebuilt from the store.
+    task_id: str | None
+
+    def __init_subclass__(cls, *, abstract: bool = False, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._tullius_abstract = abstract
+        if abstract:
+            return
+        name = cls.__name__
+        timeout = getattr(cls, "timeout", None)
+        if not isinstance(timeout, timedelta) or timeout <= timedelta(0):
+            raise TaskDefinitionError(
+                f"{name}.timeout={timeout!r}; expected a positive datetime.timedelta "
+                "(or declare the class with abstract=True)"
+            )
+        if not isinstance(cls.failed_timeout, timedelta) or cls.failed_timeout <= timedelta(0):
+            raise TaskDefinitionError(
+                f"{name}.failed_timeout={cls.failed_timeout!r}; expected a positive timedelta"
+            )
+        attempts = cls.failed_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise TaskDefinitionError(f"{name}.failed_attempts={attempts!r}; expected an int >= 1")
+        _check_priority(name, cls.priority)
+        if cls.run is Task.run:
+            raise TaskDefinitionError(f"{name} must define run(self)")
+        if "task_name" not in cls.__dict__ or not cls.task_name:
+            cls.task_name = f"{cls.__module__}:{cls.__qualname__}"
+        _REGISTRY[cls.task_name] = cls
+
+    def __init__(
+        self,
+        *,
+        delay: timedelta | None = None,
+        start_after: datetime | None = None,
+        priority: int | float | None = None,
+        **fields: Any,
+    ) -> None:
+        cls = type(self)
+        if cls is Task or cls.__dict__.get("_tullius_abstract", False):
+            raise TaskDefinitionError(f"{cls.__name__} is abstract; instantiate a subclass")
+        if delay is not None and start_after is not None:
+            raise TaskDefinitionError(
+                f"{cls.__name__}(delay={delay!r}, start_after={start_after!r}): give one, not both"
+            )
+        if delay is not None and (not isinstance(delay, timedelta) or delay < timedelta(0)):
+            raise TaskDefinitionError(
+                f"{cls.__name__}(delay={delay!r}); expected a timedelta >= 0"
+            )
+        if start_after is not None and (
+            not isinstance(start_after, datetime) or start_after.tzinfo is None
+        ):
+            raise TaskDefinitionError(
+                f"{cls.__name__}(start_after={start_after!r}); expected an aware datetime "
+                "(e.g. datetime.now(timezone.utc))"
+            )
+        if priority is not None:
+            _check_priority(cls.__name__, priority)
+            self.priority = priority
+        for field, value in fields.items():
+            _check_field_name(cls, field)
+            check_value(cls.__name__, field, value)
+            setattr(self, field, value)
+        self._tullius_delay = delay
+        self._tullius_start_after = start_after
+        self.failure = None
+        self.task_id = None
+
+    def run(self) -> Task | Iterable[Task] | None:
+        """Do the work.  Return None, or successor task(s) to queue on success."""
+        raise NotImplementedError
+
+    def failed(self) -> Task | Iterable[Task] | None:
+        """Handle ``self.failure``.  Return None to accept it, or replacement task(s)."""
+        return None
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The task's stored fields: its public instance attributes."""
+        return {
+            key: value
+            for key, value in vars(self).items()
+            if not key.startswith("_") and key not in _META_ATTRIBUTES
+        }
+
+    def copy(self, **changes: Any) -> Task:
+        """A new task of the same class with the same fields, some changed.
+
+        An instance priority carries over unless changed; ``delay`` and
+        ``start_after`` do not (pass them again to defer the copy).
+        """
+        fields = {**self.fields, **changes}
+        if "priority" not in changes and "priority" in vars(self):
+            fields["priority"] = self.priority
+        return type(self)(**fields)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{key}={value!r}" for key, value in sorted(self.fields.items()))
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Task):
+            return NotImplemented
+        return (
+            type(self) is type(other)
+            and self.fields == other.fields
+            and self.priority == other.priority
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by fields
+
+
+_META_ATTRIBUTES: Final = frozenset({"failure", "task_id", "priority"})
+
+
+def _check_priority(owner: str, priority: object) -> None:
+    if (
+        isinstance(priority, bool)
+        or not isinstance(priority, int | float)
+        or (isinstance(priority, float) and not math.isfinite(priority))
+    ):
+        raise TaskDefinitionError(
+            f"{owner} priority={priority!r}; expected a finite number (0 is most urgent)"
+        )
+
+
+def _check_field_name(cls: type[Task], field: str) -> None:
+    if field.startswith("_") or field in _META_ATTRIBUTES or hasattr(Task, field):
+        raise TaskDefinitionError(
+            f"{cls.__name__}({field}=...): field name {field!r} is reserved; expected a name "
+            "not starting with '_' and not one of Task's attributes"
+        )
+    if callable(getattr(cls, field, None)):
+        raise TaskDefinitionError(
+            f"{cls.__name__}({field}=...): field {field!r} would hide the method "
+            f"{cls.__name__}.{field}"
+        )
+
+
+def check_value(task_class: str, path: str, value: Any) -> None:
+    """Raise `TaskFieldError` unless ``value`` can be stored as a BSON value.
+
+    Args:
+        task_class: named in the error.
+        path: the field (and position inside it) named in the error.
+        value: the value to check, recursively.
+    """
+    if value is None or isinstance(value, bool | str | bytes | float):
+        return
+    if isinstance(value, int):
+        if -_INT64 <= value < _INT64:
+            return
+        raise TaskFieldError(task_class, path, "int beyond 64 bits", _EXPECTED_VALUE)
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise TaskFieldError(task_class, path, "naive datetime", "an aware datetime")
+        return
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            check_value(task_class, f"{path}[{index}]", item)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str) or key.startswith("$") or "." in key or "\0" in key:
+                raise TaskFieldError(
+                    task_class, f"{path}[{key!r}]", f"dict key {type(key).__name__}", _EXPECTED_VALUE
+                )
+            check_value(task_class, f"{path}[{key!r}]", item)
+        return
+    raise TaskFieldError(task_class, path, type(value).__name__, _EXPECTED_VALUE)
+
+
+def to_spec(task: object, *, role: str = "task") -> TaskSpec:
+    """The machine's view of a user task, validated as if it were being queued.
+
+    Raises:
+        TaskDefinitionError: ``task`` is not a Task, or a field can't be stored.
+    """
+    if not isinstance(task, Task):
+        raise TaskDefinitionError(
+            f"{role} {task!r} is a {type(task).__name__}; expected a tullius.Task instance"
+        )
+    cls = type(task)
+    fields = task.fields
+    for field, value in fields.items():
+        check_value(cls.__name__, field, value)
+    return TaskSpec(
+        class_name=cls.task_name,
+        fields=fields,
+        priority=task.priority,
+        timeout=cls.timeout,
+        handler_timeout=cls.failed_timeout,
+        handler_attempts=cls.failed_attempts,
+        delay=getattr(task, "_tullius_delay", None),
+        start_after=getattr(task, "_tullius_start_after", None),
+    )
+
+
+def to_specs(returned: object, *, role: str) -> tuple[TaskSpec, ...]:
+    """Specs for what ``run()`` or ``failed()`` returned: None, a task, or an iterable of tasks.
+
+    Raises:
+        TaskDefinitionError: naming what was returned and what is expected.
+    """
+    if returned is None:
+        return ()
+    if isinstance(returned, Task):
+        return (to_spec(returned, role=role),)
+    if isinstance(returned, str | bytes | Mapping) or not isinstance(returned, Iterable):
+        raise TaskDefinitionError(
+            f"{role} returned {returned!r}; expected None, a tullius.Task, or a list of them"
+        )
+    return tuple(to_spec(item, role=f"{role} item") for item in returned)
+
+
+def load_class(name: str) -> type[Task]:
+    """The Task subclass stored under ``name`` (``"module:QualName"`` or a custom task_name).
+
+    Classes defined or imported in this process are found directly; otherwise
+    the module part is imported and the qualified name looked up in it.
+
+    Raises:
+        UnknownTaskClass: the module or class is missing, or it is not a Task.
+    """
+    cls = _REGISTRY.get(name)
+    if cls is not None:
+        return cls
+    module_name, sep, qualname = name.partition(":")
+    if not sep or not module_name or not qualname:
+        raise UnknownTaskClass(name, "expected 'module:QualName'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as error:  # user code at import: any failure means "can't load"
+        raise UnknownTaskClass(name, f"importing {module_name!r} failed: {error!r}") from error
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise UnknownTaskClass(name, f"{module_name!r} has no {qualname!r}")
+    if not isinstance(obj, type) or not issubclass(obj, Task):
+        raise UnknownTaskClass(name, f"{obj!r} is not a tullius.Task subclass")
+    cls = _REGISTRY.get(name)  # importing registers it, under its task_name
+    return cls if cls is not None else obj
+
+
+def from_doc(doc: TaskDoc, *, failure: Failure | None = None) -> Task:
+    """Rebuild the user's task from its stored document.
+
+    Raises:
+        UnknownTaskClass: the class can't be loaded.
+    """
+    cls = load_class(doc.class_name)
+    task = cls.__new__(cls)
+    for field, value in doc.fields.items():
+        setattr(task, field, value)
+    if doc.priority != cls.priority:
+        task.priority = doc.priority
+    task._tullius_delay = None
+    task._tullius_start_after = None
+    task.failure = failure
+    task.task_id = doc.task_id
+    return task
