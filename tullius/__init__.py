@@ -6,7 +6,7 @@ The public API, re-exported here and nowhere else.  See the README for use and
 
 from tullius.api import chain, configure, queue, tree
 from tullius.band import Band
-from tullius.chain import ChainLink, ChainTree
+from tullius.inspection import ChainLink, ChainTree
 from tullius.document import Failure, FailureKind, Status
 from tullius.errors import (
     ConfigError,

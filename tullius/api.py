@@ -18,7 +18,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-from tullius.chain import ChainLink, ChainTree, read_chain, read_tree
+from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
 from tullius.document import TaskSpec, queued_doc
 from tullius.errors import ConfigError
 from tullius.store import Store
@@ -112,7 +112,9 @@ def queue(task_or_tasks: Task | Iterable[Task]) -> list[str]:
 def _task_id(task_or_id: Task | str) -> str:
     if isinstance(task_or_id, Task):
         if task_or_id.task_id is None:
-            raise ConfigError("task", task_or_id, "has not been queued; expected a queued task or its id")
+            raise ConfigError(
+                "task", task_or_id, "has not been queued; expected a queued task or its id"
+            )
         return task_or_id.task_id
     return task_or_id
 

@@ -58,7 +58,9 @@ def band_from_tuple(entry: Any, *, setting: str = "task_processes[0]") -> Band:
     return Band(count, low, high)
 
 
-def bands_from_setting(entries: Iterable[Any], *, setting: str = "task_processes") -> tuple[Band, ...]:
+def bands_from_setting(
+    entries: Iterable[Any], *, setting: str = "task_processes"
+) -> tuple[Band, ...]:
     """Validate a whole ``task_processes`` list; at least one band is required."""
     if isinstance(entries, str | bytes) or not isinstance(entries, Iterable):
         raise ConfigError(setting, entries, "must be a list of (count, min_priority, max_priority)")

@@ -54,10 +54,18 @@ def load_deps(module_name: str = MODULE, *, required: bool = True) -> Deps | Non
             "and task_processes (see the README), or pass --mongodb-uri",
         ) from None
     except Exception as error:  # user code at import: report it as a setup problem
-        raise ConfigError(module_name, "import", f"failed: {type(error).__name__}: {error}") from error
+        raise ConfigError(
+            module_name, "import", f"failed: {type(error).__name__}: {error}"
+        ) from error
     make_db = getattr(module, "make_db", None)
     if make_db is not None and not callable(make_db):
-        raise ConfigError(f"{module_name}.make_db", make_db, "must be a function returning a pymongo Database")
+        raise ConfigError(
+            f"{module_name}.make_db", make_db, "must be a function returning a pymongo Database"
+        )
     processes = getattr(module, "task_processes", None)
-    bands = None if processes is None else bands_from_setting(processes, setting=f"{module_name}.task_processes")
+    bands = (
+        None
+        if processes is None
+        else bands_from_setting(processes, setting=f"{module_name}.task_processes")
+    )
     return Deps(make_db=make_db, task_processes=bands)

@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """Where a task is in its life.  The value is what the store keeps."""
 
     #: Stored, waiting for a worker (possibly not before ``start_after``).
@@ -51,7 +51,7 @@ class Status(str, enum.Enum):
 TERMINAL: Final = frozenset({Status.SUCCEEDED, Status.HANDLED, Status.UNHANDLED})
 
 
-class Origin(str, enum.Enum):
+class Origin(enum.StrEnum):
     """How a task came to be stored."""
 
     #: Queued by application code through ``tullius.queue()``.
@@ -62,7 +62,7 @@ class Origin(str, enum.Enum):
     REPLACEMENT = "replacement"
 
 
-class RecordKind(str, enum.Enum):
+class RecordKind(enum.StrEnum):
     """What a record decides."""
 
     #: Ownership of the task's one run (a lease, renewed by ``beat``).
@@ -117,7 +117,7 @@ class TaskSpec:
 
     class_name: str
     fields: Mapping[str, Any]
-    priority: int
+    priority: float
     timeout: timedelta
     handler_timeout: timedelta
     handler_attempts: int
@@ -132,7 +132,7 @@ class TaskDoc:
     task_id: str
     class_name: str
     fields: Mapping[str, Any]
-    priority: int
+    priority: float
     timeout: timedelta
     handler_timeout: timedelta
     handler_attempts: int
@@ -378,7 +378,7 @@ def task_from_bson(data: Mapping[str, Any]) -> TaskDoc:
         task_id=str(data["_id"]),
         class_name=data["cls"],
         fields=dict(data["fields"]),
-        priority=int(data["priority"]),
+        priority=data["priority"],
         timeout=timedelta(milliseconds=data["timeout_ms"]),
         handler_timeout=timedelta(milliseconds=data["handler_timeout_ms"]),
         handler_attempts=int(data["handler_attempts"]),

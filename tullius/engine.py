@@ -32,7 +32,7 @@ from tullius.events import (
     LeaseExpired,
     Swept,
 )
-from tullius.machine import settle, step
+from tullius.machine import Step, settle, step
 from tullius.policy import LeaseWatch
 from tullius.store import Beat, FindByStatus, FindDue, Load, Operation, Store, perform
 
@@ -45,7 +45,7 @@ CLAIM_BATCH = 8
 SWEEP_BATCH = 1000
 
 
-class JobKind(str, enum.Enum):
+class JobKind(enum.StrEnum):
     RUN = "run"  #: call ``run()``
     HANDLE = "handle"  #: call ``failed()``
 
@@ -95,12 +95,14 @@ def drive(store: Store, conversation: Conversation[T]) -> T:
         return stop.value  # type: ignore[no-any-return]
 
 
-def apply_step(view: TaskView, decided: Any) -> Conversation[Record | None]:
-    """Apply a `machine.Step`; return None if it took effect, or the rival record that won.
+def apply_step(view: TaskView, decided: Step) -> Conversation[Record | None]:
+    """Apply a `machine.Step`; return the record that decided it (None for a sweep).
 
-    The idempotent effects after the insert are recomputed from the record the
-    store returned, so a writer repeating its own insert after an ambiguous
-    error completes exactly what its first attempt stored.
+    The step took effect if the returned record carries the step's token; any
+    other token means a rival decided first.  The idempotent effects after the
+    insert are recomputed from the record the store returned, so a writer
+    repeating its own insert after an ambiguous error completes exactly what
+    its first attempt stored.
     """
     record = decided.record
     if record is None:
@@ -108,11 +110,10 @@ def apply_step(view: TaskView, decided: Any) -> Conversation[Record | None]:
             yield effect
         return None
     winner: Record = yield InsertRecord(record)
-    if winner.token != record.token:
-        return winner
-    for effect in settle(view.with_record(winner)):
-        yield effect
-    return None
+    if winner.token == record.token:
+        for effect in settle(view.with_record(winner)):
+            yield effect
+    return winner
 
 
 def repair(view: TaskView, *, now: datetime) -> Conversation[bool]:
@@ -160,11 +161,11 @@ def claim(
             except InvalidTransition:
                 yield from repair(view, now=now)
                 continue
-            rival = yield from apply_step(view, decided)
-            if rival is None:
-                assert decided.record is not None
+            winner = yield from apply_step(view, decided)
+            assert winner is not None and decided.record is not None
+            if winner.token == decided.record.token:
                 kind = JobKind.HANDLE if status is Status.FAILED else JobKind.RUN
-                return Job(kind, decided.view, decided.record)
+                return Job(kind, view.with_record(winner), winner)
             fresh = yield Load(doc.task_id)
             if fresh is not None:
                 yield from repair(fresh, now=now)
@@ -176,15 +177,17 @@ def finish(
 ) -> Conversation[Verdict]:
     """Record how ``job`` ended.  Safe to run again after a store error.
 
+    The verdict carries the record that decided the task: a rival's (not
+    accepted), or our own as first stored (accepted), even if a repeat of
+    this call brought a different event.
+
     Raises:
         InvalidTransition: ``event`` does not fit the job (a driver bug).
     """
     decided = step(job.view, event, now=now, rng=rng)
-    rival = yield from apply_step(job.view, decided)
-    if rival is not None:
-        return Verdict(False, rival, job.view.with_record(rival))
-    assert decided.record is not None
-    return Verdict(True, decided.record, decided.view)
+    winner = yield from apply_step(job.view, decided)
+    assert winner is not None
+    return Verdict(winner.token == job.token, winner, job.view.with_record(winner))
 
 
 def renew(job: Job) -> Conversation[bool]:
@@ -230,9 +233,10 @@ def sweep(
             live.add(lease.record_id)
             if watch.is_stale(lease.record_id, lease.beat, monotonic_now):
                 decided = step(view, LeaseExpired(lease.record_id, observer), now=now, rng=rng)
-                rival = yield from apply_step(view, decided)
-                if rival is None:
-                    report.expired.append(lease.record_id)
+                winner = yield from apply_step(view, decided)
+                if winner is not None and decided.record is not None:
+                    if winner.token == decided.record.token:
+                        report.expired.append(lease.record_id)
                 continue
         if (yield from repair(view, now=now)):
             report.repaired.append(view.task_id)

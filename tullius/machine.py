@@ -133,9 +133,7 @@ class Step:
     record: Record | None = None
 
 
-def step(
-    view: TaskView, event: Event, *, now: datetime, rng: random.Random | None = None
-) -> Step:
+def step(view: TaskView, event: Event, *, now: datetime, rng: random.Random | None = None) -> Step:
     """Decide what ``event`` does to the task in ``view``.
 
     Args:

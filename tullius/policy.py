@@ -28,10 +28,11 @@ def handler_backoff(attempt: int, rng: random.Random | None = None) -> timedelta
     """
     if attempt < 1:
         raise ValueError(f"attempt={attempt!r} must be >= 1")
-    delay = min(HANDLER_BACKOFF_BASE * (2 ** min(attempt - 1, 30)), HANDLER_BACKOFF_CAP)
+    delay: timedelta = min(HANDLER_BACKOFF_BASE * 2 ** min(attempt - 1, 30), HANDLER_BACKOFF_CAP)
     if rng is None:
         return delay
-    return delay / 2 + delay / 2 * rng.random()
+    half: timedelta = delay / 2
+    return half + half * rng.random()
 
 
 @dataclass(frozen=True)

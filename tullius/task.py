@@ -47,7 +47,7 @@ class Task:
     """
 
     timeout: ClassVar[timedelta]
-    priority: int | float = 5
+    priority: float = 5
     failed_timeout: ClassVar[timedelta] = timedelta(minutes=1)
     failed_attempts: ClassVar[int] = 5
     task_name: ClassVar[str] = ""
@@ -56,6 +56,7 @@ class Task:
     failure: Failure | None
     #: The stored id, once the task is queued or rebuilt from the store.
     task_id: str | None
+    _tullius_abstract: ClassVar[bool] = True
 
     def __init_subclass__(cls, *, abstract: bool = False, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -88,7 +89,7 @@ class Task:
         *,
         delay: timedelta | None = None,
         start_after: datetime | None = None,
-        priority: int | float | None = None,
+        priority: float | None = None,
         **fields: Any,
     ) -> None:
         cls = type(self)
@@ -99,9 +100,7 @@ class Task:
                 f"{cls.__name__}(delay={delay!r}, start_after={start_after!r}): give one, not both"
             )
         if delay is not None and (not isinstance(delay, timedelta) or delay < timedelta(0)):
-            raise TaskDefinitionError(
-                f"{cls.__name__}(delay={delay!r}); expected a timedelta >= 0"
-            )
+            raise TaskDefinitionError(f"{cls.__name__}(delay={delay!r}); expected a timedelta >= 0")
         if start_after is not None and (
             not isinstance(start_after, datetime) or start_after.tzinfo is None
         ):
@@ -218,7 +217,10 @@ def check_value(task_class: str, path: str, value: Any) -> None:
         for key, item in value.items():
             if not isinstance(key, str) or key.startswith("$") or "." in key or "\0" in key:
                 raise TaskFieldError(
-                    task_class, f"{path}[{key!r}]", f"dict key {type(key).__name__}", _EXPECTED_VALUE
+                    task_class,
+                    f"{path}[{key!r}]",
+                    f"dict key {type(key).__name__}",
+                    _EXPECTED_VALUE,
                 )
             check_value(task_class, f"{path}[{key!r}]", item)
         return

@@ -105,7 +105,12 @@ class MongoStore:
             "create indexes",
             lambda: (
                 self.tasks.create_index(
-                    [("status", ASCENDING), ("priority", ASCENDING), ("due_at", ASCENDING), ("_id", ASCENDING)],
+                    [
+                        ("status", ASCENDING),
+                        ("priority", ASCENDING),
+                        ("due_at", ASCENDING),
+                        ("_id", ASCENDING),
+                    ],
                     name="due",
                 ),
                 self.tasks.create_index([("parent_id", ASCENDING)], name="parent"),
@@ -149,7 +154,12 @@ class MongoStore:
         return self._retrying("insert record", attempt)
 
     def set_status(self, task_id: str, status: Status, due_at: datetime | None) -> None:
-        update = {"$set": {"status": status.value, "due_at": None if due_at is None else stored_time(due_at)}}
+        update = {
+            "$set": {
+                "status": status.value,
+                "due_at": None if due_at is None else stored_time(due_at),
+            }
+        }
         terminal = [s.value for s in TERMINAL]
         self._retrying(
             "set status",
@@ -175,7 +185,9 @@ class MongoStore:
             doc = self.tasks.find_one({"_id": task_id})
             if doc is None:
                 return None
-            records = {r["_id"]: record_from_bson(r) for r in self.records.find({"task_id": task_id})}
+            records = {
+                r["_id"]: record_from_bson(r) for r in self.records.find({"task_id": task_id})
+            }
             return TaskView(task_from_bson(doc), records)
 
         return self._retrying("load task", attempt)
@@ -243,6 +255,8 @@ class MongoStore:
                         f"{operation} failed: {redact(f'{type(error).__name__}: {error}')}"
                     ) from None
                 if self._monotonic() + delay > deadline:
-                    raise StoreUnavailable(operation, redact(f"{type(error).__name__}: {error}")) from None
+                    raise StoreUnavailable(
+                        operation, redact(f"{type(error).__name__}: {error}")
+                    ) from None
                 self._sleep(delay)
                 delay = min(delay * 2, 2.0)

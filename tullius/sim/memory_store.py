@@ -7,8 +7,9 @@ stores hand back identical values (milliseconds, aware UTC, lists for tuples).
 
 It can also misbehave the way FerretDB does: with ``racy_updates > 0`` a
 conditional update sometimes checks its condition against the value *before*
-the latest write, as if a rival's update had not landed yet, so two racing
-writers can both "win".  Inserts stay atomic, as they are on every server.
+the latest write, as if it had raced that write, so two racing writers can
+both "win" (a stale hint can even overwrite a terminal one).  Each write opens
+one such window; inserts stay atomic, as they are on every server.
 """
 
 from __future__ import annotations
@@ -85,10 +86,16 @@ class MemoryStore:
         if doc is None:
             return
         checked = doc.status
-        if self._racy and self._rng is not None and self._rng.random() < self._racy:
-            # As on FerretDB: the condition is evaluated against what a racing
-            # client saw before the latest write landed.
-            checked = self._previous_status.get(task_id, doc.status)
+        if (
+            self._racy
+            and self._rng is not None
+            and task_id in self._previous_status
+            and self._rng.random() < self._racy
+        ):
+            # As on FerretDB: the condition is evaluated against what a client
+            # racing the latest write read before that write landed.  The race
+            # window closes once used: a later writer reads the current value.
+            checked = self._previous_status.pop(task_id)
         if checked in TERMINAL:
             return
         self._previous_status[task_id] = doc.status

@@ -1,0 +1,186 @@
+"""The behaviour every `Store` must have, written once and run against each store.
+
+Subclass `StoreContract` and provide a ``store`` fixture returning an empty
+store: tests/unit runs it on `MemoryStore` and on `MongoStore` over mongomock;
+tests/integration runs it on `MongoStore` over a real MongoDB-wire server.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tullius.document import (
+    Failure,
+    Record,
+    RecordKind,
+    Status,
+    TaskDoc,
+    TaskSpec,
+    as_stored,
+    handler_id,
+    queued_doc,
+    run_id,
+)
+
+T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+def make_doc(task_id: str, *, priority: float = 5, start_after: datetime = T0, **fields: Any) -> TaskDoc:
+    spec = TaskSpec(
+        class_name="tests:Nothing",
+        fields=fields,
+        priority=priority,
+        timeout=timedelta(seconds=5),
+        handler_timeout=timedelta(seconds=60),
+        handler_attempts=3,
+        start_after=start_after,
+    )
+    return queued_doc(spec, task_id=task_id, now=T0)
+
+
+def make_record(task_id: str, token: str = "tok", **changes: Any) -> Record:
+    values: dict[str, Any] = {
+        "record_id": run_id(task_id),
+        "task_id": task_id,
+        "kind": RecordKind.RUN,
+        "token": token,
+        "at": T0,
+        "server": "s1",
+        "worker": "w1",
+    }
+    values.update(changes)
+    return Record(**values)
+
+
+class StoreContract:
+    """Behaviour suite; subclasses supply the ``store`` fixture."""
+
+    @pytest.fixture
+    def store(self) -> Any:  # pragma: no cover - always overridden
+        raise NotImplementedError
+
+    def test_inserted_task_loads_back_as_stored(self, store: Any) -> None:
+        doc = make_doc("t1", when=T0, items=(1, "two"), nested={"a": [b"x", None, 1.5]})
+        assert store.insert_tasks([doc]) == 1
+        view = store.load("t1")
+        assert view.task == as_stored(doc)
+        assert view.task.fields["items"] == [1, "two"]
+        assert view.task.fields["when"] == T0.replace(microsecond=123000)
+        assert view.records == {}
+
+    def test_loading_a_missing_task_returns_none(self, store: Any) -> None:
+        assert store.load("nope") is None
+
+    def test_inserting_an_existing_task_changes_nothing(self, store: Any) -> None:
+        store.insert_tasks([make_doc("t1", n=1)])
+        assert store.insert_tasks([make_doc("t1", n=2), make_doc("t2", n=3)]) == 1
+        assert store.load("t1").task.fields == {"n": 1}
+        assert store.load("t2").task.fields == {"n": 3}
+
+    def test_inserting_no_tasks_is_a_no_op(self, store: Any) -> None:
+        assert store.insert_tasks([]) == 0
+
+    def test_first_record_insert_wins_and_later_ones_return_it(self, store: Any) -> None:
+        store.insert_tasks([make_doc("t1")])
+        first = store.insert_record(make_record("t1", token="a"))
+        second = store.insert_record(make_record("t1", token="b", server="s2"))
+        assert first.token == "a"
+        assert second == first
+        assert list(store.load("t1").records.values()) == [first]
+
+    def test_repeating_ones_own_record_insert_returns_ones_own_record(self, store: Any) -> None:
+        store.insert_tasks([make_doc("t1")])
+        record = make_record("t1", token="a")
+        assert store.insert_record(record).token == "a"
+        assert store.insert_record(record).token == "a"
+
+    def test_records_round_trip_with_failures_and_spawned_tasks(self, store: Any) -> None:
+        store.insert_tasks([make_doc("t1")])
+        failure = Failure("exception", "boom", T0, traceback="Traceback...", server="s1")
+        record = make_record(
+            "t1",
+            record_id=handler_id("t1", 1) + ":end",
+            kind=RecordKind.HANDLER_END,
+            attempt=1,
+            ok=False,
+            failure=failure,
+            spawned=(make_doc("c1", n=1),),
+            retry_at=T0 + timedelta(seconds=2),
+        )
+        stored = store.insert_record(record)
+        assert stored.failure == Failure("exception", "boom", T0.replace(microsecond=123000), "Traceback...", "s1")
+        assert stored.spawned == (as_stored(make_doc("c1", n=1)),)
+        assert store.load("t1").records[record.record_id] == stored
+
+    def test_beat_increments_the_counter_of_a_lease(self, store: Any) -> None:
+        store.insert_tasks([make_doc("t1")])
+        store.insert_record(make_record("t1"))
+        assert store.beat(run_id("t1")) == 1
+        assert store.beat(run_id("t1")) == 2
+        assert store.load("t1").run.beat == 2
+
+    def test_beat_of_a_missing_record_returns_none(self, store: Any) -> None:
+        assert store.beat("nope:run") is None
+
+    def test_set_status_changes_hints(self, store: Any) -> None:
+        store.insert_tasks([make_doc("t1")])
+        store.set_status("t1", Status.RUNNING, None)
+        task = store.load("t1").task
+        assert (task.status, task.due_at) == (Status.RUNNING, None)
+
+    def test_set_status_never_changes_a_terminal_hint(self, store: Any) -> None:
+        store.insert_tasks([make_doc("t1")])
+        store.set_status("t1", Status.SUCCEEDED, None)
+        store.set_status("t1", Status.RUNNING, None)
+        assert store.load("t1").task.status is Status.SUCCEEDED
+
+    def test_set_status_of_a_missing_task_is_a_no_op(self, store: Any) -> None:
+        store.set_status("nope", Status.RUNNING, None)
+        assert store.load("nope") is None
+
+    def test_find_due_returns_the_most_urgent_due_tasks_in_the_band(self, store: Any) -> None:
+        store.insert_tasks(
+            [
+                make_doc("late", priority=1, start_after=T0 + timedelta(seconds=2)),
+                make_doc("p3", priority=3),
+                make_doc("p1-later", priority=1, start_after=T0 + timedelta(seconds=1)),
+                make_doc("p1", priority=1),
+                make_doc("p0", priority=0),
+                make_doc("p9", priority=9),
+            ]
+        )
+        now = T0 + timedelta(seconds=1)
+        found = store.find_due(Status.QUEUED, 1, 5, now, 10)
+        assert [doc.task_id for doc in found] == ["p1", "p1-later", "p3"]
+        assert [d.task_id for d in store.find_due(Status.QUEUED, 0, 10, now, 2)] == ["p0", "p1"]
+
+    def test_find_due_only_returns_the_asked_status(self, store: Any) -> None:
+        store.insert_tasks([make_doc("a"), make_doc("b")])
+        store.set_status("b", Status.FAILED, T0)
+        assert [d.task_id for d in store.find_due(Status.FAILED, 0, 10, T0, 10)] == ["b"]
+
+    def test_find_by_status_returns_matching_hints_by_due_then_id(self, store: Any) -> None:
+        store.insert_tasks([make_doc("c"), make_doc("a"), make_doc("b")])
+        store.set_status("c", Status.RUNNING, None)
+        store.set_status("a", Status.HANDLING, None)
+        store.set_status("b", Status.FAILED, T0)
+        found = store.find_by_status([Status.RUNNING, Status.HANDLING], 10)
+        assert [doc.task_id for doc in found] == ["a", "c"]
+
+    def test_find_children_returns_spawned_tasks_by_id(self, store: Any) -> None:
+        parent = make_doc("p")
+        children = [
+            TaskDoc(**{**make_doc(name).__dict__, "parent_id": "p", "root_id": "p"})
+            for name in ("y", "x")
+        ]
+        store.insert_tasks([parent, *children])
+        assert [doc.task_id for doc in store.find_children("p")] == ["x", "y"]
+        assert store.find_children("x") == []
+
+    def test_count_by_status_counts_hints(self, store: Any) -> None:
+        store.insert_tasks([make_doc("a"), make_doc("b"), make_doc("c")])
+        store.set_status("c", Status.RUNNING, None)
+        assert store.count_by_status() == {Status.QUEUED: 2, Status.RUNNING: 1}

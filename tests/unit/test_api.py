@@ -1,0 +1,129 @@
+"""tullius.queue(), configure(), chain() and the tullius_deps module."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import mongomock
+import pytest
+
+import tullius
+from tullius.api import configure
+from tullius.deps import load_deps
+from tullius.errors import ConfigError, TaskDefinitionError
+from tullius.sim.memory_store import MemoryStore
+
+
+class Hello(tullius.Task):
+    timeout = timedelta(seconds=1)
+
+    def run(self) -> None:
+        pass
+
+
+@pytest.fixture
+def store() -> Iterator[MemoryStore]:
+    store = MemoryStore()
+    configure(store=store)
+    yield store
+    configure()
+
+
+def test_queue_stores_tasks_and_sets_their_ids(store: MemoryStore) -> None:
+    one, two = Hello(n=1), Hello(n=2, delay=timedelta(seconds=30))
+    ids = tullius.queue([one, two])
+    assert ids == [one.task_id, two.task_id]
+    docs = {doc.task_id: doc for doc in store.all_tasks()}
+    assert docs[two.task_id].start_after - docs[one.task_id].start_after >= timedelta(seconds=29)
+    assert tullius.queue(Hello(n=3)) and len(store.all_tasks()) == 3
+
+
+def test_a_refused_queue_call_stores_nothing(store: MemoryStore) -> None:
+    with pytest.raises(TaskDefinitionError, match="expected a tullius.Task"):
+        tullius.queue([Hello(n=1), "not a task"])  # type: ignore[list-item]
+    assert store.all_tasks() == []
+
+
+def test_chain_of_a_queued_task_starts_with_it(store: MemoryStore) -> None:
+    task = Hello(n=1)
+    tullius.queue(task)
+    [link] = tullius.chain(task)
+    assert (link.task, link.outcome, link.status) == (task, None, tullius.Status.QUEUED)
+
+
+def test_chain_of_a_task_never_queued_is_an_error(store: MemoryStore) -> None:
+    with pytest.raises(ConfigError, match="has not been queued"):
+        tullius.chain(Hello(n=1))
+
+
+def test_configure_with_a_pymongo_database_queues_into_it() -> None:
+    db = mongomock.MongoClient(tz_aware=True)["tullius"]
+    configure(db=db)
+    try:
+        [task_id] = tullius.queue(Hello(n=1))
+        assert db["tasks"].find_one({"_id": task_id})["fields"] == {"n": 1}
+    finally:
+        configure()
+
+
+@pytest.fixture
+def deps_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tullius_deps", raising=False)
+    yield tmp_path
+    sys.modules.pop("tullius_deps", None)
+
+
+def test_tullius_deps_is_read_as_the_original_readme_describes(deps_dir: Path) -> None:
+    (deps_dir / "tullius_deps.py").write_text(
+        textwrap.dedent(
+            """
+            def make_db():
+                return None
+            task_processes = [(10, 0, 10), (5, 0, 0)]
+            """
+        )
+    )
+    deps = load_deps()
+    assert deps is not None and callable(deps.make_db)
+    assert [str(b) for b in deps.task_processes or ()] == ["10:0-10", "5:0-0"]
+
+
+def test_a_missing_tullius_deps_says_how_to_fix_it(deps_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="create tullius_deps.py"):
+        load_deps()
+    assert load_deps(required=False) is None
+
+
+@pytest.mark.parametrize(
+    ("processes", "message"),
+    [
+        ("[(0, 0, 10)]", r"tullius_deps.task_processes\[0\]=\(0, 0, 10\) must be"),
+        ("[(2, 5, 1)]", r"tullius_deps.task_processes\[0\]=\(2, 5, 1\) must be"),
+        ("[]", "must have at least one band"),
+        ("'10:0-10'", "must be a list"),
+    ],
+)
+def test_bad_task_processes_are_named(deps_dir: Path, processes: str, message: str) -> None:
+    (deps_dir / "tullius_deps.py").write_text(f"task_processes = {processes}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_deps()
+
+
+def test_a_broken_tullius_deps_is_reported_as_such(deps_dir: Path) -> None:
+    (deps_dir / "tullius_deps.py").write_text("raise RuntimeError('typo')\n")
+    with pytest.raises(ConfigError, match="RuntimeError: typo"):
+        load_deps()
+
+
+def test_the_public_api_is_exactly_what_all_lists() -> None:
+    exported = {name for name in dir(tullius) if not name.startswith(("_", "@"))}
+    exported -= {"api", "band", "inspection", "deps", "document", "errors", "task", "store",
+                 "machine", "events", "effects", "policy", "engine", "clock", "sim", "runtime",
+                 "testing", "pytest_plugin", "cli", "demo"}
+    assert exported | {"__version__"} == set(tullius.__all__)
+    assert tullius.__all__ == sorted(tullius.__all__)

@@ -1,0 +1,143 @@
+"""Engine conversations against a MemoryStore: claiming, finishing, renewing, sweeping."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from tests.store_contract import T0, make_doc, make_record
+from tullius.band import Band
+from tullius.document import Failure, FailureKind, Status, TaskSpec, run_id, status_of
+from tullius.engine import JobKind, claim, drive, finish, renew, sweep
+from tullius.errors import StoreError
+from tullius.events import Failed, HandlerSucceeded, Succeeded
+from tullius.policy import LeaseWatch
+from tullius.sim.memory_store import MemoryStore
+from tullius.store import perform
+
+ALL = Band(1, 0, 10)
+SPEC = TaskSpec("tests:Next", {"n": 2}, 5, timedelta(seconds=5), timedelta(seconds=5), 2)
+BOOM = Failure(FailureKind.EXCEPTION, "boom", T0)
+
+
+def claim_one(store: MemoryStore, token: str, band: Band = ALL, now=T0):  # type: ignore[no-untyped-def]
+    return drive(store, claim(band, server="s1", worker="w1", token=token, now=now))
+
+
+def test_workers_claim_the_most_urgent_due_task_in_their_band() -> None:
+    store = MemoryStore()
+    store.insert_tasks(
+        [
+            make_doc("p5", priority=5),
+            make_doc("p0-later", priority=0, start_after=T0 + timedelta(minutes=1)),
+            make_doc("p1", priority=1),
+            make_doc("p0", priority=0),
+        ]
+    )
+    assert claim_one(store, "a").task_id == "p0"
+    assert claim_one(store, "b").task_id == "p1"
+    assert claim_one(store, "c", band=Band(1, 0, 0)) is None
+    assert claim_one(store, "d").task_id == "p5"
+    assert claim_one(store, "e", now=T0 + timedelta(minutes=1)).task_id == "p0-later"
+
+
+def test_failures_are_handled_before_new_work_is_started() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a", priority=1), make_doc("b", priority=9)])
+    job = claim_one(store, "a")
+    drive(store, finish(job, Failed("a", BOOM), now=T0))
+    store.insert_tasks([make_doc("c", priority=0)])
+    handler = claim_one(store, "h")
+    assert (handler.kind, handler.task_id, handler.lease.attempt) == (JobKind.HANDLE, "a", 1)
+
+
+def test_a_claim_that_loses_the_race_repairs_the_stale_hint_and_moves_on() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a"), make_doc("b")])
+    # A rival's claim record landed, and the rival crashed before setting the hint.
+    store.insert_record(make_record("a", token="rival"))
+    assert store.load("a").task.status is Status.QUEUED
+    job = claim_one(store, "loser")
+    assert job.task_id == "b"
+    assert store.load("a").task.status is Status.RUNNING
+
+
+def test_successors_are_inserted_once_with_ids_derived_from_the_parent() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a")])
+    job = claim_one(store, "a")
+    verdict = drive(store, finish(job, Succeeded("a", (SPEC, SPEC)), now=T0))
+    again = drive(store, finish(job, Succeeded("a", (SPEC, SPEC)), now=T0 + timedelta(seconds=9)))
+    assert verdict.accepted and again.accepted
+    assert again.record == verdict.record
+    children = store.find_children("a")
+    assert len(children) == 2
+    assert all(store.insert_counts[doc.task_id] == 1 for doc in children)
+
+
+def test_a_finish_interrupted_by_a_store_error_completes_when_repeated() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a")])
+    job = claim_one(store, "a")
+    conversation = finish(job, Succeeded("a", (SPEC,)), now=T0)
+    op = next(conversation)
+    perform(store, op)  # the outcome landed, then the connection dropped
+    try:
+        conversation.throw(StoreError("connection reset"))
+    except StoreError:
+        pass
+    assert store.load("a").task.status is Status.RUNNING  # hint not yet repaired
+    verdict = drive(store, finish(job, Succeeded("a", (SPEC,)), now=T0 + timedelta(seconds=5)))
+    assert verdict.accepted
+    assert store.load("a").task.status is Status.SUCCEEDED
+    assert len(store.find_children("a")) == 1
+
+
+def test_a_late_result_after_the_lease_was_declared_lost_is_rejected() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a")])
+    job = claim_one(store, "a")
+    watch = LeaseWatch(timedelta(seconds=15))
+    assert drive(store, sweep(watch, observer="s2", now=T0, monotonic_now=0.0)).expired == []
+    report = drive(store, sweep(watch, observer="s2", now=T0, monotonic_now=15.0))
+    assert report.expired == [run_id("a")]
+    assert drive(store, renew(job)) is False
+    verdict = drive(store, finish(job, Succeeded("a"), now=T0))
+    assert not verdict.accepted
+    assert verdict.record.failure is not None and verdict.record.failure.kind == "lost"
+    assert status_of(store.load("a")) is Status.FAILED
+
+
+def test_a_lease_that_keeps_beating_is_never_declared_lost() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a")])
+    job = claim_one(store, "a")
+    watch = LeaseWatch(timedelta(seconds=15))
+    for second in range(0, 120, 10):
+        assert drive(store, renew(job)) is True
+        report = drive(store, sweep(watch, observer="s2", now=T0, monotonic_now=float(second)))
+        assert report.expired == []
+
+
+def test_a_sweeper_never_expires_its_own_leases() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a")])
+    job = claim_one(store, "a")
+    watch = LeaseWatch(timedelta(seconds=1))
+    for second in range(5):
+        report = drive(
+            store,
+            sweep(watch, observer="s1", now=T0, monotonic_now=float(second), own_tokens=frozenset({job.token})),
+        )
+        assert report.expired == []
+
+
+def test_a_handler_result_is_accepted_once_and_its_replacements_inserted_once() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a")])
+    drive(store, finish(claim_one(store, "a"), Failed("a", BOOM), now=T0))
+    handler = claim_one(store, "h")
+    first = drive(store, finish(handler, HandlerSucceeded("h", (SPEC,)), now=T0))
+    second = drive(store, finish(handler, HandlerSucceeded("h", (SPEC, SPEC)), now=T0))
+    assert first.accepted and second.record == first.record
+    assert len(store.find_children("a")) == 1
+    assert store.load("a").task.status is Status.HANDLED

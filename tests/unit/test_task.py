@@ -1,0 +1,163 @@
+"""The Task API of the original README, and its validation where the user writes it."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+import tullius
+from tullius.document import TaskDoc
+from tullius.errors import TaskDefinitionError, TaskFieldError, UnknownTaskClass
+from tullius.task import from_doc, load_class, to_spec, to_specs
+
+
+class Count(tullius.Task):
+    timeout = timedelta(seconds=5)
+
+    def run(self) -> None:
+        pass
+
+    def failed(self) -> tullius.Task:
+        return self.copy(count_to=max(self.count_to - 1, 0))
+
+
+def test_keyword_arguments_become_fields_and_attributes() -> None:
+    task = Count(count_to=3, note="x")
+    assert task.count_to == 3
+    assert task.fields == {"count_to": 3, "note": "x"}
+    assert repr(task) == "Count(count_to=3, note='x')"
+
+
+def test_copy_keeps_the_class_and_fields_with_some_changed() -> None:
+    task = Count(count_to=3, note="x", priority=1)
+    copy = task.copy(count_to=2)
+    assert type(copy) is Count
+    assert copy.fields == {"count_to": 2, "note": "x"}
+    assert copy.priority == 1
+
+
+def test_priority_defaults_to_five_and_may_be_overridden_per_instance() -> None:
+    assert Count(count_to=1).priority == 5
+    assert to_spec(Count(count_to=1, priority=0)).priority == 0
+
+
+def test_a_class_without_a_timeout_is_refused_at_definition() -> None:
+    with pytest.raises(TaskDefinitionError, match=r"NoTimeout.timeout=None; expected a positive"):
+
+        class NoTimeout(tullius.Task):
+            def run(self) -> None:
+                pass
+
+
+@pytest.mark.parametrize("timeout", [5, timedelta(0), timedelta(seconds=-1)])
+def test_a_timeout_that_is_not_a_positive_timedelta_is_refused(timeout: object) -> None:
+    with pytest.raises(TaskDefinitionError, match=re.escape(f"timeout={timeout!r}")):
+        type("Bad", (tullius.Task,), {"timeout": timeout, "run": lambda self: None})
+
+
+def test_an_abstract_base_needs_no_timeout_and_cannot_be_instantiated() -> None:
+    class Base(tullius.Task, abstract=True):
+        pass
+
+    with pytest.raises(TaskDefinitionError, match="Base is abstract"):
+        Base()
+
+
+def test_a_class_without_run_is_refused() -> None:
+    with pytest.raises(TaskDefinitionError, match="must define run"):
+
+        class NoRun(tullius.Task):
+            timeout = timedelta(seconds=1)
+
+
+def test_a_field_that_cannot_be_stored_names_class_field_and_type() -> None:
+    with pytest.raises(TaskFieldError) as caught:
+        Count(count_to=3, when={"x": [1, object()]})
+    assert caught.value.task_class == "Count"
+    assert caught.value.field == "when['x'][1]"
+    assert caught.value.value_type == "object"
+    assert "can't be stored as BSON" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "what"),
+    [
+        (datetime(2026, 1, 1), "naive datetime"),
+        (2**64, "int beyond 64 bits"),
+        ({1: "x"}, "dict key int"),
+        ({"$set": 1}, "dict key str"),
+        ({1, 2}, "set"),
+    ],
+)
+def test_non_bson_values_are_refused(value: object, what: str) -> None:
+    with pytest.raises(TaskFieldError, match=what):
+        Count(count_to=1, value=value)
+
+
+def test_reserved_field_names_are_refused() -> None:
+    for name in ("_secret", "failure", "task_id", "run", "copy"):
+        with pytest.raises(TaskDefinitionError, match="reserved|would hide"):
+            Count(**{name: 1})
+
+
+def test_a_naive_start_after_is_refused() -> None:
+    with pytest.raises(TaskDefinitionError, match="expected an aware datetime"):
+        Count(count_to=1, start_after=datetime(2026, 1, 1))
+
+
+def test_delay_and_start_after_together_are_refused() -> None:
+    with pytest.raises(TaskDefinitionError, match="give one, not both"):
+        Count(count_to=1, delay=timedelta(1), start_after=datetime(2026, 1, 1, tzinfo=UTC))
+
+
+def test_a_negative_delay_is_refused() -> None:
+    with pytest.raises(TaskDefinitionError, match="expected a timedelta >= 0"):
+        Count(count_to=1, delay=timedelta(seconds=-1))
+
+
+def test_returned_values_are_none_a_task_or_a_list_of_tasks() -> None:
+    assert to_specs(None, role="run()") == ()
+    assert len(to_specs(Count(count_to=1), role="run()")) == 1
+    assert len(to_specs([Count(count_to=1), Count(count_to=2)], role="run()")) == 2
+    for bad in ("task", 3, {"a": 1}, [Count(count_to=1), "x"]):
+        with pytest.raises(TaskDefinitionError, match=r"expected (None, )?a tullius.Task"):
+            to_specs(bad, role="failed()")
+
+
+def test_fields_changed_in_run_to_unstorable_values_are_refused_at_queueing() -> None:
+    task = Count(count_to=1)
+    task.extra = object()
+    with pytest.raises(TaskFieldError, match=r"Count.extra"):
+        to_spec(task)
+
+
+def test_classes_are_found_again_by_their_stable_name() -> None:
+    assert Count.task_name == f"{__name__}:Count"
+    assert load_class(Count.task_name) is Count
+    assert load_class("tullius.demo:ExampleTask").__name__ == "ExampleTask"
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("nonsense", "expected 'module:QualName'"),
+        ("no_such_module_xyz:Task", "importing 'no_such_module_xyz' failed"),
+        ("tullius.task:Nope", "has no 'Nope'"),
+        ("tullius.task:check_value", "is not a tullius.Task subclass"),
+    ],
+)
+def test_unknown_or_non_task_classes_are_a_visible_error(name: str, reason: str) -> None:
+    with pytest.raises(UnknownTaskClass, match=reason):
+        load_class(name)
+
+
+def test_a_task_rebuilt_from_its_document_has_its_fields_id_and_failure() -> None:
+    spec = to_spec(Count(count_to=3, priority=2))
+    doc = TaskDoc(
+        "t1", spec.class_name, spec.fields, 2, spec.timeout, spec.handler_timeout,
+        spec.handler_attempts, datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    task = from_doc(doc)
+    assert (task, task.task_id, task.priority, task.failure) == (Count(count_to=3, priority=2), "t1", 2, None)
