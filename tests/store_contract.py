@@ -28,7 +28,9 @@ from tullius.document import (
 T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 
-def make_doc(task_id: str, *, priority: float = 5, start_after: datetime = T0, **fields: Any) -> TaskDoc:
+def make_doc(
+    task_id: str, *, priority: float = 5, start_after: datetime = T0, **fields: Any
+) -> TaskDoc:
     spec = TaskSpec(
         class_name="tests:Nothing",
         fields=fields,
@@ -111,7 +113,9 @@ class StoreContract:
             retry_at=T0 + timedelta(seconds=2),
         )
         stored = store.insert_record(record)
-        assert stored.failure == Failure("exception", "boom", T0.replace(microsecond=123000), "Traceback...", "s1")
+        assert stored.failure == Failure(
+            "exception", "boom", T0.replace(microsecond=123000), "Traceback...", "s1"
+        )
         assert stored.spawned == (as_stored(make_doc("c1", n=1)),)
         assert store.load("t1").records[record.record_id] == stored
 

@@ -18,6 +18,7 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -97,7 +98,10 @@ def _source_digest() -> str:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise FerretDBBuildError(f"FerretDB test server source {path} is missing; expected {_SOURCE_FILES} in {GO_PROGRAM_DIR}") from None
+            raise FerretDBBuildError(
+                f"FerretDB test server source {path} is missing; "
+                f"expected {_SOURCE_FILES} in {GO_PROGRAM_DIR}"
+            ) from None
         h.update(name.encode() + b"\0" + data + b"\0")
     return h.hexdigest()[:16]
 
@@ -120,14 +124,14 @@ def build_ferretdb(cache_dir: Path | None = None) -> Path:
     * ``-buildvcs=false`` - stamping VCS info fails in some checkouts (e.g.
       a repository owned by another user) and is useless here.
     """
-    go = find_go()
     cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
-    cache.mkdir(parents=True, exist_ok=True)
-
     exe_suffix = ".exe" if sys.platform == "win32" else ""
     binary = cache / f"{_BINARY_PREFIX}{_source_digest()}{exe_suffix}"
     if binary.is_file() and os.access(binary, os.X_OK):
-        return binary
+        return binary  # up to date; Go is not even needed
+
+    go = find_go()
+    cache.mkdir(parents=True, exist_ok=True)
 
     env = dict(os.environ)
     env.update(GOTOOLCHAIN="local", GOFLAGS="-mod=readonly", CGO_ENABLED="0")
@@ -150,8 +154,8 @@ def build_ferretdb(cache_dir: Path | None = None) -> Path:
             )
         except subprocess.TimeoutExpired as e:
             raise FerretDBBuildError(
-                f"`{' '.join(cmd)}` in {GO_PROGRAM_DIR} did not finish within {_BUILD_TIMEOUT_SECONDS}s; "
-                f"output so far:\n{e.stderr or ''}"
+                f"`{' '.join(cmd)}` in {GO_PROGRAM_DIR} did not finish within "
+                f"{_BUILD_TIMEOUT_SECONDS}s; output so far:\n{e.stderr!r}"
             ) from None
         if result.returncode != 0:
             raise FerretDBBuildError(
@@ -168,20 +172,24 @@ def build_ferretdb(cache_dir: Path | None = None) -> Path:
 
 
 def _remove_stale_binaries(cache: Path, keep: Path) -> None:
-    """Delete binaries of older source versions; each is ~40 MB. Best effort only."""
+    """Delete binaries of older source versions (~40 MB each). Best effort only.
+
+    Anything touched in the last hour is kept: another test process in the
+    same checkout may have just been handed that path and not exec'd it yet.
+    """
+    cutoff = time.time() - 3600
     for old in cache.glob(_BINARY_PREFIX + "*"):
-        if old != keep and not old.name.endswith(".tmp"):
-            try:
+        with contextlib.suppress(OSError):
+            if old != keep and old.stat().st_mtime < cutoff:
                 old.unlink()
-            except OSError:
-                pass
 
 
 def free_loopback_port() -> int:
     """Ask the kernel for a currently free TCP port on 127.0.0.1."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class FerretDBServer:
@@ -194,13 +202,30 @@ class FerretDBServer:
     The server's stderr goes to ``<data_dir>/ferretdb-server.log`` (appended
     across restarts) so a failing test can be debugged afterwards; the tail
     of that log is included in start-up errors.
+
+    ``serialize_writes`` (default False) makes the server run one write command
+    at a time. Plain FerretDB 1.24 loses concurrent ``$inc`` updates and lets
+    two ``find_one_and_update`` calls claim the same document; MongoDB does
+    neither.  Tullius's protocol must not depend on atomic conditional
+    updates (docs/design.md), so its tests run FerretDB as it is, racing;
+    pass True to get MongoDB-like single-document atomicity (e.g. to compare
+    with other queues in bench/).
     """
 
-    def __init__(self, binary: Path | str, data_dir: Path | str, port: int | None = None, *, log_level: str = "info") -> None:
+    def __init__(
+        self,
+        binary: Path | str,
+        data_dir: Path | str,
+        port: int | None = None,
+        *,
+        log_level: str = "info",
+        serialize_writes: bool = False,
+    ) -> None:
         self.binary = Path(binary)
         self.data_dir = Path(data_dir)
         self.port = port if port is not None else free_loopback_port()
         self.log_level = log_level
+        self.serialize_writes = serialize_writes
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -246,19 +271,33 @@ class FerretDBServer:
         seconds. An early exit (e.g. the port is taken) fails immediately.
         """
         if self.running:
-            raise FerretDBStartError(f"FerretDB (pid {self.pid}) is already running on {self.uri}; expected it stopped before start()")
+            raise FerretDBStartError(
+                f"FerretDB (pid {self.pid}) is already running on {self.uri}; "
+                "expected it stopped before start()"
+            )
         if not self.binary.is_file():
-            raise FerretDBStartError(f"FerretDB binary {self.binary} does not exist; expected the path returned by build_ferretdb()")
+            raise FerretDBStartError(
+                f"FerretDB binary {self.binary} does not exist; "
+                "expected the path returned by build_ferretdb()"
+            )
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
-        self._log.write(f"\n==== harness: starting FerretDB on {self.uri} at {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n".encode())
+        # Kept open for the process's lifetime and closed by stop()/kill().
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._log.write(
+            f"\n==== harness: starting FerretDB on {self.uri} at {stamp} ====\n".encode()
+        )
         self._log.flush()
         cmd = [
             str(self.binary),
-            "-listen", f"{self.host}:{self.port}",
-            "-data-dir", str(self.data_dir),
-            "-log-level", self.log_level,
+            "-listen",
+            f"{self.host}:{self.port}",
+            "-data-dir",
+            str(self.data_dir),
+            "-log-level",
+            self.log_level,
             "-exit-with-parent",
+            f"-serialize-writes={'true' if self.serialize_writes else 'false'}",
         ]
         self._proc = subprocess.Popen(
             cmd,
@@ -280,35 +319,59 @@ class FerretDBServer:
         import pymongo.errors
 
         deadline = time.monotonic() + timeout
-        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-            self.uri, directConnection=True, serverSelectionTimeoutMS=500, connectTimeoutMS=500
-        )
+        pause = 0.01
         last_error: Exception | None = None
-        try:
-            while True:
-                assert self._proc is not None
-                code = self._proc.poll()
-                if code is not None:
-                    raise FerretDBStartError(
-                        f"FerretDB exited with status {code} during start-up on {self.uri} "
-                        f"(expected it to keep running); log {self.log_path} ends with:\n{self.log_tail()}"
-                    )
-                try:
-                    client.admin.command("ping")
-                    # A ping could be answered by a stranger that grabbed the port;
-                    # our process would then die on bind, so re-check it is alive.
-                    if self._proc.poll() is None:
-                        return
-                    continue
-                except pymongo.errors.PyMongoError as e:
-                    last_error = e
-                if time.monotonic() >= deadline:
-                    raise FerretDBStartError(
-                        f"FerretDB on {self.uri} did not answer ping within {timeout}s "
-                        f"(last error: {last_error!r}); log {self.log_path} ends with:\n{self.log_tail()}"
-                    )
-        finally:
-            client.close()
+        while True:
+            assert self._proc is not None
+            code = self._proc.poll()
+            if code is not None:
+                raise FerretDBStartError(
+                    f"FerretDB exited with status {code} during start-up on {self.uri} "
+                    f"(expected it to keep running); "
+                    f"log {self.log_path} ends with:\n{self.log_tail()}"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise FerretDBStartError(
+                    f"FerretDB on {self.uri} did not answer ping within {timeout}s "
+                    f"(last error: {last_error!r}); "
+                    f"log {self.log_path} ends with:\n{self.log_tail()}"
+                )
+            # A cheap TCP probe first: a pymongo client created before the
+            # listener exists would wait for its next heartbeat (>= 500 ms).
+            try:
+                socket.create_connection(
+                    (self.host, self.port), timeout=min(1.0, remaining)
+                ).close()
+            except OSError as e:
+                last_error = e
+                time.sleep(min(pause, max(remaining, 0)))
+                pause = min(pause * 2, 0.2)
+                continue
+            wait_ms = int(max(100, min(5000, remaining * 1000)))
+            client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+                self.uri,
+                directConnection=True,
+                serverSelectionTimeoutMS=wait_ms,
+                connectTimeoutMS=wait_ms,
+            )
+            try:
+                client.admin.command("ping")
+                # The ping may have been answered by a stranger that owns the
+                # port (our process then exits on bind); only accept our pid.
+                answered_by = client.admin.command("serverStatus").get("pid")
+            except pymongo.errors.PyMongoError as e:
+                last_error = e
+                continue
+            finally:
+                client.close()
+            if answered_by == self._proc.pid:
+                return
+            last_error = FerretDBStartError(
+                f"{self.uri} is answered by pid {answered_by!r}, expected our pid {self._proc.pid}"
+            )
+            time.sleep(min(pause, max(remaining, 0)))
+            pause = min(pause * 2, 0.2)
 
     def stop(self, grace: float = 15) -> None:
         """Stop gracefully (SIGTERM), escalating to SIGKILL after ``grace`` seconds."""

@@ -126,14 +126,17 @@ class ProtocolRaces(RuleBasedStateMachine):
         elif lease is not None and owner and status is Status.RUNNING:
             choices += [Succeeded(lease.token, (SPEC,)), Failed(lease.token, BOOM)]
         elif lease is not None and owner:
-            choices += [HandlerSucceeded(lease.token, (SPEC, SPEC)), HandlerFailed(lease.token, BOOM)]
+            choices += [
+                HandlerSucceeded(lease.token, (SPEC, SPEC)),
+                HandlerFailed(lease.token, BOOM),
+            ]
         elif lease is not None:
             choices.append(LeaseExpired(lease.record_id, server))
         return data.draw(st.sampled_from(choices))
 
     @rule(data=st.data(), ack_lost=st.booleans())
     def a_write_lands(self, data: st.DataObject, ack_lost: bool) -> None:
-        """The next write of some pending step lands; with ``ack_lost`` the writer will repeat it."""
+        """The next write of a pending step lands; with ``ack_lost`` the writer repeats it."""
         if not self.pending:
             return
         self._land(data.draw(st.sampled_from(self.pending)), ack_lost=ack_lost)
@@ -198,7 +201,9 @@ class ProtocolRaces(RuleBasedStateMachine):
             children = {doc.task_id for doc in self.store.find_children(view.task_id)}
             assert children == {doc.task_id for doc in spawned_of(view)}, view.task_id
             if view.outcome is not None and not view.outcome.ok:
-                ok_ends = [r for r in view.records.values() if r.kind is RecordKind.HANDLER_END and r.ok]
+                ok_ends = [
+                    r for r in view.records.values() if r.kind is RecordKind.HANDLER_END and r.ok
+                ]
                 assert len(ok_ends) == (0 if status is Status.UNHANDLED else 1)
 
 
@@ -207,10 +212,12 @@ def check_consistent(view: TaskView) -> None:
     if view.outcome is not None:
         assert view.run is not None
     for n in range(1, view.handler_attempt + 1):
-        assert view.outcome is not None and view.outcome.ok is False
+        assert view.outcome is not None
+        assert view.outcome.ok is False
         if n > 1:
             previous = view.handler_end(n - 1)
-            assert previous is not None and previous.ok is False
+            assert previous is not None
+            assert previous.ok is False
     ends = [r for r in view.records.values() if r.kind is RecordKind.HANDLER_END]
     assert sum(1 for r in ends if r.ok) <= 1
     assert view.handler_attempt <= view.task.handler_attempts
@@ -249,21 +256,40 @@ def finish_everything(store: MemoryStore, now, rng: random.Random) -> None:  # t
         for view in store.all_views():
             drive(store, repair(view, now=now))
         while True:
-            job = drive(store, claim(band, server="healer", worker="w", token=f"heal-{round_}-{rng.random()}", now=now))
+            job = drive(
+                store,
+                claim(
+                    band,
+                    server="healer",
+                    worker="w",
+                    token=f"heal-{round_}-{rng.random()}",
+                    now=now,
+                ),
+            )
             if job is None:
                 break
             depth = job.task_id.count("-") + len(job.view.task.fields.get("gen", 0) * "x")
             if job.kind.value == "run":
-                event: Event = Failed(job.token, BOOM) if rng.random() < 0.5 else Succeeded(job.token)
+                event: Event = (
+                    Failed(job.token, BOOM) if rng.random() < 0.5 else Succeeded(job.token)
+                )
             else:
-                event = HandlerSucceeded(job.token) if depth or rng.random() < 0.5 else HandlerFailed(job.token, BOOM)
+                event = (
+                    HandlerSucceeded(job.token)
+                    if depth or rng.random() < 0.5
+                    else HandlerFailed(job.token, BOOM)
+                )
             drive(store, finish(job, event, now=now))
-        if all(status_of(v) in TERMINAL and v.task.status is status_of(v) for v in store.all_views()):
+        if all(
+            status_of(v) in TERMINAL and v.task.status is status_of(v) for v in store.all_views()
+        ):
             return
     raise AssertionError("the healthy server could not finish everything in 200 rounds")
 
 
-ProtocolRaces.TestCase.settings = settings(max_examples=settings.default.max_examples, stateful_step_count=150)
+ProtocolRaces.TestCase.settings = settings(
+    max_examples=settings.default.max_examples, stateful_step_count=150
+)
 test_protocol_races = ProtocolRaces.TestCase
 
 

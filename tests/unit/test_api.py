@@ -39,11 +39,12 @@ def test_queue_stores_tasks_and_sets_their_ids(store: MemoryStore) -> None:
     assert ids == [one.task_id, two.task_id]
     docs = {doc.task_id: doc for doc in store.all_tasks()}
     assert docs[two.task_id].start_after - docs[one.task_id].start_after >= timedelta(seconds=29)
-    assert tullius.queue(Hello(n=3)) and len(store.all_tasks()) == 3
+    assert tullius.queue(Hello(n=3))
+    assert len(store.all_tasks()) == 3
 
 
 def test_a_refused_queue_call_stores_nothing(store: MemoryStore) -> None:
-    with pytest.raises(TaskDefinitionError, match="expected a tullius.Task"):
+    with pytest.raises(TaskDefinitionError, match=r"expected a tullius\.Task"):
         tullius.queue([Hello(n=1), "not a task"])  # type: ignore[list-item]
     assert store.all_tasks() == []
 
@@ -89,12 +90,13 @@ def test_tullius_deps_is_read_as_the_original_readme_describes(deps_dir: Path) -
         )
     )
     deps = load_deps()
-    assert deps is not None and callable(deps.make_db)
+    assert deps is not None
+    assert callable(deps.make_db)
     assert [str(b) for b in deps.task_processes or ()] == ["10:0-10", "5:0-0"]
 
 
 def test_a_missing_tullius_deps_says_how_to_fix_it(deps_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="create tullius_deps.py"):
+    with pytest.raises(ConfigError, match=r"create tullius_deps\.py"):
         load_deps()
     assert load_deps(required=False) is None
 
@@ -122,8 +124,27 @@ def test_a_broken_tullius_deps_is_reported_as_such(deps_dir: Path) -> None:
 
 def test_the_public_api_is_exactly_what_all_lists() -> None:
     exported = {name for name in dir(tullius) if not name.startswith(("_", "@"))}
-    exported -= {"api", "band", "inspection", "deps", "document", "errors", "task", "store",
-                 "machine", "events", "effects", "policy", "engine", "clock", "sim", "runtime",
-                 "testing", "pytest_plugin", "cli", "demo"}
+    exported -= {
+        "api",
+        "band",
+        "inspection",
+        "deps",
+        "document",
+        "errors",
+        "task",
+        "store",
+        "machine",
+        "events",
+        "effects",
+        "policy",
+        "engine",
+        "clock",
+        "sim",
+        "runtime",
+        "testing",
+        "pytest_plugin",
+        "cli",
+        "demo",
+    }
     assert exported | {"__version__"} == set(tullius.__all__)
     assert tullius.__all__ == sorted(tullius.__all__)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 
 from tests.store_contract import T0, make_doc, make_record
@@ -67,7 +68,8 @@ def test_successors_are_inserted_once_with_ids_derived_from_the_parent() -> None
     job = claim_one(store, "a")
     verdict = drive(store, finish(job, Succeeded("a", (SPEC, SPEC)), now=T0))
     again = drive(store, finish(job, Succeeded("a", (SPEC, SPEC)), now=T0 + timedelta(seconds=9)))
-    assert verdict.accepted and again.accepted
+    assert verdict.accepted
+    assert again.accepted
     assert again.record == verdict.record
     children = store.find_children("a")
     assert len(children) == 2
@@ -81,10 +83,8 @@ def test_a_finish_interrupted_by_a_store_error_completes_when_repeated() -> None
     conversation = finish(job, Succeeded("a", (SPEC,)), now=T0)
     op = next(conversation)
     perform(store, op)  # the outcome landed, then the connection dropped
-    try:
+    with contextlib.suppress(StoreError):
         conversation.throw(StoreError("connection reset"))
-    except StoreError:
-        pass
     assert store.load("a").task.status is Status.RUNNING  # hint not yet repaired
     verdict = drive(store, finish(job, Succeeded("a", (SPEC,)), now=T0 + timedelta(seconds=5)))
     assert verdict.accepted
@@ -103,7 +103,8 @@ def test_a_late_result_after_the_lease_was_declared_lost_is_rejected() -> None:
     assert drive(store, renew(job)) is False
     verdict = drive(store, finish(job, Succeeded("a"), now=T0))
     assert not verdict.accepted
-    assert verdict.record.failure is not None and verdict.record.failure.kind == "lost"
+    assert verdict.record.failure is not None
+    assert verdict.record.failure.kind == "lost"
     assert status_of(store.load("a")) is Status.FAILED
 
 
@@ -126,7 +127,13 @@ def test_a_sweeper_never_expires_its_own_leases() -> None:
     for second in range(5):
         report = drive(
             store,
-            sweep(watch, observer="s1", now=T0, monotonic_now=float(second), own_tokens=frozenset({job.token})),
+            sweep(
+                watch,
+                observer="s1",
+                now=T0,
+                monotonic_now=float(second),
+                own_tokens=frozenset({job.token}),
+            ),
         )
         assert report.expired == []
 
@@ -138,6 +145,7 @@ def test_a_handler_result_is_accepted_once_and_its_replacements_inserted_once() 
     handler = claim_one(store, "h")
     first = drive(store, finish(handler, HandlerSucceeded("h", (SPEC,)), now=T0))
     second = drive(store, finish(handler, HandlerSucceeded("h", (SPEC, SPEC)), now=T0))
-    assert first.accepted and second.record == first.record
+    assert first.accepted
+    assert second.record == first.record
     assert len(store.find_children("a")) == 1
     assert store.load("a").task.status is Status.HANDLED

@@ -83,7 +83,8 @@ def test_success_records_the_outcome_and_inserts_successors_before_the_terminal_
         InsertTasks(successors),
         SetStatus("t", Status.SUCCEEDED, None),
     )
-    assert result.record is not None and result.record.ok is True
+    assert result.record is not None
+    assert result.record.ok is True
 
 
 def test_only_the_owner_of_the_run_may_report_its_end() -> None:
@@ -104,7 +105,8 @@ def test_a_running_task_with_an_expired_lease_fails_as_lost() -> None:
     assert result.record.record_id == outcome_id("t")
     assert result.record.failure is not None
     assert result.record.failure.kind == FailureKind.LOST
-    assert "'s1'" in result.record.failure.message and "'s9'" in result.record.failure.message
+    assert "'s1'" in result.record.failure.message
+    assert "'s9'" in result.record.failure.message
 
 
 def test_an_expired_lease_must_be_the_live_one() -> None:
@@ -132,7 +134,8 @@ def test_a_failed_handler_is_retried_after_backoff() -> None:
     result = step(handling(), HandlerFailed("h", BOOM), now=T0)
     assert result.status is Status.FAILED
     retry_at = T0 + handler_backoff(1)
-    assert result.record is not None and result.record.retry_at == retry_at
+    assert result.record is not None
+    assert result.record.retry_at == retry_at
     assert result.effects[1:] == (SetStatus("t", Status.FAILED, retry_at),)
     with pytest.raises(InvalidTransition, match="not due until"):
         step(result.view, HandlerClaimed("h2", "s2"), now=T0)
@@ -142,7 +145,9 @@ def test_a_failed_handler_is_retried_after_backoff() -> None:
 def test_backoff_jitter_comes_from_the_rng_argument() -> None:
     one = step(handling(), HandlerFailed("h", BOOM), now=T0, rng=random.Random(1)).record
     two = step(handling(), HandlerFailed("h", BOOM), now=T0, rng=random.Random(1)).record
-    assert one is not None and two is not None and one.retry_at == two.retry_at
+    assert one is not None
+    assert two is not None
+    assert one.retry_at == two.retry_at
 
 
 def test_the_last_failed_handler_attempt_leaves_the_task_unhandled() -> None:
@@ -153,7 +158,9 @@ def test_the_last_failed_handler_attempt_leaves_the_task_unhandled() -> None:
         now += handler_backoff(attempt)
     assert status_of(view) is Status.UNHANDLED
     last = view.handler_end(3)
-    assert last is not None and last.retry_at is None and last.failure == BOOM
+    assert last is not None
+    assert last.retry_at is None
+    assert last.failure == BOOM
     with pytest.raises(InvalidTransition, match="in status 'unhandled'"):
         step(view, HandlerClaimed("h4", "s2"), now=now)
 
@@ -163,7 +170,8 @@ def test_a_handler_whose_lease_expires_counts_as_a_failed_attempt() -> None:
     assert result.status is Status.FAILED
     assert result.record is not None
     assert result.record.record_id == handler_end_id("t", 1)
-    assert result.record.failure is not None and result.record.failure.kind == FailureKind.LOST
+    assert result.record.failure is not None
+    assert result.record.failure.kind == FailureKind.LOST
 
 
 def test_terminal_statuses_accept_only_sweeps() -> None:

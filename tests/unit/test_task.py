@@ -98,7 +98,7 @@ def test_non_bson_values_are_refused(value: object, what: str) -> None:
 
 def test_reserved_field_names_are_refused() -> None:
     for name in ("_secret", "failure", "task_id", "run", "copy"):
-        with pytest.raises(TaskDefinitionError, match="reserved|would hide"):
+        with pytest.raises(TaskDefinitionError, match=r"reserved|would hide"):
             Count(**{name: 1})
 
 
@@ -156,8 +156,20 @@ def test_unknown_or_non_task_classes_are_a_visible_error(name: str, reason: str)
 def test_a_task_rebuilt_from_its_document_has_its_fields_id_and_failure() -> None:
     spec = to_spec(Count(count_to=3, priority=2))
     doc = TaskDoc(
-        "t1", spec.class_name, spec.fields, 2, spec.timeout, spec.handler_timeout,
-        spec.handler_attempts, datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, tzinfo=UTC),
+        "t1",
+        spec.class_name,
+        spec.fields,
+        2,
+        spec.timeout,
+        spec.handler_timeout,
+        spec.handler_attempts,
+        datetime(2026, 1, 1, tzinfo=UTC),
+        datetime(2026, 1, 1, tzinfo=UTC),
     )
     task = from_doc(doc)
-    assert (task, task.task_id, task.priority, task.failure) == (Count(count_to=3, priority=2), "t1", 2, None)
+    assert (task, task.task_id, task.priority, task.failure) == (
+        Count(count_to=3, priority=2),
+        "t1",
+        2,
+        None,
+    )
