@@ -16,9 +16,10 @@ record, a duplicate task insert is skipped, a hint is set again.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -54,6 +55,10 @@ T = TypeVar("T")
 RETRYABLE_CODES = frozenset(
     {6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 64, 50}
 )
+#: Status given to a task document that can't be decoded (not a `Status`: no
+#: query for work or sweep ever selects it).
+UNDECODABLE = "undecodable"
+_log = logging.getLogger("tullius.store")
 _CREDENTIALS = re.compile(r"(mongodb(?:\+srv)?://)[^@/\s]*@")
 
 
@@ -171,7 +176,7 @@ class MongoStore:
             doc = self.records.find_one_and_update(
                 {"_id": record_id},
                 {"$inc": {"beat": 1}},
-                projection={"beat": True},
+                # No projection: FerretDB 1.24 does not implement it in findAndModify.
                 return_document=ReturnDocument.AFTER,
             )
             return None if doc is None else int(doc["beat"])
@@ -203,7 +208,7 @@ class MongoStore:
         sort = [("priority", ASCENDING), ("due_at", ASCENDING), ("_id", ASCENDING)]
         return self._retrying(
             "find due tasks",
-            lambda: [task_from_bson(d) for d in self.tasks.find(query).sort(sort).limit(limit)],
+            lambda: self._decoded(self.tasks.find(query).sort(sort).limit(limit)),
         )
 
     def find_by_status(self, statuses: Sequence[Status], limit: int) -> list[TaskDoc]:
@@ -211,7 +216,7 @@ class MongoStore:
         sort = [("due_at", ASCENDING), ("_id", ASCENDING)]
         return self._retrying(
             "find tasks by status",
-            lambda: [task_from_bson(d) for d in self.tasks.find(query).sort(sort).limit(limit)],
+            lambda: self._decoded(self.tasks.find(query).sort(sort).limit(limit)),
         )
 
     def find_children(self, parent_id: str) -> list[TaskDoc]:
@@ -233,6 +238,36 @@ class MongoStore:
             return counts
 
         return self._retrying("count tasks", attempt)
+
+    # --- undecodable documents ----------------------------------------------------
+
+    def _decoded(self, raw_docs: Iterable[Mapping[str, Any]]) -> list[TaskDoc]:
+        """Decode task documents, setting aside any that can't be decoded.
+
+        One malformed document (written by hand, or by an incompatible
+        version) must not stop a whole band from claiming work: it is moved
+        out of every queue by setting its ``status`` to `UNDECODABLE`, with
+        the reason in ``decode_error``, and logged.  An operator can fix the
+        document and set its status back to ``queued``.
+        """
+        docs = []
+        for raw in raw_docs:
+            try:
+                docs.append(task_from_bson(raw))
+            except (KeyError, ValueError, TypeError, AttributeError) as error:
+                task_id = raw.get("_id")
+                reason = redact(f"{type(error).__name__}: {error}")[:500]
+                _log.warning(
+                    "task document %r can't be decoded (%s); set aside with status %r",
+                    task_id,
+                    reason,
+                    UNDECODABLE,
+                )
+                self.tasks.update_one(
+                    {"_id": task_id},
+                    {"$set": {"status": UNDECODABLE, "decode_error": reason}},
+                )
+        return docs
 
     # --- retrying ---------------------------------------------------------------
 

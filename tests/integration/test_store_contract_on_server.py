@@ -1,0 +1,106 @@
+"""The store contract, and racing engines, on a real MongoDB-wire server.
+
+FerretDB runs as it is (its conditional updates race); with
+TULLIUS_TEST_MONGODB_URI the same tests run against that server.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from daemon_harness import mongo_client, open_store
+
+from tests.store_contract import StoreContract, make_doc
+from tullius.band import Band
+from tullius.document import Failure, FailureKind, RecordKind, Status, TaskSpec, status_of
+from tullius.engine import claim, drive, finish, sweep
+from tullius.events import Failed, HandlerSucceeded, Succeeded
+from tullius.policy import LeaseWatch
+
+
+class TestMongoStoreOnServer(StoreContract):
+    @pytest.fixture
+    def store(self, mongodb_uri: str, database_name: str, mongo: Any) -> Any:
+        return open_store(mongodb_uri, database_name, client=mongo)
+
+
+SUCCESSOR = TaskSpec("tests:Next", {"n": 1}, 5, timedelta(seconds=5), timedelta(seconds=5), 2)
+
+
+def test_racing_engines_decide_every_task_exactly_once(
+    mongodb_uri: str, database_name: str, mongo: Any
+) -> None:
+    # Given 60 queued tasks and four servers, each with its own connection,
+    setup = open_store(mongodb_uri, database_name, client=mongo)
+    setup.insert_tasks([make_doc(f"t{i:03}", priority=i % 3) for i in range(60)])
+    errors: list[BaseException] = []
+    band = Band(1, 0, 10)
+
+    def server(name: str) -> None:
+        client = mongo_client(mongodb_uri)
+        store = open_store(mongodb_uri, database_name, client=client)
+        rng = random.Random(name)
+        try:
+            for n in range(400):  # bounded: far more rounds than work
+                now = datetime.now(UTC)
+                job = drive(
+                    store, claim(band, server=name, worker="w", token=f"{name}-{n}", now=now)
+                )
+                if job is None:
+                    if not store.find_by_status([Status.QUEUED, Status.FAILED], 1):
+                        return
+                    continue
+                # Roots spawn one task (a successor or a replacement); those spawn nothing.
+                spawned = (SUCCESSOR,) if job.view.task.parent_id is None else ()
+                if job.kind.value == "run":
+                    event: Any = (
+                        Succeeded(job.token, spawned)
+                        if rng.random() < 0.5
+                        else Failed(job.token, Failure(FailureKind.EXCEPTION, "boom", now))
+                    )
+                else:
+                    event = HandlerSucceeded(job.token, spawned)
+                drive(store, finish(job, event, now=datetime.now(UTC)))
+        except BaseException as error:  # reported by the test thread
+            errors.append(error)
+        finally:
+            client.close()
+
+    # When they race to claim, run and handle them (successors are new work too),
+    threads = [threading.Thread(target=server, args=(f"s{k}",), daemon=True) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "servers did not finish within 300 s"
+    assert not errors, errors
+
+    # Then a sweep settles any hint a racing update left behind,
+    drive(
+        setup,
+        sweep(
+            LeaseWatch(timedelta(seconds=1)), observer="x", now=datetime.now(UTC), monotonic_now=0.0
+        ),
+    )
+    roots = [setup.load(f"t{i:03}") for i in range(60)]
+    for view in roots:
+        assert view is not None
+        # and every root was decided once: one run, one outcome, at most one handler result,
+        status = status_of(view)
+        assert status in (Status.SUCCEEDED, Status.HANDLED), (view.task_id, status)
+        runs = [r for r in view.records.values() if r.kind is RecordKind.RUN]
+        assert len(runs) == 1
+        assert view.handler_attempt <= 1
+        # and what it spawned was inserted exactly once, under the derived id.
+        children = setup.find_children(view.task_id)
+        assert len(children) == 1, (view.task_id, children)
+    assert mongo[database_name]["tasks"].count_documents({}) == 60 * 2
+    # and the spawned tasks ran to an end too.
+    for doc in mongo[database_name]["tasks"].find({"parent_id": {"$ne": None}}):
+        child = setup.load(doc["_id"])
+        assert child is not None
+        assert status_of(child) in (Status.SUCCEEDED, Status.HANDLED)
