@@ -6,7 +6,6 @@ The public API, re-exported here and nowhere else.  See the README for use and
 
 from tullius.api import chain, configure, queue, tree
 from tullius.band import Band
-from tullius.inspection import ChainLink, ChainTree
 from tullius.document import Failure, FailureKind, Status
 from tullius.errors import (
     ConfigError,
@@ -20,6 +19,7 @@ from tullius.errors import (
     TulliusError,
     UnknownTaskClass,
 )
+from tullius.inspection import ChainLink, ChainTree
 from tullius.task import Task
 
 __version__ = "0.1.0"

@@ -18,9 +18,9 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
 from tullius.document import TaskSpec, queued_doc
 from tullius.errors import ConfigError
+from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
 from tullius.store import Store
 from tullius.task import Task, to_specs
 

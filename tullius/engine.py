@@ -162,7 +162,8 @@ def claim(
                 yield from repair(view, now=now)
                 continue
             winner = yield from apply_step(view, decided)
-            assert winner is not None and decided.record is not None
+            assert winner is not None
+            assert decided.record is not None
             if winner.token == decided.record.token:
                 kind = JobKind.HANDLE if status is Status.FAILED else JobKind.RUN
                 return Job(kind, view.with_record(winner), winner)
@@ -234,9 +235,12 @@ def sweep(
             if watch.is_stale(lease.record_id, lease.beat, monotonic_now):
                 decided = step(view, LeaseExpired(lease.record_id, observer), now=now, rng=rng)
                 winner = yield from apply_step(view, decided)
-                if winner is not None and decided.record is not None:
-                    if winner.token == decided.record.token:
-                        report.expired.append(lease.record_id)
+                if (
+                    winner is not None
+                    and decided.record is not None
+                    and winner.token == decided.record.token
+                ):
+                    report.expired.append(lease.record_id)
                 continue
         if (yield from repair(view, now=now)):
             report.repaired.append(view.task_id)

@@ -1,0 +1,48 @@
+"""tullius.sim: the daemon's engine under a seeded scheduler, virtual time and injected faults.
+
+The public simulator API, re-exported here.  ``tullius.sim.strategies`` (Hypothesis)
+is imported on its own, so that this package does not import Hypothesis.
+"""
+
+from tullius.sim.clock import ServerClock, SimClock
+from tullius.sim.faults import (
+    ClockSkew,
+    Fault,
+    ServerCrash,
+    ServerPause,
+    StepCrash,
+    StoreFault,
+    StoreOutage,
+    WorkerCrash,
+)
+from tullius.sim.invariants import DrainTimeout, InvariantViolation
+from tullius.sim.memory_store import MemoryStore
+from tullius.sim.simulation import Counts, Simulation
+from tullius.sim.virtual_time import (
+    SimulationError,
+    TaskStopped,
+    UserCodeHang,
+    UserThreadLeak,
+)
+
+__all__ = [
+    "ClockSkew",
+    "Counts",
+    "DrainTimeout",
+    "Fault",
+    "InvariantViolation",
+    "MemoryStore",
+    "ServerClock",
+    "ServerCrash",
+    "ServerPause",
+    "SimClock",
+    "Simulation",
+    "SimulationError",
+    "StepCrash",
+    "StoreFault",
+    "StoreOutage",
+    "TaskStopped",
+    "UserCodeHang",
+    "UserThreadLeak",
+    "WorkerCrash",
+]

@@ -1,0 +1,185 @@
+"""Fault injection: each fault of tullius.sim.faults ends in a visible, handled failure."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+
+import tullius
+from tullius.sim import DrainTimeout, Simulation, StepCrash, StoreFault, StoreOutage
+from tullius.testing import assert_outcomes
+
+FAILURES: list[str] = []
+
+
+class Sleeper(tullius.Task):
+    """Sleeps ``secs``; its failed() records the failure kind and asks for nothing more."""
+
+    timeout = timedelta(seconds=60)
+    failed_timeout = timedelta(seconds=10)
+    secs: float
+
+    def run(self) -> None:
+        time.sleep(self.secs)
+
+    def failed(self) -> None:
+        assert self.failure is not None
+        FAILURES.append(self.failure.kind)
+
+
+def test_crashed_server_task_is_declared_lost_by_another_server() -> None:
+    # Given two servers, s1 crashing mid-run and never coming back
+    sim = Simulation(seed=3, servers=["s1", "s2"], task_processes=[(1, 0, 10)])
+    task = Sleeper(secs=20)
+    sim.queue(task)
+    sim.run_for(timedelta(seconds=2))
+    owner = sim.chain(task)[0].server
+    assert owner is not None
+    sim.crash_server(owner, at=sim.elapsed)
+    # When the survivors drain
+    sim.drain(within=timedelta(minutes=5))
+    # Then the run failed as lost, within the lease, and failed() ran
+    [link] = sim.chain(task)
+    assert link.outcome == "failed"
+    assert link.failure is not None
+    assert link.failure.kind == "lost"
+    assert link.finished_at is not None
+    assert link.started_at is not None
+    assert link.finished_at - link.started_at <= timedelta(seconds=2) + sim.timings.lease
+    assert link.status is tullius.Status.HANDLED
+    sim.close()
+
+
+def test_a_restarted_lone_server_declares_its_own_old_lease_lost() -> None:
+    sim = Simulation(seed=4)
+    task = Sleeper(secs=20)
+    sim.queue(task)
+    sim.crash_server("s1", at=timedelta(seconds=3), restart_after=timedelta(seconds=10))
+    sim.drain(within=timedelta(minutes=5))
+    assert_outcomes(sim.chain(task), "lost")
+    sim.close()
+
+
+def test_paused_server_wakes_up_and_its_late_result_is_rejected() -> None:
+    sim = Simulation(seed=5, servers=2, task_processes=[(1, 0, 10)], keep_trace=True)
+    task = Sleeper(secs=5)
+    sim.queue(task)
+    sim.run_for(timedelta(seconds=1.5))
+    owner = sim.chain(task)[0].server
+    assert owner is not None
+    sim.pause_server(owner, at=sim.elapsed, duration=timedelta(seconds=120))
+    sim.drain(within=timedelta(minutes=10))
+    sim.run_for(timedelta(minutes=3))  # let the paused server wake up and try to finish
+    [link] = sim.chain(task)
+    assert link.failure is not None
+    assert link.failure.kind == "lost"
+    assert any("rejected" in line and owner in line for line in sim.trace)
+    sim.close()
+
+
+@pytest.mark.parametrize("kind", ["lost_ack", "not_applied"])
+@pytest.mark.parametrize("record_kind", ["run", "outcome"])
+def test_store_faults_on_decisive_inserts_are_retried_without_duplicates(
+    kind: str, record_kind: str
+) -> None:
+    sim = Simulation(seed=6)
+    task = Sleeper(secs=1)
+    sim.queue(task)
+    sim.apply([StoreFault("s1", "InsertRecord", kind, record_kind=record_kind, count=2)])
+    counts = sim.drain(within=timedelta(minutes=5))
+    sim.check()
+    # a run whose claim ack was lost is never run by its claimer: it is declared lost
+    expected = "lost" if (record_kind, kind) == ("run", "lost_ack") else "succeeded"
+    assert_outcomes(sim.chain(task), expected)
+    assert counts.tasks == 1
+    sim.close()
+
+
+def test_store_outage_delays_but_loses_nothing() -> None:
+    sim = Simulation(seed=7, servers=2)
+    tasks = [Sleeper(secs=n) for n in range(1, 6)]
+    sim.queue(tasks)
+    sim.apply([StoreOutage(at=timedelta(seconds=2), duration=timedelta(seconds=40))])
+    counts = sim.drain(within=timedelta(minutes=10))
+    assert counts.tasks == 5
+    assert counts.succeeded + counts.handled == 5
+    sim.close()
+
+
+def test_worker_crash_is_recorded_as_crashed_and_handled() -> None:
+    FAILURES.clear()
+    sim = Simulation(seed=8)
+    task = Sleeper(secs=10)
+    sim.queue(task)
+    sim.crash_worker("s1", at=timedelta(seconds=4))
+    sim.drain(within=timedelta(minutes=5))
+    assert_outcomes(sim.chain(task), "crashed")
+    assert FAILURES == ["crashed"]
+    sim.close()
+
+
+def test_clock_skew_on_one_server_does_not_expire_live_leases() -> None:
+    sim = Simulation(seed=9, servers=2, racy_updates=0.3)
+    sim.skew_clock("s2", timedelta(hours=1))
+    sim.queue([Sleeper(secs=n) for n in range(0, 50, 5)])
+    counts = sim.drain(within=timedelta(minutes=10))
+    assert counts.succeeded == 10
+    assert counts.failed == 0
+    sim.close()
+
+
+def test_racy_updates_everywhere_still_decide_each_task_once() -> None:
+    sim = Simulation(seed=10, servers=3, racy_updates=0.5, task_processes=[(3, 0, 10)])
+    sim.queue([Sleeper(secs=n % 7) for n in range(60)])
+    sim.crash_server("s2", at=timedelta(seconds=3), restart_after=timedelta(seconds=5))
+    counts = sim.drain(within=timedelta(minutes=30))
+    sim.check()
+    assert counts.tasks == 60
+    assert counts.succeeded + counts.handled == 60
+    sim.close()
+
+
+def test_drain_past_its_horizon_lists_open_tasks_and_what_they_wait_for() -> None:
+    sim = Simulation(seed=11)
+    task = Sleeper(secs=20)
+    sim.queue(task)
+    sim.crash_server("s1", at=timedelta(seconds=5))
+    with pytest.raises(DrainTimeout) as caught:
+        sim.drain(within=timedelta(minutes=2))
+    message = str(caught.value)
+    assert task.task_id is not None
+    assert task.task_id in message
+    assert "running" in message
+    assert "'s1' (crashed)" in message
+    assert "seed=11" in message
+    sim.close()
+
+
+class Pair(tullius.Task):
+    timeout = timedelta(seconds=10)
+    left: int
+
+    def run(self) -> list[tullius.Task]:
+        time.sleep(1)
+        return [Sleeper(secs=1), Sleeper(secs=2)] if self.left else []
+
+
+def test_a_crash_between_the_outcome_and_its_successors_is_repaired_by_a_sweep() -> None:
+    # Given a lone server that dies right after recording a success, before
+    # inserting the successors that success carries
+    sim = Simulation(seed=12, keep_trace=True)
+    task = Pair(left=1)
+    sim.queue(task)
+    sim.apply(
+        [StepCrash("s1", "InsertRecord", record_kind="outcome", restart_after=timedelta(seconds=5))]
+    )
+    # When it restarts and drains
+    counts = sim.drain(within=timedelta(minutes=5))
+    # Then its sweep inserted the successors exactly once, and they ran
+    assert counts.tasks == 3
+    assert counts.succeeded == 3
+    assert len(sim.tree(task).walk()) == 3
+    assert any("StepCrash" in line for line in sim.trace)
+    sim.close()

@@ -1,0 +1,82 @@
+"""The pytest plugin: tullius_sim fixture, --tullius-seed, and the failure report."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+USER_TESTS = """
+import time
+from datetime import timedelta
+
+import tullius
+from tullius.testing import assert_outcomes
+
+
+class ExampleTask(tullius.Task):
+    timeout = timedelta(seconds=5)
+
+    def run(self):
+        for _ in range(self.count_to):
+            time.sleep(1)
+
+    def failed(self):
+        return self.copy(count_to=max(self.count_to - 1, 0))
+
+
+def test_chain(tullius_sim):
+    task = ExampleTask(count_to=7)
+    tullius_sim.queue(task)
+    tullius_sim.drain(within=timedelta(minutes=5))
+    assert_outcomes(tullius_sim.chain(task), "timeout*3 succeeded")
+
+
+def test_seed(tullius_sim):
+    print("SEED", tullius_sim.seed)
+
+
+def test_broken(tullius_sim):
+    tullius_sim.crash_server("s1", at=timedelta(seconds=1))
+    task = ExampleTask(count_to=7)
+    tullius_sim.queue(task)
+    tullius_sim.drain(within=timedelta(minutes=5))
+    assert_outcomes(tullius_sim.chain(task), "succeeded")
+"""
+
+
+def test_fixture_runs_a_user_test_and_reports_seed_faults_and_replay(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_user=USER_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-s")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*tullius simulation*",
+            "seed: *",
+            "faults: [[]ServerCrash(at=timedelta(seconds=1), server='s1', restart_after=None)]",
+            "replay: pytest 'test_user.py::test_broken' --tullius-seed=*",
+            "*DrainTimeout*",
+        ]
+    )
+
+
+def test_seed_option_overrides_the_derived_seed(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_user=USER_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-s", "--tullius-seed=1234", "-k", "seed")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*SEED 1234*"])
+
+
+def test_importing_the_plugin_does_not_import_the_simulator() -> None:
+    import subprocess
+    import sys
+
+    heavy = "('tullius.sim', 'pymongo', 'hypothesis', 'freezegun')"
+    code = (
+        "import sys, tullius.pytest_plugin; "
+        f"print(sorted(m for m in sys.modules if m.startswith({heavy})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

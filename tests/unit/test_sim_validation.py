@@ -1,0 +1,96 @@
+"""Bad input to the simulator: each a clear error naming the value."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+import tullius
+from tullius.errors import ConfigError, TaskDefinitionError
+from tullius.sim import ServerCrash, Simulation, StoreFault
+
+
+class Nap(tullius.Task):
+    timeout = timedelta(seconds=5)
+
+    def run(self) -> None:
+        time.sleep(1)
+
+
+@pytest.mark.parametrize(
+    ("entry", "shown"),
+    [
+        ((0, 0, 10), "(0, 0, 10)"),
+        ((2, 5, 1), "(2, 5, 1)"),
+        ((2, 0), "(2, 0)"),
+        ("10:0-10", "'10:0-10'"),
+    ],
+)
+def test_bad_task_processes_entry_is_named(entry: Any, shown: str) -> None:
+    with pytest.raises(ConfigError, match=r"task_processes\[0\]") as caught:
+        Simulation(task_processes=[entry])
+    assert shown in str(caught.value)
+
+
+@pytest.mark.parametrize("servers", [0, -1, [], ["a", "a"], [""]])
+def test_bad_servers_are_refused(servers: Any) -> None:
+    with pytest.raises(ConfigError, match="servers="):
+        Simulation(servers=servers)
+
+
+@pytest.mark.parametrize("name", ["lease", "poll_interval", "store_retry", "wall_limit"])
+def test_non_positive_durations_are_refused(name: str) -> None:
+    options: dict[str, Any] = {name: timedelta(0)}
+    with pytest.raises(ConfigError, match=f"{name}=datetime.timedelta\\(0\\)"):
+        Simulation(**options)
+
+
+def test_zero_or_negative_task_timeout_is_refused_where_the_class_is_written() -> None:
+    for bad in (timedelta(0), timedelta(seconds=-1)):
+        with pytest.raises(TaskDefinitionError, match=r"timeout="):
+            type("Bad", (tullius.Task,), {"timeout": bad, "run": lambda self: None})
+
+
+def test_fault_aimed_at_an_unknown_server_names_it() -> None:
+    sim = Simulation(servers=["a", "b"])
+    with pytest.raises(ConfigError, match=r"faults\[0\].server='nope'.*\['a', 'b'\]"):
+        sim.apply([ServerCrash(at=timedelta(seconds=1), server="nope")])
+    with pytest.raises(ConfigError, match="'Insert'"):
+        sim.apply([StoreFault("a", "Insert")])
+    with pytest.raises(ConfigError, match="kind='maybe'"):
+        sim.apply([StoreFault("a", "InsertRecord", "maybe")])
+    with pytest.raises(ConfigError, match="record_kind='run'"):
+        sim.apply([StoreFault("a", "SetStatus", record_kind="run")])
+    assert sim.faults == []
+
+
+def test_fault_in_the_past_is_refused() -> None:
+    sim = Simulation()
+    sim.run_for(timedelta(seconds=10))
+    with pytest.raises(ConfigError, match="in the past"):
+        sim.crash_server("s1", at=timedelta(seconds=5))
+
+
+def test_a_schedule_that_can_never_finish_within_the_horizon_is_named() -> None:
+    sim = Simulation()
+    sim.queue(Nap(delay=timedelta(hours=2)))
+    with pytest.raises(ConfigError, match=r"within=.*not due until"):
+        sim.drain(within=timedelta(hours=1))
+    with pytest.raises(ConfigError, match=r"within=datetime.timedelta\(0\) must be a positive"):
+        sim.drain(within=timedelta(0))
+
+
+def test_a_priority_no_band_serves_is_refused_at_queue_time() -> None:
+    sim = Simulation(task_processes=[(2, 0, 3)])
+    with pytest.raises(ConfigError, match="priority=7 is outside every band"):
+        sim.queue(Nap(priority=7))
+    assert sim.counts().tasks == 0
+
+
+def test_chain_of_an_unqueued_task_is_refused() -> None:
+    sim = Simulation()
+    with pytest.raises(ConfigError, match="has not been queued"):
+        sim.chain(Nap())

@@ -1,0 +1,263 @@
+"""Unmodified user code under virtual time: clocks, sleeps, deadlines and the odd cases."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from time import sleep  # a module-level alias: patched too
+from typing import Any
+
+import pytest
+
+import tullius
+from tullius.sim import Simulation, UserCodeHang, UserThreadLeak
+from tullius.testing import assert_chain, assert_outcomes, expect
+
+SEEN: dict[str, object] = {}
+
+
+class Clocks(tullius.Task):
+    timeout = timedelta(seconds=30)
+
+    def run(self) -> None:
+        SEEN["time0"] = time.time()
+        SEEN["mono0"] = time.monotonic()
+        SEEN["perf0"] = time.perf_counter()
+        SEEN["now0"] = datetime.now(UTC)
+        sleep(2.5)
+        time.sleep(0.5)
+        SEEN["time1"] = time.time()
+        SEEN["mono1"] = time.monotonic()
+        SEEN["perf1"] = time.perf_counter()
+        SEEN["now1"] = datetime.now(UTC)
+        SEEN["utcnow1"] = datetime.utcnow()  # legacy API must follow too
+
+
+def test_clocks_inside_run_follow_virtual_time() -> None:
+    sim = Simulation(seed=1)
+    sim.queue(Clocks())
+    started = sim.now
+    sim.drain(within=timedelta(minutes=1))
+    assert SEEN["time1"] - SEEN["time0"] == pytest.approx(3.0)  # type: ignore[operator]
+    assert SEEN["mono1"] - SEEN["mono0"] == pytest.approx(3.0)  # type: ignore[operator]
+    assert SEEN["perf1"] - SEEN["perf0"] == pytest.approx(3.0)  # type: ignore[operator]
+    assert SEEN["now1"] - SEEN["now0"] == timedelta(seconds=3)  # type: ignore[operator]
+    assert started <= SEEN["now0"] < started + timedelta(seconds=2)  # type: ignore[operator]
+    sim.close()
+
+
+class Swallower(tullius.Task):
+    timeout = timedelta(seconds=3)
+
+    def run(self) -> None:
+        try:
+            time.sleep(10)
+        except Exception:  # must not catch the stop
+            SEEN["swallowed"] = True
+
+
+class Stubborn(tullius.Task):
+    timeout = timedelta(seconds=3)
+
+    def run(self) -> None:
+        with contextlib.suppress(BaseException):
+            time.sleep(10)
+        time.sleep(1)  # raises again: a stopped task can't sleep on
+
+
+class Obstinate(tullius.Task):
+    timeout = timedelta(seconds=3)
+
+    def run(self) -> Any:
+        with contextlib.suppress(BaseException):
+            time.sleep(10)
+        return "a result after the deadline is ignored"
+
+
+@pytest.mark.parametrize("cls", [Swallower, Stubborn, Obstinate])
+def test_a_task_is_stopped_at_its_deadline_whatever_it_catches(cls: type[tullius.Task]) -> None:
+    SEEN.pop("swallowed", None)
+    sim = Simulation(seed=2)
+    task = cls()
+    sim.queue(task)
+    sim.drain(within=timedelta(minutes=1))
+    assert_chain(sim.chain(task), [expect("timeout", duration=timedelta(seconds=3))])
+    assert "swallowed" not in SEEN
+    sim.close()
+
+
+class Exits(tullius.Task):
+    timeout = timedelta(seconds=3)
+
+    def run(self) -> None:
+        sys.exit(3)
+
+
+class Interrupts(tullius.Task):
+    timeout = timedelta(seconds=3)
+
+    def run(self) -> None:
+        raise KeyboardInterrupt
+
+
+class Odd(BaseException):
+    pass
+
+
+class RaisesOdd(tullius.Task):
+    timeout = timedelta(seconds=3)
+
+    def run(self) -> None:
+        raise Odd("odd")
+
+
+def test_sys_exit_in_run_is_a_crashed_worker() -> None:
+    sim = Simulation(seed=3)
+    task = Exits()
+    sim.queue(task)
+    sim.drain(within=timedelta(minutes=1))
+    [link] = sim.chain(task)
+    assert link.failure is not None
+    assert link.failure.kind == "crashed"
+    assert "sys.exit(3)" in link.failure.message
+    sim.close()
+
+
+def test_other_base_exceptions_are_a_crashed_worker() -> None:
+    sim = Simulation(seed=3)
+    task = RaisesOdd()
+    sim.queue(task)
+    sim.drain(within=timedelta(minutes=1))
+    assert_outcomes(sim.chain(task), "crashed")
+    sim.close()
+
+
+def test_keyboard_interrupt_in_run_stops_the_simulation() -> None:
+    sim = Simulation(seed=3)
+    sim.queue(Interrupts())
+    with pytest.raises(KeyboardInterrupt):
+        sim.drain(within=timedelta(minutes=1))
+    sim.close()
+
+
+class Busy(tullius.Task):
+    timeout = timedelta(seconds=3)
+
+    def run(self) -> None:
+        end = time.time() + 1
+        while time.time() < end:  # virtual time never moves without a sleep
+            pass
+
+
+def test_a_busy_loop_is_reported_naming_the_task_instead_of_hanging() -> None:
+    sim = Simulation(seed=4, wall_limit=timedelta(seconds=0.3))
+    task = Busy()
+    sim.queue(task)
+    with pytest.raises(UserCodeHang, match=r"Busy.run\(\) of task '.*' ran for 0.3 real seconds"):
+        sim.drain(within=timedelta(minutes=1))
+    sim.close()
+
+
+class Spawner(tullius.Task):
+    timeout = timedelta(seconds=3)
+
+    def run(self) -> None:
+        threading.Thread(target=time.sleep, args=(0.5,), name="user-thread").start()
+
+
+class Joiner(tullius.Task):
+    timeout = timedelta(seconds=3)
+
+    def run(self) -> None:
+        worker = threading.Thread(target=lambda: None, name="joined")
+        worker.start()
+        worker.join()
+
+
+def test_threads_left_running_by_run_are_refused() -> None:
+    sim = Simulation(seed=5)
+    sim.queue(Spawner())
+    with pytest.raises(UserThreadLeak, match="user-thread"):
+        sim.drain(within=timedelta(minutes=1))
+    sim.close()
+
+
+def test_threads_joined_inside_run_are_fine() -> None:
+    sim = Simulation(seed=5)
+    task = Joiner()
+    sim.queue(task)
+    sim.drain(within=timedelta(minutes=1))
+    assert_outcomes(sim.chain(task), "succeeded")
+    sim.close()
+
+
+class Parent(tullius.Task):
+    timeout = timedelta(seconds=3)
+
+    def run(self) -> None:
+        tullius.queue(Nap2(n=1))
+
+
+class Nap2(tullius.Task):
+    timeout = timedelta(seconds=3)
+    n: int
+
+    def run(self) -> None:
+        time.sleep(self.n)
+
+
+def test_tullius_queue_inside_run_goes_to_the_simulated_store() -> None:
+    sim = Simulation(seed=6)
+    sim.queue(Parent())
+    counts = sim.drain(within=timedelta(minutes=1))
+    assert counts.tasks == 2
+    assert counts.succeeded == 2
+    sim.close()
+
+
+class BadHandler(tullius.Task):
+    timeout = timedelta(seconds=3)
+    failed_attempts = 3
+
+    def run(self) -> None:
+        raise ValueError("nope")
+
+    def failed(self) -> Any:
+        return "not a task"
+
+
+class BadReturn(tullius.Task):
+    timeout = timedelta(seconds=3)
+
+    def run(self) -> Any:
+        return 42
+
+
+def test_a_failed_that_returns_garbage_is_retried_then_left_unhandled() -> None:
+    sim = Simulation(seed=7)
+    task = BadHandler()
+    sim.queue(task)
+    counts = sim.drain(within=timedelta(minutes=5))
+    assert counts.unhandled == 1
+    [link] = sim.chain(task)
+    assert link.failure is not None
+    assert link.failure.kind == "exception"
+    assert "ValueError: nope" in link.failure.message
+    assert link.failure.traceback is not None
+    assert "raise ValueError" in link.failure.traceback
+    assert link.handler_error is not None
+    assert link.handler_error.kind == "bad_return"
+    assert link.handler_attempts == 3
+    sim.close()
+
+
+def test_run_returning_garbage_is_a_bad_return() -> None:
+    sim = Simulation(seed=8)
+    task = BadReturn()
+    sim.queue(task)
+    sim.drain(within=timedelta(minutes=1))
+    assert_outcomes(sim.chain(task), "bad_return")
+    sim.close()

@@ -1,0 +1,173 @@
+"""Smaller pieces of the simulator: clock, trees, bands, lease loss, close(), and that
+the invariants do catch a broken store."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+import tullius
+from tullius.document import Record
+from tullius.sim import InvariantViolation, ServerClock, SimClock, Simulation, StoreOutage
+from tullius.sim import simulation as simulation_module
+from tullius.sim.clock import to_us
+from tullius.sim.memory_store import MemoryStore
+from tullius.testing import assert_chain, assert_outcomes, describe_chain, expect
+
+ORDER: list[int] = []
+
+
+class Fanout(tullius.Task):
+    timeout = timedelta(seconds=10)
+    depth: int
+
+    def run(self) -> Any:
+        time.sleep(1)
+        if self.depth:
+            return [self.copy(depth=self.depth - 1), self.copy(depth=self.depth - 1)]
+        return None
+
+
+class Urgent(tullius.Task):
+    timeout = timedelta(seconds=10)
+    n: int
+
+    def run(self) -> None:
+        ORDER.append(self.n)
+        time.sleep(2)
+
+
+def test_sim_clock_counts_exact_microseconds_and_skews_only_wall_time() -> None:
+    clock = SimClock(datetime(2030, 1, 1, tzinfo=UTC))
+    clock.advance(timedelta(seconds=4.999999))
+    clock.advance(timedelta(microseconds=1))
+    assert clock.monotonic() == 5.0
+    assert clock.now() == datetime(2030, 1, 1, 0, 0, 5, tzinfo=UTC)
+    skewed = ServerClock(clock, timedelta(minutes=-3))
+    assert skewed.now() == clock.now() - timedelta(minutes=3)
+    assert skewed.monotonic() == clock.monotonic()
+    assert to_us(timedelta(days=1, microseconds=7)) == 86_400_000_007
+    with pytest.raises(ValueError, match="never goes back"):
+        clock.advance(timedelta(seconds=-1))
+    with pytest.raises(ValueError, match="aware"):
+        SimClock(datetime(2030, 1, 1))  # naive on purpose: the point of the test
+
+
+def test_tree_holds_every_successor_and_chain_follows_the_first() -> None:
+    sim = Simulation(seed=1)
+    root = Fanout(depth=2)
+    sim.queue(root)
+    counts = sim.drain(within=timedelta(minutes=5))
+    assert counts.succeeded == 7
+    assert len(sim.tree(root).walk()) == 7
+    assert_chain(sim.chain(root), [expect("succeeded", depth=d) for d in (2, 1, 0)])
+    sim.close()
+
+
+def test_urgent_tasks_go_first_and_a_reserved_band_serves_only_them() -> None:
+    ORDER.clear()
+    sim = Simulation(seed=2, task_processes=[(1, 0, 10), (1, 0, 0)])
+    sim.queue([Urgent(n=n, priority=5) for n in range(3)])
+    sim.queue([Urgent(n=10 + n, priority=0) for n in range(3)])
+    sim.drain(within=timedelta(minutes=5))
+    # the two workers start on urgent work; priority 5 waits for the general band
+    assert ORDER[:2] == [10, 11] or sorted(ORDER[:2]) == [10, 11]
+    assert sorted(ORDER[:3]) == [10, 11, 12]
+    sim.close()
+
+
+def test_a_server_cut_off_from_the_store_loses_its_lease_and_stops_its_work() -> None:
+    sim = Simulation(seed=3, servers=2, task_processes=[(1, 0, 10)], keep_trace=True)
+    long = LongRun()
+    sim.queue(long)
+    sim.run_for(timedelta(seconds=1.5))
+    owner = sim.chain(long)[0].server
+    assert owner is not None
+    sim.apply([StoreOutage(at=sim.elapsed, duration=timedelta(seconds=90), server=owner)])
+    sim.drain(within=timedelta(minutes=10))
+    sim.run_for(timedelta(minutes=3))  # the outage ends; the old owner learns it lost the lease
+    assert_outcomes(sim.chain(long), "lost")
+    assert any("lease lost: stopping LongRun.run()" in line for line in sim.trace)
+    sim.close()
+
+
+class LongRun(tullius.Task):
+    timeout = timedelta(minutes=5)
+
+    def run(self) -> None:
+        time.sleep(200)
+
+
+def test_close_stops_the_threads_of_tasks_left_sleeping() -> None:
+    before = {t for t in threading.enumerate() if t.name.startswith("tullius-sim-user")}
+    sim = Simulation(seed=4)
+    sim.queue([LongRun() for _ in range(3)])
+    sim.run_for(timedelta(seconds=5))
+    sim.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = {t for t in threading.enumerate() if t.name.startswith("tullius-sim-user")}
+        if not left - before:
+            break
+        time.sleep(0.01)
+    assert not left - before
+
+
+class OverwritingStore(MemoryStore):
+    """A broken store: a second insert of an outcome replaces the first."""
+
+    def insert_record(self, record: Record) -> Record:
+        if record.kind.value == "outcome":
+            self._records.pop(record.record_id, None)
+        return super().insert_record(record)
+
+
+def test_the_invariants_catch_a_store_whose_first_insert_does_not_win(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(simulation_module, "MemoryStore", OverwritingStore)
+    sim = Simulation(seed=5, servers=2, task_processes=[(1, 0, 10)])
+    task = LongRun()
+    sim.queue(task)
+    sim.run_for(timedelta(seconds=1.5))
+    owner = sim.chain(task)[0].server
+    assert owner is not None
+    sim.pause_server(owner, at=sim.elapsed, duration=timedelta(seconds=250))
+    sim.drain(within=timedelta(minutes=10))  # s2 declares the run lost and handles it
+    with pytest.raises(InvariantViolation, match="seed=5") as caught:
+        sim.run_for(timedelta(minutes=5))  # the paused owner wakes up and overwrites it
+    assert "ServerPause" in str(caught.value)
+    assert caught.value.promise in {"no terminal task resurrected", "one accepted outcome"}
+    sim.close()
+
+
+def test_assert_chain_explains_a_mismatch_with_the_whole_chain() -> None:
+    sim = Simulation(seed=6)
+    root = Fanout(depth=1)
+    sim.queue(root)
+    sim.drain(within=timedelta(minutes=5))
+    with pytest.raises(AssertionError, match=r"link 1: depth=0, expected 7") as caught:
+        assert_chain(sim.chain(root), [expect("succeeded"), expect("succeeded", depth=7)])
+    assert describe_chain(sim.chain(root)) in str(caught.value)
+    with pytest.raises(AssertionError, match="the chain has 2 link"):
+        assert_outcomes(sim.chain(root), "succeeded")
+    sim.close()
+
+
+def test_a_task_whose_class_cannot_be_loaded_fails_visibly() -> None:
+    sim = Simulation(seed=7)
+    spec = tullius.task.to_spec(LongRun())
+    missing = dataclasses.replace(spec, class_name="nowhere.to.be.found:Ghost")
+    [task_id] = sim._insert_roots([missing], sim.now)  # as if another program had queued it
+    counts = sim.drain(within=timedelta(minutes=5))
+    [link] = sim.chain(task_id)
+    assert link.failure is not None
+    assert link.failure.kind == "unloadable"
+    assert "nowhere.to.be.found" in link.failure.message
+    assert counts.unhandled + counts.handled == 1
+    sim.close()

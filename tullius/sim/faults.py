@@ -1,0 +1,255 @@
+"""The faults a simulation can inject, as plain data.
+
+A fault schedule is a list of these frozen dataclasses; `Simulation.apply()`
+validates it against the simulation's servers and arms each fault.  Times are
+offsets from the simulation's start.  Every fault prints as a constructor
+call, so a failing seed's report can be pasted back into a test.
+
+==================  ===========================================================
+`WorkerCrash`       The worker process running a job dies: its server records
+                    the failure as ``crashed`` (like the daemon reaping a dead
+                    child) and starts a fresh worker.
+`ServerCrash`       The whole server vanishes without cleanup: its jobs stop
+                    mid-step, its leases stay until another server's sweep
+                    declares them ``lost``.  Optionally restarts later, with a
+                    fresh memory (new tokens, new lease watch).
+`ServerPause`       The server freezes (GC pause, SIGSTOP, VM migration) and
+                    wakes up later to carry on where it was; a late result for
+                    a lease that was meanwhile declared lost is rejected.
+`StoreFault`        The next ``count`` matching store operations of a server
+                    fail: ``"not_applied"`` (the write never happened) or
+                    ``"lost_ack"`` (it happened, but the reply was lost).
+                    Operations are named as in `tullius.store.operation_name`
+                    (``"InsertRecord"``, ``"SetStatus"``, ``"Load"``...);
+                    ``record_kind`` narrows InsertRecord to one kind of record
+                    (``"run"``, ``"outcome"``, ``"handler"``, ``"handler_end"``).
+`StepCrash`         ``server`` dies right after its next matching store
+                    operation is applied, before it sees the reply: a crash
+                    at a named step of the protocol (say, after the OUTCOME
+                    record is inserted and before the successors are).
+`StoreOutage`       Every store operation (of one server, or of all) fails, not
+                    applied, for a while.
+`ClockSkew`         One server's wall clock is off by ``skew`` from then on
+                    (monotonic time is unaffected, as on a real machine).
+==================  ===========================================================
+
+Racing conditional updates (FerretDB) are not a scheduled fault but a property
+of the store: ``Simulation(racy_updates=0.3)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Final
+
+from tullius.errors import ConfigError
+
+#: The operation names a `StoreFault` may aim at.
+OPERATIONS: Final = frozenset(
+    {"InsertRecord", "InsertTasks", "SetStatus", "Load", "FindDue", "FindByStatus", "Beat"}
+)
+RECORD_KINDS: Final = frozenset({"run", "outcome", "handler", "handler_end"})
+STORE_FAULT_KINDS: Final = frozenset({"not_applied", "lost_ack"})
+
+
+def _td(delta: timedelta) -> str:
+    return f"timedelta(seconds={delta.total_seconds():g})"
+
+
+@dataclass(frozen=True)
+class WorkerCrash:
+    """At ``at``, the worker process of ``server`` running a job dies (``worker``: slot index,
+    or None for the busy worker with the lowest index)."""
+
+    at: timedelta
+    server: str
+    worker: int | None = None
+
+    def __repr__(self) -> str:
+        return f"WorkerCrash(at={_td(self.at)}, server={self.server!r}, worker={self.worker!r})"
+
+
+@dataclass(frozen=True)
+class ServerCrash:
+    """At ``at``, ``server`` dies without cleanup; restarts ``restart_after`` later if given."""
+
+    at: timedelta
+    server: str
+    restart_after: timedelta | None = None
+
+    def __repr__(self) -> str:
+        restart = None if self.restart_after is None else _td(self.restart_after)
+        return f"ServerCrash(at={_td(self.at)}, server={self.server!r}, restart_after={restart})"
+
+
+@dataclass(frozen=True)
+class ServerPause:
+    """From ``at``, ``server`` is frozen for ``duration``, then carries on."""
+
+    at: timedelta
+    server: str
+    duration: timedelta
+
+    def __repr__(self) -> str:
+        return (
+            f"ServerPause(at={_td(self.at)}, server={self.server!r}, duration={_td(self.duration)})"
+        )
+
+
+@dataclass(frozen=True)
+class StoreFault:
+    """From ``at``, the next ``count`` store operations of ``server`` named ``operation`` fail."""
+
+    server: str
+    operation: str
+    kind: str = "lost_ack"
+    at: timedelta = timedelta(0)
+    record_kind: str | None = None
+    count: int = 1
+
+    def __repr__(self) -> str:
+        return (
+            f"StoreFault(server={self.server!r}, operation={self.operation!r}, "
+            f"kind={self.kind!r}, at={_td(self.at)}, record_kind={self.record_kind!r}, "
+            f"count={self.count})"
+        )
+
+
+@dataclass(frozen=True)
+class StepCrash:
+    """From ``at``, ``server`` dies right after its next ``operation`` is applied (restarting
+    ``restart_after`` later if given); ``record_kind`` narrows InsertRecord as in `StoreFault`."""
+
+    server: str
+    operation: str
+    record_kind: str | None = None
+    at: timedelta = timedelta(0)
+    restart_after: timedelta | None = None
+
+    def __repr__(self) -> str:
+        restart = None if self.restart_after is None else _td(self.restart_after)
+        return (
+            f"StepCrash(server={self.server!r}, operation={self.operation!r}, "
+            f"record_kind={self.record_kind!r}, at={_td(self.at)}, restart_after={restart})"
+        )
+
+
+@dataclass(frozen=True)
+class StoreOutage:
+    """From ``at``, for ``duration``, the store refuses every operation (of ``server``, or all)."""
+
+    at: timedelta
+    duration: timedelta
+    server: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"StoreOutage(at={_td(self.at)}, duration={_td(self.duration)}, server={self.server!r})"
+        )
+
+
+@dataclass(frozen=True)
+class ClockSkew:
+    """From ``at``, ``server``'s wall clock reads ``skew`` off (positive: ahead)."""
+
+    server: str
+    skew: timedelta
+    at: timedelta = timedelta(0)
+
+    def __repr__(self) -> str:
+        return f"ClockSkew(server={self.server!r}, skew={_td(self.skew)}, at={_td(self.at)})"
+
+
+Fault = WorkerCrash | ServerCrash | ServerPause | StoreFault | StepCrash | StoreOutage | ClockSkew
+FAULT_TYPES: Final = (
+    WorkerCrash,
+    ServerCrash,
+    ServerPause,
+    StoreFault,
+    StepCrash,
+    StoreOutage,
+    ClockSkew,
+)
+
+
+def fault_start(fault: Fault) -> timedelta:
+    return fault.at
+
+
+def fault_end(fault: Fault) -> timedelta:
+    """When the fault stops disturbing anything (a restart or a resume counts as the end)."""
+    match fault:
+        case (
+            ServerCrash(at=at, restart_after=restart) | StepCrash(at=at, restart_after=restart)
+        ) if restart is not None:
+            return at + restart
+        case ServerPause(at=at, duration=duration) | StoreOutage(at=at, duration=duration):
+            return at + duration
+    return fault.at
+
+
+def validate_schedule(faults: Iterable[object], servers: Sequence[str]) -> list[Fault]:
+    """Check every fault; return them as a list.
+
+    Raises:
+        ConfigError: naming the fault, the bad value and what was expected.
+    """
+    checked: list[Fault] = []
+    for index, fault in enumerate(faults):
+        where = f"faults[{index}]"
+        if not isinstance(fault, FAULT_TYPES):
+            raise ConfigError(
+                where, fault, "must be one of " + ", ".join(cls.__name__ for cls in FAULT_TYPES)
+            )
+        if not isinstance(fault.at, timedelta) or fault.at < timedelta(0):
+            raise ConfigError(f"{where}.at", fault.at, "must be a timedelta >= 0")
+        server = getattr(fault, "server", None)
+        if server is not None and server not in servers:
+            raise ConfigError(
+                f"{where}.server",
+                server,
+                f"is not a simulated server; expected one of {list(servers)}",
+            )
+        _check_fault(where, fault)
+        checked.append(fault)
+    return checked
+
+
+def _check_fault(where: str, fault: Fault) -> None:
+    positive = "must be a positive timedelta"
+    restart = getattr(fault, "restart_after", None)
+    if restart is not None and (not isinstance(restart, timedelta) or restart <= timedelta(0)):
+        raise ConfigError(f"{where}.restart_after", restart, positive + " or None")
+    match fault:
+        case ServerPause(duration=duration) | StoreOutage(duration=duration):
+            if not isinstance(duration, timedelta) or duration <= timedelta(0):
+                raise ConfigError(f"{where}.duration", duration, positive)
+        case StoreFault():
+            _check_step(where, fault.operation, fault.record_kind)
+            if fault.kind not in STORE_FAULT_KINDS:
+                raise ConfigError(
+                    f"{where}.kind", fault.kind, f"must be one of {sorted(STORE_FAULT_KINDS)}"
+                )
+            if isinstance(fault.count, bool) or not isinstance(fault.count, int) or fault.count < 1:
+                raise ConfigError(f"{where}.count", fault.count, "must be an int >= 1")
+        case StepCrash():
+            _check_step(where, fault.operation, fault.record_kind)
+        case WorkerCrash(worker=worker) if worker is not None:
+            if isinstance(worker, bool) or not isinstance(worker, int) or worker < 0:
+                raise ConfigError(f"{where}.worker", worker, "must be a worker index >= 0 or None")
+        case ClockSkew(skew=skew):
+            if not isinstance(skew, timedelta):
+                raise ConfigError(f"{where}.skew", skew, "must be a timedelta")
+
+
+def _check_step(where: str, operation: str, record_kind: str | None) -> None:
+    if operation not in OPERATIONS:
+        raise ConfigError(f"{where}.operation", operation, f"must be one of {sorted(OPERATIONS)}")
+    if record_kind is not None and (operation != "InsertRecord" or record_kind not in RECORD_KINDS):
+        raise ConfigError(
+            f"{where}.record_kind",
+            record_kind,
+            f"needs operation='InsertRecord' and one of {sorted(RECORD_KINDS)}",
+        )

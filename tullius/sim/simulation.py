@@ -1,0 +1,637 @@
+"""`Simulation`: the daemon's driver recipe, run by a seeded scheduler under virtual time.
+
+What lives here: the scheduler (one heap of events, one ``random.Random``),
+the driver loops of each simulated server (workers, heartbeats, a sweeper:
+the same engine conversations ``tulliusd`` drives, never a copy of the rules),
+fault injection between any two store operations, and the public API.
+
+How it runs:
+
+1. Every actor's store operation is one scheduler event.  Events due at the
+   same virtual instant are ordered by a draw from the seeded ``rng``, so the
+   seed chooses the interleaving of servers, and the same seed replays it.
+2. Before an operation is carried out, faults aimed at it apply: an outage or
+   a ``not_applied`` fault raises `StoreError` into the conversation without
+   touching the store; ``lost_ack`` applies it, then raises.  The driver runs
+   the conversation again later with the same token and event, as the daemon.
+3. After each write, the touched task is re-read and the invariants checked.
+4. User code runs on baton threads (`virtual_time`); a sleep becomes an event
+   at its wake-up time, or at the deadline if that comes first (a tie goes to
+   the deadline: a run still going at its deadline has timed out).
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from types import ModuleType
+from typing import Any, Final
+
+from tullius.api import insert_queued
+from tullius.band import Band, bands_from_setting
+from tullius.document import TERMINAL, RecordKind, Status, TaskSpec, status_of
+from tullius.effects import InsertRecord, InsertTasks
+from tullius.errors import (
+    ConfigError,
+    StoreError,
+    StoreUnavailable,
+)
+from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
+from tullius.policy import LeaseTimings
+from tullius.sim.clock import DEFAULT_START, ServerClock, SimClock, to_us
+from tullius.sim.faults import (
+    ClockSkew,
+    Fault,
+    ServerCrash,
+    ServerPause,
+    StepCrash,
+    StoreFault,
+    StoreOutage,
+    WorkerCrash,
+    fault_end,
+    validate_schedule,
+)
+from tullius.sim.invariants import DrainTimeout, Invariants, InvariantViolation, spawned_of
+from tullius.sim.memory_store import MemoryStore
+from tullius.sim.virtual_time import BatonPool, VirtualTime
+from tullius.sim.world import (
+    ACTOR,
+    FAULT,
+    OP,
+    WAKE,
+    Actor,
+    ActorGen,
+    Drivers,
+    RunUser,
+    Server,
+    Wait,
+    describe_op,
+    server_names,
+)
+from tullius.store import Operation, perform
+from tullius.task import Task, to_specs
+
+_NO_CHECK: Final = frozenset({"Load", "FindDue", "FindByStatus", "Beat", "SetStatus"})
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What a run left behind, by true status (records, not hints).
+
+    Attributes:
+        tasks: every task stored (queued ones, successors, replacements).
+        queued / running / succeeded / handled / unhandled: by true status.
+        failed: tasks whose run failed, whatever ``failed()`` then did.
+        handling: failed tasks whose ``failed()`` is due, running or backing off.
+        failures: how many runs failed, by `Failure.kind`.
+        elapsed: virtual time since the simulation started.
+    """
+
+    tasks: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    handling: int
+    handled: int
+    unhandled: int
+    failures: dict[str, int] = field(default_factory=dict)
+    elapsed: timedelta = timedelta(0)
+
+
+class Simulation(Drivers):
+    """A deterministic world of ``tulliusd`` servers sharing one in-memory store.
+
+    Args:
+        seed: decides everything (interleavings, tokens, ids, jitter, races).
+        servers: a count (named ``s1``, ``s2``...) or a list of names.
+        task_processes: ``[(count, min_priority, max_priority), ...]`` per server,
+            as ``tullius_deps.task_processes``.
+        lease: the lease promise; heartbeat and sweep periods derive from it.
+        poll_interval: how often an idle worker looks for work (a timedelta, or seconds
+            as for the daemon's ``--poll-interval``).  Default 1 s, not the daemon's
+            20 ms: it only sets how soon idle workers notice new work, and every poll
+            is a few scheduler events.
+        store_retry: how long a driver waits before repeating a failed conversation.
+        kill_grace: slack allowed past a deadline by the run-length invariant.
+        racy_updates: probability that a conditional update races (FerretDB).
+        start: the wall-clock time at virtual zero.
+        wall_limit: real seconds user code may run without sleeping (`UserCodeHang`).
+        keep_trace: keep every event for `trace` (off: only the last ones, for reports).
+        check_invariants: check after every write (on by default; off for benchmarks).
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        *,
+        servers: int | Iterable[str] = 1,
+        task_processes: Iterable[Any] = ((10, 0, 10),),
+        lease: timedelta = timedelta(seconds=30),
+        poll_interval: timedelta | float = timedelta(seconds=1),
+        store_retry: timedelta = timedelta(seconds=1),
+        kill_grace: timedelta = timedelta(0),
+        racy_updates: float = 0.0,
+        start: datetime = DEFAULT_START,
+        wall_limit: timedelta = timedelta(seconds=10),
+        keep_trace: bool = False,
+        check_invariants: bool = True,
+    ) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError("seed", seed, "must be an int")
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.bands: tuple[Band, ...] = bands_from_setting(list(task_processes))
+        self.timings = LeaseTimings(lease)
+        if isinstance(poll_interval, int | float) and not isinstance(poll_interval, bool):
+            if poll_interval <= 0:
+                raise ConfigError("poll_interval", poll_interval, "must be positive")
+            poll_interval = timedelta(seconds=poll_interval)
+        for name, value in (
+            ("poll_interval", poll_interval),
+            ("store_retry", store_retry),
+            ("wall_limit", wall_limit),
+        ):
+            if not isinstance(value, timedelta) or value <= timedelta(0):
+                raise ConfigError(name, value, "must be a positive timedelta")
+        if not isinstance(kill_grace, timedelta) or kill_grace < timedelta(0):
+            raise ConfigError("kill_grace", kill_grace, "must be a timedelta >= 0")
+        self.clock = SimClock(start)
+        self.store = MemoryStore(rng=random.Random(seed ^ 0x5EED), racy_updates=racy_updates)
+        self._servers = {
+            name: Server(name, ServerClock(self.clock)) for name in server_names(servers)
+        }
+        self._poll_us = to_us(poll_interval)  # type: ignore[arg-type]  # checked above
+        self._retry_us = to_us(store_retry)
+        self._grace_us = to_us(kill_grace)
+        self._beat_us = to_us(self.timings.heartbeat)
+        self._sweep_us = to_us(self.timings.sweep)
+        self._heap: list[tuple[int, int, int, int, Any, Any]] = []
+        self._seq = 0
+        self.events = 0
+        self.faults: list[Fault] = []
+        self._armed: list[list[Any]] = []  # [StoreFault, remaining]
+        self._outages: list[tuple[int, int, str | None]] = []
+        self._faults_end_us = 0
+        self._inv = Invariants()
+        self._check = check_invariants
+        self._open: set[str] = set()
+        self._inserted: dict[str, int] = {}
+        self._leases: dict[str, tuple[str, int, int]] = {}
+        self._tail: deque[tuple[int, str, object]] = deque(maxlen=40)
+        self._trace: list[tuple[int, str, object]] | None = [] if keep_trace else None
+        self._pool = BatonPool(wall_limit.total_seconds())
+        self._vt: VirtualTime | None = None
+        self._modules: set[ModuleType] = set()
+        self._baseline: set[threading.Thread] = set()
+        self._task_counter = 0
+        for server in self._servers.values():
+            self._boot(server)
+
+    # --- public API ---------------------------------------------------------------
+
+    @property
+    def now(self) -> datetime:
+        """Virtual wall-clock time (aware UTC), as an unskewed server reads it."""
+        return self.clock.now()
+
+    @property
+    def elapsed(self) -> timedelta:
+        """Virtual time since the simulation started."""
+        return self.clock.elapsed
+
+    @property
+    def servers(self) -> list[str]:
+        return list(self._servers)
+
+    @property
+    def trace(self) -> list[str]:
+        """Every event so far (needs ``keep_trace=True``), one line each."""
+        if self._trace is None:
+            raise ConfigError("keep_trace", False, "must be True to read the whole trace")
+        return [_line(entry) for entry in self._trace]
+
+    def queue(self, task_or_tasks: Task | Iterable[Task]) -> list[str]:
+        """Store tasks now, like ``tullius.queue``; return their ids (also set as ``task_id``)."""
+        tasks = [task_or_tasks] if isinstance(task_or_tasks, Task) else list(task_or_tasks)
+        specs = to_specs(tasks, role="sim.queue() argument")
+        for task, spec in zip(tasks, specs, strict=True):
+            if not any(band.covers(spec.priority) for band in self.bands):
+                raise ConfigError(
+                    f"{type(task).__name__}.priority",
+                    spec.priority,
+                    f"is outside every band of task_processes {[str(b) for b in self.bands]}; "
+                    "no worker would ever run it",
+                )
+        ids = self._insert_roots(specs, self.clock.now())
+        for task, task_id in zip(tasks, ids, strict=True):
+            task.task_id = task_id
+        return ids
+
+    def run_for(self, duration: timedelta) -> None:
+        """Run everything due in the next ``duration`` of virtual time."""
+        if not isinstance(duration, timedelta) or duration < timedelta(0):
+            raise ConfigError("duration", duration, "must be a timedelta >= 0")
+        end = self.clock.us + to_us(duration)
+        self._run(end, drain=False)
+        self.clock.jump_to(end)
+        self._check_liveness()
+
+    def drain(self, within: timedelta = timedelta(hours=1)) -> Counts:
+        """Run until no task is open (queued, running, failed or handling, or
+        terminal with successors not yet inserted); return the counts.
+
+        Raises:
+            ConfigError: ``within`` is not positive, or a task can never finish within it.
+            DrainTimeout: the horizon passed with tasks open (each listed with what it waits for).
+        """
+        if not isinstance(within, timedelta) or within <= timedelta(0):
+            raise ConfigError("within", within, "must be a positive timedelta")
+        end = self.clock.us + to_us(within)
+        horizon = self.clock.now() + within
+        for task_id in sorted(self._open):
+            view = self.store.load(task_id)
+            if (
+                view is not None
+                and status_of(view) is Status.QUEUED
+                and view.task.start_after > horizon
+            ):
+                raise ConfigError(
+                    "within",
+                    within,
+                    f"can never be enough: task {task_id!r} is not due until "
+                    f"{view.task.start_after.isoformat()}",
+                )
+        self._run(end, drain=True)
+        if self._open:
+            self.clock.jump_to(end)
+            raise DrainTimeout(
+                within, self.seed, [self._waiting_for(t) for t in sorted(self._open)[:50]]
+            )
+        self._check_liveness()
+        return self.counts()
+
+    def counts(self) -> Counts:
+        by_status = dict.fromkeys(Status, 0)
+        failures: dict[str, int] = {}
+        failed = 0
+        views = self.store.all_views()
+        for view in views:
+            by_status[status_of(view)] += 1
+            outcome = view.outcome
+            if outcome is not None and not outcome.ok and outcome.failure is not None:
+                failed += 1
+                failures[outcome.failure.kind] = failures.get(outcome.failure.kind, 0) + 1
+        return Counts(
+            tasks=len(views),
+            queued=by_status[Status.QUEUED],
+            running=by_status[Status.RUNNING],
+            succeeded=by_status[Status.SUCCEEDED],
+            failed=failed,
+            handling=by_status[Status.HANDLING] + by_status[Status.FAILED],
+            handled=by_status[Status.HANDLED],
+            unhandled=by_status[Status.UNHANDLED],
+            failures=failures,
+            elapsed=self.clock.elapsed,
+        )
+
+    def chain(self, task_or_id: Task | str) -> list[ChainLink]:
+        """The task and, in order, the first task produced at each step after it."""
+        return read_chain(self.store, _task_id(task_or_id))
+
+    def tree(self, task_or_id: Task | str) -> ChainTree:
+        """Everything produced from the task, as a tree."""
+        return read_tree(self.store, _task_id(task_or_id))
+
+    def check(self) -> None:
+        """Run every invariant over the whole store now.
+
+        Raises:
+            InvariantViolation: with the seed, faults and last events.
+        """
+        for view in self.store.all_views():
+            self._inv.on_status(view)
+            if self.store.insert_counts.get(view.task_id, 0) != 1:
+                self._inv.fail(
+                    "each task inserted once",
+                    f"task {view.task_id!r} inserted "
+                    f"{self.store.insert_counts.get(view.task_id)} times",
+                )
+            if view.task.status in TERMINAL and status_of(view) is view.task.status:
+                missing = [
+                    d.task_id for d in spawned_of(view) if d.task_id not in self.store.insert_counts
+                ]
+                if missing:
+                    self._inv.fail(
+                        "each task inserted once",
+                        f"settled task {view.task_id!r} lacks spawned tasks {missing}",
+                    )
+        self._check_liveness()
+
+    # --- faults -------------------------------------------------------------------
+
+    def apply(self, schedule: Iterable[Fault]) -> None:
+        """Arm a list of faults (see `tullius.sim.faults`).
+
+        Raises:
+            ConfigError: a fault names an unknown server, has a bad value, or is in the past.
+        """
+        faults = validate_schedule(schedule, self.servers)
+        for index, fault in enumerate(faults):
+            if to_us(fault.at) < self.clock.us:
+                raise ConfigError(
+                    f"faults[{index}].at",
+                    fault.at,
+                    f"is in the past; the simulation is at {self.clock.elapsed}",
+                )
+        for fault in faults:
+            self.faults.append(fault)
+            self._faults_end_us = max(self._faults_end_us, to_us(fault_end(fault)))
+            if isinstance(fault, StoreFault | StepCrash):
+                self._armed.append([fault, getattr(fault, "count", 1)])
+            elif isinstance(fault, StoreOutage):
+                start = to_us(fault.at)
+                self._outages.append((start, start + to_us(fault.duration), fault.server))
+            else:
+                self._push(to_us(fault.at), FAULT, fault, None)
+
+    def crash_server(
+        self, name: str, *, at: timedelta, restart_after: timedelta | None = None
+    ) -> None:
+        self.apply([ServerCrash(at=at, server=name, restart_after=restart_after)])
+
+    def crash_worker(self, server: str, *, at: timedelta, worker: int | None = None) -> None:
+        self.apply([WorkerCrash(at=at, server=server, worker=worker)])
+
+    def pause_server(self, name: str, *, at: timedelta, duration: timedelta) -> None:
+        self.apply([ServerPause(at=at, server=name, duration=duration)])
+
+    def store_fault(
+        self,
+        server: str,
+        operation: str,
+        kind: str = "lost_ack",
+        *,
+        at: timedelta = timedelta(0),
+        record_kind: str | None = None,
+        count: int = 1,
+    ) -> None:
+        self.apply([StoreFault(server, operation, kind, at, record_kind, count)])
+
+    def store_outage(
+        self, *, at: timedelta, duration: timedelta, server: str | None = None
+    ) -> None:
+        self.apply([StoreOutage(at=at, duration=duration, server=server)])
+
+    def skew_clock(self, server: str, skew: timedelta, *, at: timedelta = timedelta(0)) -> None:
+        self.apply([ClockSkew(server=server, skew=skew, at=at)])
+
+    def replay_command(self, nodeid: str | None = None) -> str:
+        if nodeid:
+            return f"pytest '{nodeid}' --tullius-seed={self.seed}"
+        return f"Simulation(seed={self.seed}, ...).apply({self.faults!r})"
+
+    def close(self) -> None:
+        """Stop the user threads, unwinding tasks left sleeping (the simulation can't run
+        afterwards).  ``with Simulation(...) as sim:`` calls it on exit."""
+        self._pool.close()
+
+    def __enter__(self) -> Simulation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- scheduler ----------------------------------------------------------------
+
+    def _push(self, t: int, kind: int, target: Any, value: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self.rng.getrandbits(30), self._seq, kind, target, value))
+
+    def _run(self, end: int, *, drain: bool) -> None:
+        with self._virtual_time():
+            heap = self._heap
+            clock = self.clock
+            while heap and heap[0][0] <= end:
+                if drain and not self._open:
+                    break
+                t, _, _, kind, target, value = heapq.heappop(heap)
+                if t > clock.us:
+                    clock.us = t
+                self.events += 1
+                if kind <= ACTOR:
+                    server = target.server
+                    if target.epoch != server.epoch:
+                        target.gen.close()
+                        continue
+                    if server.paused_until > t:
+                        self._push(server.paused_until, kind, target, value)
+                        continue
+                    if kind == OP:
+                        self._do_op(target, value)
+                    else:
+                        self._advance(target, value)
+                elif kind == WAKE:
+                    self._wake(target, value)
+                elif kind == FAULT:
+                    self._fire(target)
+                else:
+                    self._restart(target)
+                if self._inv.violation is not None:
+                    raise self._violation()
+
+    @contextmanager
+    def _virtual_time(self) -> Iterator[None]:
+        if self._vt is not None:  # re-entered from user code: a usage error
+            raise ConfigError("run_for/drain", "nested", "can't be called from inside a task")
+        self._baseline = set(threading.enumerate())
+        with VirtualTime(self.clock.now(), self._modules) as vt:
+            self._vt = vt
+            try:
+                yield
+            finally:
+                self._vt = None
+
+    def _log(self, server: str, what: object) -> None:
+        # ``what`` is a line, or a store operation formatted only when read
+        entry = (self.clock.us, server, what)
+        self._tail.append(entry)
+        if self._trace is not None:
+            self._trace.append(entry)
+
+    def _violation(self) -> InvariantViolation:
+        violation = self._inv.violation
+        assert violation is not None
+        return InvariantViolation(
+            violation.promise,
+            violation.detail,
+            self.seed,
+            self.faults,
+            [_line(entry) for entry in self._tail],
+        )
+
+    def _spawn(self, server: Server, gen: ActorGen, name: str) -> None:
+        self._push(self.clock.us, ACTOR, Actor(gen, server, name), None)
+
+    def _advance(self, actor: Actor, value: Any, error: BaseException | None = None) -> None:
+        try:
+            cmd = actor.gen.send(value) if error is None else actor.gen.throw(error)
+        except StopIteration:
+            return
+        kind = type(cmd)
+        if kind is Wait:
+            self._push(self.clock.us + cmd.us, ACTOR, actor, None)
+        elif kind is RunUser:
+            cmd.ex.actor = actor
+            self._start_user(cmd.ex)
+        else:
+            self._push(self.clock.us, OP, actor, cmd)
+
+    def _do_op(self, actor: Actor, op: Operation) -> None:
+        server = actor.server
+        name = type(op).__name__
+        self._log(server.name, op)
+        error = self._store_fault(server, op, name)
+        if error is not None and not error[0]:
+            assert error[1] is not None
+            self._advance(actor, None, error[1])
+            return
+        result = perform(self.store, op)
+        if name not in _NO_CHECK:
+            self._after_write(op, result)
+        if error is not None and error[1] is None:  # a StepCrash: no reply, no server
+            return
+        if error is not None:
+            self._advance(actor, None, error[1])
+        else:
+            self._advance(actor, result)
+
+    def _store_fault(
+        self, server: Server, op: Operation, name: str
+    ) -> tuple[bool, StoreError | None] | None:
+        """The fault hitting this operation: (applied?, the error to raise, or None for a
+        `StepCrash`, which kills the server once the operation is applied)."""
+        now = self.clock.us
+        for start, end, target in self._outages:
+            if start <= now < end and target in (None, server.name):
+                self._log(server.name, f"store outage: {name} refused")
+                return False, StoreUnavailable(name, "simulated outage")
+        for armed in self._armed:
+            fault, remaining = armed
+            if remaining <= 0 or fault.server != server.name or fault.operation != name:
+                continue
+            if to_us(fault.at) > now:
+                continue
+            if fault.record_kind is not None and (
+                not isinstance(op, InsertRecord) or op.record.kind.value != fault.record_kind
+            ):
+                continue
+            armed[1] -= 1
+            self._faults_end_us = max(self._faults_end_us, now)
+            if isinstance(fault, StepCrash):
+                self._log(server.name, f"{fault!r}: dies after this {name}")
+                restart = fault.restart_after
+                self._crash(server, None if restart is None else now + to_us(restart))
+                return True, None
+            applied = fault.kind == "lost_ack"
+            self._log(server.name, f"store fault {fault.kind}: {name}")
+            detail = "write applied, acknowledgement lost" if applied else "write not applied"
+            return applied, StoreError(f"simulated store fault on {name}: {detail}")
+        return None
+
+    def _after_write(self, op: Operation, result: Any) -> None:
+        if isinstance(op, InsertRecord):
+            record = op.record
+            if result.token == record.token and record.kind in (RecordKind.RUN, RecordKind.HANDLER):
+                view = self.store.load(record.task_id)
+                assert view is not None
+                timeout = (
+                    view.task.timeout
+                    if record.kind is RecordKind.RUN
+                    else view.task.handler_timeout
+                )
+                self._leases[record.record_id] = (record.task_id, self.clock.us, to_us(timeout))
+            self._refresh(record.task_id)
+        elif isinstance(op, InsertTasks):
+            parents: set[str] = set()
+            for doc in op.docs:
+                if doc.task_id not in self._inserted:
+                    self._inserted[doc.task_id] = self.events
+                    self._open.add(doc.task_id)
+                if doc.parent_id is not None:
+                    parents.add(doc.parent_id)
+            if self._check:
+                self._inv.on_tasks_inserted(op.docs, self.store.insert_counts, self.store.load)
+            for parent in parents:
+                self._refresh(parent)
+
+    def _refresh(self, task_id: str) -> None:
+        view = self.store.load(task_id)
+        if view is None:
+            return
+        status = self._inv.on_status(view)
+        lease = view.current_lease()
+        for record_id in (
+            f"{task_id}:run",
+            *(f"{task_id}:handler:{n}" for n in range(1, view.handler_attempt + 1)),
+        ):
+            if record_id in self._leases and (lease is None or lease.record_id != record_id):
+                del self._leases[record_id]
+        if status in TERMINAL and all(
+            d.task_id in self.store.insert_counts for d in spawned_of(view)
+        ):
+            self._open.discard(task_id)
+        else:
+            self._open.add(task_id)
+
+    def _insert_roots(
+        self, specs: tuple[TaskSpec, ...] | list[TaskSpec], now: datetime
+    ) -> list[str]:
+        ids = []
+        for _ in specs:
+            self._task_counter += 1
+            ids.append(f"t{self._task_counter}-{self.rng.getrandbits(32):08x}")
+        self._inv.roots.update(ids)
+        for task_id in ids:
+            self._inserted[task_id] = self.events
+            self._open.add(task_id)
+        fresh = iter(ids)
+        insert_queued(self.store, specs, now=now, new_id=fresh.__next__)
+        self._log("app", f"queued {','.join(ids)}")
+        return ids
+
+    # --- checks -------------------------------------------------------------------
+
+    def _check_liveness(self) -> None:
+        if self._check and any(s.up for s in self._servers.values()):
+            slack = to_us(self.timings.lease) + 2 * self._sweep_us + self._poll_us + self._retry_us
+            for record_id, (_task, start, timeout) in self._leases.items():
+                since = max(start, self._faults_end_us)
+                if self.clock.us - since > timeout + self._grace_us + slack:
+                    self._inv.fail(
+                        "terminal within the bound after faults stop",
+                        f"lease {record_id!r} has been live since {start / 1e6:.3f}s",
+                    )
+        if self._inv.violation is not None:
+            raise self._violation()
+
+
+def _task_id(task_or_id: Task | str) -> str:
+    if isinstance(task_or_id, Task):
+        if task_or_id.task_id is None:
+            raise ConfigError(
+                "task", task_or_id, "has not been queued; expected a queued task or its id"
+            )
+        return task_or_id.task_id
+    return task_or_id
+
+
+def _line(entry: tuple[int, str, object]) -> str:
+    what = entry[2] if isinstance(entry[2], str) else describe_op(entry[2])
+    return f"{entry[0] / 1e6:12.6f}s {entry[1]:<8} {what}"

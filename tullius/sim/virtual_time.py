@@ -1,0 +1,312 @@
+"""Running unmodified user code under virtual time, one step at a time.
+
+Two pieces live here:
+
+* `VirtualTime`: while a simulation runs (one ``run_for``/``drain``, not one
+  task: starting freezegun scans every loaded module, ~15 ms), freezegun fakes
+  ``time.time``, ``time.monotonic``, ``time.perf_counter``, ``datetime.now``
+  and friends, and ``time.sleep`` (also a ``from time import sleep`` in a task
+  class's module) is replaced by `virtual_sleep`.
+* `Baton` threads: each running ``run()``/``failed()`` gets a reusable pool
+  thread, but exactly one thread (the scheduler or one user thread) runs at a
+  time: the scheduler hands the baton to a user thread and waits until that
+  thread either finishes or calls ``sleep``.  A sleep hands the baton back with
+  a wake-up time; the scheduler lets every other simulated worker proceed and
+  resumes the sleeper when virtual time reaches it.  Determinism follows from
+  the strict hand-off: no two threads ever run Python at once.
+
+Stopping a task (deadline, crashed worker, lost lease) resumes its sleep with
+`TaskStopped`, a ``BaseException`` so that ``except Exception`` can't swallow
+it; a sleep called after that raises it again.  What this cannot stop, and the
+answer to each (see docs/sim.md):
+
+* code that never sleeps nor returns (a busy loop, a deadlock on a lock held by
+  another task): after ``wall_limit`` real seconds the scheduler raises
+  `UserCodeHang`, naming the task, instead of hanging;
+* threads started inside ``run()``: their sleeps are real sleeps, and a thread
+  still alive when ``run()`` returns is refused with `UserThreadLeak`.
+
+Nothing here knows about tasks or stores; the simulation passes callables.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from types import ModuleType
+from typing import Any, Final
+
+from tullius.errors import TulliusError
+
+# Real functions, kept inside a tuple: freezegun replaces module attributes that
+# *are* the real functions, and this module must keep the real ones.
+_REAL: Final = (time.sleep, time.monotonic)
+
+
+class SimulationError(TulliusError):
+    """The simulation can't go on, or found a broken promise."""
+
+
+class UserCodeHang(SimulationError):
+    """User code ran for ``wall_limit`` real seconds without sleeping or returning.
+
+    Attributes:
+        what: the task and call (``"ExampleTask.run() of task 't0001'"``).
+        wall_limit: the limit in seconds.
+    """
+
+    def __init__(self, what: str, wall_limit: float) -> None:
+        self.what = what
+        self.wall_limit = wall_limit
+        super().__init__(
+            f"{what} ran for {wall_limit:g} real seconds without calling time.sleep() or "
+            "returning; under virtual time a loop that never sleeps never lets time pass "
+            "(busy-wait on time.time(), or a lock held by another task); add a sleep, or raise "
+            "wall_limit= if the work is genuinely that slow"
+        )
+
+
+class UserThreadLeak(SimulationError):
+    """``run()``/``failed()`` returned while threads it started were still running."""
+
+    def __init__(self, what: str, names: list[str]) -> None:
+        self.what = what
+        self.names = names
+        super().__init__(
+            f"{what} returned while threads it started are still running: {names!r}; the "
+            "simulator runs user code one step at a time under virtual time and can't schedule "
+            "other threads: join them before returning"
+        )
+
+
+class TaskStopped(BaseException):  # a signal to unwind, not an error to report
+    """Raised inside user code to stop it (deadline, crashed worker, lost lease).
+
+    A ``BaseException``: ``except Exception`` in user code can't swallow it.
+    """
+
+
+_local = threading.local()
+
+
+class Baton:
+    """A reusable user thread and the strict hand-off between it and the scheduler.
+
+    States: ``"idle"`` (no work), ``"sleeping"`` (waiting for ``wake_us``),
+    ``"done"`` (``result`` holds ``("returned", value)``, ``("raised", exc)`` or
+    ``("stopped", reason)``).
+    """
+
+    def __init__(self, name: str, wall_limit: float) -> None:
+        self._go = threading.Lock()
+        self._go.acquire()
+        self._back = threading.Lock()
+        self._back.acquire()
+        self.wall_limit = wall_limit
+        self.fn: Callable[[], Any] | None = None
+        self.state = "idle"
+        self.kill: str | None = None
+        self.sleep_us = 0
+        self.result: tuple[str, Any] = ("returned", None)
+        self.broken = False
+        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self.thread.start()
+
+    # --- user side ----------------------------------------------------------------
+
+    def _main(self) -> None:
+        _local.baton = self
+        while True:
+            self._go.acquire()
+            fn = self.fn
+            if fn is None:
+                return
+            try:
+                self.result = ("returned", fn())
+            except TaskStopped as stop:
+                self.result = ("stopped", str(stop))
+            except BaseException as error:  # user code: every outcome is data
+                self.result = ("raised", error)
+            self.fn = None
+            self.state = "done"
+            self._back.release()
+
+    def sleep(self, seconds: float) -> None:
+        if self.kill is not None:
+            raise TaskStopped(self.kill)
+        self.sleep_us = max(0, round(seconds * 1_000_000))
+        self.state = "sleeping"
+        self._back.release()
+        self._go.acquire()
+        if self.kill is not None:
+            raise TaskStopped(self.kill)
+
+    # --- scheduler side -----------------------------------------------------------
+
+    def start(self, fn: Callable[[], Any], what: str) -> str:
+        """Run ``fn`` until it sleeps or ends; return the new state."""
+        self.fn = fn
+        self.kill = None
+        return self._hand_over(what)
+
+    def resume(self, what: str, kill: str | None = None) -> str:
+        """Wake the sleeper (with `TaskStopped` if ``kill``); return the new state."""
+        self.kill = kill
+        return self._hand_over(what)
+
+    def _hand_over(self, what: str) -> str:
+        self.state = "running"
+        self._go.release()
+        if not self._back.acquire(timeout=self.wall_limit):
+            self.broken = True
+            _async_raise(self.thread, TaskStopped)
+            raise UserCodeHang(what, self.wall_limit)
+        return self.state
+
+    def close(self) -> None:
+        if self.state in ("idle", "done") and not self.broken:
+            self.fn = None
+            self._go.release()
+
+
+def _async_raise(thread: threading.Thread, exc: type[BaseException]) -> None:
+    """Best effort: raise ``exc`` in a runaway user thread at its next bytecode."""
+    if thread.ident is not None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(thread.ident), ctypes.py_object(exc)
+        )
+
+
+class BatonPool:
+    """Idle `Baton` threads, reused across tasks and simulations' runs."""
+
+    def __init__(self, wall_limit: float) -> None:
+        self.wall_limit = wall_limit
+        self._idle: list[Baton] = []
+        self._busy: set[Baton] = set()
+        self._made = 0
+        self.threads: set[threading.Thread] = set()
+
+    def take(self) -> Baton:
+        if self._idle:
+            baton = self._idle.pop()
+        else:
+            self._made += 1
+            baton = Baton(f"tullius-sim-user-{self._made}", self.wall_limit)
+            self.threads.add(baton.thread)
+        self._busy.add(baton)
+        return baton
+
+    def give_back(self, baton: Baton) -> None:
+        self._busy.discard(baton)
+        if baton.broken:
+            self.threads.discard(baton.thread)
+            return
+        baton.state = "idle"
+        self._idle.append(baton)
+
+    def close(self) -> None:
+        """Stop every thread: unwind sleepers (work of crashed or paused servers, or
+        runs cut off by the end of a ``run_for``) with `TaskStopped`, then end them."""
+        for baton in list(self._busy):
+            if baton.state == "sleeping":
+                try:
+                    baton.resume("a task left sleeping at close()", kill="simulation closed")
+                except UserCodeHang:
+                    continue
+                self.give_back(baton)
+        for baton in self._idle:
+            baton.close()
+        self._idle.clear()
+
+
+def virtual_sleep(seconds: float) -> None:
+    """``time.sleep`` while a simulation runs: a user thread's sleep advances virtual time.
+
+    A thread that is not a simulated worker (a thread started inside ``run()``,
+    or unrelated to the simulation) sleeps for real.
+    """
+    if seconds < 0:
+        raise ValueError("sleep length must be non-negative")
+    baton: Baton | None = getattr(_local, "baton", None)
+    if baton is None:
+        _REAL[0](seconds)
+        return
+    baton.sleep(seconds)
+
+
+def current_baton() -> Baton | None:
+    return getattr(_local, "baton", None)
+
+
+class VirtualTime:
+    """freezegun plus the ``sleep`` patch, for the length of one run of the scheduler.
+
+    Use as a context manager; `set_now()` moves the frozen wall clock (and with
+    it freezegun's monotonic and perf_counter) before user code gets the baton.
+    freezegun starts at the first `set_now()`, not on entry: a run in which no
+    user code runs (an idle stretch, a state-machine step) doesn't pay for its
+    scan of every loaded module.
+    """
+
+    def __init__(self, now: datetime, modules: Iterable[ModuleType] = ()) -> None:
+        self._start_at = now
+        self._modules = list(modules)
+        self._patched: list[ModuleType] = []
+        self._freezer: Any = None
+        self._factory: Any = None
+
+    def __enter__(self) -> VirtualTime:
+        return self
+
+    def _start(self, now: datetime) -> None:
+        import freezegun  # imported here: the pytest plugin must stay cheap to import
+        import freezegun.api
+
+        self._freezer = freezegun.freeze_time(_naive(now), tick=False)
+        self._factory = self._freezer.start()
+        # freezegun walks the caller's stack on every clock read, looking for
+        # ignored modules such as ``threading``, which is always on a pool
+        # thread's stack; user code there must see virtual time, so the check
+        # is switched off for this freeze (module patching still honours it).
+        freezegun.api.ignore_lists[-1] = ()
+        time.sleep = virtual_sleep  # type: ignore[assignment]  # same behaviour for floats
+        for module in self._modules:
+            self.patch_module(module)
+
+    def patch_module(self, module: ModuleType) -> None:
+        """Replace a ``from time import sleep`` in ``module`` while virtual time is on."""
+        if getattr(module, "sleep", None) is _REAL[0] and module not in self._patched:
+            module.sleep = virtual_sleep  # type: ignore[attr-defined]
+            self._patched.append(module)
+
+    def set_now(self, now: datetime) -> None:
+        if self._factory is None:
+            self._start(now)
+        else:
+            self._factory.time_to_freeze = _naive(now)
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep = _REAL[0]
+        for module in self._patched:
+            module.sleep = _REAL[0]  # type: ignore[attr-defined]
+        self._patched.clear()
+        if self._freezer is not None:
+            self._freezer.stop()
+            self._freezer = self._factory = None
+
+
+def _naive(now: datetime) -> datetime:
+    return now.astimezone(UTC).replace(tzinfo=None)
+
+
+def module_of(obj: object) -> ModuleType | None:
+    return sys.modules.get(getattr(obj, "__module__", ""), None)
+
+
+def real_monotonic() -> float:
+    return _REAL[1]()

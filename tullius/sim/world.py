@@ -1,0 +1,537 @@
+"""The simulated servers: their state, and the driver loops they run.
+
+Here live the servers, actors and executions, and `Drivers`, the daemon's
+driver recipe (``tullius/engine.py`` conversations) written as actors.  An
+*actor* is a generator (a worker loop, a heartbeat, a sweeper) that yields
+commands to the scheduler: a store operation (`tullius.store` operations,
+carried out one per scheduler event so that servers interleave), `Wait`
+(virtual time), or `RunUser` (call the user's ``run()``/``failed()``).  The
+scheduler itself, the faults and the checks live in `tullius.sim.simulation`;
+no rule of the task's life is decided here: every decision is `machine.step`.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import traceback
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from types import ModuleType
+from typing import Any
+
+from tullius.api import queue_sink
+from tullius.band import Band
+from tullius.document import Failure, FailureKind, Status, TaskSpec, status_of
+from tullius.effects import InsertRecord, InsertTasks, SetStatus
+from tullius.engine import Conversation, Job, JobKind, Verdict, claim, finish, renew, sweep
+from tullius.errors import ConfigError, StoreError, TaskDefinitionError, UnknownTaskClass
+from tullius.events import Event, Failed, HandlerFailed, HandlerSucceeded, Succeeded
+from tullius.policy import LeaseTimings, LeaseWatch
+from tullius.sim.clock import ServerClock, SimClock, to_us
+from tullius.sim.faults import ClockSkew, Fault, ServerCrash, ServerPause, WorkerCrash
+from tullius.sim.invariants import Invariants
+from tullius.sim.memory_store import MemoryStore
+from tullius.sim.virtual_time import Baton, BatonPool, UserThreadLeak, VirtualTime, module_of
+from tullius.store import Beat, FindByStatus, FindDue, Load
+from tullius.task import from_doc, to_specs
+
+#: Scheduler event kinds.
+OP, ACTOR, WAKE, FAULT, RESTART = range(5)
+
+
+class Wait:
+    """Command: resume me ``us`` microseconds of virtual time later."""
+
+    __slots__ = ("us",)
+
+    def __init__(self, us: int) -> None:
+        self.us = us
+
+
+class RunUser:
+    """Command: run the job's user code; resume me with ``(kill_reason, how, value)``."""
+
+    __slots__ = ("ex",)
+
+    def __init__(self, ex: Execution) -> None:
+        self.ex = ex
+
+
+ActorGen = Generator[Any, Any, None]
+
+
+@dataclass(eq=False)
+class Server:
+    """One simulated ``tulliusd``: its clock, whether it is up or paused, its live jobs."""
+
+    name: str
+    clock: ServerClock
+    epoch: int = 0
+    up: bool = True
+    paused_until: int = 0
+    pauses: list[tuple[int, int]] = field(default_factory=list)
+    execs: list[Execution] = field(default_factory=list)
+    tokens: set[str] = field(default_factory=set)
+    restart_at: int | None = None
+
+    def paused_between(self, start: int, end: int) -> int:
+        """Microseconds of ``[start, end)`` this server spent paused."""
+        return sum(max(0, min(end, b) - max(start, a)) for a, b in self.pauses)
+
+    def state(self, now: int) -> str:
+        if not self.up:
+            return "crashed"
+        if self.paused_until > now:
+            return f"paused until {self.paused_until / 1e6:.3f}s"
+        return "up"
+
+
+class Actor:
+    """A generator run by the scheduler on behalf of one server (dies with the server)."""
+
+    __slots__ = ("epoch", "gen", "name", "server")
+
+    def __init__(self, gen: ActorGen, server: Server, name: str) -> None:
+        self.gen = gen
+        self.server = server
+        self.epoch = server.epoch
+        self.name = name
+
+
+@dataclass(eq=False)
+class Execution:
+    """One job's user code on one worker, from claim to verdict."""
+
+    job: Job
+    server: Server
+    worker: int
+    what: str
+    timeout_us: int
+    actor: Actor | None = None
+    baton: Baton | None = None
+    started_us: int = 0
+    deadline_us: int = 0
+    gen: int = 0
+    kill_reason: str | None = None
+    running: bool = False
+    finished: bool = False
+
+
+def describe_op(op: object) -> str:
+    """A short line for the trace."""
+    match op:
+        case InsertRecord(record):
+            return f"InsertRecord {record.record_id} token={record.token}"
+        case InsertTasks(docs):
+            return "InsertTasks " + ",".join(doc.task_id for doc in docs)
+        case SetStatus(task_id, status, _):
+            return f"SetStatus {task_id} {status.value}"
+        case Load(task_id):
+            return f"Load {task_id}"
+        case FindDue(status, low, high, _, _):
+            return f"FindDue {status.value} {low:g}-{high:g}"
+        case FindByStatus():
+            return "FindByStatus"
+        case Beat(record_id):
+            return f"Beat {record_id}"
+    return repr(op)
+
+
+class Drivers:
+    """The driver loops of a simulated server and the running of user code.
+
+    A mixin of `tullius.sim.simulation.Simulation`, which owns the scheduler;
+    kept apart so that each module stays readable.  Each loop is the daemon's
+    recipe (claim, run under a deadline with heartbeats, finish with retries;
+    sweep) written as an actor.
+    """
+
+    rng: random.Random
+    bands: tuple[Band, ...]
+    timings: LeaseTimings
+    clock: SimClock
+    store: MemoryStore
+    events: int
+    _check: bool
+    _inv: Invariants
+    _poll_us: int
+    _retry_us: int
+    _beat_us: int
+    _sweep_us: int
+    _grace_us: int
+    _vt: VirtualTime | None
+    _pool: BatonPool
+    _baseline: set[threading.Thread]
+    _inserted: dict[str, int]
+    _servers: dict[str, Server]
+    _modules: set[ModuleType]
+
+    def _spawn(self, server: Server, gen: ActorGen, name: str) -> None:
+        raise NotImplementedError
+
+    def _push(self, t: int, kind: int, target: Any, value: Any) -> None:
+        raise NotImplementedError
+
+    def _log(self, server: str, what: object) -> None:
+        raise NotImplementedError
+
+    def _insert_roots(self, specs: list[TaskSpec], now: datetime) -> list[str]:
+        raise NotImplementedError
+
+    def _boot(self, server: Server) -> None:
+        index = 0
+        for band in self.bands:
+            for _ in range(band.count):
+                self._spawn(server, self._worker(server, band, index), f"{server.name}/w{index}")
+                index += 1
+        self._spawn(server, self._sweeper(server), f"{server.name}/sweeper")
+
+    def _new_token(self) -> str:
+        return f"{self.rng.getrandbits(64):016x}"
+
+    def _worker(self, server: Server, band: Band, index: int) -> ActorGen:
+        name = f"{server.name}/w{index}"
+        yield Wait(self.rng.randrange(self._poll_us // 1000 + 1) * 1000)
+        while True:
+            token = self._new_token()
+            started = self.events
+            now = server.clock.now()
+            try:
+                job = yield from converse(
+                    claim(band, server=server.name, worker=name, token=token, now=now, rng=self.rng)
+                )
+            except StoreError:
+                job = None
+            if job is None:
+                yield Wait(self._poll_us)
+                continue
+            self._log(server.name, f"{name} claimed {job.task_id} ({job.kind.value})")
+            if self._check:
+                self._check_claim(band, job, now, started)
+            yield from self._work(server, job, index, name)
+
+    def _work(self, server: Server, job: Job, index: int, name: str) -> ActorGen:
+        role = "run()" if job.kind is JobKind.RUN else "failed()"
+        timeout = (
+            job.view.task.timeout if job.kind is JobKind.RUN else job.view.task.handler_timeout
+        )
+        what = f"{job.view.task.class_name.rpartition(':')[2]}.{role} of task {job.task_id!r}"
+        ex = Execution(job, server, index, what, to_us(timeout))
+        server.tokens.add(job.token)
+        server.execs.append(ex)
+        self._spawn(server, self._heartbeat(server, ex), f"{name}/heartbeat")
+        outcome = yield RunUser(ex)
+        event = self._event_for(ex, outcome)
+        while event is not None:
+            try:
+                verdict: Verdict = yield from converse(
+                    finish(job, event, now=server.clock.now(), rng=self.rng)
+                )
+            except StoreError:
+                yield Wait(self._retry_us)
+                continue
+            self._log(
+                server.name,
+                f"{name} finish {job.task_id} {'accepted' if verdict.accepted else 'rejected'}",
+            )
+            if verdict.accepted and self._check:
+                self._inv.on_accepted(verdict.record, job.token, job.lease)
+            break
+        ex.finished = True
+        server.tokens.discard(job.token)
+        server.execs.remove(ex)
+
+    def _heartbeat(self, server: Server, ex: Execution) -> ActorGen:
+        while True:
+            yield Wait(self._beat_us)
+            if ex.finished:
+                return
+            try:
+                ours = yield from converse(renew(ex.job))
+            except StoreError:
+                continue
+            if not ours:
+                if ex.running:
+                    self._log(server.name, f"lease lost: stopping {ex.what}")
+                    self._stop(ex, "lease lost")
+                return
+
+    def _sweeper(self, server: Server) -> ActorGen:
+        watch = LeaseWatch(self.timings.stale_after)
+        yield Wait(self.rng.randrange(self._sweep_us // 1000 + 1) * 1000)
+        while True:
+            try:
+                report = yield from converse(
+                    sweep(
+                        watch,
+                        observer=server.name,
+                        now=server.clock.now(),
+                        monotonic_now=server.clock.monotonic(),
+                        own_tokens=frozenset(server.tokens),
+                        rng=self.rng,
+                    )
+                )
+                if report.expired:
+                    self._log(server.name, f"sweep expired {','.join(report.expired)}")
+            except StoreError:
+                watch.reset()
+            yield Wait(self._sweep_us)
+
+    def _event_for(self, ex: Execution, outcome: tuple[str | None, str, Any]) -> Event | None:
+        reason, how, value = outcome
+        job, server = ex.job, ex.server
+        run = job.kind is JobKind.RUN
+        role = "run()" if run else "failed()"
+        if reason == "lease lost":
+            return None
+
+        def failure(kind: str, message: str, tb: str | None = None) -> Failure:
+            return Failure(kind, message, server.clock.now(), tb, server.name)
+
+        if reason == "timeout":
+            error = failure(
+                FailureKind.TIMEOUT,
+                f"{role} did not finish within its timeout of "
+                f"{timedelta(microseconds=ex.timeout_us)}; stopped at the deadline",
+            )
+        elif reason == "crashed":
+            error = failure(FailureKind.CRASHED, f"the worker process running {role} died")
+        elif how == "unloadable":
+            error = failure(FailureKind.UNLOADABLE, str(value))
+        elif how == "raised" and isinstance(value, KeyboardInterrupt):
+            raise value
+        elif how == "raised" and isinstance(value, SystemExit):
+            error = failure(
+                FailureKind.CRASHED,
+                f"{role} called sys.exit({value.code!r}); its worker process would have exited",
+            )
+        elif how == "raised" and not isinstance(value, Exception):
+            error = failure(
+                FailureKind.CRASHED,
+                f"{role} raised {type(value).__name__}, a "
+                "BaseException that would end its worker process",
+            )
+        elif how == "raised" or how == "stopped":
+            tb = "".join(traceback.format_exception(value)) if how == "raised" else None
+            error = failure(FailureKind.EXCEPTION, f"{type(value).__name__}: {value}", tb)
+        else:
+            try:
+                specs = to_specs(value, role=role)
+            except TaskDefinitionError as bad:
+                error = failure(FailureKind.BAD_RETURN, str(bad))
+            else:
+                return Succeeded(job.token, specs) if run else HandlerSucceeded(job.token, specs)
+        return Failed(job.token, error) if run else HandlerFailed(job.token, error)
+
+    def _start_user(self, ex: Execution) -> None:
+        job, server = ex.job, ex.server
+        vt = self._vt
+        assert vt is not None
+        failure = (
+            job.view.outcome.failure if job.kind is JobKind.HANDLE and job.view.outcome else None
+        )
+        try:
+            task = from_doc(job.view.task, failure=failure)
+        except UnknownTaskClass as error:
+            self._push(self.clock.us, ACTOR, ex.actor, (None, "unloadable", error))
+            return
+        module = module_of(type(task))
+        if module is not None:
+            self._modules.add(module)
+            vt.patch_module(module)
+        method = task.run if job.kind is JobKind.RUN else task.failed
+        sink_server = server
+
+        def sink(specs: Any) -> list[str]:
+            return self._insert_roots(list(specs), sink_server.clock.now())
+
+        def call() -> Any:
+            with queue_sink(sink):
+                return method()
+
+        ex.running = True
+        ex.started_us = self.clock.us
+        ex.deadline_us = self.clock.us + ex.timeout_us
+        ex.baton = self._pool.take()
+        vt.set_now(server.clock.now())
+        self._after_user_step(ex, ex.baton.start(call, ex.what))
+
+    def _after_user_step(self, ex: Execution, state: str) -> None:
+        baton = ex.baton
+        assert baton is not None
+        if state == "sleeping":
+            ex.gen += 1
+            wake = self.clock.us + baton.sleep_us
+            if wake >= ex.deadline_us:
+                self._push(ex.deadline_us, WAKE, ex, (ex.gen, "timeout"))
+            else:
+                self._push(wake, WAKE, ex, (ex.gen, None))
+            return
+        how, value = baton.result
+        ex.baton = None
+        self._pool.give_back(baton)
+        if threading.active_count() > len(self._baseline) + len(self._pool.threads):
+            leaked = [
+                t.name
+                for t in threading.enumerate()
+                if t not in self._baseline and t not in self._pool.threads and t.is_alive()
+            ]
+            if leaked:
+                raise UserThreadLeak(ex.what, leaked)
+        ex.running = False
+        server = ex.server
+        if ex.kill_reason == "server crashed":
+            return
+        ran = self.clock.us - ex.started_us - server.paused_between(ex.started_us, self.clock.us)
+        if self._check:
+            self._inv.on_run_length(ex.what, ran, ex.timeout_us + self._grace_us)
+        self._push(self.clock.us, ACTOR, ex.actor, (ex.kill_reason, how, value))
+
+    def _wake(self, ex: Execution, value: tuple[int, str | None]) -> None:
+        gen, kill = value
+        if gen != ex.gen or ex.baton is None:
+            return
+        server = ex.server
+        if server.paused_until > self.clock.us:
+            self._push(server.paused_until, WAKE, ex, value)
+            return
+        if kill is not None:
+            ex.kill_reason = kill
+            self._log(server.name, f"deadline: stopping {ex.what}")
+        assert self._vt is not None
+        self._vt.set_now(server.clock.now())
+        self._after_user_step(ex, ex.baton.resume(ex.what, kill))
+
+    def _stop(self, ex: Execution, reason: str) -> None:
+        ex.kill_reason = reason
+        if ex.baton is not None and ex.baton.state == "sleeping":
+            ex.gen += 1
+            self._after_user_step(ex, ex.baton.resume(ex.what, reason))
+
+    def _check_claim(self, band: Band, job: Job, now: datetime, started: int) -> None:
+        priority = job.view.task.priority
+        if not band.covers(priority):
+            self._inv.fail(
+                "band reservation", f"band {band} claimed {job.task_id!r} of priority {priority}"
+            )
+        if job.kind is not JobKind.RUN:
+            return
+        for doc in self.store.find_due(Status.QUEUED, band.min_priority, priority, now, 8):
+            if doc.priority >= priority:
+                break
+            view = self.store.load(doc.task_id)
+            if (
+                self._inserted.get(doc.task_id, self.events) < started
+                and view is not None
+                and (status_of(view) is Status.QUEUED)
+            ):
+                self._inv.fail(
+                    "priority order",
+                    f"claimed {job.task_id!r} (priority {priority}) "
+                    f"while {doc.task_id!r} (priority {doc.priority}) was due",
+                )
+
+    def _waiting_for(self, task_id: str) -> str:
+        view = self.store.load(task_id)
+        assert view is not None
+        status = status_of(view)
+        name = view.task.class_name.rpartition(":")[2]
+        head = f"{task_id} {name}{dict(view.task.fields)} {status.value}"
+        lease = view.current_lease()
+        if status is Status.QUEUED:
+            return f"{head}: waits for a worker in a band covering priority {view.task.priority}"
+        if lease is not None:
+            state = (
+                self._servers[lease.server].state(self.clock.us)
+                if lease.server in self._servers
+                else "?"
+            )
+            return (
+                f"{head}: waits for the lease {lease.record_id!r} of server {lease.server!r} "
+                f"({state}) to end or be declared lost"
+            )
+        if status is Status.FAILED:
+            return f"{head}: waits for failed() attempt {view.handler_attempt + 1}"
+        return f"{head}: waits for its successors or replacements to be inserted by a sweep"
+
+    def _fire(self, fault: Fault) -> None:
+        self._log(getattr(fault, "server", None) or "-", f"fault {fault!r}")
+        now = self.clock.us
+        if isinstance(fault, ClockSkew):
+            self._servers[fault.server].clock.skew = fault.skew
+        elif isinstance(fault, ServerPause):
+            server = self._servers[fault.server]
+            until = now + to_us(fault.duration)
+            server.paused_until = max(server.paused_until, until)
+            server.pauses.append((now, until))
+        elif isinstance(fault, WorkerCrash):
+            server = self._servers[fault.server]
+            busy = [
+                ex
+                for ex in server.execs
+                if ex.running
+                and ex.baton is not None
+                and (fault.worker is None or ex.worker == fault.worker)
+            ]
+            if busy:
+                self._stop(min(busy, key=lambda ex: ex.worker), "crashed")
+        elif isinstance(fault, ServerCrash):
+            restart = fault.restart_after
+            self._crash(
+                self._servers[fault.server], None if restart is None else now + to_us(restart)
+            )
+
+    def _crash(self, server: Server, restart_at: int | None) -> None:
+        """The server vanishes: its actors and user code stop where they are, no cleanup."""
+        if not server.up:
+            return
+        server.up = False
+        server.epoch += 1
+        for ex in list(server.execs):
+            self._stop(ex, "server crashed")
+        server.execs.clear()
+        server.tokens.clear()
+        if restart_at is not None:
+            self._push(restart_at, RESTART, server, None)
+
+    def _restart(self, server: Server) -> None:
+        self._log(server.name, "server restarted")
+        server.up = True
+        server.epoch += 1
+        self._boot(server)
+
+
+def converse(conversation: Conversation[Any]) -> Any:
+    """Run an engine conversation inside an actor; a StoreError aborts it (it's repeatable)."""
+    try:
+        op = next(conversation)
+        while True:
+            try:
+                result = yield op
+            except StoreError:
+                conversation.close()
+                raise
+            op = conversation.send(result)
+    except StopIteration as stop:
+        return stop.value
+
+
+def server_names(servers: int | Iterable[str]) -> list[str]:
+    if isinstance(servers, bool):
+        raise ConfigError("servers", servers, "must be a count >= 1 or a list of names")
+    if isinstance(servers, int):
+        if servers < 1:
+            raise ConfigError("servers", servers, "must be a count >= 1 or a list of names")
+        return [f"s{n}" for n in range(1, servers + 1)]
+    names = list(servers)
+    if (
+        not names
+        or any(not isinstance(n, str) or not n for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise ConfigError(
+            "servers", names, "must be a count >= 1 or a list of unique, non-empty names"
+        )
+    return names

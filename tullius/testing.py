@@ -1,0 +1,132 @@
+"""Helpers for users' tests: assert what happened to a task and to what it produced.
+
+Pair with the ``tullius_sim`` fixture (``tullius.pytest_plugin``)::
+
+    def test_counting_backs_off_until_it_fits(tullius_sim):
+        task = ExampleTask(count_to=10)
+        tullius_sim.queue(task)
+        tullius_sim.drain(within=timedelta(minutes=5))
+        assert_chain(tullius_sim.chain(task), ["timeout"] * 6 + ["succeeded"])
+
+An expected link is a string (``"succeeded"``, ``"failed"``, or a failure
+kind such as ``"timeout"``) or an `expect()` for more detail.  A mismatch
+fails with the whole chain printed, the first differing link marked.
+Nothing here imports Hypothesis or pytest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from tullius.inspection import ChainLink
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What one link of a chain should look like; None means "don't care"."""
+
+    outcome: str | None = None
+    kind: str | None = None
+    duration: timedelta | None = None
+    handler_error: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def mismatches(self, link: ChainLink) -> list[str]:
+        problems = []
+        if self.outcome is not None and link.outcome != self.outcome:
+            problems.append(f"outcome {link.outcome!r}, expected {self.outcome!r}")
+        kind = link.failure.kind if link.failure is not None else None
+        if self.kind is not None and kind != self.kind:
+            problems.append(f"failure kind {kind!r}, expected {self.kind!r}")
+        if self.duration is not None and _duration(link) != self.duration:
+            problems.append(f"ran {_duration(link)}, expected {self.duration}")
+        error = link.handler_error.kind if link.handler_error is not None else None
+        if self.handler_error is not None and error != self.handler_error:
+            problems.append(f"handler error {error!r}, expected {self.handler_error!r}")
+        for name, value in self.fields.items():
+            if link.fields.get(name, _MISSING) != value:
+                problems.append(
+                    f"{name}={link.fields.get(name, '<missing>')!r}, expected {value!r}"
+                )
+        return problems
+
+
+_MISSING = object()
+
+
+def expect(
+    outcome: str | None = None,
+    *,
+    kind: str | None = None,
+    duration: timedelta | None = None,
+    handler_error: str | None = None,
+    **fields: Any,
+) -> Expected:
+    """An expected link: ``expect("failed", kind="timeout", count_to=10)``.
+
+    ``outcome`` may also be a failure kind (``expect("timeout")``), which
+    implies ``"failed"``.
+    """
+    if outcome is not None and outcome not in ("succeeded", "failed"):
+        if kind is not None:
+            raise ValueError(f"expect({outcome!r}, kind={kind!r}): give the kind once")
+        outcome, kind = "failed", outcome
+    return Expected(outcome, kind, duration, handler_error, dict(fields))
+
+
+def describe_chain(chain: Sequence[ChainLink]) -> str:
+    """One line per link: task, outcome, failure, how long it ran, where."""
+    return "\n".join(f"{index}. {describe_link(link)}" for index, link in enumerate(chain))
+
+
+def describe_link(link: ChainLink) -> str:
+    name = link.class_name.rpartition(":")[2]
+    args = ", ".join(f"{key}={value!r}" for key, value in sorted(link.fields.items()))
+    text = f"{name}({args}) {link.outcome or link.status.value}"
+    if link.failure is not None:
+        text += f" {link.failure.kind}: {link.failure.message}"
+    duration = _duration(link)
+    if duration is not None:
+        text += f" after {duration.total_seconds():.3f}s"
+    if link.server is not None:
+        text += f" on {link.server}"
+    if link.handler_error is not None:
+        text += f" [failed() error {link.handler_error.kind}: {link.handler_error.message}]"
+    return text
+
+
+def assert_chain(chain: Sequence[ChainLink], expected: Sequence[str | Expected]) -> None:
+    """Assert the chain has exactly the expected links, in order.
+
+    Raises:
+        AssertionError: naming the first differing link, with the whole chain.
+    """
+    wanted = [item if isinstance(item, Expected) else expect(item) for item in expected]
+    problem = None
+    for index, (link, item) in enumerate(zip(chain, wanted, strict=False)):
+        mismatches = item.mismatches(link)
+        if mismatches:
+            problem = f"link {index}: " + "; ".join(mismatches)
+            break
+    if problem is None and len(chain) != len(wanted):
+        problem = f"the chain has {len(chain)} link(s), expected {len(wanted)}"
+    if problem is not None:
+        raise AssertionError(f"{problem}\nchain:\n{describe_chain(chain)}")
+
+
+def assert_outcomes(chain: Sequence[ChainLink], expected: str) -> None:
+    """Shorthand: ``assert_outcomes(chain, "timeout*6 succeeded")``."""
+    items: list[str | Expected] = []
+    for word in expected.split():
+        name, _, times = word.partition("*")
+        items.extend([name] * (int(times) if times else 1))
+    assert_chain(chain, items)
+
+
+def _duration(link: ChainLink) -> timedelta | None:
+    if link.started_at is None or link.finished_at is None:
+        return None
+    return link.finished_at - link.started_at
