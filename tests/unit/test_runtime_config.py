@@ -1,0 +1,192 @@
+"""Settings resolution: flags win over environment over tullius_deps; bad values name themselves."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from tullius.band import Band
+from tullius.deps import Deps
+from tullius.errors import ConfigError
+from tullius.runtime.config import (
+    DEFAULT_BANDS,
+    DEFAULT_GRACE,
+    DEFAULT_LEASE,
+    DEFAULT_POLL_INTERVAL,
+    RawFlags,
+    env_name,
+    parse_count,
+    parse_processes,
+    parse_seconds,
+    resolve,
+)
+
+
+def make_db() -> None:
+    return None
+
+
+def deps(*, make_db: Any = make_db, task_processes: Any = None) -> Any:
+    def loader(*, required: bool) -> Deps:
+        return Deps(make_db=make_db, task_processes=task_processes)
+
+    return loader
+
+
+def no_deps(*, required: bool) -> Deps | None:
+    if required:
+        raise ConfigError("module", "tullius_deps", "was not found on the Python path")
+    return None
+
+
+def test_env_name_follows_the_flag() -> None:
+    assert env_name("--poll-interval") == "TULLIUS_POLL_INTERVAL"
+    assert env_name("--mongodb-uri") == "TULLIUS_MONGODB_URI"
+
+
+def test_tullius_deps_alone_configures_the_daemon() -> None:
+    bands = (Band(10, 0, 10), Band(5, 0, 0))
+    settings = resolve(RawFlags(), {}, deps_loader=deps(task_processes=bands))
+    assert settings.make_db is make_db
+    assert settings.mongodb_uri is None
+    assert settings.bands == bands
+    assert settings.lease == DEFAULT_LEASE
+    assert settings.poll_interval == DEFAULT_POLL_INTERVAL
+    assert settings.grace == DEFAULT_GRACE
+    assert settings.max_tasks_per_worker == 0
+    assert settings.server_name
+
+
+def test_flags_win_over_environment_which_wins_over_deps() -> None:
+    env = {"TULLIUS_MONGODB_URI": "mongodb://env/db", "TULLIUS_PROCESSES": "3:0-1, 2:0-0"}
+    loader = deps(task_processes=(Band(10, 0, 10),))
+    from_env = resolve(RawFlags(), env, deps_loader=loader)
+    assert from_env.mongodb_uri == "mongodb://env/db"
+    assert from_env.bands == (Band(3, 0, 1), Band(2, 0, 0))
+    assert from_env.make_db is None
+    from_flags = resolve(
+        RawFlags(mongodb_uri="mongodb://flag/db", processes=["1:4-4"]), env, deps_loader=loader
+    )
+    assert from_flags.mongodb_uri == "mongodb://flag/db"
+    assert from_flags.bands == (Band(1, 4, 4),)
+
+
+def test_uri_without_tullius_deps_uses_default_bands() -> None:
+    settings = resolve(RawFlags(mongodb_uri="mongodb://h/db"), {}, deps_loader=no_deps)
+    assert settings.bands == DEFAULT_BANDS
+
+
+def test_missing_tullius_deps_without_uri_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="tullius_deps"):
+        resolve(RawFlags(), {}, deps_loader=no_deps)
+
+
+def test_tullius_deps_without_make_db_needs_a_uri() -> None:
+    with pytest.raises(ConfigError, match="--mongodb-uri") as info:
+        resolve(RawFlags(), {}, deps_loader=deps(make_db=None))
+    assert info.value.setting == "tullius_deps.make_db"
+
+
+def test_embedded_needs_neither_uri_nor_deps() -> None:
+    settings = resolve(RawFlags(embedded=True, demo=True), {}, deps_loader=no_deps)
+    assert settings.embedded
+    assert settings.demo
+    assert settings.bands == DEFAULT_BANDS
+
+
+def test_demo_quick_implies_demo() -> None:
+    settings = resolve(RawFlags(embedded=True, demo_quick=True), {}, deps_loader=no_deps)
+    assert settings.demo
+    assert settings.demo_quick
+
+
+def test_timings_and_names_from_flags() -> None:
+    settings = resolve(
+        RawFlags(
+            embedded=True,
+            lease="6",
+            poll_interval="0.005",
+            grace="0",
+            max_tasks_per_worker="100",
+            server_name="alpha",
+            database="jobs",
+        ),
+        {},
+        deps_loader=no_deps,
+    )
+    assert settings.lease == timedelta(seconds=6)
+    assert settings.poll_interval == 0.005
+    assert settings.grace == 0
+    assert settings.max_tasks_per_worker == 100
+    assert settings.server_name == "alpha"
+    assert settings.database == "jobs"
+
+
+def test_environment_timings_are_validated_under_their_variable_name() -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve(RawFlags(embedded=True), {"TULLIUS_LEASE": "soon"}, deps_loader=no_deps)
+    assert info.value.setting == "TULLIUS_LEASE"
+    assert info.value.value == "soon"
+
+
+@pytest.mark.parametrize(
+    ("flags", "setting", "value"),
+    [
+        (RawFlags(embedded=True, lease="0"), "--lease", "0"),
+        (RawFlags(embedded=True, lease="-3"), "--lease", "-3"),
+        (RawFlags(embedded=True, lease="nan"), "--lease", "nan"),
+        (RawFlags(embedded=True, poll_interval="inf"), "--poll-interval", "inf"),
+        (RawFlags(embedded=True, grace="-1"), "--grace", "-1"),
+        (RawFlags(embedded=True, max_tasks_per_worker="-1"), "--max-tasks-per-worker", "-1"),
+        (RawFlags(embedded=True, max_tasks_per_worker="1.5"), "--max-tasks-per-worker", "1.5"),
+        (RawFlags(embedded=True, processes=["0:0-10"]), "--processes", "0:0-10"),
+        (RawFlags(embedded=True, processes=["2:5-1"]), "--processes", "2:5-1"),
+        (RawFlags(embedded=True, processes=["ten"]), "--processes", "ten"),
+        (RawFlags(embedded=True, server_name=" "), "--server-name", " "),
+        (RawFlags(embedded=True, database="a.b"), "--database", "a.b"),
+        (RawFlags(mongodb_uri="http://h/db"), "--mongodb-uri", "http://h/db"),
+    ],
+)
+def test_bad_values_name_the_setting_and_the_value(
+    flags: RawFlags, setting: str, value: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve(flags, {}, deps_loader=no_deps)
+    assert info.value.setting == setting
+    assert info.value.value == value
+    assert setting in str(info.value)
+
+
+def test_a_lease_too_short_to_divide_is_refused() -> None:
+    with pytest.raises(ConfigError, match="at least"):
+        parse_seconds("--lease", "0.01", minimum=0.06)
+
+
+def test_bad_uri_is_redacted_in_the_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve(RawFlags(mongodb_uri="postgres://user:secret@h/db"), {}, deps_loader=no_deps)
+    assert "secret" not in str(info.value)
+
+
+def test_describe_redacts_credentials() -> None:
+    settings = resolve(
+        RawFlags(mongodb_uri="mongodb://user:secret@h:27017/db"), {}, deps_loader=no_deps
+    )
+    assert "secret" not in settings.describe()
+    assert "secret" not in repr(settings)
+    assert "***" in settings.describe()
+
+
+def test_parse_processes_accepts_overlapping_bands() -> None:
+    assert parse_processes("--processes", ["10:0-10", "5:0-0"]) == (Band(10, 0, 10), Band(5, 0, 0))
+
+
+def test_parse_processes_needs_one_band() -> None:
+    with pytest.raises(ConfigError, match="at least one band"):
+        parse_processes("--processes", [])
+
+
+def test_parse_count_accepts_zero() -> None:
+    assert parse_count("--max-tasks-per-worker", "0") == 0

@@ -1,0 +1,100 @@
+"""The supervisor on an in-process MemoryStore, with real worker processes.
+
+These run the daemon loop in the test process (no MongoDB): the README example,
+scaled down, must time out, run failed() in a worker and end in success; a
+stop request must leave nothing owned.  Conditions are polled through the
+observer hook; nothing asserts how long anything took.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from tullius.band import Band
+from tullius.demo import ChainPrinter, QuickExampleTask, queue_demo
+from tullius.document import TERMINAL, FailureKind, Status, status_of
+from tullius.inspection import read_chain
+from tullius.runtime.config import Settings
+from tullius.runtime.supervisor import Supervisor
+from tullius.sim.memory_store import MemoryStore
+from tullius.store import Store
+
+
+def settings(**changes: Any) -> Settings:
+    values: dict[str, Any] = {
+        "bands": (Band(2, 0, 10),),
+        "embedded": True,
+        "server_name": "unit",
+        "lease": timedelta(seconds=6),
+        "grace": 5.0,
+    }
+    values.update(changes)
+    return Settings(**values)
+
+
+def test_example_times_out_then_failed_runs_then_it_succeeds(capsys: Any) -> None:
+    # Given the quick example counting to 6 (1 s timeout, 0.2 s per count)
+    store = MemoryStore()
+    root = queue_demo(store, quick=True, count_to=6)
+    printer = ChainPrinter(root)
+    # When the supervisor runs until the whole chain is terminal
+    supervisor = Supervisor(store, settings(), observer=printer)
+    assert supervisor.run() == 0
+    # Then 6 and 5 timed out (5 counts take the whole timeout), each failed()
+    # queued the next, and the last one, counting to 4 or less, succeeded
+    chain = read_chain(store, root)
+    counts = [link.fields["count_to"] for link in chain]
+    assert counts == list(range(6, 6 - len(counts), -1))
+    assert counts[-1] <= 4
+    for link in chain[:-1]:
+        assert link.status is Status.HANDLED
+        assert link.failure is not None
+        assert link.failure.kind == FailureKind.TIMEOUT
+        assert link.failure.server == "unit"
+    assert chain[-1].status is Status.SUCCEEDED
+    out = capsys.readouterr().out
+    assert "QuickExampleTask(count_to=6): failed (timeout)" in out
+    assert f"QuickExampleTask(count_to={counts[-1]}): succeeded" in out
+    assert supervisor.counters.timeouts == len(counts) - 1
+
+
+class StopWhenRunning:
+    """Observer: asks the supervisor to stop once the task's run has been claimed."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+
+    def __call__(self, store: Store) -> bool:
+        view = store.load(self.task_id)
+        return view is not None and view.run is not None
+
+
+def test_stop_past_grace_records_shutdown_so_failed_runs_later() -> None:
+    # Given a supervisor with no grace running a task that would take 2 s
+    store = MemoryStore()
+    root = queue_demo(store, quick=True, count_to=10)
+    supervisor = Supervisor(store, settings(grace=0.0), observer=StopWhenRunning(root))
+    # When it is stopped as soon as the task runs
+    assert supervisor.run() == 0
+    # Then the run failed as "shutdown", and no lease is left owned
+    view = store.load(root)
+    assert view is not None
+    assert view.outcome is not None
+    assert view.outcome.failure is not None
+    assert view.outcome.failure.kind == FailureKind.SHUTDOWN
+    assert all(v.current_lease() is None for v in store.all_views())
+    # And a new supervisor runs failed() for it
+    done = Supervisor(store, settings(), observer=lambda s: _terminal(s, root))
+    assert done.run() == 0
+    assert read_chain(store, root)[0].status is Status.HANDLED
+
+
+def _terminal(store: Store, task_id: str) -> bool:
+    view = store.load(task_id)
+    return view is not None and status_of(view) in TERMINAL
+
+
+def test_quick_example_class_is_five_times_faster() -> None:
+    assert QuickExampleTask.timeout == timedelta(seconds=1)
+    assert QuickExampleTask.seconds_per_count == 0.2

@@ -1,0 +1,171 @@
+"""``tulliusd``: the command line of the daemon; thin on purpose.
+
+Parses flags, resolves settings (`tullius.runtime.config`), opens the store and
+runs the supervisor (`tullius.runtime.launch`).  A bad start-up is one line on
+stderr naming the problem and the fix, with exit status 2; the daemon is
+otherwise silent unless ``-v`` is given or something needs attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from tullius.errors import ConfigError
+from tullius.runtime.config import (
+    DEFAULT_GRACE,
+    DEFAULT_LEASE,
+    DEFAULT_POLL_INTERVAL,
+    RawFlags,
+    resolve,
+)
+
+PROG = "tulliusd"
+#: Exit status for settings or an environment the daemon can't start with.
+EXIT_STARTUP = 2
+
+DESCRIPTION = """\
+Run Tullius tasks: claim queued tasks from MongoDB, run each in a worker
+process under its timeout, and make sure every failure is handled by the
+task's failed().  Silent while all is well; use -v to see activity.
+
+Settings come from flags, then TULLIUS_* environment variables (named after
+the flags: --poll-interval -> TULLIUS_POLL_INTERVAL), then the tullius_deps
+module on the Python path (make_db() and task_processes, as in the README).
+"""
+
+EPILOG = """\
+examples:
+  tulliusd                                   # configured by tullius_deps.py
+  tulliusd --mongodb-uri mongodb://db1,db2/tullius?replicaSet=rs0 \\
+           --processes 10:0-10 --processes 5:0-0
+  tulliusd --embedded --demo                 # the README example, no MongoDB needed
+
+Stop with SIGTERM or Ctrl-C: no new work is claimed, running tasks get
+--grace seconds, then they are killed and recorded as failed (kind
+"shutdown") so that failed() runs for them.  A second signal skips the grace.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    store = parser.add_argument_group("where tasks are stored")
+    store.add_argument(
+        "--mongodb-uri",
+        metavar="URI",
+        help="MongoDB URI (env TULLIUS_MONGODB_URI); without it, tullius_deps.make_db() is used. "
+        "Unless the URI says otherwise the client uses w=majority, j=true and 5 s timeouts",
+    )
+    store.add_argument(
+        "--database",
+        metavar="NAME",
+        help="database name (env TULLIUS_DATABASE); default: the URI's, else 'tullius'",
+    )
+    store.add_argument(
+        "--embedded",
+        action="store_true",
+        help="keep tasks in this process instead of MongoDB (nothing survives a restart; "
+        "for trying Tullius out and for the demo)",
+    )
+    work = parser.add_argument_group("workers")
+    work.add_argument(
+        "--processes",
+        action="append",
+        metavar="COUNT:MIN-MAX",
+        help="COUNT worker processes for priorities MIN..MAX; repeat for more bands, which may "
+        "overlap (10:0-10 and 5:0-0 keep 5 workers for priority 0). Env TULLIUS_PROCESSES "
+        "(space separated); default: tullius_deps.task_processes, else 4 workers for all "
+        "priorities",
+    )
+    work.add_argument(
+        "--max-tasks-per-worker",
+        metavar="N",
+        help="replace a worker process after N jobs so new code is picked up (default 0: never)",
+    )
+    work.add_argument(
+        "--poll-interval",
+        metavar="SECONDS",
+        help=f"how often an idle daemon looks for new work (default {DEFAULT_POLL_INTERVAL:g})",
+    )
+    fault = parser.add_argument_group("failures and stopping")
+    fault.add_argument(
+        "--lease",
+        metavar="SECONDS",
+        help=f"when this daemon vanishes, others fail its tasks as 'lost' within this time "
+        f"(default {DEFAULT_LEASE.total_seconds():g}); use the same value on every server",
+    )
+    fault.add_argument(
+        "--grace",
+        metavar="SECONDS",
+        help=f"on SIGTERM/SIGINT, how long running tasks may finish before they are killed "
+        f"(default {DEFAULT_GRACE:g})",
+    )
+    fault.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="name written into this daemon's records (default host:pid)",
+    )
+    other = parser.add_argument_group("other")
+    other.add_argument("-v", "--verbose", action="store_true", help="log activity to stderr")
+    other.add_argument(
+        "--demo",
+        action="store_true",
+        help="queue the README's ExampleTask(count_to=10), print its chain as it unfolds "
+        "(10..5 time out after 5 s, 4 succeeds) and exit when all is done",
+    )
+    other.add_argument(
+        "--demo-quick",
+        action="store_true",
+        help="like --demo, five times faster (0.2 s per count, 1 s timeout)",
+    )
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s tulliusd %(levelname)s %(message)s"))
+    root = logging.getLogger("tullius")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    root.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``tulliusd``; return its exit status (2 for a bad start-up)."""
+    from tullius.runtime.launch import StartupError, run_daemon
+
+    args = build_parser().parse_args(argv)
+    flags = RawFlags(
+        mongodb_uri=args.mongodb_uri,
+        database=args.database,
+        processes=args.processes,
+        lease=args.lease,
+        poll_interval=args.poll_interval,
+        server_name=args.server_name,
+        grace=args.grace,
+        max_tasks_per_worker=args.max_tasks_per_worker,
+        verbose=args.verbose,
+        embedded=args.embedded,
+        demo=args.demo,
+        demo_quick=args.demo_quick,
+    )
+    _configure_logging(args.verbose)
+    try:
+        settings = resolve(flags)
+        return run_daemon(settings)
+    except (ConfigError, StartupError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return EXIT_STARTUP
+    except KeyboardInterrupt:  # Ctrl-C before the daemon took over signals (e.g. while connecting)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""The daemon's settings, gathered from flags, environment and ``tullius_deps``, validated eagerly.
+
+Every setting has one name used three ways: a flag (``--poll-interval``), an
+environment variable (``TULLIUS_POLL_INTERVAL``) and, for the two settings the
+original README defines, the ``tullius_deps`` module (``make_db``,
+``task_processes``).  A flag wins over the environment, which wins over
+``tullius_deps``, which wins over the built-in default.
+
+Nothing here connects to a database or starts a process: `resolve()` turns raw
+text into a `Settings`, raising `ConfigError` (naming the flag or variable and
+the value) before anything runs.  The database URI may hold a password, so it
+is kept out of ``repr()`` and shown only through `Settings.describe()`, which
+redacts it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from tullius.band import Band, parse_band
+from tullius.deps import Deps, load_deps
+from tullius.errors import ConfigError
+
+ENV_PREFIX = "TULLIUS_"
+#: Used when no flag, variable or ``tullius_deps.task_processes`` names bands:
+#: four workers for every priority.
+DEFAULT_BANDS = (Band(4, -(2**53), 2**53),)
+DEFAULT_LEASE = timedelta(seconds=30)
+#: Idle polling period; small enough that an idle daemon picks up new work in
+#: about 10-15 ms (half the period plus one claim round trip).
+DEFAULT_POLL_INTERVAL = 0.02
+DEFAULT_GRACE = 30.0
+DEFAULT_DATABASE = "tullius"
+
+
+_ANY_CREDENTIALS = re.compile(r"([A-Za-z][\w+.-]*://)[^@/\s]*@")
+
+
+def _redact(text: str) -> str:
+    """``text`` without the ``user:password@`` of any URI (not only MongoDB's)."""
+    return _ANY_CREDENTIALS.sub(r"\1***@", text)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the daemon needs to start, already validated.
+
+    Attributes:
+        bands: the worker bands, ``(count, min_priority, max_priority)`` each.
+        mongodb_uri: the database URI (None: use ``make_db`` or the embedded store).
+        make_db: ``tullius_deps.make_db`` when no URI was given.
+        database: the database name to use with ``mongodb_uri``.
+        lease: how long a silent server keeps its tasks before others fail them as lost.
+        poll_interval: seconds between looks for new work while idle.
+        server_name: written into every record this daemon makes.
+        grace: seconds running tasks get to finish on SIGTERM/SIGINT.
+        max_tasks_per_worker: recycle a worker process after this many jobs (0: never).
+        verbose: log activity, not only problems.
+        embedded: use an in-process store instead of MongoDB.
+        demo: queue the README's example and print its chain as it unfolds.
+        demo_quick: the demo scaled down (0.2 s per count, 1 s timeout).
+    """
+
+    bands: tuple[Band, ...]
+    mongodb_uri: str | None = field(default=None, repr=False)
+    make_db: Callable[[], Any] | None = field(default=None, repr=False)
+    database: str | None = None
+    lease: timedelta = DEFAULT_LEASE
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    server_name: str = ""
+    grace: float = DEFAULT_GRACE
+    max_tasks_per_worker: int = 0
+    verbose: bool = False
+    embedded: bool = False
+    demo: bool = False
+    demo_quick: bool = False
+
+    def describe(self) -> str:
+        """One line for the start-up log; credentials redacted."""
+        if self.embedded:
+            where = "embedded store"
+        elif self.mongodb_uri is not None:
+            where = _redact(self.mongodb_uri)
+            if self.database:
+                where += f" database {self.database!r}"
+        else:
+            where = "tullius_deps.make_db()"
+        bands = " ".join(
+            f"{band.count}:all" if band in DEFAULT_BANDS else str(band) for band in self.bands
+        )
+        return (
+            f"server {self.server_name!r} on {where}; processes {bands}; "
+            f"lease {self.lease.total_seconds():g}s; poll {self.poll_interval:g}s; "
+            f"grace {self.grace:g}s"
+        )
+
+
+@dataclass(frozen=True)
+class RawFlags:
+    """Command-line values as typed (None: not given)."""
+
+    mongodb_uri: str | None = None
+    database: str | None = None
+    processes: Sequence[str] | None = None
+    lease: str | None = None
+    poll_interval: str | None = None
+    server_name: str | None = None
+    grace: str | None = None
+    max_tasks_per_worker: str | None = None
+    verbose: bool = False
+    embedded: bool = False
+    demo: bool = False
+    demo_quick: bool = False
+
+
+def env_name(flag: str) -> str:
+    """``--poll-interval`` -> ``TULLIUS_POLL_INTERVAL``."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def parse_seconds(
+    setting: str, text: str, *, minimum: float = 0.0, allow_zero: bool = False
+) -> float:
+    """A number of seconds, finite, above ``minimum`` (or equal to 0 when allowed).
+
+    Raises:
+        ConfigError: naming ``setting`` and the value.
+    """
+    expected = (
+        "must be a number of seconds >= 0" if allow_zero else "must be a positive number of seconds"
+    )
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ConfigError(setting, text, expected) from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(setting, text, expected)
+    if value and value < minimum:
+        raise ConfigError(setting, text, f"must be at least {minimum:g} seconds")
+    return value
+
+
+def parse_count(setting: str, text: str) -> int:
+    """A whole number >= 0."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(setting, text, "must be a whole number >= 0 (0: never)") from None
+    if value < 0:
+        raise ConfigError(setting, text, "must be a whole number >= 0 (0: never)")
+    return value
+
+
+def parse_processes(setting: str, entries: Sequence[str]) -> tuple[Band, ...]:
+    """Bands from ``COUNT:MIN-MAX`` texts (the variable may hold several, space separated)."""
+    bands = []
+    for entry in entries:
+        try:
+            bands.append(parse_band(entry, setting=setting))
+        except ConfigError as error:
+            if error.value == entry:
+                raise
+            raise ConfigError(
+                setting, entry, "must have COUNT >= 1 and MIN <= MAX, e.g. 10:0-10 or 5:0-0"
+            ) from None
+    if not bands:
+        raise ConfigError(setting, list(entries), "must name at least one band, e.g. 10:0-10")
+    return tuple(bands)
+
+
+def default_server_name() -> str:
+    """``host:pid``: unique among live daemons, readable in records."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def resolve(
+    flags: RawFlags,
+    env: Mapping[str, str] | None = None,
+    *,
+    deps_loader: Callable[..., Deps | None] = load_deps,
+) -> Settings:
+    """Combine flags, environment and ``tullius_deps`` into validated `Settings`.
+
+    1. Each setting: the flag if given, else ``TULLIUS_<NAME>``, else default.
+    2. The store: ``--embedded``; else the URI (flag, then variable); else
+       ``tullius_deps.make_db`` (then ``tullius_deps`` is required).
+    3. The bands: ``--processes`` (flag, then variable), else
+       ``tullius_deps.task_processes``, else `DEFAULT_BANDS`.
+
+    Raises:
+        ConfigError: a malformed value, or no way to reach a database.
+    """
+    env = os.environ if env is None else env
+
+    def pick(flag: str, value: str | None) -> tuple[str, str | None]:
+        if value is not None:
+            return flag, value
+        name = env_name(flag)
+        text = env.get(name)
+        return name, (text if text not in (None, "") else None)
+
+    uri_setting, uri = pick("--mongodb-uri", flags.mongodb_uri)
+    database_setting, database = pick("--database", flags.database)
+    embedded = flags.embedded
+    if uri is not None and not embedded and not uri.startswith(("mongodb://", "mongodb+srv://")):
+        raise ConfigError(
+            uri_setting, _redact(uri), "must be a MongoDB URI such as mongodb://host:27017/tullius"
+        )
+    if database is not None and (not database or any(c in database for c in '/\\. "$\0')):
+        raise ConfigError(
+            database_setting, database, "must be a MongoDB database name, e.g. tullius"
+        )
+
+    needs_deps = not embedded and uri is None
+    deps = deps_loader(required=needs_deps)
+    make_db = None
+    if needs_deps:
+        assert deps is not None
+        if deps.make_db is None:
+            raise ConfigError(
+                "tullius_deps.make_db",
+                None,
+                "must be defined (a function returning a pymongo Database), or pass --mongodb-uri",
+            )
+        make_db = deps.make_db
+
+    processes_setting, processes = "--processes", flags.processes
+    if not processes:
+        processes_setting = env_name("--processes")
+        listed = env.get(processes_setting, "")
+        processes = listed.replace(",", " ").split() or None
+    if processes:
+        bands = parse_processes(processes_setting, processes)
+    elif deps is not None and deps.task_processes is not None:
+        bands = deps.task_processes
+    else:
+        bands = DEFAULT_BANDS
+
+    lease = DEFAULT_LEASE
+    setting, text = pick("--lease", flags.lease)
+    if text is not None:
+        lease = timedelta(seconds=parse_seconds(setting, text, minimum=0.06))
+    poll = DEFAULT_POLL_INTERVAL
+    setting, text = pick("--poll-interval", flags.poll_interval)
+    if text is not None:
+        poll = parse_seconds(setting, text, minimum=0.001)
+    grace = DEFAULT_GRACE
+    setting, text = pick("--grace", flags.grace)
+    if text is not None:
+        grace = parse_seconds(setting, text, allow_zero=True)
+    recycle = 0
+    setting, text = pick("--max-tasks-per-worker", flags.max_tasks_per_worker)
+    if text is not None:
+        recycle = parse_count(setting, text)
+    setting, name = pick("--server-name", flags.server_name)
+    if name is not None and (not name.strip() or len(name) > 200):
+        raise ConfigError(setting, name, "must be a non-empty name of at most 200 characters")
+
+    return Settings(
+        bands=bands,
+        mongodb_uri=None if embedded else uri,
+        make_db=make_db,
+        database=database,
+        lease=lease,
+        poll_interval=poll,
+        server_name=name or default_server_name(),
+        grace=grace,
+        max_tasks_per_worker=recycle,
+        verbose=flags.verbose,
+        embedded=embedded,
+        demo=flags.demo or flags.demo_quick,
+        demo_quick=flags.demo_quick,
+    )

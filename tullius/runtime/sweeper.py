@@ -1,0 +1,94 @@
+"""The daemon's sweeper: fail stale leases of other servers, repair hints, on a schedule.
+
+`engine.sweep` does the deciding; this keeps the schedule and the one piece of
+memory a sweeper has, its `LeaseWatch`.  That memory is only trustworthy while
+the store was reachable: after any store error (ours, so probably everyone's)
+or a sweep that came much later than scheduled, every observation window
+starts afresh, so an owner that could not renew during an outage is never
+declared lost for it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from tullius.clock import Clock
+from tullius.engine import SweepReport, drive, sweep
+from tullius.policy import LeaseTimings, LeaseWatch
+from tullius.store import Store
+
+#: A sweep later than this many periods means we were not watching: reset.
+LATE_FACTOR = 3
+
+
+class Sweeper:
+    """Schedules sweeps; its `work()` runs on the store thread, `finished()` on the loop's."""
+
+    def __init__(
+        self,
+        store: Store,
+        timings: LeaseTimings,
+        *,
+        server: str,
+        clock: Clock,
+        rng: random.Random,
+    ) -> None:
+        self.store = store
+        self.server = server
+        self.clock = clock
+        self.rng = rng
+        self.every = timings.sweep.total_seconds()
+        self.watch = LeaseWatch(timings.stale_after)
+        #: When the next sweep is due (monotonic seconds).
+        self.next_at = 0.0
+        #: A sweep is on the store thread.
+        self.running = False
+        self.sweeps = 0
+        #: Lease record ids this daemon declared lost.
+        self.expired: list[str] = []
+        self._stale = False
+        self._last_ok = time.monotonic()
+
+    def outage(self) -> None:
+        """Some store call failed: leases we watch may not have been renewable either."""
+        self._stale = True
+
+    def work(self, own_tokens: frozenset[str]) -> Callable[[], SweepReport]:
+        """The sweep to run on the store thread, leaving our own leases alone."""
+        self.running = True
+
+        def run() -> SweepReport:
+            if self._stale or time.monotonic() - self._last_ok > LATE_FACTOR * self.every:
+                self._stale = False
+                self.watch.reset()
+            return drive(
+                self.store,
+                sweep(
+                    self.watch,
+                    observer=self.server,
+                    now=self.clock.now(),
+                    monotonic_now=time.monotonic(),
+                    own_tokens=own_tokens,
+                    rng=self.rng,
+                ),
+            )
+
+        return run
+
+    def finished(self, future: Future[Any]) -> SweepReport | BaseException:
+        """Account for a finished sweep; return its report, or the error that ended it."""
+        self.running = False
+        self.next_at = time.monotonic() + self.every
+        error = future.exception()
+        if error is not None:
+            self.watch.reset()
+            return error
+        self._last_ok = time.monotonic()
+        self.sweeps += 1
+        report: SweepReport = future.result()
+        self.expired.extend(report.expired)
+        return report
