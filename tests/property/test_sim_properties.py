@@ -5,7 +5,7 @@ is checked after every event, and at the end every task must have ended
 (succeeded, handled, or unhandled for an operator).  Budgets per test are set
 with @settings so the suite stays well under two minutes on a 2-core CI machine
 (profile ``ci``); ``HYPOTHESIS_PROFILE=nightly`` multiplies them (see
-tests/README.md and docs/sim.md).
+tests/README.md and the README).
 """
 
 from __future__ import annotations

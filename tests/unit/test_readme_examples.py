@@ -1,0 +1,31 @@
+"""The README's worked example is a test file users copy: it must pass as written."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+
+
+def test_the_worked_simulator_example_passes_as_written(tmp_path: Path) -> None:
+    [example] = [
+        block for block in python_blocks() if "def test_" in block and "tullius_sim" in block
+    ]
+    (tmp_path / "test_readme_example.py").write_text(example)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
