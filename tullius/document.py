@@ -245,7 +245,14 @@ def queued_doc(
 
 @dataclass(frozen=True)
 class TaskView:
-    """A task document and its records, as read together."""
+    """A task document and its records, as read together.
+
+    A view is a snapshot: ``records`` must not change once the view is built
+    (`with_record` makes a new view).  That lets the values derived from the
+    records (`status_of`, `handler_attempt`) be computed once per view and
+    kept in its ``__dict__`` (not fields: equality and repr ignore them); the
+    drivers ask for them many times per transition.
+    """
 
     task: TaskDoc
     records: Mapping[str, Record] = field(default_factory=dict)
@@ -256,25 +263,30 @@ class TaskView:
 
     @property
     def run(self) -> Record | None:
-        return self.records.get(run_id(self.task_id))
+        return self.records.get(run_id(self.task.task_id))
 
     @property
     def outcome(self) -> Record | None:
-        return self.records.get(outcome_id(self.task_id))
+        return self.records.get(outcome_id(self.task.task_id))
 
     @property
     def handler_attempt(self) -> int:
         """The highest handler attempt claimed so far (0 if none)."""
+        cached: int | None = self.__dict__.get("_handler_attempt")
+        if cached is not None:
+            return cached
         n = 0
-        while handler_id(self.task_id, n + 1) in self.records:
+        task_id, records = self.task.task_id, self.records
+        while handler_id(task_id, n + 1) in records:
             n += 1
+        self.__dict__["_handler_attempt"] = n
         return n
 
     def handler(self, attempt: int) -> Record | None:
-        return self.records.get(handler_id(self.task_id, attempt))
+        return self.records.get(handler_id(self.task.task_id, attempt))
 
     def handler_end(self, attempt: int) -> Record | None:
-        return self.records.get(handler_end_id(self.task_id, attempt))
+        return self.records.get(handler_end_id(self.task.task_id, attempt))
 
     def current_lease(self) -> Record | None:
         """The RUN or HANDLER record whose lease is live, if the task is running or handling."""
@@ -291,9 +303,17 @@ class TaskView:
 
 def status_of(view: TaskView) -> Status:
     """The true status of a task, derived from its records alone (never the hint)."""
-    if view.run is None:
+    cached: Status | None = view.__dict__.get("_status")
+    if cached is None:
+        cached = view.__dict__["_status"] = _derive_status(view)
+    return cached
+
+
+def _derive_status(view: TaskView) -> Status:
+    records, task_id = view.records, view.task.task_id
+    if records.get(run_id(task_id)) is None:
         return Status.QUEUED
-    outcome = view.outcome
+    outcome = records.get(outcome_id(task_id))
     if outcome is None:
         return Status.RUNNING
     if outcome.ok:
@@ -301,7 +321,7 @@ def status_of(view: TaskView) -> Status:
     attempt = view.handler_attempt
     if attempt == 0:
         return Status.FAILED
-    end = view.handler_end(attempt)
+    end = records.get(handler_end_id(task_id, attempt))
     if end is None:
         return Status.HANDLING
     if end.ok:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -135,7 +135,28 @@ def claim(
     rng: random.Random | None = None,
     batch: int = CLAIM_BATCH,
 ) -> Conversation[Job | None]:
-    """Take the most urgent due work in ``band``, or None.
+    """Take the most urgent due work in ``band`` for one worker, or None (see `claim_many`)."""
+    jobs = yield from claim_many(
+        band, server=server, workers=[(worker, token)], now=now, rng=rng, batch=batch
+    )
+    return jobs[0] if jobs else None
+
+
+def claim_many(
+    band: Band,
+    *,
+    server: str,
+    workers: Sequence[tuple[str | None, str]],
+    now: datetime,
+    rng: random.Random | None = None,
+    batch: int = CLAIM_BATCH,
+) -> Conversation[list[Job]]:
+    """Take the most urgent due work in ``band`` for several idle workers at once.
+
+    ``workers`` lists ``(worker name, token)`` pairs; the jobs returned go to
+    them in that order (fewer jobs than workers when work runs out).  One
+    read of candidates serves every worker, which matters on servers where
+    each query scans the collection.
 
     1. Failed tasks first (their ``failed()`` is overdue work), then queued ones;
        most urgent first: lowest priority, then earliest due.
@@ -144,13 +165,22 @@ def claim(
        was written.  A failed candidate is loaded first, for its attempt count.
     3. A candidate whose hint was stale is repaired and skipped.
     """
-    events: tuple[tuple[Status, Event], ...] = (
-        (Status.FAILED, HandlerClaimed(token=token, server=server, worker=worker)),
-        (Status.QUEUED, Claimed(token=token, server=server, worker=worker)),
-    )
-    for status, event in events:
-        docs = yield FindDue(status, band.min_priority, band.max_priority, now, batch)
+    jobs: list[Job] = []
+    waiting = list(workers)
+    for status in (Status.FAILED, Status.QUEUED):
+        if not waiting:
+            break
+        limit = max(batch, 2 * len(waiting))
+        docs = yield FindDue(status, band.min_priority, band.max_priority, now, limit)
         for doc in docs:
+            if not waiting:
+                break
+            worker, token = waiting[0]
+            event: Event = (
+                HandlerClaimed(token=token, server=server, worker=worker)
+                if status is Status.FAILED
+                else Claimed(token=token, server=server, worker=worker)
+            )
             view: TaskView | None = TaskView(doc)
             if status is Status.FAILED:
                 view = yield Load(doc.task_id)
@@ -166,11 +196,13 @@ def claim(
             assert decided.record is not None
             if winner.token == decided.record.token:
                 kind = JobKind.HANDLE if status is Status.FAILED else JobKind.RUN
-                return Job(kind, view.with_record(winner), winner)
+                jobs.append(Job(kind, view.with_record(winner), winner))
+                waiting.pop(0)
+                continue
             fresh = yield Load(doc.task_id)
             if fresh is not None:
                 yield from repair(fresh, now=now)
-    return None
+    return jobs
 
 
 def finish(

@@ -8,7 +8,7 @@ from datetime import timedelta
 from tests.store_contract import T0, make_doc, make_record
 from tullius.band import Band
 from tullius.document import Failure, FailureKind, Status, TaskSpec, run_id, status_of
-from tullius.engine import JobKind, claim, drive, finish, renew, sweep
+from tullius.engine import JobKind, claim, claim_many, drive, finish, renew, sweep
 from tullius.errors import StoreError
 from tullius.events import Failed, HandlerSucceeded, Succeeded
 from tullius.policy import LeaseWatch
@@ -149,3 +149,16 @@ def test_a_handler_result_is_accepted_once_and_its_replacements_inserted_once() 
     assert second.record == first.record
     assert len(store.find_children("a")) == 1
     assert store.load("a").task.status is Status.HANDLED
+
+
+def test_one_claim_serves_several_idle_workers_most_urgent_first() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc(f"p{p}", priority=p) for p in (3, 1, 2)])
+    workers = [("w1", "a"), ("w2", "b"), ("w3", "c"), ("w4", "d")]
+    jobs = drive(store, claim_many(ALL, server="s1", workers=workers, now=T0))
+    assert [(job.lease.worker, job.task_id, job.token) for job in jobs] == [
+        ("w1", "p1", "a"),
+        ("w2", "p2", "b"),
+        ("w3", "p3", "c"),
+    ]
+    assert all(store.load(job.task_id).task.status is Status.RUNNING for job in jobs)

@@ -46,7 +46,7 @@ from tullius.document import (
     status_of,
     task_to_bson,
 )
-from tullius.engine import Job, JobKind, Verdict, claim, drive, finish, renew
+from tullius.engine import Job, JobKind, Verdict, claim_many, drive, finish, renew
 from tullius.errors import InvalidTransition, StoreError
 from tullius.events import Event, Failed, HandlerFailed, HandlerSucceeded, Succeeded
 from tullius.policy import LeaseTimings
@@ -471,31 +471,33 @@ class Supervisor:
         for band_index, band in enumerate(self.settings.bands):
             if self._band_claiming[band_index] or now < self._next_poll[band_index]:
                 continue
-            slot = next((s for s in self.slots if s.band_index == band_index and s.idle), None)
-            if slot is not None:
-                self._claim_for(slot, band, band_index)
+            idle = [s for s in self.slots if s.band_index == band_index and s.idle]
+            if idle:
+                self._claim_for(idle, band, band_index)
 
-    def _claim_for(self, slot: Slot, band: Band, band_index: int) -> None:
-        slot.claiming = True
+    def _claim_for(self, slots: list[Slot], band: Band, band_index: int) -> None:
+        """Claim work for every idle slot of a band in one store conversation."""
+        for slot in slots:
+            slot.claiming = True
         self._band_claiming[band_index] = True
-        token = uuid.uuid4().hex
+        workers = [(slot.name, uuid.uuid4().hex) for slot in slots]
         started = time.monotonic()
 
-        def work() -> Job | None:
+        def work() -> list[Job]:
             return drive(
                 self.store,
-                claim(
+                claim_many(
                     band,
                     server=self.server,
-                    worker=slot.name,
-                    token=token,
+                    workers=workers,
                     now=self.clock.now(),
                     rng=self.rng,
                 ),
             )
 
         def done(future: Future[Any]) -> None:
-            slot.claiming = False
+            for slot in slots:
+                slot.claiming = False
             self._band_claiming[band_index] = False
             now = time.monotonic()
             error = future.exception()
@@ -512,18 +514,21 @@ class Supervisor:
                     )
                 return
             self._store_ok()
-            job = future.result()
-            if job is None:
+            jobs: list[Job] = future.result()
+            by_worker = {job.lease.worker: job for job in jobs}
+            for slot in slots:
+                job = by_worker.get(slot.name)
+                if job is None:
+                    continue
+                self.counters.claimed += 1
+                slot.running = Running(job, next_renew=now + self.heartbeat)
+                self._dispatch(slot, slot.running, now)
+            if len(jobs) < len(slots):
                 # The period counts from the start of this look, so an idle daemon looks
                 # every poll_interval however long a look takes (pickup latency).
                 self._next_poll[band_index] = started + self.settings.poll_interval
-                return
-            self.counters.claimed += 1
-            slot.running = Running(job, next_renew=now + self.heartbeat)
-            self._dispatch(slot, slot.running, now)
-            self._next_poll[band_index] = (
-                now  # there may be more: claim again for the next idle slot
-            )
+            else:
+                self._next_poll[band_index] = now  # there may be more for slots freed meanwhile
 
         self._submit(work, done)
 

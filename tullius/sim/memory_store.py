@@ -1,9 +1,19 @@
 """MemoryStore: the `Store` contract held in dictionaries, for the simulator and tests.
 
 A second implementation, not a mock: the behaviour suite in
-``tests/unit/test_store_behaviour.py`` runs against it and against `MongoStore`,
-and documents pass through the same BSON conversion as in MongoDB, so both
-stores hand back identical values (milliseconds, aware UTC, lists for tuples).
+``tests/store_contract.py`` runs against it and against `MongoStore`, and
+documents are stored exactly as a BSON round trip through MongoDB would return
+them (milliseconds, aware UTC, lists for tuples), so both stores hand back
+identical values.  `stored_task` and `stored_record` produce those values
+directly instead of building and parsing a BSON dictionary on every write: the
+simulator writes a dozen times per task, and the round trip was its largest
+single cost.  They must stay equal to ``as_stored(doc)`` and
+``record_from_bson(record_to_bson(record))``.
+
+Queries are answered from indexes kept up to date by the writes: task ids by
+status hint, and for `find_due` one list per (status, priority) sorted by
+``(due_at, task_id)``, so a claim reads only the due prefix of each priority
+in its band instead of scanning and sorting the whole queue.
 
 It can also misbehave the way FerretDB does: with ``racy_updates > 0`` a
 conditional update sometimes checks its condition against the value *before*
@@ -16,20 +26,102 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Sequence
-from datetime import datetime
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from operator import itemgetter
+from typing import Any, Final
 
 from tullius.document import (
     TERMINAL,
+    Failure,
+    Origin,
     Record,
+    RecordKind,
     Status,
     TaskDoc,
     TaskView,
-    as_stored,
-    record_from_bson,
-    record_to_bson,
-    replace_status,
+    stored_time,
+    stored_value,
 )
+
+#: Field value types a BSON round trip returns unchanged (and that can't be mutated).
+_PLAIN: Final = frozenset({str, int, float, bool, bytes, type(None)})
+_MS: Final = timedelta(milliseconds=1)
+_DUE_AT: Final = itemgetter(0)
+
+
+def stored_task(doc: TaskDoc) -> TaskDoc:
+    """``doc`` as the store keeps it; equal to ``as_stored(doc)``, without the BSON dict."""
+    task_id = str(doc.task_id)
+    return TaskDoc(
+        task_id,
+        doc.class_name,
+        _stored_fields(doc.fields),
+        doc.priority,
+        _stored_duration(doc.timeout),
+        _stored_duration(doc.handler_timeout),
+        int(doc.handler_attempts),
+        _stored_instant(doc.start_after),
+        _stored_instant(doc.created_at),
+        Origin(doc.origin.value),
+        doc.parent_id,
+        doc.root_id or task_id,
+        Status(doc.status.value),
+        None if doc.due_at is None else _stored_instant(doc.due_at),
+    )
+
+
+def stored_record(record: Record) -> Record:
+    """``record`` as the store keeps it; equal to ``record_from_bson(record_to_bson(record))``."""
+    failure = record.failure
+    return Record(
+        str(record.record_id),
+        record.task_id,
+        RecordKind(record.kind.value),
+        record.token,
+        _stored_instant(record.at),
+        record.server,
+        int(record.attempt),
+        record.worker,
+        int(record.beat),
+        record.ok,
+        None
+        if failure is None
+        else Failure(
+            failure.kind,
+            failure.message,
+            _stored_instant(failure.at),
+            failure.traceback,
+            failure.server,
+        ),
+        tuple(map(stored_task, record.spawned)),
+        None if record.retry_at is None else _stored_instant(record.retry_at),
+    )
+
+
+def _stored_instant(when: datetime) -> datetime:
+    # Already aware UTC with whole milliseconds (the usual case): storing changes nothing.
+    if when.tzinfo is UTC and not when.microsecond % 1000:
+        return when
+    return stored_time(when)
+
+
+def _stored_duration(delta: timedelta) -> timedelta:
+    # Stored as whole milliseconds (``task_to_bson``); most durations already are.
+    if type(delta) is timedelta and not delta.microseconds % 1000:
+        return delta
+    return timedelta(milliseconds=delta // _MS)
+
+
+def _stored_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A fresh copy of ``fields`` as stored; lists and dicts are copied deeply, as
+    a round trip would, so that no caller shares a mutable value with the store."""
+    copy = dict(fields)
+    for value in copy.values():
+        if type(value) not in _PLAIN:
+            return stored_value(copy)  # type: ignore[no-any-return]
+    return copy
 
 
 class MemoryStore:
@@ -52,6 +144,12 @@ class MemoryStore:
         self._records: dict[str, Record] = {}
         self._records_by_task: dict[str, dict[str, Record]] = {}
         self._by_status: dict[Status, set[str]] = {status: set() for status in Status}
+        # find_due's index: status -> priority -> [(due_at, task_id)] sorted, for
+        # every task whose hint has a due_at; and each status's priorities, sorted.
+        self._due: dict[Status, dict[float, list[tuple[datetime, str]]]] = {
+            status: {} for status in Status
+        }
+        self._priorities: dict[Status, list[float]] = {status: [] for status in Status}
         self._children: dict[str, list[str]] = {}
         #: How many times each task id was newly inserted (always 1; checked by invariants).
         self.insert_counts: dict[str, int] = {}
@@ -63,9 +161,9 @@ class MemoryStore:
         for doc in docs:
             if doc.task_id in self._tasks:
                 continue
-            stored = as_stored(doc)
+            stored = stored_task(doc)
             self._tasks[doc.task_id] = stored
-            self._by_status[stored.status].add(doc.task_id)
+            self._index(stored)
             if stored.parent_id is not None:
                 self._children.setdefault(stored.parent_id, []).append(doc.task_id)
             self.insert_counts[doc.task_id] = self.insert_counts.get(doc.task_id, 0) + 1
@@ -76,7 +174,7 @@ class MemoryStore:
         existing = self._records.get(record.record_id)
         if existing is not None:
             return existing
-        stored = record_from_bson(record_to_bson(record))
+        stored = stored_record(record)
         self._records[record.record_id] = stored
         self._records_by_task.setdefault(record.task_id, {})[record.record_id] = stored
         return stored
@@ -99,9 +197,27 @@ class MemoryStore:
         if checked in TERMINAL:
             return
         self._previous_status[task_id] = doc.status
-        self._by_status[doc.status].discard(task_id)
-        self._tasks[task_id] = as_stored(replace_status(doc, status, due_at))
-        self._by_status[status].add(task_id)
+        self._unindex(doc)
+        # ``doc`` is stored already: only the new hints need converting (this is
+        # what ``as_stored(replace_status(doc, status, due_at))`` returns).
+        stored = TaskDoc(
+            doc.task_id,
+            doc.class_name,
+            _stored_fields(doc.fields),
+            doc.priority,
+            doc.timeout,
+            doc.handler_timeout,
+            doc.handler_attempts,
+            doc.start_after,
+            doc.created_at,
+            doc.origin,
+            doc.parent_id,
+            doc.root_id,
+            Status(status.value),
+            None if due_at is None else _stored_instant(due_at),
+        )
+        self._tasks[task_id] = stored
+        self._index(stored)
 
     def beat(self, record_id: str) -> int | None:
         record = self._records.get(record_id)
@@ -111,6 +227,32 @@ class MemoryStore:
         self._records[record_id] = renewed
         self._records_by_task[record.task_id][record_id] = renewed
         return renewed.beat
+
+    # --- indexes ------------------------------------------------------------------
+
+    def _index(self, doc: TaskDoc) -> None:
+        self._by_status[doc.status].add(doc.task_id)
+        if doc.due_at is None:
+            return
+        buckets = self._due[doc.status]
+        bucket = buckets.get(doc.priority)
+        if bucket is None:
+            bucket = buckets[doc.priority] = []
+            insort(self._priorities[doc.status], doc.priority)
+        insort(bucket, (doc.due_at, doc.task_id))
+
+    def _unindex(self, doc: TaskDoc) -> None:
+        self._by_status[doc.status].discard(doc.task_id)
+        if doc.due_at is None:
+            return
+        buckets = self._due[doc.status]
+        bucket = buckets[doc.priority]
+        key = (doc.due_at, doc.task_id)
+        del bucket[bisect_left(bucket, key)]
+        if not bucket:
+            del buckets[doc.priority]
+            priorities = self._priorities[doc.status]
+            del priorities[bisect_left(priorities, doc.priority)]
 
     # --- reads ------------------------------------------------------------------
 
@@ -123,15 +265,24 @@ class MemoryStore:
     def find_due(
         self, status: Status, min_priority: float, max_priority: float, now: datetime, limit: int
     ) -> list[TaskDoc]:
-        due = [
-            doc
-            for doc in map(self._tasks.__getitem__, self._by_status[status])
-            if min_priority <= doc.priority <= max_priority
-            and doc.due_at is not None
-            and doc.due_at <= now
-        ]
-        due.sort(key=lambda doc: (doc.priority, doc.due_at, doc.task_id))
-        return due[:limit]
+        # Ordered by (priority, due_at, task_id): priorities in ascending order,
+        # and within one priority the due entries are a prefix of its bucket.
+        due: list[TaskDoc] = []
+        if limit < 0:  # a slice's meaning, as ``sorted(all_due)[:limit]`` would give
+            return self.find_due(status, min_priority, max_priority, now, len(self._tasks))[:limit]
+        buckets = self._due[status]
+        priorities = self._priorities[status]
+        tasks = self._tasks
+        for index in range(bisect_left(priorities, min_priority), len(priorities)):
+            priority = priorities[index]
+            if priority > max_priority:
+                break
+            bucket = buckets[priority]
+            end = min(bisect_right(bucket, now, key=_DUE_AT), limit - len(due))
+            due.extend(tasks[task_id] for _, task_id in bucket[:end])
+            if len(due) >= limit:
+                break
+        return due
 
     def find_by_status(self, statuses: Sequence[Status], limit: int) -> list[TaskDoc]:
         docs = [self._tasks[task_id] for status in statuses for task_id in self._by_status[status]]

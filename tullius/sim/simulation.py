@@ -35,8 +35,8 @@ from typing import Any, Final
 
 from tullius.api import insert_queued
 from tullius.band import Band, bands_from_setting
-from tullius.document import TERMINAL, RecordKind, Status, TaskSpec, status_of
-from tullius.effects import InsertRecord, InsertTasks
+from tullius.document import TERMINAL, RecordKind, Status, TaskSpec, TaskView, status_of
+from tullius.effects import InsertRecord, InsertTasks, SetStatus
 from tullius.errors import (
     ConfigError,
     StoreError,
@@ -74,7 +74,7 @@ from tullius.sim.world import (
     describe_op,
     server_names,
 )
-from tullius.store import Operation, perform
+from tullius.store import Beat, FindByStatus, FindDue, Load, Operation, perform
 from tullius.task import Task, to_specs
 
 _NO_CHECK: Final = frozenset({"Load", "FindDue", "FindByStatus", "Beat", "SetStatus"})
@@ -164,6 +164,7 @@ class Simulation(Drivers):
             raise ConfigError("kill_grace", kill_grace, "must be a timedelta >= 0")
         self.clock = SimClock(start)
         self.store = MemoryStore(rng=random.Random(seed ^ 0x5EED), racy_updates=racy_updates)
+        self._perform = _dispatcher(self.store)
         self._servers = {
             name: Server(name, ServerClock(self.clock)) for name in server_names(servers)
         }
@@ -184,6 +185,7 @@ class Simulation(Drivers):
         self._open: set[str] = set()
         self._inserted: dict[str, int] = {}
         self._leases: dict[str, tuple[str, int, int]] = {}
+        self._leases_of: dict[str, set[str]] = {}  # task id -> its record ids in _leases
         self._tail: deque[tuple[int, str, object]] = deque(maxlen=40)
         self._trace: list[tuple[int, str, object]] | None = [] if keep_trace else None
         self._pool = BatonPool(wall_limit.total_seconds())
@@ -418,10 +420,13 @@ class Simulation(Drivers):
         with self._virtual_time():
             heap = self._heap
             clock = self.clock
+            heappop = heapq.heappop
+            inv = self._inv
+            do_op, advance = self._do_op, self._advance
             while heap and heap[0][0] <= end:
                 if drain and not self._open:
                     break
-                t, _, _, kind, target, value = heapq.heappop(heap)
+                t, _, _, kind, target, value = heappop(heap)
                 if t > clock.us:
                     clock.us = t
                 self.events += 1
@@ -434,16 +439,16 @@ class Simulation(Drivers):
                         self._push(server.paused_until, kind, target, value)
                         continue
                     if kind == OP:
-                        self._do_op(target, value)
+                        do_op(target, value)
                     else:
-                        self._advance(target, value)
+                        advance(target, value)
                 elif kind == WAKE:
                     self._wake(target, value)
                 elif kind == FAULT:
                     self._fire(target)
                 else:
                     self._restart(target)
-                if self._inv.violation is not None:
+                if inv.violation is not None:
                     raise self._violation()
 
     @contextmanager
@@ -497,12 +502,13 @@ class Simulation(Drivers):
         server = actor.server
         name = type(op).__name__
         self._log(server.name, op)
-        error = self._store_fault(server, op, name)
+        error = self._store_fault(server, op, name) if self._outages or self._armed else None
         if error is not None and not error[0]:
             assert error[1] is not None
             self._advance(actor, None, error[1])
             return
-        result = perform(self.store, op)
+        do = self._perform.get(type(op))
+        result = perform(self.store, op) if do is None else do(op)
         if name not in _NO_CHECK:
             self._after_write(op, result)
         if error is not None and error[1] is None:  # a StepCrash: no reply, no server
@@ -548,8 +554,8 @@ class Simulation(Drivers):
     def _after_write(self, op: Operation, result: Any) -> None:
         if isinstance(op, InsertRecord):
             record = op.record
+            view = self.store.load(record.task_id)
             if result.token == record.token and record.kind in (RecordKind.RUN, RecordKind.HANDLER):
-                view = self.store.load(record.task_id)
                 assert view is not None
                 timeout = (
                     view.task.timeout
@@ -557,7 +563,8 @@ class Simulation(Drivers):
                     else view.task.handler_timeout
                 )
                 self._leases[record.record_id] = (record.task_id, self.clock.us, to_us(timeout))
-            self._refresh(record.task_id)
+                self._leases_of.setdefault(record.task_id, set()).add(record.record_id)
+            self._refresh(record.task_id, view)
         elif isinstance(op, InsertTasks):
             parents: set[str] = set()
             for doc in op.docs:
@@ -571,18 +578,23 @@ class Simulation(Drivers):
             for parent in parents:
                 self._refresh(parent)
 
-    def _refresh(self, task_id: str) -> None:
-        view = self.store.load(task_id)
+    def _refresh(self, task_id: str, view: TaskView | None = None) -> None:
+        """Track a task after a write to it: the invariants, its live lease, and whether
+        it is open.  ``view``: the task as loaded after the write, if already at hand."""
         if view is None:
-            return
+            view = self.store.load(task_id)
+            if view is None:
+                return
         status = self._inv.on_status(view)
-        lease = view.current_lease()
-        for record_id in (
-            f"{task_id}:run",
-            *(f"{task_id}:handler:{n}" for n in range(1, view.handler_attempt + 1)),
-        ):
-            if record_id in self._leases and (lease is None or lease.record_id != record_id):
+        leases = self._leases_of.get(task_id)
+        if leases:
+            # Forget the task's leases that ended: every one but its live lease.
+            lease = view.current_lease()
+            for record_id in [r for r in leases if lease is None or lease.record_id != r]:
                 del self._leases[record_id]
+                leases.discard(record_id)
+            if not leases:
+                del self._leases_of[task_id]
         if status in TERMINAL and all(
             d.task_id in self.store.insert_counts for d in spawned_of(view)
         ):
@@ -620,6 +632,22 @@ class Simulation(Drivers):
                     )
         if self._inv.violation is not None:
             raise self._violation()
+
+
+def _dispatcher(store: MemoryStore) -> dict[type[Any], Any]:
+    """`tullius.store.perform` for ``store``, as a table by operation type (no
+    ``match`` per operation: the simulator performs tens of thousands per second)."""
+    return {
+        InsertRecord: lambda op: store.insert_record(op.record),
+        InsertTasks: lambda op: store.insert_tasks(op.docs),
+        SetStatus: lambda op: store.set_status(op.task_id, op.status, op.due_at),
+        Load: lambda op: store.load(op.task_id),
+        FindDue: lambda op: store.find_due(
+            op.status, op.min_priority, op.max_priority, op.now, op.limit
+        ),
+        FindByStatus: lambda op: store.find_by_status(op.statuses, op.limit),
+        Beat: lambda op: store.beat(op.record_id),
+    }
 
 
 def _task_id(task_or_id: Task | str) -> str:
