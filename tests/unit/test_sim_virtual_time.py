@@ -114,24 +114,25 @@ class RaisesOdd(tullius.Task):
         raise Odd("odd")
 
 
-def test_sys_exit_in_run_is_a_crashed_worker() -> None:
+def test_sys_exit_in_run_is_an_exception_as_in_the_daemon() -> None:
     sim = Simulation(seed=3)
     task = Exits()
     sim.queue(task)
     sim.drain(within=timedelta(minutes=1))
     [link] = sim.chain(task)
     assert link.failure is not None
-    assert link.failure.kind == "crashed"
-    assert "sys.exit(3)" in link.failure.message
+    assert link.failure.kind == "exception"
+    assert link.failure.message == "run() raised SystemExit: 3"
+    assert link.failure.traceback is not None and "sys.exit(3)" in link.failure.traceback
     sim.close()
 
 
-def test_other_base_exceptions_are_a_crashed_worker() -> None:
+def test_other_base_exceptions_are_an_exception_as_in_the_daemon() -> None:
     sim = Simulation(seed=3)
     task = RaisesOdd()
     sim.queue(task)
     sim.drain(within=timedelta(minutes=1))
-    assert_outcomes(sim.chain(task), "crashed")
+    assert_outcomes(sim.chain(task), "exception")
     sim.close()
 
 

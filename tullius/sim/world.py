@@ -302,20 +302,13 @@ class Drivers:
             error = failure(FailureKind.UNLOADABLE, str(value))
         elif how == "raised" and isinstance(value, KeyboardInterrupt):
             raise value
-        elif how == "raised" and isinstance(value, SystemExit):
-            error = failure(
-                FailureKind.CRASHED,
-                f"{role} called sys.exit({value.code!r}); its worker process would have exited",
-            )
-        elif how == "raised" and not isinstance(value, Exception):
-            error = failure(
-                FailureKind.CRASHED,
-                f"{role} raised {type(value).__name__}, a "
-                "BaseException that would end its worker process",
-            )
         elif how == "raised" or how == "stopped":
+            # As tulliusd's worker does: anything user code raises, SystemExit and
+            # other BaseExceptions included, is an ``exception`` with its traceback.
             tb = "".join(traceback.format_exception(value)) if how == "raised" else None
-            error = failure(FailureKind.EXCEPTION, f"{type(value).__name__}: {value}", tb)
+            error = failure(
+                FailureKind.EXCEPTION, f"{role} raised {type(value).__name__}: {value}", tb
+            )
         else:
             try:
                 specs = to_specs(value, role=role)
