@@ -123,7 +123,8 @@ def test_sys_exit_in_run_is_an_exception_as_in_the_daemon() -> None:
     assert link.failure is not None
     assert link.failure.kind == "exception"
     assert link.failure.message == "run() raised SystemExit: 3"
-    assert link.failure.traceback is not None and "sys.exit(3)" in link.failure.traceback
+    assert link.failure.traceback is not None
+    assert "sys.exit(3)" in link.failure.traceback
     sim.close()
 
 
