@@ -109,7 +109,8 @@ def queue(task_or_tasks: Task | Iterable[Task]) -> list[str]:
     return ids
 
 
-def _task_id(task_or_id: Task | str) -> str:
+def task_id_of(task_or_id: Task | str) -> str:
+    """The id of a queued task, or the id itself; for the inspection calls of every driver."""
     if isinstance(task_or_id, Task):
         if task_or_id.task_id is None:
             raise ConfigError(
@@ -121,9 +122,9 @@ def _task_id(task_or_id: Task | str) -> str:
 
 def chain(task_or_id: Task | str, *, store: Store | None = None) -> list[ChainLink]:
     """The failure chain of a queued task: it, then the first task produced at each step."""
-    return read_chain(store or current_store(), _task_id(task_or_id))
+    return read_chain(store or current_store(), task_id_of(task_or_id))
 
 
 def tree(task_or_id: Task | str, *, store: Store | None = None) -> ChainTree:
     """Everything produced from a queued task, as a tree."""
-    return read_tree(store or current_store(), _task_id(task_or_id))
+    return read_tree(store or current_store(), task_id_of(task_or_id))

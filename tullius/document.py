@@ -331,6 +331,17 @@ def _derive_status(view: TaskView) -> Status:
     return Status.FAILED
 
 
+def spawned_of(view: TaskView) -> tuple[TaskDoc, ...]:
+    """What the task's accepted records say must be inserted: successors or replacements."""
+    status = status_of(view)
+    if status is Status.SUCCEEDED and view.outcome is not None:
+        return view.outcome.spawned
+    if status is Status.HANDLED:
+        end = view.handler_end(view.handler_attempt)
+        return () if end is None else end.spawned
+    return ()
+
+
 def due_at_of(view: TaskView) -> datetime | None:
     """When the next piece of work on the task may start, or None if none is pending."""
     status = status_of(view)

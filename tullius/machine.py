@@ -63,6 +63,7 @@ from tullius.document import (
     outcome_id,
     queued_doc,
     run_id,
+    spawned_of,
     status_of,
 )
 from tullius.effects import Effect, InsertRecord, InsertTasks, SetStatus
@@ -178,21 +179,12 @@ def _settle(view: TaskView, status: Status, *, sweeping: bool = False) -> tuple[
     hint = view.task
     due_at = due_at_of(view)
     effects: list[Effect] = []
-    spawned = _spawned(view, status)
+    spawned = spawned_of(view)
     if spawned and not (sweeping and hint.status is status):
         effects.append(InsertTasks(spawned))
     if not (sweeping and hint.status is status and hint.due_at == due_at):
         effects.append(SetStatus(view.task_id, status, due_at))
     return tuple(effects)
-
-
-def _spawned(view: TaskView, status: Status) -> tuple[TaskDoc, ...]:
-    if status is Status.SUCCEEDED and view.outcome is not None:
-        return view.outcome.spawned
-    if status is Status.HANDLED:
-        end = view.handler_end(view.handler_attempt)
-        return end.spawned if end is not None else ()
-    return ()
 
 
 # --- one recorder per event type: the record the event inserts -------------------

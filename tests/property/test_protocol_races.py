@@ -30,6 +30,7 @@ from tullius.document import (
     Status,
     TaskSpec,
     TaskView,
+    spawned_of,
     status_of,
 )
 from tullius.effects import Effect, InsertRecord
@@ -226,16 +227,6 @@ def check_consistent(view: TaskView) -> None:
     for record in view.records.values():
         if record.kind is RecordKind.HANDLER_END:
             assert view.handler(record.attempt) is not None
-
-
-def spawned_of(view: TaskView) -> tuple:  # type: ignore[type-arg]
-    status = status_of(view)
-    if status is Status.SUCCEEDED and view.outcome is not None:
-        return view.outcome.spawned
-    if status is Status.HANDLED:
-        end = view.handler_end(view.handler_attempt)
-        return () if end is None else end.spawned
-    return ()
 
 
 def spawned_all_present(store: MemoryStore, view: TaskView) -> bool:

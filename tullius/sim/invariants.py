@@ -179,14 +179,3 @@ def _spawned_ids(view: TaskView) -> set[str]:
         if record.kind is RecordKind.HANDLER_END and record.ok:
             ids.update(doc.task_id for doc in record.spawned)
     return ids
-
-
-def spawned_of(view: TaskView) -> tuple[TaskDoc, ...]:
-    """What the task's accepted records say must be inserted (successors or replacements)."""
-    status = status_of(view)
-    if status is Status.SUCCEEDED and view.outcome is not None:
-        return view.outcome.spawned
-    if status is Status.HANDLED:
-        end = view.handler_end(view.handler_attempt)
-        return () if end is None else end.spawned
-    return ()

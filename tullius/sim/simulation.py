@@ -33,9 +33,9 @@ from datetime import datetime, timedelta
 from types import ModuleType
 from typing import Any, Final
 
-from tullius.api import insert_queued
+from tullius.api import insert_queued, task_id_of
 from tullius.band import Band, bands_from_setting
-from tullius.document import TERMINAL, RecordKind, Status, TaskSpec, TaskView, status_of
+from tullius.document import TERMINAL, RecordKind, Status, TaskSpec, TaskView, spawned_of, status_of
 from tullius.effects import InsertRecord, InsertTasks, SetStatus
 from tullius.errors import (
     ConfigError,
@@ -57,7 +57,7 @@ from tullius.sim.faults import (
     fault_end,
     validate_schedule,
 )
-from tullius.sim.invariants import DrainTimeout, Invariants, InvariantViolation, spawned_of
+from tullius.sim.invariants import DrainTimeout, Invariants, InvariantViolation
 from tullius.sim.memory_store import MemoryStore
 from tullius.sim.virtual_time import BatonPool, VirtualTime
 from tullius.sim.world import (
@@ -305,11 +305,11 @@ class Simulation(Drivers):
 
     def chain(self, task_or_id: Task | str) -> list[ChainLink]:
         """The task and, in order, the first task produced at each step after it."""
-        return read_chain(self.store, _task_id(task_or_id))
+        return read_chain(self.store, task_id_of(task_or_id))
 
     def tree(self, task_or_id: Task | str) -> ChainTree:
         """Everything produced from the task, as a tree."""
-        return read_tree(self.store, _task_id(task_or_id))
+        return read_tree(self.store, task_id_of(task_or_id))
 
     def check(self) -> None:
         """Run every invariant over the whole store now.
@@ -648,16 +648,6 @@ def _dispatcher(store: MemoryStore) -> dict[type[Any], Any]:
         FindByStatus: lambda op: store.find_by_status(op.statuses, op.limit),
         Beat: lambda op: store.beat(op.record_id),
     }
-
-
-def _task_id(task_or_id: Task | str) -> str:
-    if isinstance(task_or_id, Task):
-        if task_or_id.task_id is None:
-            raise ConfigError(
-                "task", task_or_id, "has not been queued; expected a queued task or its id"
-            )
-        return task_or_id.task_id
-    return task_or_id
 
 
 def _line(entry: tuple[int, str, object]) -> str:
