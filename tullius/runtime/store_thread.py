@@ -1,12 +1,15 @@
-"""The daemon's store thread: every store conversation runs here, one at a time.
+"""The daemon's store threads: every store conversation runs here, off the main thread.
 
 The supervisor's main thread must never wait on the database (a kill at a
 deadline can't be late because MongoDB is), so it hands each piece of store
 work to this thread with a callback.  Finished work wakes the main loop
 through a pipe, and the loop runs the callbacks itself, so all of the
-supervisor's state is only ever touched by its main thread.  One thread, so
-an in-process `MemoryStore` needs no lock, and writes happen in the order
-they were submitted.
+supervisor's state is only ever touched by its main thread.
+
+With a `MongoStore` several conversations run at once (pymongo is
+thread-safe, and every conversation is correct against concurrent rivals:
+that is the protocol), so one slow query does not hold up every finish.  An
+in-process `MemoryStore` gets one thread, so it needs no lock.
 """
 
 from __future__ import annotations
@@ -21,10 +24,16 @@ Done = Callable[[Future[Any]], None]
 
 
 class StoreThread:
-    """A one-thread executor whose completions wake a ``select``-style loop."""
+    """An executor whose completions wake a ``select``-style loop.
 
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tullius-store")
+    Args:
+        threads: how many conversations may run at once (1 for a `MemoryStore`).
+    """
+
+    def __init__(self, threads: int = 1) -> None:
+        if threads < 1:
+            raise ValueError(f"threads={threads!r} must be >= 1")
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="tullius-store")
         self._inflight: list[tuple[Future[Any], Done]] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)

@@ -6,10 +6,11 @@ Two threads, one rule each:
   band slot, replacing the dead and recycling the tired), sends them jobs,
   reads their answers, and enforces deadlines by signalling process groups.
   It never waits on the store, so a database outage can't delay a kill.
-* the **store thread** (a one-thread executor) runs every store conversation
-  of ``engine.py`` with `engine.drive`: claims, finishes, renewals, sweeps and
-  ``tullius.queue()`` calls made by user code.  One thread, so a `MemoryStore`
-  needs no lock and the order of writes is the order of submission.
+* the **store threads** run every store conversation of ``engine.py`` with
+  `engine.drive`: claims, finishes, renewals, sweeps and ``tullius.queue()``
+  calls made by user code.  Several against a database (each conversation is
+  correct against concurrent rivals); one for an embedded `MemoryStore`,
+  which needs no lock then.
 
 A store error ends a conversation; every write is idempotent, so the loop
 simply runs it again later (a finished job's verdict is retried with the very
@@ -55,6 +56,7 @@ from tullius.runtime.mongo_store import redact
 from tullius.runtime.slots import Counters, Finishing, Running, Slot, WorkerProcess
 from tullius.runtime.store_thread import StoreThread
 from tullius.runtime.sweeper import Sweeper
+from tullius.sim.memory_store import MemoryStore
 from tullius.store import Store
 
 log = logging.getLogger("tullius.daemon")
@@ -63,6 +65,9 @@ log = logging.getLogger("tullius.daemon")
 KILL_GRACE = 1.0
 #: After shutdown's grace, how long to keep trying to record the last verdicts.
 FINISH_GIVE_UP = 30.0
+#: Store conversations in flight at once against a database (claims of one band
+#: stay one at a time; finishes, renewals and sweeps overlap them).
+STORE_THREADS = 4
 #: Longest the loop sleeps when nothing is scheduled.
 MAX_WAIT = 0.5
 
@@ -111,7 +116,8 @@ class Supervisor:
         self._band_claiming = [False] * len(settings.bands)
         self._finishing: list[Finishing] = []
         self._retiring: list[tuple[WorkerProcess, float]] = []
-        self._store_thread = StoreThread()
+        # MemoryStore is not thread-safe; a real database serves conversations in parallel.
+        self._store_thread = StoreThread(1 if isinstance(store, MemoryStore) else STORE_THREADS)
         self._next_observe = 0.0
         self._observing = False
         self._stop_signals = 0
