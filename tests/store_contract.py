@@ -157,14 +157,32 @@ class StoreContract:
             ]
         )
         now = T0 + timedelta(seconds=1)
-        found = store.find_due(Status.QUEUED, 1, 5, now, 10)
+        found = store.find_due([Status.QUEUED], 1, 5, now, 10)
         assert [doc.task_id for doc in found] == ["p1", "p1-later", "p3"]
-        assert [d.task_id for d in store.find_due(Status.QUEUED, 0, 10, now, 2)] == ["p0", "p1"]
+        assert [d.task_id for d in store.find_due([Status.QUEUED], 0, 10, now, 2)] == ["p0", "p1"]
 
     def test_find_due_only_returns_the_asked_status(self, store: Any) -> None:
         store.insert_tasks([make_doc("a"), make_doc("b")])
         store.set_status("b", Status.FAILED, T0)
-        assert [d.task_id for d in store.find_due(Status.FAILED, 0, 10, T0, 10)] == ["b"]
+        assert [d.task_id for d in store.find_due([Status.FAILED], 0, 10, T0, 10)] == ["b"]
+
+    def test_find_due_puts_failures_before_new_work_of_the_same_priority(self, store: Any) -> None:
+        later = T0 + timedelta(seconds=5)
+        store.insert_tasks(
+            [make_doc("q1", priority=1), make_doc("f1", priority=1), make_doc("q0", priority=0)]
+        )
+        store.insert_tasks([make_doc("f2", priority=2)])
+        store.set_status("f1", Status.FAILED, later)
+        store.set_status("f2", Status.FAILED, T0)
+        store.set_status("q0", Status.RUNNING, None)
+        found = store.find_due([Status.QUEUED, Status.FAILED], 0, 10, later, 10)
+        assert [doc.task_id for doc in found] == ["f1", "q1", "f2"]
+        assert [
+            d.task_id for d in store.find_due([Status.FAILED, Status.QUEUED], 0, 10, later, 2)
+        ] == [
+            "f1",
+            "q1",
+        ]
 
     def test_find_by_status_returns_matching_hints_by_due_then_id(self, store: Any) -> None:
         store.insert_tasks([make_doc("c"), make_doc("a"), make_doc("b")])

@@ -39,6 +39,8 @@ from tullius.store import Beat, FindByStatus, FindDue, Load, Operation, Store, p
 T = TypeVar("T")
 Conversation = Generator[Operation, Any, T]
 
+#: The hints of tasks with work to claim: a failure to handle, or a run.
+WORK: tuple[Status, ...] = (Status.FAILED, Status.QUEUED)
 #: How many candidates one claim looks at before giving up for this round.
 CLAIM_BATCH = 8
 #: How many unsettled tasks one sweep examines.
@@ -158,8 +160,9 @@ def claim_many(
     read of candidates serves every worker, which matters on servers where
     each query scans the collection.
 
-    1. Failed tasks first (their ``failed()`` is overdue work), then queued ones;
-       most urgent first: lowest priority, then earliest due.
+    1. One read of due work (`Store.find_due`): most urgent first, by priority;
+       within a priority, failed tasks (their ``failed()`` is overdue work)
+       before queued ones; then earliest due.
     2. A queued candidate is claimed optimistically by inserting its RUN
        record: if the task had been claimed, the insert loses and nothing else
        was written.  A failed candidate is loaded first, for its attempt count.
@@ -167,41 +170,41 @@ def claim_many(
     """
     jobs: list[Job] = []
     waiting = list(workers)
-    for status in (Status.FAILED, Status.QUEUED):
+    if not waiting:
+        return jobs
+    limit = max(batch, 2 * len(waiting))
+    docs = yield FindDue(WORK, band.min_priority, band.max_priority, now, limit)
+    for doc in docs:
         if not waiting:
             break
-        limit = max(batch, 2 * len(waiting))
-        docs = yield FindDue(status, band.min_priority, band.max_priority, now, limit)
-        for doc in docs:
-            if not waiting:
-                break
-            worker, token = waiting[0]
-            event: Event = (
-                HandlerClaimed(token=token, server=server, worker=worker)
-                if status is Status.FAILED
-                else Claimed(token=token, server=server, worker=worker)
-            )
-            view: TaskView | None = TaskView(doc)
-            if status is Status.FAILED:
-                view = yield Load(doc.task_id)
-            if view is None:
-                continue
-            try:
-                decided = step(view, event, now=now, rng=rng)
-            except InvalidTransition:
-                yield from repair(view, now=now)
-                continue
-            winner = yield from apply_step(view, decided)
-            assert winner is not None
-            assert decided.record is not None
-            if winner.token == decided.record.token:
-                kind = JobKind.HANDLE if status is Status.FAILED else JobKind.RUN
-                jobs.append(Job(kind, view.with_record(winner), winner))
-                waiting.pop(0)
-                continue
-            fresh = yield Load(doc.task_id)
-            if fresh is not None:
-                yield from repair(fresh, now=now)
+        worker, token = waiting[0]
+        handling = doc.status is Status.FAILED
+        event: Event = (
+            HandlerClaimed(token=token, server=server, worker=worker)
+            if handling
+            else Claimed(token=token, server=server, worker=worker)
+        )
+        view: TaskView | None = TaskView(doc)
+        if handling:
+            view = yield Load(doc.task_id)
+        if view is None:
+            continue
+        try:
+            decided = step(view, event, now=now, rng=rng)
+        except InvalidTransition:
+            yield from repair(view, now=now)
+            continue
+        winner = yield from apply_step(view, decided)
+        assert winner is not None
+        assert decided.record is not None
+        if winner.token == decided.record.token:
+            kind = JobKind.HANDLE if handling else JobKind.RUN
+            jobs.append(Job(kind, view.with_record(winner), winner))
+            waiting.pop(0)
+            continue
+        fresh = yield Load(doc.task_id)
+        if fresh is not None:
+            yield from repair(fresh, now=now)
     return jobs
 
 

@@ -74,11 +74,19 @@ class Store(Protocol):
         ...
 
     def find_due(
-        self, status: Status, min_priority: float, max_priority: float, now: datetime, limit: int
+        self,
+        statuses: Sequence[Status],
+        min_priority: float,
+        max_priority: float,
+        now: datetime,
+        limit: int,
     ) -> list[TaskDoc]:
-        """Tasks whose hint is ``status``, priority in the band and ``due_at <= now``.
+        """Tasks whose hint is one of ``statuses``, priority in the band, ``due_at <= now``.
 
-        Most urgent first: by priority, then ``due_at``, then id.  Hints may be
+        Most urgent first: by priority, then status value (so ``failed``, whose
+        ``failed()`` is overdue, comes before ``queued``), then ``due_at``, then
+        id.  One query for every kind of work: on servers that scan a
+        collection for each query, a claim costs one scan.  Hints may be
         stale; the caller must check the records before acting.
         """
         ...
@@ -106,7 +114,7 @@ class Load:
 
 @dataclass(frozen=True)
 class FindDue:
-    status: Status
+    statuses: tuple[Status, ...]
     min_priority: float
     max_priority: float
     now: datetime
@@ -138,8 +146,8 @@ def perform(store: Store, op: Operation) -> Any:
             return store.set_status(task_id, status, due_at)
         case Load(task_id):
             return store.load(task_id)
-        case FindDue(status, low, high, now, limit):
-            return store.find_due(status, low, high, now, limit)
+        case FindDue(statuses, low, high, now, limit):
+            return store.find_due(statuses, low, high, now, limit)
         case FindByStatus(statuses, limit):
             return store.find_by_status(statuses, limit)
         case Beat(record_id):

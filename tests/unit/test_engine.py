@@ -41,13 +41,15 @@ def test_workers_claim_the_most_urgent_due_task_in_their_band() -> None:
     assert claim_one(store, "e", now=T0 + timedelta(minutes=1)).task_id == "p0-later"
 
 
-def test_failures_are_handled_before_new_work_is_started() -> None:
+def test_failures_are_handled_before_new_work_of_the_same_priority() -> None:
     store = MemoryStore()
     store.insert_tasks([make_doc("a", priority=1), make_doc("b", priority=9)])
     job = claim_one(store, "a")
-    drive(store, finish(job, Failed("a", BOOM), now=T0))
-    store.insert_tasks([make_doc("c", priority=0)])
-    handler = claim_one(store, "h")
+    later = T0 + timedelta(seconds=1)
+    drive(store, finish(job, Failed("a", BOOM), now=later))
+    store.insert_tasks([make_doc("c", priority=1), make_doc("urgent", priority=0)])
+    first, handler = (claim_one(store, token, now=later) for token in ("u", "h"))
+    assert first.task_id == "urgent"  # priority comes first
     assert (handler.kind, handler.task_id, handler.lease.attempt) == (JobKind.HANDLE, "a", 1)
 
 

@@ -70,6 +70,9 @@ def test_paused_server_wakes_up_and_its_late_result_is_rejected() -> None:
     owner = sim.chain(task)[0].server
     assert owner is not None
     sim.pause_server(owner, at=sim.elapsed, duration=timedelta(seconds=120))
+    # On waking, its lease renewals fail too, so it does try to record its late result
+    # (with a working renewal it would learn of the lost lease first and stop the task).
+    sim.apply([StoreFault(owner, "Beat", "not_applied", at=sim.elapsed, count=1000)])
     sim.drain(within=timedelta(minutes=10))
     sim.run_for(timedelta(minutes=3))  # let the paused server wake up and try to finish
     [link] = sim.chain(task)

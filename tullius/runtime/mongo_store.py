@@ -109,14 +109,20 @@ class MongoStore:
         self._retrying(
             "create indexes",
             lambda: (
+                # find_due: one index range per priority, already in sort order.
                 self.tasks.create_index(
                     [
-                        ("status", ASCENDING),
                         ("priority", ASCENDING),
+                        ("status", ASCENDING),
                         ("due_at", ASCENDING),
                         ("_id", ASCENDING),
                     ],
-                    name="due",
+                    name="work",
+                ),
+                # find_by_status (sweeps).
+                self.tasks.create_index(
+                    [("status", ASCENDING), ("due_at", ASCENDING), ("_id", ASCENDING)],
+                    name="status",
                 ),
                 self.tasks.create_index([("parent_id", ASCENDING)], name="parent"),
                 self.records.create_index([("task_id", ASCENDING)], name="task"),
@@ -198,14 +204,24 @@ class MongoStore:
         return self._retrying("load task", attempt)
 
     def find_due(
-        self, status: Status, min_priority: float, max_priority: float, now: datetime, limit: int
+        self,
+        statuses: Sequence[Status],
+        min_priority: float,
+        max_priority: float,
+        now: datetime,
+        limit: int,
     ) -> list[TaskDoc]:
         query = {
-            "status": status.value,
+            "status": {"$in": [status.value for status in statuses]},
             "priority": {"$gte": min_priority, "$lte": max_priority},
             "due_at": {"$lte": stored_time(now)},
         }
-        sort = [("priority", ASCENDING), ("due_at", ASCENDING), ("_id", ASCENDING)]
+        sort = [
+            ("priority", ASCENDING),
+            ("status", ASCENDING),
+            ("due_at", ASCENDING),
+            ("_id", ASCENDING),
+        ]
         return self._retrying(
             "find due tasks",
             lambda: self._decoded(self.tasks.find(query).sort(sort).limit(limit)),

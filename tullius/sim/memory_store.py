@@ -263,25 +263,41 @@ class MemoryStore:
         return TaskView(doc, dict(self._records_by_task.get(task_id, {})))
 
     def find_due(
-        self, status: Status, min_priority: float, max_priority: float, now: datetime, limit: int
+        self,
+        statuses: Sequence[Status],
+        min_priority: float,
+        max_priority: float,
+        now: datetime,
+        limit: int,
     ) -> list[TaskDoc]:
-        # Ordered by (priority, due_at, task_id): priorities in ascending order,
-        # and within one priority the due entries are a prefix of its bucket.
-        due: list[TaskDoc] = []
+        # Ordered by (priority, status value, due_at, task_id): priorities in
+        # ascending order, and within one priority and status the due entries are
+        # a prefix of its bucket.
         if limit < 0:  # a slice's meaning, as ``sorted(all_due)[:limit]`` would give
-            return self.find_due(status, min_priority, max_priority, now, len(self._tasks))[:limit]
-        buckets = self._due[status]
-        priorities = self._priorities[status]
+            every = self.find_due(statuses, min_priority, max_priority, now, len(self._tasks))
+            return every[:limit]
+        ordered = sorted(set(statuses), key=lambda status: status.value)
+        priorities = sorted(
+            {
+                priority
+                for status in ordered
+                for priority in self._priorities[status][
+                    bisect_left(self._priorities[status], min_priority) :
+                ]
+                if priority <= max_priority
+            }
+        )
+        due: list[TaskDoc] = []
         tasks = self._tasks
-        for index in range(bisect_left(priorities, min_priority), len(priorities)):
-            priority = priorities[index]
-            if priority > max_priority:
-                break
-            bucket = buckets[priority]
-            end = min(bisect_right(bucket, now, key=_DUE_AT), limit - len(due))
-            due.extend(tasks[task_id] for _, task_id in bucket[:end])
-            if len(due) >= limit:
-                break
+        for priority in priorities:
+            for status in ordered:
+                bucket = self._due[status].get(priority)
+                if not bucket:
+                    continue
+                end = min(bisect_right(bucket, now, key=_DUE_AT), limit - len(due))
+                due.extend(tasks[task_id] for _, task_id in bucket[:end])
+                if len(due) >= limit:
+                    return due
         return due
 
     def find_by_status(self, statuses: Sequence[Status], limit: int) -> list[TaskDoc]:

@@ -643,7 +643,7 @@ def _dispatcher(store: MemoryStore) -> dict[type[Any], Any]:
         SetStatus: lambda op: store.set_status(op.task_id, op.status, op.due_at),
         Load: lambda op: store.load(op.task_id),
         FindDue: lambda op: store.find_due(
-            op.status, op.min_priority, op.max_priority, op.now, op.limit
+            op.statuses, op.min_priority, op.max_priority, op.now, op.limit
         ),
         FindByStatus: lambda op: store.find_by_status(op.statuses, op.limit),
         Beat: lambda op: store.beat(op.record_id),

@@ -130,8 +130,8 @@ def describe_op(op: object) -> str:
             return f"SetStatus {task_id} {status.value}"
         case Load(task_id):
             return f"Load {task_id}"
-        case FindDue(status, low, high, _, _):
-            return f"FindDue {status.value} {low:g}-{high:g}"
+        case FindDue(statuses, low, high, _, _):
+            return f"FindDue {'+'.join(s.value for s in statuses)} {low:g}-{high:g}"
         case FindByStatus():
             return "FindByStatus"
         case Beat(record_id):
@@ -411,7 +411,7 @@ class Drivers:
             )
         if job.kind is not JobKind.RUN:
             return
-        for doc in self.store.find_due(Status.QUEUED, band.min_priority, priority, now, 8):
+        for doc in self.store.find_due((Status.QUEUED,), band.min_priority, priority, now, 8):
             if doc.priority >= priority:
                 break
             view = self.store.load(doc.task_id)
