@@ -40,19 +40,34 @@ def wait_for(
     timeout: float = 60,
     what: str = "the condition",
     interval: float = 0.05,
+    *,
+    tolerate: tuple[type[BaseException], ...] = (),
+    on_timeout: Callable[[], str] | None = None,
 ) -> T:
     """Poll ``predicate`` until it returns something truthy; return that.
+
+    Args:
+        tolerate: errors of the predicate that count as "not yet" (fault tests
+            take the database away on purpose); the last one is reported.
+        on_timeout: more text for the failure message (e.g. a daemon's log).
 
     Raises:
         AssertionError: still falsy after ``timeout`` seconds, naming ``what``.
     """
     deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
     while True:
-        value = predicate()
-        if value:
-            return value
+        try:
+            value = predicate()
+            if value:
+                return value
+        except tolerate as error:
+            last_error = error
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+            extra = f"\nlast error: {last_error!r}" if last_error else ""
+            if on_timeout is not None:
+                extra += "\n" + on_timeout()
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{extra}")
         time.sleep(interval)
 
 

@@ -15,7 +15,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
@@ -24,6 +23,7 @@ from typing import Any
 
 import pymongo
 import pymongo.errors
+from daemon_harness import wait_for as harness_wait_for
 from ledger import Ledger, check_ledger, kill_leftovers, read_marks, settled
 
 from tullius.api import insert_queued
@@ -47,27 +47,16 @@ def wait_for(
     on_timeout: Callable[[], str] | None = None,
     interval: float = 0.05,
 ) -> Any:
-    """Poll ``predicate`` until it returns something truthy; return that.
-
-    A database error inside the predicate counts as "not yet" (several
-    scenarios take the database away on purpose).  At the deadline, raise
-    AssertionError naming ``what``, the last error and ``on_timeout()``'s text.
-    """
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except (pymongo.errors.PyMongoError, StoreError) as error:
-            last_error = error
-        if time.monotonic() >= deadline:
-            extra = f"\nlast database error: {last_error!r}" if last_error else ""
-            if on_timeout is not None:
-                extra += "\n" + on_timeout()
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
-        time.sleep(interval)
+    """`daemon_harness.wait_for` riding through database outages: a database
+    error inside the predicate counts as "not yet"."""
+    return harness_wait_for(
+        predicate,
+        timeout,
+        what,
+        interval,
+        tolerate=(pymongo.errors.PyMongoError, StoreError),
+        on_timeout=on_timeout,
+    )
 
 
 class Daemon:
