@@ -193,13 +193,14 @@ def test_paused_daemon_late_result_is_rejected(scenario: Scenario) -> None:
 # --- load -------------------------------------------------------------------------------------
 
 
-#: FerretDB's SQLite backend pushes down only ``_id`` equality, so every other query scans
-#: the whole collection and the cost of N tasks grows as N squared: 1,000 tasks take over
-#: five minutes there on two cores.  A real MongoDB (TULLIUS_TEST_MONGODB_URI) gets the full
-#: 1,000; TULLIUS_FAULTS_RACE_TASKS overrides either.
-RACE_TASKS = int(os.environ.get("TULLIUS_FAULTS_RACE_TASKS") or (1000 if EXTERNAL_URI else 300))
+#: The issue's 1,000.  FerretDB's SQLite backend pushes down only ``_id`` equality, so
+#: every other query scans the whole collection and the run takes about four minutes on
+#: two cores there (hence the generous deadlines below);
+#: TULLIUS_FAULTS_RACE_TASKS overrides it for quicker local runs.
+RACE_TASKS = int(os.environ.get("TULLIUS_FAULTS_RACE_TASKS") or 1000)
 
 
+@pytest.mark.timeout(2400)
 def test_three_daemons_race_over_1000_short_tasks(scenario: Scenario) -> None:
     # Given three daemons on one database
     for name in ("one", "two", "three"):
@@ -214,7 +215,7 @@ def test_three_daemons_race_over_1000_short_tasks(scenario: Scenario) -> None:
     total = RACE_TASKS + queueing
 
     # Then each ran exactly once, each failure was handled once, and nothing was lost
-    scenario.settle(total, timeout=420)
+    scenario.settle(total, timeout=1800)
     ledger = scenario.finish(expect_tasks=total)
     counts = ledger.status_counts()
     assert counts == Counter({Status.SUCCEEDED: total - failing, Status.HANDLED: failing}), (
