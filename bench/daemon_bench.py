@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         "--poll", type=float, default=None, help="tulliusd --poll-interval (default: its own)"
     )
     parser.add_argument(
-        "--celery-poll", type=float, default=0.02, help="kombu MongoDB polling_interval"
+        "--celery-poll", type=float, default=0.01, help="kombu MongoDB polling_interval"
     )
     parser.add_argument("--skip-others", action="store_true", help="measure Tullius only")
     args = parser.parse_args(argv)
