@@ -18,7 +18,6 @@ no clock, no randomness here.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import hashlib
 from base64 import b32encode
@@ -489,8 +488,3 @@ def record_from_bson(data: Mapping[str, Any]) -> Record:
 def as_stored(doc: TaskDoc) -> TaskDoc:
     """``doc`` exactly as reading it back from any store would return it."""
     return task_from_bson(task_to_bson(doc))
-
-
-def replace_status(doc: TaskDoc, status: Status, due_at: datetime | None) -> TaskDoc:
-    """``doc`` with new hints."""
-    return dataclasses.replace(doc, status=status, due_at=due_at)

@@ -46,7 +46,6 @@ from datetime import datetime
 from typing import Final
 
 from tullius.document import (
-    TERMINAL,
     Failure,
     FailureKind,
     Origin,
@@ -391,9 +390,3 @@ def spawn(
         )
         for index, spec in enumerate(specs)
     )
-
-
-def is_settled(view: TaskView) -> bool:
-    """True when the task is terminal and its hint says so (nothing left to repair)."""
-    status = status_of(view)
-    return status in TERMINAL and view.task.status is status

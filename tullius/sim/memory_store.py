@@ -199,7 +199,8 @@ class MemoryStore:
         self._previous_status[task_id] = doc.status
         self._unindex(doc)
         # ``doc`` is stored already: only the new hints need converting (this is
-        # what ``as_stored(replace_status(doc, status, due_at))`` returns).
+        # what ``as_stored(dataclasses.replace(doc, status=status, due_at=due_at))``
+        # returns).
         stored = TaskDoc(
             doc.task_id,
             doc.class_name,

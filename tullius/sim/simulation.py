@@ -74,7 +74,7 @@ from tullius.sim.world import (
     describe_op,
     server_names,
 )
-from tullius.store import Beat, FindByStatus, FindDue, Load, Operation, perform
+from tullius.store import Beat, FindByStatus, FindDue, Load, Operation, operation_name, perform
 from tullius.task import Task, to_specs
 
 _NO_CHECK: Final = frozenset({"Load", "FindDue", "FindByStatus", "Beat", "SetStatus"})
@@ -500,7 +500,7 @@ class Simulation(Drivers):
 
     def _do_op(self, actor: Actor, op: Operation) -> None:
         server = actor.server
-        name = type(op).__name__
+        name = operation_name(op)
         self._log(server.name, op)
         error = self._store_fault(server, op, name) if self._outages or self._armed else None
         if error is not None and not error[0]:
