@@ -202,7 +202,7 @@ def queue_noops(store: MongoStore, log: Path, keys: list[str]) -> None:
 def wait_settled(store: MongoStore, count: int, timeout: float) -> None:
     terminal = [s.value for s in TERMINAL]
     deadline = time.monotonic() + timeout
-    while store.tasks.count_documents({"status": {"$in": terminal}}) < count:
+    while store.finished.count_documents({"status": {"$in": terminal}}) < count:
         if time.monotonic() > deadline:
             raise TimeoutError(f"fewer than {count} tasks settled within {timeout}s")
         time.sleep(0.05)

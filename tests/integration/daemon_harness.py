@@ -301,7 +301,8 @@ def all_terminal(store: Any) -> bool:
         return False
     return all(
         status_of(view) in TERMINAL
-        for doc in store.tasks.find({}, {"_id": 1})
+        for collection in (store.tasks, store.finished)
+        for doc in collection.find({}, {"_id": 1})
         if (view := store.load(doc["_id"])) is not None
     )
 

@@ -49,9 +49,8 @@ from tullius.document import (
     TaskView,
     record_from_bson,
     status_of,
-    task_from_bson,
 )
-from tullius.runtime.mongo_store import MongoStore
+from tullius.runtime.mongo_store import UNDECODABLE, MongoStore, decode_task
 
 
 @dataclass(frozen=True)
@@ -127,9 +126,10 @@ def read_ledger(store: MongoStore, marks_dir: Path | str | None = None) -> Ledge
     """Read all tasks and records in bulk (two queries, not two per task)."""
     ledger = Ledger(marks=read_marks(marks_dir))
     docs: dict[str, TaskDoc] = {}
-    for raw in store.tasks.find({}):
+    # Finished copies first: a live copy of the same task (mid-move) wins, as in load().
+    for raw in [*store.finished.find({}), *store.tasks.find({})]:
         try:
-            docs[str(raw["_id"])] = task_from_bson(raw)
+            docs[str(raw["_id"])] = decode_task(raw)
         except (KeyError, ValueError, TypeError) as error:
             ledger.undecodable[str(raw.get("_id"))] = f"{type(error).__name__}: {error}"
     records: dict[str, dict[str, Record]] = {task_id: {} for task_id in docs}
@@ -400,8 +400,9 @@ def settled(store: MongoStore, expect_at_least: int = 1) -> bool:
     the deciding record exists, and lagging hints must be repaired by the
     daemons, so waiting on them also checks the repair.
     """
-    terminal = [s.value for s in TERMINAL]
-    total = store.tasks.count_documents({})
+    total = store.tasks.count_documents({}) + store.finished.count_documents({})
     if total < expect_at_least:
         return False
-    return store.tasks.count_documents({"status": {"$nin": terminal}}) == 0
+    # A task leaves the live collection when its hint turns terminal; only
+    # documents set aside as undecodable stay there, for an operator.
+    return store.tasks.count_documents({"status": {"$ne": UNDECODABLE}}) == 0

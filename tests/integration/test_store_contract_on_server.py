@@ -98,9 +98,11 @@ def test_racing_engines_decide_every_task_exactly_once(
         # and what it spawned was inserted exactly once, under the derived id.
         children = setup.find_children(view.task_id)
         assert len(children) == 1, (view.task_id, children)
-    assert mongo[database_name]["tasks"].count_documents({}) == 60 * 2
+    # and, every task being finished, all of them moved out of the live queue.
+    assert mongo[database_name]["finished"].count_documents({}) == 60 * 2
+    assert mongo[database_name]["tasks"].count_documents({}) == 0
     # and the spawned tasks ran to an end too.
-    for doc in mongo[database_name]["tasks"].find({"parent_id": {"$ne": None}}):
+    for doc in mongo[database_name]["finished"].find({"parent_id": {"$ne": None}}):
         child = setup.load(doc["_id"])
         assert child is not None
         assert status_of(child) in (Status.SUCCEEDED, Status.HANDLED)

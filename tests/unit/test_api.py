@@ -15,6 +15,7 @@ import tullius
 from tullius.api import configure
 from tullius.deps import load_deps
 from tullius.errors import ConfigError, TaskDefinitionError
+from tullius.runtime.mongo_store import MongoStore
 from tullius.sim.memory_store import MemoryStore
 
 
@@ -66,7 +67,7 @@ def test_configure_with_a_pymongo_database_queues_into_it() -> None:
     configure(db=db)
     try:
         [task_id] = tullius.queue(Hello(n=1))
-        assert db["tasks"].find_one({"_id": task_id})["fields"] == {"n": 1}
+        assert MongoStore(db).load(task_id).task.fields == {"n": 1}  # type: ignore[union-attr]
     finally:
         configure()
 

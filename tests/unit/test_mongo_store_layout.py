@@ -1,0 +1,110 @@
+"""MongoStore keeps live tasks apart from finished ones (on mongomock).
+
+The store contract (tests/store_contract.py) says what every store does; these
+tests pin down how MongoStore lays it out, and that the layout's awkward
+moments — a move interrupted half-way, a finished task inserted again — end
+with the task settled and run once.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import mongomock
+import pytest
+
+from tests.store_contract import T0, make_doc
+from tullius.band import Band
+from tullius.document import Status, status_of
+from tullius.engine import claim, drive, finish, sweep
+from tullius.events import Succeeded
+from tullius.policy import LeaseWatch
+from tullius.runtime.mongo_store import LIVE_FIELDS, MongoStore
+
+ALL = Band(1, 0, 10)
+
+
+@pytest.fixture
+def store() -> MongoStore:
+    store = MongoStore(mongomock.MongoClient(tz_aware=True)["tullius_layout"])
+    store.ensure_indexes()
+    return store
+
+
+def run_to_success(store: MongoStore, task_id: str) -> None:
+    job = drive(store, claim(ALL, server="s1", worker="w1", token=f"tok-{task_id}", now=T0))
+    assert job is not None
+    assert job.task_id == task_id
+    verdict = drive(store, finish(job, Succeeded(job.token), now=T0 + timedelta(seconds=1)))
+    assert verdict.accepted
+
+
+def ids(collection: Any) -> list[str]:
+    return sorted(doc["_id"] for doc in collection.find({}, {"_id": 1}))
+
+
+def test_a_task_leaves_the_live_collection_when_it_finishes(store: MongoStore) -> None:
+    store.insert_tasks([make_doc("a"), make_doc("b")])
+    run_to_success(store, "a")
+    assert ids(store.tasks) == ["b"]
+    assert ids(store.finished) == ["a"]
+    assert store.finished.find_one({"_id": "a"})["fields"] == {}  # readable, not packed
+    assert store.load("a").task.status is Status.SUCCEEDED  # type: ignore[union-attr]
+
+
+def test_live_documents_keep_only_what_queries_use_outside_the_packed_body(
+    store: MongoStore,
+) -> None:
+    store.insert_tasks([make_doc("a", n=1)])
+    assert sorted(store.tasks.find_one({"_id": "a"})) == sorted([*LIVE_FIELDS, "body"])
+    assert store.load("a").task.fields == {"n": 1}  # type: ignore[union-attr]
+
+
+def test_running_and_failed_hints_stay_in_the_live_collection(store: MongoStore) -> None:
+    store.insert_tasks([make_doc("a"), make_doc("b")])
+    store.set_status("a", Status.RUNNING, None)
+    store.set_status("b", Status.FAILED, T0)
+    assert ids(store.tasks) == ["a", "b"]
+    assert ids(store.finished) == []
+
+
+def test_a_move_interrupted_after_the_copy_is_completed_by_the_next_sweep(
+    store: MongoStore,
+) -> None:
+    store.insert_tasks([make_doc("a")])
+    # As if the server died between copying "a" to finished and deleting its
+    # live copy, which still has the hint it had before: running.
+    live = store.tasks.find_one({"_id": "a"})
+    run_to_success(store, "a")
+    store.tasks.insert_one({**live, "status": "running", "due_at": None})
+    assert store.load("a").task.status is Status.RUNNING  # type: ignore[union-attr]
+    report = drive(
+        store,
+        sweep(LeaseWatch(timedelta(seconds=15)), observer="s2", now=T0, monotonic_now=0.0),
+    )
+    assert report.repaired == ["a"]
+    assert ids(store.tasks) == []
+    view = store.load("a")
+    assert view is not None
+    assert view.task.status is status_of(view) is Status.SUCCEEDED
+    assert view.run is not None
+    assert view.run.token == "tok-a"
+
+
+def test_inserting_a_finished_task_again_does_not_run_it_again(store: MongoStore) -> None:
+    store.insert_tasks([make_doc("a")])
+    run_to_success(store, "a")
+    store.insert_tasks([make_doc("a")])  # a repeated queue() after the task finished
+    assert drive(store, claim(ALL, server="s1", worker="w1", token="again", now=T0)) is None
+    assert ids(store.tasks) == []
+    assert store.count_by_status() == {Status.SUCCEEDED: 1}
+
+
+def test_a_late_hint_for_a_finished_task_changes_nothing(store: MongoStore) -> None:
+    store.insert_tasks([make_doc("a")])
+    run_to_success(store, "a")
+    store.set_status("a", Status.RUNNING, None)
+    assert ids(store.tasks) == []
+    assert store.find_by_status([Status.RUNNING], 10) == []
+    assert [d.task_id for d in store.find_by_status([Status.SUCCEEDED], 10)] == ["a"]
