@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from tullius.band import Band
-from tullius.document import Record, Status, TaskView
+from tullius.document import Record, Status, TaskDoc, TaskView
 from tullius.effects import InsertRecord
 from tullius.errors import InvalidTransition
 from tullius.events import (
@@ -76,6 +76,21 @@ class Verdict:
     accepted: bool
     record: Record
     view: TaskView
+
+
+@dataclass
+class Candidates:
+    """Due work a claim read but did not try, kept for the band's next claim.
+
+    On a server where each claim query reads the whole collection (FerretDB),
+    reading once for several claims matters.  The driver decides how long
+    candidates stay fresh (`read_at` is the ``now`` of the claim that read
+    them): a task queued meanwhile, however urgent, waits at most that long.
+    A stale candidate is harmless: its claim loses and the hint is repaired.
+    """
+
+    docs: list[TaskDoc] = field(default_factory=list)
+    read_at: datetime | None = None
 
 
 @dataclass
@@ -152,13 +167,16 @@ def claim_many(
     now: datetime,
     rng: random.Random | None = None,
     batch: int = CLAIM_BATCH,
+    candidates: Candidates | None = None,
 ) -> Conversation[list[Job]]:
     """Take the most urgent due work in ``band`` for several idle workers at once.
 
     ``workers`` lists ``(worker name, token)`` pairs; the jobs returned go to
     them in that order (fewer jobs than workers when work runs out).  One
     read of candidates serves every worker, which matters on servers where
-    each query scans the collection.
+    each query scans the collection.  With ``candidates``, the ones an
+    earlier claim left are tried before reading again, and the ones this
+    claim leaves untried are kept there.
 
     1. One read of due work (`Store.find_due`): most urgent first, by priority;
        within a priority, failed tasks (their ``failed()`` is overdue work)
@@ -172,11 +190,29 @@ def claim_many(
     waiting = list(workers)
     if not waiting:
         return jobs
-    limit = max(batch, 2 * len(waiting))
-    docs = yield FindDue(WORK, band.min_priority, band.max_priority, now, limit)
-    for doc in docs:
-        if not waiting:
-            break
+    left = candidates if candidates is not None else Candidates()
+    if left.docs:
+        yield from _try_candidates(left.docs, waiting, jobs, server=server, now=now, rng=rng)
+    if waiting:
+        limit = max(batch, 2 * len(waiting))
+        left.docs = list((yield FindDue(WORK, band.min_priority, band.max_priority, now, limit)))
+        left.read_at = now
+        yield from _try_candidates(left.docs, waiting, jobs, server=server, now=now, rng=rng)
+    return jobs
+
+
+def _try_candidates(
+    docs: list[TaskDoc],
+    waiting: list[tuple[str | None, str]],
+    jobs: list[Job],
+    *,
+    server: str,
+    now: datetime,
+    rng: random.Random | None,
+) -> Conversation[None]:
+    """Claim ``docs`` in order for ``waiting`` workers, popping both as they are used."""
+    while docs and waiting:
+        doc = docs.pop(0)
         worker, token = waiting[0]
         handling = doc.status is Status.FAILED
         event: Event = (
@@ -205,7 +241,6 @@ def claim_many(
         fresh = yield Load(doc.task_id)
         if fresh is not None:
             yield from repair(fresh, now=now)
-    return jobs
 
 
 def finish(

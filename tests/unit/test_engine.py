@@ -8,12 +8,12 @@ from datetime import timedelta
 from tests.store_contract import T0, make_doc, make_record
 from tullius.band import Band
 from tullius.document import Failure, FailureKind, Status, TaskSpec, run_id, status_of
-from tullius.engine import JobKind, claim, claim_many, drive, finish, renew, sweep
+from tullius.engine import Candidates, JobKind, claim, claim_many, drive, finish, renew, sweep
 from tullius.errors import StoreError
 from tullius.events import Failed, HandlerSucceeded, Succeeded
 from tullius.policy import LeaseWatch
 from tullius.sim.memory_store import MemoryStore
-from tullius.store import perform
+from tullius.store import FindDue, perform
 
 ALL = Band(1, 0, 10)
 SPEC = TaskSpec("tests:Next", {"n": 2}, 5, timedelta(seconds=5), timedelta(seconds=5), 2)
@@ -164,3 +164,50 @@ def test_one_claim_serves_several_idle_workers_most_urgent_first() -> None:
         ("w3", "p3", "c"),
     ]
     assert all(store.load(job.task_id).task.status is Status.RUNNING for job in jobs)
+
+
+def test_candidates_one_claim_read_serve_the_next_claim_without_reading_again() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a", priority=1), make_doc("b", priority=2)])
+    candidates = Candidates()
+    first = drive(
+        store,
+        claim_many(ALL, server="s1", workers=[("w1", "t1")], now=T0, candidates=candidates),
+    )
+    assert [job.task_id for job in first] == ["a"]
+    assert [doc.task_id for doc in candidates.docs] == ["b"]
+    assert candidates.read_at == T0
+    conversation = claim_many(
+        ALL, server="s1", workers=[("w2", "t2")], now=T0, candidates=candidates
+    )
+    ops = [next(conversation)]
+    assert not isinstance(ops[0], FindDue)  # it tries "b" straight away
+    second = drive_rest(store, conversation, ops[0])
+    assert [job.task_id for job in second] == ["b"]
+    assert candidates.docs == []
+
+
+def test_a_kept_candidate_a_rival_claimed_meanwhile_is_skipped_and_its_hint_repaired() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a", priority=1), make_doc("b", priority=2)])
+    candidates = Candidates()
+    drive(
+        store,
+        claim_many(ALL, server="s1", workers=[("w1", "t1")], now=T0, candidates=candidates),
+    )
+    store.insert_record(make_record("b", token="rival"))  # claimed elsewhere, hint not yet set
+    jobs = drive(
+        store,
+        claim_many(ALL, server="s1", workers=[("w2", "t2")], now=T0, candidates=candidates),
+    )
+    assert jobs == []
+    assert store.load("b").task.status is Status.RUNNING  # type: ignore[union-attr]
+
+
+def drive_rest(store: MemoryStore, conversation, op):  # type: ignore[no-untyped-def]
+    """Finish driving ``conversation`` whose pending operation is ``op``."""
+    try:
+        while True:
+            op = conversation.send(perform(store, op))
+    except StopIteration as stop:
+        return stop.value

@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
+from datetime import timedelta
 from multiprocessing.connection import wait
 from types import FrameType
 from typing import Any
@@ -47,7 +48,16 @@ from tullius.document import (
     status_of,
     task_to_bson,
 )
-from tullius.engine import Job, JobKind, Verdict, claim_many, drive, finish, renew
+from tullius.engine import (
+    Candidates,
+    Job,
+    JobKind,
+    Verdict,
+    claim_many,
+    drive,
+    finish,
+    renew,
+)
 from tullius.errors import InvalidTransition, StoreError
 from tullius.events import Event, Failed, HandlerFailed, HandlerSucceeded, Succeeded
 from tullius.policy import LeaseTimings
@@ -68,6 +78,10 @@ FINISH_GIVE_UP = 30.0
 #: Store conversations in flight at once against a database (claims of one band
 #: stay one at a time; finishes, renewals and sweeps overlap them).
 STORE_THREADS = 4
+#: How long the candidates one claim read and left untried serve the band's
+#: next claims (`engine.Candidates`): a claim query reads the whole live queue
+#: on FerretDB, and a worker freed a moment later can use what it found.
+REUSE_CANDIDATES_FOR = timedelta(seconds=0.1)
 #: Longest the loop sleeps when nothing is scheduled.
 MAX_WAIT = 0.5
 
@@ -114,6 +128,7 @@ class Supervisor:
         ]
         self._next_poll = [0.0] * len(settings.bands)
         self._band_claiming = [False] * len(settings.bands)
+        self._candidates = [Candidates() for _ in settings.bands]
         self._finishing: list[Finishing] = []
         self._retiring: list[tuple[WorkerProcess, float]] = []
         # MemoryStore is not thread-safe; a real database serves conversations in parallel.
@@ -488,16 +503,21 @@ class Supervisor:
         self._band_claiming[band_index] = True
         workers = [(slot.name, uuid.uuid4().hex) for slot in slots]
         started = time.monotonic()
+        candidates = self._candidates[band_index]
 
         def work() -> list[Job]:
+            now = self.clock.now()
+            if candidates.read_at is None or now - candidates.read_at > REUSE_CANDIDATES_FOR:
+                candidates.docs.clear()
             return drive(
                 self.store,
                 claim_many(
                     band,
                     server=self.server,
                     workers=workers,
-                    now=self.clock.now(),
+                    now=now,
                     rng=self.rng,
+                    candidates=candidates,
                 ),
             )
 
