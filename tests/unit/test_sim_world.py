@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import traceback
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +16,7 @@ import tullius
 from tullius.document import Record
 from tullius.sim import InvariantViolation, ServerClock, SimClock, Simulation, StoreOutage
 from tullius.sim import simulation as simulation_module
+from tullius.sim import world as world_module
 from tullius.sim.clock import to_us
 from tullius.sim.memory_store import MemoryStore
 from tullius.testing import assert_chain, assert_outcomes, describe_chain, expect
@@ -171,3 +173,29 @@ def test_a_task_whose_class_cannot_be_loaded_fails_visibly() -> None:
     assert "nowhere.to.be.found" in link.failure.message
     assert counts.unhandled + counts.handled == 1
     sim.close()
+
+
+def _raise_chained() -> None:
+    try:
+        {"a": 1}["b"]
+    except KeyError as error:
+        raise ValueError("wrapped") from error
+
+
+def _raise_group() -> None:
+    raise ExceptionGroup("group", [ValueError("a"), TypeError("b")])
+
+
+def _recurse(n: int) -> int:
+    return _recurse(n + 1) if n < 40 else 1 // 0
+
+
+@pytest.mark.parametrize("raiser", [_raise_chained, _raise_group, lambda: _recurse(0)])
+def test_stored_tracebacks_are_exactly_what_traceback_formats(raiser: Any) -> None:
+    # The simulator memoises the formatting of frames; its text must not differ,
+    # the first time or after (same frames again), for chains, groups and recursion.
+    for _ in range(3):
+        with pytest.raises(Exception) as caught:  # noqa: PT011  # any error will do
+            raiser()
+        error = caught.value
+        assert world_module.format_exception(error) == "".join(traceback.format_exception(error))

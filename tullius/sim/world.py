@@ -13,13 +13,14 @@ no rule of the task's life is decided here: every decision is `machine.step`.
 from __future__ import annotations
 
 import random
+import sys
 import threading
 import traceback
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import ModuleType
-from typing import Any
+from typing import Any, Final
 
 from tullius.api import queue_sink
 from tullius.band import Band
@@ -305,7 +306,7 @@ class Drivers:
         elif how == "raised" or how == "stopped":
             # As tulliusd's worker does: anything user code raises, SystemExit and
             # other BaseExceptions included, is an ``exception`` with its traceback.
-            tb = "".join(traceback.format_exception(value)) if how == "raised" else None
+            tb = format_exception(value) if how == "raised" else None
             error = failure(
                 FailureKind.EXCEPTION, f"{role} raised {type(value).__name__}: {value}", tb
             )
@@ -494,6 +495,78 @@ class Drivers:
         server.up = True
         server.epoch += 1
         self._boot(server)
+
+
+#: `_MemoStackSummary`'s memo: formatted text by frame location and source line.
+_FRAME_TEXT: dict[tuple[Any, ...], str] = {}
+#: The key below is everything Python 3.11's and 3.12's ``format_frame_summary``
+#: reads; later versions format several source lines (and differently), so
+#: there `format_exception` is simply `traceback.format_exception`.
+_MEMO_KEY_IS_COMPLETE: Final = sys.version_info < (3, 13) and hasattr(
+    traceback.FrameSummary, "_original_line"
+)
+
+
+class _MemoStackSummary(traceback.StackSummary):
+    """A `traceback.StackSummary` that formats each distinct frame once.
+
+    Formatting a frame in Python 3.11 parses its source line with `ast` to
+    place the ``^^^`` carets, which cost more than the rest of a failed
+    task's lifecycle in the simulator, where the same few frames (a task's
+    ``raise`` under the same worker frames) fail thousands of times.  The
+    text depends only on the frame's location and source line, so the memo
+    is keyed by exactly what `format_frame_summary` reads: the result is the
+    very text `traceback.format_exception` produces.
+    """
+
+    def format_frame_summary(self, frame_summary: traceback.FrameSummary) -> str:
+        if frame_summary.locals:  # never here (no capture_locals): not memoised
+            return super().format_frame_summary(frame_summary)
+        key = (
+            frame_summary.filename,
+            frame_summary.lineno,
+            frame_summary.end_lineno,
+            frame_summary.colno,
+            frame_summary.end_colno,
+            frame_summary.name,
+            # the unstripped source line it formats (a private property of CPython's)
+            frame_summary._original_line,  # type: ignore[attr-defined]
+        )
+        memo = _FRAME_TEXT
+        text = memo.get(key)
+        if text is None:
+            if len(memo) >= 4096:  # bounded: code locations, not tasks, fill it
+                memo.clear()
+            text = memo[key] = super().format_frame_summary(frame_summary)
+        return text
+
+
+def format_exception(error: BaseException) -> str:
+    """``"".join(traceback.format_exception(error))``, with frames formatted via a memo.
+
+    Builds the same `traceback.TracebackException` (``compact=True``, as
+    `traceback.format_exception` does), then swaps each stack in the chain of
+    causes, contexts and group members for a `_MemoStackSummary`.
+    """
+    if not _MEMO_KEY_IS_COMPLETE:
+        return "".join(traceback.format_exception(error))
+    top = traceback.TracebackException(
+        type(error), error, error.__traceback__, limit=None, compact=True
+    )
+    pending = [top]
+    seen: set[int] = set()
+    while pending:
+        te = pending.pop()
+        if id(te) in seen:
+            continue
+        seen.add(id(te))
+        te.stack = _MemoStackSummary(te.stack)
+        pending.extend(
+            chained
+            for chained in (te.__cause__, te.__context__, *(te.exceptions or ()))
+            if chained is not None
+        )
+    return "".join(top.format(chain=True))
 
 
 def converse(conversation: Conversation[Any]) -> Any:
