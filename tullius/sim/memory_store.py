@@ -73,8 +73,25 @@ def stored_task(doc: TaskDoc) -> TaskDoc:
 
 
 def stored_record(record: Record) -> Record:
-    """``record`` as the store keeps it; equal to ``record_from_bson(record_to_bson(record))``."""
+    """``record`` as the store keeps it; equal to ``record_from_bson(record_to_bson(record))``.
+
+    A record that is already in stored form (the usual case: no spawned tasks to
+    copy, exact types, whole-millisecond UTC instants) is kept as it is rather
+    than rebuilt: records and failures are frozen, so sharing one is safe.
+    """
     failure = record.failure
+    if (
+        not record.spawned
+        and type(record) is Record
+        and type(record.record_id) is str
+        and type(record.kind) is RecordKind
+        and type(record.attempt) is int
+        and type(record.beat) is int
+        and _is_stored_instant(record.at)
+        and (record.retry_at is None or _is_stored_instant(record.retry_at))
+        and (failure is None or (type(failure) is Failure and _is_stored_instant(failure.at)))
+    ):
+        return record
     return Record(
         str(record.record_id),
         record.task_id,
@@ -102,9 +119,13 @@ def stored_record(record: Record) -> Record:
 
 def _stored_instant(when: datetime) -> datetime:
     # Already aware UTC with whole milliseconds (the usual case): storing changes nothing.
-    if when.tzinfo is UTC and not when.microsecond % 1000:
+    if _is_stored_instant(when):
         return when
     return stored_time(when)
+
+
+def _is_stored_instant(when: datetime) -> bool:
+    return when.tzinfo is UTC and not when.microsecond % 1000
 
 
 def _stored_duration(delta: timedelta) -> timedelta:
@@ -151,6 +172,7 @@ class MemoryStore:
         }
         self._priorities: dict[Status, list[float]] = {status: [] for status in Status}
         self._children: dict[str, list[str]] = {}
+        self._ordered: dict[tuple[Status, ...], tuple[Status, ...]] = {}
         #: How many times each task id was newly inserted (always 1; checked by invariants).
         self.insert_counts: dict[str, int] = {}
 
@@ -214,7 +236,7 @@ class MemoryStore:
             doc.origin,
             doc.parent_id,
             doc.root_id,
-            Status(status.value),
+            status if type(status) is Status else Status(status.value),
             None if due_at is None else _stored_instant(due_at),
         )
         self._tasks[task_id] = stored
@@ -277,7 +299,11 @@ class MemoryStore:
         if limit < 0:  # a slice's meaning, as ``sorted(all_due)[:limit]`` would give
             every = self.find_due(statuses, min_priority, max_priority, now, len(self._tasks))
             return every[:limit]
-        ordered = sorted(set(statuses), key=lambda status: status.value)
+        ordered = self._ordered.get(statuses) if type(statuses) is tuple else None
+        if ordered is None:  # each claim asks for the same statuses: sorted once
+            ordered = tuple(sorted(set(statuses), key=lambda status: status.value))
+            if type(statuses) is tuple:
+                self._ordered[statuses] = ordered
         priorities = sorted(
             {
                 priority
@@ -296,7 +322,7 @@ class MemoryStore:
                 if not bucket:
                     continue
                 end = min(bisect_right(bucket, now, key=_DUE_AT), limit - len(due))
-                due.extend(tasks[task_id] for _, task_id in bucket[:end])
+                due += [tasks[task_id] for _, task_id in bucket[:end]]
                 if len(due) >= limit:
                     return due
         return due

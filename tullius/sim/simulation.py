@@ -178,6 +178,9 @@ class Simulation(Drivers):
         self.events = 0
         self.faults: list[Fault] = []
         self._armed: list[list[Any]] = []  # [StoreFault, remaining]
+        # The same entries by (server, operation), in arming order: an operation
+        # looks only at the faults aimed at it (the first live one applies).
+        self._armed_at: dict[tuple[str, str], list[list[Any]]] = {}
         self._outages: list[tuple[int, int, str | None]] = []
         self._faults_end_us = 0
         self._inv = Invariants()
@@ -356,7 +359,9 @@ class Simulation(Drivers):
             self.faults.append(fault)
             self._faults_end_us = max(self._faults_end_us, to_us(fault_end(fault)))
             if isinstance(fault, StoreFault | StepCrash):
-                self._armed.append([fault, getattr(fault, "count", 1)])
+                armed = [fault, getattr(fault, "count", 1)]
+                self._armed.append(armed)
+                self._armed_at.setdefault((fault.server, fault.operation), []).append(armed)
             elif isinstance(fault, StoreOutage):
                 start = to_us(fault.at)
                 self._outages.append((start, start + to_us(fault.duration), fault.server))
@@ -528,9 +533,9 @@ class Simulation(Drivers):
             if start <= now < end and target in (None, server.name):
                 self._log(server.name, f"store outage: {name} refused")
                 return False, StoreUnavailable(name, "simulated outage")
-        for armed in self._armed:
+        for armed in self._armed_at.get((server.name, name), ()):
             fault, remaining = armed
-            if remaining <= 0 or fault.server != server.name or fault.operation != name:
+            if remaining <= 0:
                 continue
             if to_us(fault.at) > now:
                 continue
