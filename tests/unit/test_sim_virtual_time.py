@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -13,7 +14,8 @@ from typing import Any
 import pytest
 
 import tullius
-from tullius.sim import Simulation, UserCodeHang, UserThreadLeak
+from tullius.sim import Simulation, UserCodeHang, UserThreadLeak, virtual_time
+from tullius.sim.virtual_time import BatonPool
 from tullius.testing import assert_chain, assert_outcomes, expect
 
 SEEN: dict[str, object] = {}
@@ -263,3 +265,53 @@ def test_run_returning_garbage_is_a_bad_return() -> None:
     sim.drain(within=timedelta(minutes=1))
     assert_outcomes(sim.chain(task), "bad_return")
     sim.close()
+
+
+class Affinity(tullius.Task):
+    timeout = timedelta(seconds=30)
+
+    def run(self) -> None:
+        SEEN["user affinity"] = os.sched_getaffinity(0)
+        time.sleep(1)
+        SEEN["user affinity after sleep"] = os.sched_getaffinity(0)
+
+
+needs_two_cpus = pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="pinning needs Linux and two CPUs",
+)
+
+
+@needs_two_cpus
+def test_a_run_shares_one_cpu_between_scheduler_and_user_threads_and_restores_it() -> None:
+    before = os.sched_getaffinity(0)
+    with Simulation(seed=1) as sim:
+        sim.queue([Affinity(), Affinity()])
+        sim.drain(within=timedelta(minutes=1))
+        assert len(SEEN["user affinity"]) == 1  # type: ignore[arg-type]
+        assert SEEN["user affinity after sleep"] == SEEN["user affinity"]
+        assert os.sched_getaffinity(0) == before
+
+
+@needs_two_cpus
+def test_the_pin_is_lifted_while_the_cpu_is_busy_and_can_be_switched_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = os.sched_getaffinity(0)
+    pool = BatonPool(10.0)
+    baton = pool.take()
+    pool.cpu.start()
+    assert len(os.sched_getaffinity(0)) == 1
+    assert os.sched_getaffinity(baton.thread.native_id or 0) == os.sched_getaffinity(0)
+    # As if the last check was long ago and the process got no CPU since:
+    pool.cpu._since = (virtual_time.real_monotonic() - 1.0, time.process_time())
+    pool.cpu.check()
+    assert pool.cpu.cpu is None
+    assert os.sched_getaffinity(0) == before
+    assert os.sched_getaffinity(baton.thread.native_id or 0) == before
+    pool.cpu.stop()
+    monkeypatch.setattr(virtual_time, "PIN_TO_ONE_CPU", False)
+    pool.cpu.start()
+    assert os.sched_getaffinity(0) == before
+    pool.give_back(baton)
+    pool.close()

@@ -455,6 +455,8 @@ class Simulation(Drivers):
                     self._restart(target)
                 if inv.violation is not None:
                     raise self._violation()
+                if not self.events & 1023:  # the CPU may have got busy: see `SharedCpu`
+                    self._pool.cpu.check()
 
     @contextmanager
     def _virtual_time(self) -> Iterator[None]:
@@ -463,9 +465,11 @@ class Simulation(Drivers):
         self._baseline = set(threading.enumerate())
         with VirtualTime(self.clock.now(), self._modules) as vt:
             self._vt = vt
+            self._pool.cpu.start()
             try:
                 yield
             finally:
+                self._pool.cpu.stop()
                 self._vt = None
 
     def _log(self, server: str, what: object) -> None:
