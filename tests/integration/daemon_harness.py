@@ -301,7 +301,7 @@ def all_terminal(store: Any) -> bool:
         return False
     return all(
         status_of(view) in TERMINAL
-        for collection in (store.tasks, store.finished)
+        for collection in (*store.live_collections(), store.finished)
         for doc in collection.find({}, {"_id": 1})
         if (view := store.load(doc["_id"])) is not None
     )

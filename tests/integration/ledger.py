@@ -127,7 +127,8 @@ def read_ledger(store: MongoStore, marks_dir: Path | str | None = None) -> Ledge
     ledger = Ledger(marks=read_marks(marks_dir))
     docs: dict[str, TaskDoc] = {}
     # Finished copies first: a live copy of the same task (mid-move) wins, as in load().
-    for raw in [*store.finished.find({}), *store.tasks.find({})]:
+    live = [raw for collection in store.live_collections() for raw in collection.find({})]
+    for raw in [*store.finished.find({}), *live]:
         try:
             docs[str(raw["_id"])] = decode_task(raw)
         except (KeyError, ValueError, TypeError) as error:
@@ -400,9 +401,10 @@ def settled(store: MongoStore, expect_at_least: int = 1) -> bool:
     the deciding record exists, and lagging hints must be repaired by the
     daemons, so waiting on them also checks the repair.
     """
-    total = store.tasks.count_documents({}) + store.finished.count_documents({})
+    shards = store.live_collections()
+    total = sum(c.count_documents({}) for c in shards) + store.finished.count_documents({})
     if total < expect_at_least:
         return False
-    # A task leaves the live collection when its hint turns terminal; only
+    # A task leaves the live queue when its hint turns terminal; only
     # documents set aside as undecodable stay there, for an operator.
-    return store.tasks.count_documents({"status": {"$ne": UNDECODABLE}}) == 0
+    return all(c.count_documents({"status": {"$ne": UNDECODABLE}}) == 0 for c in shards)

@@ -18,9 +18,10 @@ from tests.store_contract import T0, make_doc
 from tullius.band import Band
 from tullius.document import Status, status_of
 from tullius.engine import claim, drive, finish, sweep
+from tullius.errors import ConfigError
 from tullius.events import Succeeded
 from tullius.policy import LeaseWatch
-from tullius.runtime.mongo_store import LIVE_FIELDS, MongoStore
+from tullius.runtime.mongo_store import LIVE_FIELDS, MongoStore, pack_live
 
 ALL = Band(1, 0, 10)
 
@@ -108,3 +109,47 @@ def test_a_late_hint_for_a_finished_task_changes_nothing(store: MongoStore) -> N
     assert ids(store.tasks) == []
     assert store.find_by_status([Status.RUNNING], 10) == []
     assert [d.task_id for d in store.find_by_status([Status.SUCCEEDED], 10)] == ["a"]
+
+
+def test_a_sharded_live_queue_spreads_tasks_and_claims_them_in_priority_order() -> None:
+    db = mongomock.MongoClient(tz_aware=True)["tullius_sharded"]
+    store = MongoStore(db, live_shards=4)
+    store.ensure_indexes()
+    store.insert_tasks([make_doc(f"t{n}", priority=n % 10) for n in range(40)])
+    assert [c.name for c in store.live_collections()] == ["tasks", "tasks_1", "tasks_2", "tasks_3"]
+    assert all(c.count_documents({}) > 0 for c in store.live_collections())
+    claimed = [
+        drive(store, claim(ALL, server="s1", worker="w1", token=f"k{n}", now=T0)) for n in range(4)
+    ]
+    assert [job.view.task.priority for job in claimed if job is not None] == [0, 0, 0, 0]
+    assert store.count_by_status() == {Status.QUEUED: 36, Status.RUNNING: 4}
+
+
+def test_the_first_store_of_a_database_records_its_layout_for_every_other() -> None:
+    db = mongomock.MongoClient(tz_aware=True)["tullius_layout_shared"]
+    MongoStore(db, live_shards=5).insert_tasks([make_doc("a")])
+    follower = MongoStore(db)
+    assert len(follower.live_collections()) == 5
+    assert follower.load("a") is not None
+
+
+def test_a_store_asking_for_another_layout_than_the_recorded_one_is_refused() -> None:
+    db = mongomock.MongoClient(tz_aware=True)["tullius_layout_clash"]
+    MongoStore(db, live_shards=2).insert_tasks([make_doc("a")])
+    with pytest.raises(ConfigError, match=r"live_shards=3 does not match .* set up with 2"):
+        MongoStore(db, live_shards=3).load("a")
+
+
+def test_a_database_with_live_tasks_from_before_layouts_keeps_one_live_collection() -> None:
+    db = mongomock.MongoClient(tz_aware=True)["tullius_layout_old"]
+    db["tasks"].insert_one(pack_live(make_doc("old")))
+    store = MongoStore(db)
+    assert store.live_collections() == [store.tasks]
+    assert store.load("old") is not None
+
+
+@pytest.mark.parametrize("bad", [0, -1, 65, 2.5, "4"])
+def test_a_live_shard_count_that_is_not_a_small_whole_number_is_refused(bad: object) -> None:
+    db = mongomock.MongoClient(tz_aware=True)["tullius_layout_bad"]
+    with pytest.raises(ConfigError, match="expected a whole number from 1 to 64"):
+        MongoStore(db, live_shards=bad)  # type: ignore[arg-type]

@@ -22,3 +22,13 @@ class TestMongoStoreOnMongomock(StoreContract):
         store = MongoStore(mongomock.MongoClient(tz_aware=True)["tullius_test"])
         store.ensure_indexes()
         return store
+
+
+class TestMongoStoreShardedOnMongomock(StoreContract):
+    """The live queue split over three collections, as on FerretDB (which gets eight)."""
+
+    @pytest.fixture
+    def store(self) -> MongoStore:
+        store = MongoStore(mongomock.MongoClient(tz_aware=True)["tullius_test"], live_shards=3)
+        store.ensure_indexes()
+        return store
