@@ -18,13 +18,66 @@ no clock, no randomness here.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 from base64 import b32encode
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, TypeVar
+
+_T = TypeVar("_T")
+
+
+class _Factory:
+    def __repr__(self) -> str:
+        return "<factory>"  # as in the signatures dataclasses write
+
+
+#: Marks an argument left out, for fields with a default factory (`_quick_init`).
+_NO_VALUE: Final = _Factory()
+
+
+def _quick_init(cls: type[_T]) -> type[_T]:
+    """Give a frozen dataclass an ``__init__`` that sets its ``__dict__`` in one go.
+
+    Why: the ``__init__`` that ``dataclass(frozen=True)`` writes sets each field
+    with a call of ``object.__setattr__`` (plain assignment is what freezing
+    forbids), and documents, records and views are built many times in each
+    task's life: the simulator spent more on those calls than on some store
+    operations.  The replacement has the same signature (names, order,
+    defaults, default factories) and stores the same values; everything else
+    (equality, hashing, repr, ``replace``, ``fields``, freezing) is the
+    dataclass's own.  Only for classes without ``__post_init__`` or slots.
+    """
+    assert dataclasses.is_dataclass(cls)
+    assert not hasattr(cls, "__post_init__")
+    assert not hasattr(cls, "__slots__")
+    scope: dict[str, Any] = {"_set": object.__setattr__, "_NO_VALUE": _NO_VALUE}
+    params, items = [], []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            scope[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+            items.append(f"{f.name!r}: {f.name}")
+        elif f.default_factory is not dataclasses.MISSING:
+            scope[f"_factory_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=_NO_VALUE")
+            items.append(f"{f.name!r}: _factory_{f.name}() if {f.name} is _NO_VALUE else {f.name}")
+        else:
+            params.append(f.name)
+            items.append(f"{f.name!r}: {f.name}")
+    source = (
+        f"def __init__(self, {', '.join(params)}):\n"
+        f"    _set(self, '__dict__', {{{', '.join(items)}}})\n"
+    )
+    exec(source, scope)  # built from the dataclass's own field names
+    init = scope["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__annotations__ = {**cls.__init__.__annotations__}
+    cls.__init__ = init  # type: ignore[method-assign]
+    return cls
 
 
 class Status(enum.StrEnum):
@@ -86,6 +139,7 @@ class FailureKind:
     SHUTDOWN: Final = "shutdown"  #: its daemon stopped before it finished
 
 
+@_quick_init
 @dataclass(frozen=True)
 class Failure:
     """What went wrong, as ``failed()`` sees it in ``self.failure``.
@@ -105,6 +159,7 @@ class Failure:
     server: str | None = None
 
 
+@_quick_init
 @dataclass(frozen=True)
 class TaskSpec:
     """A task as returned by user code, before it has an id.
@@ -124,6 +179,7 @@ class TaskSpec:
     start_after: datetime | None = None
 
 
+@_quick_init
 @dataclass(frozen=True)
 class TaskDoc:
     """One stored task.  Only ``status`` and ``due_at`` ever change, and they are hints."""
@@ -146,6 +202,7 @@ class TaskDoc:
     due_at: datetime | None = None
 
 
+@_quick_init
 @dataclass(frozen=True)
 class Record:
     """A decision about one task, inserted once under ``record_id``.
@@ -242,6 +299,7 @@ def queued_doc(
 # --- views ------------------------------------------------------------------
 
 
+@_quick_init
 @dataclass(frozen=True)
 class TaskView:
     """A task document and its records, as read together.
