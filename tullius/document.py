@@ -35,11 +35,11 @@ class _Factory:
         return "<factory>"  # as in the signatures dataclasses write
 
 
-#: Marks an argument left out, for fields with a default factory (`_quick_init`).
+#: Marks an argument left out, for fields with a default factory (`quick_init`).
 _NO_VALUE: Final = _Factory()
 
 
-def _quick_init(cls: type[_T]) -> type[_T]:
+def quick_init(cls: type[_T]) -> type[_T]:
     """Give a frozen dataclass an ``__init__`` that sets its ``__dict__`` in one go.
 
     Why: the ``__init__`` that ``dataclass(frozen=True)`` writes sets each field
@@ -139,7 +139,7 @@ class FailureKind:
     SHUTDOWN: Final = "shutdown"  #: its daemon stopped before it finished
 
 
-@_quick_init
+@quick_init
 @dataclass(frozen=True)
 class Failure:
     """What went wrong, as ``failed()`` sees it in ``self.failure``.
@@ -159,7 +159,7 @@ class Failure:
     server: str | None = None
 
 
-@_quick_init
+@quick_init
 @dataclass(frozen=True)
 class TaskSpec:
     """A task as returned by user code, before it has an id.
@@ -179,7 +179,7 @@ class TaskSpec:
     start_after: datetime | None = None
 
 
-@_quick_init
+@quick_init
 @dataclass(frozen=True)
 class TaskDoc:
     """One stored task.  Only ``status`` and ``due_at`` ever change, and they are hints."""
@@ -202,7 +202,7 @@ class TaskDoc:
     due_at: datetime | None = None
 
 
-@_quick_init
+@quick_init
 @dataclass(frozen=True)
 class Record:
     """A decision about one task, inserted once under ``record_id``.
@@ -299,7 +299,7 @@ def queued_doc(
 # --- views ------------------------------------------------------------------
 
 
-@_quick_init
+@quick_init
 @dataclass(frozen=True)
 class TaskView:
     """A task document and its records, as read together.

@@ -61,6 +61,7 @@ from tullius.document import (
     handler_id,
     outcome_id,
     queued_doc,
+    quick_init,
     run_id,
     spawned_of,
     status_of,
@@ -116,6 +117,7 @@ TRANSITIONS: Final[Mapping[Status, Mapping[type[Event], tuple[Status, ...]]]] = 
 }
 
 
+@quick_init
 @dataclass(frozen=True)
 class Step:
     """The result of one transition.

@@ -1,4 +1,4 @@
-"""The documents' quick ``__init__`` (`tullius.document._quick_init`) must build exactly
+"""The documents' quick ``__init__`` (`tullius.document.quick_init`) must build exactly
 what the dataclass's own ``__init__`` would: same signature, same fields, same values."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tullius.document import Failure, Record, RecordKind, TaskDoc, TaskSpec, TaskView
+from tullius.machine import Step
 
-QUICK = [Failure, TaskSpec, TaskDoc, Record, TaskView]
+QUICK = [Failure, TaskSpec, TaskDoc, Record, TaskView, Step]
 
 
 @pytest.mark.parametrize("cls", QUICK)

@@ -64,10 +64,10 @@ def stored_task(doc: TaskDoc) -> TaskDoc:
         int(doc.handler_attempts),
         _stored_instant(doc.start_after),
         _stored_instant(doc.created_at),
-        Origin(doc.origin.value),
+        doc.origin if type(doc.origin) is Origin else Origin(doc.origin.value),
         doc.parent_id,
         doc.root_id or task_id,
-        Status(doc.status.value),
+        doc.status if type(doc.status) is Status else Status(doc.status.value),
         None if doc.due_at is None else _stored_instant(doc.due_at),
     )
 
