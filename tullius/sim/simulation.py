@@ -174,6 +174,7 @@ class Simulation(Drivers):
         self._beat_us = to_us(self.timings.heartbeat)
         self._sweep_us = to_us(self.timings.sweep)
         self._heap: list[tuple[int, int, int, int, Any, Any]] = []
+        self._tiebreak = self.rng.getrandbits  # bound once: every event draws one
         self._seq = 0
         self.events = 0
         self.faults: list[Fault] = []
@@ -419,7 +420,7 @@ class Simulation(Drivers):
 
     def _push(self, t: int, kind: int, target: Any, value: Any) -> None:
         self._seq += 1
-        heapq.heappush(self._heap, (t, self.rng.getrandbits(30), self._seq, kind, target, value))
+        heapq.heappush(self._heap, (t, self._tiebreak(30), self._seq, kind, target, value))
 
     def _run(self, end: int, *, drain: bool) -> None:
         with self._virtual_time():
@@ -510,7 +511,10 @@ class Simulation(Drivers):
     def _do_op(self, actor: Actor, op: Operation) -> None:
         server = actor.server
         name = operation_name(op)
-        self._log(server.name, op)
+        entry = (self.clock.us, server.name, op)  # as `_log`, without a call per operation
+        self._tail.append(entry)
+        if self._trace is not None:
+            self._trace.append(entry)
         error = self._store_fault(server, op, name) if self._outages or self._armed else None
         if error is not None and not error[0]:
             assert error[1] is not None
@@ -599,17 +603,18 @@ class Simulation(Drivers):
         if leases:
             # Forget the task's leases that ended: every one but its live lease.
             lease = view.current_lease()
-            for record_id in [r for r in leases if lease is None or lease.record_id != r]:
+            live = None if lease is None else lease.record_id
+            for record_id in [r for r in leases if r != live]:
                 del self._leases[record_id]
                 leases.discard(record_id)
             if not leases:
                 del self._leases_of[task_id]
-        if status in TERMINAL and all(
-            d.task_id in self.store.insert_counts for d in spawned_of(view)
-        ):
-            self._open.discard(task_id)
-        else:
-            self._open.add(task_id)
+        if status in TERMINAL:
+            inserted = self.store.insert_counts
+            if all(d.task_id in inserted for d in spawned_of(view)):
+                self._open.discard(task_id)
+                return
+        self._open.add(task_id)
 
     def _insert_roots(
         self, specs: tuple[TaskSpec, ...] | list[TaskSpec], now: datetime
