@@ -197,8 +197,13 @@ def _record_insert(suffix: str) -> Callable[[WireMessage], bool]:
 
 
 def _command_on(command: str, collection: str) -> Callable[[WireMessage], bool]:
+    """Matches ``command`` on ``collection``; "tasks" means any shard of the live queue."""
+
     def match(msg: WireMessage) -> bool:
-        return msg.command == command and _documents(msg)[0].get(command) == collection
+        target = str(_documents(msg)[0].get(command)) if msg.command == command else ""
+        if collection == "tasks":
+            return target == "tasks" or target.startswith("tasks_")
+        return target == collection
 
     return match
 

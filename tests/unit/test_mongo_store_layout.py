@@ -21,7 +21,7 @@ from tullius.engine import claim, drive, finish, sweep
 from tullius.errors import ConfigError
 from tullius.events import Succeeded
 from tullius.policy import LeaseWatch
-from tullius.runtime.mongo_store import LIVE_FIELDS, MongoStore, pack_live
+from tullius.runtime.mongo_store import IDLE_RECHECK, LIVE_FIELDS, MongoStore, pack_live
 
 ALL = Band(1, 0, 10)
 
@@ -153,3 +153,28 @@ def test_a_live_shard_count_that_is_not_a_small_whole_number_is_refused(bad: obj
     db = mongomock.MongoClient(tz_aware=True)["tullius_layout_bad"]
     with pytest.raises(ConfigError, match="expected a whole number from 1 to 64"):
         MongoStore(db, live_shards=bad)  # type: ignore[arg-type]
+
+
+def test_an_empty_claim_query_is_repeated_from_memory_until_work_is_announced(
+    store: MongoStore,
+) -> None:
+    assert store.find_due([Status.QUEUED], 0, 10, T0, 8) == []
+    # Written behind the store's back: no announcement.
+    store.live_for("quiet").insert_one(pack_live(make_doc("quiet")))
+    assert store.find_due([Status.QUEUED], 0, 10, T0 + timedelta(seconds=0.1), 8) == []
+    # Looked at again once IDLE_RECHECK has passed.
+    later = T0 + IDLE_RECHECK + timedelta(seconds=0.1)
+    assert [d.task_id for d in store.find_due([Status.QUEUED], 0, 10, later, 8)] == ["quiet"]
+
+
+def test_queueing_work_is_seen_by_the_next_claim_query_at_once(store: MongoStore) -> None:
+    assert store.find_due([Status.QUEUED], 0, 10, T0, 8) == []
+    store.insert_tasks([make_doc("new")])
+    assert [d.task_id for d in store.find_due([Status.QUEUED], 0, 10, T0, 8)] == ["new"]
+
+
+def test_a_failed_hint_is_seen_by_the_next_handler_claim_at_once(store: MongoStore) -> None:
+    store.insert_tasks([make_doc("a")])
+    assert store.find_due([Status.FAILED], 0, 10, T0, 8) == []
+    store.set_status("a", Status.FAILED, T0)
+    assert [d.task_id for d in store.find_due([Status.FAILED], 0, 10, T0, 8)] == ["a"]

@@ -49,6 +49,7 @@ import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
@@ -136,6 +137,14 @@ def decode_task(raw: Mapping[str, Any]) -> TaskDoc:
         raise ValueError(f"body is not valid BSON: {error}") from None
 
 
+#: Hints a claim looks for: setting one announces work to idle claimers.
+CLAIMABLE = frozenset({Status.QUEUED, Status.FAILED})
+#: How long a claim query that found nothing is answered from memory while
+#: no new work is announced: an idle daemon reads one small document per poll
+#: instead of every shard of the queue.  Work that becomes due without being
+#: announced (a delayed task, a handler's backoff, a document written by hand)
+#: waits at most this long beyond its due time.
+IDLE_RECHECK = timedelta(seconds=0.25)
 #: Live documents remembered from queries, so that the move of a task this
 #: server claimed needs no read (see `_RecentDocs`).
 BODY_CACHE_SIZE = 4096
@@ -225,6 +234,10 @@ class MongoStore:
         self.retry_for = retry_for.total_seconds()
         self._wanted_shards = live_shards
         self._bodies = _RecentDocs(BODY_CACHE_SIZE)
+        self._reader_pool: ThreadPoolExecutor | None = None
+        self._readers_lock = threading.Lock()
+        #: Per claim query: the queue version and ``now`` of its last empty answer.
+        self._idle: dict[tuple[Any, ...], tuple[int, datetime]] = {}
         self._shards: list[Collection[Any]] | None = None
         self._sleep = sleep
         self._monotonic = monotonic
@@ -256,6 +269,16 @@ class MongoStore:
                 )
             self._shards = [self.tasks] + [self.db[f"tasks_{i}"] for i in range(1, count)]
         return self._shards
+
+    def _readers(self) -> ThreadPoolExecutor:
+        """Threads that read the shards of the live queue in parallel (made on first use)."""
+        with self._readers_lock:
+            if self._reader_pool is None:
+                self._reader_pool = ThreadPoolExecutor(
+                    max_workers=len(self.live_collections()) + 1,
+                    thread_name_prefix="tullius-store-read",
+                )
+            return self._reader_pool
 
     def live_for(self, task_id: str) -> Collection[Any]:
         """The live collection that holds ``task_id`` (by a hash stable across processes)."""
@@ -340,6 +363,7 @@ class MongoStore:
         inserted = 0
         for live, payload in by_shard.values():
             inserted += self._retrying("insert tasks", partial(attempt, live, payload))
+        self._bump_queue_version()
         return inserted
 
     def insert_record(self, record: Record) -> Record:
@@ -380,6 +404,8 @@ class MongoStore:
                 "set status",
                 lambda: shard.update_one({"_id": task_id}, {"$set": hint}),
             )
+            if status in CLAIMABLE:
+                self._bump_queue_version()
             return
 
         def move() -> None:
@@ -442,11 +468,35 @@ class MongoStore:
             ("due_at", ASCENDING),
             ("_id", ASCENDING),
         ]
-        return self._retrying(
-            "find due tasks",
-            lambda: self._decoded(
-                self._find_in(statuses, query, sort, limit),
-            ),
+        key = (tuple(statuses), min_priority, max_priority)
+
+        def attempt() -> list[TaskDoc]:
+            version = self._queue_version()
+            idle = self._idle.get(key)
+            if (
+                idle is not None
+                and idle[0] == version
+                and timedelta(0) <= now - idle[1] < IDLE_RECHECK
+            ):
+                return []
+            docs = self._decoded(self._find_in(statuses, query, sort, limit))
+            if docs:
+                self._idle.pop(key, None)
+            else:
+                self._idle[key] = (version, now)
+            return docs
+
+        return self._retrying("find due tasks", attempt)
+
+    def _queue_version(self) -> int:
+        doc = self.meta.find_one({"_id": "queue"})
+        return 0 if doc is None else int(doc.get("version", 0))
+
+    def _bump_queue_version(self) -> None:
+        """Tell idle claimers that work may have appeared (see `find_due`)."""
+        self._retrying(
+            "announce new work",
+            lambda: self.meta.update_one({"_id": "queue"}, {"$inc": {"version": 1}}, upsert=True),
         )
 
     def find_by_status(self, statuses: Sequence[Status], limit: int) -> list[TaskDoc]:
@@ -500,9 +550,17 @@ class MongoStore:
         collections = list(self.live_collections())
         if any(status in TERMINAL for status in statuses):
             collections.insert(0, self.finished)
+
+        def read(collection: Collection[Any]) -> list[Mapping[str, Any]]:
+            return list(collection.find(query).sort(sort).limit(limit))
+
+        if len(collections) == 1:
+            answers = [read(collections[0])]
+        else:  # in parallel: a claim's latency is one query's, not one per shard
+            answers = list(self._readers().map(read, collections))
         found: dict[Any, tuple[Mapping[str, Any], Collection[Any]]] = {}
-        for collection in collections:
-            for doc in collection.find(query).sort(sort).limit(limit):
+        for collection, docs in zip(collections, answers, strict=True):
+            for doc in docs:
                 found[doc["_id"]] = (doc, collection)
                 if collection is not self.finished:
                     self._bodies.put(doc["_id"], doc)
