@@ -7,13 +7,14 @@ import dataclasses
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 import tullius
-from tullius.document import Record
+from tullius.document import Record, Status, TaskDoc
 from tullius.sim import InvariantViolation, ServerClock, SimClock, Simulation, StoreOutage
 from tullius.sim import simulation as simulation_module
 from tullius.sim import world as world_module
@@ -199,3 +200,32 @@ def test_stored_tracebacks_are_exactly_what_traceback_formats(raiser: Any) -> No
             raiser()
         error = caught.value
         assert world_module.format_exception(error) == "".join(traceback.format_exception(error))
+
+
+class LeastUrgentFirstStore(MemoryStore):
+    """A broken store: claims (which ask for failed and queued work) see the least urgent
+    first; the checker's own query (queued tasks only) is answered correctly."""
+
+    def find_due(
+        self,
+        statuses: Sequence[Status],
+        min_priority: float,
+        max_priority: float,
+        now: datetime,
+        limit: int,
+    ) -> list[TaskDoc]:
+        due = super().find_due(statuses, min_priority, max_priority, now, 10_000)
+        if Status.FAILED in statuses:
+            due.reverse()
+        return due[:limit]
+
+
+def test_the_invariants_catch_a_claim_that_skips_more_urgent_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(simulation_module, "MemoryStore", LeastUrgentFirstStore)
+    with Simulation(seed=4, task_processes=[(1, 0, 10)]) as sim:
+        sim.queue([Urgent(n=n, priority=p) for n, p in ((1, 0), (2, 5))])
+        with pytest.raises(InvariantViolation) as caught:
+            sim.drain(within=timedelta(minutes=5))
+        assert caught.value.promise == "priority order"

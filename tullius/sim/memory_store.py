@@ -343,6 +343,15 @@ class MemoryStore:
 
     # --- for invariants and tests (not part of the Store protocol) ----------------
 
+    def lowest_due_priority(self, status: Status) -> float | None:
+        """The most urgent priority among tasks with this hint and a due time, or None.
+
+        `find_due` orders by priority first, so a check that looks for tasks more
+        urgent than some priority can skip its query when this is not below it.
+        """
+        held = self._priorities[status]
+        return held[0] if held else None
+
     def all_tasks(self) -> list[TaskDoc]:
         return list(self._tasks.values())
 

@@ -412,6 +412,9 @@ class Drivers:
             )
         if job.kind is not JobKind.RUN:
             return
+        lowest = self.store.lowest_due_priority(Status.QUEUED)
+        if lowest is None or lowest >= priority:
+            return  # nothing queued is more urgent: the query below would find nothing
         for doc in self.store.find_due((Status.QUEUED,), band.min_priority, priority, now, 8):
             if doc.priority >= priority:
                 break
