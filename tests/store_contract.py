@@ -21,6 +21,7 @@ from tullius.document import (
     TaskSpec,
     as_stored,
     handler_id,
+    outcome_id,
     queued_doc,
     run_id,
 )
@@ -101,6 +102,14 @@ class StoreContract:
 
     def test_records_round_trip_with_failures_and_spawned_tasks(self, store: Any) -> None:
         store.insert_tasks([make_doc("t1")])
+        # The chain before a handler's end: its run, a failed outcome, the handler's lease.
+        store.insert_record(make_record("t1"))
+        store.insert_record(
+            make_record("t1", record_id=outcome_id("t1"), kind=RecordKind.OUTCOME, ok=False)
+        )
+        store.insert_record(
+            make_record("t1", record_id=handler_id("t1", 1), kind=RecordKind.HANDLER, attempt=1)
+        )
         failure = Failure("exception", "boom", T0, traceback="Traceback...", server="s1")
         record = make_record(
             "t1",

@@ -60,6 +60,9 @@ class Store(Protocol):
     def beat(self, record_id: str) -> int | None:
         """Increment the heartbeat counter of a lease record; return it, or None if missing.
 
+        A store may also answer None once the record's task has finished: its
+        leases are over either way.
+
         Only the lease's owner calls this, so racing is not a concern.
         """
         ...
@@ -69,7 +72,10 @@ class Store(Protocol):
 
         Not a snapshot: a record inserted during the read may be missing, which
         only makes the view stale, never inconsistent (records never change
-        except ``beat``).
+        except ``beat``).  Records form a chain (``run``, ``outcome``,
+        ``handler:1``, ``handler:1:end``, ...; each is inserted only after the
+        one before it), and a store may read them in that order up to the
+        first missing one.
         """
         ...
 

@@ -178,3 +178,22 @@ def test_a_failed_hint_is_seen_by_the_next_handler_claim_at_once(store: MongoSto
     assert store.find_due([Status.FAILED], 0, 10, T0, 8) == []
     store.set_status("a", Status.FAILED, T0)
     assert [d.task_id for d in store.find_due([Status.FAILED], 0, 10, T0, 8)] == ["a"]
+
+
+def test_heartbeats_are_counted_in_the_live_document_not_in_the_record(
+    store: MongoStore,
+) -> None:
+    store.insert_tasks([make_doc("a")])
+    job = drive(store, claim(ALL, server="s1", worker="w1", token="tok", now=T0))
+    assert job is not None
+    assert store.beat(job.lease.record_id) == 1
+    assert store.beat(job.lease.record_id) == 2
+    assert store.tasks.find_one({"_id": "a"})["beats"] == {"run": 2}
+    assert store.records.find_one({"_id": job.lease.record_id})["beat"] == 0
+    assert store.load("a").run.beat == 2  # type: ignore[union-attr]
+
+
+def test_a_heartbeat_for_a_finished_task_is_refused(store: MongoStore) -> None:
+    store.insert_tasks([make_doc("a")])
+    run_to_success(store, "a")
+    assert store.beat("a:run") is None

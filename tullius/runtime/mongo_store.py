@@ -42,13 +42,15 @@ record, a duplicate task insert is skipped, a hint is set again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import logging
 import re
 import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from functools import partial
@@ -73,8 +75,12 @@ from tullius.document import (
     Status,
     TaskDoc,
     TaskView,
+    handler_end_id,
+    handler_id,
+    outcome_id,
     record_from_bson,
     record_to_bson,
+    run_id,
     stored_time,
     task_from_bson,
     task_to_bson,
@@ -174,6 +180,15 @@ class _RecentDocs:
     def pop(self, key: str) -> Mapping[str, Any] | None:
         with self._lock:
             return self._docs.pop(key, None)
+
+
+def _chain_ids(task_id: str) -> Iterator[str]:
+    """Record ids of a task in the order they can come to exist (endless)."""
+    yield run_id(task_id)
+    yield outcome_id(task_id)
+    for attempt in itertools.count(1):
+        yield handler_id(task_id, attempt)
+        yield handler_end_id(task_id, attempt)
 
 
 def _sortable(value: Any) -> tuple[int, Any]:
@@ -419,14 +434,30 @@ class MongoStore:
         self._retrying("set status", move)
 
     def beat(self, record_id: str) -> int | None:
+        """Count a heartbeat of a lease; None if the record is missing or its task finished.
+
+        The counters live in the task's live document (``beats``, keyed by the
+        record id after the task id), not in the record: on FerretDB an update
+        reads its whole collection, and the live queue's shard is small while
+        ``records`` holds all history.  A finished task's leases are over, so
+        None is the right answer for it too (`engine.renew` then stops).
+        """
+
         def attempt() -> int | None:
-            doc = self.records.find_one_and_update(
-                {"_id": record_id},
-                {"$inc": {"beat": 1}},
+            record = self.records.find_one({"_id": record_id})
+            if record is None:
+                return None
+            task_id = str(record["task_id"])
+            key = f"beats.{record_id[len(task_id) + 1 :]}"
+            doc = self.live_for(task_id).find_one_and_update(
+                {"_id": task_id},
+                {"$inc": {key: 1}},
                 # No projection: FerretDB 1.24 does not implement it in findAndModify.
                 return_document=ReturnDocument.AFTER,
             )
-            return None if doc is None else int(doc["beat"])
+            if doc is None:
+                return None
+            return int(doc["beats"][record_id[len(task_id) + 1 :]])
 
         return self._retrying("renew lease", attempt)
 
@@ -442,12 +473,33 @@ class MongoStore:
             )
             if doc is None:
                 return None
-            records = {
-                r["_id"]: record_from_bson(r) for r in self.records.find({"task_id": task_id})
-            }
+            records = self._records_of(task_id)
+            for key, count in (doc.get("beats") or {}).items():
+                record = records.get(f"{task_id}:{key}")
+                if record is not None and int(count) > record.beat:
+                    records[record.record_id] = dataclasses.replace(record, beat=int(count))
             return TaskView(decode_task(doc), records)
 
         return self._retrying("load task", attempt)
+
+    def _records_of(self, task_id: str) -> dict[str, Record]:
+        """The task's records.  In a sharded (FerretDB) layout, read one by one by ``_id``.
+
+        Records form a chain (`run`, `outcome`, `handler:1`, `handler:1:end`,
+        `handler:2` ...; each needs the one before), so reading in that order
+        up to the first missing one finds them all, and what is found is a
+        consistent prefix even while others insert.  Each read is a pushed-down
+        ``_id`` lookup, where a query by ``task_id`` would read all history.
+        """
+        if len(self.live_collections()) == 1:
+            return {r["_id"]: record_from_bson(r) for r in self.records.find({"task_id": task_id})}
+        found: dict[str, Record] = {}
+        for record_id in _chain_ids(task_id):
+            raw = self.records.find_one({"_id": record_id})
+            if raw is None:
+                return found
+            found[record_id] = record_from_bson(raw)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def find_due(
         self,
