@@ -4,6 +4,7 @@ the invariants do catch a broken store."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import threading
 import time
 import traceback
@@ -229,3 +230,31 @@ def test_the_invariants_catch_a_claim_that_skips_more_urgent_work(
         with pytest.raises(InvariantViolation) as caught:
             sim.drain(within=timedelta(minutes=5))
         assert caught.value.promise == "priority order"
+
+
+class ReadsGcThreshold(tullius.Task):
+    timeout = timedelta(seconds=10)
+
+    def run(self) -> None:
+        SEEN_THRESHOLDS.append(gc.get_threshold()[0])
+
+
+SEEN_THRESHOLDS: list[int] = []
+
+
+def test_gc_collects_less_often_during_a_run_only() -> None:
+    before = gc.get_threshold()
+    SEEN_THRESHOLDS.clear()
+    try:
+        with Simulation(seed=1) as sim:
+            gc.set_threshold(700, *before[1:])
+            sim.queue(ReadsGcThreshold())
+            sim.drain(within=timedelta(minutes=1))
+            assert gc.get_threshold() == (700, *before[1:])
+            gc.set_threshold(0, *before[1:])  # switched off: left off
+            sim.queue(ReadsGcThreshold())
+            sim.drain(within=timedelta(minutes=1))
+            assert gc.get_threshold()[0] == 0
+        assert SEEN_THRESHOLDS == [simulation_module._GC_YOUNG_THRESHOLD, 0]
+    finally:
+        gc.set_threshold(*before)
