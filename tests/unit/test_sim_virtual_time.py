@@ -272,6 +272,7 @@ class Affinity(tullius.Task):
 
     def run(self) -> None:
         SEEN["user affinity"] = os.sched_getaffinity(0)
+        SEEN["user policy"] = os.sched_getscheduler(0)
         time.sleep(1)
         SEEN["user affinity after sleep"] = os.sched_getaffinity(0)
 
@@ -285,12 +286,16 @@ needs_two_cpus = pytest.mark.skipif(
 @needs_two_cpus
 def test_a_run_shares_one_cpu_between_scheduler_and_user_threads_and_restores_it() -> None:
     before = os.sched_getaffinity(0)
+    policy = os.sched_getscheduler(0)
     with Simulation(seed=1) as sim:
         sim.queue([Affinity(), Affinity()])
         sim.drain(within=timedelta(minutes=1))
         assert len(SEEN["user affinity"]) == 1  # type: ignore[arg-type]
         assert SEEN["user affinity after sleep"] == SEEN["user affinity"]
+        if policy == os.SCHED_OTHER:
+            assert SEEN["user policy"] == os.SCHED_BATCH
         assert os.sched_getaffinity(0) == before
+        assert os.sched_getscheduler(0) == policy
 
 
 @needs_two_cpus
@@ -309,6 +314,7 @@ def test_the_pin_is_lifted_while_the_cpu_is_busy_and_can_be_switched_off(
     assert pool.cpu.cpu is None
     assert os.sched_getaffinity(0) == before
     assert os.sched_getaffinity(baton.thread.native_id or 0) == before
+    assert os.sched_getscheduler(baton.thread.native_id or 0) != os.SCHED_BATCH
     pool.cpu.stop()
     monkeypatch.setattr(virtual_time, "PIN_TO_ONE_CPU", False)
     pool.cpu.start()

@@ -249,8 +249,12 @@ class SharedCpu:
     So while the scheduler runs (`start` to `stop`) its thread and the pool's
     threads are pinned to the CPU the kernel had the scheduler on; `stop`
     gives the scheduler's thread its own affinity back (pool threads only run
-    during runs).  Nothing about the simulation changes, only where the kernel
-    runs it.  Linux only; not done when the process may use a single CPU.  If
+    during runs).  Pinned, they also run as ``SCHED_BATCH`` (ordinary threads
+    only; restored by `stop`): a thread woken by a hand-off then waits for
+    the waker to block instead of preempting it, since it couldn't run anyway
+    before the waker lets go of the GIL; that halved the hand-off once more.
+    Nothing about the simulation changes, only when and where the kernel runs
+    it.  Linux only; not done when the process may use a single CPU.  If
     the process gets less than 3/4 of that CPU (another process is busy on it),
     `check` lifts the pin, since pinned threads can't move away from a busy CPU,
     and pins them again a while later to wherever the kernel has moved them.
@@ -267,6 +271,7 @@ class SharedCpu:
         self._saved: set[int] = set()
         self._since: tuple[float, float] = (0.0, 0.0)  # (wall, process CPU) at the last check
         self._lifted_at: float | None = None
+        self._batch = False  # whether `start` made the scheduler's thread SCHED_BATCH
 
     def start(self) -> None:
         self._lifted_at = None
@@ -281,6 +286,7 @@ class SharedCpu:
         except OSError:
             return
         self.cpu, self._saved = cpu, allowed
+        self._batch = _set_batch(0, on=True)
         self._since = (_REAL[1](), _REAL[2]())
         for baton in self._pool.batons():
             self.join(baton)
@@ -295,6 +301,7 @@ class SharedCpu:
         except OSError:
             return
         baton.cpu = self.cpu
+        _set_batch(thread_id, on=self.cpu is not None)
 
     def check(self) -> None:
         """Lift the pin if the process got less than 3/4 of the CPU since the last check;
@@ -320,9 +327,29 @@ class SharedCpu:
         self.cpu = None
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, self._saved)
+        if self._batch:
+            _set_batch(0, on=False)
+            self._batch = False
         if unpin_pool:
             for baton in self._pool.batons():
                 self.join(baton)
+
+
+def _set_batch(thread_id: int, *, on: bool) -> bool:
+    """Switch an ordinary thread to ``SCHED_BATCH`` (or back); True if it was switched.
+
+    Threads under any other policy (real-time, idle) are left alone.
+    """
+    try:
+        policy = os.sched_getscheduler(thread_id)
+        if policy != (os.SCHED_OTHER if on else os.SCHED_BATCH):
+            return False
+        os.sched_setscheduler(
+            thread_id, os.SCHED_BATCH if on else os.SCHED_OTHER, os.sched_param(0)
+        )
+    except (OSError, AttributeError):  # not permitted, or not Linux
+        return False
+    return True
 
 
 def _current_cpu() -> int | None:
