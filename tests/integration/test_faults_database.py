@@ -246,8 +246,8 @@ def test_write_applied_but_acknowledgement_lost(scenario: Scenario, proxy: TcpPr
             lambda: scenario.queue(Noop(marks=scenario.marks)),
         ),
         (
-            "heartbeat",
-            _command_on("findAndModify", "records"),
+            "heartbeat",  # counted in the task's live document
+            _command_on("findAndModify", "tasks"),
             lambda: scenario.queue(Sleep(marks=scenario.marks, seconds=2)),
         ),
     ]
