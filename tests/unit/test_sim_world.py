@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib.util
+import os
+import sys
 import threading
 import time
 import traceback
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -258,3 +262,52 @@ def test_gc_collects_less_often_during_a_run_only() -> None:
         assert SEEN_THRESHOLDS == [simulation_module._GC_YOUNG_THRESHOLD, 0]
     finally:
         gc.set_threshold(*before)
+
+
+class _BadStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def _raise(error: BaseException) -> None:
+    raise error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ValueError("one"), ValueError("two"), KeyError("k"), _BadStr(), SystemExit(3)],
+)
+def test_a_plain_failure_formats_as_traceback_does_each_time(
+    error: BaseException, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for limit in (None, None, 1, None):
+        if limit is not None:
+            monkeypatch.setattr(sys, "tracebacklimit", limit, raising=False)
+        else:
+            monkeypatch.delattr(sys, "tracebacklimit", raising=False)
+        with pytest.raises(BaseException) as caught:  # noqa: PT011  # any error will do
+            _raise(error.with_traceback(None))
+        assert world_module.format_exception(caught.value) == "".join(
+            traceback.format_exception(caught.value)
+        )
+
+
+def test_a_memoised_traceback_follows_an_edited_source_file(tmp_path: Path) -> None:
+    source = tmp_path / "edited_module.py"
+    source.write_text("def fail():\n    raise ValueError('x')  # first\n")
+    spec = importlib.util.spec_from_file_location("edited_module", source)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    texts = []
+    for edit in ("first", "first", "second, longer than the first"):
+        source.write_text(f"def fail():\n    raise ValueError('x')  # {edit}\n")
+        os.utime(source, (time.time() + len(texts), time.time() + len(texts)))
+        with pytest.raises(ValueError, match="x") as caught:
+            module.fail()
+        text = world_module.format_exception(caught.value)
+        assert text == "".join(traceback.format_exception(caught.value))
+        texts.append(text)
+    assert "# first" in texts[0]
+    assert "# second" in texts[2]

@@ -12,6 +12,7 @@ no rule of the task's life is decided here: every decision is `machine.step`.
 
 from __future__ import annotations
 
+import linecache
 import random
 import sys
 import threading
@@ -553,6 +554,76 @@ def format_exception(error: BaseException) -> str:
     """
     if not _MEMO_KEY_IS_COMPLETE:
         return "".join(traceback.format_exception(error))
+    plain = _plain_key(error)
+    if plain is not None:
+        key, entries = plain
+        known = _PLAIN_TEXT.get(key)
+        if known is not None and all(a is b for a, b in zip(known[0], entries, strict=True)):
+            return known[1]
+    text = _format_with_frame_memo(error)
+    if plain is not None:
+        if len(_PLAIN_TEXT) >= 4096:  # bounded: distinct failures, not tasks, fill it
+            _PLAIN_TEXT.clear()
+        _PLAIN_TEXT[plain[0]] = (plain[1], text)
+    return text
+
+
+#: Whole texts of plain failures (see `_plain_key`): key -> (linecache entries, text).
+_PLAIN_TEXT: dict[tuple[Any, ...], tuple[tuple[Any, ...], str]] = {}
+
+
+def _plain_key(error: BaseException) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
+    """What decides the formatted text of a plain failure, or None if it isn't plain.
+
+    Plain: no cause, context or notes, not an exception group, and none of the
+    kinds whose text looks beyond the exception and its frames (syntax errors,
+    and the "did you mean" of import, name and attribute errors).  Then the
+    text is decided by the exception's type and ``str()``, ``sys.tracebacklimit``,
+    each frame's code and position (``tb_lasti``), and the source lines: those
+    come from `linecache`, checked against the files exactly as `traceback`
+    checks them, and a memoised text is used only while every file's cache
+    entry is the very object it was formatted from (a changed file is re-read
+    into a new one).  So the ten thousandth ``raise`` of the same line costs a
+    walk along its frames and a ``stat`` per file instead of a full format.
+    """
+    if (
+        error.__cause__ is not None
+        or error.__context__ is not None
+        or getattr(error, "__notes__", None) is not None
+        or isinstance(
+            error, SyntaxError | ImportError | NameError | AttributeError | BaseExceptionGroup
+        )
+    ):
+        return None
+    try:
+        message = str(error)
+    except BaseException:  # traceback prints a placeholder instead: not plain
+        return None
+    frames = []
+    tb = error.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame.f_code, tb.tb_lasti, tb.tb_lineno))
+        tb = tb.tb_next
+    entries = []
+    for filename in dict.fromkeys(code.co_filename for code, _, _ in frames):
+        linecache.checkcache(filename)
+        entry = linecache.cache.get(filename)
+        if entry is None or len(entry) == 1:  # not read yet (or lazily): format in full
+            return None
+        entries.append(entry)
+    kind = type(error)
+    key = (
+        kind,
+        kind.__module__,
+        kind.__qualname__,
+        message,
+        getattr(sys, "tracebacklimit", None),
+        tuple(frames),
+    )
+    return key, tuple(entries)
+
+
+def _format_with_frame_memo(error: BaseException) -> str:
     top = traceback.TracebackException(
         type(error), error, error.__traceback__, limit=None, compact=True
     )
