@@ -26,6 +26,7 @@ import argparse
 import os
 import selectors
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -209,13 +210,14 @@ def wait_settled(store: MongoStore, count: int, timeout: float) -> None:
 
 
 def tullius_throughput(
-    client: Any, uri: str, workdir: Path, tasks: int, poll: float | None
+    client: Any, uri: str, workdir: Path, tasks: int, poll: float | None, round_no: int = 0
 ) -> float:
-    store = MongoStore(client["bench_tput"])
+    database = f"bench_tput_{round_no}"
+    store = MongoStore(client[database])
     store.ensure_indexes()
-    log = workdir / "tullius-tput.log"
+    log = workdir / f"tullius-tput-{round_no}.log"
     queue_noops(store, log, [f"t{i}" for i in range(tasks)])
-    daemon = Daemon(uri, "bench_tput", workdir, poll=poll)
+    daemon = Daemon(uri, database, workdir, poll=poll)
     try:
         rows = wait_lines(log, tasks, 600, "tullius throughput", daemon.check)
         wait_settled(store, tasks, 120)
@@ -329,10 +331,20 @@ def ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
+def merge_round(others: dict[str, dict[str, Any]], name: str, result: dict[str, Any]) -> None:
+    """Add one round's figures: throughputs are listed, pickups kept from the first round."""
+    merged = others.setdefault(name, {"throughputs": []})
+    if result.get("throughput"):
+        merged["throughputs"].append(result["throughput"])
+    for key in ("pickup", "settings", "error"):
+        if result.get(key) and key not in merged:
+            merged[key] = result[key]
+
+
 def report(
     args: argparse.Namespace,
     uri: str,
-    t_rate: float,
+    t_rates: list[float],
     t_pickup: list[float],
     kills: list[dict[str, float]],
     rt: dict[str, Any],
@@ -340,14 +352,20 @@ def report(
 ) -> None:
     """Print the comparison table, the Tullius-only figures, and the issue's goals."""
     t50 = percentile(t_pickup, 50)
+    t_rate = statistics.median(t_rates)
     print()
     print(f"=== Tullius benchmark: {os.cpu_count()} CPUs, FerretDB at {uri}, ")
-    print(f"    {args.tasks} tasks per throughput run, {args.samples} pickup samples ===")
-    head = f"{'system':28} {'no-op tasks/s':>13} {'pickup p50':>11} {'pickup p99':>11}"
+    print(
+        f"    {args.tasks} tasks per throughput run, {args.rounds} round(s) "
+        f"(median, then range), {args.samples} pickup samples ==="
+    )
+    head = f"{'system':28} {'no-op tasks/s':>13} {'range':>9} {'pickup p50':>11} {'pickup p99':>11}"
     print(f"{head}   tullius tput / theirs, their p50 / tullius p50")
-    rows = [("tullius", {"throughput": t_rate, "pickup": t_pickup}), *others.items()]
+    rows = [("tullius", {"throughputs": t_rates, "pickup": t_pickup}), *others.items()]
     for name, res in rows:
-        rate = res.get("throughput")
+        rates = res.get("throughputs") or []
+        rate = statistics.median(rates) if rates else None
+        spread = f"{min(rates):.0f}-{max(rates):.0f}" if rates else "-"
         pickup = res.get("pickup")
         p50 = percentile(pickup, 50) if pickup else None
         p99 = percentile(pickup, 99) if pickup else None
@@ -356,7 +374,7 @@ def report(
             ratio = f"x{t_rate / rate:.2f}" if rate else "-"
             ratio += f", x{p50 / t50:.2f}" if p50 else ", -"
         rate_s = f"{rate:13.0f}" if rate else f"{'-':>13}"
-        print(f"{name:28} {rate_s} {ms(p50):>11} {ms(p99):>11}   {ratio}")
+        print(f"{name:28} {rate_s} {spread:>9} {ms(p50):>11} {ms(p99):>11}   {ratio}")
         if res.get("error"):
             print(f"    error: {res['error']}")
     poll = "its default poll interval" if args.poll is None else f"--poll-interval {args.poll}"
@@ -379,7 +397,9 @@ def report(
     print(f"    {rt['per_task']:.1f} (every command while draining, polling included)")
     print(f"    idle daemon: {rt['idle_per_second']:.0f} commands/s (polling, heartbeats, sweeps)")
     print("    by command: " + ", ".join(f"{n} {v:.2f}" for n, v in rt["by_command"].items()))
-    beaten = [r.get("throughput") or 0 for r in others.values()]
+    beaten = [
+        statistics.median(r["throughputs"]) if r["throughputs"] else 0 for r in others.values()
+    ]
     goals = [
         ("pickup p50 < 20 ms", t50 < 0.020),
         ("timeout kill within 100 ms of the deadline", max(w) < 0.100),
@@ -402,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
         "--celery-poll", type=float, default=0.01, help="kombu MongoDB polling_interval"
     )
     parser.add_argument("--skip-others", action="store_true", help="measure Tullius only")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="throughput runs per system, interleaved (the table gives the median and range)",
+    )
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="tullius-bench-"))
@@ -410,31 +436,49 @@ def main(argv: list[str] | None = None) -> int:
     server.start(timeout=120)
     client: Any = pymongo.MongoClient(server.uri, tz_aware=True)
     try:
-        print("tullius: throughput ...", flush=True)
-        t_rate = tullius_throughput(client, server.uri, workdir, args.tasks, args.poll)
+        t_rates: list[float] = []
+        others: dict[str, dict[str, Any]] = {}
+        for round_no in range(args.rounds):
+            # Interleaved, so that a change in the machine's load hits every system alike.
+            print(f"round {round_no + 1}/{args.rounds}: tullius throughput ...", flush=True)
+            t_rates.append(
+                tullius_throughput(client, server.uri, workdir, args.tasks, args.poll, round_no)
+            )
+            if args.skip_others:
+                continue
+            print(f"round {round_no + 1}/{args.rounds}: celery ...", flush=True)
+            merge_round(
+                others,
+                "celery (mongodb transport)",
+                run_celery(
+                    server.uri,
+                    workdir / f"celery-{round_no}",
+                    tasks=args.tasks,
+                    samples=args.samples if round_no == 0 else 1,
+                    poll=args.celery_poll,
+                ),
+            )
+            print(f"round {round_no + 1}/{args.rounds}: rq ...", flush=True)
+            merge_round(
+                others,
+                "rq (redis)",
+                run_rq(
+                    workdir / f"rq-{round_no}",
+                    tasks=args.tasks,
+                    samples=args.samples if round_no == 0 else 1,
+                ),
+            )
         print("tullius: pickup latency and timeout kills ...", flush=True)
         t_pickup, kills = tullius_pickup_and_timeout(
             client, server.uri, workdir, args.samples, args.kills, args.poll
         )
         print("tullius: round trips ...", flush=True)
         rt = tullius_round_trips(server, client, workdir, args.rt_tasks, args.poll)
-        others: dict[str, dict[str, Any]] = {}
-        if not args.skip_others:
-            print("celery: throughput and pickup ...", flush=True)
-            others["celery (mongodb transport)"] = run_celery(
-                server.uri,
-                workdir / "celery",
-                tasks=args.tasks,
-                samples=args.samples,
-                poll=args.celery_poll,
-            )
-            print("rq: throughput and pickup ...", flush=True)
-            others["rq (redis)"] = run_rq(workdir / "rq", tasks=args.tasks, samples=args.samples)
     finally:
         client.close()
         server.stop()
 
-    report(args, server.uri, t_rate, t_pickup, kills, rt, others)
+    report(args, server.uri, t_rates, t_pickup, kills, rt, others)
     return 0
 
 
