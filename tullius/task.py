@@ -164,6 +164,12 @@ class Task:
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by fields
 
 
+#: Most bytes of fields one task, or everything one ``run()``/``failed()``
+#: returns, may hold.  A record stores all the tasks a step spawns, and MongoDB
+#: refuses documents over 16 MiB: past that a result could never be recorded,
+#: so it is refused where it is made (a ``bad_return`` failure, or an error from
+#: ``tullius.queue()``) instead of failing every attempt to store it.
+MAX_FIELDS_BYTES: Final = 8 * 1024 * 1024
 _META_ATTRIBUTES: Final = frozenset({"failure", "task_id", "priority"})
 
 
@@ -241,6 +247,7 @@ def to_spec(task: object, *, role: str = "task") -> TaskSpec:
     fields = task.fields
     for field, value in fields.items():
         check_value(cls.__name__, field, value)
+    _check_size(f"{role} {cls.__name__}", stored_size(fields))
     return TaskSpec(
         class_name=cls.task_name,
         fields=fields,
@@ -267,7 +274,31 @@ def to_specs(returned: object, *, role: str) -> tuple[TaskSpec, ...]:
         raise TaskDefinitionError(
             f"{role} returned {returned!r}; expected None, a tullius.Task, or a list of them"
         )
-    return tuple(to_spec(item, role=f"{role} item") for item in returned)
+    specs = tuple(to_spec(item, role=f"{role} item") for item in returned)
+    _check_size(f"{role} (all {len(specs)} tasks)", sum(stored_size(s.fields) for s in specs))
+    return specs
+
+
+def stored_size(value: Any) -> int:
+    """About how many bytes ``value`` (a checked field value) takes as BSON; never less."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass")) + 6
+    if isinstance(value, bytes):
+        return len(value) + 6
+    if isinstance(value, Mapping):
+        return 5 + sum(len(str(key)) + 2 + stored_size(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return 5 + sum(len(str(index)) + 2 + stored_size(item) for index, item in enumerate(value))
+    return 9
+
+
+def _check_size(what: str, size: int) -> None:
+    if size > MAX_FIELDS_BYTES:
+        raise TaskDefinitionError(
+            f"{what}: fields take about {size:,} bytes; expected at most "
+            f"{MAX_FIELDS_BYTES:,} (records are limited to 16 MiB: store large data "
+            "elsewhere and pass a reference)"
+        )
 
 
 def load_class(name: str) -> type[Task]:
