@@ -127,7 +127,10 @@ def apply_step(view: TaskView, decided: Step) -> Conversation[Record | None]:
             yield effect
         return None
     winner: Record = yield InsertRecord(record)
-    if winner.token == record.token:
+    if winner is record:  # stored as decided (an in-process store hands it back)
+        for effect in decided.effects[1:]:
+            yield effect
+    elif winner.token == record.token:
         for effect in settle(view.with_record(winner)):
             yield effect
     return winner

@@ -233,8 +233,9 @@ class BatonPool:
         self._idle.clear()
 
 
-#: Set to False to let the kernel place the simulator's threads freely (see `SharedCpu`).
-PIN_TO_ONE_CPU = True
+#: Set to False (or the environment variable ``TULLIUS_SIM_PIN_CPU=0``) to let the
+#: kernel place and schedule the simulator's threads freely (see `SharedCpu`).
+PIN_TO_ONE_CPU = os.environ.get("TULLIUS_SIM_PIN_CPU", "1") != "0"
 
 
 class SharedCpu:
