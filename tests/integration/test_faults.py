@@ -389,6 +389,30 @@ def test_undecodable_task_document_does_not_stop_the_daemon(scenario: Scenario) 
     scenario.finish(expect_tasks=1, allow_undecodable=["broken-doc"])
 
 
+def test_a_record_that_cannot_be_decoded_sets_its_task_aside_and_the_daemon_carries_on(
+    scenario: Scenario,
+) -> None:
+    # Given a long task running under a daemon
+    daemon = scenario.daemon("records", processes=["2:0-10"], lease=3)
+    [stuck] = scenario.queue(Sleep(marks=scenario.marks, seconds=600))
+    scenario.wait_status(stuck, [Status.RUNNING], timeout=120)
+
+    # When its run record is mangled (as by a hand edit or an incompatible version)
+    scenario.store.records.update_one({"_id": f"{stuck}:run"}, {"$set": {"kind": "mangled"}})
+    [normal] = scenario.queue(Noop(marks=scenario.marks))
+
+    # Then the task is set aside visibly, with the reason, and everything else goes on
+    def set_aside() -> bool:
+        live = scenario.store.live_for(stuck).find_one({"_id": stuck}) or {}
+        return bool(live.get("status") == "undecodable")
+
+    wait_for(set_aside, 120, "the task with a mangled record to be set aside")
+    scenario.wait_status(normal, [Status.SUCCEEDED], timeout=120)
+    live = scenario.store.live_for(stuck).find_one({"_id": stuck})
+    assert "mangled" in live["decode_error"], live
+    assert daemon.alive, daemon.log_tail()
+
+
 # --- the README's example -------------------------------------------------------------------
 
 

@@ -197,3 +197,23 @@ def test_a_heartbeat_for_a_finished_task_is_refused(store: MongoStore) -> None:
     store.insert_tasks([make_doc("a")])
     run_to_success(store, "a")
     assert store.beat("a:run") is None
+
+
+def test_a_task_whose_record_cannot_be_decoded_is_set_aside_and_sweeps_go_on(
+    store: MongoStore,
+) -> None:
+    store.insert_tasks([make_doc("bad"), make_doc("good")])
+    for task_id in ("bad", "good"):
+        job = drive(store, claim(ALL, server="s1", worker="w1", token=f"t-{task_id}", now=T0))
+        assert job is not None
+    store.records.update_one({"_id": "bad:run"}, {"$set": {"kind": "no-such-kind"}})
+    report = drive(
+        store,
+        sweep(LeaseWatch(timedelta(seconds=15)), observer="s2", now=T0, monotonic_now=0.0),
+    )
+    assert report.examined == 1  # "good"; "bad" was passed by, not a failed sweep
+    assert store.load("bad") is None
+    live = store.tasks.find_one({"_id": "bad"})
+    assert live["status"] == "undecodable"
+    assert "no-such-kind" in live["decode_error"]
+    assert store.find_by_status([Status.RUNNING], 10)[0].task_id == "good"

@@ -100,6 +100,8 @@ RETRYABLE_CODES = frozenset(
 #: 16: 93-110, 32: 84 (claim queries, which read every shard, start to dominate).
 FERRETDB_LIVE_SHARDS = 8
 MAX_LIVE_SHARDS = 64
+#: What decoding a malformed stored document raises.
+_DECODE_ERRORS = (KeyError, ValueError, TypeError, AttributeError)
 #: Status given to a task document that can't be decoded (not a `Status`: no
 #: query for work or sweep ever selects it).
 UNDECODABLE = "undecodable"
@@ -468,17 +470,26 @@ class MongoStore:
             # The live copy first: if a task is in both collections (mid-move,
             # or re-inserted after it finished) the live hint is the one a
             # repair must see and fix.
-            doc = self.live_for(task_id).find_one({"_id": task_id}) or self.finished.find_one(
-                {"_id": task_id}
-            )
+            live = self.live_for(task_id)
+            doc = live.find_one({"_id": task_id})
+            collection = live
             if doc is None:
+                doc, collection = self.finished.find_one({"_id": task_id}), self.finished
+            if doc is None or doc.get("status") == UNDECODABLE:
+                return None  # (set aside: see `_set_aside`)
+            try:
+                task = decode_task(doc)
+                records = self._records_of(task_id)
+                for key, count in (doc.get("beats") or {}).items():
+                    record = records.get(f"{task_id}:{key}")
+                    if record is not None and int(count) > record.beat:
+                        records[record.record_id] = dataclasses.replace(record, beat=int(count))
+            except _DECODE_ERRORS as error:
+                # Returning None makes claims and sweeps pass the task by, instead
+                # of one bad document stopping them for every other task.
+                self._set_aside(collection, task_id, error)
                 return None
-            records = self._records_of(task_id)
-            for key, count in (doc.get("beats") or {}).items():
-                record = records.get(f"{task_id}:{key}")
-                if record is not None and int(count) > record.beat:
-                    records[record.record_id] = dataclasses.replace(record, beat=int(count))
-            return TaskView(decode_task(doc), records)
+            return TaskView(task, records)
 
         return self._retrying("load task", attempt)
 
@@ -641,20 +652,28 @@ class MongoStore:
         for raw, collection in raw_docs:
             try:
                 docs.append(decode_task(raw))
-            except (KeyError, ValueError, TypeError, AttributeError) as error:
-                task_id = raw.get("_id")
-                reason = redact(f"{type(error).__name__}: {error}")[:500]
-                _log.warning(
-                    "task document %r can't be decoded (%s); set aside with status %r",
-                    task_id,
-                    reason,
-                    UNDECODABLE,
-                )
-                collection.update_one(
-                    {"_id": task_id},
-                    {"$set": {"status": UNDECODABLE, "decode_error": reason}},
-                )
+            except _DECODE_ERRORS as error:
+                self._set_aside(collection, raw.get("_id"), error)
         return docs
+
+    def _set_aside(self, collection: Collection[Any], task_id: Any, error: Exception) -> None:
+        """Mark a task whose document or records can't be decoded, and log it.
+
+        Its hint becomes `UNDECODABLE`, which no query for work or sweep
+        selects, with the reason in ``decode_error`` for an operator.  A
+        finished task keeps its terminal hint (nothing would select it anyway).
+        """
+        reason = redact(f"{type(error).__name__}: {error}")[:500]
+        _log.warning(
+            "task %r: its document or records can't be decoded (%s); set aside with status %r",
+            task_id,
+            reason,
+            UNDECODABLE,
+        )
+        update: dict[str, Any] = {"decode_error": reason}
+        if collection is not self.finished:
+            update["status"] = UNDECODABLE
+        collection.update_one({"_id": task_id}, {"$set": update})
 
     # --- retrying ---------------------------------------------------------------
 
