@@ -56,6 +56,7 @@ from compare_celery_rq import (  # noqa: E402
     stop_process,
     wait_lines,
 )
+from fault_tasks import proc_stat  # noqa: E402
 from ferretdb_server import FerretDBServer, build_ferretdb  # noqa: E402
 
 from tullius.api import insert_queued  # noqa: E402
@@ -227,12 +228,8 @@ def tullius_throughput(
 
 
 def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().decode(errors="replace").rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return True
-    return state in ("Z", "X")
+    fields = proc_stat(pid)
+    return fields is None or fields[0] in ("Z", "X")
 
 
 def tullius_pickup_and_timeout(

@@ -32,20 +32,28 @@ from tullius.task import Task
 FOREVER = 600.0
 
 
-def process_start_time(pid: int) -> int | None:
-    """The kernel start time of ``pid`` (clock ticks since boot), or None if it is gone.
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or None.
 
-    Together with the pid it names one process for its whole life, which a
-    pid alone does not (pids are recycled).
+    The command name (field 2) may contain spaces; the fields after its ')'
+    are fixed, so index 0 is the state and index 19 the start time.
     """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read().decode(errors="replace")
     except OSError:
         return None
-    # The command name (field 2) may contain spaces; fields after ')' are fixed.
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[19])
+    return stat.rsplit(")", 1)[1].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel start time of ``pid`` (clock ticks since boot), or None if it is gone.
+
+    Together with the pid it names one process for its whole life, which a
+    pid alone does not (pids are recycled).
+    """
+    fields = proc_stat(pid)
+    return None if fields is None else int(fields[19])
 
 
 def write_mark(marks: str, what: str, task_id: str | None, **extra: Any) -> Path:
@@ -81,9 +89,23 @@ class Marked(Task, abstract=True):
     def mark(self, what: str, **extra: Any) -> None:
         write_mark(self.marks, what, self.task_id, **extra)
 
+    def mark_failed(self) -> None:
+        """Mark a call of ``failed()``, with the kind of failure it handles."""
+        self.mark_failed()
+
     def failed(self) -> Task | list[Task] | None:
-        self.mark("failed", kind=None if self.failure is None else self.failure.kind)
+        self.mark_failed()
         return None
+
+
+class RunFails(Marked, abstract=True):
+    """Base: ``run()`` raises, so that each scenario's ``failed()`` is called."""
+
+    timeout = timedelta(seconds=60)
+
+    def run(self) -> None:
+        self.mark("run")
+        raise RuntimeError("run fails so that failed() is called")
 
 
 class Noop(Marked):
@@ -191,67 +213,47 @@ class ExitsHard(Marked):
         os._exit(3)
 
 
-class HandlerRaises(Marked):
+class HandlerRaises(RunFails):
     """``run()`` raises and so does every ``failed()``: ends UNHANDLED after two tries."""
 
-    timeout = timedelta(seconds=60)
     failed_attempts = 2
 
-    def run(self) -> None:
-        self.mark("run")
-        raise RuntimeError("run fails so that failed() is called")
-
     def failed(self) -> None:
-        self.mark("failed", kind=None if self.failure is None else self.failure.kind)
+        self.mark_failed()
         raise RuntimeError(f"failed() of {self.task_id} raises on purpose")
 
 
-class HandlerRaisesOnce(Marked):
+class HandlerRaisesOnce(RunFails):
     """``failed()`` raises on its first call and returns a replacement Noop on the second."""
 
-    timeout = timedelta(seconds=60)
     failed_attempts = 3
-
-    def run(self) -> None:
-        self.mark("run")
-        raise RuntimeError("run fails so that failed() is called")
 
     def failed(self) -> Task:
         before = count_marks(self.marks, "failed", self.task_id)
-        self.mark("failed", kind=None if self.failure is None else self.failure.kind)
+        self.mark_failed()
         if before == 0:
             raise RuntimeError("first failed() call raises on purpose")
         return Noop(marks=self.marks)
 
 
-class HandlerHangs(Marked):
+class HandlerHangs(RunFails):
     """``failed()`` outlives ``failed_timeout`` every time: ends UNHANDLED after two tries."""
 
-    timeout = timedelta(seconds=60)
     failed_timeout = timedelta(seconds=1)
     failed_attempts = 2
 
-    def run(self) -> None:
-        self.mark("run")
-        raise RuntimeError("run fails so that failed() is called")
-
     def failed(self) -> None:
-        self.mark("failed", kind=None if self.failure is None else self.failure.kind)
+        self.mark_failed()
         time.sleep(FOREVER)
 
 
-class HandlerReturnsGarbage(Marked):
+class HandlerReturnsGarbage(RunFails):
     """``failed()`` returns something that is not a task: recorded, then UNHANDLED."""
 
-    timeout = timedelta(seconds=60)
     failed_attempts = 1
 
-    def run(self) -> None:
-        self.mark("run")
-        raise RuntimeError("run fails so that failed() is called")
-
     def failed(self) -> Any:
-        self.mark("failed", kind=None if self.failure is None else self.failure.kind)
+        self.mark_failed()
         return {"not": "a task"}
 
 

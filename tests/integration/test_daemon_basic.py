@@ -341,6 +341,14 @@ def test_sigterm_with_nothing_running_exits_cleanly(start_daemon: Any) -> None:
     wait_for(lambda: daemon.leftovers() == [], what="no process of the daemon to remain")
 
 
+def wait_started(log: str) -> None:
+    """Wait until the task logging to ``log`` has started."""
+    wait_for(
+        lambda: any(line.startswith("start") for line in t.read_lines(log)),
+        what="the task to start",
+    )
+
+
 def test_sigterm_lets_running_work_finish_within_grace(
     store: Any, start_daemon: Any, scratch_dir: Path
 ) -> None:
@@ -348,10 +356,7 @@ def test_sigterm_lets_running_work_finish_within_grace(
     daemon = start_daemon(grace=60)
     log = str(scratch_dir / "sleep.log")
     (root,) = queue(store, t.Sleep(seconds=1.0, log=log))
-    wait_for(
-        lambda: any(line.startswith("start") for line in t.read_lines(log)),
-        what="the task to start",
-    )
+    wait_started(log)
     # When the daemon is asked to stop
     assert daemon.stop() == 0
     # Then the task finished normally first, and nothing is left owned or running
@@ -366,10 +371,7 @@ def test_sigterm_past_grace_records_shutdown_and_failed_runs(
     daemon = start_daemon(grace=0.5)
     log = str(scratch_dir / "long.log")
     (root,) = queue(store, t.Sleep(seconds=600, log=log))
-    wait_for(
-        lambda: any(line.startswith("start") for line in t.read_lines(log)),
-        what="the task to start",
-    )
+    wait_started(log)
     # When the daemon is stopped
     assert daemon.stop() == 0
     # Then the task failed with kind "shutdown" and nothing of the daemon is left
