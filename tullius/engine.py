@@ -18,7 +18,7 @@ import enum
 import random
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from tullius.band import Band
@@ -83,14 +83,21 @@ class Candidates:
     """Due work a claim read but did not try, kept for the band's next claim.
 
     On a server where each claim query reads the whole collection (FerretDB),
-    reading once for several claims matters.  The driver decides how long
-    candidates stay fresh (`read_at` is the ``now`` of the claim that read
-    them): a task queued meanwhile, however urgent, waits at most that long.
-    A stale candidate is harmless: its claim loses and the hint is repaired.
+    reading once for several claims matters.  Candidates are tried for
+    ``keep_for`` after the claim that read them (``read_at`` is its ``now``):
+    a task queued meanwhile, however urgent, waits at most that long.  A
+    stale candidate is harmless: its claim loses and the hint is repaired.
     """
 
+    keep_for: timedelta
     docs: list[TaskDoc] = field(default_factory=list)
     read_at: datetime | None = None
+
+    def fresh(self, now: datetime) -> list[TaskDoc]:
+        """The candidates still worth trying at ``now`` (none once ``keep_for`` has passed)."""
+        if self.read_at is None or not timedelta(0) <= now - self.read_at <= self.keep_for:
+            self.docs.clear()
+        return self.docs
 
 
 @dataclass
@@ -193,8 +200,8 @@ def claim_many(
     waiting = list(workers)
     if not waiting:
         return jobs
-    left = candidates if candidates is not None else Candidates()
-    if left.docs:
+    left = candidates if candidates is not None else Candidates(keep_for=timedelta(0))
+    if left.fresh(now):
         yield from _try_candidates(left.docs, waiting, jobs, server=server, now=now, rng=rng)
     if waiting:
         limit = max(batch, 2 * len(waiting))

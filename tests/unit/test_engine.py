@@ -169,7 +169,7 @@ def test_one_claim_serves_several_idle_workers_most_urgent_first() -> None:
 def test_candidates_one_claim_read_serve_the_next_claim_without_reading_again() -> None:
     store = MemoryStore()
     store.insert_tasks([make_doc("a", priority=1), make_doc("b", priority=2)])
-    candidates = Candidates()
+    candidates = Candidates(keep_for=timedelta(seconds=1))
     first = drive(
         store,
         claim_many(ALL, server="s1", workers=[("w1", "t1")], now=T0, candidates=candidates),
@@ -190,7 +190,7 @@ def test_candidates_one_claim_read_serve_the_next_claim_without_reading_again() 
 def test_a_kept_candidate_a_rival_claimed_meanwhile_is_skipped_and_its_hint_repaired() -> None:
     store = MemoryStore()
     store.insert_tasks([make_doc("a", priority=1), make_doc("b", priority=2)])
-    candidates = Candidates()
+    candidates = Candidates(keep_for=timedelta(seconds=1))
     drive(
         store,
         claim_many(ALL, server="s1", workers=[("w1", "t1")], now=T0, candidates=candidates),
@@ -211,3 +211,18 @@ def drive_rest(store: MemoryStore, conversation, op):  # type: ignore[no-untyped
             op = conversation.send(perform(store, op))
     except StopIteration as stop:
         return stop.value
+
+
+def test_candidates_older_than_keep_for_are_read_again() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a", priority=1), make_doc("b", priority=2)])
+    candidates = Candidates(keep_for=timedelta(seconds=1))
+    drive(
+        store,
+        claim_many(ALL, server="s1", workers=[("w1", "t1")], now=T0, candidates=candidates),
+    )
+    later = T0 + timedelta(seconds=2)
+    conversation = claim_many(
+        ALL, server="s1", workers=[("w2", "t2")], now=later, candidates=candidates
+    )
+    assert isinstance(next(conversation), FindDue)

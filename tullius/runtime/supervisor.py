@@ -132,7 +132,7 @@ class Supervisor:
         ]
         self._next_poll = [0.0] * len(settings.bands)
         self._band_claiming = [False] * len(settings.bands)
-        self._candidates = [Candidates() for _ in settings.bands]
+        self._candidates = [Candidates(REUSE_CANDIDATES_FOR) for _ in settings.bands]
         self._finishing: list[Finishing] = []
         self._retiring: list[tuple[WorkerProcess, float]] = []
         # MemoryStore is not thread-safe; a real database serves conversations in parallel.
@@ -510,16 +510,13 @@ class Supervisor:
         candidates = self._candidates[band_index]
 
         def work() -> list[Job]:
-            now = self.clock.now()
-            if candidates.read_at is None or now - candidates.read_at > REUSE_CANDIDATES_FOR:
-                candidates.docs.clear()
             return drive(
                 self.store,
                 claim_many(
                     band,
                     server=self.server,
                     workers=workers,
-                    now=now,
+                    now=self.clock.now(),
                     rng=self.rng,
                     batch=CLAIM_READ,
                     candidates=candidates,
