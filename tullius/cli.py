@@ -9,6 +9,7 @@ otherwise silent unless ``-v`` is given or something needs attention.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -142,20 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tullius.runtime.launch import StartupError, run_daemon
 
     args = build_parser().parse_args(argv)
-    flags = RawFlags(
-        mongodb_uri=args.mongodb_uri,
-        database=args.database,
-        processes=args.processes,
-        lease=args.lease,
-        poll_interval=args.poll_interval,
-        server_name=args.server_name,
-        grace=args.grace,
-        max_tasks_per_worker=args.max_tasks_per_worker,
-        verbose=args.verbose,
-        embedded=args.embedded,
-        demo=args.demo,
-        demo_quick=args.demo_quick,
-    )
+    # Every flag of the parser is a field of RawFlags, under the same name.
+    flags = RawFlags(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RawFlags)})
     _configure_logging(args.verbose)
     try:
         settings = resolve(flags)

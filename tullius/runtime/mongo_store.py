@@ -49,7 +49,7 @@ import re
 import threading
 import time
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -450,16 +450,16 @@ class MongoStore:
             if record is None:
                 return None
             task_id = str(record["task_id"])
-            key = f"beats.{record_id[len(task_id) + 1 :]}"
+            key = record_id[len(task_id) + 1 :]  # "run", "handler:2"...
             doc = self.live_for(task_id).find_one_and_update(
                 {"_id": task_id},
-                {"$inc": {key: 1}},
+                {"$inc": {f"beats.{key}": 1}},
                 # No projection: FerretDB 1.24 does not implement it in findAndModify.
                 return_document=ReturnDocument.AFTER,
             )
             if doc is None:
                 return None
-            return int(doc["beats"][record_id[len(task_id) + 1 :]])
+            return int(doc["beats"][key])
 
         return self._retrying("renew lease", attempt)
 
@@ -587,13 +587,14 @@ class MongoStore:
         """
 
         def attempt() -> dict[Status, int]:
-            counts: dict[Status, int] = {}
-            for status in Status:
-                collections = [self.finished] if status in TERMINAL else self.live_collections()
-                n = sum(c.count_documents({"status": status.value}) for c in collections)
-                if n:
-                    counts[status] = n
-            return counts
+            # One grouping per collection, not one count per status and collection.
+            # (Live hints are never terminal, finished ones always are.)
+            tally: Counter[str] = Counter()
+            group = [{"$group": {"_id": "$status", "n": {"$sum": 1}}}]
+            for collection in (*self.live_collections(), self.finished):
+                for row in collection.aggregate(group):
+                    tally[str(row["_id"])] += int(row["n"])
+            return {status: tally[status.value] for status in Status if tally[status.value]}
 
         return self._retrying("count tasks", attempt)
 
