@@ -91,7 +91,7 @@ class Marked(Task, abstract=True):
 
     def mark_failed(self) -> None:
         """Mark a call of ``failed()``, with the kind of failure it handles."""
-        self.mark_failed()
+        self.mark("failed", kind=None if self.failure is None else self.failure.kind)
 
     def failed(self) -> Task | list[Task] | None:
         self.mark_failed()
