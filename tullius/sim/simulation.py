@@ -492,8 +492,8 @@ class Simulation(Drivers):
             [_line(entry) for entry in self._tail],
         )
 
-    def _spawn(self, server: Server, gen: ActorGen, name: str) -> None:
-        self._push(self.clock.us, ACTOR, Actor(gen, server, name), None)
+    def _spawn(self, server: Server, gen: ActorGen, name: str, at: int | None = None) -> None:
+        self._push(self.clock.us if at is None else at, ACTOR, Actor(gen, server, name), None)
 
     def _advance(self, actor: Actor, value: Any, error: BaseException | None = None) -> None:
         try:

@@ -118,6 +118,7 @@ class Execution:
     gen: int = 0
     kill_reason: str | None = None
     running: bool = False
+    beating: bool = False
     finished: bool = False
 
 
@@ -170,7 +171,10 @@ class Drivers:
     _servers: dict[str, Server]
     _modules: set[ModuleType]
 
-    def _spawn(self, server: Server, gen: ActorGen, name: str) -> None:
+    def _spawn(self, server: Server, gen: ActorGen, name: str, at: int | None = None) -> None:
+        raise NotImplementedError
+
+    def _advance(self, actor: Actor, value: Any, error: BaseException | None = None) -> None:
         raise NotImplementedError
 
     def _push(self, t: int, kind: int, target: Any, value: Any) -> None:
@@ -223,7 +227,6 @@ class Drivers:
         ex = Execution(job, server, index, what, to_us(timeout))
         server.tokens.add(job.token)
         server.execs.append(ex)
-        self._spawn(server, self._heartbeat(server, ex), f"{name}/heartbeat")
         outcome = yield RunUser(ex)
         event = self._event_for(ex, outcome)
         while event is not None:
@@ -246,19 +249,21 @@ class Drivers:
         server.execs.remove(ex)
 
     def _heartbeat(self, server: Server, ex: Execution) -> ActorGen:
-        while True:
-            yield Wait(self._beat_us)
-            if ex.finished:
-                return
+        """Renew the job's lease while its user code runs, as the daemon's supervisor does
+        (not while the verdict is being recorded).  Spawned by the first sleep of the user
+        code, to beat at its start + the heartbeat period: a run that ends without letting
+        virtual time pass never needs one."""
+        while ex.running:
             try:
                 ours = yield from converse(renew(ex.job))
             except StoreError:
-                continue
+                ours = True
             if not ours:
                 if ex.running:
                     self._log(server.name, f"lease lost: stopping {ex.what}")
                     self._stop(ex, "lease lost")
                 return
+            yield Wait(self._beat_us)
 
     def _sweeper(self, server: Server) -> ActorGen:
         watch = LeaseWatch(self.timings.stale_after)
@@ -357,6 +362,14 @@ class Drivers:
         baton = ex.baton
         assert baton is not None
         if state == "sleeping":
+            if not ex.beating:
+                ex.beating = True
+                self._spawn(
+                    ex.server,
+                    self._heartbeat(ex.server, ex),
+                    f"{ex.server.name}/w{ex.worker}/heartbeat",
+                    at=ex.started_us + self._beat_us,
+                )
             ex.gen += 1
             wake = self.clock.us + baton.sleep_us
             if wake >= ex.deadline_us:
@@ -382,7 +395,12 @@ class Drivers:
         ran = self.clock.us - ex.started_us - server.paused_between(ex.started_us, self.clock.us)
         if self._check:
             self._inv.on_run_length(ex.what, ran, ex.timeout_us + self._grace_us)
-        self._push(self.clock.us, ACTOR, ex.actor, (ex.kill_reason, how, value))
+        outcome = (ex.kill_reason, how, value)
+        assert ex.actor is not None
+        if server.paused_until > self.clock.us:
+            self._push(server.paused_until, ACTOR, ex.actor, outcome)
+        else:  # no event of its own: the worker's next store operation is one
+            self._advance(ex.actor, outcome)
 
     def _wake(self, ex: Execution, value: tuple[int, str | None]) -> None:
         gen, kill = value
