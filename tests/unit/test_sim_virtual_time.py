@@ -19,6 +19,7 @@ from tullius.sim.virtual_time import BatonPool
 from tullius.testing import assert_chain, assert_outcomes, expect
 
 SEEN: dict[str, object] = {}
+REAL_SLEEP = time.sleep
 
 
 class Clocks(tullius.Task):
@@ -49,6 +50,68 @@ def test_clocks_inside_run_follow_virtual_time() -> None:
     assert SEEN["now1"] - SEEN["now0"] == timedelta(seconds=3)  # type: ignore[operator]
     assert started <= SEEN["now0"] < started + timedelta(seconds=2)  # type: ignore[operator]
     sim.close()
+
+
+class Naps(tullius.Task):
+    timeout = timedelta(seconds=30)
+
+    def run(self) -> None:
+        time.sleep(1)
+
+
+def test_between_runs_the_clock_is_real_and_close_takes_freezegun_away() -> None:
+    import freezegun.api
+
+    sim = Simulation(seed=1, start=datetime(2040, 1, 1, tzinfo=UTC))
+    sim.queue(Naps())
+    sim.run_for(timedelta(seconds=5))
+    assert abs(time.time() - freezegun.api.real_time()) < 60
+    assert abs(datetime.now(UTC) - datetime.fromtimestamp(freezegun.api.real_time(), UTC)) < (
+        timedelta(seconds=60)
+    )
+    assert time.sleep is REAL_SLEEP
+    sim.close()
+    assert time.time is freezegun.api.real_time
+    assert datetime.now(UTC).__class__ is datetime
+
+
+def test_consecutive_runs_start_freezegun_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import freezegun
+
+    virtual_time.release_frozen_clock()
+    starts = []
+    real_freeze_time = freezegun.freeze_time
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        starts.append(args)
+        return real_freeze_time(*args, **kwargs)
+
+    monkeypatch.setattr(freezegun, "freeze_time", counting)
+    sim = Simulation(seed=1)
+    for n in range(3):
+        sim.queue(Clocks())
+        sim.run_for(timedelta(seconds=10))
+        assert SEEN["now1"] - SEEN["now0"] == timedelta(seconds=3), n  # type: ignore[operator]
+    sim.close()
+    assert len(starts) == 1
+
+
+def test_a_users_own_freeze_between_runs_works_and_the_next_run_is_virtual_again() -> None:
+    import freezegun
+
+    sim = Simulation(seed=1)
+    sim.queue(Clocks())
+    sim.run_for(timedelta(seconds=10))
+    with freezegun.freeze_time("2001-02-03 04:05:06"):
+        assert datetime.now() == datetime(2001, 2, 3, 4, 5, 6)
+    assert abs(time.time() - time.mktime(time.localtime())) < 2  # the real clock again
+    sim.queue(Clocks())
+    before = sim.now
+    sim.run_for(timedelta(seconds=10))
+    assert before <= SEEN["now0"] < before + timedelta(seconds=2)  # type: ignore[operator]
+    assert SEEN["now1"] - SEEN["now0"] == timedelta(seconds=3)  # type: ignore[operator]
+    sim.close()
+    assert time.time() > datetime(2026, 1, 1, tzinfo=UTC).timestamp()
 
 
 class Swallower(tullius.Task):

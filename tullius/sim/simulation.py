@@ -60,7 +60,7 @@ from tullius.sim.faults import (
 )
 from tullius.sim.invariants import DrainTimeout, Invariants, InvariantViolation
 from tullius.sim.memory_store import MemoryStore
-from tullius.sim.virtual_time import BatonPool, VirtualTime
+from tullius.sim.virtual_time import BatonPool, VirtualTime, release_frozen_clock
 from tullius.sim.world import (
     ACTOR,
     FAULT,
@@ -408,8 +408,11 @@ class Simulation(Drivers):
 
     def close(self) -> None:
         """Stop the user threads, unwinding tasks left sleeping (the simulation can't run
-        afterwards).  ``with Simulation(...) as sim:`` calls it on exit."""
+        afterwards), and stop freezegun, which stays started between runs, reading the
+        real clock (`virtual_time._HeldFreeze`).  ``with Simulation(...) as sim:`` calls
+        it on exit."""
         self._pool.close()
+        release_frozen_clock()
 
     def __enter__(self) -> Simulation:
         return self

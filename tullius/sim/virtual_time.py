@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime as datetime_module
+import functools
 import os
 import sys
 import threading
@@ -402,16 +404,7 @@ class VirtualTime:
         return self
 
     def _start(self, now: datetime) -> None:
-        import freezegun  # imported here: the pytest plugin must stay cheap to import
-        import freezegun.api
-
-        self._freezer = freezegun.freeze_time(_naive(now), tick=False)
-        self._factory = self._freezer.start()
-        # freezegun walks the caller's stack on every clock read, looking for
-        # ignored modules such as ``threading``, which is always on a pool
-        # thread's stack; user code there must see virtual time, so the check
-        # is switched off for this freeze (module patching still honours it).
-        freezegun.api.ignore_lists[-1] = ()
+        self._freezer, self._factory = _HELD.resume(now)
         time.sleep = virtual_sleep  # type: ignore[assignment]  # same behaviour for floats
         for module in self._modules:
             self.patch_module(module)
@@ -434,8 +427,132 @@ class VirtualTime:
             module.sleep = _REAL[0]  # type: ignore[attr-defined]
         self._patched.clear()
         if self._freezer is not None:
-            self._freezer.stop()
+            _HELD.suspend(self._freezer, self._factory)
             self._freezer = self._factory = None
+
+
+class _HeldFreeze:
+    """freezegun kept started between runs, reading the real clock, until `release`.
+
+    Why: starting freezegun scans every loaded module for references to the
+    real clock functions (and stopping it scans the modules loaded since):
+    about 2 ms each time, paid by every ``run_for`` that runs user code.  A
+    test that steps a simulation in small runs (a Hypothesis state machine, a
+    benchmark's arrivals) paid it per step, often more than the step itself.
+
+    So when a run ends with its freeze the only one active, the freeze stays
+    on freezegun's stacks with a factory that answers the real time
+    (`_RealClock`) and an ignore list that matches every module (so the
+    patched functions read the real clocks, as they do for freezegun's own
+    ignored modules); the next run swaps its frozen time back in.  If another
+    freeze is active when a run starts, the run freezes on top of it as before.
+    `release` (``Simulation.close()``) stops the held freeze for good.  This
+    uses freezegun's module-level stacks, checked before use (`_stacks_known`);
+    without them every run starts and stops freezegun.
+    """
+
+    def __init__(self) -> None:
+        self._held: tuple[Any, Any] | None = None
+        self.running = False
+
+    def resume(self, now: datetime) -> tuple[Any, Any]:
+        """A started freeze at ``now`` and its factory: the held one if it is intact."""
+        import freezegun  # imported here: the pytest plugin must stay cheap to import
+        import freezegun.api as api
+
+        self.running = True
+        if self._held is not None and _intact(api):
+            freezer, factory = self._held
+            factory.time_to_freeze = _naive(now)
+            api.freeze_factories[-1] = factory
+            api.ignore_lists[-1] = ()
+            return freezer, factory
+        freezer = freezegun.freeze_time(_naive(now), tick=False)
+        factory = freezer.start()
+        # freezegun walks the caller's stack on every clock read, looking for
+        # ignored modules such as ``threading``, which is always on a pool
+        # thread's stack; user code there must see virtual time, so the check
+        # is switched off for this freeze (module patching still honours it).
+        api.ignore_lists[-1] = ()
+        return freezer, factory
+
+    def suspend(self, freezer: Any, factory: Any) -> None:
+        """End a run: hold its freeze on the real clock if it is the only one active
+        (else stop it, as before)."""
+        import freezegun.api as api
+
+        self.running = False
+        if (
+            _stacks_known()
+            and len(api.freeze_factories) == 1
+            and api.freeze_factories[0] is factory
+            and (self._held is None or self._held[0] is freezer)
+        ):
+            factories: list[Any] = api.freeze_factories  # it holds any callable
+            factories[0] = _REAL_CLOCK
+            api.ignore_lists[0] = ("",)
+            self._held = (freezer, factory)
+        else:
+            freezer.stop()
+
+    def release(self) -> None:
+        """Stop the held freeze: the real clock functions are back everywhere.  Not
+        during a run, nor while another freeze is active (the next close tries again)."""
+        if self._held is None or self.running:
+            return
+        import freezegun.api as api
+
+        if _intact(api):
+            freezer, factory = self._held
+            self._held = None
+            api.freeze_factories[0] = factory
+            api.ignore_lists[0] = ()
+            freezer.stop()
+
+
+class _RealClock:
+    """A freezegun time factory that answers the real time (naive UTC, as theirs do)."""
+
+    def __call__(self) -> datetime:
+        import freezegun.api as api
+
+        real: type[datetime] = api.real_datetime
+        return real.now(UTC).replace(tzinfo=None)
+
+
+_REAL_CLOCK: Final = _RealClock()
+
+
+def _intact(api: Any) -> bool:
+    """Whether freezegun is as a held freeze left it: patched, only that freeze active."""
+    return (
+        _stacks_known()
+        and len(api.freeze_factories) == 1
+        and api.freeze_factories[0] is _REAL_CLOCK
+        and time.time is api.fake_time
+        and datetime_module.datetime is api.FakeDatetime
+    )
+
+
+@functools.cache
+def _stacks_known() -> bool:
+    """Whether freezegun keeps its freezes in the module-level stacks `_HeldFreeze` uses."""
+    try:
+        import freezegun.api as api
+    except ImportError:
+        return False
+    return all(
+        isinstance(getattr(api, name, None), list)
+        for name in ("freeze_factories", "tz_offsets", "ignore_lists", "tick_flags")
+    ) and all(hasattr(api, name) for name in ("fake_time", "FakeDatetime", "real_datetime"))
+
+
+_HELD = _HeldFreeze()
+
+
+def release_frozen_clock() -> None:
+    """Stop the freezegun patches held between runs (`_HeldFreeze`); not during a run."""
+    _HELD.release()
 
 
 def _naive(now: datetime) -> datetime:
