@@ -145,7 +145,11 @@ def test_the_invariants_catch_a_store_whose_first_insert_does_not_win(
     sim.run_for(timedelta(seconds=1.5))
     owner = sim.chain(task)[0].server
     assert owner is not None
-    sim.pause_server(owner, at=sim.elapsed, duration=timedelta(seconds=250))
+    paused_at = sim.elapsed
+    sim.pause_server(owner, at=paused_at, duration=timedelta(seconds=250))
+    # When it wakes, its store is out for a while: its heartbeat can't learn that the
+    # lease was lost before the run returns, so it tries to record the late outcome.
+    sim.store_outage(at=paused_at + timedelta(seconds=245), duration=timedelta(seconds=20))
     sim.drain(within=timedelta(minutes=10))  # s2 declares the run lost and handles it
     with pytest.raises(InvariantViolation, match="seed=5") as caught:
         sim.run_for(timedelta(minutes=5))  # the paused owner wakes up and overwrites it

@@ -31,7 +31,6 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from datetime import timedelta
 from multiprocessing.connection import wait
 from types import FrameType
 from typing import Any
@@ -49,6 +48,8 @@ from tullius.document import (
     task_to_bson,
 )
 from tullius.engine import (
+    CLAIM_READ,
+    REUSE_CANDIDATES_FOR,
     Candidates,
     Job,
     JobKind,
@@ -78,14 +79,6 @@ FINISH_GIVE_UP = 30.0
 #: Store conversations in flight at once against a database (claims of one band
 #: stay one at a time; finishes, renewals and sweeps overlap them).
 STORE_THREADS = 4
-#: How long the candidates one claim read and left untried serve the band's
-#: next claims (`engine.Candidates`): a claim query reads the whole live queue
-#: on FerretDB, and a worker freed a moment later can use what it found.  A
-#: task queued meanwhile, however urgent, waits at most this much longer.
-REUSE_CANDIDATES_FOR = timedelta(seconds=0.25)
-#: How many candidates one claim query reads (the query costs about the same
-#: for 8 or 16 on FerretDB; the untried ones serve the next claims).
-CLAIM_READ = 16
 #: Longest the loop sleeps when nothing is scheduled.
 MAX_WAIT = 0.5
 

@@ -17,7 +17,9 @@ run of a hundred thousand events stays linear.  The promises (issue 3, item 5):
    paused excluded: a frozen process can't be stopped either);
 6. priority order and band reservation: a worker only claims tasks in its
    band, and never a queued task while a more urgent one, due on its clock and
-   queued before it started looking, was waiting in its band;
+   queued before the claim that read its candidates (a claim tries what an
+   earlier one read for up to ``engine.REUSE_CANDIDATES_FOR``, as in
+   ``tulliusd``), was waiting in its band;
 7. after faults stop, no lease outlives ``timeout + kill grace + lease + 2 *
    sweep interval + poll interval`` (so every task reaches a terminal status
    within that bound plus the handler backoff, or the drain horizon reports

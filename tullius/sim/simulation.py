@@ -64,11 +64,14 @@ from tullius.sim.virtual_time import BatonPool, VirtualTime, release_frozen_cloc
 from tullius.sim.world import (
     ACTOR,
     FAULT,
+    NAP,
     OP,
     WAKE,
     Actor,
     ActorGen,
+    Claimer,
     Drivers,
+    Nap,
     RunUser,
     Server,
     Wait,
@@ -115,10 +118,12 @@ class Simulation(Drivers):
         task_processes: ``[(count, min_priority, max_priority), ...]`` per server,
             as ``tullius_deps.task_processes``.
         lease: the lease promise; heartbeat and sweep periods derive from it.
-        poll_interval: how often an idle worker looks for work (a timedelta, or seconds
-            as for the daemon's ``--poll-interval``).  Default 1 s, not the daemon's
-            20 ms: it only sets how soon idle workers notice new work, and every poll
-            is a few scheduler events.
+        poll_interval: how often a band with idle workers looks for work (a timedelta,
+            or seconds as for the daemon's ``--poll-interval``); as in the daemon, a
+            band also looks right after a verdict, a lost lease found, or a
+            ``tullius.queue()`` from user code.  Default 1 s, not the daemon's 10 ms:
+            it only sets how soon idle workers notice new work from elsewhere, and
+            every look is a few scheduler events.
         store_retry: how long a driver waits before repeating a failed conversation.
         kill_grace: slack allowed past a deadline by the run-length invariant.
         racy_updates: probability that a conditional update races (FerretDB).
@@ -454,6 +459,8 @@ class Simulation(Drivers):
                         advance(target, value)
                 elif kind == WAKE:
                     self._wake(target, value)
+                elif kind == NAP:
+                    self._end_nap(target, value, t)
                 elif kind == FAULT:
                     self._fire(target)
                 else:
@@ -509,8 +516,29 @@ class Simulation(Drivers):
         elif kind is RunUser:
             cmd.ex.actor = actor
             self._start_user(cmd.ex)
+        elif kind is Nap:
+            claimer = cmd.claimer
+            claimer.nap += 1
+            claimer.napping = True
+            if cmd.us is not None:
+                self._push(self.clock.us + cmd.us, NAP, claimer, claimer.nap)
         else:
             self._push(self.clock.us, OP, actor, cmd)
+
+    def _end_nap(self, claimer: Claimer, nap: int, t: int) -> None:
+        """A claimer's nap is over (its time came, or it was poked), unless it is stale."""
+        actor = claimer.actor
+        if nap != claimer.nap or not claimer.napping or actor is None:
+            return
+        server = actor.server
+        if actor.epoch != server.epoch:
+            actor.gen.close()
+            return
+        if server.paused_until > t:
+            self._push(server.paused_until, NAP, claimer, nap)
+            return
+        claimer.napping = False
+        self._advance(actor, None)
 
     def _do_op(self, actor: Actor, op: Operation) -> None:
         server = actor.server

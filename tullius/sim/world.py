@@ -2,10 +2,11 @@
 
 Here live the servers, actors and executions, and `Drivers`, the daemon's
 driver recipe (``tullius/engine.py`` conversations) written as actors.  An
-*actor* is a generator (a worker loop, a heartbeat, a sweeper) that yields
-commands to the scheduler: a store operation (`tullius.store` operations,
-carried out one per scheduler event so that servers interleave), `Wait`
-(virtual time), or `RunUser` (call the user's ``run()``/``failed()``).  The
+*actor* is a generator (a band's claim loop, a job, a heartbeat, a sweeper)
+that yields commands to the scheduler: a store operation (`tullius.store`
+operations, carried out one per scheduler event so that servers interleave),
+`Wait` (virtual time), `Nap` (a claimer's wait, cut short by a poke) or
+`RunUser` (call the user's ``run()``/``failed()``).  The
 scheduler itself, the faults and the checks live in `tullius.sim.simulation`;
 no rule of the task's life is decided here: every decision is `machine.step`.
 """
@@ -27,7 +28,19 @@ from tullius.api import queue_sink
 from tullius.band import Band
 from tullius.document import Failure, FailureKind, Status, TaskSpec, status_of
 from tullius.effects import InsertRecord, InsertTasks, SetStatus
-from tullius.engine import Conversation, Job, JobKind, Verdict, claim, finish, renew, sweep
+from tullius.engine import (
+    CLAIM_READ,
+    REUSE_CANDIDATES_FOR,
+    Candidates,
+    Conversation,
+    Job,
+    JobKind,
+    Verdict,
+    claim_many,
+    finish,
+    renew,
+    sweep,
+)
 from tullius.errors import ConfigError, StoreError, TaskDefinitionError, UnknownTaskClass
 from tullius.events import Event, Failed, HandlerFailed, HandlerSucceeded, Succeeded
 from tullius.policy import LeaseTimings, LeaseWatch
@@ -40,7 +53,7 @@ from tullius.store import Beat, FindByStatus, FindDue, Load
 from tullius.task import from_doc, to_specs
 
 #: Scheduler event kinds.
-OP, ACTOR, WAKE, FAULT, RESTART = range(5)
+OP, ACTOR, WAKE, FAULT, RESTART, NAP = range(6)
 
 
 class Wait:
@@ -61,7 +74,42 @@ class RunUser:
         self.ex = ex
 
 
+class Nap:
+    """Command of a `Claimer`'s actor: resume me ``us`` later (None: only when poked),
+    or as soon as `Drivers._poke` says there may be work."""
+
+    __slots__ = ("claimer", "us")
+
+    def __init__(self, claimer: Claimer, us: int | None) -> None:
+        self.claimer = claimer
+        self.us = us
+
+
 ActorGen = Generator[Any, Any, None]
+
+
+class Claimer:
+    """The claim loop of one band of one server, as the daemon's supervisor runs it:
+    one claim at a time for all the band's idle worker slots, with the candidates a
+    claim read kept for the next (`engine.Candidates`).
+
+    ``nap`` counts naps so that a poke makes the pending wake-up stale; ``read``
+    is ``(event count, now)`` of the claim that last read candidates, what the
+    priority-order invariant compares a claim with.
+    """
+
+    __slots__ = ("actor", "band", "busy", "candidates", "nap", "napping", "poked", "read", "slots")
+
+    def __init__(self, band: Band, slots: list[tuple[int, str]]) -> None:
+        self.band = band
+        self.slots = slots
+        self.busy: set[int] = set()
+        self.candidates = Candidates(REUSE_CANDIDATES_FOR)
+        self.actor: Actor | None = None
+        self.nap = 0
+        self.napping = False
+        self.poked = False
+        self.read: tuple[int, datetime] | None = None
 
 
 @dataclass(eq=False)
@@ -77,6 +125,7 @@ class Server:
     execs: list[Execution] = field(default_factory=list)
     tokens: set[str] = field(default_factory=set)
     restart_at: int | None = None
+    claimers: list[Claimer] = field(default_factory=list)
 
     def paused_between(self, start: int, end: int) -> int:
         """Microseconds of ``[start, end)`` this server spent paused."""
@@ -188,37 +237,77 @@ class Drivers:
 
     def _boot(self, server: Server) -> None:
         index = 0
+        server.claimers = []
         for band in self.bands:
-            for _ in range(band.count):
-                self._spawn(server, self._worker(server, band, index), f"{server.name}/w{index}")
-                index += 1
+            slots = [(i, f"{server.name}/w{i}") for i in range(index, index + band.count)]
+            index += band.count
+            claimer = Claimer(band, slots)
+            server.claimers.append(claimer)
+            claimer.actor = Actor(self._claimer(server, claimer), server, f"{server.name}/{band}")
+            self._push(self.clock.us, ACTOR, claimer.actor, None)
         self._spawn(server, self._sweeper(server), f"{server.name}/sweeper")
 
     def _new_token(self) -> str:
         return f"{self.rng.getrandbits(64):016x}"
 
-    def _worker(self, server: Server, band: Band, index: int) -> ActorGen:
-        name = f"{server.name}/w{index}"
-        yield Wait(self.rng.randrange(self._poll_us // 1000 + 1) * 1000)
+    def _claimer(self, server: Server, c: Claimer) -> ActorGen:
+        """Claim for the band's idle slots; nap a poll interval when work ran out, or
+        until poked (a slot freed, a verdict recorded, a task queued from user code)."""
+        yield Nap(c, self.rng.randrange(self._poll_us // 1000 + 1) * 1000)
         while True:
-            token = self._new_token()
-            started = self.events
-            now = server.clock.now()
+            c.poked = False
+            idle = [slot for slot in c.slots if slot[0] not in c.busy]
+            if not idle:
+                yield Nap(c, None)
+                continue
+            workers = [(name, self._new_token()) for _, name in idle]
+            started, now = self.events, server.clock.now()
+            docs = c.candidates.docs
+            kept = {doc.task_id for doc in docs} if c.candidates.fresh(now) else set()
+            kept_read = c.read
             try:
-                job = yield from converse(
-                    claim(band, server=server.name, worker=name, token=token, now=now, rng=self.rng)
+                jobs = yield from converse(
+                    claim_many(
+                        c.band,
+                        server=server.name,
+                        workers=workers,
+                        now=now,
+                        rng=self.rng,
+                        batch=CLAIM_READ,
+                        candidates=c.candidates,
+                    )
                 )
             except StoreError:
-                job = None
-            if job is None:
-                yield Wait(self._poll_us)
+                yield Nap(c, self._poll_us)
                 continue
-            self._log(server.name, f"{name} claimed {job.task_id} ({job.kind.value})")
-            if self._check:
-                self._check_claim(band, job, now, started)
-            yield from self._work(server, job, index, name)
+            if c.candidates.docs is not docs:  # this claim read them
+                c.read = (started, now)
+            index_of = {name: index for index, name in idle}
+            for job in jobs:
+                name = job.lease.worker
+                assert name is not None
+                index = index_of[name]
+                c.busy.add(index)
+                self._log(server.name, f"{name} claimed {job.task_id} ({job.kind.value})")
+                read = kept_read if job.task_id in kept else c.read
+                if self._check and read is not None:
+                    self._check_claim(c.band, job, read[1], read[0])
+                # its user code runs now; its store operations are events of its own
+                self._advance(Actor(self._work(server, job, index, name, c), server, name), None)
+            if len(jobs) < len(idle) and not c.poked:
+                yield Nap(c, self._poll_us)
 
-    def _work(self, server: Server, job: Job, index: int, name: str) -> ActorGen:
+    def _poke(self, server: Server) -> None:
+        """There may be work for ``server``'s idle slots: claim now, as the daemon does
+        after a verdict, a lost lease found, or a ``tullius.queue()`` from user code."""
+        for c in server.claimers:
+            if c.napping:
+                c.nap += 1
+                self._push(self.clock.us, NAP, c, c.nap)
+            else:
+                c.poked = True
+
+    def _work(self, server: Server, job: Job, index: int, name: str, claimer: Claimer) -> ActorGen:
         role = "run()" if job.kind is JobKind.RUN else "failed()"
         timeout = (
             job.view.task.timeout if job.kind is JobKind.RUN else job.view.task.handler_timeout
@@ -247,6 +336,8 @@ class Drivers:
         ex.finished = True
         server.tokens.discard(job.token)
         server.execs.remove(ex)
+        claimer.busy.discard(index)
+        self._poke(server)
 
     def _heartbeat(self, server: Server, ex: Execution) -> ActorGen:
         """Renew the job's lease while its user code runs, as the daemon's supervisor does
@@ -282,6 +373,7 @@ class Drivers:
                 )
                 if report.expired:
                     self._log(server.name, f"sweep expired {','.join(report.expired)}")
+                    self._poke(server)
             except StoreError:
                 watch.reset()
             yield Wait(self._sweep_us)
@@ -345,7 +437,9 @@ class Drivers:
         sink_server = server
 
         def sink(specs: Any) -> list[str]:
-            return self._insert_roots(list(specs), sink_server.clock.now())
+            ids = self._insert_roots(list(specs), sink_server.clock.now())
+            self._poke(sink_server)
+            return ids
 
         def call() -> Any:
             with queue_sink(sink):
