@@ -4,8 +4,9 @@ Here live the servers, actors and executions, and `Drivers`, the daemon's
 driver recipe (``tullius/engine.py`` conversations) written as actors.  An
 *actor* is a generator (a band's claim loop, a job, a heartbeat, a sweeper)
 that yields commands to the scheduler: a store operation (`tullius.store`
-operations, carried out one per scheduler event so that servers interleave),
-`Wait` (virtual time), `Nap` (a claimer's wait, cut short by a poke) or
+operations, carried out one per scheduler event so that servers interleave; a
+`StoreError` thrown into a conversation aborts it, and the driver runs it again
+later), `Wait` (virtual time), `Nap` (a claimer's wait, cut short by a poke) or
 `RunUser` (call the user's ``run()``/``failed()``).  The
 scheduler itself, the faults and the checks live in `tullius.sim.simulation`;
 no rule of the task's life is decided here: every decision is `machine.step`.
@@ -32,7 +33,6 @@ from tullius.engine import (
     CLAIM_READ,
     REUSE_CANDIDATES_FOR,
     Candidates,
-    Conversation,
     Job,
     JobKind,
     Verdict,
@@ -266,16 +266,14 @@ class Drivers:
             kept = {doc.task_id for doc in docs} if c.candidates.fresh(now) else set()
             kept_read = c.read
             try:
-                jobs = yield from converse(
-                    claim_many(
-                        c.band,
-                        server=server.name,
-                        workers=workers,
-                        now=now,
-                        rng=self.rng,
-                        batch=CLAIM_READ,
-                        candidates=c.candidates,
-                    )
+                jobs = yield from claim_many(
+                    c.band,
+                    server=server.name,
+                    workers=workers,
+                    now=now,
+                    rng=self.rng,
+                    batch=CLAIM_READ,
+                    candidates=c.candidates,
                 )
             except StoreError:
                 yield Nap(c, self._poll_us)
@@ -320,8 +318,8 @@ class Drivers:
         event = self._event_for(ex, outcome)
         while event is not None:
             try:
-                verdict: Verdict = yield from converse(
-                    finish(job, event, now=server.clock.now(), rng=self.rng)
+                verdict: Verdict = yield from finish(
+                    job, event, now=server.clock.now(), rng=self.rng
                 )
             except StoreError:
                 yield Wait(self._retry_us)
@@ -346,7 +344,7 @@ class Drivers:
         virtual time pass never needs one."""
         while ex.running:
             try:
-                ours = yield from converse(renew(ex.job))
+                ours = yield from renew(ex.job)
             except StoreError:
                 ours = True
             if not ours:
@@ -361,15 +359,13 @@ class Drivers:
         yield Wait(self.rng.randrange(self._sweep_us // 1000 + 1) * 1000)
         while True:
             try:
-                report = yield from converse(
-                    sweep(
-                        watch,
-                        observer=server.name,
-                        now=server.clock.now(),
-                        monotonic_now=server.clock.monotonic(),
-                        own_tokens=frozenset(server.tokens),
-                        rng=self.rng,
-                    )
+                report = yield from sweep(
+                    watch,
+                    observer=server.name,
+                    now=server.clock.now(),
+                    monotonic_now=server.clock.monotonic(),
+                    own_tokens=frozenset(server.tokens),
+                    rng=self.rng,
                 )
                 if report.expired:
                     self._log(server.name, f"sweep expired {','.join(report.expired)}")
@@ -753,21 +749,6 @@ def _format_with_frame_memo(error: BaseException) -> str:
             if chained is not None
         )
     return "".join(top.format(chain=True))
-
-
-def converse(conversation: Conversation[Any]) -> Any:
-    """Run an engine conversation inside an actor; a StoreError aborts it (it's repeatable)."""
-    try:
-        op = next(conversation)
-        while True:
-            try:
-                result = yield op
-            except StoreError:
-                conversation.close()
-                raise
-            op = conversation.send(result)
-    except StopIteration as stop:
-        return stop.value
 
 
 def server_names(servers: int | Iterable[str]) -> list[str]:
