@@ -228,6 +228,51 @@ def test_a_busy_loop_is_reported_naming_the_task_instead_of_hanging() -> None:
     sim.close()
 
 
+class BusyAfterANap(tullius.Task):
+    timeout = timedelta(seconds=30)
+
+    def run(self) -> None:
+        time.sleep(1)
+        end = time.time() + 1
+        while time.time() < end:
+            pass
+
+
+def test_a_busy_loop_after_a_sleep_is_reported_too_and_the_simulation_stays_stopped() -> None:
+    sim = Simulation(seed=4, wall_limit=timedelta(seconds=0.3))
+    sim.queue([Naps(), BusyAfterANap(), Naps()])
+    with pytest.raises(UserCodeHang, match=r"BusyAfterANap.run\(\) of task '.*' ran for 0.3"):
+        sim.drain(within=timedelta(minutes=1))
+    with pytest.raises(virtual_time.SimulationError, match="stopped at an earlier hang"):
+        sim.run_for(timedelta(seconds=1))
+    sim.close()
+
+
+class Sleepy(tullius.Task):
+    timeout = timedelta(minutes=5)
+    naps: int
+
+    def run(self) -> None:
+        for _ in range(self.naps):
+            time.sleep(0.5)
+
+
+def test_many_sleepers_across_runs_end_as_they_would_in_one_run() -> None:
+    def outcome(steps: int) -> list[str]:
+        sim = Simulation(seed=9, servers=2, task_processes=[(3, 0, 10)], keep_trace=True)
+        sim.queue([Sleepy(naps=n % 4) for n in range(12)])
+        for _ in range(steps):
+            sim.run_for(timedelta(seconds=30) / steps)
+        sim.drain(within=timedelta(minutes=5))
+        trace = sim.trace
+        sim.close()
+        return trace
+
+    assert outcome(1) == outcome(1)
+    one, many = outcome(1), outcome(7)
+    assert [line for line in one if "finish" in line] == [line for line in many if "finish" in line]
+
+
 class Spawner(tullius.Task):
     timeout = timedelta(seconds=3)
 
@@ -367,7 +412,7 @@ def test_the_pin_is_lifted_while_the_cpu_is_busy_and_can_be_switched_off(
 ) -> None:
     before = os.sched_getaffinity(0)
     pool = BatonPool(10.0)
-    baton = pool.take()
+    baton = pool.spare()
     pool.cpu.start()
     assert len(os.sched_getaffinity(0)) == 1
     assert os.sched_getaffinity(baton.thread.native_id or 0) == os.sched_getaffinity(0)
@@ -382,5 +427,4 @@ def test_the_pin_is_lifted_while_the_cpu_is_busy_and_can_be_switched_off(
     monkeypatch.setattr(virtual_time, "PIN_TO_ONE_CPU", False)
     pool.cpu.start()
     assert os.sched_getaffinity(0) == before
-    pool.give_back(baton)
     pool.close()

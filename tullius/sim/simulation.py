@@ -74,6 +74,7 @@ from tullius.sim.world import (
     Nap,
     RunUser,
     Server,
+    StartJobs,
     Wait,
     describe_op,
     server_names,
@@ -198,7 +199,9 @@ class Simulation(Drivers):
         self._leases_of: dict[str, set[str]] = {}  # task id -> its record ids in _leases
         self._tail: deque[tuple[int, str, object]] = deque(maxlen=40)
         self._trace: list[tuple[int, str, object]] | None = [] if keep_trace else None
-        self._pool = BatonPool(wall_limit.total_seconds())
+        self._pool = BatonPool(wall_limit.total_seconds(), self._loop)
+        self._end = 0
+        self._drain = False
         self._vt: VirtualTime | None = None
         self._modules: set[ModuleType] = set()
         self._baseline: set[threading.Thread] = set()
@@ -432,43 +435,60 @@ class Simulation(Drivers):
         heapq.heappush(self._heap, (t, self._tiebreak(30), self._seq, kind, target, value))
 
     def _run(self, end: int, *, drain: bool) -> None:
+        """Run events until ``end`` (or, with ``drain``, until nothing is open): the loop
+        runs in the pool's threads (`virtual_time.BatonPool`) while this one waits."""
         with self._virtual_time():
-            heap = self._heap
-            clock = self.clock
-            heappop = heapq.heappop
-            inv = self._inv
-            do_op, advance = self._do_op, self._advance
-            while heap and heap[0][0] <= end:
-                if drain and not self._open:
-                    break
-                t, _, _, kind, target, value = heappop(heap)
-                if t > clock.us:
-                    clock.us = t
-                self.events += 1
-                if kind <= ACTOR:
-                    server = target.server
-                    if target.epoch != server.epoch:
-                        target.gen.close()
-                        continue
-                    if server.paused_until > t:
-                        self._push(server.paused_until, kind, target, value)
-                        continue
-                    if kind == OP:
-                        do_op(target, value)
-                    else:
-                        advance(target, value)
-                elif kind == WAKE:
-                    self._wake(target, value)
-                elif kind == NAP:
-                    self._end_nap(target, value, t)
-                elif kind == FAULT:
-                    self._fire(target)
+            self._end, self._drain = end, drain
+            self._pool.run()
+
+    def _loop(self) -> None:
+        """The scheduler's loop, run by a pool thread until the run's end.
+
+        A pool thread may leave it while user code it called sleeps, and carry on
+        later from where it left it, in a later run: so everything it reads comes
+        from ``self`` (the locals below are the same objects for the whole life of
+        the simulation), and the checks come first in each round.
+        """
+        heap = self._heap
+        clock = self.clock
+        heappop = heapq.heappop
+        inv = self._inv
+        pool = self._pool
+        do_op, advance = self._do_op, self._advance
+        while True:
+            if inv.violation is not None:
+                raise self._violation()
+            if pool.interrupted:
+                pool.interrupted = False
+                raise KeyboardInterrupt
+            if not self.events & 1023:  # the CPU may have got busy: see `SharedCpu`
+                pool.cpu.check()
+            if not heap or heap[0][0] > self._end or (self._drain and not self._open):
+                return
+            t, _, _, kind, target, value = heappop(heap)
+            if t > clock.us:
+                clock.us = t
+            self.events += 1
+            if kind <= ACTOR:
+                server = target.server
+                if target.epoch != server.epoch:
+                    target.gen.close()
+                    continue
+                if server.paused_until > t:
+                    self._push(server.paused_until, kind, target, value)
+                    continue
+                if kind == OP:
+                    do_op(target, value)
                 else:
-                    self._restart(target)
-                if inv.violation is not None:
-                    raise self._violation()
-                if not self.events & 1023:  # the CPU may have got busy: see `SharedCpu`
-                    self._pool.cpu.check()
+                    advance(target, value)
+            elif kind == WAKE:
+                self._wake(target, value)
+            elif kind == NAP:
+                self._end_nap(target, value, t)
+            elif kind == FAULT:
+                self._fire(target)
+            else:
+                self._restart(target)
 
     @contextmanager
     def _virtual_time(self) -> Iterator[None]:
@@ -516,6 +536,15 @@ class Simulation(Drivers):
         elif kind is RunUser:
             cmd.ex.actor = actor
             self._start_user(cmd.ex)
+        elif kind is StartJobs:
+            # Starting user code must be the last thing an event does (see `_loop`):
+            # all but the last job start as events of their own, the claimer goes on
+            # to its next command, and the last job starts here, last.
+            *others, last = cmd.actors
+            for other in others:
+                self._push(self.clock.us, ACTOR, other, None)
+            self._advance(actor, None)
+            self._advance(last, None)
         elif kind is Nap:
             claimer = cmd.claimer
             claimer.nap += 1

@@ -48,7 +48,14 @@ from tullius.sim.clock import ServerClock, SimClock, to_us
 from tullius.sim.faults import ClockSkew, Fault, ServerCrash, ServerPause, WorkerCrash
 from tullius.sim.invariants import Invariants
 from tullius.sim.memory_store import MemoryStore
-from tullius.sim.virtual_time import Baton, BatonPool, UserThreadLeak, VirtualTime, module_of
+from tullius.sim.virtual_time import (
+    Baton,
+    BatonPool,
+    UserThreadLeak,
+    VirtualTime,
+    current_baton,
+    module_of,
+)
 from tullius.store import Beat, FindByStatus, FindDue, Load
 from tullius.task import from_doc, to_specs
 
@@ -83,6 +90,15 @@ class Nap:
     def __init__(self, claimer: Claimer, us: int | None) -> None:
         self.claimer = claimer
         self.us = us
+
+
+class StartJobs:
+    """Command of a `Claimer`'s actor: start these jobs' actors, then resume me."""
+
+    __slots__ = ("actors",)
+
+    def __init__(self, actors: list[Actor]) -> None:
+        self.actors = actors
 
 
 ActorGen = Generator[Any, Any, None]
@@ -281,6 +297,7 @@ class Drivers:
             if c.candidates.docs is not docs:  # this claim read them
                 c.read = (started, now)
             index_of = {name: index for index, name in idle}
+            starts = []
             for job in jobs:
                 name = job.lease.worker
                 assert name is not None
@@ -290,8 +307,9 @@ class Drivers:
                 read = kept_read if job.task_id in kept else c.read
                 if self._check and read is not None:
                     self._check_claim(c.band, job, read[1], read[0])
-                # its user code runs now; its store operations are events of its own
-                self._advance(Actor(self._work(server, job, index, name, c), server, name), None)
+                starts.append(Actor(self._work(server, job, index, name, c), server, name))
+            if starts:
+                yield StartJobs(starts)
             if len(jobs) < len(idle) and not c.poked:
                 yield Nap(c, self._poll_us)
 
@@ -444,9 +462,11 @@ class Drivers:
         ex.running = True
         ex.started_us = self.clock.us
         ex.deadline_us = self.clock.us + ex.timeout_us
-        ex.baton = self._pool.take()
+        ex.baton = baton = current_baton()
+        assert baton is not None  # the loop runs in a pool thread
         vt.set_now(server.clock.now())
-        self._after_user_step(ex, ex.baton.start(call, ex.what))
+        if baton.run_inline(call, ex.what, lambda: self._after_user_step(ex, "sleeping")) == "done":
+            self._after_user_step(ex, "done")
 
     def _after_user_step(self, ex: Execution, state: str) -> None:
         baton = ex.baton
@@ -469,8 +489,8 @@ class Drivers:
             return
         how, value = baton.result
         ex.baton = None
-        self._pool.give_back(baton)
-        if threading.active_count() > len(self._baseline) + len(self._pool.threads):
+        expected = len(self._pool.threads) + sum(t.is_alive() for t in self._baseline)
+        if threading.active_count() > expected:  # (threads that ended meanwhile don't count)
             leaked = [
                 t.name
                 for t in threading.enumerate()
