@@ -15,9 +15,11 @@ How it runs:
    touching the store; ``lost_ack`` applies it, then raises.  The driver runs
    the conversation again later with the same token and event, as the daemon.
 3. After each write, the touched task is re-read and the invariants checked.
-4. User code runs on baton threads (`virtual_time`); a sleep becomes an event
-   at its wake-up time, or at the deadline if that comes first (a tie goes to
-   the deadline: a run still going at its deadline has timed out).
+4. The loop runs on pool threads (`virtual_time.BatonPool`), one at a time,
+   while ``run_for`` waits; user code runs on the loop's thread until it
+   sleeps.  A sleep becomes an event at its wake-up time, or at the deadline
+   if that comes first (a tie goes to the deadline: a run still going at its
+   deadline has timed out).
 """
 
 from __future__ import annotations

@@ -3,26 +3,29 @@
 Two pieces live here:
 
 * `VirtualTime`: while a simulation runs (one ``run_for``/``drain``, not one
-  task: starting freezegun scans every loaded module, ~15 ms), freezegun fakes
-  ``time.time``, ``time.monotonic``, ``time.perf_counter``, ``datetime.now``
-  and friends, and ``time.sleep`` (also a ``from time import sleep`` in a task
-  class's module) is replaced by `virtual_sleep`.
-* `Baton` threads: each running ``run()``/``failed()`` gets a reusable pool
-  thread, but exactly one thread (the scheduler or one user thread) runs at a
-  time: the scheduler hands the baton to a user thread and waits until that
-  thread either finishes or calls ``sleep``.  A sleep hands the baton back with
-  a wake-up time; the scheduler lets every other simulated worker proceed and
-  resumes the sleeper when virtual time reaches it.  Determinism follows from
-  the strict hand-off: no two threads ever run Python at once.
+  task), freezegun fakes ``time.time``, ``time.monotonic``,
+  ``time.perf_counter``, ``datetime.now`` and friends, and ``time.sleep`` (also
+  a ``from time import sleep`` in a task class's module) is replaced by
+  `virtual_sleep`; between runs freezegun stays started on the real clock
+  (`_HeldFreeze`), since starting it scans every loaded module.
+* `Baton` threads (`BatonPool`): ``run_for`` hands the scheduler's loop to a
+  pool thread and waits; exactly one thread runs at a time.  The loop's thread
+  calls a job's ``run()``/``failed()`` itself; if it sleeps, that thread stays
+  with the job, parked in the sleep, and the loop moves on to a free pool
+  thread, which registers the wake-up time, lets every other simulated worker
+  proceed and resumes the sleeper (strict hand-off: it waits until the
+  sleeper finishes or sleeps again) when virtual time reaches it.  Determinism
+  follows from the strict hand-off: no two threads ever run Python at once.
 
 Stopping a task (deadline, crashed worker, lost lease) resumes its sleep with
 `TaskStopped`, a ``BaseException`` so that ``except Exception`` can't swallow
 it; a sleep called after that raises it again.  What this cannot stop, and the
-answer to each (see docs/sim.md):
+answer to each (see the README, "User code under virtual time"):
 
 * code that never sleeps nor returns (a busy loop, a deadlock on a lock held by
-  another task): after ``wall_limit`` real seconds the scheduler raises
-  `UserCodeHang`, naming the task, instead of hanging;
+  another task): after ``wall_limit`` real seconds ``run_for`` raises
+  `UserCodeHang`, naming the task, instead of hanging (and the simulation
+  can't run again);
 * threads started inside ``run()``: their sleeps are real sleeps, and a thread
   still alive when ``run()`` returns is refused with `UserThreadLeak`.
 
@@ -357,7 +360,7 @@ PIN_TO_ONE_CPU = os.environ.get("TULLIUS_SIM_PIN_CPU", "1") != "0"
 
 
 class SharedCpu:
-    """Keeps the scheduler's thread and the user threads on one CPU during a run.
+    """Keeps the simulator's threads on one CPU during a run.
 
     Why: exactly one of them runs at any moment (the strict hand-off), so they
     never need two CPUs, but the kernel spreads them over two, and then every
@@ -365,10 +368,10 @@ class SharedCpu:
     and moves the task's objects from one CPU's cache to the other's.  On the
     2-core reference machine that was over a third of a short task's cost.
 
-    So while the scheduler runs (`start` to `stop`) its thread and the pool's
-    threads are pinned to the CPU the kernel had the scheduler on; `stop`
-    gives the scheduler's thread its own affinity back (pool threads only run
-    during runs).  Pinned, they also run as ``SCHED_BATCH`` (ordinary threads
+    So during a run (`start` to `stop`) the thread of ``run_for``'s caller and
+    the pool's threads (the loop's and the sleepers') are pinned to the CPU the
+    kernel had the caller on; `stop` gives the caller's thread its own affinity
+    back (pool threads only run during runs).  Pinned, they also run as ``SCHED_BATCH`` (ordinary threads
     only; restored by `stop`): a thread woken by a hand-off then waits for
     the waker to block instead of preempting it, since it couldn't run anyway
     before the waker lets go of the GIL; that halved the hand-off once more.
