@@ -204,6 +204,7 @@ class Simulation(Drivers):
         self._pool = BatonPool(wall_limit.total_seconds(), self._loop)
         self._end = 0
         self._drain = False
+        self._starting: deque[Actor] = deque()
         self._vt: VirtualTime | None = None
         self._modules: set[ModuleType] = set()
         self._baseline: set[threading.Thread] = set()
@@ -539,14 +540,16 @@ class Simulation(Drivers):
             cmd.ex.actor = actor
             self._start_user(cmd.ex)
         elif kind is StartJobs:
-            # Starting user code must be the last thing an event does (see `_loop`):
-            # all but the last job start as events of their own, the claimer goes on
-            # to its next command, and the last job starts here, last.
-            *others, last = cmd.actors
-            for other in others:
-                self._push(self.clock.us, ACTOR, other, None)
+            # The claimer goes on to its next command, then the jobs start in turn
+            # (each runs its user code here until it ends or sleeps).  A sleep moves
+            # the loop to another thread, which first makes the jobs not started yet
+            # events of their own (`_moved`): after a start, this frame may be
+            # resumed much later, and must find nothing left to do (see `_loop`).
             self._advance(actor, None)
-            self._advance(last, None)
+            starting = self._starting
+            starting.extend(cmd.actors)
+            while starting:
+                self._advance(starting.popleft(), None)
         elif kind is Nap:
             claimer = cmd.claimer
             claimer.nap += 1

@@ -371,10 +371,11 @@ class SharedCpu:
     So during a run (`start` to `stop`) the thread of ``run_for``'s caller and
     the pool's threads (the loop's and the sleepers') are pinned to the CPU the
     kernel had the caller on; `stop` gives the caller's thread its own affinity
-    back (pool threads only run during runs).  Pinned, they also run as ``SCHED_BATCH`` (ordinary threads
-    only; restored by `stop`): a thread woken by a hand-off then waits for
-    the waker to block instead of preempting it, since it couldn't run anyway
-    before the waker lets go of the GIL; that halved the hand-off once more.
+    back (pool threads only run during runs).  Pinned, they also run as
+    ``SCHED_BATCH`` (ordinary threads only; restored by `stop`): a thread
+    woken by a hand-off then waits for the waker to block instead of preempting
+    it, since it couldn't run anyway before the waker lets go of the GIL; that
+    halved the hand-off once more.
     Nothing about the simulation changes, only when and where the kernel runs
     it.  Linux only; not done when the process may use a single CPU.  If
     the process gets less than 3/4 of that CPU (another process is busy on it),

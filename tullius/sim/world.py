@@ -19,6 +19,7 @@ import random
 import sys
 import threading
 import traceback
+from collections import deque
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -233,6 +234,7 @@ class Drivers:
     _pool: BatonPool
     _baseline: set[threading.Thread]
     _inserted: dict[str, int]
+    _starting: deque[Actor]
     _servers: dict[str, Server]
     _modules: set[ModuleType]
 
@@ -465,8 +467,14 @@ class Drivers:
         ex.baton = baton = current_baton()
         assert baton is not None  # the loop runs in a pool thread
         vt.set_now(server.clock.now())
-        if baton.run_inline(call, ex.what, lambda: self._after_user_step(ex, "sleeping")) == "done":
+        if baton.run_inline(call, ex.what, lambda: self._moved(ex)) == "done":
             self._after_user_step(ex, "done")
+
+    def _moved(self, ex: Execution) -> None:
+        """Run by the thread the loop moved to when ``ex``'s user code first slept."""
+        self._after_user_step(ex, "sleeping")
+        while self._starting:  # jobs a `StartJobs` had yet to start
+            self._push(self.clock.us, ACTOR, self._starting.popleft(), None)
 
     def _after_user_step(self, ex: Execution, state: str) -> None:
         baton = ex.baton
