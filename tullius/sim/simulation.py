@@ -473,12 +473,7 @@ class Simulation(Drivers):
                 clock.us = t
             self.events += 1
             if kind <= ACTOR:
-                server = target.server
-                if target.epoch != server.epoch:
-                    target.gen.close()
-                    continue
-                if server.paused_until > t:
-                    self._push(server.paused_until, kind, target, value)
+                if self._held_back(target, t, kind, target, value):
                     continue
                 if kind == OP:
                     do_op(target, value)
@@ -564,15 +559,22 @@ class Simulation(Drivers):
         actor = claimer.actor
         if nap != claimer.nap or not claimer.napping or actor is None:
             return
-        server = actor.server
-        if actor.epoch != server.epoch:
-            actor.gen.close()
-            return
-        if server.paused_until > t:
-            self._push(server.paused_until, NAP, claimer, nap)
+        if self._held_back(actor, t, NAP, claimer, nap):
             return
         claimer.napping = False
         self._advance(actor, None)
+
+    def _held_back(self, actor: Actor, t: int, kind: int, target: Any, value: Any) -> bool:
+        """Whether an event of ``actor``'s can't happen at ``t``: its server crashed since
+        (the actor dies with it) or is paused (the event waits for the pause's end)."""
+        server = actor.server
+        if actor.epoch != server.epoch:
+            actor.gen.close()
+            return True
+        if server.paused_until > t:
+            self._push(server.paused_until, kind, target, value)
+            return True
+        return False
 
     def _do_op(self, actor: Actor, op: Operation) -> None:
         server = actor.server
