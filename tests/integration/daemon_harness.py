@@ -119,6 +119,8 @@ class Daemon:
         server_name: ``--server-name`` (default: a unique name).
         env: extra environment variables.
         log_dir: where its stdout/stderr files go (default: a new temp dir).
+        new_session: start it in a session of its own, so that a signal aimed at
+            it (the fault tests' SIGKILL, SIGSTOP) reaches only it.
     """
 
     def __init__(
@@ -134,7 +136,9 @@ class Daemon:
         verbose: bool = True,
         env: dict[str, str] | None = None,
         log_dir: Path | None = None,
+        new_session: bool = False,
     ) -> None:
+        self.new_session = new_session
         self.tag = uuid.uuid4().hex
         self.server_name = server_name or f"daemon-{self.tag[:8]}"
         cmd = [sys.executable, "-m", "tullius.cli"]
@@ -182,6 +186,7 @@ class Daemon:
                 stderr=err,
                 env=self.env,
                 cwd=self.log_dir,
+                start_new_session=self.new_session,
             )
         return self
 
@@ -207,6 +212,7 @@ class Daemon:
         """Signal (SIGTERM by default) and wait for the exit status; SIGKILL after ``timeout``."""
         assert self.proc is not None
         if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a stopped daemon can't act on a signal
             self.proc.send_signal(signum)
             try:
                 return self.proc.wait(timeout=timeout)
@@ -227,6 +233,12 @@ class Daemon:
             self.proc.kill()
         self.proc.wait()
 
+    def close(self) -> None:
+        """Clean-up after a test, whatever state it left the daemon in: kill it."""
+        if self.running:
+            self.send_signal(signal.SIGCONT)
+            self.kill()
+
     def pause(self) -> None:
         self.send_signal(signal.SIGSTOP)
 
@@ -244,6 +256,10 @@ class Daemon:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def log_tail(self, size: int = 3000) -> str:
+        """The end of what it wrote (its log is on stderr), for failure messages."""
+        return (self.stderr() + self.stdout())[-size:]
 
     def leftovers(self) -> list[int]:
         """Processes of this daemon's tree still alive (excluding the daemon while it runs)."""

@@ -1,12 +1,13 @@
 """Plumbing for the fault tests: daemons as subprocesses, one database per scenario, waiting.
 
-Why not only ``daemon_harness.py``: the fault scenarios need to aim signals
-at one daemon (SIGKILL, SIGSTOP/SIGCONT, SIGTERM), run several daemons with
-distinct server names on one database, point daemons at a proxy or at a
-FerretDB of their own, and always clean up after a failed scenario (kill
-leftover daemons and task processes, drop the database).  `Scenario` bundles
-exactly that; `wait_for` polls a condition with a deadline and rides through
-database outages, so no test sleeps and hopes.
+The daemons are ``daemon_harness.Daemon`` subprocesses, each in a session of
+its own so that a signal aimed at one (SIGKILL, SIGSTOP/SIGCONT, SIGTERM)
+reaches only it.  The scenarios run several daemons with distinct server
+names on one database, point daemons at a proxy or at a FerretDB of their
+own, and always clean up after a failed scenario (kill leftover daemons and
+task processes, drop the database).  `Scenario` bundles exactly that;
+`wait_for` polls a condition with a deadline and rides through database
+outages, so no test sleeps and hopes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
@@ -23,6 +23,7 @@ from typing import Any
 
 import pymongo
 import pymongo.errors
+from daemon_harness import Daemon, leftover_processes
 from daemon_harness import wait_for as harness_wait_for
 from ledger import Ledger, check_ledger, kill_leftovers, read_marks, settled
 
@@ -32,8 +33,6 @@ from tullius.errors import StoreError
 from tullius.runtime.mongo_store import MongoStore
 from tullius.task import Task, to_spec
 
-INTEGRATION_DIR = Path(__file__).resolve().parent
-TAG_VARIABLE = "TULLIUS_FAULT_DAEMON_TAG"
 EXTERNAL_URI = os.environ.get("TULLIUS_TEST_MONGODB_URI") or None
 #: As conftest decides it: in CI a missing test database is a failure, not a skip.
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
@@ -59,105 +58,6 @@ def wait_for(
     )
 
 
-class Daemon:
-    """One ``tulliusd`` subprocess, in a session of its own so signals reach only it."""
-
-    def __init__(
-        self,
-        uri: str,
-        database: str,
-        name: str,
-        log_dir: Path,
-        *,
-        processes: Iterable[str] = ("2:0-10",),
-        lease: float = 2.0,
-        poll: float = 0.02,
-        grace: float = 5.0,
-    ) -> None:
-        self.name = name
-        self.log_path = log_dir / f"tulliusd-{name}.log"
-        cmd = ["tulliusd", "--mongodb-uri", uri, "--database", database]
-        for band in processes:
-            cmd += ["--processes", band]
-        cmd += [
-            "--lease",
-            str(lease),
-            "--poll-interval",
-            str(poll),
-            "--server-name",
-            name,
-            "--grace",
-            str(grace),
-            "-v",
-        ]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(INTEGRATION_DIR), env.get("PYTHONPATH")])
-        )
-        env.pop("TULLIUS_MONGODB_URI", None)  # the flag decides
-        # Inherited by its workers and anything they start: finds leftovers that wrote no mark.
-        self.tag = uuid.uuid4().hex
-        env[TAG_VARIABLE] = self.tag
-        self._log = open(self.log_path, "ab")  # noqa: SIM115  # open for the daemon's life
-        self.proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def kill(self) -> None:
-        """SIGKILL the daemon alone (its workers must notice by themselves)."""
-        if self.alive:
-            self.proc.kill()
-        self.proc.wait()
-
-    def stop(self, timeout: float = 90) -> int:
-        """SIGTERM and wait for the exit status (SIGKILL and fail if it hangs)."""
-        if self.alive:
-            self.proc.send_signal(signal.SIGCONT)  # a stopped daemon can't act on SIGTERM
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(
-                f"daemon {self.name} ignored SIGTERM for {timeout}s; log:\n{self.log_tail()}"
-            ) from None
-
-    def log_tail(self, size: int = 3000) -> str:
-        self._log.flush()
-        try:
-            return self.log_path.read_bytes()[-size:].decode(errors="replace")
-        except OSError as error:
-            return f"<no log: {error}>"
-
-    def close(self) -> None:
-        if self.alive:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-
-def _state(daemon: Daemon) -> str:
-    return "alive" if daemon.alive else f"exit {daemon.proc.returncode}"
-
-
 class Scenario:
     """One fault scenario: a fresh database, a marks directory, the daemons started on it."""
 
@@ -176,18 +76,36 @@ class Scenario:
 
     # -- daemons -------------------------------------------------------------------------------
 
-    def daemon(self, name: str, *, uri: str | None = None, **options: Any) -> Daemon:
-        daemon = Daemon(uri or self.uri, self.database, name, self.workdir, **options)
-        self.daemons.append(daemon)
+    def daemon(
+        self,
+        name: str,
+        *,
+        uri: str | None = None,
+        processes: Iterable[str] = ("2:0-10",),
+        lease: float = 2.0,
+        poll: float = 0.02,
+        grace: float = 5.0,
+    ) -> Daemon:
+        """Start ``tulliusd`` on this scenario's database as server ``name``."""
+        daemon = Daemon(
+            uri or self.uri,
+            self.database,
+            processes=tuple(processes),
+            lease=lease,
+            poll_interval=poll,
+            grace=grace,
+            server_name=name,
+            log_dir=self.workdir,
+            new_session=True,
+        )
+        self.daemons.append(daemon.start())
         return daemon
 
     def stop_all(self) -> dict[str, int]:
-        return {d.name: d.stop() for d in self.daemons if d.proc.returncode is None}
+        return {d.server_name: d.stop() for d in self.daemons if d.running}
 
     def logs(self) -> str:
-        return "\n".join(
-            f"--- {d.name} (pid {d.pid}, {_state(d)}) ---\n{d.log_tail()}" for d in self.daemons
-        )
+        return "\n".join(f"--- {d!r} (pid {d.pid}) ---\n{d.log_tail()}" for d in self.daemons)
 
     def describe(self) -> str:
         try:
@@ -253,21 +171,7 @@ class Scenario:
 
     def leftovers(self) -> list[int]:
         """Live processes started by any of this scenario's daemons (by their inherited tag)."""
-        found = []
-        tags = {f"{TAG_VARIABLE}={d.tag}".encode() for d in self.daemons}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    environ = set(f.read().split(b"\0"))
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    state = f.read().rsplit(b")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if environ & tags and state not in (b"Z", b"X"):
-                found.append(int(entry))
-        return found
+        return [pid for d in self.daemons for pid in leftover_processes(d.tag)]
 
     def finish(self, **ledger_options: Any) -> Ledger:
         """Stop every daemon, then check the ledger and that nothing they started lives on."""

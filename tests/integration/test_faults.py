@@ -91,11 +91,11 @@ def test_killed_daemons_task_is_failed_as_lost_by_another_daemon_and_handled_onc
     assert view.outcome is not None
     assert view.outcome.failure is not None
     assert view.outcome.failure.kind == FailureKind.LOST
-    assert view.outcome.failure.server == survivor.name
+    assert view.outcome.failure.server == survivor.server_name
     handler = view.handler(1)
     assert handler is not None
-    assert handler.server == survivor.name
-    assert survivor.alive, survivor.log_tail()
+    assert handler.server == survivor.server_name
+    assert survivor.running, survivor.log_tail()
     ledger = scenario.finish(expect_tasks=1)
     assert len(ledger.marks_of(task_id, "failed")) == 1
 
@@ -126,7 +126,7 @@ def test_killed_task_process_is_failed_as_crashed_and_its_worker_replaced(
     assert view.outcome.failure is not None
     assert view.outcome.failure.kind == FailureKind.CRASHED
     scenario.settle(3)
-    assert daemon.alive, daemon.log_tail()
+    assert daemon.running, daemon.log_tail()
     ledger = scenario.finish(expect_tasks=3)
     assert len(ledger.marks_of(task_id, "failed")) == 1
 
@@ -147,7 +147,7 @@ def test_timed_out_task_is_stopped_with_the_processes_it_started(scenario: Scena
     wait_for(
         lambda: not live_task_processes([child]) or None, 60, "the task's child process to be gone"
     )
-    assert daemon.alive, daemon.log_tail()
+    assert daemon.running, daemon.log_tail()
     scenario.finish(expect_tasks=1)
 
 
@@ -161,7 +161,7 @@ def test_paused_daemon_late_result_is_rejected(scenario: Scenario) -> None:
 
     # When the daemon is paused (SIGSTOP), its worker then finishes the task, and another
     # daemon notices the silent lease
-    sleeper.signal(signal.SIGSTOP)
+    sleeper.send_signal(signal.SIGSTOP)
     gate.touch()
     watcher = scenario.daemon("watcher", processes=["1:0-10"], lease=2)
     view = scenario.wait_status(task_id, [Status.HANDLED])
@@ -174,7 +174,7 @@ def test_paused_daemon_late_result_is_rejected(scenario: Scenario) -> None:
 
     # When the paused daemon wakes up with its late result, and is the only one left
     assert watcher.stop() == 0
-    sleeper.signal(signal.SIGCONT)
+    sleeper.send_signal(signal.SIGCONT)
     [probe] = scenario.queue(Noop(marks=scenario.marks))
     scenario.wait_status(probe, [Status.SUCCEEDED])
 
@@ -183,7 +183,7 @@ def test_paused_daemon_late_result_is_rejected(scenario: Scenario) -> None:
     assert view.outcome is not None
     assert view.outcome.failure is not None
     assert view.outcome.failure.kind == FailureKind.LOST
-    assert sleeper.alive, sleeper.log_tail()
+    assert sleeper.running, sleeper.log_tail()
     ledger = scenario.finish(expect_tasks=2)
     assert ledger.children(task_id) == []
     assert len(ledger.marks_of(task_id, "run")) == 1
@@ -247,13 +247,13 @@ def test_sigterm_during_load_records_shutdown_failures_and_leaves_nothing_owned(
         scenario.wait_marks(task_id, "run")
 
     # When it gets SIGTERM, and one running task finishes within the grace period
-    first.signal(signal.SIGTERM)
+    first.send_signal(signal.SIGTERM)
     gate.touch()
 
     # Then it exits cleanly: the finished task succeeded, the endless ones were recorded as
     # failed by shutdown, and it claimed nothing new after the signal
     assert wait_for(
-        lambda: not first.alive, 90, "the daemon to exit after SIGTERM", on_timeout=first.log_tail
+        lambda: not first.running, 90, "the daemon to exit after SIGTERM", on_timeout=first.log_tail
     )
     assert first.proc.returncode == 0, first.log_tail()
     view = scenario.view(gated)
@@ -317,7 +317,7 @@ def test_failed_that_raises_hangs_or_returns_garbage_is_recorded_retried_and_lef
     chain = tullius.chain(once, store=scenario.store)
     assert [c.status for c in chain] == [Status.HANDLED, Status.SUCCEEDED]
     assert chain[0].handler_attempts == 2
-    assert daemon.alive, daemon.log_tail()
+    assert daemon.running, daemon.log_tail()
     ledger = scenario.finish(expect_tasks=5)
     assert len(ledger.marks_of(raises, "failed")) == 2
     assert len(ledger.marks_of(once, "failed")) == 2
@@ -357,7 +357,7 @@ def test_task_whose_class_no_longer_exists_fails_visibly_and_the_daemon_carries_
         assert link.handler_attempts == 2
         assert link.handler_error is not None
     assert scenario.view(normal).outcome is not None
-    assert daemon.alive, daemon.log_tail()
+    assert daemon.running, daemon.log_tail()
     scenario.finish(expect_tasks=3)
 
 
@@ -381,7 +381,7 @@ def test_undecodable_task_document_does_not_stop_the_daemon(scenario: Scenario) 
     # Then the daemon stays up, the normal task is processed, and the broken document is
     # set aside visibly (out of every queue, with the reason stored on it)
     scenario.wait_status(normal, [Status.SUCCEEDED], timeout=120)
-    assert daemon.alive, daemon.log_tail()
+    assert daemon.running, daemon.log_tail()
     broken = scenario.store.tasks.find_one({"_id": "broken-doc"})
     assert broken is not None, broken
     assert broken["status"] not in {s.value for s in Status}, broken
@@ -410,7 +410,7 @@ def test_a_record_that_cannot_be_decoded_sets_its_task_aside_and_the_daemon_carr
     scenario.wait_status(normal, [Status.SUCCEEDED], timeout=120)
     live = scenario.store.live_for(stuck).find_one({"_id": stuck})
     assert "mangled" in live["decode_error"], live
-    assert daemon.alive, daemon.log_tail()
+    assert daemon.running, daemon.log_tail()
 
 
 # --- the README's example -------------------------------------------------------------------
@@ -436,7 +436,7 @@ def test_original_example_end_to_end(scenario: Scenario) -> None:
         link.failure is not None and link.failure.kind == FailureKind.TIMEOUT for link in chain[:6]
     )
     assert [link.status for link in chain] == [Status.HANDLED] * 6 + [Status.SUCCEEDED]
-    assert daemon.alive, daemon.log_tail()
+    assert daemon.running, daemon.log_tail()
     scenario.finish(expect_tasks=7)
 
 

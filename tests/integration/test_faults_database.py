@@ -106,7 +106,7 @@ def test_database_killed_mid_run_and_restarted_on_same_port_and_data(
 
     # Then the daemons stay up and finish everything, each task once
     scenario.settle(120, timeout=240)
-    assert all(d.alive for d in daemons), scenario.logs()
+    assert all(d.running for d in daemons), scenario.logs()
     ledger = scenario.finish()
     print(ledger.summary())
 
@@ -129,13 +129,13 @@ def test_database_down_longer_than_server_selection(
     # When FerretDB is killed and stays down longer than the client's server selection timeout
     server.kill()
     time.sleep(LONG_OUTAGE_SECONDS)  # the fault's duration, not a wait for an outcome
-    assert all(d.alive for d in daemons), f"a daemon died during the outage\n{scenario.logs()}"
+    assert all(d.running for d in daemons), f"a daemon died during the outage\n{scenario.logs()}"
     server.start(timeout=120)
 
     # Then the daemons resume: old work completes and new work is picked up
     scenario.queue(*[Noop(marks=scenario.marks) for _ in range(5)])
     scenario.settle(45, timeout=240)
-    assert all(d.alive for d in daemons), scenario.logs()
+    assert all(d.running for d in daemons), scenario.logs()
     ledger = scenario.finish()
     print(ledger.summary())
 
@@ -158,7 +158,7 @@ def test_connections_reset_under_load(scenario: Scenario, proxy: TcpProxy) -> No
 
     # Then all work completes, each task once, and the daemons are still up
     scenario.settle(130, timeout=240)
-    assert all(d.alive for d in daemons), scenario.logs()
+    assert all(d.running for d in daemons), scenario.logs()
     ledger = scenario.finish()
     print(f"{resets} connections reset; {ledger.summary()}")
 
@@ -263,7 +263,7 @@ def test_write_applied_but_acknowledgement_lost(scenario: Scenario, proxy: TcpPr
 
     # Then every task still ends exactly once, with nothing inserted twice
     scenario.settle(8, timeout=180)
-    assert daemon.alive, daemon.log_tail()
+    assert daemon.running, daemon.log_tail()
     ledger = scenario.finish(expect_tasks=8)
     assert ledger.status_counts() == {Status.SUCCEEDED: 6, Status.HANDLED: 2}, ledger.summary()
 
@@ -283,10 +283,10 @@ def test_proxy_down_then_up_daemons_resume(scenario: Scenario, proxy: TcpProxy) 
     proxy.set_down(True)
     stop = threading.Event()
     stop.wait(LONG_OUTAGE_SECONDS)  # the fault's duration
-    assert daemon.alive, daemon.log_tail()
+    assert daemon.running, daemon.log_tail()
     proxy.set_down(False)
 
     # Then the daemon resumes and everything completes once
     scenario.settle(10, timeout=240)
-    assert daemon.alive, daemon.log_tail()
+    assert daemon.running, daemon.log_tail()
     scenario.finish()
