@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 import tullius
-from tullius.sim import Simulation, UserCodeHang, UserThreadLeak, virtual_time
-from tullius.sim.virtual_time import BatonPool
+from tullius.sim import Simulation, UserCodeHang, UserThreadLeak, cpu_pin, virtual_time
+from tullius.sim.threads import BatonPool
 from tullius.testing import assert_chain, assert_outcomes, expect
 
 SEEN: dict[str, object] = {}
@@ -424,7 +424,7 @@ def test_the_pin_is_lifted_while_the_cpu_is_busy_and_can_be_switched_off(
     assert os.sched_getaffinity(baton.thread.native_id or 0) == before
     assert os.sched_getscheduler(baton.thread.native_id or 0) != os.SCHED_BATCH
     pool.cpu.stop()
-    monkeypatch.setattr(virtual_time, "PIN_TO_ONE_CPU", False)
+    monkeypatch.setattr(cpu_pin, "PIN_TO_ONE_CPU", False)
     pool.cpu.start()
     assert os.sched_getaffinity(0) == before
     pool.close()

@@ -20,9 +20,15 @@ import pytest
 
 import tullius
 from tullius.document import Record, Status, TaskDoc
-from tullius.sim import InvariantViolation, ServerClock, SimClock, Simulation, StoreOutage
+from tullius.sim import (
+    InvariantViolation,
+    ServerClock,
+    SimClock,
+    Simulation,
+    StoreOutage,
+    tracebacks,
+)
 from tullius.sim import simulation as simulation_module
-from tullius.sim import world as world_module
 from tullius.sim.clock import to_us
 from tullius.sim.memory_store import MemoryStore
 from tullius.testing import assert_chain, assert_outcomes, describe_chain, expect
@@ -208,7 +214,7 @@ def test_stored_tracebacks_are_exactly_what_traceback_formats(raiser: Any) -> No
         with pytest.raises(Exception) as caught:  # noqa: PT011  # any error will do
             raiser()
         error = caught.value
-        assert world_module.format_exception(error) == "".join(traceback.format_exception(error))
+        assert tracebacks.format_exception(error) == "".join(traceback.format_exception(error))
 
 
 class LeastUrgentFirstStore(MemoryStore):
@@ -291,7 +297,7 @@ def test_a_plain_failure_formats_as_traceback_does_each_time(
             monkeypatch.delattr(sys, "tracebacklimit", raising=False)
         with pytest.raises(BaseException) as caught:  # noqa: PT011  # any error will do
             _raise(error.with_traceback(None))
-        assert world_module.format_exception(caught.value) == "".join(
+        assert tracebacks.format_exception(caught.value) == "".join(
             traceback.format_exception(caught.value)
         )
 
@@ -310,7 +316,7 @@ def test_a_memoised_traceback_follows_an_edited_source_file(tmp_path: Path) -> N
         os.utime(source, (time.time() + len(texts), time.time() + len(texts)))
         with pytest.raises(ValueError, match="x") as caught:
             module.fail()
-        text = world_module.format_exception(caught.value)
+        text = tracebacks.format_exception(caught.value)
         assert text == "".join(traceback.format_exception(caught.value))
         texts.append(text)
     assert "# first" in texts[0]

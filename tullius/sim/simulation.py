@@ -15,7 +15,7 @@ How it runs:
    touching the store; ``lost_ack`` applies it, then raises.  The driver runs
    the conversation again later with the same token and event, as the daemon.
 3. After each write, the touched task is re-read and the invariants checked.
-4. The loop runs on pool threads (`virtual_time.BatonPool`), one at a time,
+4. The loop runs on pool threads (`tullius.sim.threads`), one at a time,
    while ``run_for`` waits; user code runs on the loop's thread until it
    sleeps.  A sleep becomes an event at its wake-up time, or at the deadline
    if that comes first (a tie goes to the deadline: a run still going at its
@@ -62,7 +62,8 @@ from tullius.sim.faults import (
 )
 from tullius.sim.invariants import DrainTimeout, Invariants, InvariantViolation
 from tullius.sim.memory_store import MemoryStore
-from tullius.sim.virtual_time import BatonPool, VirtualTime, release_frozen_clock
+from tullius.sim.threads import BatonPool
+from tullius.sim.virtual_time import VirtualTime, release_frozen_clock
 from tullius.sim.world import (
     ACTOR,
     FAULT,
@@ -439,7 +440,7 @@ class Simulation(Drivers):
 
     def _run(self, end: int, *, drain: bool) -> None:
         """Run events until ``end`` (or, with ``drain``, until nothing is open): the loop
-        runs in the pool's threads (`virtual_time.BatonPool`) while this one waits."""
+        runs in the pool's threads (`tullius.sim.threads`) while this one waits."""
         with self._virtual_time():
             self._end, self._drain = end, drain
             self._pool.run()
