@@ -108,6 +108,13 @@ class Candidates:
             self.docs.clear()
         return self.docs
 
+    def forget(self) -> None:
+        """Keep nothing: for a driver whose claim failed midway (a store error).  The
+        candidate it was trying had been taken off ``docs``, and it may be more urgent
+        than all those left, which must not be claimed before it is read again."""
+        self.docs = []
+        self.read_at = None
+
 
 @dataclass
 class SweepReport:

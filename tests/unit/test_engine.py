@@ -213,6 +213,25 @@ def drive_rest(store: MemoryStore, conversation, op):  # type: ignore[no-untyped
         return stop.value
 
 
+def test_after_a_claim_failed_midway_forgotten_candidates_are_read_again() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a", priority=1), make_doc("b", priority=5)])
+    candidates = Candidates(keep_for=timedelta(seconds=1))
+    conversation = claim_many(
+        ALL, server="s1", workers=[("w1", "t1")], now=T0, candidates=candidates
+    )
+    op = next(conversation)
+    op = conversation.send(perform(store, op))  # the read; then "a"'s claim fails:
+    assert [doc.task_id for doc in candidates.docs] == ["b"]  # "a" is gone from them
+    conversation.close()
+    candidates.forget()
+    jobs = drive(
+        store,
+        claim_many(ALL, server="s1", workers=[("w2", "t2")], now=T0, candidates=candidates),
+    )
+    assert [job.task_id for job in jobs] == ["a"]
+
+
 def test_candidates_older_than_keep_for_are_read_again() -> None:
     store = MemoryStore()
     store.insert_tasks([make_doc("a", priority=1), make_doc("b", priority=2)])

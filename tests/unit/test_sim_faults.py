@@ -186,3 +186,28 @@ def test_a_crash_between_the_outcome_and_its_successors_is_repaired_by_a_sweep()
     assert len(sim.tree(task).walk()) == 3
     assert any("StepCrash" in line for line in sim.trace)
     sim.close()
+
+
+class Urgent(tullius.Task):
+    timeout = timedelta(seconds=30)
+
+    def run(self) -> None:
+        return None
+
+
+def test_a_claim_that_failed_midway_does_not_let_less_urgent_work_go_first() -> None:
+    # (a retry sooner than the 0.25 s the candidates of a read are kept for)
+    sim = Simulation(
+        seed=0,
+        task_processes=[(1, 0, 10)],
+        poll_interval=0.1,
+        store_retry=timedelta(seconds=0.1),
+        keep_trace=True,
+    )
+    sim.run_for(timedelta(seconds=1))
+    sim.store_fault("s1", "InsertRecord", "not_applied", at=sim.elapsed, record_kind="run")
+    urgent_id, later_id = sim.queue([Urgent(priority=1), Urgent(priority=5)])
+    sim.drain(within=timedelta(minutes=1))
+    claims = [line for line in sim.trace if " claimed " in line]
+    assert [urgent_id in claims[0], later_id in claims[1]] == [True, True], claims
+    sim.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -208,6 +209,42 @@ def test_keyboard_interrupt_in_run_stops_the_simulation() -> None:
     with pytest.raises(KeyboardInterrupt):
         sim.drain(within=timedelta(minutes=1))
     sim.close()
+
+
+class SelfInterrupting(tullius.Task):
+    timeout = timedelta(seconds=3)
+
+    def run(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would, while the run goes on
+
+
+def test_ctrl_c_during_a_run_stops_it_and_the_next_run_goes_on() -> None:
+    sim = Simulation(seed=3)
+    sim.queue(SelfInterrupting())
+    with pytest.raises(KeyboardInterrupt):
+        sim.drain(within=timedelta(minutes=1))
+    sim.run_for(timedelta(seconds=1))  # no KeyboardInterrupt left over
+    sim.close()
+
+
+def test_where_local_time_is_not_utc_the_clock_between_runs_is_the_local_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import freezegun.api
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        sim = Simulation(seed=1)
+        sim.queue(Naps())
+        sim.run_for(timedelta(seconds=5))
+        local = freezegun.api.real_datetime.now()
+        assert abs(datetime.now() - local) < timedelta(seconds=60)
+        assert time.time is freezegun.api.real_time  # freezegun was stopped after the run
+        sim.close()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 class Busy(tullius.Task):

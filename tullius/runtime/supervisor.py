@@ -523,6 +523,7 @@ class Supervisor:
             now = time.monotonic()
             error = future.exception()
             if error is not None:
+                candidates.forget()
                 self._next_poll[band_index] = now + 1.0
                 if isinstance(error, StoreError):
                     self._store_failed("claim", error)

@@ -544,8 +544,12 @@ class Simulation(Drivers):
             self._advance(actor, None)
             starting = self._starting
             starting.extend(cmd.actors)
-            while starting:
-                self._advance(starting.popleft(), None)
+            try:
+                while starting:
+                    self._advance(starting.popleft(), None)
+            finally:  # an error left jobs unstarted: they start as events (if ever run again)
+                while starting:
+                    self._push(self.clock.us, ACTOR, starting.popleft(), None)
         elif kind is Nap:
             claimer = cmd.claimer
             claimer.nap += 1

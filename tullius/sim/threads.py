@@ -81,8 +81,10 @@ class Baton:
             then = self._await_order()
             while True:
                 if self.order[0] == "schedule":
-                    self.pool.serve(then)
-                then = self._park_free()
+                    self.pool.serve(self, then)  # ends with this thread among the free
+                    then = self._await_order()
+                else:
+                    then = self._park_free()
         except _Exit:
             return
 
@@ -122,8 +124,10 @@ class Baton:
             self.result = ("stopped", str(stop))
         except BaseException as error:  # user code: every outcome is data
             self.result = ("raised", error)
-        pool.inline = None
-        if self.broken:  # declared hung meanwhile: the simulation has given up on it
+        with pool.watch:
+            pool.inline = None
+            broken = self.broken
+        if broken:  # declared hung meanwhile: the simulation has given up on it
             raise _Exit
         self.state = "done"
         if not self.moved:
@@ -143,8 +147,11 @@ class Baton:
         if self.moved:  # a resumed step: back to the loop that resumed it
             self._back.release()
         else:  # the first sleep: the loop goes on in another thread
-            self.moved = True
-            self.pool.inline = None
+            with self.pool.watch:
+                if self.broken:  # declared hung: no loop may go on
+                    raise TaskStopped("the simulation gave up on this task")
+                self.moved = True
+                self.pool.inline = None
             self.pool.order_loop(self._after_sleep)
         self._go.acquire()
         if self.kill is not None:
@@ -195,8 +202,10 @@ class BatonPool:
         self.error: BaseException | None = None
         self.hung: UserCodeHang | None = None
         self.interrupted = False
-        self._run_over = threading.Lock()
-        self._run_over.acquire()
+        #: Set by `serve` when the run is over (one per run).
+        self._over = threading.Event()
+        #: Held while user code's state changes under the eyes of `_watch`.
+        self.watch = threading.Lock()
 
     def _new(self) -> Baton:
         baton = Baton(self, f"tullius-sim-user-{len(self._all) + 1}")
@@ -224,8 +233,10 @@ class BatonPool:
         baton.order = ("schedule", then)
         baton._go.release()
 
-    def serve(self, then: Callable[[], None] | None) -> None:
-        """In a pool thread: ``then``, then the loop until the run ends; report to ``run``."""
+    def serve(self, baton: Baton, then: Callable[[], None] | None) -> None:
+        """In pool thread ``baton``: ``then``, then the loop until the run ends; then
+        join the free threads and report to `run` (in that order: `close` right after
+        the run must find this thread free)."""
         try:
             if then is not None:
                 then()
@@ -235,7 +246,8 @@ class BatonPool:
             raise
         except BaseException as error:  # carried to the caller of run_for
             self.error = error
-        self._run_over.release()
+        self.free.append(baton)
+        self._over.set()
 
     def run(self) -> None:
         """Hand the loop to a pool thread and wait for the run's end; raise what it raised.
@@ -246,26 +258,35 @@ class BatonPool:
         if self.hung is not None:
             raise SimulationError(f"this simulation stopped at an earlier hang: {self.hung}")
         self.error = None
+        self.interrupted = interrupted = False
+        over = self._over = threading.Event()
         self.order_loop()
         while True:
             try:
-                if self._run_over.acquire(timeout=self.WATCH_EVERY):
+                if over.wait(self.WATCH_EVERY):
                     break
+                self._watch()
             except KeyboardInterrupt:  # Ctrl-C: the loop stops at its next event
-                self.interrupted = True
-                continue
-            inline = self.inline
-            if inline is not None and REAL[1]() - inline[1] >= self.wall_limit:
-                what, _, baton = inline
-                baton.broken = True
-                _async_raise(baton.thread, TaskStopped)
-                self.hung = UserCodeHang(what, self.wall_limit)
-                raise self.hung
+                self.interrupted = interrupted = True
         error, self.error = self.error, None
         if isinstance(error, UserCodeHang):
             self.hung = error
         if error is not None:
             raise error
+        if interrupted:  # the run ended before the loop saw it
+            raise KeyboardInterrupt
+
+    def _watch(self) -> None:
+        """Give up on user code that has run ``wall_limit`` real seconds without sleeping."""
+        with self.watch:
+            inline = self.inline
+            if inline is None or REAL[1]() - inline[1] < self.wall_limit:
+                return
+            what, _, baton = inline
+            baton.broken = True  # it can't hand the loop on any more (see `Baton.sleep`)
+            self.hung = UserCodeHang(what, self.wall_limit)
+        _async_raise(baton.thread, TaskStopped)
+        raise self.hung
 
     def close(self) -> None:
         """Stop every thread: unwind sleepers (work of crashed or paused servers, or

@@ -29,6 +29,7 @@ Nothing here knows about tasks or stores.
 
 from __future__ import annotations
 
+import copyreg
 import datetime as datetime_module
 import functools
 import sys
@@ -125,6 +126,7 @@ class VirtualTime:
         self._patched: list[ModuleType] = []
         self._freezer: Any = None
         self._factory: Any = None
+        self._exited = False
 
     def __enter__(self) -> VirtualTime:
         return self
@@ -142,12 +144,15 @@ class VirtualTime:
             self._patched.append(module)
 
     def set_now(self, now: datetime) -> None:
+        if self._exited:  # a loop still going after its run was given up (a hang)
+            raise SimulationError("virtual time is over: the run this loop belonged to ended")
         if self._factory is None:
             self._start(now)
         else:
             self._factory.time_to_freeze = _naive(now)
 
     def __exit__(self, *exc: object) -> None:
+        self._exited = True
         time.sleep = REAL[0]
         for module in self._patched:
             module.sleep = REAL[0]  # type: ignore[attr-defined]
@@ -170,8 +175,15 @@ class _HeldFreeze:
     on freezegun's stacks with a factory that answers the real time
     (`_RealClock`) and an ignore list that matches every module (so the
     patched functions read the real clocks, as they do for freezegun's own
-    ignored modules); the next run swaps its frozen time back in.  If another
-    freeze is active when a run starts, the run freezes on top of it as before.
+    ignored modules); the next run swaps its frozen time back in.  freezegun's
+    pickling hook for datetimes is taken off meanwhile.  If another freeze is
+    active when a run starts, the run freezes on top of it as before.
+
+    Held only where that is invisible: the local time zone is UTC (freezegun's
+    ``datetime.now()``, ``date.today()`` and naive ``timestamp()`` read the
+    factory as UTC whatever the zone), and freezegun inspects the call stack
+    (``call_stack_inspection_limit``, else its clock functions would read the
+    factory too).  Elsewhere each run stops freezegun, as before.
     `release` (``Simulation.close()``) stops the held freeze for good.  This
     uses freezegun's module-level stacks, checked before use (`_stacks_known`);
     without them every run starts and stops freezegun.
@@ -179,6 +191,7 @@ class _HeldFreeze:
 
     def __init__(self) -> None:
         self._held: tuple[Any, Any] | None = None
+        self._pickling: dict[Any, Any] = {}  # freezegun's copyreg entries, while held
         self.running = False
 
     def resume(self, now: datetime) -> tuple[Any, Any]:
@@ -192,6 +205,7 @@ class _HeldFreeze:
             factory.time_to_freeze = _naive(now)
             api.freeze_factories[-1] = factory
             api.ignore_lists[-1] = ()
+            copyreg.dispatch_table.update(self._pickling)
             return freezer, factory
         freezer = freezegun.freeze_time(_naive(now), tick=False)
         factory = freezer.start()
@@ -213,10 +227,18 @@ class _HeldFreeze:
             and len(api.freeze_factories) == 1
             and api.freeze_factories[0] is factory
             and (self._held is None or self._held[0] is freezer)
+            and bool(getattr(api, "call_stack_inspection_limit", None))
+            and time.timezone == 0
+            and (not time.daylight or time.altzone == 0)
         ):
             factories: list[Any] = api.freeze_factories  # it holds any callable
             factories[0] = _REAL_CLOCK
             api.ignore_lists[0] = ("",)
+            self._pickling = {
+                kind: copyreg.dispatch_table.pop(kind)
+                for kind in (api.real_datetime, api.real_date)
+                if kind in copyreg.dispatch_table
+            }
             self._held = (freezer, factory)
         else:
             freezer.stop()
@@ -233,6 +255,7 @@ class _HeldFreeze:
             self._held = None
             api.freeze_factories[0] = factory
             api.ignore_lists[0] = ()
+            copyreg.dispatch_table.update(self._pickling)
             freezer.stop()
 
 

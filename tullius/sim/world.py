@@ -285,8 +285,9 @@ class Drivers:
                     batch=CLAIM_READ,
                     candidates=c.candidates,
                 )
-            except StoreError:
-                yield Nap(c, self._poll_us)
+            except StoreError:  # as the daemon: read afresh after the store's retry delay
+                c.candidates.forget()
+                yield Nap(c, self._retry_us)
                 continue
             if c.candidates.docs is not docs:  # this claim read them
                 c.read = (started, now)
