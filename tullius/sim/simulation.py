@@ -188,9 +188,9 @@ class Simulation(Drivers):
         self._seq = 0
         self.events = 0
         self.faults: list[Fault] = []
-        self._armed: list[list[Any]] = []  # [StoreFault, remaining]
-        # The same entries by (server, operation), in arming order: an operation
-        # looks only at the faults aimed at it (the first live one applies).
+        # Armed store faults, [fault, remaining], by (server, operation) in arming
+        # order: an operation looks only at the faults aimed at it (the first live
+        # one applies).
         self._armed_at: dict[tuple[str, str], list[list[Any]]] = {}
         self._outages: list[tuple[int, int, str | None]] = []
         self._faults_end_us = 0
@@ -374,7 +374,6 @@ class Simulation(Drivers):
             self._faults_end_us = max(self._faults_end_us, to_us(fault_end(fault)))
             if isinstance(fault, StoreFault | StepCrash):
                 armed = [fault, getattr(fault, "count", 1)]
-                self._armed.append(armed)
                 self._armed_at.setdefault((fault.server, fault.operation), []).append(armed)
             elif isinstance(fault, StoreOutage):
                 start = to_us(fault.at)
@@ -521,8 +520,10 @@ class Simulation(Drivers):
             [_line(entry) for entry in self._tail],
         )
 
-    def _spawn(self, server: Server, gen: ActorGen, name: str, at: int | None = None) -> None:
-        self._push(self.clock.us if at is None else at, ACTOR, Actor(gen, server, name), None)
+    def _spawn(self, server: Server, gen: ActorGen, name: str, at: int | None = None) -> Actor:
+        actor = Actor(gen, server, name)
+        self._push(self.clock.us if at is None else at, ACTOR, actor, None)
+        return actor
 
     def _advance(self, actor: Actor, value: Any, error: BaseException | None = None) -> None:
         try:
@@ -548,8 +549,7 @@ class Simulation(Drivers):
                 while starting:
                     self._advance(starting.popleft(), None)
             finally:  # an error left jobs unstarted: they start as events (if ever run again)
-                while starting:
-                    self._push(self.clock.us, ACTOR, starting.popleft(), None)
+                self._start_later()
         elif kind is Nap:
             claimer = cmd.claimer
             claimer.nap += 1
@@ -588,7 +588,7 @@ class Simulation(Drivers):
         self._tail.append(entry)
         if self._trace is not None:
             self._trace.append(entry)
-        error = self._store_fault(server, op, name) if self._outages or self._armed else None
+        error = self._store_fault(server, op, name) if self._outages or self._armed_at else None
         if error is not None and not error[0]:
             assert error[1] is not None
             self._advance(actor, None, error[1])

@@ -177,7 +177,6 @@ class Execution:
     kill_reason: str | None = None
     running: bool = False
     beating: bool = False
-    finished: bool = False
 
 
 def describe_op(op: object) -> str:
@@ -230,7 +229,7 @@ class Drivers:
     _servers: dict[str, Server]
     _modules: set[ModuleType]
 
-    def _spawn(self, server: Server, gen: ActorGen, name: str, at: int | None = None) -> None:
+    def _spawn(self, server: Server, gen: ActorGen, name: str, at: int | None = None) -> Actor:
         raise NotImplementedError
 
     def _advance(self, actor: Actor, value: Any, error: BaseException | None = None) -> None:
@@ -253,8 +252,9 @@ class Drivers:
             index += band.count
             claimer = Claimer(band, slots)
             server.claimers.append(claimer)
-            claimer.actor = Actor(self._claimer(server, claimer), server, f"{server.name}/{band}")
-            self._push(self.clock.us, ACTOR, claimer.actor, None)
+            claimer.actor = self._spawn(
+                server, self._claimer(server, claimer), f"{server.name}/{band}"
+            )
         self._spawn(server, self._sweeper(server), f"{server.name}/sweeper")
 
     def _new_token(self) -> str:
@@ -344,7 +344,6 @@ class Drivers:
             if verdict.accepted and self._check:
                 self._inv.on_accepted(verdict.record, job.token, job.lease)
             break
-        ex.finished = True
         server.tokens.discard(job.token)
         server.execs.remove(ex)
         claimer.busy.discard(index)
@@ -466,7 +465,11 @@ class Drivers:
     def _moved(self, ex: Execution) -> None:
         """Run by the thread the loop moved to when ``ex``'s user code first slept."""
         self._after_user_step(ex, "sleeping")
-        while self._starting:  # jobs a `StartJobs` had yet to start
+        self._start_later()
+
+    def _start_later(self) -> None:
+        """Make the jobs a `StartJobs` had yet to start events of their own."""
+        while self._starting:
             self._push(self.clock.us, ACTOR, self._starting.popleft(), None)
 
     def _after_user_step(self, ex: Execution, state: str) -> None:
