@@ -239,6 +239,11 @@ def to_spec(task: object, *, role: str = "task") -> TaskSpec:
     Raises:
         TaskDefinitionError: ``task`` is not a Task, or a field can't be stored.
     """
+    return _spec_and_size(task, role)[0]
+
+
+def _spec_and_size(task: object, role: str) -> tuple[TaskSpec, int]:
+    """`to_spec`, and the stored size of the task's fields (checked against the limit)."""
     if not isinstance(task, Task):
         raise TaskDefinitionError(
             f"{role} {task!r} is a {type(task).__name__}; expected a tullius.Task instance"
@@ -247,8 +252,9 @@ def to_spec(task: object, *, role: str = "task") -> TaskSpec:
     fields = task.fields
     for field, value in fields.items():
         check_value(cls.__name__, field, value)
-    _check_size(f"{role} {cls.__name__}", stored_size(fields))
-    return TaskSpec(
+    size = stored_size(fields)
+    _check_size(f"{role} {cls.__name__}", size)
+    spec = TaskSpec(
         class_name=cls.task_name,
         fields=fields,
         priority=task.priority,
@@ -258,6 +264,7 @@ def to_spec(task: object, *, role: str = "task") -> TaskSpec:
         delay=getattr(task, "_tullius_delay", None),
         start_after=getattr(task, "_tullius_start_after", None),
     )
+    return spec, size
 
 
 def to_specs(returned: object, *, role: str) -> tuple[TaskSpec, ...]:
@@ -274,9 +281,9 @@ def to_specs(returned: object, *, role: str) -> tuple[TaskSpec, ...]:
         raise TaskDefinitionError(
             f"{role} returned {returned!r}; expected None, a tullius.Task, or a list of them"
         )
-    specs = tuple(to_spec(item, role=f"{role} item") for item in returned)
-    _check_size(f"{role} (all {len(specs)} tasks)", sum(stored_size(s.fields) for s in specs))
-    return specs
+    sized = [_spec_and_size(item, f"{role} item") for item in returned]
+    _check_size(f"{role} (all {len(sized)} tasks)", sum(size for _, size in sized))
+    return tuple(spec for spec, _ in sized)
 
 
 def stored_size(value: Any) -> int:
