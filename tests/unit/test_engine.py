@@ -8,7 +8,7 @@ from datetime import timedelta
 from tests.store_contract import T0, make_doc, make_record
 from tullius.band import Band
 from tullius.document import Failure, FailureKind, Status, TaskSpec, run_id, status_of
-from tullius.engine import Candidates, JobKind, claim, claim_many, drive, finish, renew, sweep
+from tullius.engine import Candidates, Job, JobKind, claim, claim_many, drive, finish, renew, sweep
 from tullius.errors import StoreError
 from tullius.events import Failed, HandlerSucceeded, Succeeded
 from tullius.policy import LeaseWatch
@@ -166,14 +166,24 @@ def test_one_claim_serves_several_idle_workers_most_urgent_first() -> None:
     assert all(store.load(job.task_id).task.status is Status.RUNNING for job in jobs)
 
 
-def test_candidates_one_claim_read_serve_the_next_claim_without_reading_again() -> None:
+def a_and_b_queued() -> tuple[MemoryStore, Candidates]:
+    """A store with "a" (priority 1) and "b" (priority 2) queued, and empty candidates."""
     store = MemoryStore()
     store.insert_tasks([make_doc("a", priority=1), make_doc("b", priority=2)])
-    candidates = Candidates(keep_for=timedelta(seconds=1))
-    first = drive(
+    return store, Candidates(keep_for=timedelta(seconds=1))
+
+
+def claim_for_w1(store: MemoryStore, candidates: Candidates) -> list[Job]:
+    """One claim for worker "w1" at T0, keeping what it reads in ``candidates``."""
+    return drive(
         store,
         claim_many(ALL, server="s1", workers=[("w1", "t1")], now=T0, candidates=candidates),
     )
+
+
+def test_candidates_one_claim_read_serve_the_next_claim_without_reading_again() -> None:
+    store, candidates = a_and_b_queued()
+    first = claim_for_w1(store, candidates)
     assert [job.task_id for job in first] == ["a"]
     assert [doc.task_id for doc in candidates.docs] == ["b"]
     assert candidates.read_at == T0
@@ -188,13 +198,8 @@ def test_candidates_one_claim_read_serve_the_next_claim_without_reading_again() 
 
 
 def test_a_kept_candidate_a_rival_claimed_meanwhile_is_skipped_and_its_hint_repaired() -> None:
-    store = MemoryStore()
-    store.insert_tasks([make_doc("a", priority=1), make_doc("b", priority=2)])
-    candidates = Candidates(keep_for=timedelta(seconds=1))
-    drive(
-        store,
-        claim_many(ALL, server="s1", workers=[("w1", "t1")], now=T0, candidates=candidates),
-    )
+    store, candidates = a_and_b_queued()
+    claim_for_w1(store, candidates)
     store.insert_record(make_record("b", token="rival"))  # claimed elsewhere, hint not yet set
     jobs = drive(
         store,
@@ -214,9 +219,7 @@ def drive_rest(store: MemoryStore, conversation, op):  # type: ignore[no-untyped
 
 
 def test_after_a_claim_failed_midway_forgotten_candidates_are_read_again() -> None:
-    store = MemoryStore()
-    store.insert_tasks([make_doc("a", priority=1), make_doc("b", priority=5)])
-    candidates = Candidates(keep_for=timedelta(seconds=1))
+    store, candidates = a_and_b_queued()
     conversation = claim_many(
         ALL, server="s1", workers=[("w1", "t1")], now=T0, candidates=candidates
     )
@@ -233,13 +236,8 @@ def test_after_a_claim_failed_midway_forgotten_candidates_are_read_again() -> No
 
 
 def test_candidates_older_than_keep_for_are_read_again() -> None:
-    store = MemoryStore()
-    store.insert_tasks([make_doc("a", priority=1), make_doc("b", priority=2)])
-    candidates = Candidates(keep_for=timedelta(seconds=1))
-    drive(
-        store,
-        claim_many(ALL, server="s1", workers=[("w1", "t1")], now=T0, candidates=candidates),
-    )
+    store, candidates = a_and_b_queued()
+    claim_for_w1(store, candidates)
     later = T0 + timedelta(seconds=2)
     conversation = claim_many(
         ALL, server="s1", workers=[("w2", "t2")], now=later, candidates=candidates
