@@ -238,6 +238,9 @@ class Drivers:
     def _push(self, t: int, kind: int, target: Any, value: Any) -> None:
         raise NotImplementedError
 
+    def _held_back(self, actor: Actor, t: int, kind: int, target: Any, value: Any) -> bool:
+        raise NotImplementedError
+
     def _log(self, server: str, what: object) -> None:
         raise NotImplementedError
 
@@ -510,11 +513,12 @@ class Drivers:
         if self._check:
             self._inv.on_run_length(ex.what, ran, ex.timeout_us + self._grace_us)
         outcome = (ex.kill_reason, how, value)
-        assert ex.actor is not None
-        if server.paused_until > self.clock.us:
-            self._push(server.paused_until, ACTOR, ex.actor, outcome)
-        else:  # no event of its own: the worker's next store operation is one
-            self._advance(ex.actor, outcome)
+        actor = ex.actor
+        assert actor is not None
+        # No event of its own (the worker's next store operation is one), unless
+        # the server is paused: then it waits for the pause's end.
+        if not self._held_back(actor, self.clock.us, ACTOR, actor, outcome):
+            self._advance(actor, outcome)
 
     def _wake(self, ex: Execution, value: tuple[int, str | None]) -> None:
         gen, kill = value
