@@ -11,9 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from tullius.document import Record, Status, TaskDoc
+from tullius.document import Record, Status, TaskDoc, quick_init
+
+# Every effect is built on every step of every task: `quick_init` spares the
+# field-by-field ``__init__`` of a frozen dataclass.
 
 
+@quick_init
 @dataclass(frozen=True)
 class InsertRecord:
     """Insert ``record`` unless its id exists; first insert wins."""
@@ -21,6 +25,7 @@ class InsertRecord:
     record: Record
 
 
+@quick_init
 @dataclass(frozen=True)
 class InsertTasks:
     """Insert each task unless its id exists (a repeat is a no-op)."""
@@ -28,6 +33,7 @@ class InsertTasks:
     docs: tuple[TaskDoc, ...]
 
 
+@quick_init
 @dataclass(frozen=True)
 class SetStatus:
     """Set the status and due-time hints of a task whose hint is not terminal."""

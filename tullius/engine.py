@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from tullius.band import Band
-from tullius.document import Record, Status, TaskDoc, TaskView
+from tullius.document import Record, Status, TaskDoc, TaskView, quick_init
 from tullius.effects import InsertRecord
 from tullius.errors import InvalidTransition
 from tullius.events import (
@@ -61,6 +61,8 @@ class JobKind(enum.StrEnum):
     HANDLE = "handle"  #: call ``failed()``
 
 
+# Job and Verdict: one of each per claim and per finish, so `quick_init` (see there).
+@quick_init
 @dataclass(frozen=True)
 class Job:
     """Work a worker owns: the task as read right after its lease record won."""
@@ -78,6 +80,7 @@ class Job:
         return self.lease.token
 
 
+@quick_init
 @dataclass(frozen=True)
 class Verdict:
     """How a finish went: ``accepted`` if our record won, else the rival's ``record``."""

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tullius.document import Failure, TaskSpec
+from tullius.document import Failure, TaskSpec, quick_init
+
+# An event is built for every step of every task: `quick_init` spares the
+# field-by-field ``__init__`` of a frozen dataclass.
 
 
+@quick_init
 @dataclass(frozen=True)
 class Claimed:
     """A worker wants to run a queued task."""
@@ -21,6 +25,7 @@ class Claimed:
     worker: str | None = None
 
 
+@quick_init
 @dataclass(frozen=True)
 class Succeeded:
     """The owner's ``run()`` returned these successors."""
@@ -29,6 +34,7 @@ class Succeeded:
     successors: tuple[TaskSpec, ...] = ()
 
 
+@quick_init
 @dataclass(frozen=True)
 class Failed:
     """The owner's ``run()`` failed (raised, timed out, crashed, was shut down...)."""
@@ -37,6 +43,7 @@ class Failed:
     failure: Failure
 
 
+@quick_init
 @dataclass(frozen=True)
 class LeaseExpired:
     """An observer saw the lease ``record_id`` go unrenewed for too long.
@@ -49,6 +56,7 @@ class LeaseExpired:
     observer: str
 
 
+@quick_init
 @dataclass(frozen=True)
 class HandlerClaimed:
     """A worker wants to run ``failed()`` for a failed task."""
@@ -58,6 +66,7 @@ class HandlerClaimed:
     worker: str | None = None
 
 
+@quick_init
 @dataclass(frozen=True)
 class HandlerSucceeded:
     """The owner's ``failed()`` returned these replacements."""
@@ -66,6 +75,7 @@ class HandlerSucceeded:
     replacements: tuple[TaskSpec, ...] = ()
 
 
+@quick_init
 @dataclass(frozen=True)
 class HandlerFailed:
     """The owner's ``failed()`` raised, hung, or returned something that is not a task."""
@@ -74,6 +84,7 @@ class HandlerFailed:
     error: Failure
 
 
+@quick_init
 @dataclass(frozen=True)
 class Swept:
     """A sweeper (or a loser of a race) wants the hints and pending inserts repaired."""

@@ -15,12 +15,12 @@ operation at a time and inject faults between any two of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from tullius.document import Record, Status, TaskDoc, TaskView
+from tullius.document import Record, Status, TaskDoc, TaskView, quick_init
 from tullius.effects import InsertRecord, InsertTasks, SetStatus
 
 
@@ -112,12 +112,17 @@ class Store(Protocol):
 
 # --- read operations (the write operations are the machine's effects) ---------
 
+# Built for every read of every conversation: `quick_init` spares the field-by-field
+# ``__init__`` of a frozen dataclass.
 
+
+@quick_init
 @dataclass(frozen=True)
 class Load:
     task_id: str
 
 
+@quick_init
 @dataclass(frozen=True)
 class FindDue:
     statuses: tuple[Status, ...]
@@ -127,12 +132,14 @@ class FindDue:
     limit: int
 
 
+@quick_init
 @dataclass(frozen=True)
 class FindByStatus:
     statuses: tuple[Status, ...]
     limit: int
 
 
+@quick_init
 @dataclass(frozen=True)
 class Beat:
     record_id: str
@@ -143,22 +150,28 @@ Operation = InsertRecord | InsertTasks | SetStatus | Load | FindDue | FindByStat
 
 def perform(store: Store, op: Operation) -> Any:
     """Carry out one operation against ``store`` and return its result."""
-    match op:
-        case InsertRecord(record):
-            return store.insert_record(record)
-        case InsertTasks(docs):
-            return store.insert_tasks(docs)
-        case SetStatus(task_id, status, due_at):
-            return store.set_status(task_id, status, due_at)
-        case Load(task_id):
-            return store.load(task_id)
-        case FindDue(statuses, low, high, now, limit):
-            return store.find_due(statuses, low, high, now, limit)
-        case FindByStatus(statuses, limit):
-            return store.find_by_status(statuses, limit)
-        case Beat(record_id):
-            return store.beat(record_id)
-    raise TypeError(f"unknown store operation {op!r}")
+    # A table by type rather than a ``match``, which tries the cases in turn:
+    # every driver performs several operations per task.  The walk of the MRO
+    # only runs for a subclass of an operation.
+    do = _PERFORMERS.get(type(op))
+    if do is None:
+        do = next((_PERFORMERS[cls] for cls in type(op).__mro__ if cls in _PERFORMERS), None)
+        if do is None:
+            raise TypeError(f"unknown store operation {op!r}")
+    return do(store, op)
+
+
+_PERFORMERS: dict[type[Any], Callable[[Store, Any], Any]] = {
+    InsertRecord: lambda store, op: store.insert_record(op.record),
+    InsertTasks: lambda store, op: store.insert_tasks(op.docs),
+    SetStatus: lambda store, op: store.set_status(op.task_id, op.status, op.due_at),
+    Load: lambda store, op: store.load(op.task_id),
+    FindDue: lambda store, op: store.find_due(
+        op.statuses, op.min_priority, op.max_priority, op.now, op.limit
+    ),
+    FindByStatus: lambda store, op: store.find_by_status(op.statuses, op.limit),
+    Beat: lambda store, op: store.beat(op.record_id),
+}
 
 
 def operation_name(op: Operation) -> str:
