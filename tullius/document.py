@@ -277,7 +277,8 @@ def queued_doc(
     parent: TaskDoc | None = None,
 ) -> TaskDoc:
     """A new QUEUED task document for ``spec``, starting after its delay or ``start_after``."""
-    start_after = spec.start_after or now + (spec.delay or timedelta(0))
+    # ``now`` itself when there is no delay: equal to ``now + timedelta(0)``, without the sum.
+    start_after = spec.start_after or (now if not spec.delay else now + spec.delay)
     return TaskDoc(
         task_id=task_id,
         class_name=spec.class_name,

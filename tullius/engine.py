@@ -54,6 +54,7 @@ CLAIM_READ = 16
 REUSE_CANDIDATES_FOR = timedelta(seconds=0.25)
 #: How many unsettled tasks one sweep examines.
 SWEEP_BATCH = 1000
+_NO_TIME = timedelta(0)
 
 
 class JobKind(enum.StrEnum):
@@ -107,7 +108,7 @@ class Candidates:
 
     def fresh(self, now: datetime) -> list[TaskDoc]:
         """The candidates still worth trying at ``now`` (none once ``keep_for`` has passed)."""
-        if self.read_at is None or not timedelta(0) <= now - self.read_at <= self.keep_for:
+        if self.read_at is None or not _NO_TIME <= now - self.read_at <= self.keep_for:
             self.docs.clear()
         return self.docs
 
@@ -264,7 +265,7 @@ def _try_candidates(
         assert decided.record is not None
         if winner.token == decided.record.token:
             kind = JobKind.HANDLE if handling else JobKind.RUN
-            jobs.append(Job(kind, view.with_record(winner), winner))
+            jobs.append(Job(kind, _view_after(view, decided, winner), winner))
             waiting.pop(0)
             continue
         fresh = yield Load(doc.task_id)
@@ -287,7 +288,19 @@ def finish(
     decided = step(job.view, event, now=now, rng=rng)
     winner = yield from apply_step(job.view, decided)
     assert winner is not None
-    return Verdict(winner.token == job.token, winner, job.view.with_record(winner))
+    return Verdict(winner.token == job.token, winner, _view_after(job.view, decided, winner))
+
+
+def _view_after(view: TaskView, decided: Step, winner: Record) -> TaskView:
+    """``view`` with the record that decided its step: ``view.with_record(winner)``.
+
+    When the store kept our own record as it was (an in-process store hands it
+    back), that is the step's view already, with its status derived: reusing it
+    spares a copy of the records and a second derivation in the next step.
+    """
+    if winner is decided.record:
+        return decided.view
+    return view.with_record(winner)
 
 
 def renew(job: Job) -> Conversation[bool]:

@@ -382,6 +382,8 @@ def spawn(
     parent: TaskDoc, specs: tuple[TaskSpec, ...], origin: Origin, now: datetime
 ) -> tuple[TaskDoc, ...]:
     """Task documents for what ``parent`` returned, with ids derived from it."""
+    if not specs:  # most runs return nothing: no generator to build and exhaust
+        return ()
     return tuple(
         queued_doc(
             spec,

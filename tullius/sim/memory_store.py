@@ -198,7 +198,12 @@ class MemoryStore:
             return existing
         stored = stored_record(record)
         self._records[record.record_id] = stored
-        self._records_by_task.setdefault(record.task_id, {})[record.record_id] = stored
+        # Not ``setdefault(task_id, {})``, which builds a dict on every call: a task
+        # holds two to four records.
+        by_task = self._records_by_task.get(record.task_id)
+        if by_task is None:
+            by_task = self._records_by_task[record.task_id] = {}
+        by_task[record.record_id] = stored
         return stored
 
     def set_status(self, task_id: str, status: Status, due_at: datetime | None) -> None:
@@ -218,7 +223,8 @@ class MemoryStore:
             checked = self._previous_status.pop(task_id)
         if checked in TERMINAL:
             return
-        self._previous_status[task_id] = doc.status
+        if self._racy:  # only racy updates read it
+            self._previous_status[task_id] = doc.status
         self._unindex(doc)
         # ``doc`` is stored already: only the new hints need converting (this is
         # what ``as_stored(dataclasses.replace(doc, status=status, due_at=due_at))``
