@@ -102,6 +102,19 @@ class Status(enum.StrEnum):
 
 TERMINAL: Final = frozenset({Status.SUCCEEDED, Status.HANDLED, Status.UNHANDLED})
 
+# The statuses as module globals, for the functions that derive and read the
+# status a dozen times in each task's life (`status_of` and its readers).  Why:
+# ``Status.QUEUED`` is looked up through the enum's metaclass, whose
+# ``__getattr__`` keeps every class attribute off CPython's fast path: about
+# 75 ns on 3.11, against 10 ns for a global.
+_QUEUED: Final = Status.QUEUED
+_RUNNING: Final = Status.RUNNING
+_SUCCEEDED: Final = Status.SUCCEEDED
+_FAILED: Final = Status.FAILED
+_HANDLING: Final = Status.HANDLING
+_HANDLED: Final = Status.HANDLED
+_UNHANDLED: Final = Status.UNHANDLED
+
 
 class Origin(enum.StrEnum):
     """How a task came to be stored."""
@@ -349,9 +362,9 @@ class TaskView:
     def current_lease(self) -> Record | None:
         """The RUN or HANDLER record whose lease is live, if the task is running or handling."""
         status = status_of(self)
-        if status is Status.RUNNING:
+        if status is _RUNNING:
             return self.run
-        if status is Status.HANDLING:
+        if status is _HANDLING:
             return self.handler(self.handler_attempt)
         return None
 
@@ -370,31 +383,32 @@ def status_of(view: TaskView) -> Status:
 def _derive_status(view: TaskView) -> Status:
     records, task_id = view.records, view.task.task_id
     if records.get(run_id(task_id)) is None:
-        return Status.QUEUED
+        return _QUEUED
     outcome = records.get(outcome_id(task_id))
     if outcome is None:
-        return Status.RUNNING
+        return _RUNNING
     if outcome.ok:
-        return Status.SUCCEEDED
+        return _SUCCEEDED
     attempt = view.handler_attempt
     if attempt == 0:
-        return Status.FAILED
+        return _FAILED
     end = records.get(handler_end_id(task_id, attempt))
     if end is None:
-        return Status.HANDLING
+        return _HANDLING
     if end.ok:
-        return Status.HANDLED
+        return _HANDLED
     if attempt >= view.task.handler_attempts:
-        return Status.UNHANDLED
-    return Status.FAILED
+        return _UNHANDLED
+    return _FAILED
 
 
 def spawned_of(view: TaskView) -> tuple[TaskDoc, ...]:
     """What the task's accepted records say must be inserted: successors or replacements."""
     status = status_of(view)
-    if status is Status.SUCCEEDED and view.outcome is not None:
-        return view.outcome.spawned
-    if status is Status.HANDLED:
+    if status is _SUCCEEDED:
+        outcome = view.outcome
+        return () if outcome is None else outcome.spawned
+    if status is _HANDLED:
         end = view.handler_end(view.handler_attempt)
         return () if end is None else end.spawned
     return ()
@@ -403,9 +417,9 @@ def spawned_of(view: TaskView) -> tuple[TaskDoc, ...]:
 def due_at_of(view: TaskView) -> datetime | None:
     """When the next piece of work on the task may start, or None if none is pending."""
     status = status_of(view)
-    if status is Status.QUEUED:
+    if status is _QUEUED:
         return view.task.start_after
-    if status is Status.FAILED:
+    if status is _FAILED:
         attempt = view.handler_attempt
         end = view.handler_end(attempt) if attempt else None
         if end is not None and end.retry_at is not None:

@@ -131,10 +131,11 @@ class SweepReport:
 
 def drive(store: Store, conversation: Conversation[T]) -> T:
     """Run a conversation against ``store`` to the end, one operation at a time."""
+    send = conversation.send  # bound once: a conversation sends a few results
     try:
         op = next(conversation)
         while True:
-            op = conversation.send(perform(store, op))
+            op = send(perform(store, op))
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
 

@@ -179,13 +179,13 @@ def _settle(view: TaskView, status: Status, *, sweeping: bool = False) -> tuple[
     """
     hint = view.task
     due_at = due_at_of(view)
-    effects: list[Effect] = []
     spawned = spawned_of(view)
-    if spawned and not (sweeping and hint.status is status):
-        effects.append(InsertTasks(spawned))
-    if not (sweeping and hint.status is status and hint.due_at == due_at):
-        effects.append(SetStatus(view.task_id, status, due_at))
-    return tuple(effects)
+    if sweeping and hint.status is status:  # the hint is right: at most its due time lags
+        return () if hint.due_at == due_at else (SetStatus(hint.task_id, status, due_at),)
+    # Tuples built outright, not a list turned into one: every step ends here.
+    if spawned:
+        return (InsertTasks(spawned), SetStatus(hint.task_id, status, due_at))
+    return (SetStatus(hint.task_id, status, due_at),)
 
 
 # --- one recorder per event type: the record the event inserts -------------------
