@@ -268,7 +268,13 @@ class MemoryStore:
         if bucket is None:
             bucket = buckets[doc.priority] = []
             insort(self._priorities[doc.status], doc.priority)
-        insort(bucket, (doc.due_at, doc.task_id))
+        key = (doc.due_at, doc.task_id)
+        # Most tasks come due after every other in their bucket (queued now, or failed
+        # now): one comparison instead of a binary search over (due_at, id) pairs.
+        if not bucket or bucket[-1] < key:
+            bucket.append(key)
+        else:
+            insort(bucket, key)
 
     def _unindex(self, doc: TaskDoc) -> None:
         self._by_status[doc.status].discard(doc.task_id)
@@ -277,7 +283,9 @@ class MemoryStore:
         buckets = self._due[doc.status]
         bucket = buckets[doc.priority]
         key = (doc.due_at, doc.task_id)
-        del bucket[bisect_left(bucket, key)]
+        # A claimed task is usually the most urgent of its bucket (claims take the
+        # due prefix in order): one comparison instead of a binary search.
+        del bucket[0 if bucket[0] == key else bisect_left(bucket, key)]
         if not bucket:
             del buckets[doc.priority]
             priorities = self._priorities[doc.status]
