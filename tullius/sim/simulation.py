@@ -378,6 +378,7 @@ class Simulation(Drivers):
             elif isinstance(fault, StoreOutage):
                 start = to_us(fault.at)
                 self._outages.append((start, start + to_us(fault.duration), fault.server))
+                self._outages.sort(key=lambda outage: outage[1])  # ending first: see `_store_fault`
             else:
                 self._push(to_us(fault.at), FAULT, fault, None)
 
@@ -610,14 +611,17 @@ class Simulation(Drivers):
         """The fault hitting this operation: (applied?, the error to raise, or None for a
         `StepCrash`, which kills the server once the operation is applied)."""
         now = self.clock.us
+        if self._outages and self._outages[0][1] <= now:  # (sorted by their end)
+            # Ended outages never apply again (time never goes back): dropped, so that
+            # once every fault is over `_do_op` no longer calls this.
+            self._outages = [outage for outage in self._outages if outage[1] > now]
         for start, end, target in self._outages:
             if start <= now < end and target in (None, server.name):
                 self._log(server.name, f"store outage: {name} refused")
                 return False, StoreUnavailable(name, "simulated outage")
-        for armed in self._armed_at.get((server.name, name), ()):
-            fault, remaining = armed
-            if remaining <= 0:
-                continue
+        key = (server.name, name)
+        for armed in self._armed_at.get(key, ()):
+            fault = armed[0]
             if to_us(fault.at) > now:
                 continue
             if fault.record_kind is not None and (
@@ -625,6 +629,8 @@ class Simulation(Drivers):
             ):
                 continue
             armed[1] -= 1
+            if armed[1] <= 0:
+                self._disarm(key, armed)
             self._faults_end_us = max(self._faults_end_us, now)
             if isinstance(fault, StepCrash):
                 self._log(server.name, f"{fault!r}: dies after this {name}")
@@ -636,6 +642,14 @@ class Simulation(Drivers):
             detail = "write applied, acknowledgement lost" if applied else "write not applied"
             return applied, StoreError(f"simulated store fault on {name}: {detail}")
         return None
+
+    def _disarm(self, key: tuple[str, str], armed: list[Any]) -> None:
+        """Forget a used-up store fault: once every one is (and the outages are over),
+        `_do_op` no longer looks for faults at all."""
+        armed_here = self._armed_at[key]
+        armed_here.remove(armed)
+        if not armed_here:
+            del self._armed_at[key]
 
     def _after_write(self, op: Operation, result: Any) -> None:
         if isinstance(op, InsertRecord):
