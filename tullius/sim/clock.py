@@ -40,10 +40,15 @@ class SimClock:
             raise ValueError(f"start={start!r} must be an aware datetime")
         self.start = start.astimezone(UTC)
         self.us = 0
+        self._now = (0, self.start)  # (us, now()): read several times per event
 
     def now(self) -> datetime:
         """Aware UTC wall time."""
-        return self.start + timedelta(microseconds=self.us)
+        us, now = self._now
+        if us != self.us:  # ``us`` is set directly by the scheduler: compare, don't reset
+            now = self.start + timedelta(microseconds=self.us)
+            self._now = (self.us, now)
+        return now
 
     def monotonic(self) -> float:
         """Seconds since the simulation started."""
@@ -74,7 +79,8 @@ class ServerClock:
         self.skew = skew
 
     def now(self) -> datetime:
-        return self._clock.now() + self.skew
+        # The same instant without a skew (no new datetime: most servers have none).
+        return self._clock.now() + self.skew if self.skew else self._clock.now()
 
     def monotonic(self) -> float:
         return self._clock.monotonic()
