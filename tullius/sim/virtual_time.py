@@ -126,6 +126,7 @@ class VirtualTime:
         self._patched: list[ModuleType] = []
         self._freezer: Any = None
         self._factory: Any = None
+        self._now = now  # what the factory says (once started)
         self._exited = False
 
     def __enter__(self) -> VirtualTime:
@@ -148,8 +149,9 @@ class VirtualTime:
             raise SimulationError("virtual time is over: the run this loop belonged to ended")
         if self._factory is None:
             self._start(now)
-        else:
+        elif now != self._now:  # many steps run at the same instant: no conversion then
             self._factory.time_to_freeze = _naive(now)
+        self._now = now
 
     def __exit__(self, *exc: object) -> None:
         self._exited = True

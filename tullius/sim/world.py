@@ -142,6 +142,8 @@ class Server:
 
     def paused_between(self, start: int, end: int) -> int:
         """Microseconds of ``[start, end)`` this server spent paused."""
+        if not self.pauses:  # (most servers never pause: no generator per run)
+            return 0
         return sum(max(0, min(end, b) - max(start, a)) for a, b in self.pauses)
 
     def state(self, now: int) -> str:
