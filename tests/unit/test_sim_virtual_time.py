@@ -334,6 +334,17 @@ def test_threads_left_running_by_run_are_refused() -> None:
     sim.close()
 
 
+def test_threads_left_running_are_refused_in_later_runs_too() -> None:
+    # The pool threads left from the first run must not be taken for the baseline.
+    sim = Simulation(seed=5)
+    sim.queue(Joiner())
+    sim.drain(within=timedelta(minutes=1))
+    sim.queue(Spawner())
+    with pytest.raises(UserThreadLeak, match="user-thread"):
+        sim.drain(within=timedelta(minutes=1))
+    sim.close()
+
+
 def test_threads_joined_inside_run_are_fine() -> None:
     sim = Simulation(seed=5)
     task = Joiner()
