@@ -15,10 +15,10 @@ operation at a time and inject faults between any two of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from tullius.document import Record, Status, TaskDoc, TaskView, quick_init
 from tullius.effects import InsertRecord, InsertTasks, SetStatus
@@ -153,15 +153,17 @@ def perform(store: Store, op: Operation) -> Any:
     # A table by type rather than a ``match``, which tries the cases in turn:
     # every driver performs several operations per task.  The walk of the MRO
     # only runs for a subclass of an operation.
-    do = _PERFORMERS.get(type(op))
+    do = PERFORMERS.get(type(op))
     if do is None:
-        do = next((_PERFORMERS[cls] for cls in type(op).__mro__ if cls in _PERFORMERS), None)
+        do = next((PERFORMERS[cls] for cls in type(op).__mro__ if cls in PERFORMERS), None)
         if do is None:
             raise TypeError(f"unknown store operation {op!r}")
     return do(store, op)
 
 
-_PERFORMERS: dict[type[Any], Callable[[Store, Any], Any]] = {
+#: How `perform` carries out each kind of operation: ``PERFORMERS[type(op)](store, op)``.
+#: The simulator binds these to its store in a table of its own.
+PERFORMERS: Final[Mapping[type[Any], Callable[[Store, Any], Any]]] = {
     InsertRecord: lambda store, op: store.insert_record(op.record),
     InsertTasks: lambda store, op: store.insert_tasks(op.docs),
     SetStatus: lambda store, op: store.set_status(op.task_id, op.status, op.due_at),

@@ -33,13 +33,14 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from types import ModuleType
 from typing import Any, Final
 
 from tullius.api import insert_queued, task_id_of
 from tullius.band import Band, bands_from_setting
 from tullius.document import TERMINAL, RecordKind, Status, TaskSpec, TaskView, spawned_of, status_of
-from tullius.effects import InsertRecord, InsertTasks, SetStatus
+from tullius.effects import InsertRecord, InsertTasks
 from tullius.errors import (
     ConfigError,
     StoreError,
@@ -82,7 +83,7 @@ from tullius.sim.world import (
     describe_op,
     server_names,
 )
-from tullius.store import Beat, FindByStatus, FindDue, Load, Operation, operation_name, perform
+from tullius.store import PERFORMERS, Operation, operation_name, perform
 from tullius.task import Task, to_specs
 
 _NO_CHECK: Final = frozenset({"Load", "FindDue", "FindByStatus", "Beat", "SetStatus"})
@@ -772,23 +773,13 @@ def _fewer_collections() -> Iterator[None]:
 
 
 def _dispatcher(store: MemoryStore) -> dict[type[Any], tuple[Callable[[Any], Any], str, bool]]:
-    """`tullius.store.perform` for ``store``, as a table by operation type (no
-    ``match`` per operation: the simulator performs tens of thousands per second),
-    with each operation's name (`operation_name`, what faults aim at) and whether
-    `Simulation._after_write` tracks it (not in `_NO_CHECK`)."""
-    performers: dict[type[Any], Callable[[Any], Any]] = {
-        InsertRecord: lambda op: store.insert_record(op.record),
-        InsertTasks: lambda op: store.insert_tasks(op.docs),
-        SetStatus: lambda op: store.set_status(op.task_id, op.status, op.due_at),
-        Load: lambda op: store.load(op.task_id),
-        FindDue: lambda op: store.find_due(
-            op.statuses, op.min_priority, op.max_priority, op.now, op.limit
-        ),
-        FindByStatus: lambda op: store.find_by_status(op.statuses, op.limit),
-        Beat: lambda op: store.beat(op.record_id),
-    }
+    """`tullius.store.PERFORMERS` bound to ``store``, with each operation's name
+    (`operation_name`, what faults aim at) and whether `Simulation._after_write`
+    tracks it (not in `_NO_CHECK`): one lookup per operation, and the simulator
+    performs tens of thousands per second."""
     return {
-        kind: (do, kind.__name__, kind.__name__ not in _NO_CHECK) for kind, do in performers.items()
+        kind: (partial(do, store), kind.__name__, kind.__name__ not in _NO_CHECK)
+        for kind, do in PERFORMERS.items()
     }
 
 
