@@ -121,7 +121,6 @@ class VirtualTime:
     """
 
     def __init__(self, now: datetime, modules: Iterable[ModuleType] = ()) -> None:
-        self._start_at = now
         self._modules = list(modules)
         self._patched: list[ModuleType] = []
         self._freezer: Any = None
