@@ -106,3 +106,42 @@ def test_racing_engines_decide_every_task_exactly_once(
         child = setup.load(doc["_id"])
         assert child is not None
         assert status_of(child) in (Status.SUCCEEDED, Status.HANDLED)
+
+
+def test_stores_announcing_work_at_once_on_a_new_database_all_succeed(
+    mongodb_uri: str, database_name: str, mongo: Any
+) -> None:
+    # Given eight stores, each with its own connection, and a database whose
+    # queue was never announced (its counter document does not exist yet),
+    stores = [
+        open_store(mongodb_uri, database_name, client=mongo_client(mongodb_uri)) for _ in range(8)
+    ]
+    errors: list[BaseException] = []
+    for round_ in range(10):
+        mongo[database_name]["tullius_meta"].delete_one({"_id": "queue"})
+        barrier = threading.Barrier(len(stores))
+
+        def queue(barrier: threading.Barrier, task_id: str, store: Any) -> None:
+            barrier.wait()
+            try:
+                store.insert_tasks([make_doc(task_id)])
+            except BaseException as error:  # reported by the test thread
+                errors.append(error)
+
+        # when they all queue a task at the same moment,
+        threads = [
+            threading.Thread(target=queue, args=(barrier, f"r{round_}-{k}", store), daemon=True)
+            for k, store in enumerate(stores)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    for store in stores:
+        store.db.client.close()
+    # then every insert succeeded (on FerretDB one of two racing upserts of the
+    # counter fails with a duplicate key: the counter exists, the bump is done),
+    assert not errors, errors[:3]
+    # and every task is there.
+    live = open_store(mongodb_uri, database_name, client=mongo).live_collections()
+    assert sum(collection.count_documents({}) for collection in live) == 80

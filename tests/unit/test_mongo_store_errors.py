@@ -1,0 +1,71 @@
+"""MongoStore under driver errors that a real MongoDB or FerretDB reports (on mongomock).
+
+Each test makes one pymongo call fail the way a server does and checks that
+the store operation still does what the contract promises: applied once, and
+no error where the write was in fact applied.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mongomock
+import pytest
+from pymongo.errors import DuplicateKeyError
+
+from tests.store_contract import make_doc
+from tullius.document import Status
+from tullius.runtime.mongo_store import MongoStore
+
+
+@pytest.fixture
+def store() -> MongoStore:
+    store = MongoStore(
+        mongomock.MongoClient(tz_aware=True)["tullius_errors"], sleep=lambda seconds: None
+    )
+    store.ensure_indexes()
+    return store
+
+
+class RacingUpsert:
+    """A collection whose first upsert loses to a rival's upsert of the same ``_id``.
+
+    As FerretDB answers two clients upserting a missing document at once: one
+    inserts it, the other gets a duplicate-key error (MongoDB retries such an
+    upsert itself; FerretDB 1.24 does not).
+    """
+
+    def __init__(self, collection: Any) -> None:
+        self._collection = collection
+        self.lost = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._collection, name)
+
+    def update_one(self, query: Any, update: Any, upsert: bool = False) -> Any:
+        if upsert and not self.lost:
+            self.lost += 1
+            self._collection.update_one(query, update, upsert=True)  # the rival's
+            raise DuplicateKeyError("E11000 duplicate key error", 11000)
+        return self._collection.update_one(query, update, upsert=upsert)
+
+
+def test_inserting_tasks_while_another_store_first_announces_work_is_not_an_error(
+    store: MongoStore,
+) -> None:
+    racing = RacingUpsert(store.meta)
+    store.meta = racing  # type: ignore[assignment]
+    assert store.insert_tasks([make_doc("a")]) == 1
+    assert racing.lost == 1
+    assert store.load("a") is not None
+
+
+def test_a_failed_hint_while_another_store_first_announces_work_is_not_an_error(
+    store: MongoStore,
+) -> None:
+    store.insert_tasks([make_doc("a")])
+    store.meta.delete_many({})  # a database whose queue was never announced yet
+    racing = RacingUpsert(store.meta)
+    store.meta = racing  # type: ignore[assignment]
+    store.set_status("a", Status.FAILED, None)
+    assert racing.lost == 1
