@@ -557,10 +557,16 @@ class MongoStore:
 
     def _bump_queue_version(self) -> None:
         """Tell idle claimers that work may have appeared (see `find_due`)."""
-        self._retrying(
-            "announce new work",
-            lambda: self.meta.update_one({"_id": "queue"}, {"$inc": {"version": 1}}, upsert=True),
-        )
+
+        def bump() -> None:
+            try:
+                self.meta.update_one({"_id": "queue"}, {"$inc": {"version": 1}}, upsert=True)
+            except DuplicateKeyError:
+                # A racing upsert created the counter first (FerretDB does not retry
+                # such an upsert as MongoDB does): it exists now, so bump it.
+                self.meta.update_one({"_id": "queue"}, {"$inc": {"version": 1}})
+
+        self._retrying("announce new work", bump)
 
     def find_by_status(self, statuses: Sequence[Status], limit: int) -> list[TaskDoc]:
         query = {"status": {"$in": [s.value for s in statuses]}}
