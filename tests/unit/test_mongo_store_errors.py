@@ -11,7 +11,7 @@ from typing import Any
 
 import mongomock
 import pytest
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from tests.store_contract import make_doc
 from tullius.document import Status
@@ -69,3 +69,48 @@ def test_a_failed_hint_while_another_store_first_announces_work_is_not_an_error(
     store.meta = racing  # type: ignore[assignment]
     store.set_status("a", Status.FAILED, None)
     assert racing.lost == 1
+
+
+class WriteConcernTimeoutOnce:
+    """A live collection whose first ``insert_many`` is applied but not acknowledged
+    by a majority within ``wTimeoutMS``: pymongo reports it as a `BulkWriteError`
+    carrying only ``writeConcernErrors``."""
+
+    def __init__(self, collection: Any) -> None:
+        self._collection = collection
+        self.timeouts = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._collection, name)
+
+    def insert_many(self, documents: Any, ordered: bool = True) -> Any:
+        if self.timeouts:
+            return self._collection.insert_many(documents, ordered=ordered)
+        self.timeouts += 1
+        self._collection.insert_many(documents, ordered=ordered)
+        raise BulkWriteError(
+            {
+                "writeErrors": [],
+                "writeConcernErrors": [
+                    {
+                        "code": 64,
+                        "codeName": "WriteConcernFailed",
+                        "errmsg": "waiting for replication timed out",
+                    }
+                ],
+                "nInserted": len(documents),
+                "nUpserted": 0,
+                "nMatched": 0,
+                "nModified": 0,
+                "nRemoved": 0,
+                "upserted": [],
+            }
+        )
+
+
+def test_a_write_concern_timeout_on_inserting_tasks_is_retried(store: MongoStore) -> None:
+    slow = WriteConcernTimeoutOnce(store.tasks)
+    store._shards = [slow]  # type: ignore[list-item]
+    store.insert_tasks([make_doc("a")])  # retried, as a write-concern timeout of any other write
+    assert slow.timeouts == 1
+    assert store.load("a") is not None
