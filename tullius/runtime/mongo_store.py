@@ -373,8 +373,15 @@ class MongoStore:
             except BulkWriteError as error:
                 details = error.details
                 others = [e for e in details.get("writeErrors", []) if e.get("code") != 11000]
-                if others or details.get("writeConcernErrors"):
+                if others:
                     raise
+                concern = details.get("writeConcernErrors")
+                if concern:  # applied, not yet acknowledged by enough members: transient
+                    raise WriteConcernError(
+                        concern[0].get("errmsg", "write concern error"),
+                        concern[0].get("code"),
+                        details,
+                    ) from None
                 return int(details.get("nInserted", 0))
 
         inserted = 0
