@@ -258,7 +258,6 @@ class MongoStore:
         self._shards: list[Collection[Any]] | None = None
         self._sleep = sleep
         self._monotonic = monotonic
-        self._indexed = False
 
     # --- the live queue's shards ------------------------------------------------
 
@@ -351,7 +350,6 @@ class MongoStore:
                 self.records.create_index([("task_id", ASCENDING)], name="task"),
             ),
         )
-        self._indexed = True
 
     # --- writes -----------------------------------------------------------------
 
