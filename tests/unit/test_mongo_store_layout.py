@@ -16,7 +16,7 @@ import pytest
 
 from tests.store_contract import T0, make_doc
 from tullius.band import Band
-from tullius.document import Status, status_of
+from tullius.document import Status, TaskSpec, status_of
 from tullius.engine import claim, drive, finish, sweep
 from tullius.errors import ConfigError
 from tullius.events import Succeeded
@@ -100,6 +100,32 @@ def test_inserting_a_finished_task_again_does_not_run_it_again(store: MongoStore
     assert drive(store, claim(ALL, server="s1", worker="w1", token="again", now=T0)) is None
     assert ids(store.tasks) == []
     assert store.count_by_status() == {Status.SUCCEEDED: 1}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: each repair of a re-created finished copy re-inserts its own children, "
+    "so a repeated insert re-creates the whole finished descendant chain, one per claim",
+)
+def test_inserting_a_finished_task_again_costs_one_claim_not_one_per_descendant(
+    store: MongoStore,
+) -> None:
+    # Given a chain a -> 1 -> 2 -> 3 -> 4 of successors, all finished,
+    spec = TaskSpec("tests:Next", {}, 5, timedelta(seconds=5), timedelta(seconds=5), 2)
+    store.insert_tasks([make_doc("a")])
+    first = None
+    for n in range(5):
+        job = drive(store, claim(ALL, server="s1", worker="w1", token=f"tok-{n}", now=T0))
+        assert job is not None
+        verdict = drive(store, finish(job, Succeeded(job.token, (spec,) if n < 4 else ()), now=T0))
+        first = first or verdict
+    assert ids(store.tasks) == []
+    # when a's insert of its successor is repeated (its finish retried after an error on its move),
+    assert first is not None
+    store.insert_tasks(list(first.record.spawned))
+    # then one claim attempt moves the copy out again, and no other copy appears.
+    assert drive(store, claim(ALL, server="s1", worker="w1", token="again", now=T0)) is None
+    assert ids(store.tasks) == []
 
 
 def test_a_late_hint_for_a_finished_task_changes_nothing(store: MongoStore) -> None:
