@@ -38,9 +38,11 @@ class Task:
         failed_timeout: how long one call of ``failed()`` may take; default 1 min.
         failed_attempts: how many times ``failed()`` is tried before the task is
             left UNHANDLED for an operator; default 5.
-        task_name: the stable name stored with each task; defaults to
-            ``"module:QualName"``.  Set it to keep old documents loadable when
-            you move or rename the class.
+        task_name: the stable name stored with each task, ``"module:QualName"``;
+            defaults to the class's own.  A worker loads the class by importing
+            the module and looking the name up in it, so set it (keeping an
+            alias at the old place) to keep old documents loadable when you
+            move or rename the class.
 
     Pass ``abstract=True`` in the class statement for a base class without a
     timeout: ``class Base(tullius.Task, abstract=True)``.
@@ -82,6 +84,17 @@ class Task:
             raise TaskDefinitionError(f"{name} must define run(self)")
         if "task_name" not in cls.__dict__ or not cls.task_name:
             cls.task_name = f"{cls.__module__}:{cls.__qualname__}"
+        task_name = cls.task_name
+        module_name, sep, qualname = (
+            task_name.partition(":") if isinstance(task_name, str) else ("", "", "")
+        )
+        if not sep or not module_name or not qualname:
+            # A worker process finds the class by importing the module part and
+            # looking up the rest (`load_class`): any other name is unloadable there.
+            raise TaskDefinitionError(
+                f"{name}.task_name={task_name!r}; expected 'module:QualName', naming a "
+                "module tulliusd's workers can import and the class's name in it"
+            )
         _REGISTRY[cls.task_name] = cls
 
     def __init__(

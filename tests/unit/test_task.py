@@ -173,3 +173,15 @@ def test_a_task_rebuilt_from_its_document_has_its_fields_id_and_failure() -> Non
         2,
         None,
     )
+
+
+@pytest.mark.parametrize("task_name", ["billing.SendInvoice", "billing:", ":SendInvoice", 5])
+def test_a_task_name_a_worker_could_not_load_is_refused_at_definition(task_name: object) -> None:
+    # A worker finds a stored class by importing "module" and looking up "QualName":
+    # a name without both parts would leave every task of the class unloadable.
+    with pytest.raises(TaskDefinitionError, match=re.escape(f"task_name={task_name!r}")):
+        type(
+            "Named",
+            (tullius.Task,),
+            {"timeout": timedelta(1), "run": lambda self: None, "task_name": task_name},
+        )
