@@ -203,7 +203,15 @@ def _check_priority(owner: str, priority: object) -> None:
 
 
 def _check_field_name(cls: type[Task], field: str) -> None:
-    if field.startswith("_") or field in _META_ATTRIBUTES or hasattr(Task, field):
+    # ``Task.__annotations__`` too: ``timeout`` is declared there without a value, and
+    # as a field it would hide the class's timeout on the instance while the class's
+    # applies (a per-instance timeout that silently does nothing).
+    if (
+        field.startswith("_")
+        or field in _META_ATTRIBUTES
+        or hasattr(Task, field)
+        or field in Task.__annotations__
+    ):
         raise TaskDefinitionError(
             f"{cls.__name__}({field}=...): field name {field!r} is reserved; expected a name "
             "not starting with '_' and not one of Task's attributes"

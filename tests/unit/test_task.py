@@ -97,7 +97,7 @@ def test_non_bson_values_are_refused(value: object, what: str) -> None:
 
 
 def test_reserved_field_names_are_refused() -> None:
-    for name in ("_secret", "failure", "task_id", "run", "copy"):
+    for name in ("_secret", "failure", "task_id", "run", "copy", "timeout"):
         with pytest.raises(TaskDefinitionError, match=r"reserved|would hide"):
             Count(**{name: 1})
 
