@@ -22,7 +22,7 @@ from tullius.document import TaskSpec, queued_doc
 from tullius.errors import ConfigError
 from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
 from tullius.store import Store
-from tullius.task import Task, to_specs
+from tullius.task import Task, queued_tasks, to_specs
 
 Sink = Callable[[Sequence[TaskSpec]], list[str]]
 
@@ -95,7 +95,7 @@ def queue(task_or_tasks: Task | Iterable[Task]) -> list[str]:
         TaskDefinitionError: something that is not a Task, or a field that can't be stored.
         ConfigError: no store is configured and ``tullius_deps`` is missing.
     """
-    tasks = [task_or_tasks] if isinstance(task_or_tasks, Task) else list(task_or_tasks)
+    tasks = queued_tasks(task_or_tasks, role="queue() argument")
     specs = to_specs(tasks, role="queue() argument")
     sink = _sink.get()
     if sink is not None:

@@ -317,6 +317,26 @@ def to_specs(returned: object, *, role: str) -> tuple[TaskSpec, ...]:
     return tuple(spec for spec, _ in sized)
 
 
+def queued_tasks(task_or_tasks: object, *, role: str) -> list[Task]:
+    """The tasks of a ``queue()`` argument: a task, or an iterable of them, as a list.
+
+    Why: ``list()`` of a string queued its characters (refused one by one as
+    "item 'h' is a str"), and of None raised a bare TypeError; either way the
+    message did not name what was passed.
+
+    Raises:
+        TaskDefinitionError: naming the argument and what is expected.
+    """
+    if isinstance(task_or_tasks, Task):
+        return [task_or_tasks]
+    if isinstance(task_or_tasks, str | bytes | Mapping) or not isinstance(task_or_tasks, Iterable):
+        raise TaskDefinitionError(
+            f"{role} {task_or_tasks!r} is a {type(task_or_tasks).__name__}; "
+            "expected a tullius.Task or a list of them"
+        )
+    return list(task_or_tasks)
+
+
 def stored_size(value: Any) -> int:
     """About how many bytes ``value`` (a checked field value) takes as BSON; never less."""
     if type(value) in _NINE_BYTES:  # the usual field: no isinstance() of the ABC Mapping

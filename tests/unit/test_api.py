@@ -50,6 +50,17 @@ def test_a_refused_queue_call_stores_nothing(store: MemoryStore) -> None:
     assert store.all_tasks() == []
 
 
+@pytest.mark.parametrize(
+    ("argument", "named"), [(None, "None is a NoneType"), ("hello", "'hello' is a str")]
+)
+def test_queueing_something_that_is_not_tasks_names_it(
+    store: MemoryStore, argument: object, named: str
+) -> None:
+    with pytest.raises(TaskDefinitionError, match=rf"queue\(\) argument {named}; expected"):
+        tullius.queue(argument)  # type: ignore[arg-type]
+    assert store.all_tasks() == []
+
+
 def test_chain_of_a_queued_task_starts_with_it(store: MemoryStore) -> None:
     task = Hello(n=1)
     tullius.queue(task)

@@ -94,3 +94,11 @@ def test_chain_of_an_unqueued_task_is_refused() -> None:
     sim = Simulation()
     with pytest.raises(ConfigError, match="has not been queued"):
         sim.chain(Nap())
+
+
+@pytest.mark.parametrize("argument", [None, "Nap"])
+def test_queueing_something_that_is_not_tasks_names_it(argument: Any) -> None:
+    sim = Simulation()
+    with pytest.raises(TaskDefinitionError, match=rf"argument {argument!r} is a"):
+        sim.queue(argument)
+    assert sim.counts().tasks == 0

@@ -84,7 +84,7 @@ from tullius.sim.world import (
     server_names,
 )
 from tullius.store import PERFORMERS, Operation, operation_name, perform
-from tullius.task import Task, to_specs
+from tullius.task import Task, queued_tasks, to_specs
 
 _NO_CHECK: Final = frozenset({"Load", "FindDue", "FindByStatus", "Beat", "SetStatus"})
 
@@ -243,7 +243,7 @@ class Simulation(Drivers):
 
     def queue(self, task_or_tasks: Task | Iterable[Task]) -> list[str]:
         """Store tasks now, like ``tullius.queue``; return their ids (also set as ``task_id``)."""
-        tasks = [task_or_tasks] if isinstance(task_or_tasks, Task) else list(task_or_tasks)
+        tasks = queued_tasks(task_or_tasks, role="sim.queue() argument")
         specs = to_specs(tasks, role="sim.queue() argument")
         for task, spec in zip(tasks, specs, strict=True):
             if not any(band.covers(spec.priority) for band in self.bands):
