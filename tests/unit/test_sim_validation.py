@@ -35,7 +35,7 @@ def test_bad_task_processes_entry_is_named(entry: Any, shown: str) -> None:
     assert shown in str(caught.value)
 
 
-@pytest.mark.parametrize("servers", [0, -1, [], ["a", "a"], [""]])
+@pytest.mark.parametrize("servers", [0, -1, [], ["a", "a"], [""], "web1"])
 def test_bad_servers_are_refused(servers: Any) -> None:
     with pytest.raises(ConfigError, match="servers="):
         Simulation(servers=servers)
