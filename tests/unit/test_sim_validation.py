@@ -35,6 +35,12 @@ def test_bad_task_processes_entry_is_named(entry: Any, shown: str) -> None:
     assert shown in str(caught.value)
 
 
+@pytest.mark.parametrize("setting", ["10:0-10", None])
+def test_task_processes_that_is_not_a_list_is_named_whole(setting: Any) -> None:
+    with pytest.raises(ConfigError, match=rf"task_processes={setting!r} must be a list"):
+        Simulation(task_processes=setting)
+
+
 @pytest.mark.parametrize("servers", [0, -1, [], ["a", "a"], [""], "web1"])
 def test_bad_servers_are_refused(servers: Any) -> None:
     with pytest.raises(ConfigError, match="servers="):

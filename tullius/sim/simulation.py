@@ -162,7 +162,9 @@ class Simulation(Drivers):
             raise ConfigError("seed", seed, "must be an int")
         self.seed = seed
         self.rng = random.Random(seed)
-        self.bands: tuple[Band, ...] = bands_from_setting(list(task_processes))
+        # Not list() first: bands_from_setting refuses a string or None as a whole,
+        # where list("10:0-10") was refused as "task_processes[0]='1'".
+        self.bands: tuple[Band, ...] = bands_from_setting(task_processes)
         self.timings = LeaseTimings(lease)
         if isinstance(poll_interval, int | float) and not isinstance(poll_interval, bool):
             if poll_interval <= 0:
