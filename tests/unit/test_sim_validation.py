@@ -10,7 +10,7 @@ import pytest
 
 import tullius
 from tullius.errors import ConfigError, TaskDefinitionError
-from tullius.sim import ServerCrash, Simulation, StoreFault
+from tullius.sim import ServerCrash, Simulation, SimulationError, StoreFault
 
 
 class Nap(tullius.Task):
@@ -108,3 +108,17 @@ def test_queueing_something_that_is_not_tasks_names_it(argument: Any) -> None:
     with pytest.raises(TaskDefinitionError, match=rf"argument {argument!r} is a"):
         sim.queue(argument)
     assert sim.counts().tasks == 0
+
+
+def test_running_a_closed_simulation_is_refused_at_once() -> None:
+    # Before: a task left sleeping had been unwound by close(), so run_for waited
+    # wall_limit real seconds and then blamed it ("Nap.run() ... without calling
+    # time.sleep()").
+    sim = Simulation(wall_limit=timedelta(seconds=1))
+    sim.queue(Nap())
+    sim.run_for(timedelta(seconds=0.5))
+    sim.close()
+    with pytest.raises(SimulationError, match="was closed"):
+        sim.run_for(timedelta(seconds=1))
+    with pytest.raises(SimulationError, match="was closed"):
+        sim.drain()

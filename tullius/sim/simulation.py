@@ -64,7 +64,7 @@ from tullius.sim.faults import (
 from tullius.sim.invariants import DrainTimeout, Invariants, InvariantViolation
 from tullius.sim.memory_store import MemoryStore
 from tullius.sim.threads import BatonPool
-from tullius.sim.virtual_time import VirtualTime, release_frozen_clock
+from tullius.sim.virtual_time import SimulationError, VirtualTime, release_frozen_clock
 from tullius.sim.world import (
     ACTOR,
     FAULT,
@@ -217,6 +217,7 @@ class Simulation(Drivers):
         self._modules: set[ModuleType] = set()
         self._baseline: set[threading.Thread] = set()
         self._task_counter = 0
+        self._closed = False
         for server in self._servers.values():
             self._boot(server)
 
@@ -430,6 +431,7 @@ class Simulation(Drivers):
         afterwards), and stop freezegun, which stays started between runs, reading the
         real clock (`virtual_time._HeldFreeze`).  ``with Simulation(...) as sim:`` calls
         it on exit."""
+        self._closed = True
         self._pool.close()
         release_frozen_clock()
 
@@ -448,6 +450,13 @@ class Simulation(Drivers):
     def _run(self, end: int, *, drain: bool) -> None:
         """Run events until ``end`` (or, with ``drain``, until nothing is open): the loop
         runs in the pool's threads (`tullius.sim.threads`) while this one waits."""
+        if self._closed:
+            # Why here: close() unwound the tasks that were sleeping, so a run would
+            # wait ``wall_limit`` for one of them and then blame it as a UserCodeHang.
+            raise SimulationError(
+                "this simulation was closed (close(), the end of a with block or of the "
+                "tullius_sim fixture) and can't run again; make a new Simulation"
+            )
         with self._virtual_time():
             self._end, self._drain = end, drain
             self._pool.run()
