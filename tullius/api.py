@@ -61,7 +61,18 @@ def current_store() -> Store:
         assert deps is not None
         if deps.make_db is None:
             raise ConfigError("tullius_deps.make_db", None, "must be defined to queue tasks")
-        mongo = MongoStore(deps.make_db())
+        from pymongo.database import Database
+
+        db = deps.make_db()
+        if not isinstance(db, Database):
+            # Checked here, as tulliusd checks it at start-up: otherwise the mistake
+            # surfaces deep in pymongo ("'Collection' object is not callable").
+            raise ConfigError(
+                "tullius_deps.make_db() return value",
+                type(db).__name__,
+                "is not a pymongo Database; expected e.g. pymongo.MongoClient(j=True).tullius",
+            )
+        mongo = MongoStore(db)
         mongo.ensure_indexes()
         _store = mongo
     return _store

@@ -128,6 +128,19 @@ def test_bad_task_processes_are_named(deps_dir: Path, processes: str, message: s
         load_deps()
 
 
+@pytest.mark.parametrize(
+    ("returned", "shown"), [("None", "'NoneType'"), ("mongomock.MongoClient()", "'MongoClient'")]
+)
+def test_queue_refuses_a_make_db_that_returns_no_database(
+    deps_dir: Path, returned: str, shown: str
+) -> None:
+    (deps_dir / "tullius_deps.py").write_text(
+        f"import mongomock\n\ndef make_db():\n    return {returned}\n"
+    )
+    with pytest.raises(ConfigError, match=rf"make_db\(\) return value={shown} is not a pymongo"):
+        tullius.queue(Hello(n=1))
+
+
 def test_a_broken_tullius_deps_is_reported_as_such(deps_dir: Path) -> None:
     (deps_dir / "tullius_deps.py").write_text("raise RuntimeError('typo')\n")
     with pytest.raises(ConfigError, match="RuntimeError: typo"):
