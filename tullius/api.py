@@ -11,6 +11,7 @@ Where queued tasks go, in order of precedence:
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tullius.document import TaskSpec, queued_doc
-from tullius.errors import ConfigError
+from tullius.errors import ConfigError, TaskDefinitionError
 from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
 from tullius.store import Store
 from tullius.task import Task, queued_tasks, to_specs
@@ -112,12 +113,43 @@ def queue(task_or_tasks: Task | Iterable[Task]) -> list[str]:
     if sink is not None:
         ids = sink(specs)
     else:
+        for task in tasks:
+            _check_loadable_elsewhere(type(task))
         ids = insert_queued(
             current_store(), specs, now=datetime.now(UTC), new_id=lambda: uuid.uuid4().hex
         )
     for task, task_id in zip(tasks, ids, strict=True):
         task.task_id = task_id
     return ids
+
+
+def _check_loadable_elsewhere(cls: type[Task]) -> None:
+    """Refuse a class that ``tulliusd``'s workers could never load by its stored name.
+
+    Why: a worker imports the name's module and looks the class up in it
+    (`tullius.task.load_class`).  A class defined in the script being run
+    (``__main__``) or inside a function is not there, so every task of it would
+    fail as ``unloadable`` and, since ``failed()`` can't load either, end
+    UNHANDLED.  (Only for the store: a driver's sink runs in the process that
+    has the class.)  A module not imported here is not checked.
+    """
+    module_name, _, qualname = cls.task_name.partition(":")
+    if module_name == "__main__":
+        raise TaskDefinitionError(
+            f"{cls.__name__} is defined in __main__ (the script being run), which "
+            "tulliusd's workers can't import; expected a Task class defined in a module"
+        )
+    obj: object = sys.modules.get(module_name)
+    if obj is None:
+        return
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if obj is not cls:
+        raise TaskDefinitionError(
+            f"{cls.__name__} is stored as {cls.task_name!r}, but {module_name!r} has no "
+            f"{qualname!r} that is this class (defined inside a function?), so tulliusd's "
+            "workers can't load it; expected a class defined at the top of a module"
+        )
 
 
 def task_id_of(task_or_id: Task | str) -> str:

@@ -61,6 +61,27 @@ def test_queueing_something_that_is_not_tasks_names_it(
     assert store.all_tasks() == []
 
 
+def test_queue_refuses_a_class_defined_in_a_function(store: MemoryStore) -> None:
+    # tulliusd's workers load "module:QualName" by import: a class made inside a
+    # function isn't there, and every task of it would end unloadable, UNHANDLED.
+    class Local(tullius.Task):
+        timeout = timedelta(seconds=1)
+
+        def run(self) -> None:
+            pass
+
+    with pytest.raises(TaskDefinitionError, match=r"Local is stored as .*<locals>.*can't load"):
+        tullius.queue([Hello(n=1), Local(n=1)])
+    assert store.all_tasks() == []
+
+
+def test_queue_refuses_a_class_defined_in_main(store: MemoryStore) -> None:
+    Main = type("Main", (tullius.Task,), {"timeout": timedelta(1), "run": lambda self: None})
+    Main.__module__, Main.task_name = "__main__", "__main__:Main"
+    with pytest.raises(TaskDefinitionError, match=r"Main is defined in __main__"):
+        tullius.queue(Main(n=1))
+
+
 def test_chain_of_a_queued_task_starts_with_it(store: MemoryStore) -> None:
     task = Hello(n=1)
     tullius.queue(task)
