@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import timedelta
 from typing import Any
@@ -122,3 +123,22 @@ def test_running_a_closed_simulation_is_refused_at_once() -> None:
         sim.run_for(timedelta(seconds=1))
     with pytest.raises(SimulationError, match="was closed"):
         sim.drain()
+
+
+def test_a_single_fault_given_to_apply_is_refused_with_a_hint() -> None:
+    sim = Simulation()
+    with pytest.raises(ConfigError, match=r"faults=ServerCrash.* must be a list of faults"):
+        sim.apply(ServerCrash(at=timedelta(seconds=1), server="s1"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "shown"),
+    [
+        ({"racy_updates": "0.3"}, "racy_updates='0.3'"),
+        ({"racy_updates": 2.0}, "racy_updates=2.0"),
+        ({"start": "2030-01-01"}, "start='2030-01-01'"),
+    ],
+)
+def test_bad_store_and_clock_settings_are_named(options: dict[str, Any], shown: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(shown)):
+        Simulation(**options)

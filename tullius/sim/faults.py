@@ -196,6 +196,8 @@ def validate_schedule(faults: Iterable[object], servers: Sequence[str]) -> list[
     Raises:
         ConfigError: naming the fault, the bad value and what was expected.
     """
+    if isinstance(faults, FAULT_TYPES) or not isinstance(faults, Iterable):
+        raise ConfigError("faults", faults, "must be a list of faults, e.g. [ServerCrash(...)]")
     checked: list[Fault] = []
     for index, fault in enumerate(faults):
         where = f"faults[{index}]"

@@ -179,6 +179,14 @@ class Simulation(Drivers):
                 raise ConfigError(name, value, "must be a positive timedelta")
         if not isinstance(kill_grace, timedelta) or kill_grace < timedelta(0):
             raise ConfigError("kill_grace", kill_grace, "must be a timedelta >= 0")
+        if (
+            isinstance(racy_updates, bool)
+            or not isinstance(racy_updates, int | float)
+            or not 0 <= racy_updates <= 1
+        ):
+            raise ConfigError("racy_updates", racy_updates, "must be a probability from 0 to 1")
+        if not isinstance(start, datetime) or start.tzinfo is None:
+            raise ConfigError("start", start, "must be an aware datetime")
         self.clock = SimClock(start)
         self.store = MemoryStore(rng=random.Random(seed ^ 0x5EED), racy_updates=racy_updates)
         self._perform = _dispatcher(self.store)
