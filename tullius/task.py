@@ -77,8 +77,15 @@ class Task:
                 f"{name}.failed_timeout={cls.failed_timeout!r}; expected a positive timedelta"
             )
         attempts = cls.failed_attempts
-        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-            raise TaskDefinitionError(f"{name}.failed_attempts={attempts!r}; expected an int >= 1")
+        # Stored as BSON, so 64-bit at most: a larger one failed only when inserted.
+        if (
+            isinstance(attempts, bool)
+            or not isinstance(attempts, int)
+            or not 1 <= attempts < _INT64
+        ):
+            raise TaskDefinitionError(
+                f"{name}.failed_attempts={attempts!r}; expected an int >= 1 (64-bit)"
+            )
         _check_priority(name, cls.priority)
         if cls.run is Task.run:
             raise TaskDefinitionError(f"{name} must define run(self)")
@@ -196,9 +203,11 @@ def _check_priority(owner: str, priority: object) -> None:
         isinstance(priority, bool)
         or not isinstance(priority, int | float)
         or (isinstance(priority, float) and not math.isfinite(priority))
+        or (isinstance(priority, int) and not -_INT64 <= priority < _INT64)
     ):
         raise TaskDefinitionError(
-            f"{owner} priority={priority!r}; expected a finite number (0 is most urgent)"
+            f"{owner} priority={priority!r}; expected a finite number, an int within 64 bits "
+            "(0 is most urgent)"
         )
 
 

@@ -185,3 +185,16 @@ def test_a_task_name_a_worker_could_not_load_is_refused_at_definition(task_name:
             (tullius.Task,),
             {"timeout": timedelta(1), "run": lambda self: None, "task_name": task_name},
         )
+
+
+def test_settings_too_big_to_store_are_refused_where_they_are_written() -> None:
+    # BSON ints are 64-bit: these were accepted, then failed only at the insert.
+    with pytest.raises(TaskDefinitionError, match=r"failed_attempts=10{30}"):
+        type("Many", (tullius.Task,), {**_CLASS, "failed_attempts": 10**30})
+    with pytest.raises(TaskDefinitionError, match=r"priority=10{40}"):
+        Count(count_to=1, priority=10**40)
+    with pytest.raises(TaskDefinitionError, match=r"priority=10{40}"):
+        type("Urgent", (tullius.Task,), {**_CLASS, "priority": 10**40})
+
+
+_CLASS = {"timeout": timedelta(seconds=1), "run": lambda self: None}
