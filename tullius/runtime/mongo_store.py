@@ -81,6 +81,7 @@ from tullius.document import (
     record_from_bson,
     record_to_bson,
     run_id,
+    status_of,
     stored_time,
     task_from_bson,
     task_to_bson,
@@ -494,9 +495,33 @@ class MongoStore:
                 # of one bad document stopping them for every other task.
                 self._set_aside(collection, task_id, error)
                 return None
-            return TaskView(task, records)
+            view = TaskView(task, records)
+            if collection is not self.finished and status_of(view) in TERMINAL:
+                return self._drop_finished_twin(live, view)
+            return view
 
         return self._retrying("load task", attempt)
+
+    def _drop_finished_twin(self, live: Collection[Any], view: TaskView) -> TaskView:
+        """A decided task's live copy: if it was moved to ``finished`` before, delete it.
+
+        Why: inserting a finished task again (a repeated ``queue()``, or a
+        repair repeating its parent's inserts) re-creates a live copy with its
+        first hint.  Repairing that copy would insert its own successors again,
+        re-creating each finished descendant in turn, one per claim round.  A
+        copy in ``finished`` proves the move was done, and the move comes after
+        the successors' insert (`tullius.machine`), so the live copy can go
+        without a repair.  Otherwise (a crash between the record and the move)
+        the live copy is returned and its repair repeats the move.  Only a
+        decided live task costs the extra read, which a healthy move never leaves.
+        """
+        task_id = view.task.task_id
+        moved = self.finished.find_one({"_id": task_id})
+        if moved is None:
+            return view
+        live.delete_one({"_id": task_id})
+        self._bodies.pop(task_id)
+        return TaskView(decode_task(moved), view.records)
 
     def _records_of(self, task_id: str) -> dict[str, Record]:
         """The task's records.  In a sharded (FerretDB) layout, read one by one by ``_id``.
