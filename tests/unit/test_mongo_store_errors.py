@@ -13,7 +13,7 @@ import mongomock
 import pytest
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from tests.store_contract import make_doc
+from tests.store_contract import make_doc, make_record
 from tullius.document import Status
 from tullius.runtime.mongo_store import MongoStore
 
@@ -114,3 +114,44 @@ def test_a_write_concern_timeout_on_inserting_tasks_is_retried(store: MongoStore
     store.insert_tasks([make_doc("a")])  # retried, as a write-concern timeout of any other write
     assert slow.timeouts == 1
     assert store.load("a") is not None
+
+
+class NotYetOnAMajority:
+    """A records collection where a rival's record is on the primary only: inserting
+    the same ``_id`` is a duplicate, but a majority read does not see it until
+    ``commit_after`` reads have passed (its replication catching up)."""
+
+    def __init__(self, collection: Any, rival: dict[str, Any], commit_after: int) -> None:
+        self._collection = collection
+        self._rival = rival
+        self.reads_before_commit = commit_after
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._collection, name)
+
+    def insert_one(self, document: Any) -> Any:
+        raise DuplicateKeyError("E11000 duplicate key error", 11000)
+
+    def find_one(self, query: Any) -> Any:
+        if self.reads_before_commit:
+            self.reads_before_commit -= 1
+            return None
+        return self._rival
+
+
+def test_a_rival_record_not_yet_on_a_majority_is_waited_for_not_taken_as_missing(
+    store: MongoStore,
+) -> None:
+    from tullius.document import record_to_bson
+
+    rival = record_to_bson(make_record("a", token="rival"))
+    store.records = NotYetOnAMajority(store.records, rival, commit_after=2)  # type: ignore[assignment]
+    # Our insert loses to the rival's record; it is read back only once committed,
+    stored = store.insert_record(make_record("a", token="ours"))
+    assert store.records.reads_before_commit == 0  # type: ignore[attr-defined]
+    # and the decision returned is the rival's.
+    assert stored.token == "rival"
+
+
+def test_records_are_read_with_majority_read_concern(store: MongoStore) -> None:
+    assert store.records.read_concern.level == "majority"

@@ -68,6 +68,7 @@ from pymongo.errors import (
     PyMongoError,
     WriteConcernError,
 )
+from pymongo.read_concern import ReadConcern
 
 from tullius.document import (
     TERMINAL,
@@ -247,7 +248,12 @@ class MongoStore:
         #: The first shard of the live queue (the only one unless sharded).
         self.tasks: Collection[Any] = db["tasks"]
         self.finished: Collection[Any] = db["finished"]
-        self.records: Collection[Any] = db["records"]
+        #: Decisions are read as a majority of a replica set has them: a record
+        #: only the primary has (its write still waiting for ``w="majority"``)
+        #: could be rolled back by a failover, after a reader acted on it.
+        self.records: Collection[Any] = db["records"].with_options(
+            read_concern=ReadConcern("majority")
+        )
         self.meta: Collection[Any] = db["tullius_meta"]
         self.retry_for = retry_for.total_seconds()
         self._wanted_shards = live_shards
@@ -398,8 +404,15 @@ class MongoStore:
                 return record_from_bson(payload)
             except DuplicateKeyError:
                 stored = self.records.find_one({"_id": record.record_id})
-                if stored is None:  # can't happen: records are never deleted
-                    raise
+                if stored is None:
+                    # Records are never deleted: this one (ours, its first ack lost,
+                    # or a rival's) is not yet on a majority.  Acting on it could
+                    # act on a write a failover rolls back, so wait and try again:
+                    # it either commits or is rolled back and our insert wins.
+                    raise WriteConcernError(
+                        f"record {record.record_id!r} exists but is not yet majority-committed",
+                        64,  # WriteConcernFailed: transient, retried
+                    ) from None
                 return record_from_bson(stored)
 
         return self._retrying("insert record", attempt)
