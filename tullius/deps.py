@@ -51,7 +51,8 @@ def load_deps(module_name: str = MODULE, *, required: bool = True) -> Deps | Non
             "module",
             module_name,
             "was not found on the Python path; create tullius_deps.py with make_db() "
-            "and task_processes (see the README), or pass --mongodb-uri",
+            "and task_processes (see the README); or give tulliusd --mongodb-uri, or call "
+            "tullius.configure(db=...) before tullius.queue()",
         ) from None
     except Exception as error:  # user code at import: report it as a setup problem
         raise ConfigError(

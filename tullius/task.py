@@ -89,6 +89,11 @@ class Task:
         _check_priority(name, cls.priority)
         if cls.run is Task.run:
             raise TaskDefinitionError(f"{name} must define run(self)")
+        for hook in ("run", "failed"):
+            if not callable(getattr(cls, hook)):  # else it fails only when a worker calls it
+                raise TaskDefinitionError(
+                    f"{name}.{hook}={getattr(cls, hook)!r}; expected a method {hook}(self)"
+                )
         if "task_name" not in cls.__dict__ or not cls.task_name:
             cls.task_name = f"{cls.__module__}:{cls.__qualname__}"
         task_name = cls.task_name

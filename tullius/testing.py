@@ -21,7 +21,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from tullius.document import FailureKind
 from tullius.inspection import ChainLink
+
+#: The failure kinds Tullius writes: an expected kind must be one of them, so a
+#: typo (``"timout"``) is refused where it is written, not reported as a mismatch.
+KINDS: tuple[str, ...] = tuple(value for name, value in vars(FailureKind).items() if name.isupper())
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,17 @@ def expect(
     if outcome is not None and outcome not in ("succeeded", "failed"):
         if kind is not None:
             raise ValueError(f"expect({outcome!r}, kind={kind!r}): give the kind once")
+        if outcome not in KINDS:
+            raise ValueError(
+                f"expect({outcome!r}): expected 'succeeded', 'failed' or a failure kind, "
+                f"one of {', '.join(KINDS)}"
+            )
         outcome, kind = "failed", outcome
+    for name, value in (("kind", kind), ("handler_error", handler_error)):
+        if value is not None and value not in KINDS:
+            raise ValueError(
+                f"expect({name}={value!r}): expected a failure kind, one of {', '.join(KINDS)}"
+            )
     return Expected(outcome, kind, duration, handler_error, dict(fields))
 
 

@@ -80,3 +80,16 @@ def test_importing_the_plugin_does_not_import_the_simulator() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_expected_outcome_with_a_typo_is_refused_where_it_is_written() -> None:
+    from tullius.testing import assert_outcomes, expect
+
+    with pytest.raises(ValueError, match=r"expect\('succeded'\): expected 'succeeded', 'failed'"):
+        expect("succeded")
+    with pytest.raises(ValueError, match=r"kind='timout'.*one of exception, timeout"):
+        expect("failed", kind="timout")
+    with pytest.raises(ValueError, match=r"handler_error='oops'"):
+        expect(handler_error="oops")
+    with pytest.raises(ValueError, match=r"'succeded'"):
+        assert_outcomes([], "timeout*2 succeded")

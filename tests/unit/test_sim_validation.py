@@ -74,6 +74,14 @@ def test_fault_aimed_at_an_unknown_server_names_it() -> None:
     assert sim.faults == []
 
 
+def test_a_worker_crash_aimed_at_a_slot_no_server_has_is_refused() -> None:
+    sim = Simulation(task_processes=[(2, 0, 4), (1, 5, 10)])
+    with pytest.raises(ConfigError, match=r"faults\[0\].worker=3 .*has 3 \(0 to 2\)"):
+        sim.crash_worker("s1", at=timedelta(seconds=1), worker=3)
+    sim.crash_worker("s1", at=timedelta(seconds=1), worker=2)
+    assert len(sim.faults) == 1
+
+
 def test_fault_in_the_past_is_refused() -> None:
     sim = Simulation()
     sim.run_for(timedelta(seconds=10))

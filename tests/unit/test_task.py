@@ -72,6 +72,23 @@ def test_a_class_without_run_is_refused() -> None:
             timeout = timedelta(seconds=1)
 
 
+def test_a_run_or_failed_that_is_not_a_method_is_refused_when_the_class_is_defined() -> None:
+    with pytest.raises(TaskDefinitionError, match=r"NotCallable.run=5; expected a method run"):
+
+        class NotCallable(tullius.Task):
+            timeout = timedelta(seconds=1)
+            run = 5
+
+    with pytest.raises(TaskDefinitionError, match=r"BadHandler.failed=None; expected a method"):
+
+        class BadHandler(tullius.Task):
+            timeout = timedelta(seconds=1)
+            failed = None
+
+            def run(self) -> None:
+                pass
+
+
 def test_a_field_that_cannot_be_stored_names_class_field_and_type() -> None:
     with pytest.raises(TaskFieldError) as caught:
         Count(count_to=3, when={"x": [1, object()]})

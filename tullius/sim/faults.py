@@ -190,8 +190,13 @@ def fault_end(fault: Fault) -> timedelta:
     return fault.at
 
 
-def validate_schedule(faults: Iterable[object], servers: Sequence[str]) -> list[Fault]:
+def validate_schedule(
+    faults: Iterable[object], servers: Sequence[str], workers: int | None = None
+) -> list[Fault]:
     """Check every fault; return them as a list.
+
+    ``workers``: the worker slots of each server, if known; a `WorkerCrash` aimed
+    at a slot beyond them is refused (it could never crash anything).
 
     Raises:
         ConfigError: naming the fault, the bad value and what was expected.
@@ -215,6 +220,13 @@ def validate_schedule(faults: Iterable[object], servers: Sequence[str]) -> list[
                 f"is not a simulated server; expected one of {list(servers)}",
             )
         _check_fault(where, fault)
+        slot = fault.worker if isinstance(fault, WorkerCrash) else None
+        if slot is not None and workers is not None and slot >= workers:
+            raise ConfigError(
+                f"{where}.worker",
+                slot,
+                f"is not a worker slot; each server has {workers} (0 to {workers - 1})",
+            )
         checked.append(fault)
     return checked
 

@@ -377,7 +377,9 @@ class Simulation(Drivers):
         Raises:
             ConfigError: a fault names an unknown server, has a bad value, or is in the past.
         """
-        faults = validate_schedule(schedule, self.servers)
+        faults = validate_schedule(
+            schedule, self.servers, workers=sum(band.count for band in self.bands)
+        )
         for index, fault in enumerate(faults):
             if to_us(fault.at) < self.clock.us:
                 raise ConfigError(
