@@ -1,0 +1,98 @@
+"""Review findings in tullius/runtime, each shown with the supervisor on a MemoryStore
+and real worker processes (no MongoDB)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tullius.api import insert_queued
+from tullius.band import Band
+from tullius.document import TERMINAL, Status, TaskSpec, status_of
+from tullius.runtime.config import Settings
+from tullius.runtime.supervisor import Supervisor
+from tullius.sim.memory_store import MemoryStore
+from tullius.store import Store
+
+
+def settings(**changes: Any) -> Settings:
+    values: dict[str, Any] = {
+        "bands": (Band(1, 0, 10),),
+        "embedded": True,
+        "server_name": "unit",
+        "lease": timedelta(seconds=6),
+        "grace": 5.0,
+    }
+    values.update(changes)
+    return Settings(**values)
+
+
+def queue_by_name(store: Store, class_name: str, **fields: Any) -> str:
+    """Queue a task by its stored class name: the supervisor never imports the class."""
+    spec = TaskSpec(
+        class_name=class_name,
+        fields=fields,
+        priority=5,
+        timeout=timedelta(seconds=10),
+        handler_timeout=timedelta(seconds=10),
+        handler_attempts=3,
+    )
+    [task_id] = insert_queued(store, [spec], now=datetime.now(UTC), new_id=lambda: "t1")
+    return task_id
+
+
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, source: str) -> None:
+    """A module the *workers* can import (PYTHONPATH), as a project's task module is."""
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    path = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(tmp_path), path) if p))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+def terminal(task_id: str) -> Any:
+    def observe(store: Store) -> bool:
+        view = store.load(task_id)
+        return view is not None and status_of(view) in TERMINAL
+
+    return observe
+
+
+def test_successor_field_of_a_user_str_subclass_does_not_crash_the_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a task module the workers import (the supervisor never imports user
+    # code), whose run() returns a successor with a StrEnum field: a str, so it
+    # passes validation, but it is pickled as a reference to the user's class
+    user_module(
+        tmp_path,
+        monkeypatch,
+        "review_enum_tasks",
+        """
+        import enum
+        from datetime import timedelta
+        import tullius
+
+        class Color(enum.StrEnum):
+            RED = "red"
+
+        class Paint(tullius.Task):
+            timeout = timedelta(seconds=10)
+            def run(self):
+                return Paint(color=Color.RED, last=True) if not self.last else None
+        """,
+    )
+    store = MemoryStore()
+    root = queue_by_name(store, "review_enum_tasks:Paint", color="blue", last=False)
+    # When the daemon runs it
+    supervisor = Supervisor(store, settings(), observer=terminal(root))
+    # Then the daemon neither crashes nor strands the task: its run is decided
+    assert supervisor.run() == 0
+    view = store.load(root)
+    assert view is not None
+    assert status_of(view) in TERMINAL
