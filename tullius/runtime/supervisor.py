@@ -337,6 +337,15 @@ class Supervisor:
                 message = worker.conn.recv()
             except (EOFError, OSError):
                 break  # it died; reaped on the next pass
+            except Exception as error:  # e.g. a pickle naming a class we can't import
+                log.error(
+                    "worker %s sent a message that can't be read (%s: %s); replacing it",
+                    slot.name,
+                    type(error).__name__,
+                    _short(error),
+                )
+                worker.signal_group(signal.SIGKILL)
+                break
             self._on_message(slot, worker, message, now)
 
     def _read_workers(self, now: float) -> None:

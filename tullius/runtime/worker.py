@@ -27,6 +27,7 @@ either way the whole process group (task children included) is killed.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import signal
 import sys
@@ -34,7 +35,7 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -100,11 +101,65 @@ class _Supervisor:
 
     def queue(self, specs: Sequence[TaskSpec]) -> list[str]:
         """Send ``tullius.queue()`` calls to the daemon, which stores them and returns ids."""
-        self.conn.send(("queue", list(specs)))
+        self.conn.send(("queue", plain_specs(specs)))
         reply = self.conn.recv()
         if reply[0] == "ids":
             return list(reply[1])
         raise StoreError(f"queue() failed in the daemon: {reply[1]}")
+
+
+def plain_specs(specs: Sequence[TaskSpec]) -> list[TaskSpec]:
+    """``specs`` with every field value as a builtin type, as the store will keep it.
+
+    Validation accepts subclasses (a ``StrEnum`` member is a ``str``, a
+    pendulum time a ``datetime``), but pickled they name the user's class, and
+    the supervisor, which never imports user code, would have to import it to
+    read the message.
+    """
+    return [
+        dataclasses.replace(
+            spec,
+            fields=_plain(dict(spec.fields)),
+            priority=_plain(spec.priority),
+            delay=None
+            if spec.delay is None
+            else timedelta(spec.delay.days, spec.delay.seconds, spec.delay.microseconds),
+            start_after=_plain(spec.start_after),
+        )
+        for spec in specs
+    ]
+
+
+def _plain(value: Any) -> Any:
+    if value is None or type(value) in (bool, int, float, str, bytes):
+        return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bytes):
+        return bytes.__bytes__(value)
+    if isinstance(value, datetime):
+        offset = value.utcoffset() or timedelta(0)
+        wall = datetime(
+            value.year,
+            value.month,
+            value.day,
+            value.hour,
+            value.minute,
+            value.second,
+            value.microsecond,
+        )
+        return (wall - offset).replace(tzinfo=UTC)
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str.__str__(key): _plain(item) for key, item in value.items()}
+    return value
 
 
 def _failure(kind: str, message: str, *, with_traceback: bool = False) -> Failure:
@@ -148,7 +203,7 @@ def run_job(job: dict[str, Any], supervisor: _Supervisor) -> dict[str, Any]:
     except BaseException as error:  # user code: whatever it raises is recorded, never fatal
         message = f"{role} raised {type(error).__name__}: {error}"
         return _failed(_failure(FailureKind.EXCEPTION, message, with_traceback=True))
-    return {"ok": True, "specs": list(specs)}
+    return {"ok": True, "specs": plain_specs(specs)}
 
 
 def _failed(failure: Failure) -> dict[str, Any]:
