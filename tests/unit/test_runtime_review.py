@@ -14,7 +14,7 @@ import pytest
 
 from tullius.api import insert_queued
 from tullius.band import Band
-from tullius.document import TERMINAL, Status, TaskSpec, status_of
+from tullius.document import TERMINAL, TaskSpec, status_of
 from tullius.runtime.config import Settings
 from tullius.runtime.supervisor import Supervisor
 from tullius.sim.memory_store import MemoryStore
@@ -96,3 +96,85 @@ def test_successor_field_of_a_user_str_subclass_does_not_crash_the_daemon(
     view = store.load(root)
     assert view is not None
     assert status_of(view) in TERMINAL
+
+
+DAEMON = """
+import sys
+from datetime import UTC, datetime, timedelta
+from tullius.api import insert_queued
+from tullius.band import Band
+from tullius.document import TaskSpec
+from tullius.runtime.config import Settings
+from tullius.runtime.supervisor import Supervisor
+from tullius.sim.memory_store import MemoryStore
+
+store = MemoryStore()
+spec = TaskSpec(class_name=sys.argv[1], fields={"pidfile": sys.argv[2]}, priority=5,
+    timeout=timedelta(seconds=60), handler_timeout=timedelta(seconds=10), handler_attempts=3)
+insert_queued(store, [spec], now=datetime.now(UTC), new_id=lambda: "t1")
+Supervisor(store, Settings(bands=(Band(1, 0, 10),), embedded=True, server_name="x")).run()
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_worker_holding_the_gil_does_not_outlive_a_killed_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+    import subprocess
+    import time
+
+    # Given a task stuck in C code that holds the GIL (no Python signal handler
+    # and no Python thread of its worker can run meanwhile)
+    user_module(
+        tmp_path,
+        monkeypatch,
+        "review_gil_tasks",
+        """
+        import os
+        from datetime import timedelta
+        import tullius
+
+        class Spin(tullius.Task):
+            timeout = timedelta(seconds=60)
+            def run(self):
+                with open(self.pidfile + ".tmp", "w") as f:
+                    f.write(str(os.getpid()))
+                os.rename(self.pidfile + ".tmp", self.pidfile)
+                sum(range(10**12))
+        """,
+    )
+    pidfile = tmp_path / "worker.pid"
+    daemon = subprocess.Popen([sys.executable, "-c", DAEMON, "review_gil_tasks:Spin", str(pidfile)])
+    worker = 0
+    try:
+        deadline = time.monotonic() + 30
+        while not pidfile.exists():
+            assert time.monotonic() < deadline
+            assert daemon.poll() is None
+            time.sleep(0.05)
+        worker = int(pidfile.read_text())
+        time.sleep(0.3)  # well inside sum()
+        # When the daemon is killed with SIGKILL
+        daemon.kill()
+        daemon.wait()
+        # Then the task process dies with it (README: "task processes never
+        # outlive their daemon, even when it is killed with SIGKILL")
+        deadline = time.monotonic() + 5
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker), "the task process outlived its SIGKILLed daemon"
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        if worker and _alive(worker):
+            os.killpg(worker, signal.SIGKILL)
