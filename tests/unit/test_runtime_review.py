@@ -14,7 +14,7 @@ import pytest
 
 from tullius.api import insert_queued
 from tullius.band import Band
-from tullius.document import TERMINAL, TaskSpec, status_of
+from tullius.document import TERMINAL, Status, TaskSpec, status_of
 from tullius.runtime.config import Settings
 from tullius.runtime.supervisor import Supervisor
 from tullius.sim.memory_store import MemoryStore
@@ -178,3 +178,73 @@ def test_worker_holding_the_gil_does_not_outlive_a_killed_daemon(
             daemon.wait()
         if worker and _alive(worker):
             os.killpg(worker, signal.SIGKILL)
+
+
+class KillWorkerWhileClaiming(MemoryStore):
+    """The worker a claim is for dies while the claim is in flight (OOM killer, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.supervisor: Supervisor | None = None
+        self.killed = False
+
+    def find_due(self, *args: Any, **kwargs: Any) -> Any:
+        import signal
+
+        found = super().find_due(*args, **kwargs)
+        if found and not self.killed and self.supervisor is not None:
+            self.killed = True
+            for slot in self.supervisor.slots:
+                if slot.worker is not None:
+                    slot.worker.signal_group(signal.SIGKILL)
+                    slot.worker.proc.wait()
+        return found
+
+
+def test_claimed_job_whose_worker_never_starts_does_not_hang_forever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    from tullius.demo import QuickExampleTask
+    from tullius.runtime import supervisor as supervisor_module
+    from tullius.task import to_spec
+
+    # Given a daemon whose worker dies while its claim is in flight, and which
+    # then can't start another worker (fork failing under memory pressure)
+    store = KillWorkerWhileClaiming()
+    spec = to_spec(QuickExampleTask(count_to=1))  # timeout 1 s
+    [root] = insert_queued(store, [spec], now=datetime.now(UTC), new_id=lambda: "t1")
+    real = supervisor_module.WorkerProcess
+    started: list[Any] = []
+
+    def worker_process(name: str) -> Any:
+        if started:
+            raise OSError(11, "Resource temporarily unavailable")
+        started.append(name)
+        return real(name)
+
+    monkeypatch.setattr(supervisor_module, "WorkerProcess", worker_process)
+    began = time.monotonic()
+    seen: list[Status] = []
+
+    def observe(s: Store) -> bool:
+        view = s.load(root)
+        assert view is not None
+        status = status_of(view)
+        # well past the task's timeout (1 s) + kill grace (1 s) + the lease (1.2 s)
+        if status is Status.QUEUED or seen:
+            return bool(seen)
+        if status is not Status.RUNNING or time.monotonic() - began > 6:
+            seen.append(status)
+        return bool(seen)
+
+    supervisor = Supervisor(
+        store, settings(lease=timedelta(seconds=1.2), grace=0.0), observer=observe
+    )
+    store.supervisor = supervisor
+    supervisor.run()
+    # Then the claimed task did not stay RUNNING, its lease renewed by a daemon
+    # that can never run it, until the daemon is stopped
+    assert store.killed
+    assert seen[0] is not Status.RUNNING, "still RUNNING 6 s after the claim of a 1 s task"
