@@ -21,6 +21,8 @@ picks up new code.  The worker must not outlive its daemon: Linux's
 own, because at delivery ``getppid()`` may still name the dead daemon, so
 SIGTERM could not tell "stop this task" from "your daemon is gone"), and a
 watchdog thread notices a changed parent id in case that handler can't run;
+both need the GIL, so a guard process forked into the group at start-up
+(`_start_guard`) also waits for the daemon's exit, for user code stuck in C;
 either way the whole process group (task children included) is killed.
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
+import select
 import signal
 import sys
 import threading
@@ -91,6 +94,46 @@ def _watch_parent(parent: int) -> None:
         time.sleep(0.25)
         if os.getppid() != parent:
             _kill_own_group()
+
+
+def _start_guard(parent: int, keep_fd: int) -> None:
+    """Fork a guard into this process group that kills the group when the daemon dies.
+
+    The signal handler and the watchdog thread are Python code: while user code
+    sits in a C call that holds the GIL, neither can run.  The guard is a
+    separate process with a GIL of its own.  It waits on a pidfd of the daemon
+    and kills the whole group as soon as the daemon or this worker is gone.
+    Without pidfds (not Linux) it polls the daemon's pid.
+    """
+    worker = os.getpid()
+    pidfd: int | None = None
+    try:
+        pidfd = os.pidfd_open(parent)
+    except (AttributeError, OSError):
+        pidfd = None
+    if os.getppid() != parent:  # the daemon died before the pidfd was opened
+        _kill_own_group()
+    if os.fork() != 0:
+        if pidfd is not None:
+            os.close(pidfd)
+        return
+    try:  # the guard: never returns into the worker's code
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a timeout stops the worker, not us
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        os.close(keep_fd)  # the daemon's socket: its end must see EOF when the worker dies
+        while os.getppid() == worker:
+            if pidfd is not None:
+                if select.select([pidfd], [], [], 0.25)[0]:
+                    break
+            else:
+                try:
+                    os.kill(parent, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.25)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    finally:
+        os._exit(0)
 
 
 class _Supervisor:
@@ -241,10 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _set_parent_death_signal()
     if os.getppid() != parent:  # the daemon died before the signal was armed
         _kill_own_group()
+    fd = int(args[0])
+    _start_guard(parent, fd)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the daemon's to handle
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    fd = int(args[0])
     os.set_inheritable(fd, False)  # processes the task starts must not hold the daemon's socket
     conn = Connection(fd)
     try:
