@@ -92,6 +92,8 @@ class Running:
     #: Why we are stopping it: "timeout", "shutdown" or "abandoned" (lease taken over).
     kill_reason: str | None = None
     renewing: bool = False
+    #: When it was claimed (monotonic); an undispatched job gives up after its timeout.
+    claimed_at: float | None = None
 
 
 @dataclass(eq=False)

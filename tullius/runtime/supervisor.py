@@ -454,6 +454,9 @@ class Supervisor:
     def _enforce_deadlines(self, now: float) -> None:
         for slot in self.slots:
             running, worker = slot.running, slot.worker
+            if running is not None and running.dispatched_at is None:
+                self._give_up_undispatched(slot, running, now)
+                continue
             if running is None or worker is None or running.dispatched_at is None:
                 continue
             if (
@@ -470,6 +473,26 @@ class Supervisor:
             ):
                 running.killed = True
                 worker.signal_group(signal.SIGKILL)
+
+    def _give_up_undispatched(self, slot: Slot, running: Running, now: float) -> None:
+        """A job whose worker died before it started, and that no new worker could take
+        within the job's own timeout plus a lease, fails as crashed (else it would stay
+        claimed, its lease renewed, for as long as no worker can start)."""
+        job = running.job
+        limit = job.view.task.timeout if job.kind is JobKind.RUN else job.view.task.handler_timeout
+        wait = limit.total_seconds() + self.timings.lease.total_seconds()
+        if running.claimed_at is None or now < running.claimed_at + wait:
+            return
+        slot.running = None
+        self.counters.crashes += 1
+        role = "run()" if job.kind is JobKind.RUN else "failed()"
+        failure = self._failure(
+            FailureKind.CRASHED,
+            f"the worker process claimed to run {role} died before it started, and no "
+            f"worker process could be started within {wait:g}s (its timeout and a lease)",
+        )
+        log.warning("task %s: %s", job.task_id, failure.message)
+        self._add_finishing(job, _failure_event(job, failure), now)
 
     def _terminate(self, worker: WorkerProcess, running: Running, now: float) -> None:
         log.info("task %s: stopping its worker (%s)", running.job.task_id, running.kill_reason)
@@ -552,7 +575,7 @@ class Supervisor:
                 if job is None:
                     continue
                 self.counters.claimed += 1
-                slot.running = Running(job, next_renew=now + self.heartbeat)
+                slot.running = Running(job, next_renew=now + self.heartbeat, claimed_at=now)
                 self._dispatch(slot, slot.running, now)
             if len(jobs) < len(slots):
                 # The period counts from the start of this look, so an idle daemon looks
