@@ -8,6 +8,7 @@ with the task settled and run once.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 from typing import Any
 
@@ -256,3 +257,35 @@ def test_a_task_whose_record_cannot_be_decoded_is_set_aside_and_sweeps_go_on(
     assert live["status"] == "undecodable"
     assert "no-such-kind" in live["decode_error"]
     assert store.find_by_status([Status.RUNNING], 10)[0].task_id == "good"
+
+
+class MovesChildAfterEachRead:
+    """``finished``, where a child's move lands just after the reader's query ran."""
+
+    def __init__(self, store: MongoStore, child: str) -> None:
+        self._finished = store.finished
+        self._store = store
+        self._child = child
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._finished, name)
+
+    def find(self, *args: Any, **kwargs: Any) -> Any:
+        found = list(self._finished.find(*args, **kwargs))
+        if self._child in ids(self._store.tasks):
+            run_to_success(self._store, self._child)  # copied to finished, then deleted live
+        return iter(found)
+
+
+def test_children_are_all_found_while_one_of_them_moves_to_finished(store: MongoStore) -> None:
+    # Given a parent's two children, one of which finishes while they are listed
+    doc = make_doc("c1")
+    store.insert_tasks([dataclasses.replace(doc, parent_id="p"), make_doc("c2")])
+    store.tasks.update_one({"_id": "c2"}, {"$set": {"parent_id": "p"}})
+    racing = MovesChildAfterEachRead(store, "c1")
+    # When the children are read while c1 moves out of the live queue
+    store.finished = racing  # type: ignore[assignment]
+    found = [child.task_id for child in store.find_children("p")]
+    store.finished = racing._finished
+    # Then both are found
+    assert found == ["c1", "c2"]

@@ -621,9 +621,14 @@ class MongoStore:
 
     def find_children(self, parent_id: str) -> list[TaskDoc]:
         def attempt() -> list[TaskDoc]:
-            found = {d["_id"]: d for d in self.finished.find({"parent_id": parent_id})}
+            # The live queue first: a move copies into finished before it deletes
+            # the live copy, so a child moving meanwhile is seen by one read or
+            # the other (read the other way round, it could slip between them).
+            # A child in both is shown as finished: that copy is the later one.
+            found: dict[str, Any] = {}
             for live in self.live_collections():
                 found.update((d["_id"], d) for d in live.find({"parent_id": parent_id}))
+            found.update((d["_id"], d) for d in self.finished.find({"parent_id": parent_id}))
             return [decode_task(found[key]) for key in sorted(found)]
 
         return self._retrying("find children", attempt)

@@ -1,5 +1,7 @@
-"""Review findings in tullius/runtime, each shown with the supervisor on a MemoryStore
-and real worker processes (no MongoDB)."""
+"""The daemon when user code or the machine misbehaves: a message it can't read,
+a task stuck in C code when the daemon is SIGKILLed, a worker that can't be
+started.  The supervisor runs on a MemoryStore with real worker processes (no
+MongoDB); conditions are polled with generous deadlines."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.unit.test_runtime_supervisor import settings as supervisor_settings
 from tullius.api import insert_queued
 from tullius.band import Band
 from tullius.document import TERMINAL, Status, TaskSpec, status_of
@@ -22,15 +25,7 @@ from tullius.store import Store
 
 
 def settings(**changes: Any) -> Settings:
-    values: dict[str, Any] = {
-        "bands": (Band(1, 0, 10),),
-        "embedded": True,
-        "server_name": "unit",
-        "lease": timedelta(seconds=6),
-        "grace": 5.0,
-    }
-    values.update(changes)
-    return Settings(**values)
+    return supervisor_settings(**{"bands": (Band(1, 0, 10),), **changes})
 
 
 def queue_by_name(store: Store, class_name: str, **fields: Any) -> str:
@@ -72,7 +67,7 @@ def test_successor_field_of_a_user_str_subclass_does_not_crash_the_daemon(
     user_module(
         tmp_path,
         monkeypatch,
-        "review_enum_tasks",
+        "user_enum_tasks",
         """
         import enum
         from datetime import timedelta
@@ -88,7 +83,7 @@ def test_successor_field_of_a_user_str_subclass_does_not_crash_the_daemon(
         """,
     )
     store = MemoryStore()
-    root = queue_by_name(store, "review_enum_tasks:Paint", color="blue", last=False)
+    root = queue_by_name(store, "user_enum_tasks:Paint", color="blue", last=False)
     # When the daemon runs it
     supervisor = Supervisor(store, settings(), observer=terminal(root))
     # Then the daemon neither crashes nor strands the task: its run is decided
@@ -137,7 +132,7 @@ def test_worker_holding_the_gil_does_not_outlive_a_killed_daemon(
     user_module(
         tmp_path,
         monkeypatch,
-        "review_gil_tasks",
+        "user_gil_tasks",
         """
         import os
         from datetime import timedelta
@@ -153,7 +148,7 @@ def test_worker_holding_the_gil_does_not_outlive_a_killed_daemon(
         """,
     )
     pidfile = tmp_path / "worker.pid"
-    daemon = subprocess.Popen([sys.executable, "-c", DAEMON, "review_gil_tasks:Spin", str(pidfile)])
+    daemon = subprocess.Popen([sys.executable, "-c", DAEMON, "user_gil_tasks:Spin", str(pidfile)])
     worker = 0
     try:
         deadline = time.monotonic() + 30
@@ -168,7 +163,7 @@ def test_worker_holding_the_gil_does_not_outlive_a_killed_daemon(
         daemon.wait()
         # Then the task process dies with it (README: "task processes never
         # outlive their daemon, even when it is killed with SIGKILL")
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60
         while _alive(worker) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _alive(worker), "the task process outlived its SIGKILLed daemon"
@@ -232,10 +227,10 @@ def test_claimed_job_whose_worker_never_starts_does_not_hang_forever(
         view = s.load(root)
         assert view is not None
         status = status_of(view)
-        # well past the task's timeout (1 s) + kill grace (1 s) + the lease (1.2 s)
+        # well past the task's timeout (1 s) + the lease (1.2 s), even on a loaded machine
         if status is Status.QUEUED or seen:
             return bool(seen)
-        if status is not Status.RUNNING or time.monotonic() - began > 6:
+        if status is not Status.RUNNING or time.monotonic() - began > 30:
             seen.append(status)
         return bool(seen)
 
@@ -247,4 +242,4 @@ def test_claimed_job_whose_worker_never_starts_does_not_hang_forever(
     # Then the claimed task did not stay RUNNING, its lease renewed by a daemon
     # that can never run it, until the daemon is stopped
     assert store.killed
-    assert seen[0] is not Status.RUNNING, "still RUNNING 6 s after the claim of a 1 s task"
+    assert seen[0] is not Status.RUNNING, "still RUNNING 30 s after the claim of a 1 s task"
