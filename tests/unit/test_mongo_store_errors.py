@@ -155,3 +155,33 @@ def test_a_rival_record_not_yet_on_a_majority_is_waited_for_not_taken_as_missing
 
 def test_records_are_read_with_majority_read_concern(store: MongoStore) -> None:
     assert store.records.read_concern.level == "majority"
+
+
+def test_an_unreachable_database_is_reported_in_one_short_line_without_credentials() -> None:
+    from pymongo.errors import ServerSelectionTimeoutError
+
+    from tullius.errors import StoreUnavailable
+
+    class Unreachable:
+        def __getattr__(self, name: str) -> Any:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                raise ServerSelectionTimeoutError(
+                    "mongodb://app:secret@db:27017: [Errno 111] Connection refused "
+                    "(configured timeouts: socketTimeoutMS: 20000.0ms), Timeout: 30s, "
+                    "Topology Description: <TopologyDescription id: 1, servers: [...]>"
+                )
+
+            return call
+
+    ticks = iter(range(0, 1000, 10))
+    store = MongoStore(
+        mongomock.MongoClient(tz_aware=True)["tullius_errors"],
+        sleep=lambda seconds: None,
+        monotonic=lambda: float(next(ticks)),
+    )
+    store._shards = [Unreachable()]  # type: ignore[list-item]
+    with pytest.raises(StoreUnavailable) as caught:
+        store.insert_tasks([make_doc("a")])
+    assert caught.value.cause == (
+        "ServerSelectionTimeoutError: mongodb://***@db:27017: [Errno 111] Connection refused"
+    )

@@ -89,6 +89,18 @@ def test_tullius_deps_without_make_db_needs_a_uri() -> None:
     assert info.value.setting == "tullius_deps.make_db"
 
 
+@pytest.mark.parametrize(
+    ("flags", "shown"),
+    [
+        (RawFlags(processes=["3:7-2"]), "--processes='3:7-2'"),
+        (RawFlags(lease="0"), "--lease='0'"),
+    ],
+)
+def test_a_bad_flag_is_reported_before_a_missing_tullius_deps(flags: RawFlags, shown: str) -> None:
+    with pytest.raises(ConfigError, match=shown):
+        resolve(flags, {}, deps_loader=no_deps)
+
+
 def test_embedded_needs_neither_uri_nor_deps() -> None:
     settings = resolve(RawFlags(embedded=True, demo=True), {}, deps_loader=no_deps)
     assert settings.embedded

@@ -219,30 +219,12 @@ def resolve(
             database_setting, database, "must be a MongoDB database name, e.g. tullius"
         )
 
-    needs_deps = not embedded and uri is None
-    deps = deps_loader(required=needs_deps)
-    make_db = None
-    if needs_deps:
-        assert deps is not None
-        if deps.make_db is None:
-            raise ConfigError(
-                "tullius_deps.make_db",
-                None,
-                "must be defined (a function returning a pymongo Database), or pass --mongodb-uri",
-            )
-        make_db = deps.make_db
-
     processes_setting, processes = "--processes", flags.processes
     if not processes:
         processes_setting = env_name("--processes")
         listed = env.get(processes_setting, "")
         processes = listed.replace(",", " ").split() or None
-    if processes:
-        bands = parse_processes(processes_setting, processes)
-    elif deps is not None and deps.task_processes is not None:
-        bands = deps.task_processes
-    else:
-        bands = DEFAULT_BANDS
+    given_bands = parse_processes(processes_setting, processes) if processes else None
 
     lease = DEFAULT_LEASE
     setting, text = pick("--lease", flags.lease)
@@ -263,6 +245,28 @@ def resolve(
     setting, name = pick("--server-name", flags.server_name)
     if name is not None and (not name.strip() or len(name) > 200):
         raise ConfigError(setting, name, "must be a non-empty name of at most 200 characters")
+
+    # tullius_deps last: a mistake in a flag is reported as such, not hidden
+    # behind a missing or broken tullius_deps.
+    needs_deps = not embedded and uri is None
+    deps = deps_loader(required=needs_deps)
+    make_db = None
+    if needs_deps:
+        assert deps is not None
+        if deps.make_db is None:
+            raise ConfigError(
+                "tullius_deps.make_db",
+                None,
+                "must be defined (a function returning a pymongo Database), or pass --mongodb-uri",
+            )
+        make_db = deps.make_db
+
+    if given_bands is not None:
+        bands = given_bands
+    elif deps is not None and deps.task_processes is not None:
+        bands = deps.task_processes
+    else:
+        bands = DEFAULT_BANDS
 
     return Settings(
         bands=bands,

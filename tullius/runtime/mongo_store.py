@@ -205,6 +205,15 @@ def redact(text: str) -> str:
     return _CREDENTIALS.sub(r"\1***@", text)
 
 
+def short_error(error: BaseException) -> str:
+    """One readable line, without credentials: pymongo appends its timeouts and a
+    dump of the whole topology to its messages."""
+    text = redact(str(error))
+    for cut in (" (configured timeouts", ", Timeout:"):
+        text = text.split(cut)[0]
+    return text[:300]
+
+
 def is_transient(error: BaseException) -> bool:
     """True for errors after which the same operation may well succeed."""
     if isinstance(error, ConnectionFailure | WriteConcernError):
@@ -752,7 +761,7 @@ class MongoStore:
                     ) from None
                 if self._monotonic() + delay > deadline:
                     raise StoreUnavailable(
-                        operation, redact(f"{type(error).__name__}: {error}")
+                        operation, f"{type(error).__name__}: {short_error(error)}"
                     ) from None
                 self._sleep(delay)
                 delay = min(delay * 2, 2.0)

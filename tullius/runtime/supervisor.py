@@ -63,7 +63,7 @@ from tullius.errors import InvalidTransition, StoreError
 from tullius.events import Event, Failed, HandlerFailed, HandlerSucceeded, Succeeded
 from tullius.policy import LeaseTimings
 from tullius.runtime.config import Settings
-from tullius.runtime.mongo_store import redact
+from tullius.runtime.mongo_store import redact, short_error
 from tullius.runtime.slots import Counters, Finishing, Running, Slot, WorkerProcess
 from tullius.runtime.store_thread import StoreThread
 from tullius.runtime.sweeper import Sweeper
@@ -238,9 +238,9 @@ class Supervisor:
         self.sweeper.outage()
         if not self._store_down:
             self._store_down = True
-            log.warning("store unavailable (%s): %s; will keep retrying", what, _short(error))
+            log.warning("store unavailable (%s): %s; will keep retrying", what, short_error(error))
         else:
-            log.info("store still unavailable (%s): %s", what, _short(error))
+            log.info("store still unavailable (%s): %s", what, short_error(error))
 
     def _store_ok(self) -> None:
         if self._store_down:
@@ -342,7 +342,7 @@ class Supervisor:
                     "worker %s sent a message that can't be read (%s: %s); replacing it",
                     slot.name,
                     type(error).__name__,
-                    _short(error),
+                    short_error(error),
                 )
                 worker.signal_group(signal.SIGKILL)
                 break
@@ -564,7 +564,7 @@ class Supervisor:
                         "claiming work for band %s failed: %s: %s",
                         band,
                         type(error).__name__,
-                        _short(error),
+                        short_error(error),
                     )
                 return
             self._store_ok()
@@ -694,7 +694,7 @@ class Supervisor:
                 self._store_failed("sweep", outcome)
                 return
             if isinstance(outcome, BaseException):
-                log.error("sweep failed: %s: %s", type(outcome).__name__, _short(outcome))
+                log.error("sweep failed: %s: %s", type(outcome).__name__, short_error(outcome))
                 return
             self._store_ok()
             if outcome.expired:
@@ -786,14 +786,6 @@ class Supervisor:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.proc.wait(timeout=5)
             worker.close()
-
-
-def _short(error: BaseException) -> str:
-    """One readable line: pymongo appends timeouts and a topology dump to its messages."""
-    text = redact(str(error))
-    for cut in (" (configured timeouts", ", Timeout:"):
-        text = text.split(cut)[0]
-    return text[:300]
 
 
 def _failure_event(job: Job, failure: Failure) -> Event:
