@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -321,7 +321,7 @@ def sweep(
     *,
     observer: str,
     now: datetime,
-    monotonic_now: float,
+    monotonic: Callable[[], float],
     own_tokens: frozenset[str] = frozenset(),
     rng: random.Random | None = None,
     limit: int = SWEEP_BATCH,
@@ -330,14 +330,18 @@ def sweep(
 
     1. Read the tasks whose hint says RUNNING or HANDLING.
     2. For each, load its records.  A live lease that is not ours is observed by
-       ``watch``; once stale, `LeaseExpired` is stepped (first insert wins
-       against the owner's late result and against other sweepers).
+       ``watch``, with ``monotonic()`` (this observer's clock) read before and
+       after that load: one reading for the whole sweep would date a beat read
+       late in a long sweep too early, and make a live lease look stale.  Once
+       stale, `LeaseExpired` is stepped (first insert wins against the owner's
+       late result and against other sweepers).
     3. A task whose hint disagrees with its records is repaired (`Swept`).
     """
     report = SweepReport()
     live: set[str] = set()
     docs = yield FindByStatus((Status.RUNNING, Status.HANDLING), limit)
     for doc in docs:
+        asked_at = monotonic()
         view: TaskView | None = yield Load(doc.task_id)
         if view is None:
             continue
@@ -345,7 +349,7 @@ def sweep(
         lease = view.current_lease()
         if lease is not None and lease.token not in own_tokens:
             live.add(lease.record_id)
-            if watch.is_stale(lease.record_id, lease.beat, monotonic_now):
+            if watch.is_stale(lease.record_id, lease.beat, asked_at, monotonic()):
                 decided = step(view, LeaseExpired(lease.record_id, observer), now=now, rng=rng)
                 winner = yield from apply_step(view, decided)
                 if (

@@ -82,13 +82,19 @@ class LeaseWatch:
         self.stale_after = stale_after.total_seconds()
         self._seen: dict[str, tuple[int, float]] = {}
 
-    def is_stale(self, record_id: str, beat: int, monotonic_now: float) -> bool:
-        """Record an observation; True if ``beat`` has not moved for ``stale_after``."""
+    def is_stale(self, record_id: str, beat: int, asked_at: float, answered_at: float) -> bool:
+        """Record an observation; True if ``beat`` has not moved for ``stale_after``.
+
+        ``asked_at`` and ``answered_at`` bracket the read that saw ``beat``: the
+        read happened somewhere between them (a slow sweep, a retried read).  A
+        new beat counts from ``answered_at`` and staleness is judged at
+        ``asked_at``, so neither end can make a live lease look older than it is.
+        """
         seen = self._seen.get(record_id)
         if seen is None or seen[0] != beat:
-            self._seen[record_id] = (beat, monotonic_now)
+            self._seen[record_id] = (beat, answered_at)
             return False
-        return monotonic_now - seen[1] >= self.stale_after
+        return asked_at - seen[1] >= self.stale_after
 
     def forget_except(self, record_ids: set[str]) -> None:
         """Drop observations of leases that are no longer live."""

@@ -83,7 +83,10 @@ def test_racing_engines_decide_every_task_exactly_once(
     drive(
         setup,
         sweep(
-            LeaseWatch(timedelta(seconds=1)), observer="x", now=datetime.now(UTC), monotonic_now=0.0
+            LeaseWatch(timedelta(seconds=1)),
+            observer="x",
+            now=datetime.now(UTC),
+            monotonic=lambda: 0.0,
         ),
     )
     roots = [setup.load(f"t{i:03}") for i in range(60)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 
 from hypothesis import event, settings
 from hypothesis import strategies as st
@@ -243,7 +244,7 @@ def finish_everything(store: MemoryStore, now, rng: random.Random) -> None:  # t
     band = Band(1, 0, 10)
     for round_ in range(200):
         now += timedelta(hours=1)
-        drive(store, sweep(watch, observer="healer", now=now, monotonic_now=round_ * 2.0))
+        drive(store, sweep(watch, observer="healer", now=now, monotonic=partial(float, round_ * 2)))
         for view in store.all_views():
             drive(store, repair(view, now=now))
         while True:

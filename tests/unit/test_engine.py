@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from datetime import timedelta
+from functools import partial
 
 from tests.store_contract import T0, make_doc, make_record
 from tullius.band import Band
@@ -99,8 +100,8 @@ def test_a_late_result_after_the_lease_was_declared_lost_is_rejected() -> None:
     store.insert_tasks([make_doc("a")])
     job = claim_one(store, "a")
     watch = LeaseWatch(timedelta(seconds=15))
-    assert drive(store, sweep(watch, observer="s2", now=T0, monotonic_now=0.0)).expired == []
-    report = drive(store, sweep(watch, observer="s2", now=T0, monotonic_now=15.0))
+    assert drive(store, sweep(watch, observer="s2", now=T0, monotonic=lambda: 0.0)).expired == []
+    report = drive(store, sweep(watch, observer="s2", now=T0, monotonic=lambda: 15.0))
     assert report.expired == [run_id("a")]
     assert drive(store, renew(job)) is False
     verdict = drive(store, finish(job, Succeeded("a"), now=T0))
@@ -117,8 +118,27 @@ def test_a_lease_that_keeps_beating_is_never_declared_lost() -> None:
     watch = LeaseWatch(timedelta(seconds=15))
     for second in range(0, 120, 10):
         assert drive(store, renew(job)) is True
-        report = drive(store, sweep(watch, observer="s2", now=T0, monotonic_now=float(second)))
+        report = drive(store, sweep(watch, observer="s2", now=T0, monotonic=partial(float, second)))
         assert report.expired == []
+
+
+def test_a_beat_read_late_in_a_slow_sweep_is_dated_when_it_was_read() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a")])
+    claim_one(store, "a")
+    watch = LeaseWatch(timedelta(seconds=15))
+    # A sweep whose load of "a" is asked at 0 s and answered at 10 s (a slow store)
+    readings = iter([0.0, 10.0])
+    assert (
+        drive(store, sweep(watch, observer="s2", now=T0, monotonic=readings.__next__)).expired == []
+    )
+    # sees the lease's beat at 10 s at the earliest, so 16 s after the sweep began,
+    # with the beat unchanged (the owner is 6 s late), the lease is not stale yet,
+    report = drive(store, sweep(watch, observer="s2", now=T0, monotonic=lambda: 16.0))
+    assert report.expired == []
+    # and it is once 15 s have passed since that reading.
+    report = drive(store, sweep(watch, observer="s2", now=T0, monotonic=lambda: 25.0))
+    assert report.expired == [run_id("a")]
 
 
 def test_a_sweeper_never_expires_its_own_leases() -> None:
@@ -133,7 +153,7 @@ def test_a_sweeper_never_expires_its_own_leases() -> None:
                 watch,
                 observer="s1",
                 now=T0,
-                monotonic_now=float(second),
+                monotonic=partial(float, second),
                 own_tokens=frozenset({job.token}),
             ),
         )

@@ -83,7 +83,7 @@ def test_a_move_interrupted_after_the_copy_is_completed_by_the_next_load(
     # The next load (here a sweep's) finds the copy in finished and deletes the live one,
     report = drive(
         store,
-        sweep(LeaseWatch(timedelta(seconds=15)), observer="s2", now=T0, monotonic_now=0.0),
+        sweep(LeaseWatch(timedelta(seconds=15)), observer="s2", now=T0, monotonic=lambda: 0.0),
     )
     assert ids(store.tasks) == []
     # so nothing is left to repair, and the task reads as it finished.
@@ -105,7 +105,7 @@ def test_a_decided_task_not_yet_moved_is_repaired_by_the_next_sweep(store: Mongo
     assert store.load("a").task.status is Status.RUNNING  # type: ignore[union-attr]
     report = drive(
         store,
-        sweep(LeaseWatch(timedelta(seconds=15)), observer="s2", now=T0, monotonic_now=0.0),
+        sweep(LeaseWatch(timedelta(seconds=15)), observer="s2", now=T0, monotonic=lambda: 0.0),
     )
     assert report.repaired == ["a"]
     assert ids(store.tasks) == []
@@ -249,7 +249,7 @@ def test_a_task_whose_record_cannot_be_decoded_is_set_aside_and_sweeps_go_on(
     store.records.update_one({"_id": "bad:run"}, {"$set": {"kind": "no-such-kind"}})
     report = drive(
         store,
-        sweep(LeaseWatch(timedelta(seconds=15)), observer="s2", now=T0, monotonic_now=0.0),
+        sweep(LeaseWatch(timedelta(seconds=15)), observer="s2", now=T0, monotonic=lambda: 0.0),
     )
     assert report.examined == 1  # "good"; "bad" was passed by, not a failed sweep
     assert store.load("bad") is None

@@ -71,7 +71,7 @@ class Sweeper:
                     self.watch,
                     observer=self.server,
                     now=self.clock.now(),
-                    monotonic_now=time.monotonic(),
+                    monotonic=time.monotonic,
                     own_tokens=own_tokens,
                     rng=self.rng,
                 ),

@@ -382,7 +382,7 @@ class Drivers:
                     watch,
                     observer=server.name,
                     now=server.clock.now(),
-                    monotonic_now=server.clock.monotonic(),
+                    monotonic=server.clock.monotonic,
                     own_tokens=frozenset(server.tokens),
                     rng=self.rng,
                 )
