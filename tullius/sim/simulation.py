@@ -1,50 +1,30 @@
 """`Simulation`: the daemon's driver recipe, run by a seeded scheduler under virtual time.
 
-What lives here: the scheduler (one heap of events, one ``random.Random``),
-the driver loops of each simulated server (workers, heartbeats, a sweeper:
-the same engine conversations ``tulliusd`` drives, never a copy of the rules),
-fault injection between any two store operations, and the public API.
-
-How it runs:
-
-1. Every actor's store operation is one scheduler event.  Events due at the
-   same virtual instant are ordered by a draw from the seeded ``rng``, so the
-   seed chooses the interleaving of servers, and the same seed replays it.
-2. Before an operation is carried out, faults aimed at it apply: an outage or
-   a ``not_applied`` fault raises `StoreError` into the conversation without
-   touching the store; ``lost_ack`` applies it, then raises.  The driver runs
-   the conversation again later with the same token and event, as the daemon.
-3. After each write, the touched task is re-read and the invariants checked.
-4. The loop runs on pool threads (`tullius.sim.threads`), one at a time,
-   while ``run_for`` waits; user code runs on the loop's thread until it
-   sleeps.  A sleep becomes an event at its wake-up time, or at the deadline
-   if that comes first (a tie goes to the deadline: a run still going at its
-   deadline has timed out).
+The public API lives here, with the set-up of a simulation's state; the
+scheduler (events, store operations with faults, invariants after every
+write) is `tullius.sim.scheduler`, and the driver loops of each simulated
+server (workers, heartbeats, a sweeper: the same engine conversations
+``tulliusd`` drives, never a copy of the rules) are `tullius.sim.world`.
 """
 
 from __future__ import annotations
 
 import gc
-import heapq
 import random
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import partial
 from types import ModuleType
 from typing import Any, Final
 
-from tullius.api import insert_queued, task_id_of
+from tullius.api import task_id_of
 from tullius.band import Band, bands_from_setting
-from tullius.document import TERMINAL, RecordKind, Status, TaskSpec, TaskView, spawned_of, status_of
-from tullius.effects import InsertRecord, InsertTasks
+from tullius.document import TERMINAL, Status, spawned_of, status_of
 from tullius.errors import (
     ConfigError,
-    StoreError,
-    StoreUnavailable,
 )
 from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
 from tullius.policy import LeaseTimings
@@ -61,36 +41,18 @@ from tullius.sim.faults import (
     fault_end,
     validate_schedule,
 )
-from tullius.sim.invariants import DrainTimeout, Invariants, InvariantViolation
+from tullius.sim.invariants import DrainTimeout, Invariants
 from tullius.sim.memory_store import MemoryStore
+from tullius.sim.scheduler import Scheduler, bind_performers, trace_line
 from tullius.sim.threads import BatonPool
 from tullius.sim.virtual_time import SimulationError, VirtualTime, release_frozen_clock
 from tullius.sim.world import (
-    ACTOR,
     FAULT,
-    NAP,
-    OP,
-    WAKE,
     Actor,
-    ActorGen,
-    Claimer,
-    Drivers,
-    Nap,
-    RunUser,
     Server,
-    StartJobs,
-    Wait,
-    describe_op,
     server_names,
 )
-from tullius.store import PERFORMERS, Operation, operation_name, perform
 from tullius.task import Task, queued_tasks, to_specs
-
-_NO_CHECK: Final = frozenset({"Load", "FindDue", "FindByStatus", "Beat", "SetStatus"})
-
-# Read after every write: module globals, not ``RecordKind.RUN`` (the enum
-# metaclass's ``__getattr__``, ~75 ns on 3.11).
-_RUN_RECORD, _HANDLER_RECORD = RecordKind.RUN, RecordKind.HANDLER
 
 
 @dataclass(frozen=True)
@@ -118,7 +80,7 @@ class Counts:
     elapsed: timedelta = timedelta(0)
 
 
-class Simulation(Drivers):
+class Simulation(Scheduler):
     """A deterministic world of ``tulliusd`` servers sharing one in-memory store.
 
     Args:
@@ -189,7 +151,7 @@ class Simulation(Drivers):
             raise ConfigError("start", start, "must be an aware datetime")
         self.clock = SimClock(start)
         self.store = MemoryStore(rng=random.Random(seed ^ 0x5EED), racy_updates=racy_updates)
-        self._perform = _dispatcher(self.store)
+        self._perform = bind_performers(self.store)
         self._servers = {
             name: Server(name, ServerClock(self.clock)) for name in server_names(servers)
         }
@@ -198,23 +160,20 @@ class Simulation(Drivers):
         self._grace_us = to_us(kill_grace)
         self._beat_us = to_us(self.timings.heartbeat)
         self._sweep_us = to_us(self.timings.sweep)
-        self._heap: list[tuple[int, int, int, int, Any, Any]] = []
+        self._heap = []
         self._tiebreak = self.rng.getrandbits  # bound once: every event draws one
         self._seq = 0
         self.events = 0
         self.faults: list[Fault] = []
-        # Armed store faults, [fault, remaining], by (server, operation) in arming
-        # order: an operation looks only at the faults aimed at it (the first live
-        # one applies).
-        self._armed_at: dict[tuple[str, str], list[list[Any]]] = {}
-        self._outages: list[tuple[int, int, str | None]] = []
+        self._armed_at = {}
+        self._outages = []
         self._faults_end_us = 0
         self._inv = Invariants()
         self._check = check_invariants
         self._open: set[str] = set()
         self._inserted: dict[str, int] = {}
         self._leases: dict[str, tuple[str, int, int]] = {}
-        self._leases_of: dict[str, set[str]] = {}  # task id -> its record ids in _leases
+        self._leases_of = {}
         self._tail: deque[tuple[int, str, object]] = deque(maxlen=40)
         self._trace: list[tuple[int, str, object]] | None = [] if keep_trace else None
         self._pool = BatonPool(wall_limit.total_seconds(), self._loop)
@@ -250,7 +209,7 @@ class Simulation(Drivers):
         """Every event so far (needs ``keep_trace=True``), one line each."""
         if self._trace is None:
             raise ConfigError("keep_trace", False, "must be True to read the whole trace")
-        return [_line(entry) for entry in self._trace]
+        return [trace_line(entry) for entry in self._trace]
 
     def queue(self, task_or_tasks: Task | Iterable[Task]) -> list[str]:
         """Store tasks now, like ``tullius.queue``; return their ids (also set as ``task_id``)."""
@@ -451,11 +410,7 @@ class Simulation(Drivers):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --- scheduler ----------------------------------------------------------------
-
-    def _push(self, t: int, kind: int, target: Any, value: Any) -> None:
-        self._seq += 1
-        heapq.heappush(self._heap, (t, self._tiebreak(30), self._seq, kind, target, value))
+    # --- runs ---------------------------------------------------------------------
 
     def _run(self, end: int, *, drain: bool) -> None:
         """Run events until ``end`` (or, with ``drain``, until nothing is open): the loop
@@ -470,50 +425,6 @@ class Simulation(Drivers):
         with self._virtual_time():
             self._end, self._drain = end, drain
             self._pool.run()
-
-    def _loop(self) -> None:
-        """The scheduler's loop, run by a pool thread until the run's end.
-
-        A pool thread may leave it while user code it called sleeps, and carry on
-        later from where it left it, in a later run: so everything it reads comes
-        from ``self`` (the locals below are the same objects for the whole life of
-        the simulation), and the checks come first in each round.
-        """
-        heap = self._heap
-        clock = self.clock
-        heappop = heapq.heappop
-        inv = self._inv
-        pool = self._pool
-        do_op, advance = self._do_op, self._advance
-        while True:
-            if inv.violation is not None:
-                raise self._violation()
-            if pool.interrupted:
-                pool.interrupted = False
-                raise KeyboardInterrupt
-            if not self.events & 1023:  # the CPU may have got busy: see `SharedCpu`
-                pool.cpu.check()
-            if not heap or heap[0][0] > self._end or (self._drain and not self._open):
-                return
-            t, _, _, kind, target, value = heappop(heap)
-            if t > clock.us:
-                clock.us = t
-            self.events += 1
-            if kind <= ACTOR:
-                if self._held_back(target, t, kind, target, value):
-                    continue
-                if kind == OP:
-                    do_op(target, value)
-                else:
-                    advance(target, value)
-            elif kind == WAKE:
-                self._wake(target, value)
-            elif kind == NAP:
-                self._end_nap(target, value, t)
-            elif kind == FAULT:
-                self._fire(target)
-            else:
-                self._restart(target)
 
     @contextmanager
     def _virtual_time(self) -> Iterator[None]:
@@ -531,240 +442,6 @@ class Simulation(Drivers):
             finally:
                 self._pool.cpu.stop()
                 self._vt = None
-
-    def _log(self, server: str, what: object) -> None:
-        # ``what`` is a line, or a store operation formatted only when read
-        entry = (self.clock.us, server, what)
-        self._tail.append(entry)
-        if self._trace is not None:
-            self._trace.append(entry)
-
-    def _violation(self) -> InvariantViolation:
-        violation = self._inv.violation
-        assert violation is not None
-        return InvariantViolation(
-            violation.promise,
-            violation.detail,
-            self.seed,
-            self.faults,
-            [_line(entry) for entry in self._tail],
-        )
-
-    def _spawn(self, server: Server, gen: ActorGen, name: str, at: int | None = None) -> Actor:
-        actor = Actor(gen, server, name)
-        self._push(self.clock.us if at is None else at, ACTOR, actor, None)
-        return actor
-
-    def _advance(self, actor: Actor, value: Any, error: BaseException | None = None) -> None:
-        try:
-            cmd = actor.gen.send(value) if error is None else actor.gen.throw(error)
-        except StopIteration:
-            return
-        kind = type(cmd)
-        if kind is Wait:
-            self._push(self.clock.us + cmd.us, ACTOR, actor, None)
-        elif kind is RunUser:
-            cmd.ex.actor = actor
-            self._start_user(cmd.ex)
-        elif kind is StartJobs:
-            # The claimer goes on to its next command, then the jobs start in turn
-            # (each runs its user code here until it ends or sleeps).  A sleep moves
-            # the loop to another thread, which first makes the jobs not started yet
-            # events of their own (`_moved`): after a start, this frame may be
-            # resumed much later, and must find nothing left to do (see `_loop`).
-            self._advance(actor, None)
-            starting = self._starting
-            starting.extend(cmd.actors)
-            try:
-                while starting:
-                    self._advance(starting.popleft(), None)
-            finally:  # an error left jobs unstarted: they start as events (if ever run again)
-                self._start_later()
-        elif kind is Nap:
-            claimer = cmd.claimer
-            claimer.nap += 1
-            claimer.napping = True
-            if cmd.us is not None:
-                self._push(self.clock.us + cmd.us, NAP, claimer, claimer.nap)
-        else:
-            self._push(self.clock.us, OP, actor, cmd)
-
-    def _end_nap(self, claimer: Claimer, nap: int, t: int) -> None:
-        """A claimer's nap is over (its time came, or it was poked), unless it is stale."""
-        actor = claimer.actor
-        if nap != claimer.nap or not claimer.napping or actor is None:
-            return
-        if self._held_back(actor, t, NAP, claimer, nap):
-            return
-        claimer.napping = False
-        self._advance(actor, None)
-
-    def _held_back(self, actor: Actor, t: int, kind: int, target: Any, value: Any) -> bool:
-        """Whether an event of ``actor``'s can't happen at ``t``: its server crashed since
-        (the actor dies with it) or is paused (the event waits for the pause's end)."""
-        server = actor.server
-        if actor.epoch != server.epoch:
-            actor.gen.close()
-            return True
-        if server.paused_until > t:
-            self._push(server.paused_until, kind, target, value)
-            return True
-        return False
-
-    def _do_op(self, actor: Actor, op: Operation) -> None:
-        server = actor.server
-        how = self._perform.get(type(op))
-        if how is None:  # a subclass of an operation: `perform` finds its kind
-            name = operation_name(op)
-            how = (lambda op: perform(self.store, op), name, name not in _NO_CHECK)
-        do, name, tracked = how
-        entry = (self.clock.us, server.name, op)  # as `_log`, without a call per operation
-        self._tail.append(entry)
-        if self._trace is not None:
-            self._trace.append(entry)
-        error = self._store_fault(server, op, name) if self._outages or self._armed_at else None
-        if error is not None and not error[0]:
-            assert error[1] is not None
-            self._advance(actor, None, error[1])
-            return
-        result = do(op)
-        if tracked:
-            self._after_write(op, result)
-        if error is not None and error[1] is None:  # a StepCrash: no reply, no server
-            return
-        if error is not None:
-            self._advance(actor, None, error[1])
-        else:
-            self._advance(actor, result)
-
-    def _store_fault(
-        self, server: Server, op: Operation, name: str
-    ) -> tuple[bool, StoreError | None] | None:
-        """The fault hitting this operation: (applied?, the error to raise, or None for a
-        `StepCrash`, which kills the server once the operation is applied)."""
-        now = self.clock.us
-        if self._outages and self._outages[0][1] <= now:  # (sorted by their end)
-            # Ended outages never apply again (time never goes back): dropped, so that
-            # once every fault is over `_do_op` no longer calls this.
-            self._outages = [outage for outage in self._outages if outage[1] > now]
-        for start, end, target in self._outages:
-            if start <= now < end and target in (None, server.name):
-                self._log(server.name, f"store outage: {name} refused")
-                return False, StoreUnavailable(name, "simulated outage")
-        key = (server.name, name)
-        for armed in self._armed_at.get(key, ()):
-            fault = armed[0]
-            if to_us(fault.at) > now:
-                continue
-            if fault.record_kind is not None and (
-                not isinstance(op, InsertRecord) or op.record.kind.value != fault.record_kind
-            ):
-                continue
-            armed[1] -= 1
-            if armed[1] <= 0:
-                self._disarm(key, armed)
-            self._faults_end_us = max(self._faults_end_us, now)
-            if isinstance(fault, StepCrash):
-                self._log(server.name, f"{fault!r}: dies after this {name}")
-                restart = fault.restart_after
-                self._crash(server, None if restart is None else now + to_us(restart))
-                return True, None
-            applied = fault.kind == "lost_ack"
-            self._log(server.name, f"store fault {fault.kind}: {name}")
-            detail = "write applied, acknowledgement lost" if applied else "write not applied"
-            return applied, StoreError(f"simulated store fault on {name}: {detail}")
-        return None
-
-    def _disarm(self, key: tuple[str, str], armed: list[Any]) -> None:
-        """Forget a used-up store fault: once every one is (and the outages are over),
-        `_do_op` no longer looks for faults at all."""
-        armed_here = self._armed_at[key]
-        armed_here.remove(armed)
-        if not armed_here:
-            del self._armed_at[key]
-
-    def _after_write(self, op: Operation, result: Any) -> None:
-        if isinstance(op, InsertRecord):
-            record = op.record
-            view = self.store.load(record.task_id)
-            if result.token == record.token and (
-                record.kind is _RUN_RECORD or record.kind is _HANDLER_RECORD
-            ):
-                assert view is not None
-                timeout = (
-                    view.task.timeout if record.kind is _RUN_RECORD else view.task.handler_timeout
-                )
-                self._leases[record.record_id] = (record.task_id, self.clock.us, to_us(timeout))
-                self._leases_of.setdefault(record.task_id, set()).add(record.record_id)
-            self._refresh(record.task_id, view)
-        elif isinstance(op, InsertTasks):
-            parents: set[str] = set()
-            for doc in op.docs:
-                if doc.task_id not in self._inserted:
-                    self._inserted[doc.task_id] = self.events
-                    self._open.add(doc.task_id)
-                if doc.parent_id is not None:
-                    parents.add(doc.parent_id)
-            if self._check:
-                self._inv.on_tasks_inserted(op.docs, self.store.insert_counts, self.store.load)
-            for parent in parents:
-                self._refresh(parent)
-
-    def _refresh(self, task_id: str, view: TaskView | None = None) -> None:
-        """Track a task after a write to it: the invariants, its live lease, and whether
-        it is open.  ``view``: the task as loaded after the write, if already at hand."""
-        if view is None:
-            view = self.store.load(task_id)
-            if view is None:
-                return
-        status = self._inv.on_status(view)
-        leases = self._leases_of.get(task_id)
-        if leases:
-            # Forget the task's leases that ended: every one but its live lease.
-            lease = view.current_lease()
-            live = None if lease is None else lease.record_id
-            for record_id in [r for r in leases if r != live]:
-                del self._leases[record_id]
-                leases.discard(record_id)
-            if not leases:
-                del self._leases_of[task_id]
-        if status in TERMINAL:
-            inserted = self.store.insert_counts
-            if all(d.task_id in inserted for d in spawned_of(view)):
-                self._open.discard(task_id)
-                return
-        self._open.add(task_id)
-
-    def _insert_roots(
-        self, specs: tuple[TaskSpec, ...] | list[TaskSpec], now: datetime
-    ) -> list[str]:
-        ids = []
-        for _ in specs:
-            self._task_counter += 1
-            ids.append(f"t{self._task_counter}-{self.rng.getrandbits(32):08x}")
-        self._inv.roots.update(ids)
-        for task_id in ids:
-            self._inserted[task_id] = self.events
-            self._open.add(task_id)
-        fresh = iter(ids)
-        insert_queued(self.store, specs, now=now, new_id=fresh.__next__)
-        self._log("app", f"queued {','.join(ids)}")
-        return ids
-
-    # --- checks -------------------------------------------------------------------
-
-    def _check_liveness(self) -> None:
-        if self._check and any(s.up for s in self._servers.values()):
-            slack = to_us(self.timings.lease) + 2 * self._sweep_us + self._poll_us + self._retry_us
-            for record_id, (_task, start, timeout) in self._leases.items():
-                since = max(start, self._faults_end_us)
-                if self.clock.us - since > timeout + self._grace_us + slack:
-                    self._inv.fail(
-                        "terminal within the bound after faults stop",
-                        f"lease {record_id!r} has been live since {start / 1e6:.3f}s",
-                    )
-        if self._inv.violation is not None:
-            raise self._violation()
 
 
 #: gc's first threshold while the scheduler runs (the default is 700).
@@ -791,19 +468,3 @@ def _fewer_collections() -> Iterator[None]:
         yield
     finally:
         gc.set_threshold(*thresholds)
-
-
-def _dispatcher(store: MemoryStore) -> dict[type[Any], tuple[Callable[[Any], Any], str, bool]]:
-    """`tullius.store.PERFORMERS` bound to ``store``, with each operation's name
-    (`operation_name`, what faults aim at) and whether `Simulation._after_write`
-    tracks it (not in `_NO_CHECK`): one lookup per operation, and the simulator
-    performs tens of thousands per second."""
-    return {
-        kind: (partial(do, store), kind.__name__, kind.__name__ not in _NO_CHECK)
-        for kind, do in PERFORMERS.items()
-    }
-
-
-def _line(entry: tuple[int, str, object]) -> str:
-    what = entry[2] if isinstance(entry[2], str) else describe_op(entry[2])
-    return f"{entry[0] / 1e6:12.6f}s {entry[1]:<8} {what}"

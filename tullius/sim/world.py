@@ -208,7 +208,7 @@ def describe_op(op: object) -> str:
 class Drivers:
     """The driver loops of a simulated server and the running of user code.
 
-    A mixin of `tullius.sim.simulation.Simulation`, which owns the scheduler;
+    A mixin of `tullius.sim.simulation.Simulation` (the scheduler is `tullius.sim.scheduler`);
     kept apart so that each module stays readable.  Each loop is the daemon's
     recipe (claim, run under a deadline with heartbeats, finish with retries;
     sweep) written as an actor.
