@@ -4,8 +4,9 @@ Two threads, one rule each:
 
 * the **main thread** owns the worker processes: it starts them (once per
   band slot, replacing the dead and recycling the tired), sends them jobs,
-  reads their answers, and enforces deadlines by signalling process groups.
-  It never waits on the store, so a database outage can't delay a kill.
+  reads their answers, and enforces deadlines by signalling process groups
+  (`tullius.runtime.processes`).  It never waits on the store, so a database
+  outage can't delay a kill.
 * the **store threads** run every store conversation of ``engine.py`` with
   `engine.drive`: claims, finishes, renewals, sweeps and ``tullius.queue()``
   calls made by user code.  Several against a database (each conversation is
@@ -21,7 +22,6 @@ fate: the machine does, through the engine.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import random
@@ -39,20 +39,15 @@ from tullius.api import insert_queued
 from tullius.band import Band
 from tullius.clock import Clock, SystemClock
 from tullius.document import (
-    Failure,
     FailureKind,
     Status,
-    failure_from_bson,
-    failure_to_bson,
     status_of,
-    task_to_bson,
 )
 from tullius.engine import (
     CLAIM_READ,
     REUSE_CANDIDATES_FOR,
     Candidates,
     Job,
-    JobKind,
     Verdict,
     claim_many,
     drive,
@@ -60,10 +55,11 @@ from tullius.engine import (
     renew,
 )
 from tullius.errors import InvalidTransition, StoreError
-from tullius.events import Event, Failed, HandlerFailed, HandlerSucceeded, Succeeded
+from tullius.events import Event
 from tullius.policy import LeaseTimings
 from tullius.runtime.config import Settings
 from tullius.runtime.mongo_store import redact, short_error
+from tullius.runtime.processes import KILL_GRACE, WorkerKeeping, failure_event
 from tullius.runtime.slots import Counters, Finishing, Running, Slot, WorkerProcess
 from tullius.runtime.store_thread import StoreThread
 from tullius.runtime.sweeper import Sweeper
@@ -72,8 +68,6 @@ from tullius.store import Store
 
 log = logging.getLogger("tullius.daemon")
 
-#: Seconds between SIGTERM and SIGKILL for a task past its deadline.
-KILL_GRACE = 1.0
 #: After shutdown's grace, how long to keep trying to record the last verdicts.
 FINISH_GIVE_UP = 30.0
 #: Store conversations in flight at once against a database (claims of one band
@@ -85,7 +79,7 @@ MAX_WAIT = 0.5
 Observer = Callable[[Store], bool]
 
 
-class Supervisor:
+class Supervisor(WorkerKeeping):
     """Runs the daemon until stopped; see the module docstring.
 
     Args:
@@ -247,129 +241,7 @@ class Supervisor:
             self._store_down = False
             log.warning("store reachable again")
 
-    # --- workers -------------------------------------------------------------------
-
-    def _reap_and_spawn(self, now: float) -> None:
-        for slot in self.slots:
-            worker = slot.worker
-            if worker is not None and worker.exited() is not None:
-                self._read_worker(slot, now)  # a result it sent before dying still counts
-                if slot.worker is worker:
-                    self._worker_died(slot, worker, now)
-            wanted = not self._stopping or slot.running is not None
-            if slot.worker is None and wanted and now >= slot.next_spawn:
-                self._spawn(slot, now)
-        still: list[tuple[WorkerProcess, float]] = []
-        for worker, since in self._retiring:
-            if worker.exited() is not None:
-                worker.close()
-            elif now - since > KILL_GRACE * 5:
-                worker.signal_group(signal.SIGKILL)
-                still.append((worker, since))
-            else:
-                still.append((worker, since))
-        self._retiring = still
-
-    def _spawn(self, slot: Slot, now: float) -> None:
-        try:
-            slot.worker = WorkerProcess(slot.name)
-        except OSError as error:
-            slot.spawn_failures += 1
-            slot.next_spawn = now + min(0.1 * 2**slot.spawn_failures, 10.0)
-            log.error("can't start a worker process for band %s: %s", slot.band, error)
-            return
-        log.info("worker %s started (pid %d)", slot.name, slot.worker.pid)
-
-    def _worker_died(self, slot: Slot, worker: WorkerProcess, now: float) -> None:
-        code = worker.exited()
-        worker.close()
-        slot.worker = None
-        if not worker.ready:
-            # Died before it could take work (broken environment?): back off.
-            slot.spawn_failures += 1
-            slot.next_spawn = now + min(0.1 * 2**slot.spawn_failures, 10.0)
-            log.error("worker %s exited with status %s before it was ready", slot.name, code)
-        running = slot.running
-        if running is None or running.dispatched_at is None:
-            return  # an undispatched job waits for the replacement worker
-        slot.running = None
-        job = running.job
-        reason = running.kill_reason
-        if reason == "abandoned":
-            return
-        role = "run()" if job.kind is JobKind.RUN else "failed()"
-        if reason == "timeout":
-            self.counters.timeouts += 1
-            limit = (
-                job.view.task.timeout if job.kind is JobKind.RUN else job.view.task.handler_timeout
-            )
-            failure = self._failure(
-                FailureKind.TIMEOUT,
-                f"{role} did not finish within its timeout of {limit.total_seconds():g}s; "
-                "its process group was killed",
-            )
-        elif reason == "shutdown":
-            failure = self._failure(
-                FailureKind.SHUTDOWN,
-                f"the daemon stopped (grace of {self.settings.grace:g}s over) "
-                f"while {role} was running",
-            )
-        else:
-            self.counters.crashes += 1
-            how = (
-                f"was killed by signal {-code}"
-                if code is not None and code < 0
-                else f"exited with status {code}"
-            )
-            failure = self._failure(FailureKind.CRASHED, f"the worker process running {role} {how}")
-        log.info("task %s: %s", job.task_id, failure.message)
-        self._add_finishing(job, _failure_event(job, failure), now)
-
-    def _failure(self, kind: str, message: str) -> Failure:
-        return Failure(kind=kind, message=message, at=self.clock.now(), server=self.server)
-
-    def _read_worker(self, slot: Slot, now: float) -> None:
-        worker = slot.worker
-        while worker is not None and slot.worker is worker:
-            try:
-                if not worker.conn.poll():
-                    break
-                message = worker.conn.recv()
-            except (EOFError, OSError):
-                break  # it died; reaped on the next pass
-            except Exception as error:  # e.g. a pickle naming a class we can't import
-                log.error(
-                    "worker %s sent a message that can't be read (%s: %s); replacing it",
-                    slot.name,
-                    type(error).__name__,
-                    short_error(error),
-                )
-                worker.signal_group(signal.SIGKILL)
-                break
-            self._on_message(slot, worker, message, now)
-
-    def _read_workers(self, now: float) -> None:
-        for slot in self.slots:
-            self._read_worker(slot, now)
-        for slot in self.slots:
-            running = slot.running
-            if running is not None and running.dispatched_at is None:
-                self._dispatch(slot, running, now)
-
-    def _on_message(
-        self, slot: Slot, worker: WorkerProcess, message: tuple[Any, ...], now: float
-    ) -> None:
-        kind = message[0]
-        if kind == "ready":
-            worker.ready = True
-            slot.spawn_failures = 0
-        elif kind == "queue":
-            self._queue_for(worker, list(message[1]))
-        elif kind == "done":
-            self._job_done(slot, worker, message[1], now)
-        else:
-            log.error("worker %s sent an unknown message %r; replacing it", slot.name, kind)
-            worker.signal_group(signal.SIGKILL)
+    # --- store work ------------------------------------------------------------------
 
     def _queue_for(self, worker: WorkerProcess, specs: list[Any]) -> None:
         def work() -> list[str]:
@@ -389,117 +261,6 @@ class Supervisor:
                 worker.send(("queue_error", redact(f"{type(error).__name__}: {error}")))
 
         self._submit(work, done)
-
-    def _dispatch(self, slot: Slot, running: Running, now: float) -> None:
-        worker = slot.worker
-        if worker is None or not worker.ready:
-            return
-        job = running.job
-        failure = job.view.outcome.failure if job.view.outcome is not None else None
-        payload = {
-            "kind": job.kind.value,
-            "task": task_to_bson(job.view.task),
-            "failure": None if failure is None else failure_to_bson(failure),
-            "server": self.server,
-        }
-        if not worker.send(("job", payload)):
-            return
-        limit = job.view.task.timeout if job.kind is JobKind.RUN else job.view.task.handler_timeout
-        running.dispatched_at = now
-        running.deadline = now + limit.total_seconds()
-        log.info("task %s: %s started in worker %s", job.task_id, job.kind.value, slot.name)
-
-    def _job_done(
-        self, slot: Slot, worker: WorkerProcess, result: dict[str, Any], now: float
-    ) -> None:
-        running = slot.running
-        if running is None or running.dispatched_at is None:
-            log.error("worker %s reported a result for no job; replacing it", slot.name)
-            worker.signal_group(signal.SIGKILL)
-            return
-        if running.kill_reason is not None:
-            return  # too late: we are already stopping it, and its death decides
-        slot.running = None
-        job = running.job
-        worker.jobs_done += 1
-        if result.get("ok"):
-            specs = tuple(result.get("specs", ()))
-            event: Event = (
-                Succeeded(job.token, specs)
-                if job.kind is JobKind.RUN
-                else HandlerSucceeded(job.token, specs)
-            )
-        else:
-            failure = failure_from_bson(result["failure"])
-            failure = dataclasses.replace(
-                failure,
-                message=redact(failure.message),
-                traceback=None if failure.traceback is None else redact(failure.traceback),
-                server=self.server,
-            )
-            if failure.kind == FailureKind.UNLOADABLE:
-                log.warning("task %s: %s", job.task_id, failure.message)
-            event = _failure_event(job, failure)
-        self._add_finishing(job, event, now)
-        limit = self.settings.max_tasks_per_worker
-        if self._stopping or (limit and worker.jobs_done >= limit):
-            self._retire(slot, worker, now)
-
-    def _retire(self, slot: Slot, worker: WorkerProcess, now: float) -> None:
-        worker.send(("stop",))
-        self._retiring.append((worker, now))
-        slot.worker = None
-        slot.next_spawn = now
-
-    def _enforce_deadlines(self, now: float) -> None:
-        for slot in self.slots:
-            running, worker = slot.running, slot.worker
-            if running is not None and running.dispatched_at is None:
-                self._give_up_undispatched(slot, running, now)
-                continue
-            if running is None or worker is None or running.dispatched_at is None:
-                continue
-            if (
-                running.kill_reason is None
-                and running.deadline is not None
-                and now >= running.deadline
-            ):
-                running.kill_reason = "timeout"
-                self._terminate(worker, running, now)
-            if (
-                running.term_sent_at is not None
-                and not running.killed
-                and now >= running.term_sent_at + KILL_GRACE
-            ):
-                running.killed = True
-                worker.signal_group(signal.SIGKILL)
-
-    def _give_up_undispatched(self, slot: Slot, running: Running, now: float) -> None:
-        """A job whose worker died before it started, and that no new worker could take
-        within the job's own timeout plus a lease, fails as crashed (else it would stay
-        claimed, its lease renewed, for as long as no worker can start)."""
-        job = running.job
-        limit = job.view.task.timeout if job.kind is JobKind.RUN else job.view.task.handler_timeout
-        wait = limit.total_seconds() + self.timings.lease.total_seconds()
-        if running.claimed_at is None or now < running.claimed_at + wait:
-            return
-        slot.running = None
-        self.counters.crashes += 1
-        role = "run()" if job.kind is JobKind.RUN else "failed()"
-        failure = self._failure(
-            FailureKind.CRASHED,
-            f"the worker process claimed to run {role} died before it started, and no "
-            f"worker process could be started within {wait:g}s (its timeout and a lease)",
-        )
-        log.warning("task %s: %s", job.task_id, failure.message)
-        self._add_finishing(job, _failure_event(job, failure), now)
-
-    def _terminate(self, worker: WorkerProcess, running: Running, now: float) -> None:
-        log.info("task %s: stopping its worker (%s)", running.job.task_id, running.kill_reason)
-        running.term_sent_at = now
-        worker.signal_group(signal.SIGTERM)
-
-    # --- store work ------------------------------------------------------------------
 
     def _schedule_store_work(self, now: float) -> None:
         self._schedule_finishes(now)
@@ -751,7 +512,7 @@ class Supervisor:
                 failure = self._failure(
                     FailureKind.SHUTDOWN, "the daemon stopped before the job started"
                 )
-                self._add_finishing(running.job, _failure_event(running.job, failure), now)
+                self._add_finishing(running.job, failure_event(running.job, failure), now)
             elif running.kill_reason is None and slot.worker is not None:
                 running.kill_reason = "shutdown"
                 self._terminate(slot.worker, running, now)
@@ -786,9 +547,3 @@ class Supervisor:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.proc.wait(timeout=5)
             worker.close()
-
-
-def _failure_event(job: Job, failure: Failure) -> Event:
-    return (
-        Failed(job.token, failure) if job.kind is JobKind.RUN else HandlerFailed(job.token, failure)
-    )
