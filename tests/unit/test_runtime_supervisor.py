@@ -8,6 +8,7 @@ observer hook; nothing asserts how long anything took.
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -98,3 +99,27 @@ def _terminal(store: Store, task_id: str) -> bool:
 def test_quick_example_class_is_five_times_faster() -> None:
     assert QuickExampleTask.timeout == timedelta(seconds=1)
     assert QuickExampleTask.seconds_per_count == 0.2
+
+
+def test_a_sweep_leaves_alone_the_leases_of_our_own_claims_still_in_flight() -> None:
+    # Given a supervisor whose claim has stored its lease but whose answer is not
+    # yet collected (on MongoDB a slow claim runs beside sweeps on other threads)
+    store = MemoryStore()
+    root = queue_demo(store, quick=True, count_to=1)
+    supervisor = Supervisor(store, settings())
+    seen: list[frozenset[str]] = []
+    supervisor.sweeper.work = lambda own: seen.append(own) or (lambda: None)  # type: ignore[method-assign]
+    try:
+        supervisor._claim_for(list(supervisor.slots), supervisor.settings.bands[0], 0)
+        deadline = time.monotonic() + 60  # the claim runs on the store thread
+        while (view := store.load(root)) is None or view.current_lease() is None:
+            assert time.monotonic() < deadline, "the claim stored no lease within 60 s"
+            time.sleep(0.01)
+        # When a sweep is scheduled meanwhile
+        supervisor._schedule_sweep()
+        # Then it counts that lease as ours, so it can never fail it as lost
+        lease = view.current_lease()
+        assert lease is not None
+        assert lease.token in seen[0]
+    finally:
+        supervisor._store_thread.close()

@@ -120,6 +120,8 @@ class Supervisor(WorkerKeeping):
         self._next_poll = [0.0] * len(settings.bands)
         self._band_claiming = [False] * len(settings.bands)
         self._candidates = [Candidates(REUSE_CANDIDATES_FOR) for _ in settings.bands]
+        #: Tokens of claims on the store thread: their leases may already be stored.
+        self._claim_tokens: set[str] = set()
         self._finishing: list[Finishing] = []
         self._retiring: list[tuple[WorkerProcess, float]] = []
         # MemoryStore is not thread-safe; a real database serves conversations in parallel.
@@ -292,6 +294,8 @@ class Supervisor(WorkerKeeping):
             slot.claiming = True
         self._band_claiming[band_index] = True
         workers = [(slot.name, uuid.uuid4().hex) for slot in slots]
+        tokens = {token for _, token in workers}
+        self._claim_tokens |= tokens
         started = time.monotonic()
         candidates = self._candidates[band_index]
 
@@ -313,6 +317,7 @@ class Supervisor(WorkerKeeping):
             for slot in slots:
                 slot.claiming = False
             self._band_claiming[band_index] = False
+            self._claim_tokens -= tokens
             now = time.monotonic()
             error = future.exception()
             if error is not None:
@@ -444,9 +449,13 @@ class Supervisor(WorkerKeeping):
         self._submit(lambda: drive(self.store, renew(running.job)), done)
 
     def _schedule_sweep(self) -> None:
+        # Claims still in flight count as ours: a claim stores its lease before it
+        # returns, and a slow one (a loaded database) could otherwise be watched by
+        # our own sweeps, on other store threads, until they fail it as lost.
         own = frozenset(
             [s.running.job.token for s in self.slots if s.running is not None]
             + [item.job.token for item in self._finishing]
+            + list(self._claim_tokens)
         )
 
         def done(future: Future[Any]) -> None:
