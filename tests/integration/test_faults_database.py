@@ -148,6 +148,13 @@ def test_connections_reset_under_load(scenario: Scenario, proxy: TcpProxy) -> No
     daemons = [scenario.daemon(n, uri=proxy.uri, processes=["2:0-10"], lease=3) for n in ("a", "b")]
     scenario.queue(*[Chain(marks=scenario.marks, left=1, pause=0.05, retries=2) for _ in range(60)])
     scenario.queue(*[Raises(marks=scenario.marks) for _ in range(10)])
+    # (started, connected through the proxy and working: a loaded machine may take a while)
+    wait_for(
+        lambda: _run_count(scenario) >= 1,
+        120,
+        "a run before the connections are reset",
+        on_timeout=scenario.describe,
+    )
 
     # When every connection is reset again and again while they work (a bounded number of times)
     resets = 0
