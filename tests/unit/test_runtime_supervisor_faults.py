@@ -111,6 +111,13 @@ Supervisor(store, Settings(bands=(Band(1, 0, 10),), embedded=True, server_name="
 """
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time ``pid`` has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -151,13 +158,19 @@ def test_worker_holding_the_gil_does_not_outlive_a_killed_daemon(
     daemon = subprocess.Popen([sys.executable, "-c", DAEMON, "user_gil_tasks:Spin", str(pidfile)])
     worker = 0
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # a python daemon, then its worker, start
         while not pidfile.exists():
             assert time.monotonic() < deadline
             assert daemon.poll() is None
             time.sleep(0.05)
         worker = int(pidfile.read_text())
-        time.sleep(0.3)  # well inside sum()
+        # Wait until it spins in sum(): CPU time it used after writing its pid file
+        spun_from = _cpu_seconds(worker)
+        deadline = time.monotonic() + 60
+        while _cpu_seconds(worker) - spun_from < 0.2:
+            assert time.monotonic() < deadline, "the task did not start spinning within 60 s"
+            assert daemon.poll() is None
+            time.sleep(0.05)
         # When the daemon is killed with SIGKILL
         daemon.kill()
         daemon.wait()
