@@ -280,6 +280,9 @@ class Drivers:
                 yield Nap(c, None)
                 continue
             workers = [(name, self._new_token()) for _, name in idle]
+            # As the daemon: the leases of a claim in flight are ours to our sweeper.
+            claiming = {token for _, token in workers}
+            server.tokens |= claiming
             started, now = self.events, server.clock.now()
             docs = c.candidates.docs
             kept = {doc.task_id for doc in docs} if c.candidates.fresh(now) else set()
@@ -295,9 +298,11 @@ class Drivers:
                     candidates=c.candidates,
                 )
             except StoreError:  # as the daemon: read afresh after the store's retry delay
+                server.tokens -= claiming
                 c.candidates.forget()
                 yield Nap(c, self._retry_us)
                 continue
+            server.tokens -= claiming - {job.token for job in jobs}  # claimed: ours till done
             if c.candidates.docs is not docs:  # this claim read them
                 c.read = (started, now)
             index_of = {name: index for index, name in idle}
