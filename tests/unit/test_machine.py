@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from datetime import timedelta
 
@@ -142,6 +143,35 @@ def test_a_failed_handler_is_retried_after_backoff() -> None:
     assert step(result.view, HandlerClaimed("h2", "s2"), now=retry_at).status is Status.HANDLING
 
 
+def test_a_handler_that_succeeds_on_a_later_attempt_inserts_its_replacements() -> None:
+    # Given a task whose first attempt at failed() failed and whose second is running
+    retry_at = T0 + handler_backoff(1)
+    view = step(handling(), HandlerFailed("h", BOOM), now=T0).view
+    view = step(view, HandlerClaimed("h2", "s2", "w2"), now=retry_at).view
+    # When the second attempt returns a replacement
+    result = step(view, HandlerSucceeded("h2", (SPEC,)), now=retry_at)
+    # Then that replacement is inserted before the hint settles as handled
+    replacements = spawn(view.task, (SPEC,), Origin.REPLACEMENT, retry_at)
+    assert result.status is Status.HANDLED
+    assert result.effects[1:] == (InsertTasks(replacements), SetStatus("t", Status.HANDLED, None))
+
+
+def test_failed_is_retried_at_most_five_minutes_after_it_failed_however_often() -> None:
+    # Given a task allowed many attempts at failed(), nine of which have failed
+    view, now = TaskView(dataclasses.replace(make_doc("t"), handler_attempts=20)), T0
+    view = step(step(view, Claimed("a", "s1"), now=now).view, Failed("a", BOOM), now=now).view
+    for attempt in range(1, 10):
+        view = step(view, HandlerClaimed(f"h{attempt}", "s2"), now=now).view
+        view = step(view, HandlerFailed(f"h{attempt}", BOOM), now=now).view
+        now += handler_backoff(attempt)
+    # When the tenth attempt fails too
+    view = step(view, HandlerClaimed("h10", "s2"), now=now).view
+    result = step(view, HandlerFailed("h10", BOOM), now=now)
+    # Then the next attempt is due after the five-minute cap, not after 2**9 seconds
+    assert result.record is not None
+    assert result.record.retry_at == now + timedelta(minutes=5)
+
+
 def test_backoff_jitter_comes_from_the_rng_argument() -> None:
     one = step(handling(), HandlerFailed("h", BOOM), now=T0, rng=random.Random(1)).record
     two = step(handling(), HandlerFailed("h", BOOM), now=T0, rng=random.Random(1)).record
@@ -190,6 +220,18 @@ def test_sweeping_a_task_with_a_stale_hint_repairs_hint_and_inserts() -> None:
     stale = TaskView(running().task, decided.view.records)  # crashed before the inserts
     assert stale.task.status is Status.QUEUED
     assert step(stale, Swept(), now=T0).effects == decided.effects[1:]
+
+
+def test_sweeping_a_failed_task_whose_hint_lags_only_in_its_due_time_repairs_it() -> None:
+    # Given a task whose first attempt at failed() failed, to be retried after backoff,
+    retried = step(handling(), HandlerFailed("h", BOOM), now=T0).view
+    # whose hint still says failed, due when the run failed (both later hint writes lost)
+    hint = dataclasses.replace(make_doc("t"), status=Status.FAILED, due_at=T0)
+    lagging = TaskView(hint, retried.records)
+    # When it is swept
+    effects = step(lagging, Swept(), now=T0).effects
+    # Then the hint is moved to the retry time, so claimers don't try it before then
+    assert effects == (SetStatus("t", Status.FAILED, T0 + handler_backoff(1)),)
 
 
 def test_invalid_transition_message_names_the_event_status_and_task() -> None:
