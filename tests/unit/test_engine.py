@@ -12,7 +12,7 @@ from tullius.document import Failure, FailureKind, Status, TaskSpec, run_id, sta
 from tullius.engine import Candidates, Job, JobKind, claim, claim_many, drive, finish, renew, sweep
 from tullius.errors import StoreError
 from tullius.events import Failed, HandlerSucceeded, Succeeded
-from tullius.policy import LeaseWatch
+from tullius.policy import LeaseTimings, LeaseWatch
 from tullius.sim.memory_store import MemoryStore
 from tullius.store import FindDue, perform
 
@@ -111,6 +111,23 @@ def test_a_late_result_after_the_lease_was_declared_lost_is_rejected() -> None:
     assert status_of(store.load("a")) is Status.FAILED
 
 
+def test_an_owner_whose_run_was_declared_lost_learns_it_while_failed_runs_elsewhere() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a")])
+    job = claim_one(store, "a")
+    # Given a run declared lost by another server, whose failed() another worker now runs
+    watch = LeaseWatch(timedelta(seconds=15))
+    drive(store, sweep(watch, observer="s2", now=T0, monotonic=lambda: 0.0))
+    assert drive(store, sweep(watch, observer="s2", now=T0, monotonic=lambda: 15.0)).expired
+    handler = claim_one(store, "h")
+    assert handler.kind is JobKind.HANDLE
+    # When the run's owner renews its lease
+    renewed = drive(store, renew(job))
+    # Then it learns the run is no longer its own (the live lease is the handler's)
+    assert renewed is False
+    assert drive(store, renew(handler)) is True
+
+
 def test_a_lease_that_keeps_beating_is_never_declared_lost() -> None:
     store = MemoryStore()
     store.insert_tasks([make_doc("a")])
@@ -139,6 +156,70 @@ def test_a_beat_read_late_in_a_slow_sweep_is_dated_when_it_was_read() -> None:
     # and it is once 15 s have passed since that reading.
     report = drive(store, sweep(watch, observer="s2", now=T0, monotonic=lambda: 25.0))
     assert report.expired == [run_id("a")]
+
+
+def test_a_slow_read_of_an_unchanged_beat_is_judged_from_when_it_was_asked() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a")])
+    claim_one(store, "a")
+    watch = LeaseWatch(timedelta(seconds=15))
+    # Given a sweeper that saw the lease's beat at 0 s
+    assert drive(store, sweep(watch, observer="s2", now=T0, monotonic=lambda: 0.0)).expired == []
+    # When its next load, which finds the beat unchanged, is asked at 10 s and answered at
+    # 20 s (a slow store: the owner may have been seen alive as late as 10 s)
+    readings = iter([10.0, 20.0])
+    report = drive(store, sweep(watch, observer="s2", now=T0, monotonic=readings.__next__))
+    # Then the lease has been silent for 10 s at most, not 20 s: it is not stale
+    assert report.expired == []
+
+
+def sweeps_until_expired(
+    timings: LeaseTimings, *, beats: list[float], sweeps_from: float
+) -> float | None:
+    """Beat at ``beats`` (seconds) and sweep from ``sweeps_from`` every ``timings.sweep``,
+    a beat before a sweep at the same instant, for two leases; when the run was declared
+    lost, or None."""
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a")])
+    job = claim_one(store, "a")
+    watch = LeaseWatch(timings.stale_after)
+    lease, sweep_every = timings.lease.total_seconds(), timings.sweep.total_seconds()
+    sweeps = [sweeps_from + k * sweep_every for k in range(int(2 * lease / sweep_every) + 1)]
+    for at, is_sweep in sorted([(at, False) for at in beats] + [(at, True) for at in sweeps]):
+        if not is_sweep:
+            drive(store, renew(job))
+            continue
+        report = drive(store, sweep(watch, observer="s2", now=T0, monotonic=partial(float, at)))
+        if report.expired:
+            return at
+    return None
+
+
+def test_a_live_owner_that_misses_two_beats_in_a_row_keeps_its_lease() -> None:
+    timings = LeaseTimings(timedelta(seconds=30))
+    beat = timings.heartbeat.total_seconds()
+    # Given an owner beating every heartbeat whose first two beats are lost (a slow store)
+    beats = [k * beat for k in range(3, int(60 / beat) + 1)]
+    # When another server sweeps every sweep period
+    expired_at = sweeps_until_expired(timings, beats=beats, sweeps_from=0.0)
+    # Then the run is never declared lost: only three missed beats in a row make it stale
+    assert expired_at is None
+
+
+def test_a_dead_owners_run_is_declared_lost_within_five_sixths_of_the_lease() -> None:
+    timings = LeaseTimings(timedelta(seconds=30))
+    beat, sweep_every = timings.heartbeat.total_seconds(), timings.sweep.total_seconds()
+    for fraction in (0.02, 0.2, 0.5, 0.8, 0.98):
+        # Given an owner that beats twice, then dies right after its beat at 2 heartbeats
+        died = 2 * beat
+        # When another server sweeps every sweep period, at any phase
+        phase = fraction * sweep_every
+        expired_at = sweeps_until_expired(timings, beats=[beat, died], sweeps_from=phase)
+        # Then the run is declared lost within 5/6 of the lease after the death (a sweep to
+        # see the last beat, half a lease of silence, a sweep to act), leaving the last
+        # sixth for the store's round trips
+        assert expired_at is not None
+        assert expired_at - died <= timings.lease.total_seconds() * 5 / 6, phase
 
 
 def test_a_sweeper_never_expires_its_own_leases() -> None:
