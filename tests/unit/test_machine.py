@@ -180,6 +180,23 @@ def test_backoff_jitter_comes_from_the_rng_argument() -> None:
     assert one.retry_at == two.retry_at
 
 
+class LowestDraw(random.Random):
+    """A random source whose every draw is the lowest possible, 0.0."""
+
+    def random(self) -> float:
+        return 0.0
+
+
+def test_a_jittered_retry_of_failed_waits_at_least_half_its_backoff() -> None:
+    # Given a driver whose random source draws the lowest jitter
+    rng = LowestDraw()
+    # When a handler attempt fails
+    result = step(handling(), HandlerFailed("h", BOOM), now=T0, rng=rng)
+    # Then the retry still waits half the nominal backoff, never less
+    assert result.record is not None
+    assert result.record.retry_at == T0 + handler_backoff(1) / 2
+
+
 def test_the_last_failed_handler_attempt_leaves_the_task_unhandled() -> None:
     view, now = failed(), T0
     for attempt in range(1, 4):
@@ -202,6 +219,23 @@ def test_a_handler_whose_lease_expires_counts_as_a_failed_attempt() -> None:
     assert result.record.record_id == handler_end_id("t", 1)
     assert result.record.failure is not None
     assert result.record.failure.kind == FailureKind.LOST
+
+
+def test_a_last_handler_attempt_whose_lease_expires_leaves_the_task_unhandled() -> None:
+    # Given a task whose failed() has failed twice and whose third and last attempt is running
+    view, now = failed(), T0
+    for attempt in range(1, 3):
+        view = step(view, HandlerClaimed(f"h{attempt}", "s2"), now=now).view
+        view = step(view, HandlerFailed(f"h{attempt}", BOOM), now=now).view
+        now += handler_backoff(attempt)
+    view = step(view, HandlerClaimed("h3", "s2"), now=now).view
+    # When its server stops renewing the lease and another server declares it lost
+    result = step(view, LeaseExpired(handler_id("t", 3), "s9"), now=now)
+    # Then the task is unhandled, with no retry, and its hint says so
+    assert result.status is Status.UNHANDLED
+    assert result.record is not None
+    assert result.record.retry_at is None
+    assert result.effects[1:] == (SetStatus("t", Status.UNHANDLED, None),)
 
 
 def test_terminal_statuses_accept_only_sweeps() -> None:
