@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 import tullius
-from tullius.document import Record, Status, TaskDoc
+from tests.store_contract import make_doc, make_record
+from tullius.document import Origin, Record, RecordKind, Status, TaskDoc, outcome_id
 from tullius.sim import (
     InvariantViolation,
     ServerClock,
@@ -30,6 +31,7 @@ from tullius.sim import (
 )
 from tullius.sim import simulation as simulation_module
 from tullius.sim.clock import to_us
+from tullius.sim.invariants import Invariants
 from tullius.sim.memory_store import MemoryStore
 from tullius.testing import assert_chain, assert_outcomes, describe_chain, expect
 
@@ -244,6 +246,89 @@ def test_the_invariants_catch_a_claim_that_skips_more_urgent_work(
         with pytest.raises(InvariantViolation) as caught:
             sim.drain(within=timedelta(minutes=5))
         assert caught.value.promise == "priority order"
+
+
+def outcome_of(task_id: str, token: str) -> Record:
+    """An accepted ``ok`` outcome of ``task_id`` with no successors, stored by ``token``."""
+    return make_record(
+        task_id, token=token, record_id=outcome_id(task_id), kind=RecordKind.OUTCOME, ok=True
+    )
+
+
+def test_the_invariants_catch_one_outcome_accepted_for_two_drivers() -> None:
+    # Given a checker that saw the outcome of "t" accepted for its owner "a"
+    invariants = Invariants()
+    invariants.on_accepted(outcome_of("t", "a"), "a", make_record("t", token="a"))
+    assert invariants.violation is None
+    # When another driver, "b", is told the outcome it stored was accepted too
+    invariants.on_accepted(outcome_of("t", "b"), "b", None)
+    # Then the checker reports two accepted outcomes for one run
+    assert invariants.violation is not None
+    assert invariants.violation.promise == "one accepted outcome"
+
+
+@pytest.mark.parametrize(
+    ("stored_token", "owner_token"), [("rival", "a"), ("a", "rival")], ids=["record", "lease"]
+)
+def test_the_invariants_catch_a_result_accepted_for_a_driver_that_does_not_own_it(
+    stored_token: str, owner_token: str
+) -> None:
+    # Given a checker
+    invariants = Invariants()
+    # When driver "a" is told its result was accepted, but the stored record, or the
+    # lease it ended, carries another token
+    invariants.on_accepted(outcome_of("t", stored_token), "a", make_record("t", token=owner_token))
+    # Then the checker reports a result accepted from someone other than the owner
+    assert invariants.violation is not None
+    assert invariants.violation.promise == "accepted result comes from the owner"
+
+
+def test_the_invariants_catch_a_task_nobody_queued_or_spawned() -> None:
+    # Given a store holding a root task "p", queued by the application, whose run
+    # succeeded with no successors
+    store = MemoryStore()
+    store.insert_tasks([make_doc("p")])
+    store.insert_record(make_record("p"))
+    store.insert_record(outcome_of("p", "tok"))
+    stray_root = make_doc("stray")
+    stray_child = dataclasses.replace(make_doc("child"), origin=Origin.SUCCESSOR, parent_id="p")
+    store.insert_tasks([stray_root, stray_child])
+    for doc, promise in (
+        (make_doc("p"), None),
+        (stray_root, "conservation"),
+        (stray_child, "conservation"),
+    ):
+        invariants = Invariants()
+        invariants.roots.add("p")
+        # When it is told of the insert of "p", of a root nobody queued, or of a
+        # successor of "p" that its outcome does not list
+        invariants.on_tasks_inserted([doc], store.insert_counts, store.load)
+        # Then only the last two break conservation
+        violation = invariants.violation
+        assert (violation and violation.promise) == promise, doc.task_id
+
+
+def test_the_invariants_catch_a_task_inserted_twice() -> None:
+    # Given a checker that knows "r" was queued by the application
+    invariants = Invariants()
+    invariants.roots.add("r")
+    # When the store reports that "r" was newly inserted twice
+    invariants.on_tasks_inserted([make_doc("r")], {"r": 2}, lambda task_id: None)
+    # Then the checker reports it
+    assert invariants.violation is not None
+    assert invariants.violation.promise == "each task inserted once"
+
+
+def test_the_invariants_catch_a_run_a_microsecond_longer_than_allowed() -> None:
+    # Given a checker
+    invariants = Invariants()
+    # When a run lasted exactly its allowance, then another one microsecond more
+    invariants.on_run_length("run of t", 5_000_000, 5_000_000)
+    assert invariants.violation is None
+    invariants.on_run_length("run of u", 5_000_001, 5_000_000)
+    # Then only the second breaks the timeout promise
+    assert invariants.violation is not None
+    assert invariants.violation.promise == "no run longer than its timeout"
 
 
 class ReadsGcThreshold(tullius.Task):
