@@ -8,7 +8,15 @@ from functools import partial
 
 from tests.store_contract import T0, make_doc, make_record
 from tullius.band import Band
-from tullius.document import Failure, FailureKind, Status, TaskSpec, run_id, status_of
+from tullius.document import (
+    Failure,
+    FailureKind,
+    Status,
+    TaskSpec,
+    handler_id,
+    run_id,
+    status_of,
+)
 from tullius.engine import Candidates, Job, JobKind, claim, claim_many, drive, finish, renew, sweep
 from tullius.errors import StoreError
 from tullius.events import Failed, HandlerSucceeded, Succeeded
@@ -63,6 +71,22 @@ def test_a_claim_that_loses_the_race_repairs_the_stale_hint_and_moves_on() -> No
     job = claim_one(store, "loser")
     assert job.task_id == "b"
     assert store.load("a").task.status is Status.RUNNING
+
+
+def test_a_failure_whose_handler_a_rival_claimed_gets_its_hint_repaired_for_the_sweeps() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a")])
+    drive(store, finish(claim_one(store, "a"), Failed("a", BOOM), now=T0))
+    # Given a rival that claimed failed() of "a" and crashed before setting the hint,
+    # which still says failed (sweeps, which only read running and handling hints,
+    # would never see the rival's lease expire)
+    store.insert_record(make_record("a", token="rival", record_id=handler_id("a", 1), attempt=1))
+    assert store.load("a").task.status is Status.FAILED
+    # When a worker tries to claim it
+    job = claim_one(store, "h")
+    # Then it gets nothing, and leaves the hint saying handling
+    assert job is None
+    assert store.load("a").task.status is Status.HANDLING
 
 
 def test_successors_are_inserted_once_with_ids_derived_from_the_parent() -> None:
