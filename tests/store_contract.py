@@ -170,6 +170,19 @@ class StoreContract:
         assert [doc.task_id for doc in found] == ["p1", "p1-later", "p3"]
         assert [d.task_id for d in store.find_due([Status.QUEUED], 0, 10, now, 2)] == ["p0", "p1"]
 
+    def test_find_due_returns_a_task_due_exactly_now_and_not_a_millisecond_before(
+        self, store: Any
+    ) -> None:
+        # Given a task whose start is a whole millisecond, exactly as stored
+        start = T0.replace(microsecond=0) + timedelta(seconds=1)
+        store.insert_tasks([make_doc("t1", start_after=start)])
+        # When due work is read at that very instant, and a millisecond before it
+        at_start = store.find_due([Status.QUEUED], 0, 10, start, 10)
+        before = store.find_due([Status.QUEUED], 0, 10, start - timedelta(milliseconds=1), 10)
+        # Then it is due at its start (as `machine.step` lets it be claimed then), not before
+        assert [doc.task_id for doc in at_start] == ["t1"]
+        assert before == []
+
     def test_find_due_only_returns_the_asked_status(self, store: Any) -> None:
         store.insert_tasks([make_doc("a"), make_doc("b")])
         store.set_status("b", Status.FAILED, T0)
