@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -197,12 +197,18 @@ def test_a_jittered_retry_of_failed_waits_at_least_half_its_backoff() -> None:
     assert result.record.retry_at == T0 + handler_backoff(1) / 2
 
 
-def test_the_last_failed_handler_attempt_leaves_the_task_unhandled() -> None:
+def after_failed_handler_attempts(attempts: int) -> tuple[TaskView, datetime]:
+    """A failed task whose ``failed()`` failed ``attempts`` times, and when it may retry."""
     view, now = failed(), T0
-    for attempt in range(1, 4):
+    for attempt in range(1, attempts + 1):
         view = step(view, HandlerClaimed(f"h{attempt}", "s2"), now=now).view
         view = step(view, HandlerFailed(f"h{attempt}", BOOM), now=now).view
         now += handler_backoff(attempt)
+    return view, now
+
+
+def test_the_last_failed_handler_attempt_leaves_the_task_unhandled() -> None:
+    view, now = after_failed_handler_attempts(3)
     assert status_of(view) is Status.UNHANDLED
     last = view.handler_end(3)
     assert last is not None
@@ -223,11 +229,7 @@ def test_a_handler_whose_lease_expires_counts_as_a_failed_attempt() -> None:
 
 def test_a_last_handler_attempt_whose_lease_expires_leaves_the_task_unhandled() -> None:
     # Given a task whose failed() has failed twice and whose third and last attempt is running
-    view, now = failed(), T0
-    for attempt in range(1, 3):
-        view = step(view, HandlerClaimed(f"h{attempt}", "s2"), now=now).view
-        view = step(view, HandlerFailed(f"h{attempt}", BOOM), now=now).view
-        now += handler_backoff(attempt)
+    view, now = after_failed_handler_attempts(2)
     view = step(view, HandlerClaimed("h3", "s2"), now=now).view
     # When its server stops renewing the lease and another server declares it lost
     result = step(view, LeaseExpired(handler_id("t", 3), "s9"), now=now)
