@@ -108,10 +108,23 @@ class Claimer:
 
     ``nap`` counts naps so that a poke makes the pending wake-up stale; ``read``
     is ``(event count, now)`` of the claim that last read candidates, what the
-    priority-order invariant compares a claim with.
+    priority-order invariant compares a claim with.  ``claiming`` holds the
+    ``(worker, token)`` pairs of the claim in flight: its leases may be stored
+    already, so the server's sweeper counts them as its own (as the daemon's).
     """
 
-    __slots__ = ("actor", "band", "busy", "candidates", "nap", "napping", "poked", "read", "slots")
+    __slots__ = (
+        "actor",
+        "band",
+        "busy",
+        "candidates",
+        "claiming",
+        "nap",
+        "napping",
+        "poked",
+        "read",
+        "slots",
+    )
 
     def __init__(self, band: Band, slots: list[tuple[int, str]]) -> None:
         self.band = band
@@ -123,6 +136,7 @@ class Claimer:
         self.napping = False
         self.poked = False
         self.read: tuple[int, datetime] | None = None
+        self.claiming: list[tuple[str, str]] = []
 
 
 @dataclass(eq=False)
@@ -280,9 +294,9 @@ class Drivers:
                 yield Nap(c, None)
                 continue
             workers = [(name, self._new_token()) for _, name in idle]
-            # As the daemon: the leases of a claim in flight are ours to our sweeper.
-            claiming = {token for _, token in workers}
-            server.tokens |= claiming
+            # As the daemon: the leases of a claim in flight are ours to our sweeper
+            # (kept as the list, not added to a set: most claims find nothing).
+            c.claiming = workers
             started, now = self.events, server.clock.now()
             docs = c.candidates.docs
             kept = {doc.task_id for doc in docs} if c.candidates.fresh(now) else set()
@@ -298,11 +312,13 @@ class Drivers:
                     candidates=c.candidates,
                 )
             except StoreError:  # as the daemon: read afresh after the store's retry delay
-                server.tokens -= claiming
+                c.claiming = []
                 c.candidates.forget()
                 yield Nap(c, self._retry_us)
                 continue
-            server.tokens -= claiming - {job.token for job in jobs}  # claimed: ours till done
+            c.claiming = []
+            if jobs:
+                server.tokens.update(job.token for job in jobs)  # claimed: ours till done
             if c.candidates.docs is not docs:  # this claim read them
                 c.read = (started, now)
             index_of = {name: index for index, name in idle}
@@ -388,7 +404,9 @@ class Drivers:
                     observer=server.name,
                     now=server.clock.now(),
                     monotonic=server.clock.monotonic,
-                    own_tokens=frozenset(server.tokens),
+                    own_tokens=frozenset(server.tokens).union(
+                        token for c in server.claimers for _, token in c.claiming
+                    ),
                     rng=self.rng,
                 )
                 if report.expired:
