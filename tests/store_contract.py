@@ -7,6 +7,7 @@ tests/integration runs it on `MongoStore` over a real MongoDB-wire server.
 
 from __future__ import annotations
 
+import enum
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,6 +28,14 @@ from tullius.document import (
 )
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+class Color(enum.StrEnum):
+    RED = "red"
+
+
+class Size(enum.IntEnum):
+    BIG = 3
 
 
 def make_doc(
@@ -73,6 +82,16 @@ class StoreContract:
         assert view.task.fields["items"] == [1, "two"]
         assert view.task.fields["when"] == T0.replace(microsecond=123000)
         assert view.records == {}
+
+    def test_a_field_of_a_builtin_subclass_loads_back_as_the_builtin(self, store: Any) -> None:
+        doc = make_doc("t1", color=Color.RED, size=Size.BIG, labels={Color.RED: Size.BIG})
+        store.insert_tasks([doc])
+        fields = store.load("t1").task.fields
+        assert fields == {"color": "red", "size": 3, "labels": {"red": 3}}
+        assert type(fields["color"]) is str
+        assert type(fields["size"]) is int
+        assert [type(key) for key in fields["labels"]] == [str]
+        assert type(fields["labels"]["red"]) is int
 
     def test_loading_a_missing_task_returns_none(self, store: Any) -> None:
         assert store.load("nope") is None

@@ -22,7 +22,7 @@ import dataclasses
 import enum
 import hashlib
 from base64 import b32encode
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
@@ -433,21 +433,42 @@ def due_at_of(view: TaskView) -> datetime | None:
 
 
 def stored_time(when: datetime) -> datetime:
-    """``when`` as the store keeps it: aware UTC, truncated to milliseconds (BSON's precision)."""
+    """``when`` as the store keeps it: a plain aware UTC ``datetime`` (not a subclass),
+    truncated to milliseconds (BSON's precision)."""
     if when.tzinfo is None:
         raise ValueError(f"naive datetime {when!r}; expected an aware datetime")
     when = when.astimezone(UTC)
+    if type(when) is not datetime:  # a pendulum time, say: BSON gives back a datetime
+        when = datetime(*when.timetuple()[:6], when.microsecond, tzinfo=UTC)
     return when.replace(microsecond=when.microsecond // 1000 * 1000)
 
 
+#: Value types a BSON round trip gives back as they are.
+_AS_STORED: Final = frozenset({str, int, float, bool, bytes, type(None)})
+#: A subclass of a builtin comes back as the builtin (a ``StrEnum`` member as its str).
+_BUILTIN_OF: Final[tuple[tuple[type, Callable[[Any], Any]], ...]] = (
+    (str, str.__str__),
+    (int, int.__int__),
+    (float, float.__float__),
+    (bytes, bytes.__bytes__),
+)
+
+
 def stored_value(value: Any) -> Any:
-    """A field value as it comes back from the store (tuples become lists, times lose µs)."""
+    """A field value as it comes back from the store: tuples become lists, times
+    lose µs, and subclasses of builtin types (a ``StrEnum`` member, a pendulum
+    time) become the builtin type, in values and in keys."""
+    if type(value) in _AS_STORED:
+        return value
     if isinstance(value, datetime):
         return stored_time(value)
     if isinstance(value, list | tuple):
         return [stored_value(item) for item in value]
     if isinstance(value, dict):
-        return {key: stored_value(item) for key, item in value.items()}
+        return {str.__str__(key): stored_value(item) for key, item in value.items()}
+    for builtin, convert in _BUILTIN_OF:
+        if isinstance(value, builtin):
+            return convert(value)
     return value
 
 

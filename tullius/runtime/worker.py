@@ -49,6 +49,8 @@ from tullius.document import (
     TaskSpec,
     failure_from_bson,
     failure_to_bson,
+    stored_time,
+    stored_value,
     task_from_bson,
 )
 from tullius.errors import StoreError, TaskDefinitionError, UnknownTaskClass
@@ -152,7 +154,7 @@ class _Supervisor:
 
 
 def plain_specs(specs: Sequence[TaskSpec]) -> list[TaskSpec]:
-    """``specs`` with every field value as a builtin type, as the store will keep it.
+    """``specs`` with every value as the builtin type the store will keep (`stored_value`).
 
     Validation accepts subclasses (a ``StrEnum`` member is a ``str``, a
     pendulum time a ``datetime``), but pickled they name the user's class, and
@@ -162,47 +164,15 @@ def plain_specs(specs: Sequence[TaskSpec]) -> list[TaskSpec]:
     return [
         dataclasses.replace(
             spec,
-            fields=_plain(dict(spec.fields)),
-            priority=_plain(spec.priority),
+            fields=stored_value(dict(spec.fields)),
+            priority=stored_value(spec.priority),
             delay=None
             if spec.delay is None
             else timedelta(spec.delay.days, spec.delay.seconds, spec.delay.microseconds),
-            start_after=_plain(spec.start_after),
+            start_after=None if spec.start_after is None else stored_time(spec.start_after),
         )
         for spec in specs
     ]
-
-
-def _plain(value: Any) -> Any:
-    if value is None or type(value) in (bool, int, float, str, bytes):
-        return value
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, bytes):
-        return bytes.__bytes__(value)
-    if isinstance(value, datetime):
-        offset = value.utcoffset() or timedelta(0)
-        wall = datetime(
-            value.year,
-            value.month,
-            value.day,
-            value.hour,
-            value.minute,
-            value.second,
-            value.microsecond,
-        )
-        return (wall - offset).replace(tzinfo=UTC)
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
-    if isinstance(value, dict):
-        return {str.__str__(key): _plain(item) for key, item in value.items()}
-    return value
 
 
 def _failure(kind: str, message: str, *, with_traceback: bool = False) -> Failure:
