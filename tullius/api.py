@@ -23,7 +23,7 @@ from tullius.document import TaskSpec, queued_doc
 from tullius.errors import ConfigError, TaskDefinitionError
 from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
 from tullius.store import Store
-from tullius.task import Task, queued_tasks, to_specs
+from tullius.task import Task, find_in_module, queued_tasks, to_specs
 
 Sink = Callable[[Sequence[TaskSpec]], list[str]]
 
@@ -139,12 +139,10 @@ def _check_loadable_elsewhere(cls: type[Task]) -> None:
             f"{cls.__name__} is defined in __main__ (the script being run), which "
             "tulliusd's workers can't import; expected a Task class defined in a module"
         )
-    obj: object = sys.modules.get(module_name)
-    if obj is None:
+    module = sys.modules.get(module_name)
+    if module is None:
         return
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-    if obj is not cls:
+    if find_in_module(module, qualname) is not cls:
         raise TaskDefinitionError(
             f"{cls.__name__} is stored as {cls.task_name!r}, but {module_name!r} has no "
             f"{qualname!r} that is this class (defined inside a function?), so tulliusd's "

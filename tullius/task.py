@@ -375,6 +375,16 @@ def _check_size(what: str, size: int) -> None:
         )
 
 
+def find_in_module(module: object, qualname: str) -> Any:
+    """What ``qualname`` (``"Outer.Inner"``) names in ``module``, or None."""
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
 def load_class(name: str) -> type[Task]:
     """The Task subclass stored under ``name`` (``"module:QualName"`` or a custom task_name).
 
@@ -394,10 +404,9 @@ def load_class(name: str) -> type[Task]:
         obj: Any = importlib.import_module(module_name)
     except Exception as error:  # user code at import: any failure means "can't load"
         raise UnknownTaskClass(name, f"importing {module_name!r} failed: {error!r}") from error
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise UnknownTaskClass(name, f"{module_name!r} has no {qualname!r}")
+    obj = find_in_module(obj, qualname)
+    if obj is None:
+        raise UnknownTaskClass(name, f"{module_name!r} has no {qualname!r}")
     if not isinstance(obj, type) or not issubclass(obj, Task):
         raise UnknownTaskClass(name, f"{obj!r} is not a tullius.Task subclass")
     cls = _REGISTRY.get(name)  # importing registers it, under its task_name

@@ -66,7 +66,7 @@ def open_mongo(settings: Settings) -> Any:
     from pymongo.database import Database
     from pymongo.errors import ConfigurationError, PyMongoError
 
-    from tullius.runtime.mongo_store import MongoStore, redact
+    from tullius.runtime.mongo_store import MongoStore, redact, short_error
 
     if settings.mongodb_uri is not None:
         where = redact(settings.mongodb_uri)
@@ -104,10 +104,8 @@ def open_mongo(settings: Settings) -> Any:
     try:
         db.command("ping")
     except PyMongoError as error:
-        # pymongo appends timeouts and a topology dump; the first part says what went wrong.
-        cause = redact(str(error)).split(" (configured timeouts")[0].split(", Timeout:")[0][:300]
         raise StartupError(
-            f"can't reach MongoDB at {where} ({type(error).__name__}: {cause}); {fix}"
+            f"can't reach MongoDB at {where} ({type(error).__name__}: {short_error(error)}); {fix}"
         ) from None
     store = MongoStore(db, retry_for=STORE_RETRY)
     try:
