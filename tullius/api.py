@@ -23,7 +23,7 @@ from tullius.document import TaskSpec, queued_doc
 from tullius.errors import ConfigError, TaskDefinitionError
 from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
 from tullius.store import Store
-from tullius.task import Task, find_in_module, queued_tasks, to_specs
+from tullius.task import Task, find_in_module, queued_tasks, split_task_name, to_specs
 
 Sink = Callable[[Sequence[TaskSpec]], list[str]]
 
@@ -133,7 +133,9 @@ def _check_loadable_elsewhere(cls: type[Task]) -> None:
     UNHANDLED.  (Only for the store: a driver's sink runs in the process that
     has the class.)  A module not imported here is not checked.
     """
-    module_name, _, qualname = cls.task_name.partition(":")
+    parts = split_task_name(cls.task_name)
+    assert parts is not None  # checked when the class was defined
+    module_name, qualname = parts
     if module_name == "__main__":
         raise TaskDefinitionError(
             f"{cls.__name__} is defined in __main__ (the script being run), which "

@@ -96,15 +96,11 @@ class Task:
                 )
         if "task_name" not in cls.__dict__ or not cls.task_name:
             cls.task_name = f"{cls.__module__}:{cls.__qualname__}"
-        task_name = cls.task_name
-        module_name, sep, qualname = (
-            task_name.partition(":") if isinstance(task_name, str) else ("", "", "")
-        )
-        if not sep or not module_name or not qualname:
+        if split_task_name(cls.task_name) is None:
             # A worker process finds the class by importing the module part and
             # looking up the rest (`load_class`): any other name is unloadable there.
             raise TaskDefinitionError(
-                f"{name}.task_name={task_name!r}; expected 'module:QualName', naming a "
+                f"{name}.task_name={cls.task_name!r}; expected 'module:QualName', naming a "
                 "module tulliusd's workers can import and the class's name in it"
             )
         _REGISTRY[cls.task_name] = cls
@@ -375,6 +371,17 @@ def _check_size(what: str, size: int) -> None:
         )
 
 
+def split_task_name(name: object) -> tuple[str, str] | None:
+    """``(module, qualname)`` of a stored class name ``"module:QualName"``; None if
+    ``name`` has another shape (a worker could not load it)."""
+    if not isinstance(name, str):
+        return None
+    module_name, sep, qualname = name.partition(":")
+    if not sep or not module_name or not qualname:
+        return None
+    return module_name, qualname
+
+
 def find_in_module(module: object, qualname: str) -> Any:
     """What ``qualname`` (``"Outer.Inner"``) names in ``module``, or None."""
     obj: Any = module
@@ -397,9 +404,10 @@ def load_class(name: str) -> type[Task]:
     cls = _REGISTRY.get(name)
     if cls is not None:
         return cls
-    module_name, sep, qualname = name.partition(":")
-    if not sep or not module_name or not qualname:
+    parts = split_task_name(name)
+    if parts is None:
         raise UnknownTaskClass(name, "expected 'module:QualName'")
+    module_name, qualname = parts
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as error:  # user code at import: any failure means "can't load"
