@@ -80,6 +80,17 @@ class Job:
     def token(self) -> str:
         return self.lease.token
 
+    @property
+    def role(self) -> str:
+        """The user code the job calls, as messages name it: ``run()`` or ``failed()``."""
+        return "run()" if self.kind is JobKind.RUN else "failed()"
+
+    @property
+    def time_limit(self) -> timedelta:
+        """How long that call may take: the task's ``timeout`` or ``failed_timeout``."""
+        task = self.view.task
+        return task.timeout if self.kind is JobKind.RUN else task.handler_timeout
+
 
 @quick_init
 @dataclass(frozen=True)

@@ -99,15 +99,13 @@ class WorkerKeeping:
         reason = running.kill_reason
         if reason == "abandoned":
             return
-        role = "run()" if job.kind is JobKind.RUN else "failed()"
+        role = job.role
         if reason == "timeout":
             self.counters.timeouts += 1
-            limit = (
-                job.view.task.timeout if job.kind is JobKind.RUN else job.view.task.handler_timeout
-            )
             failure = self._failure(
                 FailureKind.TIMEOUT,
-                f"{role} did not finish within its timeout of {limit.total_seconds():g}s; "
+                f"{role} did not finish within its timeout of "
+                f"{job.time_limit.total_seconds():g}s; "
                 "its process group was killed",
             )
         elif reason == "shutdown":
@@ -187,9 +185,8 @@ class WorkerKeeping:
         }
         if not worker.send(("job", payload)):
             return
-        limit = job.view.task.timeout if job.kind is JobKind.RUN else job.view.task.handler_timeout
         running.dispatched_at = now
-        running.deadline = now + limit.total_seconds()
+        running.deadline = now + job.time_limit.total_seconds()
         log.info("task %s: %s started in worker %s", job.task_id, job.kind.value, slot.name)
 
     def _job_done(
@@ -262,16 +259,14 @@ class WorkerKeeping:
         within the job's own timeout plus a lease, fails as crashed (else it would stay
         claimed, its lease renewed, for as long as no worker can start)."""
         job = running.job
-        limit = job.view.task.timeout if job.kind is JobKind.RUN else job.view.task.handler_timeout
-        wait = limit.total_seconds() + self.timings.lease.total_seconds()
+        wait = (job.time_limit + self.timings.lease).total_seconds()
         if running.claimed_at is None or now < running.claimed_at + wait:
             return
         slot.running = None
         self.counters.crashes += 1
-        role = "run()" if job.kind is JobKind.RUN else "failed()"
         failure = self._failure(
             FailureKind.CRASHED,
-            f"the worker process claimed to run {role} died before it started, and no "
+            f"the worker process claimed to run {job.role} died before it started, and no "
             f"worker process could be started within {wait:g}s (its timeout and a lease)",
         )
         log.warning("task %s: %s", job.task_id, failure.message)

@@ -349,10 +349,8 @@ class Drivers:
                 c.poked = True
 
     def _work(self, server: Server, job: Job, index: int, name: str, claimer: Claimer) -> ActorGen:
-        role = "run()" if job.kind is _RUN else "failed()"
-        timeout = job.view.task.timeout if job.kind is _RUN else job.view.task.handler_timeout
-        what = f"{job.view.task.class_name.rpartition(':')[2]}.{role} of task {job.task_id!r}"
-        ex = Execution(job, server, index, what, to_us(timeout))
+        what = f"{job.view.task.class_name.rpartition(':')[2]}.{job.role} of task {job.task_id!r}"
+        ex = Execution(job, server, index, what, to_us(job.time_limit))
         server.tokens.add(job.token)
         server.execs.append(ex)
         outcome = yield RunUser(ex)
