@@ -351,8 +351,7 @@ class Drivers:
     def _work(self, server: Server, job: Job, index: int, name: str, claimer: Claimer) -> ActorGen:
         what = f"{job.view.task.class_name.rpartition(':')[2]}.{job.role} of task {job.task_id!r}"
         ex = Execution(job, server, index, what, to_us(job.time_limit))
-        server.tokens.add(job.token)
-        server.execs.append(ex)
+        server.execs.append(ex)  # (its token is the server's own since the claim: `_claimer`)
         outcome = yield RunUser(ex)
         event = self._event_for(ex, outcome)
         while event is not None:
