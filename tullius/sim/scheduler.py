@@ -63,8 +63,8 @@ _NO_CHECK: Final = frozenset({"Load", "FindDue", "FindByStatus", "Beat", "SetSta
 # metaclass's ``__getattr__``, ~75 ns on 3.11).
 _RUN_RECORD, _HANDLER_RECORD = RecordKind.RUN, RecordKind.HANDLER
 
-#: One event: (time, random tie-break, sequence, kind, target, value).
-Event = tuple[int, int, int, int, Any, Any]
+#: One scheduled event on the heap: (time, random tie-break, sequence, kind, target, value).
+HeapEntry = tuple[int, int, int, int, Any, Any]
 
 
 class Scheduler(Drivers):
@@ -73,7 +73,7 @@ class Scheduler(Drivers):
 
     seed: int
     faults: list[Fault]
-    _heap: list[Event]
+    _heap: list[HeapEntry]
     _tiebreak: Callable[[int], int]
     _seq: int
     _end: int
