@@ -6,6 +6,8 @@ import contextlib
 from datetime import timedelta
 from functools import partial
 
+import pytest
+
 from tests.store_contract import T0, make_doc, make_record
 from tullius.band import Band
 from tullius.document import (
@@ -17,9 +19,22 @@ from tullius.document import (
     run_id,
     status_of,
 )
-from tullius.engine import Candidates, Job, JobKind, claim, claim_many, drive, finish, renew, sweep
+from tullius.engine import (
+    SWEEP_BATCH,
+    Candidates,
+    Job,
+    JobKind,
+    apply_step,
+    claim,
+    claim_many,
+    drive,
+    finish,
+    renew,
+    sweep,
+)
 from tullius.errors import StoreError
-from tullius.events import Failed, HandlerSucceeded, Succeeded
+from tullius.events import Claimed, Failed, HandlerSucceeded, Succeeded
+from tullius.machine import step
 from tullius.policy import LeaseTimings, LeaseWatch
 from tullius.sim.memory_store import MemoryStore
 from tullius.store import FindDue, perform
@@ -368,3 +383,35 @@ def test_candidates_older_than_keep_for_are_read_again() -> None:
         ALL, server="s1", workers=[("w2", "t2")], now=later, candidates=candidates
     )
     assert isinstance(next(conversation), FindDue)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit (docs/design.md): a sweep reads at most SWEEP_BATCH running or "
+    "handling tasks, always the same ones while they stay live, so with more live leases "
+    "than that a dead server's lease past the batch is never declared lost",
+)
+def test_a_dead_lease_is_declared_lost_however_many_live_leases_come_before_it() -> None:
+    store = MemoryStore()
+    # Given SWEEP_BATCH tasks run by a live server, and one more (sorting last) by a dead one
+    ids = [f"t{n:05d}" for n in range(SWEEP_BATCH + 1)]
+    store.insert_tasks([make_doc(task_id) for task_id in ids])
+    live_jobs = []
+    for task_id in ids:
+        view = store.load(task_id)
+        assert view is not None
+        owner = "dead" if task_id == ids[-1] else f"live-{task_id}"
+        decided = step(view, Claimed(token=owner, server=owner.partition("-")[0]), now=T0)
+        drive(store, apply_step(view, decided))
+        if task_id != ids[-1]:
+            live_jobs.append(run_id(task_id))
+    # When another server sweeps every 5 s for a minute, while the live leases beat
+    watch = LeaseWatch(timedelta(seconds=15))
+    expired: list[str] = []
+    for second in range(0, 60, 5):
+        for record_id in live_jobs:
+            store.beat(record_id)
+        report = drive(store, sweep(watch, observer="s3", now=T0, monotonic=partial(float, second)))
+        expired += report.expired
+    # Then the dead server's lease was declared lost (it is not: it is never read)
+    assert expired == [run_id(ids[-1])]
