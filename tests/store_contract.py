@@ -233,6 +233,19 @@ class StoreContract:
         found = store.find_by_status([Status.RUNNING, Status.HANDLING], 10)
         assert [doc.task_id for doc in found] == ["a", "c"]
 
+    def test_find_by_status_reads_page_by_page_after_an_id(self, store: Any) -> None:
+        store.insert_tasks([make_doc(name) for name in ("d", "c", "a", "b", "e")])
+        for name in ("a", "b", "c", "e"):
+            store.set_status(name, Status.RUNNING if name != "c" else Status.HANDLING, None)
+        first = store.find_by_status([Status.RUNNING, Status.HANDLING], 2)
+        rest = store.find_by_status([Status.RUNNING, Status.HANDLING], 2, first[-1].task_id)
+        last = store.find_by_status([Status.RUNNING, Status.HANDLING], 2, rest[-1].task_id)
+        assert [[doc.task_id for doc in page] for page in (first, rest, last)] == [
+            ["a", "b"],
+            ["c", "e"],
+            [],
+        ]
+
     def test_find_children_returns_spawned_tasks_by_id(self, store: Any) -> None:
         parent = make_doc("p")
         children = [

@@ -52,7 +52,8 @@ CLAIM_READ = 16
 #: FerretDB, and a worker freed a moment later can use what it found.  A task
 #: queued meanwhile, however urgent, waits at most this much longer.
 REUSE_CANDIDATES_FOR = timedelta(seconds=0.25)
-#: How many unsettled tasks one sweep examines.
+#: How many running or handling tasks a sweep reads at a time (it reads them all,
+#: page by page: a dead lease past the first page must be noticed too).
 SWEEP_BATCH = 1000
 _NO_TIME = timedelta(0)
 
@@ -339,7 +340,8 @@ def sweep(
 ) -> Conversation[SweepReport]:
     """Fail stale leases as ``lost`` and repair hints of running and handling tasks.
 
-    1. Read the tasks whose hint says RUNNING or HANDLING.
+    1. Read the tasks whose hint says RUNNING or HANDLING, ``limit`` at a time in
+       id order until a page comes back short (these hints have no due time).
     2. For each, load its records.  A live lease that is not ours is observed by
        ``watch``, with ``monotonic()`` (this observer's clock) read before and
        after that load: one reading for the whole sweep would date a beat read
@@ -350,27 +352,32 @@ def sweep(
     """
     report = SweepReport()
     live: set[str] = set()
-    docs = yield FindByStatus((Status.RUNNING, Status.HANDLING), limit)
-    for doc in docs:
-        asked_at = monotonic()
-        view: TaskView | None = yield Load(doc.task_id)
-        if view is None:
-            continue
-        report.examined += 1
-        lease = view.current_lease()
-        if lease is not None and lease.token not in own_tokens:
-            live.add(lease.record_id)
-            if watch.is_stale(lease.record_id, lease.beat, asked_at, monotonic()):
-                decided = step(view, LeaseExpired(lease.record_id, observer), now=now, rng=rng)
-                winner = yield from apply_step(view, decided)
-                if (
-                    winner is not None
-                    and decided.record is not None
-                    and winner.token == decided.record.token
-                ):
-                    report.expired.append(lease.record_id)
+    after: str | None = None
+    while True:
+        docs = yield FindByStatus((Status.RUNNING, Status.HANDLING), limit, after)
+        for doc in docs:
+            asked_at = monotonic()
+            view: TaskView | None = yield Load(doc.task_id)
+            if view is None:
                 continue
-        if (yield from repair(view, now=now)):
-            report.repaired.append(view.task_id)
+            report.examined += 1
+            lease = view.current_lease()
+            if lease is not None and lease.token not in own_tokens:
+                live.add(lease.record_id)
+                if watch.is_stale(lease.record_id, lease.beat, asked_at, monotonic()):
+                    decided = step(view, LeaseExpired(lease.record_id, observer), now=now, rng=rng)
+                    winner = yield from apply_step(view, decided)
+                    if (
+                        winner is not None
+                        and decided.record is not None
+                        and winner.token == decided.record.token
+                    ):
+                        report.expired.append(lease.record_id)
+                    continue
+            if (yield from repair(view, now=now)):
+                report.repaired.append(view.task_id)
+        if len(docs) < limit:
+            break
+        after = docs[-1].task_id
     watch.forget_except(live)
     return report

@@ -97,8 +97,15 @@ class Store(Protocol):
         """
         ...
 
-    def find_by_status(self, statuses: Sequence[Status], limit: int) -> list[TaskDoc]:
-        """Tasks whose hint is one of ``statuses``, oldest ``due_at`` first, then by id."""
+    def find_by_status(
+        self, statuses: Sequence[Status], limit: int, after: str | None = None
+    ) -> list[TaskDoc]:
+        """Tasks whose hint is one of ``statuses``, oldest ``due_at`` first, then by id.
+
+        ``after``: only tasks whose id sorts after it, for reading page by page
+        hints that have no ``due_at`` (running and handling: then in id order,
+        and a page goes on from the last id of the one before).
+        """
         ...
 
     def find_children(self, parent_id: str) -> list[TaskDoc]:
@@ -137,6 +144,7 @@ class FindDue:
 class FindByStatus:
     statuses: tuple[Status, ...]
     limit: int
+    after: str | None = None
 
 
 @quick_init
@@ -171,7 +179,7 @@ PERFORMERS: Final[Mapping[type[Any], Callable[[Store, Any], Any]]] = {
     FindDue: lambda store, op: store.find_due(
         op.statuses, op.min_priority, op.max_priority, op.now, op.limit
     ),
-    FindByStatus: lambda store, op: store.find_by_status(op.statuses, op.limit),
+    FindByStatus: lambda store, op: store.find_by_status(op.statuses, op.limit, op.after),
     Beat: lambda store, op: store.beat(op.record_id),
 }
 

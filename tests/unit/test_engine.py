@@ -6,8 +6,6 @@ import contextlib
 from datetime import timedelta
 from functools import partial
 
-import pytest
-
 from tests.store_contract import T0, make_doc, make_record
 from tullius.band import Band
 from tullius.document import (
@@ -385,12 +383,6 @@ def test_candidates_older_than_keep_for_are_read_again() -> None:
     assert isinstance(next(conversation), FindDue)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (docs/design.md): a sweep reads at most SWEEP_BATCH running or "
-    "handling tasks, always the same ones while they stay live, so with more live leases "
-    "than that a dead server's lease past the batch is never declared lost",
-)
 def test_a_dead_lease_is_declared_lost_however_many_live_leases_come_before_it() -> None:
     store = MemoryStore()
     # Given SWEEP_BATCH tasks run by a live server, and one more (sorting last) by a dead one
@@ -413,5 +405,5 @@ def test_a_dead_lease_is_declared_lost_however_many_live_leases_come_before_it()
             store.beat(record_id)
         report = drive(store, sweep(watch, observer="s3", now=T0, monotonic=partial(float, second)))
         expired += report.expired
-    # Then the dead server's lease was declared lost (it is not: it is never read)
+    # Then the dead server's lease was declared lost: the sweep read past its first page
     assert expired == [run_id(ids[-1])]

@@ -620,8 +620,12 @@ class MongoStore:
 
         self._retrying("announce new work", bump)
 
-    def find_by_status(self, statuses: Sequence[Status], limit: int) -> list[TaskDoc]:
-        query = {"status": {"$in": [s.value for s in statuses]}}
+    def find_by_status(
+        self, statuses: Sequence[Status], limit: int, after: str | None = None
+    ) -> list[TaskDoc]:
+        query: dict[str, Any] = {"status": {"$in": [s.value for s in statuses]}}
+        if after is not None:
+            query["_id"] = {"$gt": after}
         sort = [("due_at", ASCENDING), ("_id", ASCENDING)]
         return self._retrying(
             "find tasks by status",

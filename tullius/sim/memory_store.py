@@ -335,8 +335,15 @@ class MemoryStore:
                     return due
         return due
 
-    def find_by_status(self, statuses: Sequence[Status], limit: int) -> list[TaskDoc]:
-        docs = [self._tasks[task_id] for status in statuses for task_id in self._by_status[status]]
+    def find_by_status(
+        self, statuses: Sequence[Status], limit: int, after: str | None = None
+    ) -> list[TaskDoc]:
+        docs = [
+            self._tasks[task_id]
+            for status in statuses
+            for task_id in self._by_status[status]
+            if after is None or task_id > after
+        ]
         docs.sort(key=lambda doc: (doc.due_at is not None, doc.due_at, doc.task_id))
         return docs[:limit]
 
