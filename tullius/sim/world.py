@@ -550,6 +550,11 @@ class Drivers:
         if server.paused_until > self.clock.us:
             self._push(server.paused_until, WAKE, ex, value)
             return
+        if kill is None and self.clock.us >= ex.deadline_us:
+            # A wake-up that a pause of the server carried past the deadline: as
+            # tulliusd, which enforces deadlines before it reads results (a result
+            # read late is late, however little time the user code took), a timeout.
+            kill = "timeout"
         if kill is not None:
             ex.kill_reason = kill
             self._log(server.name, f"deadline: stopping {ex.what}")

@@ -1,0 +1,42 @@
+"""The simulator's drivers decide as tulliusd's do, in the cases where they once did not.
+
+Each test names the daemon code whose behaviour it pins down in the simulator.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import tullius
+from tullius.sim import Simulation
+from tullius.testing import assert_outcomes
+
+
+class Punctual(tullius.Task):
+    """Needs 4 s of its 5 s timeout."""
+
+    timeout = timedelta(seconds=5)
+
+    def run(self) -> None:
+        time.sleep(4)
+
+    def failed(self) -> None:
+        return None
+
+
+def test_a_run_whose_server_was_paused_past_its_deadline_times_out() -> None:
+    # tulliusd (Supervisor._step) enforces deadlines before it reads results: a
+    # result it reads after the deadline is late, however little time the user
+    # code itself took, and the run fails as a timeout.
+    # Given a lone server paused from 3 s to 10 s, during a 4 s run that began
+    # within the first second, with a 5 s timeout and a lease that outlasts the pause
+    sim = Simulation(seed=1, lease=timedelta(seconds=60))
+    task = Punctual()
+    sim.queue(task)
+    sim.pause_server("s1", at=timedelta(seconds=3), duration=timedelta(seconds=7))
+    # When it drains
+    sim.drain(within=timedelta(minutes=5))
+    # Then the run timed out, as in the daemon, rather than succeeding
+    assert_outcomes(sim.chain(task), "timeout")
+    sim.close()
