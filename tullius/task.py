@@ -425,12 +425,19 @@ def from_doc(doc: TaskDoc, *, failure: Failure | None = None) -> Task:
     """Rebuild the user's task from its stored document.
 
     Raises:
-        UnknownTaskClass: the class can't be loaded.
+        UnknownTaskClass: the class can't be loaded, or a stored field can't be set
+            on it (the class changed since the task was queued).  One error for
+            both, so that every driver fails such a task as ``unloadable``.
     """
     cls = load_class(doc.class_name)
     task = cls.__new__(cls)
     for field, value in doc.fields.items():
-        setattr(task, field, value)
+        try:
+            setattr(task, field, value)
+        except Exception as error:  # user code (a property, a __setattr__): can't load
+            raise UnknownTaskClass(
+                doc.class_name, f"can't set its field {field!r}: {type(error).__name__}: {error}"
+            ) from error
     if doc.priority != cls.priority:
         task.priority = doc.priority
     task._tullius_delay = None

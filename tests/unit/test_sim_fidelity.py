@@ -40,3 +40,35 @@ def test_a_run_whose_server_was_paused_past_its_deadline_times_out() -> None:
     # Then the run timed out, as in the daemon, rather than succeeding
     assert_outcomes(sim.chain(task), "timeout")
     sim.close()
+
+
+class Reshaped(tullius.Task):
+    """A field of it becomes a read-only property in a later version of the code."""
+
+    timeout = timedelta(seconds=5)
+    size: int
+
+    def run(self) -> None:
+        return None
+
+
+def test_a_task_whose_stored_fields_no_longer_fit_its_class_fails_as_unloadable() -> None:
+    # tulliusd's worker (worker.run_job) fails any task it can't rebuild from its
+    # document as ``unloadable``, so does its failed(), and the task ends UNHANDLED.
+    # Given a queued task, whose field ``size`` then became a read-only property
+    sim = Simulation(seed=2)
+    task = Reshaped(size=3)
+    sim.queue(task)
+    Reshaped.size = property(lambda self: 0)  # type: ignore[assignment]
+    try:
+        # When it drains
+        sim.drain(within=timedelta(minutes=5))
+    finally:
+        del Reshaped.size
+    # Then the run and every failed() attempt failed as unloadable
+    [link] = sim.chain(task)
+    assert link.failure is not None
+    assert link.failure.kind == "unloadable"
+    assert "size" in link.failure.message
+    assert link.status is tullius.Status.UNHANDLED
+    sim.close()
