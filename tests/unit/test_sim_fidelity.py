@@ -72,3 +72,43 @@ def test_a_task_whose_stored_fields_no_longer_fit_its_class_fails_as_unloadable(
     assert "size" in link.failure.message
     assert link.status is tullius.Status.UNHANDLED
     sim.close()
+
+
+CAUGHT: list[str] = []
+
+
+class Spawner(tullius.Task):
+    """Queues a child with ``tullius.queue()`` 3 s into its run."""
+
+    timeout = timedelta(seconds=30)
+
+    def run(self) -> None:
+        time.sleep(3)
+        try:
+            tullius.queue(Punctual())
+        except tullius.StoreError as error:
+            CAUGHT.append(str(error))
+            raise
+
+
+def test_queue_from_user_code_during_a_store_outage_raises_store_error() -> None:
+    # tulliusd's worker sends tullius.queue() to its daemon, whose store insert
+    # (Supervisor._queue_for) fails in an outage; the worker raises StoreError in
+    # the user code.  The simulator used to insert past every outage and fault.
+    # Given a store outage from 2 s to 20 s, and a run that queues a task at 3-4 s
+    CAUGHT.clear()
+    sim = Simulation(seed=3)
+    task = Spawner()
+    sim.queue(task)
+    sim.store_outage(at=timedelta(seconds=2), duration=timedelta(seconds=18))
+    # When it drains
+    counts = sim.drain(within=timedelta(minutes=5))
+    # Then queue() raised StoreError in run(), which failed with it, and nothing was queued
+    assert len(CAUGHT) == 1
+    assert "outage" in CAUGHT[0]
+    [link] = sim.chain(task)
+    assert link.failure is not None
+    assert link.failure.kind == "exception"
+    assert "StoreError" in link.failure.message
+    assert counts.tasks == 1
+    sim.close()

@@ -23,6 +23,9 @@ call, so a failing seed's report can be pasted back into a test.
                     (``"InsertRecord"``, ``"SetStatus"``, ``"Load"``...);
                     ``record_kind`` narrows InsertRecord to one kind of record
                     (``"run"``, ``"outcome"``, ``"handler"``, ``"handler_end"``).
+                    ``"InsertTasks"`` also hits ``tullius.queue()`` in user code
+                    (the server inserts those tasks, as ``tulliusd`` does), which
+                    then raises `StoreError` in the user code, as do outages.
 `StepCrash`         ``server`` dies right after its next matching store
                     operation is applied, before it sees the reply: a crash
                     at a named step of the protocol (say, after the OUTCOME

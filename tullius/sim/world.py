@@ -248,6 +248,8 @@ class Drivers:
     _starting: deque[Actor]
     _servers: dict[str, Server]
     _modules: set[ModuleType]
+    _outages: list[tuple[int, int, str | None]]
+    _armed_at: dict[tuple[str, str], list[list[Any]]]
 
     def _spawn(self, server: Server, gen: ActorGen, name: str, at: int | None = None) -> Actor:
         raise NotImplementedError
@@ -265,6 +267,11 @@ class Drivers:
         raise NotImplementedError
 
     def _insert_roots(self, specs: list[TaskSpec], now: datetime) -> list[str]:
+        raise NotImplementedError
+
+    def _store_fault(
+        self, server: Server, op: Any, name: str
+    ) -> tuple[bool, StoreError | None] | None:
         raise NotImplementedError
 
     def _boot(self, server: Server) -> None:
@@ -470,9 +477,7 @@ class Drivers:
         sink_server = server
 
         def sink(specs: Any) -> list[str]:
-            ids = self._insert_roots(list(specs), sink_server.clock.now())
-            self._poke(sink_server)
-            return ids
+            return self._queue_from_user(sink_server, list(specs))
 
         def call() -> Any:
             with queue_sink(sink):
@@ -486,6 +491,25 @@ class Drivers:
         vt.set_now(server.clock.now())
         if baton.run_inline(call, ex.what, lambda: self._moved(ex)) == "done":
             self._after_user_step(ex, "done")
+
+    def _queue_from_user(self, server: Server, specs: list[TaskSpec]) -> list[str]:
+        """``tullius.queue()`` in user code: as tulliusd, the server's own insert of the
+        tasks (`Supervisor._queue_for`), which its store faults and outages hit.  Its
+        error is raised in the user code, worded as the daemon's worker words it.  (One
+        operation carried out at once, not a scheduler event: the user code is running.)"""
+        fault = (
+            self._store_fault(server, InsertTasks(()), "InsertTasks")
+            if self._outages or self._armed_at
+            else None
+        )
+        ids: list[str] = []
+        if fault is None or fault[0]:  # no fault, or one that applies the insert
+            ids = self._insert_roots(specs, server.clock.now())
+        if fault is not None:
+            error = fault[1] or StoreError("the server died")  # (a StepCrash: it did)
+            raise StoreError(f"queue() failed in the daemon: {type(error).__name__}: {error}")
+        self._poke(server)
+        return ids
 
     def _moved(self, ex: Execution) -> None:
         """Run by the thread the loop moved to when ``ex``'s user code first slept."""
