@@ -67,6 +67,16 @@ class LeaseTimings:
     def stale_after(self) -> timedelta:
         return self.lease / 2
 
+    @property
+    def late_sweep(self) -> timedelta:
+        """A sweep starting this long after the last good one ended was not watching
+        (its server was paused, or stuck): its observer starts every window afresh."""
+        return LATE_SWEEPS * self.sweep
+
+
+#: How many sweep periods without a good sweep make an observer's memory untrustworthy.
+LATE_SWEEPS = 3
+
 
 class LeaseWatch:
     """One observer's memory of the heartbeats it has seen.
@@ -76,11 +86,41 @@ class LeaseWatch:
     compared with another's, so skewed or jumping wall clocks can't expire a
     live lease.  Forgetting (after a store outage, or a restart) only delays a
     verdict: the window starts again from the next observation.
+
+    When to forget is decided here too, for every driver: a driver reports each
+    store error of its server (`outage`), and brackets each sweep with
+    `sweep_starting` and `sweep_ended`.  A sweep forgets everything when one of
+    its server's store calls failed since the last sweep (the store was probably
+    failing for everyone, so owners could not renew either), or, with
+    ``late_after``, when it starts that long after the last good sweep ended (its
+    server was paused or stuck, and was not watching).
     """
 
-    def __init__(self, stale_after: timedelta) -> None:
+    def __init__(self, stale_after: timedelta, *, late_after: timedelta | None = None) -> None:
         self.stale_after = stale_after.total_seconds()
+        self.late_after = None if late_after is None else late_after.total_seconds()
         self._seen: dict[str, tuple[int, float]] = {}
+        self._distrusted = False
+        self._last_ok: float | None = None
+
+    def outage(self) -> None:
+        """A store call of this observer's server failed: the next sweep starts afresh."""
+        self._distrusted = True
+
+    def sweep_starting(self, now: float) -> None:
+        """Before a sweep, at ``now`` (monotonic): forget if an outage or a late start says to."""
+        late = (
+            self.late_after is not None
+            and self._last_ok is not None
+            and now - self._last_ok > self.late_after
+        )
+        if self._distrusted or late:
+            self._distrusted = False
+            self.reset()
+
+    def sweep_ended(self, now: float) -> None:
+        """After a sweep that went well, at ``now`` (monotonic)."""
+        self._last_ok = now
 
     def is_stale(self, record_id: str, beat: int, asked_at: float, answered_at: float) -> bool:
         """Record an observation; True if ``beat`` has not moved for ``stale_after``.

@@ -6,6 +6,8 @@ import contextlib
 from datetime import timedelta
 from functools import partial
 
+import pytest
+
 from tests.store_contract import T0, make_doc, make_record
 from tullius.band import Band
 from tullius.document import (
@@ -146,6 +148,28 @@ def test_a_late_result_after_the_lease_was_declared_lost_is_rejected() -> None:
     assert verdict.record.failure is not None
     assert verdict.record.failure.kind == "lost"
     assert status_of(store.load("a")) is Status.FAILED
+
+
+@pytest.mark.parametrize(
+    ("outage", "late", "expired"),
+    [(False, False, True), (True, False, False), (False, True, False)],
+)
+def test_a_sweep_after_a_store_error_or_a_late_one_starts_every_window_afresh(
+    outage: bool, late: bool, expired: bool
+) -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a")])
+    claim_one(store, "a")
+    watch = LeaseWatch(timedelta(seconds=15), late_after=timedelta(seconds=15))
+    watch.sweep_starting(0.0)
+    drive(store, sweep(watch, observer="s2", now=T0, monotonic=lambda: 0.0))
+    watch.sweep_ended(0.0)
+    if outage:
+        watch.outage()
+    second = 15.5 if late else 15.0
+    watch.sweep_starting(second)
+    report = drive(store, sweep(watch, observer="s2", now=T0, monotonic=lambda: second))
+    assert report.expired == ([run_id("a")] if expired else [])
 
 
 def test_an_owner_whose_run_was_declared_lost_learns_it_while_failed_runs_elsewhere() -> None:

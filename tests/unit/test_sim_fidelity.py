@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
+import pytest
+
 import tullius
 from tullius.sim import Simulation
 from tullius.testing import assert_outcomes
@@ -111,4 +113,39 @@ def test_queue_from_user_code_during_a_store_outage_raises_store_error() -> None
     assert link.failure.kind == "exception"
     assert "StoreError" in link.failure.message
     assert counts.tasks == 1
+    sim.close()
+
+
+class Long(tullius.Task):
+    timeout = timedelta(seconds=300)
+
+    def run(self) -> None:
+        time.sleep(100)
+
+    def failed(self) -> None:
+        return None
+
+
+def _paused_together(seed: int) -> Simulation:
+    sim = Simulation(seed=seed, servers=2, task_processes=[(1, 0, 10)])
+    task = Long()
+    sim.queue(task)
+    sim.run_for(timedelta(seconds=20))  # each server's sweeps have seen the lease beat
+    for server in sim.servers:
+        sim.pause_server(server, at=sim.elapsed, duration=timedelta(seconds=60))
+    sim.drain(within=timedelta(minutes=10))
+    return sim
+
+
+@pytest.mark.parametrize("seed", [1, 3, 4, 13])
+def test_a_sweeper_paused_along_with_the_owner_does_not_declare_it_lost(seed: int) -> None:
+    # tulliusd's sweeper forgets what it saw when its sweep comes much later than
+    # scheduled (LeaseWatch.sweep_starting): it was not watching, and the owner may
+    # not have been able to beat either.  Given two servers, one running a long
+    # task, both paused together for 60 s (longer than the 15 s a lease may stay
+    # silent), when they wake up at the same instant and drain
+    sim = _paused_together(seed)
+    # Then the run succeeded: neither server's first sweep after the pause judged
+    # the lease by a beat it saw before the pause
+    assert sim.counts().succeeded == 1
     sim.close()

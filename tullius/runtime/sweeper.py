@@ -5,7 +5,8 @@ memory a sweeper has, its `LeaseWatch`.  That memory is only trustworthy while
 the store was reachable: after any store error (ours, so probably everyone's)
 or a sweep that came much later than scheduled, every observation window
 starts afresh, so an owner that could not renew during an outage is never
-declared lost for it.
+declared lost for it.  Those rules are the `LeaseWatch`'s, shared with the
+simulator's sweepers; this only reports to it.
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ from tullius.clock import Clock
 from tullius.engine import SweepReport, drive, sweep
 from tullius.policy import LeaseTimings, LeaseWatch
 from tullius.store import Store
-
-#: A sweep later than this many periods means we were not watching: reset.
-LATE_FACTOR = 3
 
 
 class Sweeper:
@@ -42,7 +40,7 @@ class Sweeper:
         self.clock = clock
         self.rng = rng
         self.every = timings.sweep.total_seconds()
-        self.watch = LeaseWatch(timings.stale_after)
+        self.watch = LeaseWatch(timings.stale_after, late_after=timings.late_sweep)
         #: When the next sweep is due (monotonic seconds).
         self.next_at = 0.0
         #: A sweep is on the store thread.
@@ -50,21 +48,17 @@ class Sweeper:
         self.sweeps = 0
         #: Lease record ids this daemon declared lost.
         self.expired: list[str] = []
-        self._stale = False
-        self._last_ok = time.monotonic()
 
     def outage(self) -> None:
         """Some store call failed: leases we watch may not have been renewable either."""
-        self._stale = True
+        self.watch.outage()
 
     def work(self, own_tokens: frozenset[str]) -> Callable[[], SweepReport]:
         """The sweep to run on the store thread, leaving our own leases alone."""
         self.running = True
 
         def run() -> SweepReport:
-            if self._stale or time.monotonic() - self._last_ok > LATE_FACTOR * self.every:
-                self._stale = False
-                self.watch.reset()
+            self.watch.sweep_starting(time.monotonic())
             return drive(
                 self.store,
                 sweep(
@@ -87,7 +81,7 @@ class Sweeper:
         if error is not None:
             self.watch.reset()
             return error
-        self._last_ok = time.monotonic()
+        self.watch.sweep_ended(time.monotonic())
         self.sweeps += 1
         report: SweepReport = future.result()
         self.expired.extend(report.expired)

@@ -153,6 +153,8 @@ class Server:
     tokens: set[str] = field(default_factory=set)
     restart_at: int | None = None
     claimers: list[Claimer] = field(default_factory=list)
+    #: Its sweeper's memory; told of the server's store errors, as the daemon's.
+    watch: LeaseWatch | None = None
 
     def paused_between(self, start: int, end: int) -> int:
         """Microseconds of ``[start, end)`` this server spent paused."""
@@ -319,6 +321,7 @@ class Drivers:
                     candidates=c.candidates,
                 )
             except StoreError:  # as the daemon: read afresh after the store's retry delay
+                self._store_failed(server)
                 c.claiming = []
                 c.candidates.forget()
                 yield Nap(c, self._retry_us)
@@ -367,6 +370,7 @@ class Drivers:
                     job, event, now=server.clock.now(), rng=self.rng
                 )
             except StoreError:
+                self._store_failed(server)
                 yield Wait(self._retry_us)
                 continue
             self._log(
@@ -390,6 +394,7 @@ class Drivers:
             try:
                 ours = yield from renew(ex.job)
             except StoreError:
+                self._store_failed(server)
                 ours = True
             if not ours:
                 if ex.running:
@@ -398,10 +403,20 @@ class Drivers:
                 return
             yield Wait(self._beat_us)
 
+    def _store_failed(self, server: Server) -> None:
+        """A store call of ``server`` failed: as the daemon's (`Supervisor._store_failed`),
+        its sweeper's next sweep starts every observation afresh."""
+        if server.watch is not None:
+            server.watch.outage()
+
     def _sweeper(self, server: Server) -> ActorGen:
-        watch = LeaseWatch(self.timings.stale_after)
+        """Sweep every sweep period, as the daemon's `Sweeper`: the same `LeaseWatch`
+        rules for when to forget (a store error of the server, a late sweep)."""
+        watch = LeaseWatch(self.timings.stale_after, late_after=self.timings.late_sweep)
+        server.watch = watch
         yield Wait(self.rng.randrange(self._sweep_us // 1000 + 1) * 1000)
         while True:
+            watch.sweep_starting(server.clock.monotonic())
             try:
                 report = yield from sweep(
                     watch,
@@ -413,6 +428,7 @@ class Drivers:
                     ),
                     rng=self.rng,
                 )
+                watch.sweep_ended(server.clock.monotonic())
                 if report.expired:
                     self._log(server.name, f"sweep expired {','.join(report.expired)}")
                     self._poke(server)
@@ -506,6 +522,7 @@ class Drivers:
         if fault is None or fault[0]:  # no fault, or one that applies the insert
             ids = self._insert_roots(specs, server.clock.now())
         if fault is not None:
+            self._store_failed(server)
             error = fault[1] or StoreError("the server died")  # (a StepCrash: it did)
             raise StoreError(f"queue() failed in the daemon: {type(error).__name__}: {error}")
         self._poke(server)
