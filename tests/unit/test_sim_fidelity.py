@@ -149,3 +149,40 @@ def test_a_sweeper_paused_along_with_the_owner_does_not_declare_it_lost(seed: in
     # the lease by a beat it saw before the pause
     assert sim.counts().succeeded == 1
     sim.close()
+
+
+class Tidy(tullius.Task):
+    """Queues a clean-up task however its run ends, even when stopped."""
+
+    timeout = timedelta(seconds=30)
+
+    def run(self) -> None:
+        try:
+            time.sleep(10)
+        finally:
+            tullius.queue(Punctual())
+
+    def failed(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("fault", ["worker crash", "server crash"])
+def test_user_code_whose_process_died_queues_nothing(fault: str) -> None:
+    # Under tulliusd a crashed worker, or every worker of a crashed server (their
+    # process groups die with it), runs no more code: its finally blocks never
+    # run.  The simulator stops user code by raising TaskStopped at its sleep, so
+    # a finally block does run there; its tullius.queue() must store nothing.
+    # Given a run that queues a task in a finally block, whose worker dies at 5 s
+    sim = Simulation(seed=4)
+    task = Tidy()
+    sim.queue(task)
+    if fault == "worker crash":
+        sim.crash_worker("s1", at=timedelta(seconds=5))
+    else:
+        sim.crash_server("s1", at=timedelta(seconds=5), restart_after=timedelta(seconds=1))
+    # When it drains
+    counts = sim.drain(within=timedelta(minutes=5))
+    # Then the run failed as its worker died, and no clean-up task was queued
+    assert_outcomes(sim.chain(task), "crashed" if fault == "worker crash" else "lost")
+    assert counts.tasks == 1
+    sim.close()

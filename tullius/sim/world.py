@@ -48,7 +48,7 @@ from tullius.sim.invariants import Invariants
 from tullius.sim.memory_store import MemoryStore
 from tullius.sim.threads import Baton, BatonPool, current_baton
 from tullius.sim.tracebacks import format_exception
-from tullius.sim.virtual_time import UserThreadLeak, VirtualTime, module_of
+from tullius.sim.virtual_time import TaskStopped, UserThreadLeak, VirtualTime, module_of
 from tullius.store import Beat, FindByStatus, FindDue, Load
 from tullius.task import from_doc, to_specs
 
@@ -493,7 +493,7 @@ class Drivers:
         sink_server = server
 
         def sink(specs: Any) -> list[str]:
-            return self._queue_from_user(sink_server, list(specs))
+            return self._queue_from_user(sink_server, list(specs), ex)
 
         def call() -> Any:
             with queue_sink(sink):
@@ -508,11 +508,19 @@ class Drivers:
         if baton.run_inline(call, ex.what, lambda: self._moved(ex)) == "done":
             self._after_user_step(ex, "done")
 
-    def _queue_from_user(self, server: Server, specs: list[TaskSpec]) -> list[str]:
+    def _queue_from_user(self, server: Server, specs: list[TaskSpec], ex: Execution) -> list[str]:
         """``tullius.queue()`` in user code: as tulliusd, the server's own insert of the
         tasks (`Supervisor._queue_for`), which its store faults and outages hit.  Its
         error is raised in the user code, worded as the daemon's worker words it.  (One
-        operation carried out at once, not a scheduler event: the user code is running.)"""
+        operation carried out at once, not a scheduler event: the user code is running.)
+
+        User code stopped because its process died (a crashed worker or server, a
+        lost lease: the daemon SIGKILLs the worker) still unwinds here, through its
+        ``finally`` blocks; under tulliusd it would run no more code, so its calls
+        store nothing.  (A run stopped at its deadline gets SIGTERM and a grace
+        period in the daemon, and its calls are served, as here.)"""
+        if ex.kill_reason is not None and ex.kill_reason != "timeout":
+            raise TaskStopped(ex.kill_reason)
         fault = (
             self._store_fault(server, InsertTasks(()), "InsertTasks")
             if self._outages or self._armed_at
