@@ -22,9 +22,9 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from tullius.band import Band
-from tullius.document import Record, Status, TaskDoc, TaskView, quick_init
+from tullius.document import Record, RecordKind, Status, TaskDoc, TaskView, quick_init
 from tullius.effects import InsertRecord
-from tullius.errors import InvalidTransition
+from tullius.errors import InvalidTransition, StoreError
 from tullius.events import (
     Claimed,
     Event,
@@ -103,6 +103,32 @@ class Verdict:
     view: TaskView
 
 
+@quick_init
+@dataclass(frozen=True)
+class UnsureClaim:
+    """A claim whose lease insert met a store error: it may have been stored.
+
+    Its token is kept, so that the band's next claim can find out
+    (`claim_many`): if the lease stored is ours, the job is run by ``worker``
+    after all, instead of being left for the sweeps to fail as ``lost``
+    without ever having run.
+    """
+
+    doc: TaskDoc
+    worker: str | None
+    token: str
+
+
+class ClaimInterrupted(StoreError):
+    """A store error ended a claim after it had won ``jobs``: they are the
+    claimer's to run all the same (each lease is stored and ours)."""
+
+    def __init__(self, jobs: list[Job], cause: StoreError) -> None:
+        self.jobs = jobs
+        self.cause = cause
+        super().__init__(f"a claim stopped after winning {len(jobs)} job(s): {cause}")
+
+
 @dataclass
 class Candidates:
     """Due work a claim read but did not try, kept for the band's next claim.
@@ -112,11 +138,15 @@ class Candidates:
     ``keep_for`` after the claim that read them (``read_at`` is its ``now``):
     a task queued meanwhile, however urgent, waits at most that long.  A
     stale candidate is harmless: its claim loses and the hint is repaired.
+
+    ``unsure`` is the claim a store error left undecided (see `UnsureClaim`);
+    it outlives `forget`, and its token is the driver's own until then.
     """
 
     keep_for: timedelta
     docs: list[TaskDoc] = field(default_factory=list)
     read_at: datetime | None = None
+    unsure: UnsureClaim | None = None
 
     def fresh(self, now: datetime) -> list[TaskDoc]:
         """The candidates still worth trying at ``now`` (none once ``keep_for`` has passed)."""
@@ -142,12 +172,23 @@ class SweepReport:
 
 
 def drive(store: Store, conversation: Conversation[T]) -> T:
-    """Run a conversation against ``store`` to the end, one operation at a time."""
+    """Run a conversation against ``store`` to the end, one operation at a time.
+
+    A `StoreError` is thrown into the conversation at the operation that failed,
+    as the simulator throws it, so that both drivers give a conversation the
+    same chance to react (a claim keeps what it won, see `claim_many`); unless
+    the conversation handles it, it comes back out of here.
+    """
     send = conversation.send  # bound once: a conversation sends a few results
     try:
         op = next(conversation)
         while True:
-            op = send(perform(store, op))
+            try:
+                result = perform(store, op)
+            except StoreError as error:
+                op = conversation.throw(error)
+                continue
+            op = send(result)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
 
@@ -228,24 +269,63 @@ def claim_many(
        record: if the task had been claimed, the insert loses and nothing else
        was written.  A failed candidate is loaded first, for its attempt count.
     3. A candidate whose hint was stale is repaired and skipped.
+
+    A store error ends the claim: as `ClaimInterrupted`, carrying the jobs
+    already won, if any.  If it hit a lease insert, that claim is kept as
+    ``candidates.unsure`` (the insert may have been stored), and the next
+    claim for its worker first loads the task: a stored lease with our token
+    is a job like any other.
     """
     jobs: list[Job] = []
     waiting = list(workers)
     if not waiting:
         return jobs
     left = candidates if candidates is not None else Candidates(keep_for=timedelta(0))
-    if left.fresh(now):
-        yield from _try_candidates(left.docs, waiting, jobs, server=server, now=now, rng=rng)
-    if waiting:
-        limit = max(batch, 2 * len(waiting))
-        left.docs = list((yield FindDue(WORK, band.min_priority, band.max_priority, now, limit)))
-        left.read_at = now
-        yield from _try_candidates(left.docs, waiting, jobs, server=server, now=now, rng=rng)
+    try:
+        if left.unsure is not None:
+            yield from _settle_unsure(left, waiting, jobs, now=now)
+        if waiting and left.fresh(now):
+            yield from _try_candidates(left, waiting, jobs, server=server, now=now, rng=rng)
+        if waiting:
+            limit = max(batch, 2 * len(waiting))
+            left.docs = list(
+                (yield FindDue(WORK, band.min_priority, band.max_priority, now, limit))
+            )
+            left.read_at = now
+            yield from _try_candidates(left, waiting, jobs, server=server, now=now, rng=rng)
+    except StoreError as error:
+        if jobs:
+            raise ClaimInterrupted(jobs, error) from error
+        raise
     return jobs
 
 
+def _settle_unsure(
+    left: Candidates, waiting: list[tuple[str | None, str]], jobs: list[Job], *, now: datetime
+) -> Conversation[None]:
+    """Find out whether ``left.unsure``'s lease was stored, once its worker waits
+    again: if the task's live lease is that very record, it is its worker's job
+    (its hint repaired first: the error may have come before it was written)."""
+    unsure = left.unsure
+    assert unsure is not None
+    index = next((i for i, (worker, _) in enumerate(waiting) if worker == unsure.worker), None)
+    if index is None:  # its worker is not idle now: later
+        return
+    view: TaskView | None = yield Load(unsure.doc.task_id)
+    left.unsure = None
+    if view is None:
+        return
+    lease = view.current_lease()
+    if lease is None or lease.token != unsure.token:
+        return  # not stored, or over (a sweep declared it lost): nothing of ours
+    yield from repair(view, now=now)
+    kind = JobKind.RUN if lease.kind is RecordKind.RUN else JobKind.HANDLE
+    jobs.append(Job(kind, view, lease))
+    waiting.pop(index)
+
+
 def _try_candidates(
-    docs: list[TaskDoc],
+    left: Candidates,
     waiting: list[tuple[str | None, str]],
     jobs: list[Job],
     *,
@@ -253,7 +333,9 @@ def _try_candidates(
     now: datetime,
     rng: random.Random | None,
 ) -> Conversation[None]:
-    """Claim ``docs`` in order for ``waiting`` workers, popping both as they are used."""
+    """Claim ``left.docs`` in order for ``waiting`` workers, popping both as they are
+    used; a store error while a lease is written leaves the claim as ``left.unsure``."""
+    docs = left.docs
     while docs and waiting:
         doc = docs.pop(0)
         worker, token = waiting[0]
@@ -273,7 +355,11 @@ def _try_candidates(
         except InvalidTransition:
             yield from repair(view, now=now)
             continue
-        winner = yield from apply_step(view, decided)
+        try:
+            winner = yield from apply_step(view, decided)
+        except StoreError:
+            left.unsure = UnsureClaim(doc, worker, token)
+            raise
         assert winner is not None
         assert decided.record is not None
         if winner.token == decided.record.token:

@@ -19,9 +19,11 @@ from tullius.document import (
     run_id,
     status_of,
 )
+from tullius.effects import InsertRecord as InsertRecordOp
 from tullius.engine import (
     SWEEP_BATCH,
     Candidates,
+    ClaimInterrupted,
     Job,
     JobKind,
     apply_step,
@@ -33,7 +35,7 @@ from tullius.engine import (
     sweep,
 )
 from tullius.errors import StoreError
-from tullius.events import Claimed, Failed, HandlerSucceeded, Succeeded
+from tullius.events import Claimed, Failed, HandlerSucceeded, LeaseExpired, Succeeded
 from tullius.machine import step
 from tullius.policy import LeaseTimings, LeaseWatch
 from tullius.sim.memory_store import MemoryStore
@@ -431,3 +433,129 @@ def test_a_dead_lease_is_declared_lost_however_many_live_leases_come_before_it()
         expired += report.expired
     # Then the dead server's lease was declared lost: the sweep read past its first page
     assert expired == [run_id(ids[-1])]
+
+
+def drive_until_insert_fails(store: MemoryStore, conversation, *, failing: int, applied: bool):  # type: ignore[no-untyped-def]
+    """Drive ``conversation``; its ``failing``-th InsertRecord (1-based) raises a StoreError,
+    stored first if ``applied`` (a lost acknowledgement).  Returns what the error became."""
+    inserts = 0
+    result = None
+    while True:
+        op = conversation.send(result)
+        if isinstance(op, InsertRecordOp):
+            inserts += 1
+            if inserts == failing:
+                if applied:
+                    perform(store, op)
+                try:
+                    conversation.throw(StoreError("connection reset"))
+                except StoreError as error:
+                    return error
+                raise AssertionError("the conversation swallowed the store error")
+        result = perform(store, op)
+
+
+def test_a_claim_interrupted_by_a_store_error_keeps_the_jobs_it_already_won() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a"), make_doc("b")])
+    candidates = Candidates(timedelta(seconds=1))
+    # Given a claim for two workers whose second lease insert meets a store error
+    conversation = claim_many(
+        ALL, server="s1", workers=[("w1", "t1"), ("w2", "t2")], now=T0, candidates=candidates
+    )
+    error = drive_until_insert_fails(store, conversation, failing=2, applied=False)
+    # Then the error carries the job won before it, which is stored and w1's to run
+    assert isinstance(error, ClaimInterrupted)
+    assert [(job.task_id, job.token, job.lease.worker) for job in error.jobs] == [("a", "t1", "w1")]
+    assert current_token(store, "a") == "t1"
+    # And the claim it was making is kept, unsure, with its token
+    assert candidates.unsure is not None
+    assert (candidates.unsure.doc.task_id, candidates.unsure.token) == ("b", "t2")
+
+
+def test_an_unsure_claim_whose_lease_was_stored_is_its_workers_job_at_the_next_claim() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a")])
+    candidates = Candidates(timedelta(seconds=1))
+    # Given a claim whose lease insert was stored but whose acknowledgement was lost
+    conversation = claim_many(
+        ALL, server="s1", workers=[("w1", "t1")], now=T0, candidates=candidates
+    )
+    error = drive_until_insert_fails(store, conversation, failing=1, applied=True)
+    assert not isinstance(error, ClaimInterrupted)  # nothing was won for sure
+    assert store.load("a").task.status is Status.QUEUED  # the hint was never written
+    candidates.forget()  # as drivers do after a failed claim
+    # When the band claims again, for the same idle worker with a new token
+    later = T0 + timedelta(seconds=6)
+    [job] = claim_for(store, "w1", "new", later, candidates)
+    # Then the stored lease is the job, with the token it was stored with, and its hint is right
+    assert (job.task_id, job.kind, job.token, job.lease.worker) == ("a", JobKind.RUN, "t1", "w1")
+    assert store.load("a").task.status is Status.RUNNING
+    assert candidates.unsure is None
+
+
+def test_an_unsure_claim_that_was_not_stored_leaves_the_task_to_be_claimed_afresh() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a")])
+    candidates = Candidates(timedelta(seconds=1))
+    conversation = claim_many(
+        ALL, server="s1", workers=[("w1", "t1")], now=T0, candidates=candidates
+    )
+    drive_until_insert_fails(store, conversation, failing=1, applied=False)
+    candidates.forget()
+    [job] = claim_for(store, "w1", "new", T0, candidates)
+    assert (job.task_id, job.token) == ("a", "new")
+
+
+def test_an_unsure_claim_already_declared_lost_is_not_run_but_its_failure_handled() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a")])
+    candidates = Candidates(timedelta(seconds=1))
+    conversation = claim_many(
+        ALL, server="s1", workers=[("w1", "t1")], now=T0, candidates=candidates
+    )
+    drive_until_insert_fails(store, conversation, failing=1, applied=True)
+    # Given another server's sweep declared the unrenewed lease lost meanwhile
+    view = store.load("a")
+    decided = step(view, LeaseExpired(run_id("a"), "s2"), now=T0 + timedelta(seconds=40))
+    drive(store, apply_step(view, decided))
+    # When the band claims again
+    later = T0 + timedelta(seconds=41)
+    [job] = claim_for(store, "w1", "new", later, candidates)
+    # Then the run is not run after all: the job is failed() of the lost run
+    assert (job.task_id, job.kind, job.token) == ("a", JobKind.HANDLE, "new")
+    assert candidates.unsure is None
+
+
+def test_an_unsure_claim_waits_for_its_worker_to_be_idle_again() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a"), make_doc("b")])
+    candidates = Candidates(timedelta(seconds=1))
+    conversation = claim_many(
+        ALL, server="s1", workers=[("w1", "t1")], now=T0, candidates=candidates
+    )
+    drive_until_insert_fails(store, conversation, failing=1, applied=True)
+    candidates.forget()
+    # A claim for another worker leaves it unsure
+    [other] = claim_for(store, "w2", "t2", T0, candidates)
+    assert other.task_id == "b"
+    assert candidates.unsure is not None
+    [job] = claim_for(store, "w1", "t3", T0, candidates)
+    assert (job.task_id, job.token) == ("a", "t1")
+
+
+def current_token(store: MemoryStore, task_id: str) -> str | None:
+    view = store.load(task_id)
+    assert view is not None
+    lease = view.current_lease()
+    return None if lease is None else lease.token
+
+
+W1 = ("w1", "t1")
+
+
+def claim_for(store: MemoryStore, worker: str, token: str, now, candidates: Candidates):  # type: ignore[no-untyped-def]
+    return drive(
+        store,
+        claim_many(ALL, server="s1", workers=[(worker, token)], now=now, candidates=candidates),
+    )

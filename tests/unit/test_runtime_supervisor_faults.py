@@ -17,7 +17,8 @@ import pytest
 from tests.unit.test_runtime_supervisor import settings as supervisor_settings
 from tullius.api import insert_queued
 from tullius.band import Band
-from tullius.document import TERMINAL, Status, TaskSpec, status_of
+from tullius.document import TERMINAL, Record, RecordKind, Status, TaskSpec, status_of
+from tullius.errors import StoreError
 from tullius.runtime.config import Settings
 from tullius.runtime.supervisor import Supervisor
 from tullius.sim.memory_store import MemoryStore
@@ -256,3 +257,89 @@ def test_claimed_job_whose_worker_never_starts_does_not_hang_forever(
     # that can never run it, until the daemon is stopped
     assert store.killed
     assert seen[0] is not Status.RUNNING, "still RUNNING 30 s after the claim of a 1 s task"
+
+
+class LoseTheFirstClaimsAcknowledgement(MemoryStore):
+    """The first lease insert is stored, then the connection drops before the reply
+    (and the store's own retries run out): the daemon sees a `StoreError`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost_token: str | None = None
+
+    def insert_record(self, record: Record) -> Record:
+        stored = super().insert_record(record)
+        if record.kind is RecordKind.RUN and self.lost_token is None:
+            self.lost_token = record.token
+            raise StoreError("connection reset after the insert (simulated)")
+        return stored
+
+
+def test_a_claim_whose_acknowledgement_was_lost_still_runs_its_task() -> None:
+    from tullius.demo import QuickExampleTask
+    from tullius.task import to_spec
+
+    # Given a daemon whose first claim was stored but never acknowledged
+    store = LoseTheFirstClaimsAcknowledgement()
+    spec = to_spec(QuickExampleTask(count_to=0))
+    [root] = insert_queued(store, [spec], now=datetime.now(UTC), new_id=lambda: "t1")
+    # When it runs until the task is over
+    Supervisor(store, settings(), observer=terminal(root)).run()
+    # Then its next claim found the stored lease to be its own and ran the task under it,
+    # instead of leaving it unrenewed for a sweep to fail as lost without a run
+    view = store.load(root)
+    assert view is not None
+    assert status_of(view) is Status.SUCCEEDED
+    assert view.run is not None
+    assert view.run.token == store.lost_token
+
+
+class FailTheSecondLeaseInsert(MemoryStore):
+    """The second lease insert fails, not stored (the store's retries ran out).  The
+    queue looks empty until both workers are up, so that one claim is for both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inserts = 0
+        self.supervisor: Supervisor | None = None
+
+    def find_due(self, *args: Any, **kwargs: Any) -> Any:
+        slots = [] if self.supervisor is None else self.supervisor.slots
+        up = [s for s in slots if s.worker is not None and s.worker.ready and s.running is None]
+        if len(up) < 2 and not self.inserts:
+            return []
+        return super().find_due(*args, **kwargs)
+
+    def insert_record(self, record: Record) -> Record:
+        if record.kind is RecordKind.RUN:
+            self.inserts += 1
+            if self.inserts == 2:
+                raise StoreError("connection reset before the insert (simulated)")
+        return super().insert_record(record)
+
+
+def test_a_claim_interrupted_by_a_store_error_still_runs_the_jobs_it_won() -> None:
+    from tullius.demo import QuickExampleTask
+    from tullius.task import to_spec
+
+    # Given a daemon with two idle workers, two tasks, and a store failing the second
+    # lease insert of its claim for both
+    store = FailTheSecondLeaseInsert()
+    specs = [to_spec(QuickExampleTask(count_to=0)) for _ in range(2)]
+    ids = iter(["t1", "t2"])
+    roots = insert_queued(store, specs, now=datetime.now(UTC), new_id=ids.__next__)
+
+    def both_over(s: Store) -> bool:
+        return all(terminal(root)(s) for root in roots)
+
+    # When it runs until both are over
+    supervisor = Supervisor(store, settings(bands=(Band(2, 0, 10),)), observer=both_over)
+    store.supervisor = supervisor
+    supervisor.run()
+    # Then the job won before the error ran (not left for a sweep to fail as lost),
+    # and the other task was claimed again
+    assert store.inserts >= 3
+    for root in roots:
+        view = store.load(root)
+        assert view is not None
+        assert status_of(view) is Status.SUCCEEDED, view.outcome

@@ -47,6 +47,7 @@ from tullius.engine import (
     CLAIM_READ,
     REUSE_CANDIDATES_FOR,
     Candidates,
+    ClaimInterrupted,
     Job,
     Verdict,
     claim_many,
@@ -294,10 +295,12 @@ class Supervisor(WorkerKeeping):
             slot.claiming = True
         self._band_claiming[band_index] = True
         workers = [(slot.name, uuid.uuid4().hex) for slot in slots]
+        candidates = self._candidates[band_index]
         tokens = {token for _, token in workers}
+        if candidates.unsure is not None:  # its lease may become a job of this claim
+            tokens.add(candidates.unsure.token)
         self._claim_tokens |= tokens
         started = time.monotonic()
-        candidates = self._candidates[band_index]
 
         def work() -> list[Job]:
             return drive(
@@ -320,6 +323,7 @@ class Supervisor(WorkerKeeping):
             self._claim_tokens -= tokens
             now = time.monotonic()
             error = future.exception()
+            jobs: list[Job]
             if error is not None:
                 candidates.forget()
                 self._next_poll[band_index] = now + 1.0
@@ -332,9 +336,18 @@ class Supervisor(WorkerKeeping):
                         type(error).__name__,
                         short_error(error),
                     )
-                return
-            self._store_ok()
-            jobs: list[Job] = future.result()
+                if not isinstance(error, ClaimInterrupted):
+                    return
+                jobs = error.jobs  # won before the error: ours to run all the same
+            else:
+                self._store_ok()
+                jobs = future.result()
+                if len(jobs) < len(slots):
+                    # The period counts from the start of this look, so an idle daemon
+                    # looks every poll_interval however long a look takes (pickup latency).
+                    self._next_poll[band_index] = started + self.settings.poll_interval
+                else:
+                    self._next_poll[band_index] = now  # more, maybe, for slots freed meanwhile
             by_worker = {job.lease.worker: job for job in jobs}
             for slot in slots:
                 job = by_worker.get(slot.name)
@@ -343,12 +356,6 @@ class Supervisor(WorkerKeeping):
                 self.counters.claimed += 1
                 slot.running = Running(job, next_renew=now + self.heartbeat, claimed_at=now)
                 self._dispatch(slot, slot.running, now)
-            if len(jobs) < len(slots):
-                # The period counts from the start of this look, so an idle daemon looks
-                # every poll_interval however long a look takes (pickup latency).
-                self._next_poll[band_index] = started + self.settings.poll_interval
-            else:
-                self._next_poll[band_index] = now  # there may be more for slots freed meanwhile
 
         self._submit(work, done)
 
@@ -456,6 +463,7 @@ class Supervisor(WorkerKeeping):
             [s.running.job.token for s in self.slots if s.running is not None]
             + [item.job.token for item in self._finishing]
             + list(self._claim_tokens)
+            + [c.unsure.token for c in self._candidates if c.unsure is not None]
         )
 
         def done(future: Future[Any]) -> None:

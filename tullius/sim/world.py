@@ -31,6 +31,7 @@ from tullius.engine import (
     CLAIM_READ,
     REUSE_CANDIDATES_FOR,
     Candidates,
+    ClaimInterrupted,
     Job,
     JobKind,
     Verdict,
@@ -136,7 +137,7 @@ class Claimer:
         self.napping = False
         self.poked = False
         self.read: tuple[int, datetime] | None = None
-        self.claiming: list[tuple[str, str]] = []
+        self.claiming: list[tuple[str | None, str]] = []
 
 
 @dataclass(eq=False)
@@ -302,10 +303,12 @@ class Drivers:
             if not idle:
                 yield Nap(c, None)
                 continue
-            workers = [(name, self._new_token()) for _, name in idle]
+            workers: list[tuple[str | None, str]] = [(name, self._new_token()) for _, name in idle]
             # As the daemon: the leases of a claim in flight are ours to our sweeper
-            # (kept as the list, not added to a set: most claims find nothing).
-            c.claiming = workers
+            # (kept as the list, not added to a set: most claims find nothing), and
+            # so is the lease of a claim a store error left unsure (`UnsureClaim`).
+            unsure = c.candidates.unsure
+            c.claiming = workers if unsure is None else [*workers, (unsure.worker, unsure.token)]
             started, now = self.events, server.clock.now()
             docs = c.candidates.docs
             kept = {doc.task_id for doc in docs} if c.candidates.fresh(now) else set()
@@ -320,12 +323,17 @@ class Drivers:
                     batch=CLAIM_READ,
                     candidates=c.candidates,
                 )
-            except StoreError:  # as the daemon: read afresh after the store's retry delay
+            except StoreError as error:  # as the daemon: read afresh after the retry delay
                 self._store_failed(server)
                 c.claiming = []
                 c.candidates.forget()
-                yield Nap(c, self._retry_us)
-                continue
+                if not isinstance(error, ClaimInterrupted):
+                    yield Nap(c, self._retry_us)
+                    continue
+                jobs = error.jobs  # won before the error: ours to run all the same
+                retry: int | None = self._retry_us
+            else:
+                retry = None
             c.claiming = []
             if jobs:
                 server.tokens.update(job.token for job in jobs)  # claimed: ours till done
@@ -345,7 +353,9 @@ class Drivers:
                 starts.append(Actor(self._work(server, job, index, name, c), server, name))
             if starts:
                 yield StartJobs(starts)
-            if len(jobs) < len(idle) and not c.poked:
+            if retry is not None:
+                yield Nap(c, retry)
+            elif len(jobs) < len(idle) and not c.poked:
                 yield Nap(c, self._poll_us)
 
     def _poke(self, server: Server) -> None:
@@ -425,7 +435,12 @@ class Drivers:
                     monotonic=server.clock.monotonic,
                     own_tokens=frozenset(server.tokens).union(
                         token for c in server.claimers for _, token in c.claiming
-                    ),
+                    )
+                    | {
+                        c.candidates.unsure.token
+                        for c in server.claimers
+                        if c.candidates.unsure is not None
+                    },
                     rng=self.rng,
                 )
                 watch.sweep_ended(server.clock.monotonic())
