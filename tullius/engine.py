@@ -312,13 +312,12 @@ def _settle_unsure(
     if index is None:  # its worker is not idle now: later
         return
     view: TaskView | None = yield Load(unsure.doc.task_id)
-    left.unsure = None
-    if view is None:
-        return
-    lease = view.current_lease()
-    if lease is None or lease.token != unsure.token:
+    lease = None if view is None else view.current_lease()
+    if view is None or lease is None or lease.token != unsure.token:
+        left.unsure = None
         return  # not stored, or over (a sweep declared it lost): nothing of ours
-    yield from repair(view, now=now)
+    yield from repair(view, now=now)  # (a store error here: still unsure, tried again)
+    left.unsure = None
     kind = JobKind.RUN if lease.kind is RecordKind.RUN else JobKind.HANDLE
     jobs.append(Job(kind, view, lease))
     waiting.pop(index)
