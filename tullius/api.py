@@ -71,7 +71,8 @@ def current_store() -> Store:
             raise ConfigError(
                 "tullius_deps.make_db() return value",
                 type(db).__name__,
-                "is not a pymongo Database; expected e.g. pymongo.MongoClient(j=True).tullius",
+                "is not a pymongo Database; "
+                "expected e.g. pymongo.MongoClient(journal=True).tullius",
             )
         mongo = MongoStore(db)
         mongo.ensure_indexes()

@@ -29,3 +29,18 @@ def test_the_worked_simulator_example_passes_as_written(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
+
+
+def test_the_readmes_make_db_clients_are_accepted_with_majority_journaled_writes() -> None:
+    import pymongo
+
+    calls = re.findall(r"pymongo\.MongoClient\((.*?)\n\s*\)", README.read_text(), flags=re.DOTALL)
+    assert len(calls) == 2  # the Setup section's and the client settings section's
+    for arguments in calls:
+        # connect=False: built and checked, never connected (db1..db3 don't exist here).
+        call = f"pymongo.MongoClient({arguments.rstrip().rstrip(',')}, connect=False)"
+        client = eval(call, {"pymongo": pymongo})
+        try:
+            assert client.write_concern.document == {"w": "majority", "j": True, "wtimeout": 10_000}
+        finally:
+            client.close()

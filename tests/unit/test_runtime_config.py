@@ -202,3 +202,12 @@ def test_parse_processes_needs_one_band() -> None:
 
 def test_parse_count_accepts_zero() -> None:
     assert parse_count("--max-tasks-per-worker", "0") == 0
+
+
+def test_a_uri_with_pymongo_3s_j_option_still_gets_journaled_writes() -> None:
+    from tullius.runtime.launch import _client_options
+
+    # pymongo 4 ignores ``j=`` in a URI (with a warning): it does not set journal.
+    assert _client_options("mongodb://db1/tullius?j=false")["journal"] is True
+    assert "journal" not in _client_options("mongodb://db1/tullius?journal=false")
+    assert "w" not in _client_options("mongodb://db1/tullius?w=1")

@@ -45,12 +45,13 @@ def _client_options(uri: str) -> dict[str, Any]:
     """`CLIENT_DEFAULTS` minus whatever the URI sets itself (the user's choice wins)."""
     from pymongo import uri_parser
 
+    # Only the names pymongo 4 reads count as set: it ignores ``j=`` (pymongo 3's
+    # name for ``journal``) with a warning, so a URI with ``j=true`` must still get
+    # ``journal=True`` from here, or writes would go unjournaled.
     given = {key.lower() for key in uri_parser.parse_uri(uri, validate=False)["options"]}
-    aliases = {"journal": {"journal", "j"}, "w": {"w"}}
     options = {"tz_aware": True}
     for key, value in CLIENT_DEFAULTS.items():
-        names = aliases.get(key, {key.lower()})
-        if not names & given:
+        if key.lower() not in given:
             options[key] = value
     return options
 
@@ -97,7 +98,7 @@ def open_mongo(settings: Settings) -> Any:
         if not isinstance(db, Database):
             raise StartupError(
                 f"tullius_deps.make_db() returned {type(db).__name__}; expected a pymongo Database "
-                "(e.g. pymongo.MongoClient(j=True).tullius)"
+                "(e.g. pymongo.MongoClient(journal=True).tullius)"
             )
         if settings.database:
             db = db.client[settings.database]
