@@ -103,6 +103,17 @@ class Task:
                 f"{name}.task_name={cls.task_name!r}; expected 'module:QualName', naming a "
                 "module tulliusd's workers can import and the class's name in it"
             )
+        taken = _REGISTRY.get(cls.task_name)
+        if taken is not None and _place(taken) != _place(cls):
+            # Why: documents name their class by task_name alone, so a second class
+            # under the same name silently ran in place of the first (a copied
+            # ``task_name`` line queued ChargeCard and ran RefundCharge).  The same
+            # class defined again (a module reloaded, a test's local class) is fine.
+            raise TaskDefinitionError(
+                f"{name}.task_name={cls.task_name!r} is already the name of "
+                f"{taken.__module__}.{taken.__qualname__}; expected a task_name no other "
+                "Task class has, since stored tasks find their class by it"
+            )
         _REGISTRY[cls.task_name] = cls
 
     def __init__(
@@ -390,6 +401,11 @@ def find_in_module(module: object, qualname: str) -> Any:
         if obj is None:
             return None
     return obj
+
+
+def _place(cls: type) -> tuple[str, str]:
+    """Where a class is defined: a class defined again there is the same class."""
+    return cls.__module__, cls.__qualname__
 
 
 def load_class(name: str) -> type[Task]:

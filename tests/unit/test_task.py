@@ -204,6 +204,29 @@ def test_a_task_name_a_worker_could_not_load_is_refused_at_definition(task_name:
         )
 
 
+def test_a_task_name_another_class_already_has_is_refused_at_definition() -> None:
+    # A copied task_name line used to make the registry hand out the second class
+    # for the first one's documents: queueing Count ran the other class's run().
+    with pytest.raises(TaskDefinitionError, match=rf"already the name of {__name__}\.Count"):
+        type("Refund", (tullius.Task,), {**_CLASS, "task_name": Count.task_name})
+    assert load_class(Count.task_name) is Count
+
+
+def test_the_same_class_defined_again_keeps_its_name() -> None:
+    def define() -> type[tullius.Task]:
+        class Local(tullius.Task):
+            timeout = timedelta(seconds=1)
+
+            def run(self) -> None:
+                pass
+
+        return Local
+
+    first, second = define(), define()  # a test's local class, a reloaded module
+    assert first.task_name == second.task_name
+    assert load_class(second.task_name) is second
+
+
 def test_settings_too_big_to_store_are_refused_where_they_are_written() -> None:
     # BSON ints are 64-bit: these were accepted, then failed only at the insert.
     with pytest.raises(TaskDefinitionError, match=r"failed_attempts=10{30}"):
