@@ -159,6 +159,48 @@ def test_drain_past_its_horizon_lists_open_tasks_and_what_they_wait_for() -> Non
     sim.close()
 
 
+class Retries(tullius.Task):
+    timeout = timedelta(seconds=10)
+
+    def run(self) -> None:
+        raise RuntimeError("no")
+
+    def failed(self) -> tullius.Task:
+        return self.copy(delay=timedelta(minutes=1))
+
+
+class FailsToHandle(tullius.Task):
+    timeout = timedelta(seconds=10)
+
+    def run(self) -> None:
+        raise RuntimeError("no")
+
+    def failed(self) -> None:
+        raise RuntimeError("neither")
+
+
+def test_drain_past_its_horizon_names_when_a_deferred_task_is_due_not_a_worker() -> None:
+    # Workers were idle: the open task waits for its own delay (or failed()'s
+    # backoff), and the message used to say it waited for a worker in its band.
+    sim = Simulation(seed=13)
+    sim.queue(Retries(n=1))
+    with pytest.raises(DrainTimeout) as caught:
+        sim.drain(within=timedelta(seconds=90))
+    assert "queued: waits for its start, not due until 2030-01-01T00:02:" in str(caught.value)
+    assert "waits for a worker" not in str(caught.value)
+    sim.close()
+
+    sim = Simulation(seed=13)
+    sim.queue(FailsToHandle(n=1))
+    with pytest.raises(DrainTimeout) as caught:
+        sim.drain(within=timedelta(seconds=2))
+    # attempts 1 and 2 failed at 0 s and 1 s; the backoff puts attempt 3 at 3 s
+    assert "failed: waits for failed() attempt 3, not due until 2030-01-01T00:00:03" in str(
+        caught.value
+    )
+    sim.close()
+
+
 class Pair(tullius.Task):
     timeout = timedelta(seconds=10)
     left: int

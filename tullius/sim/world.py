@@ -25,7 +25,7 @@ from typing import Any
 
 from tullius.api import queue_sink
 from tullius.band import Band
-from tullius.document import Failure, FailureKind, Status, TaskSpec, status_of
+from tullius.document import Failure, FailureKind, Status, TaskSpec, due_at_of, status_of
 from tullius.effects import InsertRecord, InsertTasks, SetStatus
 from tullius.engine import (
     CLAIM_READ,
@@ -665,6 +665,14 @@ class Drivers:
         name = view.task.class_name.rpartition(":")[2]
         head = f"{task_id} {name}{dict(view.task.fields)} {status.value}"
         lease = view.current_lease()
+        due_at = due_at_of(view)
+        if due_at is not None and due_at > self.clock.now():
+            # Why first: a deferred task (delay, start_after, failed()'s backoff) was
+            # reported as waiting for a worker, though workers were idle.
+            what = "its start" if status is Status.QUEUED else "failed() attempt"
+            if status is Status.FAILED:
+                what += f" {view.handler_attempt + 1}"
+            return f"{head}: waits for {what}, not due until {due_at.isoformat()}"
         if status is Status.QUEUED:
             return f"{head}: waits for a worker in a band covering priority {view.task.priority}"
         if lease is not None:
