@@ -31,12 +31,15 @@ class ChainLink:
 
     Attributes:
         task: the task rebuilt with its fields (None if its class can't be loaded).
+        status: where it is; ``UNHANDLED`` when every try of ``failed()`` failed.
         outcome: ``"succeeded"``, ``"failed"``, or None while it has not ended.
         failure: why the run failed (``kind``, ``message``, ...), if it did.
         handler_error: the last error of ``failed()`` itself, if it raised,
             hung or returned something that is not a task.
         handler_attempts: how many times ``failed()`` was started.
-        started_at / finished_at: when the run was claimed and when it ended.
+        started_at / finished_at: when the run was claimed and when its outcome
+            was recorded (after a store outage, when the store was back, which
+            may be past the task's timeout although ``run()`` returned in time).
         server: the server that ran it.
         children: ids of the successors or replacements it produced.
     """

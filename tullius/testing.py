@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from tullius.document import FailureKind
+from tullius.document import FailureKind, Status
 from tullius.inspection import ChainLink
 
 #: The failure kinds Tullius writes: an expected kind must be one of them, so a
@@ -72,8 +72,18 @@ def expect(
 ) -> Expected:
     """An expected link: ``expect("failed", kind="timeout", count_to=10)``.
 
-    ``outcome`` may also be a failure kind (``expect("timeout")``), which
-    implies ``"failed"``.
+    Args:
+        outcome: ``"succeeded"``, ``"failed"``, or a failure kind
+            (``expect("timeout")``), which implies ``"failed"``.
+        kind: the run's failure kind, one of `KINDS`.
+        duration: exactly how long the run took, from its claim to its outcome's record.
+        handler_error: the kind (one of `KINDS`, not a message) of the last error of
+            ``failed()`` itself, e.g. ``"exception"`` when ``failed()`` raised.
+        fields: the task's fields that must have these values.
+
+    Raises:
+        ValueError: an outcome or kind that is none of these, or a duration that
+            is not a timedelta.
     """
     if outcome is not None and outcome not in ("succeeded", "failed"):
         if kind is not None:
@@ -89,6 +99,10 @@ def expect(
             raise ValueError(
                 f"expect({name}={value!r}): expected a failure kind, one of {', '.join(KINDS)}"
             )
+    if duration is not None and not isinstance(duration, timedelta):
+        # Why: compared with a timedelta, a number never matched, and the mismatch
+        # ("ran 0:00:05, expected 5") hid that the expectation itself was wrong.
+        raise ValueError(f"expect(duration={duration!r}): expected a timedelta")
     return Expected(outcome, kind, duration, handler_error, dict(fields))
 
 
@@ -109,7 +123,10 @@ def describe_link(link: ChainLink) -> str:
     if link.server is not None:
         text += f" on {link.server}"
     if link.handler_error is not None:
-        text += f" [failed() error {link.handler_error.kind}: {link.handler_error.message}]"
+        text += f" [failed() error {link.handler_error.kind}: {link.handler_error.message}"
+        if link.status is Status.UNHANDLED:
+            text += f"; left unhandled after {link.handler_attempts} attempt(s)"
+        text += "]"
     return text
 
 
@@ -133,11 +150,21 @@ def assert_chain(chain: Sequence[ChainLink], expected: Sequence[str | Expected])
 
 
 def assert_outcomes(chain: Sequence[ChainLink], expected: str) -> None:
-    """Shorthand: ``assert_outcomes(chain, "timeout*6 succeeded")``."""
+    """Shorthand: ``assert_outcomes(chain, "timeout*6 succeeded")``.
+
+    Raises:
+        ValueError: a word that is not ``OUTCOME`` or ``OUTCOME*COUNT`` (COUNT >= 1).
+        AssertionError: as `assert_chain`.
+    """
     items: list[str | Expected] = []
     for word in expected.split():
-        name, _, times = word.partition("*")
-        items.extend([name] * (int(times) if times else 1))
+        name, star, times = word.partition("*")
+        if star and not (times.isdecimal() and int(times) >= 1):
+            raise ValueError(
+                f"assert_outcomes({expected!r}): {word!r} should be OUTCOME or OUTCOME*COUNT "
+                "with a COUNT >= 1, e.g. 'timeout*6 succeeded'"
+            )
+        items.extend([name] * (int(times) if star else 1))
     assert_chain(chain, items)
 
 

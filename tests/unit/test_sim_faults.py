@@ -252,3 +252,19 @@ def test_a_claim_that_failed_midway_does_not_let_less_urgent_work_go_first() -> 
     claims = [line for line in sim.trace if " claimed " in line]
     assert [urgent_id in claims[0], later_id in claims[1]] == [True, True], claims
     sim.close()
+
+
+def test_a_links_finished_at_is_when_its_outcome_was_recorded_after_an_outage() -> None:
+    # run() returns after 3 s, well within its 60 s timeout, but the store is out
+    # from 1 s to 121 s: the outcome, and so finished_at, is written when it is back.
+    sim = Simulation(seed=14)
+    task = Sleeper(secs=3)
+    sim.queue(task)
+    sim.store_outage(at=timedelta(seconds=1), duration=timedelta(minutes=2))
+    sim.drain(within=timedelta(minutes=10))
+    [link] = sim.chain(task)
+    assert link.outcome == "succeeded"
+    assert link.started_at is not None
+    assert link.finished_at is not None
+    assert link.finished_at - link.started_at > Sleeper.timeout
+    sim.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -93,3 +95,22 @@ def test_an_expected_outcome_with_a_typo_is_refused_where_it_is_written() -> Non
         expect(handler_error="oops")
     with pytest.raises(ValueError, match=r"'succeded'"):
         assert_outcomes([], "timeout*2 succeded")
+
+
+@pytest.mark.parametrize("word", ["timeout*x", "timeout*", "timeout*0", "timeout*-1"])
+def test_a_count_that_is_not_a_whole_number_from_one_is_refused_naming_the_word(
+    word: str,
+) -> None:
+    from tullius.testing import assert_outcomes
+
+    # "*x" raised int()'s bare "invalid literal"; "*0" and "*-1" expected nothing, silently.
+    with pytest.raises(ValueError, match=re.escape(f"{word!r} should be OUTCOME or OUTCOME*COUNT")):
+        assert_outcomes([], f"{word} succeeded")
+
+
+def test_an_expected_duration_that_is_not_a_timedelta_is_refused_where_it_is_written() -> None:
+    from tullius.testing import expect
+
+    # A number never equals a timedelta: every link mismatched, blaming the task.
+    with pytest.raises(ValueError, match=r"expect\(duration=5\): expected a timedelta"):
+        expect("timeout", duration=5)  # type: ignore[arg-type]

@@ -179,6 +179,33 @@ def test_assert_chain_explains_a_mismatch_with_the_whole_chain() -> None:
     sim.close()
 
 
+class HandlerAlwaysRaises(tullius.Task):
+    timeout = timedelta(seconds=5)
+    failed_attempts = 2
+
+    def run(self) -> None:
+        raise RuntimeError("declined")
+
+    def failed(self) -> None:
+        raise ValueError("handler broken")
+
+
+def test_a_chain_description_says_when_a_task_was_left_unhandled() -> None:
+    # Its outcome is "failed" like a handled one: only the status tells an operator's
+    # case from a failure that failed() dealt with.
+    sim = Simulation(seed=8)
+    task = HandlerAlwaysRaises()
+    sim.queue(task)
+    sim.drain(within=timedelta(minutes=5))
+    [link] = sim.chain(task)
+    assert link.status is Status.UNHANDLED
+    assert describe_chain([link]).endswith(
+        "[failed() error exception: failed() raised ValueError: handler broken; "
+        "left unhandled after 2 attempt(s)]"
+    )
+    sim.close()
+
+
 def test_a_task_whose_class_cannot_be_loaded_fails_visibly() -> None:
     sim = Simulation(seed=7)
     spec = tullius.task.to_spec(LongRun())
