@@ -9,6 +9,8 @@ with an error that names the problem and the fix.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -25,6 +27,24 @@ class Deps:
 
     make_db: Any | None
     task_processes: tuple[Band, ...] | None
+
+
+def _not_on_path_hint(module_name: str) -> str:
+    """Why a module in the current directory was not found, if that is the case.
+
+    Why: the ``tulliusd`` command, like every console script, puts its own
+    directory on the path, not the current one, so running it next to
+    ``tullius_deps.py`` said only "create tullius_deps.py".
+    """
+    if not os.path.isfile(f"{module_name}.py"):
+        return ""
+    here = os.getcwd()
+    if any(os.path.abspath(entry or os.curdir) == here for entry in sys.path):
+        return ""
+    return (
+        f"{module_name}.py is in the current directory, which is not on the Python path "
+        "(the tulliusd command does not add it): run it as PYTHONPATH=. tulliusd"
+    )
 
 
 def load_deps(module_name: str = MODULE, *, required: bool = True) -> Deps | None:
@@ -50,9 +70,13 @@ def load_deps(module_name: str = MODULE, *, required: bool = True) -> Deps | Non
         raise ConfigError(
             "module",
             module_name,
-            "was not found on the Python path; create tullius_deps.py with make_db() "
-            "and task_processes (see the README); or give tulliusd --mongodb-uri, or call "
-            "tullius.configure(db=...) before tullius.queue()",
+            "was not found on the Python path; "
+            + (
+                _not_on_path_hint(module_name)
+                or "create tullius_deps.py with make_db() and task_processes (see the README)"
+            )
+            + "; or give tulliusd --mongodb-uri, or call tullius.configure(db=...) before "
+            "tullius.queue()",
         ) from None
     except Exception as error:  # user code at import: report it as a setup problem
         raise ConfigError(

@@ -102,5 +102,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     for sim in sims:
         lines.append(f"seed: {sim.seed} (virtual time {sim.elapsed}, {sim.events} events)")
         lines.append(f"faults: {sim.faults!r}")
-    lines.append(f"replay: pytest '{item.nodeid}' --tullius-seed={base}")
+    # Quoted for a POSIX shell, even a parametrized id with a quote in it.
+    quoted = "'" + item.nodeid.replace("'", "'\"'\"'") + "'"
+    lines.append(f"replay: pytest {quoted} --tullius-seed={base}")
     report.sections.append(("tullius simulation", "\n".join(lines)))

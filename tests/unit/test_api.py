@@ -134,6 +134,21 @@ def test_a_missing_tullius_deps_says_how_to_fix_it(deps_dir: Path) -> None:
     assert load_deps(required=False) is None
 
 
+def test_a_tullius_deps_in_the_current_directory_off_the_path_says_to_add_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tulliusd console script puts its own directory on the path, not the current
+    # one: run next to tullius_deps.py, it said only "create tullius_deps.py".
+    (tmp_path / "tullius_deps.py").write_text("task_processes = [(1, 0, 10)]\n")
+    monkeypatch.chdir(tmp_path)
+    off_path = [entry for entry in sys.path if entry not in ("", ".", str(tmp_path))]
+    monkeypatch.setattr(sys, "path", off_path)
+    monkeypatch.delitem(sys.modules, "tullius_deps", raising=False)
+    with pytest.raises(ConfigError, match=r"current directory.*PYTHONPATH=\. tulliusd") as caught:
+        load_deps()
+    assert "create tullius_deps.py" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("processes", "message"),
     [

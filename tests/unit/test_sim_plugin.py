@@ -114,3 +114,28 @@ def test_an_expected_duration_that_is_not_a_timedelta_is_refused_where_it_is_wri
     # A number never equals a timedelta: every link mismatched, blaming the task.
     with pytest.raises(ValueError, match=r"expect\(duration=5\): expected a timedelta"):
         expect("timeout", duration=5)  # type: ignore[arg-type]
+
+
+def test_the_replay_line_stays_one_shell_argument_for_an_id_with_a_quote(
+    pytester: pytest.Pytester,
+) -> None:
+    import shlex
+
+    pytester.makepyfile(
+        test_quoted="""
+        import pytest
+
+        @pytest.mark.parametrize("name", ["O'Brien"])
+        def test_customer(tullius_sim, name):
+            assert False
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider", "--tullius-seed=7")
+    result.assert_outcomes(failed=1)
+    [line] = [line for line in result.outlines if line.startswith("replay: ")]
+    assert shlex.split(line) == [
+        "replay:",
+        "pytest",
+        "test_quoted.py::test_customer[O'Brien]",
+        "--tullius-seed=7",
+    ]

@@ -11,7 +11,7 @@ import pytest
 
 import tullius
 from tullius.errors import ConfigError, TaskDefinitionError
-from tullius.sim import ServerCrash, Simulation, SimulationError, StoreFault
+from tullius.sim import ClockSkew, ServerCrash, Simulation, SimulationError, StoreFault
 
 
 class Nap(tullius.Task):
@@ -150,3 +150,42 @@ def test_a_single_fault_given_to_apply_is_refused_with_a_hint() -> None:
 def test_bad_store_and_clock_settings_are_named(options: dict[str, Any], shown: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(shown)):
         Simulation(**options)
+
+
+def test_a_poll_interval_of_the_wrong_type_names_both_accepted_forms() -> None:
+    with pytest.raises(
+        ConfigError, match=r"poll_interval='1' must be a positive timedelta or number"
+    ):
+        Simulation(poll_interval="1")  # type: ignore[arg-type]
+
+
+def test_a_fault_holding_a_number_for_a_timedelta_prints_and_is_refused_by_apply() -> None:
+    # Its repr raised AttributeError ('int' object has no attribute 'total_seconds').
+    fault = ClockSkew("s1", 60)  # type: ignore[arg-type]
+    assert repr(fault) == "ClockSkew(server='s1', skew=60, at=timedelta(seconds=0))"
+    with pytest.raises(ConfigError, match=r"faults\[0\].skew=60 must be a timedelta"):
+        Simulation().apply([fault])
+
+
+REENTERED: list[Simulation] = []
+
+
+class DrivesTheSimulation(tullius.Task):
+    timeout = timedelta(seconds=5)
+
+    def run(self) -> None:
+        REENTERED[0].run_for(timedelta(seconds=1))
+
+
+def test_run_for_called_from_a_tasks_run_fails_that_run_naming_the_mistake() -> None:
+    with Simulation() as sim:
+        REENTERED[:] = [sim]
+        task = DrivesTheSimulation()
+        sim.queue(task)
+        sim.drain(within=timedelta(minutes=5))
+        [link] = sim.chain(task)
+    assert link.failure is not None
+    assert link.failure.kind == "exception"
+    assert "sim.run_for() was called from inside a task's run() or failed()" in (
+        link.failure.message
+    )

@@ -58,6 +58,10 @@ STORE_FAULT_KINDS: Final = frozenset({"not_applied", "lost_ack"})
 
 
 def _td(delta: timedelta) -> str:
+    # Not a timedelta until `Simulation.apply` refuses it: the repr must still work
+    # (it raised AttributeError), since that refusal and a failure report print it.
+    if not isinstance(delta, timedelta):
+        return repr(delta)
     return f"timedelta(seconds={delta.total_seconds():g})"
 
 

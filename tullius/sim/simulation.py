@@ -132,8 +132,11 @@ class Simulation(Scheduler):
             if poll_interval <= 0:
                 raise ConfigError("poll_interval", poll_interval, "must be positive")
             poll_interval = timedelta(seconds=poll_interval)
+        if not isinstance(poll_interval, timedelta) or poll_interval <= timedelta(0):
+            raise ConfigError(
+                "poll_interval", poll_interval, "must be a positive timedelta or number of seconds"
+            )
         for name, value in (
-            ("poll_interval", poll_interval),
             ("store_retry", store_retry),
             ("wall_limit", wall_limit),
         ):
@@ -155,7 +158,7 @@ class Simulation(Scheduler):
         self._servers = {
             name: Server(name, ServerClock(self.clock)) for name in server_names(servers)
         }
-        self._poll_us = to_us(poll_interval)  # type: ignore[arg-type]  # checked above
+        self._poll_us = to_us(poll_interval)
         self._retry_us = to_us(store_retry)
         self._grace_us = to_us(kill_grace)
         self._beat_us = to_us(self.timings.heartbeat)
@@ -422,14 +425,17 @@ class Simulation(Scheduler):
                 "this simulation was closed (close(), the end of a with block or of the "
                 "tullius_sim fixture) and can't run again; make a new Simulation"
             )
-        with self._virtual_time():
+        with self._virtual_time("drain()" if drain else "run_for()"):
             self._end, self._drain = end, drain
             self._pool.run()
 
     @contextmanager
-    def _virtual_time(self) -> Iterator[None]:
+    def _virtual_time(self, call: str) -> Iterator[None]:
         if self._vt is not None:  # re-entered from user code: a usage error
-            raise ConfigError("run_for/drain", "nested", "can't be called from inside a task")
+            raise SimulationError(
+                f"sim.{call} was called from inside a task's run() or failed() while the "
+                "simulation was running it; drive the simulation from the test only"
+            )
         # The threads that were there before the run, but not the pool's own (from
         # earlier runs): the leak check counts those apart, and counted twice they
         # hid a thread leaked in any run but the first.
