@@ -18,6 +18,7 @@ from tullius.document import (
     TaskDoc,
     TaskView,
     derive_task_id,
+    spawned_of,
     status_of,
 )
 from tullius.errors import TaskNotFound, UnknownTaskClass
@@ -41,7 +42,8 @@ class ChainLink:
             was recorded (after a store outage, when the store was back, which
             may be past the task's timeout although ``run()`` returned in time).
         server: the server that ran it.
-        children: ids of the successors or replacements it produced.
+        children: ids of the successors or replacements it produced, in the order
+            ``run()`` or ``failed()`` returned them.
     """
 
     task_id: str
@@ -107,8 +109,20 @@ def link_of(view: TaskView, children: list[TaskDoc]) -> ChainLink:
         started_at=None if run is None else run.at,
         finished_at=None if outcome is None else outcome.at,
         server=None if run is None else run.server,
-        children=tuple(doc.task_id for doc in children),
+        children=_in_returned_order(view, children),
     )
+
+
+def _in_returned_order(view: TaskView, children: list[TaskDoc]) -> tuple[str, ...]:
+    """The children's ids in the order ``run()`` or ``failed()`` returned them.
+
+    Why: the store finds children by id, and ids are hashes, so a tree listed a
+    step's tasks in no order its author would recognise.  Any child the
+    accepted record does not list (none, unless a document was edited) comes last.
+    """
+    position = {doc.task_id: index for index, doc in enumerate(spawned_of(view))}
+    ids = [doc.task_id for doc in children]
+    return tuple(sorted(ids, key=lambda task_id: position.get(task_id, len(position))))
 
 
 def _load_link(store: Store, task_id: str) -> ChainLink:

@@ -85,6 +85,32 @@ def test_tree_holds_every_successor_and_chain_follows_the_first() -> None:
     sim.close()
 
 
+class Receipt(tullius.Task):
+    timeout = timedelta(seconds=10)
+
+    def run(self) -> None:
+        pass
+
+
+class Invoices(tullius.Task):
+    timeout = timedelta(seconds=10)
+
+    def run(self) -> list[tullius.Task]:
+        return [Receipt(n=n) for n in range(6)]
+
+
+def test_a_trees_children_are_in_the_order_run_returned_them() -> None:
+    # Children are found by id, and ids are hashes: the tree listed them shuffled.
+    sim = Simulation(seed=1)
+    root = Invoices()
+    sim.queue(root)
+    sim.drain(within=timedelta(minutes=5))
+    tree = sim.tree(root)
+    assert [child.link.fields["n"] for child in tree.children] == list(range(6))
+    assert [child.link.task_id for child in tree.children] == list(tree.link.children)
+    sim.close()
+
+
 def test_urgent_tasks_go_first_and_a_reserved_band_serves_only_them() -> None:
     ORDER.clear()
     sim = Simulation(seed=2, task_processes=[(1, 0, 10), (1, 0, 0)])
