@@ -194,6 +194,67 @@ def test_sys_exit_in_run_is_an_exception_as_in_the_daemon() -> None:
     sim.close()
 
 
+def test_os_exit_in_run_ends_the_test_process_as_the_readme_warns() -> None:
+    import subprocess
+
+    code = (
+        "import os\n"
+        "from datetime import timedelta\n"
+        "import tullius\n"
+        "from tullius.sim import Simulation\n"
+        "class Dies(tullius.Task):\n"
+        "    timeout = timedelta(seconds=5)\n"
+        "    def run(self):\n"
+        "        os._exit(7)\n"
+        "with Simulation() as sim:\n"
+        "    sim.queue(Dies())\n"
+        "    sim.drain()\n"
+        "print('survived')\n"
+    )
+    env = {**os.environ, "TULLIUS_SIM_PIN_CPU": "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    assert result.returncode == 7
+    assert "survived" not in result.stdout
+
+
+HELPER = type(sys)("helper_with_its_own_sleep")
+exec("from time import sleep\n\ndef nap(secs):\n    sleep(secs)\n", HELPER.__dict__)
+
+
+class NapsInAHelper(tullius.Task):
+    timeout = timedelta(seconds=5)
+
+    def run(self) -> None:
+        HELPER.nap(0.01)
+
+
+def test_a_helpers_own_from_time_import_sleep_is_real_and_takes_no_virtual_time() -> None:
+    # As the README warns: only the task class's module has its alias patched.
+    with Simulation(seed=3) as sim:
+        task = NapsInAHelper()
+        sim.queue(task)
+        sim.drain(within=timedelta(minutes=1))
+        [link] = sim.chain(task)
+    assert link.outcome == "succeeded"
+    assert link.started_at == link.finished_at
+
+
+def test_a_task_class_defined_inside_a_test_runs_in_the_simulator() -> None:
+    class Local(tullius.Task):
+        timeout = timedelta(seconds=5)
+
+        def run(self) -> None:
+            time.sleep(1)
+
+    with Simulation(seed=3) as sim:
+        task = Local()
+        sim.queue(task)
+        sim.drain(within=timedelta(minutes=1))
+        assert_outcomes(sim.chain(task), "succeeded")
+
+
 def test_other_base_exceptions_are_an_exception_as_in_the_daemon() -> None:
     sim = Simulation(seed=3)
     task = RaisesOdd()
