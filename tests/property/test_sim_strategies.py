@@ -7,9 +7,10 @@ from datetime import timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tullius.sim import Simulation
 from tullius.sim import faults as faults_module
-from tullius.sim.faults import Fault, validate_schedule
-from tullius.sim.strategies import SimWork, fault_schedules, server_names, work
+from tullius.sim.faults import Fault, ServerCrash, StepCrash, validate_schedule
+from tullius.sim.strategies import SimWork, busy_times, fault_schedules, server_names, work
 from tullius.task import to_spec
 
 
@@ -31,3 +32,48 @@ def test_generated_tasks_are_storable(task: SimWork) -> None:
     spec = to_spec(task)
     assert spec.class_name == "tullius.sim.strategies:SimWork"
     assert 0 <= spec.priority <= 10
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.data(), servers=server_names(3))
+def test_only_the_survivors_crashes_always_restart(data: st.DataObject, servers: list[str]) -> None:
+    times = {name: [timedelta(seconds=n)] for n, name in enumerate(servers)}
+    schedule: list[Fault] = data.draw(
+        fault_schedules(servers, times=times, survivor=servers[0], max_faults=8)
+    )
+    assert validate_schedule(schedule, servers) == schedule
+    for fault in schedule:
+        if isinstance(fault, ServerCrash | StepCrash) and fault.server == servers[0]:
+            assert fault.restart_after is not None, fault
+
+
+def test_busy_times_are_whole_seconds_inside_each_run_and_handler() -> None:
+    with Simulation(seed=1, servers=["s1", "s2"], task_processes=[(2, 0, 10)]) as sim:
+        sim.queue(
+            [
+                SimWork(
+                    secs=4,
+                    run_does="raise",
+                    failed_does="ok",
+                    successors=0,
+                    retries=0,
+                    failed_secs=3,
+                )
+            ]
+        )
+        sim.drain(within=timedelta(minutes=5))
+        (view,) = sim.store.all_views()
+        times = busy_times(sim)
+    run, outcome, handler, end = view.run, view.outcome, view.handler(1), view.handler_end(1)
+    assert run is not None
+    assert outcome is not None
+    assert handler is not None
+    assert end is not None
+    start = sim.now - sim.elapsed
+    instants = [start + t for t in times[run.server]]
+    assert all(t.microsecond == 0 for t in instants)
+    assert sum(run.at <= t < outcome.at for t in instants) == 3  # first, middle, last second
+    assert sum(handler.at <= t < end.at for t in instants) >= 2
+    assert all(run.at <= t < outcome.at or handler.at <= t < end.at for t in instants)
+    if handler.server == run.server:  # nothing ran on the other server
+        assert [times[name] for name in sim.servers if name != run.server] == [[]]
