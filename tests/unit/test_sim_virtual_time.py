@@ -219,26 +219,33 @@ def test_os_exit_in_run_ends_the_test_process_as_the_readme_warns() -> None:
     assert "survived" not in result.stdout
 
 
-HELPER = type(sys)("helper_with_its_own_sleep")
-exec("from time import sleep\n\ndef nap(secs):\n    sleep(secs)\n", HELPER.__dict__)
+HELPER = type(sys)("helper_with_its_own_sleep")  # a module the task's module imported
+exec("from time import sleep as pause\n\ndef nap(secs):\n    pause(secs)\n", HELPER.__dict__)
+sys.modules[HELPER.__name__] = HELPER
 
 
 class NapsInAHelper(tullius.Task):
     timeout = timedelta(seconds=5)
+    secs: float
 
     def run(self) -> None:
-        HELPER.nap(0.01)
+        HELPER.nap(self.secs)
 
 
-def test_a_helpers_own_from_time_import_sleep_is_real_and_takes_no_virtual_time() -> None:
-    # As the README warns: only the task class's module has its alias patched.
+def test_a_helpers_own_from_time_import_sleep_takes_virtual_time_too() -> None:
     with Simulation(seed=3) as sim:
-        task = NapsInAHelper()
-        sim.queue(task)
+        quick, slow = NapsInAHelper(secs=2), NapsInAHelper(secs=8)
+        sim.queue([quick, slow])
         sim.drain(within=timedelta(minutes=1))
-        [link] = sim.chain(task)
-    assert link.outcome == "succeeded"
-    assert link.started_at == link.finished_at
+        assert_outcomes(sim.chain(quick), "succeeded")
+        [link] = sim.chain(quick)
+        assert link.finished_at is not None
+        assert link.started_at is not None
+        assert link.finished_at - link.started_at == timedelta(seconds=2)
+        # 8 s in a helper is past the 5 s timeout, as under tulliusd
+        assert [link.failure.kind for link in sim.chain(slow) if link.failure] == ["timeout"]
+    # and once the simulation is closed, the helper has the real sleep again
+    assert HELPER.pause is virtual_time.REAL[0]
 
 
 def test_a_task_class_defined_inside_a_test_runs_in_the_simulator() -> None:

@@ -5,9 +5,11 @@ Two pieces live here:
 * `VirtualTime`: while a simulation runs (one ``run_for``/``drain``, not one
   task), freezegun fakes ``time.time``, ``time.monotonic``,
   ``time.perf_counter``, ``datetime.now`` and friends, and ``time.sleep`` (also
-  a ``from time import sleep`` in a task class's module) is replaced by
+  a ``from time import sleep`` in any loaded module) is replaced by
   `virtual_sleep`; between runs freezegun stays started on the real clock
-  (`_HeldFreeze`), since starting it scans every loaded module.
+  (`_HeldFreeze`), and the sleeps stay replaced (`_HeldSleeps`: outside the
+  simulator's threads `virtual_sleep` is the real sleep), since both scan
+  every loaded module.
 * the errors of running user code (`TaskStopped`, `UserCodeHang`,
   `UserThreadLeak`), and `virtual_sleep`, the sleep of a pool thread
   (`tullius.sim.threads`, which runs user code one step at a time).
@@ -122,7 +124,6 @@ class VirtualTime:
 
     def __init__(self, now: datetime, modules: Iterable[ModuleType] = ()) -> None:
         self._modules = list(modules)
-        self._patched: list[ModuleType] = []
         self._freezer: Any = None
         self._factory: Any = None
         self._now = now  # what the factory says (once started)
@@ -133,15 +134,14 @@ class VirtualTime:
 
     def _start(self, now: datetime) -> None:
         self._freezer, self._factory = _HELD.resume(now)
-        time.sleep = virtual_sleep  # type: ignore[assignment]  # same behaviour for floats
+        _SLEEPS.cover()
         for module in self._modules:
             self.patch_module(module)
 
     def patch_module(self, module: ModuleType) -> None:
-        """Replace a ``from time import sleep`` in ``module`` while virtual time is on."""
-        if getattr(module, "sleep", None) is REAL[0] and module not in self._patched:
-            module.sleep = virtual_sleep  # type: ignore[attr-defined]
-            self._patched.append(module)
+        """Replace the real ``sleep`` in ``module`` (a task class's, maybe imported
+        during this run), and in the modules it imported at the same time."""
+        _SLEEPS.cover_module(module)
 
     def set_now(self, now: datetime) -> None:
         if self._exited:  # a loop still going after its run was given up (a hang)
@@ -154,10 +154,6 @@ class VirtualTime:
 
     def __exit__(self, *exc: object) -> None:
         self._exited = True
-        time.sleep = REAL[0]
-        for module in self._patched:
-            module.sleep = REAL[0]  # type: ignore[attr-defined]
-        self._patched.clear()
         if self._freezer is not None:
             _HELD.suspend(self._freezer, self._factory)
             self._freezer = self._factory = None
@@ -300,8 +296,65 @@ def _stacks_known() -> bool:
 _HELD = _HeldFreeze()
 
 
+class _HeldSleeps:
+    """`virtual_sleep` in place of the real ``time.sleep`` in every loaded module,
+    from a simulation's first run until `release` (``Simulation.close()``).
+
+    Why every module: a helper module's own ``from time import sleep``, called
+    from a task, slept for real and took no virtual time, so a task that
+    ``tulliusd`` would time out succeeded in a test.  Why held between runs:
+    scanning every loaded module costs about as much as freezegun's start
+    (`_HeldFreeze`), and the replacement is invisible outside the simulator's
+    threads, where `virtual_sleep` is the real sleep.  Each run scans only the
+    modules loaded since the last scan.  References that are not module
+    attributes (a class attribute, a ``functools.partial``) keep the real sleep.
+    """
+
+    def __init__(self) -> None:
+        #: Modules scanned (by id; kept, so that an id is never reused meanwhile).
+        self._seen: dict[int, ModuleType] = {}
+        #: Attributes replaced: (module, name).
+        self._patched: list[tuple[ModuleType, str]] = []
+
+    def cover(self) -> None:
+        """Replace the real sleep in every module loaded since the last call."""
+        seen = self._seen
+        for module in list(sys.modules.values()):
+            if id(module) not in seen:
+                self.cover_module(module)
+
+    def cover_module(self, module: ModuleType | None) -> None:
+        if module is None or id(module) in self._seen:
+            return
+        self._seen[id(module)] = module
+        try:
+            names = [name for name, value in vars(module).items() if value is REAL[0]]
+        except TypeError:  # not a module with a __dict__ (a stand-in in sys.modules)
+            return
+        for name in names:
+            try:
+                setattr(module, name, virtual_sleep)
+            except (AttributeError, TypeError):  # a read-only module: left as it is
+                continue
+            self._patched.append((module, name))
+
+    def release(self) -> None:
+        """Put the real sleep back wherever it was replaced (and is still replaced)."""
+        for module, name in self._patched:
+            if getattr(module, name, None) is virtual_sleep:
+                setattr(module, name, REAL[0])
+        self._patched.clear()
+        self._seen.clear()
+
+
+_SLEEPS = _HeldSleeps()
+
+
 def release_frozen_clock() -> None:
-    """Stop the freezegun patches held between runs (`_HeldFreeze`); not during a run."""
+    """Stop the freezegun patches and the sleeps held between runs (`_HeldFreeze`,
+    `_HeldSleeps`); not during a run."""
+    if not _HELD.running:
+        _SLEEPS.release()
     _HELD.release()
 
 
