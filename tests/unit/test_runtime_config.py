@@ -108,6 +108,27 @@ def test_embedded_needs_neither_uri_nor_deps() -> None:
     assert settings.bands == DEFAULT_BANDS
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        RawFlags(embedded=True, mongodb_uri="mongodb://user:secret@db/tullius"),
+        RawFlags(embedded=True, database="tullius"),
+    ],
+)
+def test_embedded_with_a_database_flag_is_refused_naming_the_flag(flags: RawFlags) -> None:
+    with pytest.raises(ConfigError, match="can't be given with --embedded") as raised:
+        resolve(flags, {}, deps_loader=no_deps)
+    assert raised.value.setting in ("--mongodb-uri", "--database")
+    assert "secret" not in str(raised.value)
+
+
+def test_embedded_wins_over_a_uri_in_the_environment() -> None:
+    env = {"TULLIUS_MONGODB_URI": "mongodb://h/db"}
+    settings = resolve(RawFlags(embedded=True), env, deps_loader=no_deps)
+    assert settings.embedded
+    assert settings.mongodb_uri is None
+
+
 def test_demo_quick_implies_demo() -> None:
     settings = resolve(RawFlags(embedded=True, demo_quick=True), {}, deps_loader=no_deps)
     assert settings.demo
@@ -117,7 +138,7 @@ def test_demo_quick_implies_demo() -> None:
 def test_timings_and_names_from_flags() -> None:
     settings = resolve(
         RawFlags(
-            embedded=True,
+            mongodb_uri="mongodb://h/db",
             lease="6",
             poll_interval="0.005",
             grace="0",

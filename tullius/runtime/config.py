@@ -210,6 +210,17 @@ def resolve(
     uri_setting, uri = pick("--mongodb-uri", flags.mongodb_uri)
     database_setting, database = pick("--database", flags.database)
     embedded = flags.embedded
+    for flag, given in (("--mongodb-uri", flags.mongodb_uri), ("--database", flags.database)):
+        if embedded and given is not None:
+            # Why refused: the daemon would run on the in-process store and the
+            # operator would believe their tasks went to the database.  (The
+            # environment variables are left alone: --embedded wins over them.)
+            raise ConfigError(
+                flag,
+                _redact(given) if flag == "--mongodb-uri" else given,
+                "can't be given with --embedded, which runs on an in-process store "
+                "and no database; drop one of the two",
+            )
     if uri is not None and not embedded and not uri.startswith(("mongodb://", "mongodb+srv://")):
         raise ConfigError(
             uri_setting, _redact(uri), "must be a MongoDB URI such as mongodb://host:27017/tullius"
