@@ -11,6 +11,8 @@
       StoreError
         StoreUnavailable     the database could not be reached after retries
 
+    TaskDefinitionWarning    a Task subclass name that looks like a misspelt setting or hook
+
 Each exception keeps its data as attributes and builds its message from them, so
 callers can act on the data and people can read the message. Nothing else lives here.
 """
@@ -45,6 +47,29 @@ class TaskDefinitionError(TulliusError, TypeError):
 
     A ``TypeError`` too, because that is what Python raises for a bad call.
     """
+
+
+class TaskDefinitionWarning(UserWarning):
+    """A name in a Task subclass looks like a misspelling of one Tullius reads.
+
+    A warning, not an error: the name may be meant (a helper method ``fail``).
+    But a misspelt ``failed`` leaves the default, which accepts every failure
+    without doing anything, and a misspelt ``failed_attempts`` or ``timeout``
+    is silently the default too.
+
+    Attributes:
+        class_name, name: where and what; meant: the name it resembles.
+    """
+
+    def __init__(self, class_name: str, name: str, meant: str) -> None:
+        self.class_name = class_name
+        self.name = name
+        self.meant = meant
+        super().__init__(
+            f"{class_name}.{name} looks like a misspelling of {meant!r}, which Tullius "
+            f"reads from a Task class; as written it is ignored and {meant} keeps its "
+            "default (rename it if it is meant to be something else)"
+        )
 
 
 class TaskFieldError(TaskDefinitionError):

@@ -12,14 +12,22 @@ becomes code execution.
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, Final
 
 from tullius.document import Failure, TaskDoc, TaskSpec
-from tullius.errors import TaskDefinitionError, TaskFieldError, UnknownTaskClass
+from tullius.errors import (
+    TaskDefinitionError,
+    TaskDefinitionWarning,
+    TaskFieldError,
+    UnknownTaskClass,
+)
 
 _INT64: Final = 2**63
 _EXPECTED_VALUE: Final = (
@@ -87,6 +95,7 @@ class Task:
                 f"{name}.failed_attempts={attempts!r}; expected an int >= 1 (64-bit)"
             )
         _check_priority(name, cls.priority)
+        _warn_of_misspellings(cls)
         if cls.run is Task.run:
             raise TaskDefinitionError(f"{name} must define run(self)")
         for hook in ("run", "failed"):
@@ -401,6 +410,31 @@ def find_in_module(module: object, qualname: str) -> Any:
         if obj is None:
             return None
     return obj
+
+
+#: The names Tullius reads from a Task class (settings and the hooks it calls).
+_CLASS_NAMES: Final = (
+    "timeout",
+    "failed_timeout",
+    "failed_attempts",
+    "priority",
+    "task_name",
+    "run",
+    "failed",
+)
+
+
+def _warn_of_misspellings(cls: type) -> None:
+    """Warn of a class attribute or method whose name is close to one of
+    `_CLASS_NAMES` without being one (``priorty``, ``def fail(self)``); fields
+    (annotations) are the user's data and are not looked at."""
+    annotated = inspect.get_annotations(cls)
+    for attribute in cls.__dict__:
+        if attribute.startswith("_") or attribute in _CLASS_NAMES or attribute in annotated:
+            continue
+        close = difflib.get_close_matches(attribute, _CLASS_NAMES, n=1, cutoff=0.8)
+        if close:
+            warnings.warn(TaskDefinitionWarning(cls.__name__, attribute, close[0]), stacklevel=3)
 
 
 def _place(cls: type) -> tuple[str, str]:

@@ -9,7 +9,12 @@ import pytest
 
 import tullius
 from tullius.document import TaskDoc
-from tullius.errors import TaskDefinitionError, TaskFieldError, UnknownTaskClass
+from tullius.errors import (
+    TaskDefinitionError,
+    TaskDefinitionWarning,
+    TaskFieldError,
+    UnknownTaskClass,
+)
 from tullius.task import from_doc, load_class, to_spec, to_specs
 
 
@@ -87,6 +92,46 @@ def test_a_run_or_failed_that_is_not_a_method_is_refused_when_the_class_is_defin
 
             def run(self) -> None:
                 pass
+
+
+def test_a_misspelt_failed_hook_or_setting_is_warned_of_where_the_class_is_defined() -> None:
+    with pytest.warns(TaskDefinitionWarning) as seen:
+
+        class Typo(tullius.Task):
+            timeout = timedelta(seconds=1)
+            priorty = 3
+
+            def run(self) -> None:
+                return None
+
+            def fail(self) -> None:  # never called: failures would be accepted silently
+                return None
+
+    assert sorted((w.message.name, w.message.meant) for w in seen.list) == [  # type: ignore[union-attr]
+        ("fail", "failed"),
+        ("priorty", "priority"),
+    ]
+    assert all(w.filename == __file__ for w in seen.list)  # the class statement's line
+    assert "Typo.fail looks like a misspelling of 'failed'" in str(seen.list[-1].message)
+
+
+def test_fields_and_names_unlike_any_setting_are_not_warned_of(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    class Fine(tullius.Task):
+        timeout = timedelta(seconds=1)
+        failed_timeout = timedelta(seconds=1)
+        timeouts: int  # a field: the user's data
+        retries = 2
+        fail_count = 0
+
+        def run(self) -> None:
+            return None
+
+        def failed(self) -> None:
+            return None
+
+    assert not [w for w in recwarn.list if issubclass(w.category, TaskDefinitionWarning)]
 
 
 def test_a_field_that_cannot_be_stored_names_class_field_and_type() -> None:
