@@ -24,7 +24,7 @@ log = logging.getLogger("tullius.daemon")
 
 #: How long start-up waits for MongoDB before giving up with an error.
 CONNECT_TIMEOUT_MS = 5000
-#: Client settings used unless the URI sets them (see docs/runtime.md).
+#: Client settings used unless the URI sets them (the README, "Setup").
 CLIENT_DEFAULTS: dict[str, Any] = {
     "w": "majority",
     "journal": True,

@@ -306,32 +306,42 @@ class _HeldSleeps:
     scanning every loaded module costs about as much as freezegun's start
     (`_HeldFreeze`), and the replacement is invisible outside the simulator's
     threads, where `virtual_sleep` is the real sleep.  Each run scans only the
-    modules loaded since the last scan.  References that are not module
-    attributes (a class attribute, a ``functools.partial``) keep the real sleep.
+    modules loaded since the last scan, and a module's names holding the real
+    sleep are remembered for the next simulation's (one bound later under a new
+    name is missed).  References that are not module attributes (a class
+    attribute, a ``functools.partial``) keep the real sleep.
     """
 
     def __init__(self) -> None:
-        #: Modules scanned (by id; kept, so that an id is never reused meanwhile).
-        self._seen: dict[int, ModuleType] = {}
+        #: Per module ever scanned (by id, the module kept so that the id is not
+        #: reused): the names that held the real sleep.
+        self._names: dict[int, tuple[ModuleType, tuple[str, ...]]] = {}
+        #: Modules covered since the last `release` (by id).
+        self._covered: set[int] = set()
         #: Attributes replaced: (module, name).
         self._patched: list[tuple[ModuleType, str]] = []
 
     def cover(self) -> None:
         """Replace the real sleep in every module loaded since the last call."""
-        seen = self._seen
+        covered = self._covered
         for module in list(sys.modules.values()):
-            if id(module) not in seen:
+            if id(module) not in covered:
                 self.cover_module(module)
 
     def cover_module(self, module: ModuleType | None) -> None:
-        if module is None or id(module) in self._seen:
+        if module is None or id(module) in self._covered:
             return
-        self._seen[id(module)] = module
-        try:
-            names = [name for name, value in vars(module).items() if value is REAL[0]]
-        except TypeError:  # not a module with a __dict__ (a stand-in in sys.modules)
-            return
-        for name in names:
+        self._covered.add(id(module))
+        known = self._names.get(id(module))
+        if known is None or known[0] is not module:
+            try:
+                found = tuple(name for name, value in vars(module).items() if value is REAL[0])
+            except TypeError:  # not a module with a __dict__ (a stand-in in sys.modules)
+                found = ()
+            known = self._names[id(module)] = (module, found)
+        for name in known[1]:
+            if getattr(module, name, None) is not REAL[0]:
+                continue
             try:
                 setattr(module, name, virtual_sleep)
             except (AttributeError, TypeError):  # a read-only module: left as it is
@@ -344,7 +354,7 @@ class _HeldSleeps:
             if getattr(module, name, None) is virtual_sleep:
                 setattr(module, name, REAL[0])
         self._patched.clear()
-        self._seen.clear()
+        self._covered.clear()
 
 
 _SLEEPS = _HeldSleeps()
