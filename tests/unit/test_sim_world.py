@@ -459,3 +459,38 @@ def test_a_memoised_traceback_follows_an_edited_source_file(tmp_path: Path) -> N
         texts.append(text)
     assert "# first" in texts[0]
     assert "# second" in texts[2]
+
+
+class SendReceipt(tullius.Task):
+    timeout = timedelta(seconds=5)
+    order: int
+
+    def run(self) -> None:
+        time.sleep(1)
+
+
+def checkout(order: int, priority: int = 5) -> None:
+    """Application code under test: it queues with tullius.queue(), not sim.queue()."""
+    tullius.queue(SendReceipt(order=order, priority=priority))
+
+
+def test_application_code_queues_into_the_simulation_within_queue_calls() -> None:
+    from tullius import api
+
+    with Simulation(seed=1) as sim:
+        with sim.queue_calls():
+            checkout(7)
+        assert api._sink.get() is None  # outside the block: the configured store again
+        counts = sim.drain(within=timedelta(minutes=1))
+        assert counts.succeeded == 1
+        [view] = sim.store.all_views()
+        assert view.task.fields == {"order": 7}
+
+
+def test_a_task_queued_within_queue_calls_outside_every_band_is_refused_by_name() -> None:
+    with (
+        Simulation(seed=1, task_processes=[(1, 0, 3)]) as sim,
+        sim.queue_calls(),
+        pytest.raises(tullius.ConfigError, match=r"SendReceipt\.priority=9"),
+    ):
+        checkout(7, priority=9)

@@ -13,16 +13,16 @@ import gc
 import random
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import ModuleType
 from typing import Any, Final
 
-from tullius.api import task_id_of
+from tullius.api import queue_sink, task_id_of
 from tullius.band import Band, bands_from_setting
-from tullius.document import TERMINAL, Status, spawned_of, status_of
+from tullius.document import TERMINAL, Status, TaskSpec, spawned_of, status_of
 from tullius.errors import (
     ConfigError,
 )
@@ -217,19 +217,32 @@ class Simulation(Scheduler):
     def queue(self, task_or_tasks: Task | Iterable[Task]) -> list[str]:
         """Store tasks now, like ``tullius.queue``; return their ids (also set as ``task_id``)."""
         tasks = queued_tasks(task_or_tasks, role="sim.queue() argument")
-        specs = to_specs(tasks, role="sim.queue() argument")
-        for task, spec in zip(tasks, specs, strict=True):
+        ids = self._queue_specs(to_specs(tasks, role="sim.queue() argument"))
+        for task, task_id in zip(tasks, ids, strict=True):
+            task.task_id = task_id
+        return ids
+
+    @contextmanager
+    def queue_calls(self) -> Iterator[Simulation]:
+        """Within the block, ``tullius.queue()`` stores into this simulation, as
+        `queue` does: for testing application code that queues tasks (a view, a
+        signal handler) without a database.  Only in this thread and its context;
+        inside tasks ``tullius.queue()`` goes to the simulated store anyway."""
+        if self._closed:
+            raise SimulationError("this simulation was closed; make a new Simulation")
+        with queue_sink(self._queue_specs):
+            yield self
+
+    def _queue_specs(self, specs: Sequence[TaskSpec]) -> list[str]:
+        for spec in specs:
             if not any(band.covers(spec.priority) for band in self.bands):
                 raise ConfigError(
-                    f"{type(task).__name__}.priority",
+                    f"{spec.class_name.rpartition(':')[2]}.priority",
                     spec.priority,
                     f"is outside every band of task_processes {[str(b) for b in self.bands]}; "
                     "no worker would ever run it",
                 )
-        ids = self._insert_roots(specs, self.clock.now())
-        for task, task_id in zip(tasks, ids, strict=True):
-            task.task_id = task_id
-        return ids
+        return self._insert_roots(list(specs), self.clock.now())
 
     def run_for(self, duration: timedelta) -> None:
         """Run everything due in the next ``duration`` of virtual time."""
