@@ -36,6 +36,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import tullius
 from tullius.sim.faults import (
+    FAULT_TYPES,
     ClockSkew,
     Fault,
     ServerCrash,
@@ -160,17 +161,7 @@ READ_STEPS: Final = (("Load", None), ("Beat", None), ("FindDue", None), ("FindBy
 
 #: The kinds `faults` draws from, in shrinking order; the two that aim at one step
 #: of the protocol have many targets (`WRITE_STEPS`), so they are listed twice.
-FAULT_KINDS: Final = (
-    WorkerCrash,
-    ServerCrash,
-    ServerPause,
-    StoreFault,
-    StepCrash,
-    StoreOutage,
-    ClockSkew,
-    StoreFault,
-    StepCrash,
-)
+FAULT_KINDS: Final = (*FAULT_TYPES, StoreFault, StepCrash)
 
 Times = Sequence[timedelta] | Mapping[str, Sequence[timedelta]]
 
