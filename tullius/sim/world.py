@@ -419,6 +419,17 @@ class Drivers:
         if server.watch is not None:
             server.watch.outage()
 
+    @staticmethod
+    def _own_tokens(server: Server) -> frozenset[str]:
+        """The leases ``server``'s sweeps leave alone, as the daemon's do: those of
+        its jobs, of its claims in flight, and of a claim a store error left unsure."""
+        own = set(server.tokens)
+        for c in server.claimers:
+            own.update(token for _, token in c.claiming)
+            if c.candidates.unsure is not None:
+                own.add(c.candidates.unsure.token)
+        return frozenset(own)
+
     def _sweeper(self, server: Server) -> ActorGen:
         """Sweep every sweep period, as the daemon's `Sweeper`: the same `LeaseWatch`
         rules for when to forget (a store error of the server, a late sweep)."""
@@ -433,14 +444,7 @@ class Drivers:
                     observer=server.name,
                     now=server.clock.now(),
                     monotonic=server.clock.monotonic,
-                    own_tokens=frozenset(server.tokens).union(
-                        token for c in server.claimers for _, token in c.claiming
-                    )
-                    | {
-                        c.candidates.unsure.token
-                        for c in server.claimers
-                        if c.candidates.unsure is not None
-                    },
+                    own_tokens=self._own_tokens(server),
                     rng=self.rng,
                 )
                 watch.sweep_ended(server.clock.monotonic())
