@@ -139,14 +139,19 @@ class Candidates:
     a task queued meanwhile, however urgent, waits at most that long.  A
     stale candidate is harmless: its claim loses and the hint is repaired.
 
-    ``unsure`` is the claim a store error left undecided (see `UnsureClaim`);
-    it outlives `forget`, and its token is the driver's own until then.
+    ``unsure`` holds the claims store errors left undecided (see `UnsureClaim`),
+    at most one per worker: they outlive `forget`, and their tokens are the
+    driver's own until settled.  It is a tuple, only ever replaced whole: the
+    daemon's main thread reads it while a claim on a store thread settles or
+    adds one, and must see it before or after, never half-way (a single
+    unsure claim, overwritten by the next one, left the first one's lease to
+    be failed as lost unrun while its worker was not idle).
     """
 
     keep_for: timedelta
     docs: list[TaskDoc] = field(default_factory=list)
     read_at: datetime | None = None
-    unsure: UnsureClaim | None = None
+    unsure: tuple[UnsureClaim, ...] = ()
 
     def fresh(self, now: datetime) -> list[TaskDoc]:
         """The candidates still worth trying at ``now`` (none once ``keep_for`` has passed)."""
@@ -282,7 +287,7 @@ def claim_many(
         return jobs
     left = candidates if candidates is not None else Candidates(keep_for=timedelta(0))
     try:
-        if left.unsure is not None:
+        if left.unsure:
             yield from _settle_unsure(left, waiting, jobs, now=now)
         if waiting and left.fresh(now):
             yield from _try_candidates(left, waiting, jobs, server=server, now=now, rng=rng)
@@ -303,24 +308,22 @@ def claim_many(
 def _settle_unsure(
     left: Candidates, waiting: list[tuple[str | None, str]], jobs: list[Job], *, now: datetime
 ) -> Conversation[None]:
-    """Find out whether ``left.unsure``'s lease was stored, once its worker waits
-    again: if the task's live lease is that very record, it is its worker's job
-    (its hint repaired first: the error may have come before it was written)."""
-    unsure = left.unsure
-    assert unsure is not None
-    index = next((i for i, (worker, _) in enumerate(waiting) if worker == unsure.worker), None)
-    if index is None:  # its worker is not idle now: later
-        return
-    view: TaskView | None = yield Load(unsure.doc.task_id)
-    lease = None if view is None else view.current_lease()
-    if view is None or lease is None or lease.token != unsure.token:
-        left.unsure = None
-        return  # not stored, or over (a sweep declared it lost): nothing of ours
-    yield from repair(view, now=now)  # (a store error here: still unsure, tried again)
-    left.unsure = None
-    kind = JobKind.RUN if lease.kind is RecordKind.RUN else JobKind.HANDLE
-    jobs.append(Job(kind, view, lease))
-    waiting.pop(index)
+    """Find out whether each of ``left.unsure``'s leases was stored, once its worker
+    waits again: if the task's live lease is that very record, it is its worker's
+    job (its hint repaired first: the error may have come before it was written)."""
+    for unsure in left.unsure:
+        index = next((i for i, (worker, _) in enumerate(waiting) if worker == unsure.worker), None)
+        if index is None:  # its worker is not idle now: later
+            continue
+        view: TaskView | None = yield Load(unsure.doc.task_id)
+        lease = None if view is None else view.current_lease()
+        if view is not None and lease is not None and lease.token == unsure.token:
+            yield from repair(view, now=now)  # (a store error here: still unsure, tried again)
+            kind = JobKind.RUN if lease.kind is RecordKind.RUN else JobKind.HANDLE
+            jobs.append(Job(kind, view, lease))
+            waiting.pop(index)
+        # else not stored, or over (a sweep declared it lost): nothing of ours
+        left.unsure = tuple(other for other in left.unsure if other is not unsure)
 
 
 def _try_candidates(
@@ -357,7 +360,7 @@ def _try_candidates(
         try:
             winner = yield from apply_step(view, decided)
         except StoreError:
-            left.unsure = UnsureClaim(doc, worker, token)
+            left.unsure = (*left.unsure, UnsureClaim(doc, worker, token))
             raise
         assert winner is not None
         assert decided.record is not None

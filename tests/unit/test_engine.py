@@ -469,8 +469,7 @@ def test_a_claim_interrupted_by_a_store_error_keeps_the_jobs_it_already_won() ->
     assert [(job.task_id, job.token, job.lease.worker) for job in error.jobs] == [("a", "t1", "w1")]
     assert current_token(store, "a") == "t1"
     # And the claim it was making is kept, unsure, with its token
-    assert candidates.unsure is not None
-    assert (candidates.unsure.doc.task_id, candidates.unsure.token) == ("b", "t2")
+    assert [(unsure.doc.task_id, unsure.token) for unsure in candidates.unsure] == [("b", "t2")]
 
 
 def test_an_unsure_claim_whose_lease_was_stored_is_its_workers_job_at_the_next_claim() -> None:
@@ -491,7 +490,7 @@ def test_an_unsure_claim_whose_lease_was_stored_is_its_workers_job_at_the_next_c
     # Then the stored lease is the job, with the token it was stored with, and its hint is right
     assert (job.task_id, job.kind, job.token, job.lease.worker) == ("a", JobKind.RUN, "t1", "w1")
     assert store.load("a").task.status is Status.RUNNING
-    assert candidates.unsure is None
+    assert candidates.unsure == ()
 
 
 def test_an_unsure_claim_that_was_not_stored_leaves_the_task_to_be_claimed_afresh() -> None:
@@ -524,7 +523,7 @@ def test_an_unsure_claim_already_declared_lost_is_not_run_but_its_failure_handle
     [job] = claim_for(store, "w1", "new", later, candidates)
     # Then the run is not run after all: the job is failed() of the lost run
     assert (job.task_id, job.kind, job.token) == ("a", JobKind.HANDLE, "new")
-    assert candidates.unsure is None
+    assert candidates.unsure == ()
 
 
 def test_an_unsure_claim_waits_for_its_worker_to_be_idle_again() -> None:
@@ -539,7 +538,7 @@ def test_an_unsure_claim_waits_for_its_worker_to_be_idle_again() -> None:
     # A claim for another worker leaves it unsure
     [other] = claim_for(store, "w2", "t2", T0, candidates)
     assert other.task_id == "b"
-    assert candidates.unsure is not None
+    assert candidates.unsure
     [job] = claim_for(store, "w1", "t3", T0, candidates)
     assert (job.task_id, job.token) == ("a", "t1")
 
@@ -559,3 +558,36 @@ def claim_for(store: MemoryStore, worker: str, token: str, now, candidates: Cand
         store,
         claim_many(ALL, server="s1", workers=[(worker, token)], now=now, candidates=candidates),
     )
+
+
+def test_a_second_unsure_claim_does_not_make_the_band_forget_the_first() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a", priority=1), make_doc("b", priority=2), make_doc("c")])
+    candidates = Candidates(timedelta(seconds=1))
+    # Given w1's claim of "a", stored but unacknowledged
+    conversation = claim_many(
+        ALL, server="s1", workers=[("w1", "t1")], now=T0, candidates=candidates
+    )
+    drive_until_insert_fails(store, conversation, failing=1, applied=True)
+    candidates.forget()
+    # And, while w1 is not idle (its worker process is being replaced), w2's claim of
+    # "b" stored but unacknowledged too (its first insert, for "a", lost to w1's lease)
+    conversation = claim_many(
+        ALL, server="s1", workers=[("w2", "t2")], now=T0, candidates=candidates
+    )
+    drive_until_insert_fails(store, conversation, failing=2, applied=True)
+    assert current_token(store, "b") == "t2"
+    candidates.forget()
+    # When both workers claim again
+    later = T0 + timedelta(seconds=6)
+    jobs = drive(
+        store,
+        claim_many(
+            ALL, server="s1", workers=[("w1", "n1"), ("w2", "n2")], now=later, candidates=candidates
+        ),
+    )
+    # Then each runs the lease stored for it: neither is left to be failed as lost unrun
+    assert sorted((job.lease.worker, job.task_id, job.token) for job in jobs) == [
+        ("w1", "a", "t1"),
+        ("w2", "b", "t2"),
+    ]

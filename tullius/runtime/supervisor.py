@@ -297,8 +297,8 @@ class Supervisor(WorkerKeeping):
         workers = [(slot.name, uuid.uuid4().hex) for slot in slots]
         candidates = self._candidates[band_index]
         tokens = {token for _, token in workers}
-        if candidates.unsure is not None:  # its lease may become a job of this claim
-            tokens.add(candidates.unsure.token)
+        # The leases of unsure claims may become jobs of this claim.
+        tokens.update(unsure.token for unsure in candidates.unsure)
         self._claim_tokens |= tokens
         started = time.monotonic()
 
@@ -463,7 +463,8 @@ class Supervisor(WorkerKeeping):
             [s.running.job.token for s in self.slots if s.running is not None]
             + [item.job.token for item in self._finishing]
             + list(self._claim_tokens)
-            + [c.unsure.token for c in self._candidates if c.unsure is not None]
+            # (``unsure`` read once: a claim on a store thread may replace it meanwhile)
+            + [unsure.token for c in self._candidates for unsure in c.unsure]
         )
 
         def done(future: Future[Any]) -> None:

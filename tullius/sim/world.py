@@ -112,6 +112,8 @@ class Claimer:
     priority-order invariant compares a claim with.  ``claiming`` holds the
     ``(worker, token)`` pairs of the claim in flight: its leases may be stored
     already, so the server's sweeper counts them as its own (as the daemon's).
+    ``unsure_reads`` is the ``read`` that chose each unsure claim, by token: a
+    later claim that runs it is checked against that read, not its own.
     """
 
     __slots__ = (
@@ -125,6 +127,7 @@ class Claimer:
         "poked",
         "read",
         "slots",
+        "unsure_reads",
     )
 
     def __init__(self, band: Band, slots: list[tuple[int, str]]) -> None:
@@ -138,6 +141,7 @@ class Claimer:
         self.poked = False
         self.read: tuple[int, datetime] | None = None
         self.claiming: list[tuple[str | None, str]] = []
+        self.unsure_reads: dict[str, tuple[int, datetime] | None] = {}
 
 
 @dataclass(eq=False)
@@ -308,7 +312,9 @@ class Drivers:
             # (kept as the list, not added to a set: most claims find nothing), and
             # so is the lease of a claim a store error left unsure (`UnsureClaim`).
             unsure = c.candidates.unsure
-            c.claiming = workers if unsure is None else [*workers, (unsure.worker, unsure.token)]
+            c.claiming = (
+                workers if not unsure else [*workers, *((u.worker, u.token) for u in unsure)]
+            )
             started, now = self.events, server.clock.now()
             docs = c.candidates.docs
             kept = {doc.task_id for doc in docs} if c.candidates.fresh(now) else set()
@@ -328,6 +334,9 @@ class Drivers:
                 c.claiming = []
                 c.candidates.forget()
                 if not isinstance(error, ClaimInterrupted):
+                    c.unsure_reads = _unsure_reads(
+                        c, c.unsure_reads, kept, kept_read, (started, now)
+                    )
                     yield Nap(c, self._retry_us)
                     continue
                 jobs = error.jobs  # won before the error: ours to run all the same
@@ -339,6 +348,8 @@ class Drivers:
                 server.tokens.update(job.token for job in jobs)  # claimed: ours till done
             if c.candidates.docs is not docs:  # this claim read them
                 c.read = (started, now)
+            settled = c.unsure_reads
+            c.unsure_reads = _unsure_reads(c, settled, kept, kept_read, (started, now))
             index_of = {name: index for index, name in idle}
             starts = []
             for job in jobs:
@@ -347,7 +358,10 @@ class Drivers:
                 index = index_of[name]
                 c.busy.add(index)
                 self._log(server.name, f"{name} claimed {job.task_id} ({job.kind.value})")
-                read = kept_read if job.task_id in kept else c.read
+                if job.token in settled and job.token not in c.unsure_reads:
+                    read = settled[job.token]  # an unsure claim this claim settled
+                else:
+                    read = kept_read if job.task_id in kept else c.read
                 if self._check and read is not None:
                     self._check_claim(c.band, job, read[1], read[0])
                 starts.append(Actor(self._work(server, job, index, name, c), server, name))
@@ -426,8 +440,7 @@ class Drivers:
         own = set(server.tokens)
         for c in server.claimers:
             own.update(token for _, token in c.claiming)
-            if c.candidates.unsure is not None:
-                own.add(c.candidates.unsure.token)
+            own.update(unsure.token for unsure in c.candidates.unsure)
         return frozenset(own)
 
     def _sweeper(self, server: Server) -> ActorGen:
@@ -738,6 +751,21 @@ class Drivers:
         server.up = True
         server.epoch += 1
         self._boot(server)
+
+
+def _unsure_reads(
+    c: Claimer,
+    before: dict[str, tuple[int, datetime] | None],
+    kept: set[str],
+    kept_read: tuple[int, datetime] | None,
+    read: tuple[int, datetime],
+) -> dict[str, tuple[int, datetime] | None]:
+    """``c.unsure_reads`` after a claim: the read that chose each claim still unsure,
+    known from before, or else this claim's (a kept candidate's, or its own read)."""
+    return {
+        u.token: before.get(u.token, kept_read if u.doc.task_id in kept else read)
+        for u in c.candidates.unsure
+    }
 
 
 def server_names(servers: int | Iterable[str]) -> list[str]:
