@@ -259,6 +259,21 @@ def test_a_task_whose_record_cannot_be_decoded_is_set_aside_and_sweeps_go_on(
     assert store.find_by_status([Status.RUNNING], 10)[0].task_id == "good"
 
 
+def test_a_page_of_running_tasks_that_lost_an_undecodable_one_is_read_again_in_full(
+    store: MongoStore,
+) -> None:
+    # Given three running tasks, the first of which can't be decoded
+    store.insert_tasks([make_doc(task_id) for task_id in ("a", "b", "c")])
+    for task_id in ("a", "b", "c"):
+        store.set_status(task_id, Status.RUNNING, None)
+    store.tasks.update_one({"_id": "a"}, {"$set": {"body": b"not bson"}})
+    # When a sweep reads a page of two
+    page = store.find_by_status([Status.RUNNING, Status.HANDLING], 2)
+    # Then the page is full (a short one would end the sweep's paging early)
+    assert [doc.task_id for doc in page] == ["b", "c"]
+    assert store.tasks.find_one({"_id": "a"})["status"] == "undecodable"
+
+
 class MovesChildAfterEachRead:
     """``finished``, where a child's move lands just after the reader's query ran."""
 

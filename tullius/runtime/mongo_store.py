@@ -104,6 +104,8 @@ FERRETDB_LIVE_SHARDS = 8
 MAX_LIVE_SHARDS = 64
 #: What decoding a malformed stored document raises.
 _DECODE_ERRORS = (KeyError, ValueError, TypeError, AttributeError)
+#: How many times `MongoStore.find_by_status` reads a page that lost undecodable documents.
+_REREADS = 3
 #: Status given to a task document that can't be decoded (not a `Status`: no
 #: query for work or sweep ever selects it).
 UNDECODABLE = "undecodable"
@@ -627,10 +629,19 @@ class MongoStore:
         if after is not None:
             query["_id"] = {"$gt": after}
         sort = [("due_at", ASCENDING), ("_id", ASCENDING)]
-        return self._retrying(
-            "find tasks by status",
-            lambda: self._decoded(self._find_in(statuses, query, sort, limit)),
-        )
+
+        def attempt() -> list[TaskDoc]:
+            # A page must be short only at the end (a sweep stops paging there), so
+            # one that lost undecodable documents is read again: they are set aside
+            # by now (their status changed), and the next ones take their places.
+            for _ in range(_REREADS):
+                raw = self._find_in(statuses, query, sort, limit)
+                docs = self._decoded(raw)
+                if len(docs) == len(raw):
+                    break
+            return docs
+
+        return self._retrying("find tasks by status", attempt)
 
     def find_children(self, parent_id: str) -> list[TaskDoc]:
         def attempt() -> list[TaskDoc]:
