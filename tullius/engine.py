@@ -111,12 +111,13 @@ class UnsureClaim:
     Its token is kept, so that the band's next claim can find out
     (`claim_many`): if the lease stored is ours, the job is run by ``worker``
     after all, instead of being left for the sweeps to fail as ``lost``
-    without ever having run.
+    without ever having run.  ``at``: the ``now`` of the claim.
     """
 
     doc: TaskDoc
     worker: str | None
     token: str
+    at: datetime
 
 
 class ClaimInterrupted(StoreError):
@@ -152,6 +153,18 @@ class Candidates:
     docs: list[TaskDoc] = field(default_factory=list)
     read_at: datetime | None = None
     unsure: tuple[UnsureClaim, ...] = ()
+    #: How long an unsure claim waits for its worker to be idle again (None: for
+    #: ever).  Then it is given up, and its lease, if stored, is no longer the
+    #: driver's own: the sweeps fail it as ``lost``, as a dead server's.  Why: a
+    #: worker that can never be started again would keep it from being judged.
+    unsure_for: timedelta | None = None
+
+    def unsure_tokens(self, now: datetime) -> list[str]:
+        """The tokens of the unsure claims not given up at ``now``: the driver's own."""
+        return [u.token for u in self.unsure if not self._given_up(u, now)]
+
+    def _given_up(self, unsure: UnsureClaim, now: datetime) -> bool:
+        return self.unsure_for is not None and now - unsure.at > self.unsure_for
 
     def fresh(self, now: datetime) -> list[TaskDoc]:
         """The candidates still worth trying at ``now`` (none once ``keep_for`` has passed)."""
@@ -313,7 +326,9 @@ def _settle_unsure(
     job (its hint repaired first: the error may have come before it was written)."""
     for unsure in left.unsure:
         index = next((i for i, (worker, _) in enumerate(waiting) if worker == unsure.worker), None)
-        if index is None:  # its worker is not idle now: later
+        if index is None:  # its worker is not idle now: later, unless it waited too long
+            if left._given_up(unsure, now):
+                left.unsure = tuple(other for other in left.unsure if other is not unsure)
             continue
         view: TaskView | None = yield Load(unsure.doc.task_id)
         lease = None if view is None else view.current_lease()
@@ -360,7 +375,7 @@ def _try_candidates(
         try:
             winner = yield from apply_step(view, decided)
         except StoreError:
-            left.unsure = (*left.unsure, UnsureClaim(doc, worker, token))
+            left.unsure = (*left.unsure, UnsureClaim(doc, worker, token, now))
             raise
         assert winner is not None
         assert decided.record is not None

@@ -543,6 +543,26 @@ def test_an_unsure_claim_waits_for_its_worker_to_be_idle_again() -> None:
     assert (job.task_id, job.token) == ("a", "t1")
 
 
+def test_an_unsure_claim_whose_worker_stays_busy_past_unsure_for_is_given_up() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("a"), make_doc("b")])
+    candidates = Candidates(timedelta(seconds=1), unsure_for=timedelta(seconds=30))
+    conversation = claim_many(
+        ALL, server="s1", workers=[("w1", "t1")], now=T0, candidates=candidates
+    )
+    drive_until_insert_fails(store, conversation, failing=1, applied=True)
+    candidates.forget()
+    # Its lease is the driver's own while it waits for w1 (a sweep leaves it alone) ...
+    assert candidates.unsure_tokens(T0 + timedelta(seconds=30)) == ["t1"]
+    # ... but not once w1 has stayed busy past unsure_for (its worker may never come
+    # back): then the sweeps judge it, and fail it as lost, as a dead server's
+    later = T0 + timedelta(seconds=31)
+    assert candidates.unsure_tokens(later) == []
+    [other] = claim_for(store, "w2", "t2", later, candidates)
+    assert other.task_id == "b"
+    assert candidates.unsure == ()
+
+
 def current_token(store: MemoryStore, task_id: str) -> str | None:
     view = store.load(task_id)
     assert view is not None

@@ -19,7 +19,7 @@ from tests.unit.test_runtime_supervisor import settings as supervisor_settings
 from tullius.api import insert_queued
 from tullius.band import Band
 from tullius.document import TERMINAL, Record, RecordKind, Status, TaskSpec, status_of
-from tullius.engine import UnsureClaim
+from tullius.engine import Candidates, UnsureClaim
 from tullius.errors import StoreError
 from tullius.runtime.config import Settings
 from tullius.runtime.supervisor import Supervisor
@@ -347,18 +347,23 @@ def test_a_claim_interrupted_by_a_store_error_still_runs_the_jobs_it_won() -> No
         assert status_of(view) is Status.SUCCEEDED, view.outcome
 
 
-class SettledMeanwhile:
+class SettledMeanwhile(Candidates):
     """A band's candidates whose unsure claim a claim on a store thread settles right
     after the main thread's first look: the second read finds none left."""
 
     def __init__(self, unsure: UnsureClaim) -> None:
         self._reads = 0
         self._unsure = unsure
+        super().__init__(timedelta(seconds=1), unsure_for=timedelta(seconds=30))
 
-    @property
+    @property  # type: ignore[override]
     def unsure(self) -> tuple[UnsureClaim, ...]:
         self._reads += 1
         return (self._unsure,) if self._reads == 1 else ()
+
+    @unsure.setter
+    def unsure(self, value: tuple[UnsureClaim, ...]) -> None:
+        pass  # (set by Candidates.__init__)
 
 
 def test_a_sweep_scheduled_while_a_claim_settles_an_unsure_one_reads_it_once() -> None:
@@ -366,8 +371,8 @@ def test_a_sweep_scheduled_while_a_claim_settles_an_unsure_one_reads_it_once() -
     # between two reads of the main thread (the sweep's own tokens used to read it
     # twice: `is not None`, then `.token` of what had become None)
     supervisor = Supervisor(MemoryStore(), settings())
-    unsure = UnsureClaim(make_doc("a"), "w0.0", "t-unsure")
-    supervisor._candidates = [SettledMeanwhile(unsure)]  # type: ignore[list-item]
+    unsure = UnsureClaim(make_doc("a"), "w0.0", "t-unsure", datetime.now(UTC))
+    supervisor._candidates = [SettledMeanwhile(unsure)]
     seen: list[frozenset[str]] = []
     supervisor.sweeper.work = lambda own: seen.append(own)  # type: ignore[assignment,method-assign,func-returns-value]
     supervisor._submit = lambda work, done: None  # type: ignore[method-assign]

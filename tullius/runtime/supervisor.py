@@ -120,7 +120,9 @@ class Supervisor(WorkerKeeping):
         ]
         self._next_poll = [0.0] * len(settings.bands)
         self._band_claiming = [False] * len(settings.bands)
-        self._candidates = [Candidates(REUSE_CANDIDATES_FOR) for _ in settings.bands]
+        self._candidates = [
+            Candidates(REUSE_CANDIDATES_FOR, unsure_for=settings.lease) for _ in settings.bands
+        ]
         #: Tokens of claims on the store thread: their leases may already be stored.
         self._claim_tokens: set[str] = set()
         self._finishing: list[Finishing] = []
@@ -464,7 +466,7 @@ class Supervisor(WorkerKeeping):
             + [item.job.token for item in self._finishing]
             + list(self._claim_tokens)
             # (``unsure`` read once: a claim on a store thread may replace it meanwhile)
-            + [unsure.token for c in self._candidates for unsure in c.unsure]
+            + [token for c in self._candidates for token in c.unsure_tokens(self.clock.now())]
         )
 
         def done(future: Future[Any]) -> None:

@@ -130,11 +130,11 @@ class Claimer:
         "unsure_reads",
     )
 
-    def __init__(self, band: Band, slots: list[tuple[int, str]]) -> None:
+    def __init__(self, band: Band, slots: list[tuple[int, str]], lease: timedelta) -> None:
         self.band = band
         self.slots = slots
         self.busy: set[int] = set()
-        self.candidates = Candidates(REUSE_CANDIDATES_FOR)
+        self.candidates = Candidates(REUSE_CANDIDATES_FOR, unsure_for=lease)
         self.actor: Actor | None = None
         self.nap = 0
         self.napping = False
@@ -287,7 +287,7 @@ class Drivers:
         for band in self.bands:
             slots = [(i, f"{server.name}/w{i}") for i in range(index, index + band.count)]
             index += band.count
-            claimer = Claimer(band, slots)
+            claimer = Claimer(band, slots, self.timings.lease)
             server.claimers.append(claimer)
             claimer.actor = self._spawn(
                 server, self._claimer(server, claimer), f"{server.name}/{band}"
@@ -440,7 +440,7 @@ class Drivers:
         own = set(server.tokens)
         for c in server.claimers:
             own.update(token for _, token in c.claiming)
-            own.update(unsure.token for unsure in c.candidates.unsure)
+            own.update(c.candidates.unsure_tokens(server.clock.now()))
         return frozenset(own)
 
     def _sweeper(self, server: Server) -> ActorGen:
