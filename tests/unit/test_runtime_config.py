@@ -15,6 +15,7 @@ from tullius.runtime.config import (
     DEFAULT_GRACE,
     DEFAULT_LEASE,
     DEFAULT_POLL_INTERVAL,
+    ENV_FLAGS,
     RawFlags,
     env_name,
     parse_count,
@@ -232,3 +233,18 @@ def test_a_uri_with_pymongo_3s_j_option_still_gets_journaled_writes() -> None:
     assert _client_options("mongodb://db1/tullius?j=false")["journal"] is True
     assert "journal" not in _client_options("mongodb://db1/tullius?journal=false")
     assert "w" not in _client_options("mongodb://db1/tullius?w=1")
+
+
+def test_a_misspelt_tullius_variable_is_refused_naming_the_one_it_resembles() -> None:
+    env = {"TULLIUS_MONGODB_URL": "mongodb://user:secret@h/db"}
+    with pytest.raises(ConfigError, match=r"TULLIUS_LEAES='60'.*expected TULLIUS_LEASE"):
+        resolve(RawFlags(embedded=True), {"TULLIUS_LEAES": "60"}, deps_loader=no_deps)
+    with pytest.raises(ConfigError, match="expected TULLIUS_MONGODB_URI") as raised:
+        resolve(RawFlags(embedded=True), env, deps_loader=no_deps)
+    assert "secret" not in str(raised.value)
+
+
+def test_other_programs_tullius_variables_and_every_setting_of_ours_are_accepted() -> None:
+    env = {env_name(flag): "" for flag in ENV_FLAGS}
+    env |= {"TULLIUS_SIM_PIN_CPU": "0", "TULLIUS_APP_THEME": "dark"}
+    assert resolve(RawFlags(embedded=True), env, deps_loader=no_deps).embedded

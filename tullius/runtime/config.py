@@ -15,6 +15,7 @@ redacts it.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -126,6 +127,42 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
+#: The flags that have a ``TULLIUS_*`` variable.
+ENV_FLAGS = (
+    "--mongodb-uri",
+    "--database",
+    "--processes",
+    "--lease",
+    "--poll-interval",
+    "--grace",
+    "--max-tasks-per-worker",
+    "--server-name",
+)
+#: Every ``TULLIUS_*`` variable Tullius reads, the daemon's and the others'.
+KNOWN_ENV: frozenset[str] = frozenset(
+    [env_name(flag) for flag in ENV_FLAGS] + ["TULLIUS_SIM_PIN_CPU", "TULLIUS_TEST_MONGODB_URI"]
+)
+
+
+def check_env_names(env: Mapping[str, str]) -> None:
+    """Refuse a ``TULLIUS_*`` variable that looks like a misspelt one of ours.
+
+    Why: ``TULLIUS_LEAES=60`` was ignored, and the daemon ran with the default
+    lease.  A name close to none of ours is left alone (another program's).
+
+    Raises:
+        ConfigError: naming the variable and the one it resembles.
+    """
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name in KNOWN_ENV:
+            continue
+        close = difflib.get_close_matches(name, KNOWN_ENV, n=1, cutoff=0.85)
+        if close:
+            raise ConfigError(
+                name, _redact(env[name]), f"is not a setting; expected {close[0]} (a misspelling?)"
+            )
+
+
 def parse_seconds(
     setting: str, text: str, *, minimum: float = 0.0, allow_zero: bool = False
 ) -> float:
@@ -199,6 +236,7 @@ def resolve(
         ConfigError: a malformed value, or no way to reach a database.
     """
     env = os.environ if env is None else env
+    check_env_names(env)
 
     def pick(flag: str, value: str | None) -> tuple[str, str | None]:
         if value is not None:
