@@ -8,14 +8,19 @@ observer hook; nothing asserts how long anything took.
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from tullius.band import Band
 from tullius.demo import ChainPrinter, QuickExampleTask, queue_demo
-from tullius.document import TERMINAL, FailureKind, Status, status_of
+from tullius.document import TERMINAL, FailureKind, Record, Status, status_of
+from tullius.errors import StoreUnavailable
 from tullius.inspection import read_chain
+from tullius.runtime import supervisor as supervisor_module
 from tullius.runtime.config import Settings
 from tullius.runtime.supervisor import Supervisor
 from tullius.sim.memory_store import MemoryStore
@@ -123,3 +128,81 @@ def test_a_sweep_leaves_alone_the_leases_of_our_own_claims_still_in_flight() -> 
         assert lease.token in seen[0]
     finally:
         supervisor._store_thread.close()
+
+
+class StopTwiceWhenRunning:
+    """Observer: once the task's run is claimed, asks for a stop twice, as a second
+    SIGTERM or Ctrl-C does, and says it is satisfied only after that."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        self.supervisor: Supervisor | None = None
+
+    def __call__(self, store: Store) -> bool:
+        view = store.load(self.task_id)
+        if view is None or view.run is None:
+            return False
+        assert self.supervisor is not None
+        self.supervisor.request_stop()
+        self.supervisor.request_stop()
+        return False
+
+
+def test_a_second_stop_signal_records_that_the_grace_was_skipped_not_that_it_ran_out() -> None:
+    # Given a supervisor with a long grace running a task that would take 2 s
+    store = MemoryStore()
+    root = queue_demo(store, quick=True, count_to=10)
+    observer = StopTwiceWhenRunning(root)
+    supervisor = Supervisor(store, settings(grace=600.0), observer=observer)
+    observer.supervisor = supervisor
+    # When it is asked to stop twice as soon as the task runs
+    assert supervisor.run() == 0
+    # Then the task was killed at once and its failure says the grace was skipped,
+    # not that the 600 s it never waited were over
+    view = store.load(root)
+    assert view is not None
+    assert view.outcome is not None
+    failure = view.outcome.failure
+    assert failure is not None
+    assert failure.kind == FailureKind.SHUTDOWN
+    assert "second stop signal" in failure.message
+    assert "over" not in failure.message
+
+
+class DownOnceStopping(MemoryStore):
+    """A store whose record inserts all fail once the supervisor is stopping, as
+    when MongoDB goes away just as the daemon is stopped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.supervisor: Supervisor | None = None
+
+    def insert_record(self, record: Record) -> Record:
+        if self.supervisor is not None and self.supervisor._stopping:
+            raise StoreUnavailable("insert record", "connection refused (simulated)")
+        return super().insert_record(record)
+
+
+def test_a_second_stop_signal_with_the_store_down_gives_up_counting_from_the_kills(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a supervisor with a 600 s grace that gives up on unrecorded verdicts
+    # 1 s after the kills, running a task, and a store that fails once it stops
+    monkeypatch.setattr(supervisor_module, "FINISH_GIVE_UP", 1.0)
+    store = DownOnceStopping()
+    root = queue_demo(store, quick=True, count_to=10)
+    observer = StopTwiceWhenRunning(root)
+    supervisor = Supervisor(store, settings(grace=600.0), observer=observer)
+    observer.supervisor = store.supervisor = supervisor
+    # When it is asked to stop twice as soon as the task runs
+    exit_codes: list[int] = []
+    thread = threading.Thread(target=lambda: exit_codes.append(supervisor.run()), daemon=True)
+    thread.start()
+    # Then it exits with status 1 soon after the kills, long before the grace it
+    # skipped would have run out, and leaves the task to another daemon's sweep
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the daemon waited for the skipped grace to run out"
+    assert exit_codes == [1]
+    view = store.load(root)
+    assert view is not None
+    assert view.outcome is None

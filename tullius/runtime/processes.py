@@ -40,6 +40,7 @@ class WorkerKeeping:
     counters: Counters
     slots: list[Slot]
     _retiring: list[tuple[WorkerProcess, float]]
+    _grace_skipped: bool
 
     @property
     def _stopping(self) -> bool:
@@ -109,10 +110,14 @@ class WorkerKeeping:
                 "its process group was killed",
             )
         elif reason == "shutdown":
+            grace = f"grace of {self.settings.grace:g}s"
+            why = (
+                f"a second stop signal skipped its {grace}"
+                if self._grace_skipped
+                else f"{grace} over"
+            )
             failure = self._failure(
-                FailureKind.SHUTDOWN,
-                f"the daemon stopped (grace of {self.settings.grace:g}s over) "
-                f"while {role} was running",
+                FailureKind.SHUTDOWN, f"the daemon stopped ({why}) while {role} was running"
             )
         else:
             self.counters.crashes += 1

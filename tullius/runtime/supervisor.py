@@ -133,6 +133,10 @@ class Supervisor(WorkerKeeping):
         self._observing = False
         self._stop_signals = 0
         self._stopping_since: float | None = None
+        #: When running tasks started to be killed: the grace ran out, or a second
+        #: stop signal cut it short (then ``_grace_skipped``).
+        self._killing_since: float | None = None
+        self._grace_skipped = False
         self._exit_code = 0
         self._store_down = False
 
@@ -520,7 +524,13 @@ class Supervisor(WorkerKeeping):
             for slot in self.slots:
                 if slot.worker is not None and slot.running is None and not slot.claiming:
                     self._retire(slot, slot.worker, now)
-        over = self._stop_signals > 1 or now >= self._stopping_since + self.settings.grace
+        grace_ends = self._stopping_since + self.settings.grace
+        over = self._stop_signals > 1 or now >= grace_ends
+        if over and self._killing_since is None:
+            self._grace_skipped = now < grace_ends
+            self._killing_since = now if self._grace_skipped else grace_ends
+            if self._grace_skipped:
+                log.warning("second stop signal: grace skipped; killing running tasks now")
         for slot in self.slots:
             running = slot.running
             if slot.running is None and slot.worker is not None and not slot.claiming:
@@ -544,7 +554,12 @@ class Supervisor(WorkerKeeping):
         if busy or self._retiring:
             return False
         if self._finishing:
-            give_up = self._stopping_since + self.settings.grace + KILL_GRACE + FINISH_GIVE_UP
+            # Counted from the kills (README: "within 30 seconds after the kills"),
+            # which a second signal brings forward from the end of the grace.
+            killing_since = self._killing_since
+            if killing_since is None:
+                killing_since = self._stopping_since + self.settings.grace
+            give_up = killing_since + KILL_GRACE + FINISH_GIVE_UP
             if now < give_up:
                 return False
             ids = ", ".join(item.job.task_id for item in self._finishing)
