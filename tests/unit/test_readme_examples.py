@@ -44,3 +44,12 @@ def test_the_readmes_make_db_clients_are_accepted_with_majority_journaled_writes
             assert client.write_concern.document == {"w": "majority", "j": True, "wtimeout": 10_000}
         finally:
             client.close()
+
+
+def test_the_docs_point_to_no_upstart_job_since_the_readme_has_none() -> None:
+    # An operator sent to "the README's Upstart job" finds no such job in it
+    readme = README.read_text()
+    unit = (README.parent / "docs" / "tulliusd.service").read_text()
+    readme_has_an_upstart_job = "start on " in readme
+    for name, text in (("README.md", readme), ("docs/tulliusd.service", unit)):
+        assert readme_has_an_upstart_job or "Upstart" not in text, name
