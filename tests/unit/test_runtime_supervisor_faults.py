@@ -5,6 +5,7 @@ MongoDB); conditions are polled with generous deadlines."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import textwrap
@@ -382,3 +383,44 @@ def test_a_sweep_scheduled_while_a_claim_settles_an_unsure_one_reads_it_once() -
         supervisor._store_thread.close()
     # Then it did not crash, and the lease it saw unsure is its own to that sweep
     assert seen == [frozenset({"t-unsure"})]
+
+
+def test_the_log_says_how_a_task_failed_and_tells_a_failed_handler_attempt_from_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a task whose run() raises and whose failed() raises too
+    user_module(
+        tmp_path,
+        monkeypatch,
+        "user_log_tasks",
+        """
+        from datetime import timedelta
+        import tullius
+
+        class Broken(tullius.Task):
+            timeout = timedelta(seconds=10)
+            def run(self):
+                raise ValueError("bad invoice 7")
+            def failed(self):
+                raise KeyError("no handler")
+        """,
+    )
+    store = MemoryStore()
+    root = queue_by_name(store, "user_log_tasks:Broken")
+    # When the daemon runs it until failed() has failed on every attempt
+    caplog.set_level(logging.INFO, logger="tullius.daemon")
+    assert Supervisor(store, settings(), observer=terminal(root)).run() == 0
+    # Then its activity log names the class, the kind and the message of the failure,
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"task {root}")]
+    assert (
+        f"task {root} (user_log_tasks:Broken): failed (exception): "
+        "run() raised ValueError: bad invoice 7"
+    ) in lines
+    # says of each failed attempt of failed() that it is that, not the task failing again,
+    attempts = [line for line in lines if "failed() attempt failed (exception)" in line]
+    assert len(attempts) == 2
+    assert all("KeyError" in line for line in attempts)
+    assert f"task {root}: failed" not in lines
+    # and the UNHANDLED warning ends with the last error
+    [unhandled] = [line for line in lines if "UNHANDLED" in line]
+    assert unhandled.endswith("exception: failed() raised KeyError: 'no handler'")

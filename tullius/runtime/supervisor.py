@@ -56,7 +56,7 @@ from tullius.engine import (
     renew,
 )
 from tullius.errors import InvalidTransition, StoreError
-from tullius.events import Event
+from tullius.events import Event, Failed, HandlerFailed
 from tullius.policy import LeaseTimings
 from tullius.runtime.config import Settings
 from tullius.runtime.mongo_store import redact, short_error
@@ -414,14 +414,39 @@ class Supervisor(WorkerKeeping):
             return
         self.counters.accepted += 1
         status = status_of(verdict.view)
+        name = job.view.task.class_name
+        event = item.event
         if status is Status.UNHANDLED:
+            last = (
+                f": {event.error.kind}: {event.error.message}"
+                if isinstance(event, HandlerFailed)
+                else ""
+            )
             log.warning(
-                "task %s (%s): failed() failed on every attempt; left UNHANDLED for an operator",
+                "task %s (%s): failed() failed on every attempt; left UNHANDLED for an operator%s",
                 job.task_id,
-                job.view.task.class_name,
+                name,
+                last,
+            )
+        elif isinstance(event, HandlerFailed):
+            # The task stays FAILED: this attempt of failed() is what failed, not the task again.
+            log.info(
+                "task %s (%s): failed() attempt failed (%s): %s; it will be tried again",
+                job.task_id,
+                name,
+                event.error.kind,
+                event.error.message,
+            )
+        elif isinstance(event, Failed):
+            log.info(
+                "task %s (%s): failed (%s): %s",
+                job.task_id,
+                name,
+                event.failure.kind,
+                event.failure.message,
             )
         else:
-            log.info("task %s: %s", job.task_id, status.value)
+            log.info("task %s (%s): %s", job.task_id, name, status.value)
         self._poll_soon()  # successors or replacements may be due right away
         self._next_observe = 0.0
 
