@@ -265,6 +265,18 @@ def handler_id(task_id: str, attempt: int) -> str:
     return f"{task_id}:handler:{attempt}"
 
 
+def describe_lease(record_id: str) -> str:
+    """A lease record's id as an operator reads it: ``task 't1' run()`` or ``task 't1'
+    failed() attempt 2`` (the task id is what ``tullius.chain()`` takes)."""
+    task_id, _, rest = record_id.partition(":")
+    if rest == "run":
+        return f"task {task_id!r} run()"
+    kind, _, attempt = rest.partition(":")
+    if kind == "handler" and attempt.isdigit():
+        return f"task {task_id!r} failed() attempt {attempt}"
+    return f"record {record_id!r}"
+
+
 def handler_end_id(task_id: str, attempt: int) -> str:
     """Id of the record of how handler attempt ``attempt`` ended."""
     return f"{task_id}:handler:{attempt}:end"

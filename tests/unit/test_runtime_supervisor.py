@@ -206,3 +206,11 @@ def test_a_second_stop_signal_with_the_store_down_gives_up_counting_from_the_kil
     view = store.load(root)
     assert view is not None
     assert view.outcome is None
+
+
+def test_a_lease_declared_lost_is_logged_by_the_task_id_chain_takes() -> None:
+    from tullius.document import describe_lease, handler_id, run_id
+
+    assert describe_lease(run_id("t1-ab")) == "task 't1-ab' run()"
+    assert describe_lease(handler_id("t1-ab", 2)) == "task 't1-ab' failed() attempt 2"
+    assert describe_lease("odd") == "record 'odd'"

@@ -41,6 +41,7 @@ from tullius.clock import Clock, SystemClock
 from tullius.document import (
     FailureKind,
     Status,
+    describe_lease,
     status_of,
 )
 from tullius.engine import (
@@ -509,7 +510,8 @@ class Supervisor(WorkerKeeping):
             self._store_ok()
             if outcome.expired:
                 log.warning(
-                    "failed as lost (their server stopped renewing): %s", ", ".join(outcome.expired)
+                    "failed as lost (their server stopped renewing): %s",
+                    ", ".join(describe_lease(record_id) for record_id in outcome.expired),
                 )
                 self._poll_soon()
             if outcome.repaired:
