@@ -76,13 +76,20 @@ class StopWhenRunning:
         return view is not None and view.run is not None
 
 
-def test_stop_past_grace_records_shutdown_so_failed_runs_later() -> None:
+def test_stop_past_grace_records_shutdown_so_failed_runs_later(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # Given a supervisor with no grace running a task that would take 2 s
     store = MemoryStore()
     root = queue_demo(store, quick=True, count_to=10)
     supervisor = Supervisor(store, settings(grace=0.0), observer=StopWhenRunning(root))
     # When it is stopped as soon as the task runs
-    assert supervisor.run() == 0
+    with caplog.at_level("INFO", logger="tullius.daemon"):
+        assert supervisor.run() == 0
+    # Then its log says what the stop found and that it ended well
+    messages = [record.getMessage() for record in caplog.records]
+    assert "stopping: no new work; 1 running task(s) get 0s" in messages
+    assert messages[-1] == "stopped: every verdict recorded"
     # Then the run failed as "shutdown", and no lease is left owned
     view = store.load(root)
     assert view is not None

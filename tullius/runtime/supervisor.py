@@ -158,6 +158,8 @@ class Supervisor(WorkerKeeping):
             self._restore_signals(previous)
             self._shutdown_processes()
             self._store_thread.close()
+        if self._stop_signals and self._exit_code == 0:
+            log.info("stopped: every verdict recorded")
         return self._exit_code
 
     # --- signals and waking ----------------------------------------------------------
@@ -547,7 +549,13 @@ class Supervisor(WorkerKeeping):
             return
         if self._stopping_since is None:
             self._stopping_since = now
-            log.info("stopping: no new work; running tasks get %gs", self.settings.grace)
+            busy = sum(slot.running is not None for slot in self.slots)
+            if busy:
+                log.info(
+                    "stopping: no new work; %d running task(s) get %gs", busy, self.settings.grace
+                )
+            else:
+                log.info("stopping: no new work, nothing running")
             for slot in self.slots:
                 if slot.worker is not None and slot.running is None and not slot.claiming:
                     self._retire(slot, slot.worker, now)
