@@ -244,9 +244,9 @@ class Supervisor(WorkerKeeping):
         self.sweeper.outage()
         if not self._store_down:
             self._store_down = True
-            log.warning("store unavailable (%s): %s; will keep retrying", what, short_error(error))
+            log.warning("store call failed (%s): %s; will keep retrying", what, short_error(error))
         else:
-            log.info("store still unavailable (%s): %s", what, short_error(error))
+            log.info("store call failed again (%s): %s", what, short_error(error))
 
     def _store_ok(self) -> None:
         if self._store_down:
