@@ -192,7 +192,7 @@ class WorkerKeeping:
             return
         running.dispatched_at = now
         running.deadline = now + job.time_limit.total_seconds()
-        log.info("task %s: %s started in worker %s", job.task_id, job.kind.value, slot.name)
+        log.info("task %s: %s started in worker %s", job.task_id, job.role, slot.name)
 
     def _job_done(
         self, slot: Slot, worker: WorkerProcess, result: dict[str, Any], now: float
