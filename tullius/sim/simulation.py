@@ -17,7 +17,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from types import ModuleType
 from typing import Any, Final
 
 from tullius.api import queue_sink, task_id_of
@@ -184,7 +183,6 @@ class Simulation(Scheduler):
         self._drain = False
         self._starting: deque[Actor] = deque()
         self._vt: VirtualTime | None = None
-        self._modules: set[ModuleType] = set()
         self._baseline: set[threading.Thread] = set()
         self._task_counter = 0
         self._closed = False
@@ -453,7 +451,7 @@ class Simulation(Scheduler):
         # earlier runs): the leak check counts those apart, and counted twice they
         # hid a thread leaked in any run but the first.
         self._baseline = set(threading.enumerate()) - self._pool.threads
-        with VirtualTime(self.clock.now(), self._modules) as vt, _fewer_collections():
+        with VirtualTime(self.clock.now()) as vt, _fewer_collections():
             self._vt = vt
             self._pool.cpu.start()
             try:

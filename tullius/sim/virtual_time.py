@@ -37,7 +37,6 @@ import functools
 import sys
 import threading
 import time
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any, Final
@@ -122,8 +121,7 @@ class VirtualTime:
     scan of every loaded module.
     """
 
-    def __init__(self, now: datetime, modules: Iterable[ModuleType] = ()) -> None:
-        self._modules = list(modules)
+    def __init__(self, now: datetime) -> None:
         self._freezer: Any = None
         self._factory: Any = None
         self._now = now  # what the factory says (once started)
@@ -135,12 +133,11 @@ class VirtualTime:
     def _start(self, now: datetime) -> None:
         self._freezer, self._factory = _HELD.resume(now)
         _SLEEPS.cover()
-        for module in self._modules:
-            self.patch_module(module)
 
     def patch_module(self, module: ModuleType) -> None:
-        """Replace the real ``sleep`` in ``module`` (a task class's, maybe imported
-        during this run), and in the modules it imported at the same time."""
+        """Replace the real ``sleep`` in ``module``: a task class's, which may have been
+        imported during this run, after `_start` covered every module then loaded
+        (a module imported with it is covered at the next run's start)."""
         _SLEEPS.cover_module(module)
 
     def set_now(self, now: datetime) -> None:

@@ -20,7 +20,6 @@ from collections import deque
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from types import ModuleType
 from typing import Any
 
 from tullius.api import queue_sink
@@ -254,7 +253,6 @@ class Drivers:
     _inserted: dict[str, int]
     _starting: deque[Actor]
     _servers: dict[str, Server]
-    _modules: set[ModuleType]
     _outages: list[tuple[int, int, str | None]]
     _armed_at: dict[tuple[str, str], list[list[Any]]]
 
@@ -519,7 +517,6 @@ class Drivers:
             return
         module = module_of(type(task))
         if module is not None:
-            self._modules.add(module)
             vt.patch_module(module)
         method = task.run if job.kind is _RUN else task.failed
         sink_server = server
