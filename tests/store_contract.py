@@ -8,11 +8,13 @@ tests/integration runs it on `MongoStore` over a real MongoDB-wire server.
 from __future__ import annotations
 
 import enum
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from tullius.band import Band
 from tullius.document import (
     Failure,
     Record,
@@ -25,7 +27,9 @@ from tullius.document import (
     outcome_id,
     queued_doc,
     run_id,
+    stored_time,
 )
+from tullius.store import ServerSeen
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -260,3 +264,39 @@ class StoreContract:
         store.insert_tasks([make_doc("a"), make_doc("b"), make_doc("c")])
         store.set_status("c", Status.RUNNING, None)
         assert store.count_by_status() == {Status.QUEUED: 2, Status.RUNNING: 1}
+
+    def test_find_due_takes_an_infinite_bound_as_no_bound(self, store: Any) -> None:
+        store.insert_tasks(
+            [
+                make_doc("low", priority=-3),
+                make_doc("mid", priority=5),
+                make_doc("high", priority=50),
+            ]
+        )
+        below = store.find_due([Status.QUEUED], -math.inf, math.nextafter(0, -math.inf), T0, 10)
+        above = store.find_due([Status.QUEUED], math.nextafter(10, math.inf), math.inf, T0, 10)
+        assert [doc.task_id for doc in below] == ["low"]
+        assert [doc.task_id for doc in above] == ["high"]
+        assert len(store.find_due([Status.QUEUED], -math.inf, math.inf, T0, 10)) == 3
+
+    def test_a_servers_entry_reads_back_as_announced_and_a_new_one_replaces_it(
+        self, store: Any
+    ) -> None:
+        # Given two servers that announced their bands, one of them twice
+        store.announce_server(ServerSeen("b", (Band(10, 0, 10), Band(5, 0, 0)), T0))
+        store.announce_server(ServerSeen("a", (Band(1, 0, 10),), T0))
+        store.announce_server(ServerSeen("a", (Band(2, 3, 4.5),), T0 + timedelta(seconds=30)))
+        # Then each has one entry, the latest, by name, its time as stored (milliseconds)
+        assert store.read_servers() == [
+            ServerSeen("a", (Band(2, 3, 4.5),), stored_time(T0 + timedelta(seconds=30))),
+            ServerSeen("b", (Band(10, 0, 10), Band(5, 0, 0)), stored_time(T0)),
+        ]
+
+    def test_forgetting_a_server_deletes_its_entry_only_if_it_was_not_renewed(
+        self, store: Any
+    ) -> None:
+        store.announce_server(ServerSeen("a", (Band(1, 0, 10),), T0))
+        store.announce_server(ServerSeen("b", (Band(1, 0, 10),), T0 + timedelta(seconds=5)))
+        store.forget_server("a", T0)
+        store.forget_server("b", T0)  # b renewed since: kept
+        assert [seen.server for seen in store.read_servers()] == ["b"]

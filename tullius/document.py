@@ -518,17 +518,17 @@ def task_from_bson(data: Mapping[str, Any]) -> TaskDoc:
         timeout=timedelta(milliseconds=data["timeout_ms"]),
         handler_timeout=timedelta(milliseconds=data["handler_timeout_ms"]),
         handler_attempts=int(data["handler_attempts"]),
-        start_after=_aware(data["start_after"]),
-        created_at=_aware(data["created_at"]),
+        start_after=aware_utc(data["start_after"]),
+        created_at=aware_utc(data["created_at"]),
         origin=Origin(data.get("origin", Origin.QUEUED.value)),
         parent_id=data.get("parent_id"),
         root_id=data.get("root_id") or str(data["_id"]),
         status=Status(data.get("status", Status.QUEUED.value)),
-        due_at=None if data.get("due_at") is None else _aware(data["due_at"]),
+        due_at=None if data.get("due_at") is None else aware_utc(data["due_at"]),
     )
 
 
-def _aware(value: datetime) -> datetime:
+def aware_utc(value: datetime) -> datetime:
     # pymongo without tz_aware=True (or mongomock) hands back naive UTC datetimes.
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
@@ -547,7 +547,7 @@ def failure_from_bson(data: Mapping[str, Any]) -> Failure:
     return Failure(
         kind=data["kind"],
         message=data["message"],
-        at=_aware(data["at"]),
+        at=aware_utc(data["at"]),
         traceback=data.get("traceback"),
         server=data.get("server"),
     )
@@ -579,7 +579,7 @@ def record_from_bson(data: Mapping[str, Any]) -> Record:
         task_id=data["task_id"],
         kind=RecordKind(data["kind"]),
         token=data["token"],
-        at=_aware(data["at"]),
+        at=aware_utc(data["at"]),
         server=data["server"],
         attempt=int(data.get("attempt", 0)),
         worker=data.get("worker"),
@@ -587,7 +587,7 @@ def record_from_bson(data: Mapping[str, Any]) -> Record:
         ok=data.get("ok"),
         failure=None if data.get("failure") is None else failure_from_bson(data["failure"]),
         spawned=tuple(task_from_bson(item) for item in data.get("spawned") or ()),
-        retry_at=None if data.get("retry_at") is None else _aware(data["retry_at"]),
+        retry_at=None if data.get("retry_at") is None else aware_utc(data["retry_at"]),
     )
 
 

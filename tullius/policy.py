@@ -68,6 +68,12 @@ class LeaseTimings:
         return self.lease / 2
 
     @property
+    def coverage_check(self) -> timedelta:
+        """How often a server renews its entry and looks for work no server takes
+        (`tullius.coverage`): slow work, so no more often than the lease."""
+        return self.lease
+
+    @property
     def late_sweep(self) -> timedelta:
         """A sweep starting this long after the last good one ended was not watching
         (its server was paused, or stuck): its observer starts every window afresh."""

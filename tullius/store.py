@@ -20,8 +20,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Protocol
 
+from tullius.band import Band
 from tullius.document import Record, Status, TaskDoc, TaskView, quick_init
 from tullius.effects import InsertRecord, InsertTasks, SetStatus
+
+
+@dataclass(frozen=True)
+class ServerSeen:
+    """A daemon's entry in the store: the bands it runs, and when it last said so."""
+
+    server: str
+    bands: tuple[Band, ...]
+    seen_at: datetime
 
 
 class Store(Protocol):
@@ -116,6 +126,25 @@ class Store(Protocol):
         """How many task documents carry each status hint."""
         ...
 
+    def announce_server(self, seen: ServerSeen) -> None:
+        """Store ``seen`` as its server's entry, replacing the one before.
+
+        Only that server writes its entry, so racing is not a concern.
+        """
+        ...
+
+    def read_servers(self) -> list[ServerSeen]:
+        """Every server's entry, by name."""
+        ...
+
+    def forget_server(self, server: str, seen_at: datetime) -> None:
+        """Delete ``server``'s entry if it was last renewed at ``seen_at``.
+
+        The condition keeps a server that restarted under the same name (and
+        renewed its entry since it was read) listed.
+        """
+        ...
+
 
 # --- read operations (the write operations are the machine's effects) ---------
 
@@ -153,7 +182,34 @@ class Beat:
     record_id: str
 
 
-Operation = InsertRecord | InsertTasks | SetStatus | Load | FindDue | FindByStatus | Beat
+@dataclass(frozen=True)
+class AnnounceServer:
+    seen: ServerSeen
+
+
+@dataclass(frozen=True)
+class ReadServers:
+    pass
+
+
+@dataclass(frozen=True)
+class ForgetServer:
+    server: str
+    seen_at: datetime
+
+
+Operation = (
+    InsertRecord
+    | InsertTasks
+    | SetStatus
+    | Load
+    | FindDue
+    | FindByStatus
+    | Beat
+    | AnnounceServer
+    | ReadServers
+    | ForgetServer
+)
 
 
 def perform(store: Store, op: Operation) -> Any:
@@ -181,6 +237,9 @@ PERFORMERS: Final[Mapping[type[Any], Callable[[Store, Any], Any]]] = {
     ),
     FindByStatus: lambda store, op: store.find_by_status(op.statuses, op.limit, op.after),
     Beat: lambda store, op: store.beat(op.record_id),
+    AnnounceServer: lambda store, op: store.announce_server(op.seen),
+    ReadServers: lambda store, op: store.read_servers(),
+    ForgetServer: lambda store, op: store.forget_server(op.server, op.seen_at),
 }
 
 

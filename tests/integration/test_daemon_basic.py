@@ -272,6 +272,9 @@ def test_a_band_only_takes_its_own_priorities(store: Any, start_daemon: Any) -> 
     assert wait_terminal(store, urgent) is Status.SUCCEEDED
     # Then the ordinary one is still waiting for a band that covers priority 5
     assert status_of_task(store, ordinary) is Status.QUEUED
+    # And the daemon says so, naming it, rather than leaving it to wait silently
+    wait_for(lambda: ordinary in first.stderr(), what="a warning naming the waiting task")
+    assert f"priority 5: Noop {ordinary}" in first.stderr()
     first.stop()
     start_daemon(processes=["1:0-10"])
     assert wait_terminal(store, ordinary) is Status.SUCCEEDED

@@ -221,3 +221,32 @@ def test_a_lease_declared_lost_is_logged_by_the_task_id_chain_takes() -> None:
     assert describe_lease(run_id("t1-ab")) == "task 't1-ab' run()"
     assert describe_lease(handler_id("t1-ab", 2)) == "task 't1-ab' failed() attempt 2"
     assert describe_lease("odd") == "record 'odd'"
+
+
+def test_a_task_whose_priority_no_band_takes_is_logged_not_left_to_wait_silently(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a due task of priority 50, and a daemon whose only band takes 0-10
+    from tests.store_contract import make_doc
+
+    store = MemoryStore()
+    store.insert_tasks([make_doc("stuck-50", priority=50)])
+    give_up = time.monotonic() + 120
+
+    def warned(store: Store) -> bool:
+        return time.monotonic() > give_up or any(
+            "stuck-50" in record.getMessage() for record in caplog.records
+        )
+
+    # When the daemon runs until it says something about that task
+    with caplog.at_level("WARNING", logger="tullius.daemon"):
+        assert Supervisor(store, settings(), observer=warned).run() == 0
+    # Then it warned, naming the task, its priority and what the running servers take
+    (message,) = [r.getMessage() for r in caplog.records if "stuck-50" in r.getMessage()]
+    assert "priority 50: Nothing stuck-50" in message
+    assert "unit 2:0-10" in message
+    # And it recorded its bands for the other daemons' checks; the task is untouched
+    assert [(seen.server, seen.bands) for seen in store.read_servers()] == [
+        ("unit", (Band(2, 0, 10),))
+    ]
+    assert store.count_by_status() == {Status.QUEUED: 1}

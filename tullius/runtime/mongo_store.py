@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import re
 import threading
 import time
@@ -70,12 +71,14 @@ from pymongo.errors import (
 )
 from pymongo.read_concern import ReadConcern
 
+from tullius.band import Band
 from tullius.document import (
     TERMINAL,
     Record,
     Status,
     TaskDoc,
     TaskView,
+    aware_utc,
     handler_end_id,
     handler_id,
     outcome_id,
@@ -88,6 +91,7 @@ from tullius.document import (
     task_to_bson,
 )
 from tullius.errors import ConfigError, StoreError, StoreUnavailable
+from tullius.store import ServerSeen
 
 T = TypeVar("T")
 
@@ -266,6 +270,8 @@ class MongoStore:
             read_concern=ReadConcern("majority")
         )
         self.meta: Collection[Any] = db["tullius_meta"]
+        #: One entry per daemon: its bands and when it last renewed them (`tullius.coverage`).
+        self.servers: Collection[Any] = db["tullius_servers"]
         self.retry_for = retry_for.total_seconds()
         self._wanted_shards = live_shards
         self._bodies = _RecentDocs(BODY_CACHE_SIZE)
@@ -574,11 +580,19 @@ class MongoStore:
         now: datetime,
         limit: int,
     ) -> list[TaskDoc]:
-        query = {
+        # An infinite bound is left out rather than sent: not every server compares
+        # with an infinite double (the coverage check asks for open ranges).
+        priority: dict[str, float] = {}
+        if min_priority > -math.inf:
+            priority["$gte"] = min_priority
+        if max_priority < math.inf:
+            priority["$lte"] = max_priority
+        query: dict[str, Any] = {
             "status": {"$in": [status.value for status in statuses]},
-            "priority": {"$gte": min_priority, "$lte": max_priority},
             "due_at": {"$lte": stored_time(now)},
         }
+        if priority:
+            query["priority"] = priority
         sort = [
             ("priority", ASCENDING),
             ("status", ASCENDING),
@@ -675,6 +689,45 @@ class MongoStore:
             return {status: tally[status.value] for status in Status if tally[status.value]}
 
         return self._retrying("count tasks", attempt)
+
+    # --- the servers' entries -------------------------------------------------------
+
+    def announce_server(self, seen: ServerSeen) -> None:
+        entry = {
+            # Sub-documents, not [count, min, max]: FerretDB refuses nested arrays.
+            "bands": [
+                {"count": band.count, "min": band.min_priority, "max": band.max_priority}
+                for band in seen.bands
+            ],
+            "seen_at": stored_time(seen.seen_at),
+        }
+
+        def attempt() -> None:
+            try:
+                self.servers.replace_one({"_id": seen.server}, entry, upsert=True)
+            except DuplicateKeyError:  # our own upsert, repeated after a lost reply
+                self.servers.replace_one({"_id": seen.server}, entry)
+
+        self._retrying("record this server's bands", attempt)
+
+    def read_servers(self) -> list[ServerSeen]:
+        def attempt() -> list[ServerSeen]:
+            found = []
+            for raw in self.servers.find({}).sort("_id", ASCENDING):
+                try:
+                    bands = tuple(Band(int(b["count"]), b["min"], b["max"]) for b in raw["bands"])
+                    found.append(ServerSeen(str(raw["_id"]), bands, aware_utc(raw["seen_at"])))
+                except (KeyError, TypeError, ValueError) as error:
+                    _log.warning("server entry %r can't be read (%s); ignoring it", raw, error)
+            return found
+
+        return self._retrying("read the servers' bands", attempt)
+
+    def forget_server(self, server: str, seen_at: datetime) -> None:
+        self._retrying(
+            "forget a stopped server",
+            lambda: self.servers.delete_one({"_id": server, "seen_at": stored_time(seen_at)}),
+        )
 
     def _find_in(
         self,

@@ -60,6 +60,7 @@ from tullius.errors import InvalidTransition, StoreError
 from tullius.events import Event, Failed, HandlerFailed
 from tullius.policy import LeaseTimings
 from tullius.runtime.config import Settings
+from tullius.runtime.coverage_check import CoverageCheck
 from tullius.runtime.mongo_store import redact, short_error
 from tullius.runtime.processes import KILL_GRACE, WorkerKeeping, failure_event
 from tullius.runtime.slots import Counters, Finishing, Running, Slot, WorkerProcess
@@ -110,6 +111,13 @@ class Supervisor(WorkerKeeping):
         self.rng = random.Random(os.urandom(16))
         self.sweeper = Sweeper(
             store, self.timings, server=self.server, clock=self.clock, rng=self.rng
+        )
+        self.coverage = CoverageCheck(
+            store,
+            server=self.server,
+            bands=tuple(settings.bands),
+            every=self.timings.coverage_check,
+            clock=self.clock,
         )
         self.observer = observer
         self.observe_every = observe_every
@@ -226,6 +234,8 @@ class Supervisor(WorkerKeeping):
                 wake_at = min(wake_at, item.next_try)
         if not self.sweeper.running:
             wake_at = min(wake_at, self.sweeper.next_at)
+        if not self.coverage.running and not self._stopping:
+            wake_at = min(wake_at, self.coverage.next_at)
         if self._retiring:
             wake_at = min(wake_at, now + 0.05)
         handles: list[Any] = [self._store_thread.wake_fd]
@@ -281,6 +291,8 @@ class Supervisor(WorkerKeeping):
             self._schedule_claims(now)
         if not self.sweeper.running and now >= self.sweeper.next_at:
             self._schedule_sweep()
+        if not self._stopping and not self.coverage.running and now >= self.coverage.next_at:
+            self._schedule_coverage()
         if self.observer is not None and not self._observing and now >= self._next_observe:
             self._schedule_observe(now)
 
@@ -520,6 +532,16 @@ class Supervisor(WorkerKeeping):
                 log.info("repaired hints of %d task(s)", len(outcome.repaired))
 
         self._submit(self.sweeper.work(own), done)
+
+    def _schedule_coverage(self) -> None:
+        def done(future: Future[Any]) -> None:
+            error = self.coverage.finished(future, time.monotonic())
+            if isinstance(error, StoreError):
+                self._store_failed("coverage check", error)
+            elif error is not None:
+                log.error("coverage check failed: %s: %s", type(error).__name__, short_error(error))
+
+        self._submit(self.coverage.work(), done)
 
     def _schedule_observe(self, now: float) -> None:
         observer = self.observer

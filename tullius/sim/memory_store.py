@@ -44,6 +44,7 @@ from tullius.document import (
     stored_time,
     stored_value,
 )
+from tullius.store import ServerSeen
 
 #: Field value types a BSON round trip returns unchanged (and that can't be mutated).
 _PLAIN: Final = frozenset({str, int, float, bool, bytes, type(None)})
@@ -175,6 +176,7 @@ class MemoryStore:
         self._ordered: dict[tuple[Status, ...], tuple[Status, ...]] = {}
         #: How many times each task id was newly inserted (always 1; checked by invariants).
         self.insert_counts: dict[str, int] = {}
+        self._servers: dict[str, ServerSeen] = {}
 
     # --- writes -----------------------------------------------------------------
 
@@ -355,6 +357,21 @@ class MemoryStore:
 
     def count_by_status(self) -> dict[Status, int]:
         return {status: len(ids) for status, ids in self._by_status.items() if ids}
+
+    # --- the servers' entries -----------------------------------------------------
+
+    def announce_server(self, seen: ServerSeen) -> None:
+        self._servers[seen.server] = dataclasses.replace(
+            seen, bands=tuple(seen.bands), seen_at=stored_time(seen.seen_at)
+        )
+
+    def read_servers(self) -> list[ServerSeen]:
+        return [self._servers[name] for name in sorted(self._servers)]
+
+    def forget_server(self, server: str, seen_at: datetime) -> None:
+        stored = self._servers.get(server)
+        if stored is not None and stored.seen_at == stored_time(seen_at):
+            del self._servers[server]
 
     # --- for invariants and tests (not part of the Store protocol) ----------------
 
