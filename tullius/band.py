@@ -19,6 +19,10 @@ from tullius.errors import ConfigError
 _PROCESSES_FLAG = re.compile(r"^\s*(\d+)\s*:\s*(-?\d+(?:\.\d+)?)\s*-\s*(-?\d+(?:\.\d+)?)\s*$")
 
 
+#: Bands from minus to plus this take every priority (no task has one so large).
+ALL_PRIORITIES = 2**53
+
+
 @dataclass(frozen=True)
 class Band:
     """``count`` workers, each taking tasks with ``min_priority <= priority <= max_priority``."""
@@ -28,6 +32,8 @@ class Band:
     max_priority: float
 
     def __str__(self) -> str:
+        if self.min_priority <= -ALL_PRIORITIES and self.max_priority >= ALL_PRIORITIES:
+            return f"{self.count}:all"
         return f"{self.count}:{self.min_priority:g}-{self.max_priority:g}"
 
     def covers(self, priority: float) -> bool:

@@ -13,13 +13,15 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
-from tullius.errors import ConfigError
+from tullius.errors import ConfigError, StoreError
 from tullius.runtime.config import (
     DEFAULT_GRACE,
     DEFAULT_LEASE,
     DEFAULT_POLL_INTERVAL,
     RawFlags,
+    Settings,
     resolve,
 )
 
@@ -116,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     other = parser.add_argument_group("other")
     other.add_argument("-v", "--verbose", action="store_true", help="log activity to stderr")
     other.add_argument(
+        "--status",
+        action="store_true",
+        help="print the daemons the database has heard from, tasks by status, work no "
+        "running daemon takes and unhandled tasks, then exit (starts no daemon)",
+    )
+    other.add_argument(
         "--demo",
         action="store_true",
         help="queue the README's ExampleTask(count_to=10), print its chain as it unfolds "
@@ -138,6 +146,19 @@ def _configure_logging(verbose: bool) -> None:
     root.propagate = False
 
 
+def _print_status(settings: Settings) -> int:
+    from tullius.runtime.launch import StartupError, open_mongo
+    from tullius.runtime.status import format_status, read_status
+
+    store = open_mongo(settings)
+    try:
+        report = read_status(store, now=datetime.now(UTC), lease=settings.lease)
+    except StoreError as error:
+        raise StartupError(f"can't read the status: {error}") from None
+    print(format_status(report))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``tulliusd``; return its exit status (2 for a bad start-up)."""
     from tullius.runtime.launch import StartupError, run_daemon
@@ -148,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         settings = resolve(flags)
+        if args.status:
+            return _print_status(settings)
         return run_daemon(settings)
     except (ConfigError, StartupError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

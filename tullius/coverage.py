@@ -109,19 +109,36 @@ def check_coverage(
     Entries older than ``forget_after`` are deleted on the way.  ``server``
     counts as live whatever its stored entry says (it is running this).
     """
-    yield AnnounceServer(ServerSeen(server, tuple(bands), now))
+    me = ServerSeen(server, tuple(bands), now)
+    yield AnnounceServer(me)
     seen: list[ServerSeen] = yield ReadServers()
-    live = []
     for entry in seen:
-        if entry.server == server or now - entry.seen_at <= live_within:
-            live.append(entry)
-        elif now - entry.seen_at > forget_after:
+        if entry.server != server and now - entry.seen_at > forget_after:
             yield ForgetServer(entry.server, entry.seen_at)
-    if not any(entry.server == server for entry in live):  # our write not visible yet
-        live.append(ServerSeen(server, tuple(bands), now))
+    # Our own entry as we wrote it, whether or not the read saw the write.
+    seen = [entry for entry in seen if entry.server != server] + [me]
+    return (yield from find_stranded(seen, now=now, live_within=live_within, limit=limit))
+
+
+def read_coverage(
+    *, now: datetime, live_within: timedelta, limit: int = EXAMPLES
+) -> Conversation[Coverage]:
+    """`check_coverage` for a reader that is not a server (``tulliusd --status``): no writes."""
+    seen: list[ServerSeen] = yield ReadServers()
+    return (yield from find_stranded(seen, now=now, live_within=live_within, limit=limit))
+
+
+def find_stranded(
+    seen: Sequence[ServerSeen], *, now: datetime, live_within: timedelta, limit: int
+) -> Conversation[Coverage]:
+    """Due work outside the bands of the servers in ``seen`` renewed within ``live_within``."""
+    live = sorted(
+        (entry for entry in seen if now - entry.seen_at <= live_within),
+        key=lambda entry: entry.server,
+    )
     stranded: list[TaskDoc] = []
     for low, high in uncovered_ranges(band for entry in live for band in entry.bands):
         stranded += yield FindDue(WORK, low, high, now, limit - len(stranded))
         if len(stranded) >= limit:
             break
-    return Coverage(tuple(sorted(live, key=lambda entry: entry.server)), tuple(stranded))
+    return Coverage(tuple(live), tuple(stranded))

@@ -199,10 +199,10 @@ def test_undecodable_document_is_set_aside_and_the_daemon_stays_up(
 
 
 def test_failed_that_raises_is_retried_then_left_unhandled(
-    store: Any, start_daemon: Any, scratch_dir: Path
+    store: Any, start_daemon: Any, scratch_dir: Path, mongodb_uri: str, database_name: str
 ) -> None:
     # Given a task whose run() and failed() both raise, with failed_attempts = 2
-    start_daemon()
+    daemon = start_daemon()
     log = str(scratch_dir / "handler.log")
     (root,) = queue(store, t.HandlerRaises(log=log))
     # When the daemon has done all it can
@@ -214,6 +214,30 @@ def test_failed_that_raises_is_retried_then_left_unhandled(
     assert link.handler_error is not None
     assert link.handler_error.kind == FailureKind.EXCEPTION
     assert "failed() failed too" in link.handler_error.message
+
+    # And tulliusd --status shows it to an operator, next to the daemon that ran it
+    def listed() -> str | None:
+        out = status_report(mongodb_uri, database_name)
+        return out if root in out else None
+
+    report = wait_for(listed, what="tulliusd --status to list the unhandled task")
+    assert f"{daemon.server_name}  running, last seen" in report
+    assert "unhandled (every try of failed() failed; for an operator): 1\n" in report
+    assert f"  {root}  tasks_for_tests:HandlerRaises  failed (exception: " in report
+
+
+def status_report(uri: str, database: str) -> str:
+    """What ``tulliusd --status`` prints for this database (it must exit 0)."""
+    flags = ["--status", "--lease", "3", "--mongodb-uri", uri, "--database", database]
+    done = subprocess.run(
+        [sys.executable, "-m", "tullius.cli", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def test_failed_that_hangs_is_killed_at_its_own_timeout(

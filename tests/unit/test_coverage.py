@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -140,3 +141,40 @@ def test_a_long_wait_list_is_cut_at_the_examples_limit_and_says_so() -> None:
     assert len(coverage.stranded) == EXAMPLES
     assert coverage.stranded[0].task_id == "neg"  # most urgent first
     assert coverage.describe().startswith(f"{EXAMPLES}+ task(s) wait")
+
+
+def test_the_daemon_warns_when_waiting_work_changes_every_ten_minutes_and_once_when_it_clears(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from concurrent.futures import Future
+
+    from tullius.clock import SystemClock
+    from tullius.runtime.coverage_check import REPEAT_AFTER, CoverageCheck
+
+    store = MemoryStore()
+    watch = CoverageCheck(
+        store, server="a", bands=BANDS, every=timedelta(seconds=30), clock=SystemClock()
+    )
+    warnings: list[int] = []
+
+    def check_at(now: float) -> None:
+        future: Future[Coverage] = Future()
+        future.set_result(watch.work()())
+        with caplog.at_level("WARNING", logger="tullius.daemon"):
+            caplog.clear()
+            assert watch.finished(future, now) is None
+        warnings.append(len(caplog.records))
+
+    check_at(0)  # nothing waits: quiet
+    store.insert_tasks([make_doc("high", priority=50)])
+    check_at(30)  # it waits: a warning
+    check_at(60)  # the same task still waits: quiet
+    check_at(60 + REPEAT_AFTER)  # ten minutes on: again
+    store.insert_tasks([make_doc("low", priority=-1)])
+    check_at(90 + REPEAT_AFTER)  # another one joins: a warning
+    store.set_status("high", Status.RUNNING, None)
+    store.set_status("low", Status.RUNNING, None)
+    check_at(120 + REPEAT_AFTER)  # nothing waits any more: one line saying so
+    check_at(150 + REPEAT_AFTER)
+    assert warnings == [0, 1, 0, 1, 1, 1, 0]
+    assert watch.next_at == 150 + REPEAT_AFTER + 30

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from tullius.band import Band, parse_band
+from tullius.band import ALL_PRIORITIES, Band, parse_band
 from tullius.deps import Deps, load_deps
 from tullius.errors import ConfigError
 
 ENV_PREFIX = "TULLIUS_"
 #: Used when no flag, variable or ``tullius_deps.task_processes`` names bands:
 #: four workers for every priority.
-DEFAULT_BANDS = (Band(4, -(2**53), 2**53),)
+DEFAULT_BANDS = (Band(4, -ALL_PRIORITIES, ALL_PRIORITIES),)
 DEFAULT_LEASE = timedelta(seconds=30)
 #: Idle polling period; small enough that an idle daemon picks up new work in
 #: about 15 ms (half the period plus one claim's round trips); measured in
@@ -68,6 +68,7 @@ class Settings:
         embedded: use an in-process store instead of MongoDB.
         demo: queue the README's example and print its chain as it unfolds.
         demo_quick: the demo scaled down (0.2 s per count, 1 s timeout).
+        status: print ``tulliusd --status``'s report instead of running.
     """
 
     bands: tuple[Band, ...]
@@ -83,6 +84,7 @@ class Settings:
     embedded: bool = False
     demo: bool = False
     demo_quick: bool = False
+    status: bool = False
 
     def describe(self) -> str:
         """One line for the start-up log; credentials redacted."""
@@ -94,9 +96,7 @@ class Settings:
                 where += f" database {self.database!r}"
         else:
             where = "tullius_deps.make_db()"
-        bands = " ".join(
-            f"{band.count}:all" if band in DEFAULT_BANDS else str(band) for band in self.bands
-        )
+        bands = " ".join(str(band) for band in self.bands)
         return (
             f"server {self.server_name!r} on {where}; processes {bands}; "
             f"lease {self.lease.total_seconds():g}s; poll {self.poll_interval:g}s; "
@@ -120,6 +120,7 @@ class RawFlags:
     embedded: bool = False
     demo: bool = False
     demo_quick: bool = False
+    status: bool = False
 
 
 def env_name(flag: str) -> str:
@@ -259,6 +260,13 @@ def resolve(
                 "can't be given with --embedded, which runs on an in-process store "
                 "and no database; drop one of the two",
             )
+    if flags.status and (embedded or flags.demo or flags.demo_quick):
+        raise ConfigError(
+            "--status",
+            True,
+            "reads a database and exits, so it can't be given with --embedded (whose tasks "
+            "live in its own daemon's memory) or --demo",
+        )
     if uri is not None and not embedded and not uri.startswith(("mongodb://", "mongodb+srv://")):
         raise ConfigError(
             uri_setting, _redact(uri), "must be a MongoDB URI such as mongodb://host:27017/tullius"
@@ -331,4 +339,5 @@ def resolve(
         embedded=embedded,
         demo=flags.demo or flags.demo_quick,
         demo_quick=flags.demo_quick,
+        status=flags.status,
     )

@@ -1,0 +1,85 @@
+"""``tulliusd --status`` shows an operator what needs them, read from any store.
+
+The store is filled by a simulation (a task left unhandled, one waiting for
+a priority nobody takes); the command line itself runs on a MongoDB-wire
+server in tests/integration.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+import tullius
+from tests.store_contract import make_doc
+from tullius.band import Band
+from tullius.document import Status
+from tullius.errors import ConfigError
+from tullius.runtime.config import RawFlags, resolve
+from tullius.runtime.status import format_status, read_status
+from tullius.sim import Simulation
+from tullius.store import ServerSeen
+
+
+class Unlucky(tullius.Task):
+    timeout = timedelta(seconds=5)
+    failed_attempts = 2
+    task_name = "tests.unit.test_runtime_status:Unlucky"
+
+    def run(self) -> None:
+        raise ValueError("the report was empty")
+
+    def failed(self) -> None:
+        raise RuntimeError("mail server down")
+
+
+def test_the_report_lists_servers_counts_unreached_work_and_unhandled_failures() -> None:
+    # Given a database where a task ended unhandled, another waits for priority 50,
+    # one daemon renewed its entry a minute ago and another not for three hours
+    sim = Simulation(seed=3)
+    (lost_cause,) = sim.queue(Unlucky())
+    sim.drain(within=timedelta(hours=1))
+    sim.run_for(timedelta(minutes=1))  # drain ends at the last record; the hint follows
+    store = sim.store
+    store.insert_tasks([make_doc("waits-50", priority=50)])
+    now = sim.now
+    store.announce_server(
+        ServerSeen("web1", (Band(10, 0, 10), Band(5, 0, 0)), now - timedelta(minutes=1))
+    )
+    store.announce_server(ServerSeen("web2", (Band(2, 40, 60),), now - timedelta(hours=3)))
+    # When the status is read and printed
+    report = read_status(store, now=now, lease=timedelta(seconds=30))
+    text = format_status(report)
+    sim.close()
+    # Then it names each server, running or not, with its bands
+    assert "web1  running, last seen 60 s ago, bands 10:0-10 5:0-0" in text
+    assert "web2  not seen, last seen 3 h ago, bands 2:40-60" in text
+    # And the counts, the task no running server takes, and the unhandled one with both errors
+    assert report.counts[Status.UNHANDLED] == 1
+    assert "unhandled 1" in text
+    assert (
+        "waiting for a priority no running server takes: 1\n  priority 50  tests:Nothing  waits-50"
+        in text
+    )
+    assert (
+        f"  {lost_cause}  tests.unit.test_runtime_status:Unlucky  failed (exception: run() raised "
+        "ValueError: the report was empty); failed() error (exception: failed() raised "
+        "RuntimeError: mail server down)"
+    ) in text
+
+
+def test_an_empty_database_reports_nothing_to_look_at() -> None:
+    sim = Simulation(seed=1)
+    text = format_status(read_status(sim.store, now=sim.now, lease=timedelta(seconds=30)))
+    sim.close()
+    assert "none has recorded itself" in text
+    assert "tasks by status: none" in text
+    assert "waiting for a priority no running server takes: none" in text
+    assert "unhandled (every try of failed() failed; for an operator): 0" in text
+
+
+@pytest.mark.parametrize("other", [{"embedded": True}, {"demo": True}])
+def test_status_refuses_flags_that_run_a_daemon_instead(other: dict[str, bool]) -> None:
+    with pytest.raises(ConfigError, match="--status=True reads a database and exits"):
+        resolve(RawFlags(status=True, **other), env={})
