@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tullius.band import Band
+from tullius.band import ALL, Band
 from tullius.document import (
     Failure,
     Record,
@@ -285,18 +285,30 @@ class StoreContract:
         # Given two servers that announced their bands, one of them twice
         store.announce_server(ServerSeen("b", (Band(10, 0, 10), Band(5, 0, 0)), T0))
         store.announce_server(ServerSeen("a", (Band(1, 0, 10),), T0))
-        store.announce_server(ServerSeen("a", (Band(2, 3, 4.5),), T0 + timedelta(seconds=30)))
-        # Then each has one entry, the latest, by name, its time as stored (milliseconds)
-        assert store.read_servers() == [
-            ServerSeen("a", (Band(2, 3, 4.5),), stored_time(T0 + timedelta(seconds=30))),
-            ServerSeen("b", (Band(10, 0, 10), Band(5, 0, 0)), stored_time(T0)),
-        ]
+        first_a = store.read_servers()[0].seen_at
+        later = T0 + timedelta(seconds=30)
+        store.announce_server(ServerSeen("a", (Band(2, 3, 4.5), Band(4, *ALL)), later))
+        # Then each has one entry, the latest, by name
+        (a, b) = store.read_servers()
+        assert (a.server, a.bands) == ("a", (Band(2, 3, 4.5), Band(4, *ALL)))
+        assert (b.server, b.bands) == ("b", (Band(10, 0, 10), Band(5, 0, 0)))
+        # And its time is the announced one, or the store's clock where it stamps
+        # entries itself (then the later announcement is not stamped earlier)
+        assert a.seen_at == stored_time(later) or is_about_now(a.seen_at)
+        assert b.seen_at == stored_time(T0) or is_about_now(b.seen_at)
+        assert a.seen_at >= first_a
 
     def test_forgetting_a_server_deletes_its_entry_only_if_it_was_not_renewed(
         self, store: Any
     ) -> None:
         store.announce_server(ServerSeen("a", (Band(1, 0, 10),), T0))
         store.announce_server(ServerSeen("b", (Band(1, 0, 10),), T0 + timedelta(seconds=5)))
-        store.forget_server("a", T0)
-        store.forget_server("b", T0)  # b renewed since: kept
+        (a, b) = store.read_servers()
+        store.forget_server("a", a.seen_at)
+        store.forget_server("b", b.seen_at - timedelta(seconds=1))  # b renewed since: kept
         assert [seen.server for seen in store.read_servers()] == ["b"]
+
+
+def is_about_now(when: datetime) -> bool:
+    """Whether a store stamped ``when`` with its own clock (a server on this machine)."""
+    return abs(when - datetime.now(UTC)) < timedelta(minutes=10)

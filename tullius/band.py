@@ -12,15 +12,11 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from tullius.errors import ConfigError
 
 _PROCESSES_FLAG = re.compile(r"^\s*(\d+)\s*:\s*(-?\d+(?:\.\d+)?)\s*-\s*(-?\d+(?:\.\d+)?)\s*$")
-
-
-#: Bands from minus to plus this take every priority (no task has one so large).
-ALL_PRIORITIES = 2**53
 
 
 @dataclass(frozen=True)
@@ -32,12 +28,30 @@ class Band:
     max_priority: float
 
     def __str__(self) -> str:
-        if self.min_priority <= -ALL_PRIORITIES and self.max_priority >= ALL_PRIORITIES:
+        if self.min_priority == -math.inf and self.max_priority == math.inf:
             return f"{self.count}:all"
-        return f"{self.count}:{self.min_priority:g}-{self.max_priority:g}"
+        low, high = format_priority(self.min_priority), format_priority(self.max_priority)
+        return f"{self.count}:{low}-{high}"
 
     def covers(self, priority: float) -> bool:
         return self.min_priority <= priority <= self.max_priority
+
+
+#: Every priority: the default band of ``tulliusd`` (only a default may be infinite).
+ALL: Final = (-math.inf, math.inf)
+
+
+def format_priority(priority: float) -> str:
+    """A priority as written, exactly: ``10``, ``0.5``, ``10.0000001``, ``1234567``.
+
+    Why not ``:g``: its six digits print 10.0000001 as 10, so a warning would
+    say a priority-10 task waits beside a band that takes 10.
+    """
+    if isinstance(priority, int):
+        return str(priority)
+    if priority.is_integer() and abs(priority) < 2**53:
+        return str(int(priority))
+    return repr(priority)
 
 
 def band_from_tuple(entry: Any, *, setting: str = "task_processes[0]") -> Band:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from tullius.errors import ConfigError, StoreError
+from tullius.errors import ConfigError, TulliusError
 from tullius.runtime.config import (
     DEFAULT_GRACE,
     DEFAULT_LEASE,
@@ -153,7 +153,7 @@ def _print_status(settings: Settings) -> int:
     store = open_mongo(settings)
     try:
         report = read_status(store, now=datetime.now(UTC), lease=settings.lease)
-    except StoreError as error:
+    except TulliusError as error:  # the store failing, or a document it can't give back
         raise StartupError(f"can't read the status: {error}") from None
     print(format_status(report))
     return 0

@@ -129,7 +129,10 @@ class Store(Protocol):
     def announce_server(self, seen: ServerSeen) -> None:
         """Store ``seen`` as its server's entry, replacing the one before.
 
-        Only that server writes its entry, so racing is not a concern.
+        A store with a clock of its own stamps the entry with it instead of
+        ``seen.seen_at`` (`MongoStore`: the database's), so that entries are
+        compared on one clock.  Only that server writes its entry, so racing
+        is not a concern.
         """
         ...
 

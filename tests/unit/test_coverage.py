@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.store_contract import make_doc
-from tullius.band import Band
+from tullius.band import ALL, Band, format_priority
 from tullius.coverage import EXAMPLES, Coverage, check_coverage, uncovered_ranges
 from tullius.document import Status
 from tullius.engine import drive
@@ -57,21 +57,52 @@ def test_no_bands_leave_every_priority_uncovered() -> None:
     assert uncovered_ranges([]) == [(-math.inf, math.inf)]
 
 
-priorities = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False) | st.integers(-20, 20)
+small = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False) | st.integers(-20, 20)
+huge = st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
 
 
-@given(
-    bands=st.lists(
-        st.tuples(priorities, priorities).map(lambda pair: Band(1, min(pair), max(pair))),
-        max_size=5,
-    ),
-    priority=priorities,
-)
+def bands_of(values: st.SearchStrategy[float]) -> st.SearchStrategy[list[Band]]:
+    pairs = st.tuples(values, values).map(lambda pair: Band(1, min(pair), max(pair)))
+    return st.lists(pairs, max_size=5)
+
+
+@given(bands=bands_of(small), priority=small)
 def test_a_priority_is_in_a_gap_exactly_when_no_band_covers_it(
     bands: list[Band], priority: float
 ) -> None:
     in_gap = any(low <= priority <= high for low, high in uncovered_ranges(bands))
     assert in_gap == (not any(band.covers(priority) for band in bands))
+
+
+@given(bands=bands_of(huge | small), priority=huge | small)
+def test_no_priority_outside_every_band_is_missed_however_large(
+    bands: list[Band], priority: float
+) -> None:
+    # Beyond 2**53 a float can't hold every int: a gap may then take in a band's
+    # own end (the check filters those out), but must never leave a priority out.
+    if not any(band.covers(priority) for band in bands):
+        assert any(low <= priority <= high for low, high in uncovered_ranges(bands))
+
+
+def test_the_default_band_of_every_priority_leaves_no_gap_even_past_64_bits() -> None:
+    assert uncovered_ranges([Band(4, *ALL)]) == []
+    assert str(Band(4, *ALL)) == "4:all"
+
+
+@pytest.mark.parametrize(
+    ("priority", "shown"),
+    [
+        (10, "10"),
+        (10.0, "10"),
+        (0.5, "0.5"),
+        (10.0000001, "10.0000001"),
+        (1234567, "1234567"),
+        (2**60 + 1, "1152921504606846977"),
+        (-3, "-3"),
+    ],
+)
+def test_a_priority_is_shown_exactly_as_it_is(priority: float, shown: str) -> None:
+    assert format_priority(priority) == shown
 
 
 def test_a_due_task_outside_every_band_is_reported_with_the_bands_that_miss_it() -> None:
@@ -143,7 +174,29 @@ def test_a_long_wait_list_is_cut_at_the_examples_limit_and_says_so() -> None:
     assert coverage.describe().startswith(f"{EXAMPLES}+ task(s) wait")
 
 
-def test_the_daemon_warns_when_waiting_work_changes_every_ten_minutes_and_once_when_it_clears(
+def test_exactly_the_examples_limit_is_not_called_more() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc(f"t{n:03}", priority=50) for n in range(EXAMPLES)])
+    coverage = check(store)
+    assert (len(coverage.stranded), coverage.more) == (EXAMPLES, False)
+    assert coverage.describe().startswith(f"{EXAMPLES} task(s) wait")
+
+
+def test_a_priority_past_a_float_ends_precision_is_still_found_and_a_covered_one_is_not() -> None:
+    # Given a band ending at 2**60 (which a float holds) and tasks just past and at it
+    store = MemoryStore()
+    store.insert_tasks(
+        [make_doc("at-end", priority=2**60), make_doc("past-end", priority=2**60 + 1)]
+    )
+    coverage = drive(
+        store,
+        check_coverage("a", (Band(1, 0, 2**60),), now=T0 + timedelta(hours=1), live_within=LIVE),
+    )
+    # Then only the one no band covers is reported
+    assert [doc.task_id for doc in coverage.stranded] == ["past-end"]
+
+
+def test_waiting_work_is_logged_once_two_checks_agree_again_every_ten_minutes_and_when_it_clears(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from concurrent.futures import Future
@@ -167,14 +220,16 @@ def test_the_daemon_warns_when_waiting_work_changes_every_ten_minutes_and_once_w
 
     check_at(0)  # nothing waits: quiet
     store.insert_tasks([make_doc("high", priority=50)])
-    check_at(30)  # it waits: a warning
-    check_at(60)  # the same task still waits: quiet
+    check_at(30)  # it waits: not yet reported (a peer's entry may be missing at a start)
+    check_at(60)  # a second check agrees: a warning
+    check_at(90)  # the same task still waits: quiet
     check_at(60 + REPEAT_AFTER)  # ten minutes on: again
     store.insert_tasks([make_doc("low", priority=-1)])
-    check_at(90 + REPEAT_AFTER)  # another one joins: a warning
+    check_at(90 + REPEAT_AFTER)  # another one joins: seen once, quiet
+    check_at(120 + REPEAT_AFTER)  # and twice: a warning
     store.set_status("high", Status.RUNNING, None)
     store.set_status("low", Status.RUNNING, None)
-    check_at(120 + REPEAT_AFTER)  # nothing waits any more: one line saying so
-    check_at(150 + REPEAT_AFTER)
-    assert warnings == [0, 1, 0, 1, 1, 1, 0]
-    assert watch.next_at == 150 + REPEAT_AFTER + 30
+    check_at(150 + REPEAT_AFTER)  # nothing waits any more: one line saying so
+    check_at(180 + REPEAT_AFTER)
+    assert warnings == [0, 0, 1, 0, 1, 0, 1, 1, 0]
+    assert watch.next_at == 180 + REPEAT_AFTER + 30

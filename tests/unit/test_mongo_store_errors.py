@@ -7,6 +7,8 @@ no error where the write was in fact applied.
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
 from typing import Any
 
 import mongomock
@@ -14,8 +16,11 @@ import pytest
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from tests.store_contract import make_doc, make_record
+from tullius.band import Band
 from tullius.document import Status
 from tullius.runtime.mongo_store import MongoStore
+
+T_SEEN = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -185,3 +190,30 @@ def test_an_unreachable_database_is_reported_in_one_short_line_without_credentia
     assert caught.value.cause == (
         "ServerSelectionTimeoutError: mongodb://***@db:27017: [Errno 111] Connection refused"
     )
+
+
+def test_server_entries_a_hand_edit_broke_are_skipped_and_reported_once(
+    store: MongoStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given one good entry and entries broken in each way a hand edit can break them
+    good = {"_id": "ok", "bands": [{"count": 2, "min": 0, "max": None}], "seen_at": T_SEEN}
+    broken = [
+        {"_id": "date", "bands": [], "seen_at": "yesterday"},
+        {"_id": "end", "bands": [{"count": 2, "min": None, "max": "ten"}], "seen_at": T_SEEN},
+        {"_id": "order", "bands": [{"count": 2, "min": 10, "max": 0}], "seen_at": T_SEEN},
+        {"_id": "count", "bands": [{"count": True, "min": 0, "max": 1}], "seen_at": T_SEEN},
+        {"_id": "shape", "bands": [[2, 0, 10]], "seen_at": T_SEEN},
+        {"_id": "gone"},
+    ]
+    store.servers.insert_many([good, *broken])
+    # When they are read twice
+    with caplog.at_level("WARNING", logger="tullius.store"):
+        first = store.read_servers()
+        second = store.read_servers()
+    # Then the good one is read, with its open end, and each broken one is named once
+    assert first == second
+    assert [(seen.server, seen.bands) for seen in first] == [("ok", (Band(2, 0, math.inf),))]
+    named = [record.getMessage() for record in caplog.records]
+    assert len(named) == len(broken)
+    for entry in broken:
+        assert sum(f"'_id': '{entry['_id']}'" in message for message in named) == 1

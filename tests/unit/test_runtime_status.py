@@ -7,7 +7,8 @@ server in tests/integration.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,10 @@ from tullius.errors import ConfigError
 from tullius.runtime.config import RawFlags, resolve
 from tullius.runtime.status import format_status, read_status
 from tullius.sim import Simulation
+from tullius.sim.memory_store import MemoryStore
 from tullius.store import ServerSeen
+
+T_NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
 
 class Unlucky(tullius.Task):
@@ -83,3 +87,18 @@ def test_an_empty_database_reports_nothing_to_look_at() -> None:
 def test_status_refuses_flags_that_run_a_daemon_instead(other: dict[str, bool]) -> None:
     with pytest.raises(ConfigError, match="--status=True reads a database and exits"):
         resolve(RawFlags(status=True, **other), env={})
+
+
+class RecordsUnreadable(MemoryStore):
+    """A store where an unhandled task's story can't be loaded (set aside, or gone)."""
+
+    def load(self, task_id: str) -> Any:
+        return None
+
+
+def test_an_unhandled_task_whose_story_cant_be_read_is_still_listed() -> None:
+    store = RecordsUnreadable()
+    store.insert_tasks([make_doc("u1")])
+    store.set_status("u1", Status.UNHANDLED, None)
+    text = format_status(read_status(store, now=T_NOW, lease=timedelta(seconds=30)))
+    assert "  u1  tests:Nothing  (its records can't be read)" in text

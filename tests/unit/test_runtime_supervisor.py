@@ -18,7 +18,7 @@ import pytest
 from tullius.band import Band
 from tullius.demo import ChainPrinter, QuickExampleTask, queue_demo
 from tullius.document import TERMINAL, FailureKind, Record, Status, status_of
-from tullius.errors import StoreUnavailable
+from tullius.errors import StoreError, StoreUnavailable
 from tullius.inspection import read_chain
 from tullius.runtime import supervisor as supervisor_module
 from tullius.runtime.config import Settings
@@ -240,7 +240,8 @@ def test_a_task_whose_priority_no_band_takes_is_logged_not_left_to_wait_silently
 
     # When the daemon runs until it says something about that task
     with caplog.at_level("WARNING", logger="tullius.daemon"):
-        assert Supervisor(store, settings(), observer=warned).run() == 0
+        quick = settings(lease=timedelta(seconds=1.2))  # a check per lease: two agree
+        assert Supervisor(store, quick, observer=warned).run() == 0
     # Then it warned, naming the task, its priority and what the running servers take
     (message,) = [r.getMessage() for r in caplog.records if "stuck-50" in r.getMessage()]
     assert "priority 50: Nothing stuck-50" in message
@@ -250,3 +251,42 @@ def test_a_task_whose_priority_no_band_takes_is_logged_not_left_to_wait_silently
         ("unit", (Band(2, 0, 10),))
     ]
     assert store.count_by_status() == {Status.QUEUED: 1}
+
+
+class NoRightsOnServerEntries(MemoryStore):
+    """A database whose user may not write ``tullius_servers`` (a refusal, not an outage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusals = 0
+
+    def announce_server(self, seen: Any) -> None:
+        self.refusals += 1
+        raise StoreError("record this server's bands failed: not authorized on tullius")
+
+
+def test_a_coverage_check_the_database_refuses_is_logged_once_and_leaves_leases_watched(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a database that refuses the coverage check's write, every time
+    store = NoRightsOnServerEntries()
+    give_up = time.monotonic() + 120
+
+    def three_refusals(store: Store) -> bool:
+        assert isinstance(store, NoRightsOnServerEntries)
+        return store.refusals >= 3 or time.monotonic() > give_up
+
+    # When the daemon runs through three checks
+    supervisor = Supervisor(store, settings(lease=timedelta(seconds=1.2)), observer=three_refusals)
+    with caplog.at_level("INFO", logger="tullius.daemon"):
+        assert supervisor.run() == 0
+    assert store.refusals >= 3
+    # Then it said so once, and did not take the refusal for an outage: no store error
+    # counted, so its sweeper kept what it had observed of other servers' leases
+    messages = [record.getMessage() for record in caplog.records]
+    assert [m for m in messages if "coverage check failed" in m] == [
+        "coverage check failed: StoreError: record this server's bands failed: not authorized "
+        "on tullius; tulliusd runs on without it"
+    ]
+    assert supervisor.counters.store_errors == 0
+    assert not [m for m in messages if "store call failed" in m]

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from tullius.band import ALL_PRIORITIES, Band, parse_band
+from tullius.band import ALL, Band, parse_band
 from tullius.deps import Deps, load_deps
 from tullius.errors import ConfigError
 
 ENV_PREFIX = "TULLIUS_"
 #: Used when no flag, variable or ``tullius_deps.task_processes`` names bands:
 #: four workers for every priority.
-DEFAULT_BANDS = (Band(4, -ALL_PRIORITIES, ALL_PRIORITIES),)
+DEFAULT_BANDS = (Band(4, *ALL),)
 DEFAULT_LEASE = timedelta(seconds=30)
 #: Idle polling period; small enough that an idle daemon picks up new work in
 #: about 15 ms (half the period plus one claim's round trips); measured in
@@ -68,7 +68,6 @@ class Settings:
         embedded: use an in-process store instead of MongoDB.
         demo: queue the README's example and print its chain as it unfolds.
         demo_quick: the demo scaled down (0.2 s per count, 1 s timeout).
-        status: print ``tulliusd --status``'s report instead of running.
     """
 
     bands: tuple[Band, ...]
@@ -84,7 +83,6 @@ class Settings:
     embedded: bool = False
     demo: bool = False
     demo_quick: bool = False
-    status: bool = False
 
     def describe(self) -> str:
         """One line for the start-up log; credentials redacted."""
@@ -339,5 +337,4 @@ def resolve(
         embedded=embedded,
         demo=flags.demo or flags.demo_quick,
         demo_quick=flags.demo_quick,
-        status=flags.status,
     )

@@ -2,8 +2,11 @@
 
 `tullius.coverage.check_coverage` does the finding; this keeps the schedule
 and decides what is worth a log line.  The same waiting tasks are not
-reported at every check: a warning when what waits changes, again every
-`REPEAT_AFTER` while it does not, and one line when nothing waits any more.
+reported at every check: a warning when what waits changes (counting a task
+once a second check in a row finds it), again every `REPEAT_AFTER` while it
+does not, and one line when nothing waits any more.  The check only reports,
+so its own errors never stop the daemon: a store outage counts as one (like
+any store call's), any other error is logged once.
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ class CoverageCheck:
         #: The ids that waited at the last warning, and when it was logged.
         self._reported: tuple[str, ...] = ()
         self._reported_at = 0.0
+        #: What the last check found waiting (reported once a second check agrees).
+        self._previous: frozenset[str] = frozenset()
+        #: Errors already logged (see `first_report`).
+        self._errors: set[str] = set()
 
     def work(self) -> Callable[[], Coverage]:
         """The check to run on a store thread."""
@@ -63,7 +70,12 @@ class CoverageCheck:
         )
 
     def finished(self, future: Future[Any], now: float) -> BaseException | None:
-        """Log what the check found, if worth it; return the error that ended it, if any."""
+        """Log what the check found, if worth it; return the error that ended it, if any.
+
+        A task is reported once two checks in a row found it waiting: a daemon
+        starting after all were down sees only itself at its first check, and
+        its peers' entries by the next.
+        """
         self.running = False
         self.next_at = now + self.every
         error = future.exception()
@@ -71,11 +83,21 @@ class CoverageCheck:
             return error
         coverage: Coverage = future.result()
         waiting = tuple(doc.task_id for doc in coverage.stranded)
+        confirmed = tuple(task_id for task_id in waiting if task_id in self._previous)
+        self._previous = frozenset(waiting)
         if not waiting:
             if self._reported:
                 log.warning("no task waits for a priority no running tulliusd takes any more")
             self._reported = ()
-        elif waiting != self._reported or now - self._reported_at >= REPEAT_AFTER:
+        elif confirmed and (confirmed != self._reported or now - self._reported_at >= REPEAT_AFTER):
             log.warning("%s", coverage.describe())
-            self._reported, self._reported_at = waiting, now
+            self._reported, self._reported_at = confirmed, now
         return None
+
+    def first_report(self, error: BaseException) -> bool:
+        """Whether ``error`` (not an outage) is new: each is logged once, not every lease."""
+        text = f"{type(error).__name__}: {error}"
+        if text in self._errors:
+            return False
+        self._errors.add(text)
+        return True

@@ -192,6 +192,36 @@ class _RecentDocs:
             return self._docs.pop(key, None)
 
 
+def _encode_band(band: Band) -> dict[str, Any]:
+    # Sub-documents, not [count, min, max]: FerretDB refuses nested arrays.  An
+    # infinite end (the default band) is stored as null: not every server keeps
+    # an infinite double.
+    return {
+        "count": band.count,
+        "min": None if band.min_priority == -math.inf else band.min_priority,
+        "max": None if band.max_priority == math.inf else band.max_priority,
+    }
+
+
+def _decode_server(raw: Mapping[str, Any]) -> ServerSeen:
+    """A server's entry, checked: any field a hand edit may have broken raises."""
+    seen_at = raw["seen_at"]
+    if not isinstance(seen_at, datetime):
+        raise TypeError(f"seen_at={seen_at!r} is not a date")
+    bands = []
+    for entry in raw["bands"]:
+        low = -math.inf if entry["min"] is None else entry["min"]
+        high = math.inf if entry["max"] is None else entry["max"]
+        count = entry["count"]
+        for value in (low, high):
+            if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+                raise TypeError(f"band end {value!r} is not a number")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1 or low > high:
+            raise ValueError(f"band {dict(entry)!r} is not (count >= 1, min <= max)")
+        bands.append(Band(count, low, high))
+    return ServerSeen(str(raw["_id"]), tuple(bands), stored_time(aware_utc(seen_at)))
+
+
 def _chain_ids(task_id: str) -> Iterator[str]:
     """Record ids of a task in the order they can come to exist (endless)."""
     yield run_id(task_id)
@@ -280,6 +310,8 @@ class MongoStore:
         #: Per claim query: the queue version and ``now`` of its last empty answer.
         self._idle: dict[tuple[Any, ...], tuple[int, datetime]] = {}
         self._shards: list[Collection[Any]] | None = None
+        #: Unreadable server entries already warned about: (id, reason).
+        self._bad_entries: set[tuple[Any, str]] = set()
         self._sleep = sleep
         self._monotonic = monotonic
 
@@ -693,20 +725,18 @@ class MongoStore:
     # --- the servers' entries -------------------------------------------------------
 
     def announce_server(self, seen: ServerSeen) -> None:
-        entry = {
-            # Sub-documents, not [count, min, max]: FerretDB refuses nested arrays.
-            "bands": [
-                {"count": band.count, "min": band.min_priority, "max": band.max_priority}
-                for band in seen.bands
-            ],
-            "seen_at": stored_time(seen.seen_at),
+        """Stamped with the database's clock (``$currentDate``), not ``seen.seen_at``:
+        entries are then compared on one clock, whatever the servers' clocks say."""
+        update = {
+            "$set": {"bands": [_encode_band(band) for band in seen.bands]},
+            "$currentDate": {"seen_at": True},
         }
 
         def attempt() -> None:
             try:
-                self.servers.replace_one({"_id": seen.server}, entry, upsert=True)
-            except DuplicateKeyError:  # our own upsert, repeated after a lost reply
-                self.servers.replace_one({"_id": seen.server}, entry)
+                self.servers.update_one({"_id": seen.server}, update, upsert=True)
+            except DuplicateKeyError:  # a racing upsert of our own, repeated after a lost reply
+                self.servers.update_one({"_id": seen.server}, update)
 
         self._retrying("record this server's bands", attempt)
 
@@ -715,10 +745,17 @@ class MongoStore:
             found = []
             for raw in self.servers.find({}).sort("_id", ASCENDING):
                 try:
-                    bands = tuple(Band(int(b["count"]), b["min"], b["max"]) for b in raw["bands"])
-                    found.append(ServerSeen(str(raw["_id"]), bands, aware_utc(raw["seen_at"])))
-                except (KeyError, TypeError, ValueError) as error:
-                    _log.warning("server entry %r can't be read (%s); ignoring it", raw, error)
+                    found.append(_decode_server(raw))
+                except Exception as error:  # anything a hand edit can store
+                    reason = f"{type(error).__name__}: {error}"
+                    if (raw.get("_id"), reason) not in self._bad_entries:
+                        self._bad_entries.add((raw.get("_id"), reason))
+                        _log.warning(
+                            "server entry %r in %s can't be read (%s); ignoring it",
+                            raw,
+                            self.servers.name,
+                            reason,
+                        )
             return found
 
         return self._retrying("read the servers' bands", attempt)
@@ -728,6 +765,18 @@ class MongoStore:
             "forget a stopped server",
             lambda: self.servers.delete_one({"_id": server, "seen_at": stored_time(seen_at)}),
         )
+
+    def count_set_aside(self) -> int:
+        """Documents set aside as undecodable (`_set_aside`): for ``tulliusd --status``."""
+
+        def attempt() -> int:
+            live = sum(
+                collection.count_documents({"status": UNDECODABLE})
+                for collection in self.live_collections()
+            )
+            return live + self.finished.count_documents({"decode_error": {"$exists": True}})
+
+        return self._retrying("count set-aside documents", attempt)
 
     def _find_in(
         self,

@@ -56,7 +56,7 @@ from tullius.engine import (
     finish,
     renew,
 )
-from tullius.errors import InvalidTransition, StoreError
+from tullius.errors import InvalidTransition, StoreError, StoreUnavailable
 from tullius.events import Event, Failed, HandlerFailed
 from tullius.policy import LeaseTimings
 from tullius.runtime.config import Settings
@@ -536,10 +536,16 @@ class Supervisor(WorkerKeeping):
     def _schedule_coverage(self) -> None:
         def done(future: Future[Any]) -> None:
             error = self.coverage.finished(future, time.monotonic())
-            if isinstance(error, StoreError):
+            if isinstance(error, StoreUnavailable):  # an outage, as for any store call
                 self._store_failed("coverage check", error)
-            elif error is not None:
-                log.error("coverage check failed: %s: %s", type(error).__name__, short_error(error))
+            elif error is not None and self.coverage.first_report(error):
+                # Not an outage (a refused write, a broken entry): the other store calls
+                # work, so lease observations stay, and once is enough to say so.
+                log.warning(
+                    "coverage check failed: %s: %s; tulliusd runs on without it",
+                    type(error).__name__,
+                    short_error(error),
+                )
 
         self._submit(self.coverage.work(), done)
 
