@@ -283,15 +283,15 @@ class StoreContract:
         self, store: Any
     ) -> None:
         # Given two servers that announced their bands, one of them twice
-        store.announce_server(ServerSeen("b", (Band(10, 0, 10), Band(5, 0, 0)), T0))
+        store.announce_server(ServerSeen("b", (Band(10, 0, 10), Band(5, 0, 0)), T0, True))
         store.announce_server(ServerSeen("a", (Band(1, 0, 10),), T0))
         first_a = store.read_servers()[0].seen_at
         later = T0 + timedelta(seconds=30)
         store.announce_server(ServerSeen("a", (Band(2, 3, 4.5), Band(4, *ALL)), later))
         # Then each has one entry, the latest, by name
         (a, b) = store.read_servers()
-        assert (a.server, a.bands) == ("a", (Band(2, 3, 4.5), Band(4, *ALL)))
-        assert (b.server, b.bands) == ("b", (Band(10, 0, 10), Band(5, 0, 0)))
+        assert (a.server, a.bands, a.stopped) == ("a", (Band(2, 3, 4.5), Band(4, *ALL)), False)
+        assert (b.server, b.bands, b.stopped) == ("b", (Band(10, 0, 10), Band(5, 0, 0)), True)
         # And its time is the announced one, or the store's clock where it stamps
         # entries itself (then the later announcement is not stamped earlier)
         assert a.seen_at == stored_time(later) or is_about_now(a.seen_at)

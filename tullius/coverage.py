@@ -179,9 +179,10 @@ def find_stranded(
     limit: int,
 ) -> Conversation[Coverage]:
     """Work due by ``now`` outside the bands of the servers in ``seen`` renewed
-    within ``live_within`` of ``clock`` (the time their entries are compared with)."""
+    within ``live_within`` of ``clock`` (the time their entries are compared with)
+    and not stopped."""
     live = sorted(
-        (entry for entry in seen if clock - entry.seen_at <= live_within),
+        (entry for entry in seen if not entry.stopped and clock - entry.seen_at <= live_within),
         key=lambda entry: entry.server,
     )
     bands = [band for entry in live for band in entry.bands]

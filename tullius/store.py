@@ -32,6 +32,8 @@ class ServerSeen:
     server: str
     bands: tuple[Band, ...]
     seen_at: datetime
+    #: It said it stopped (a clean stop), so it takes nothing however recent.
+    stopped: bool = False
 
 
 class Store(Protocol):

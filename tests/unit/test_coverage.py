@@ -143,6 +143,14 @@ def test_a_server_not_seen_for_longer_than_the_live_window_takes_nothing() -> No
     assert [seen.server for seen in store.read_servers()] == ["a", "b"]  # kept for a day
 
 
+def test_a_server_that_said_it_stopped_takes_nothing_however_recent() -> None:
+    store = MemoryStore()
+    store.insert_tasks([make_doc("high", priority=50)])
+    now = T0 + timedelta(hours=1)
+    store.announce_server(ServerSeen("b", (Band(1, 40, 60),), now, stopped=True))
+    assert [doc.task_id for doc in check(store, now=now).stranded] == ["high"]
+
+
 def test_a_server_not_seen_for_a_day_is_forgotten() -> None:
     store = MemoryStore()
     now = T0 + timedelta(days=2)

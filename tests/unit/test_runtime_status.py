@@ -52,13 +52,15 @@ def test_the_report_lists_servers_counts_unreached_work_and_unhandled_failures()
         ServerSeen("web1", (Band(10, 0, 10), Band(5, 0, 0)), now - timedelta(minutes=1))
     )
     store.announce_server(ServerSeen("web2", (Band(2, 40, 60),), now - timedelta(hours=3)))
+    store.announce_server(ServerSeen("web3", (Band(1, 0, 0),), now - timedelta(minutes=5), True))
     # When the status is read and printed
     report = read_status(store, now=now, lease=timedelta(seconds=30))
     text = format_status(report)
     sim.close()
     # Then it names each server, running or not, with its bands
     assert "web1  running, last seen 60 s ago, bands 10:0-10 5:0-0" in text
-    assert "web2  not seen, last seen 3 h ago, bands 2:40-60" in text
+    assert "web2  not seen (crashed, or cut off), last seen 3 h ago, bands 2:40-60" in text
+    assert "web3  stopped, last seen 5 min ago, bands 1:0-0" in text
     # And the counts, the task no running server takes, and the unhandled one with both errors
     assert report.counts[Status.UNHANDLED] == 1
     assert "unhandled 1" in text

@@ -246,9 +246,10 @@ def test_a_task_whose_priority_no_band_takes_is_logged_not_left_to_wait_silently
     (message,) = [r.getMessage() for r in caplog.records if "stuck-50" in r.getMessage()]
     assert "priority 50: Nothing stuck-50" in message
     assert "unit 2:0-10" in message
-    # And it recorded its bands for the other daemons' checks; the task is untouched
-    assert [(seen.server, seen.bands) for seen in store.read_servers()] == [
-        ("unit", (Band(2, 0, 10),))
+    # And it recorded its bands for the other daemons' checks, and at its clean stop
+    # that it stopped (so they stop counting on it at once); the task is untouched
+    assert [(seen.server, seen.bands, seen.stopped) for seen in store.read_servers()] == [
+        ("unit", (Band(2, 0, 10),), True)
     ]
     assert store.count_by_status() == {Status.QUEUED: 1}
 

@@ -219,7 +219,10 @@ def _decode_server(raw: Mapping[str, Any]) -> ServerSeen:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1 or low > high:
             raise ValueError(f"band {dict(entry)!r} is not (count >= 1, min <= max)")
         bands.append(Band(count, low, high))
-    return ServerSeen(str(raw["_id"]), tuple(bands), stored_time(aware_utc(seen_at)))
+    stopped = raw.get("stopped", False)
+    if not isinstance(stopped, bool):
+        raise TypeError(f"stopped={stopped!r} is not true or false")
+    return ServerSeen(str(raw["_id"]), tuple(bands), stored_time(aware_utc(seen_at)), stopped)
 
 
 def _chain_ids(task_id: str) -> Iterator[str]:
@@ -728,7 +731,10 @@ class MongoStore:
         """Stamped with the database's clock (``$currentDate``), not ``seen.seen_at``:
         entries are then compared on one clock, whatever the servers' clocks say."""
         update = {
-            "$set": {"bands": [_encode_band(band) for band in seen.bands]},
+            "$set": {
+                "bands": [_encode_band(band) for band in seen.bands],
+                "stopped": seen.stopped,
+            },
             "$currentDate": {"seen_at": True},
         }
 

@@ -72,7 +72,13 @@ def format_status(report: StatusReport) -> str:
     lines = [f"servers (running: seen within {_ago(report.live_within)}):"]
     for seen in report.servers:
         age = clock - seen.seen_at
-        state = "running" if age <= report.live_within else "not seen"
+        state = (
+            "stopped"
+            if seen.stopped
+            else "running"
+            if age <= report.live_within
+            else "not seen (crashed, or cut off)"
+        )
         bands = " ".join(str(band) for band in seen.bands)
         lines.append(f"  {seen.server}  {state}, last seen {_ago(age)} ago, bands {bands}")
     if not report.servers:

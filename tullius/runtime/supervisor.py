@@ -67,7 +67,7 @@ from tullius.runtime.slots import Counters, Finishing, Running, Slot, WorkerProc
 from tullius.runtime.store_thread import StoreThread
 from tullius.runtime.sweeper import Sweeper
 from tullius.sim.memory_store import MemoryStore
-from tullius.store import Store
+from tullius.store import ServerSeen, Store
 
 log = logging.getLogger("tullius.daemon")
 
@@ -166,9 +166,20 @@ class Supervisor(WorkerKeeping):
             self._restore_signals(previous)
             self._shutdown_processes()
             self._store_thread.close()
+        if self._exit_code == 0:
+            self._say_stopped()
         if self._stop_signals and self._exit_code == 0:
             log.info("stopped: every verdict recorded")
         return self._exit_code
+
+    def _say_stopped(self) -> None:
+        """Mark our entry stopped, so that the other daemons' coverage checks and
+        ``tulliusd --status`` stop counting on our bands at once, not a few leases on."""
+        stopped = ServerSeen(self.server, tuple(self.settings.bands), self.clock.now(), True)
+        try:
+            self.store.announce_server(stopped)
+        except StoreError as error:  # they will see our entry age instead
+            log.info("could not mark this server stopped: %s", short_error(error))
 
     # --- signals and waking ----------------------------------------------------------
 
