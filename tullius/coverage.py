@@ -9,16 +9,16 @@ runs: it waits, silently, for ever.  Celery has the same hole (a queue nobody
 consumes); we close it by making the wait loud.
 
 How: each daemon records its bands in the store with the time it last did so
-(`ServerSeen`).  Once per lease it renews its own entry, reads every entry,
-takes the servers seen within `LIVE_CHECKS` periods as running, and looks for
-due work (``queued``, or ``failed`` with ``failed()`` to run) whose priority
-lies outside the union of their bands.  The driver logs what this finds.
+(`ServerSeen`, stamped by the database's clock where the store has one).  Once
+per lease it renews its own entry, reads every entry, takes the servers not
+stopped and seen within `LIVE_CHECKS` periods of its own entry as running,
+and looks for due work (``queued``, or ``failed`` with ``failed()`` to run)
+whose priority lies outside the union of their bands.  The driver logs what
+this finds.
 
 This only reports: it never changes a task.  A task waiting for a band whose
 servers are all down is not failed, since they may come back; an operator
-decides.  Entries are compared with the reader's wall clock, so servers whose
-clocks differ by more than a few leases may be taken for stopped (a warning
-too many) or for running (a warning late); leases do not depend on any of this.
+decides.  Leases do not depend on any of this.
 """
 
 from __future__ import annotations
