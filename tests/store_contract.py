@@ -279,6 +279,25 @@ class StoreContract:
         assert [doc.task_id for doc in above] == ["high"]
         assert len(store.find_due([Status.QUEUED], -math.inf, math.inf, T0, 10)) == 3
 
+    def test_count_due_counts_what_find_due_would_find_per_priority(self, store: Any) -> None:
+        later = T0 + timedelta(seconds=5)
+        store.insert_tasks(
+            [
+                make_doc("a1", priority=1),
+                make_doc("a2", priority=1),
+                make_doc("b", priority=2.5),
+                make_doc("late", priority=2.5, start_after=later),
+                make_doc("far", priority=70),
+                make_doc("failed", priority=70),
+            ]
+        )
+        store.set_status("failed", Status.FAILED, T0)
+        queued = [Status.QUEUED]
+        assert store.count_due(queued, -math.inf, math.inf, T0) == {1: 2, 2.5: 1, 70: 1}
+        assert store.count_due(queued, 2, 10, later) == {2.5: 2}
+        assert store.count_due([Status.QUEUED, Status.FAILED], 3, math.inf, T0) == {70: 2}
+        assert store.count_due(queued, 3, 60, T0) == {}
+
     def test_a_servers_entry_reads_back_as_announced_and_a_new_one_replaces_it(
         self, store: Any
     ) -> None:
@@ -287,10 +306,14 @@ class StoreContract:
         store.announce_server(ServerSeen("a", (Band(1, 0, 10),), T0))
         first_a = store.read_servers()[0].seen_at
         later = T0 + timedelta(seconds=30)
-        store.announce_server(ServerSeen("a", (Band(2, 3, 4.5), Band(4, *ALL)), later))
+        every = timedelta(seconds=7.5)
+        store.announce_server(
+            ServerSeen("a", (Band(2, 3, 4.5), Band(4, *ALL)), later, every=every, instance="i2")
+        )
         # Then each has one entry, the latest, by name
         (a, b) = store.read_servers()
         assert (a.server, a.bands, a.stopped) == ("a", (Band(2, 3, 4.5), Band(4, *ALL)), False)
+        assert (a.every, a.instance) == (every, "i2")
         assert (b.server, b.bands, b.stopped) == ("b", (Band(10, 0, 10), Band(5, 0, 0)), True)
         # And its time is the announced one, or the store's clock where it stamps
         # entries itself (then the later announcement is not stamped earlier)

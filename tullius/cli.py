@@ -28,6 +28,8 @@ from tullius.runtime.config import (
 PROG = "tulliusd"
 #: Exit status for settings or an environment the daemon can't start with.
 EXIT_STARTUP = 2
+#: ``--status``: tasks wait for a priority no running daemon takes (for monitoring).
+EXIT_WAITING = 1
 
 DESCRIPTION = """\
 Run Tullius tasks: claim queued tasks from MongoDB, run each in a worker
@@ -120,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     other.add_argument(
         "--status",
         action="store_true",
-        help="print the daemons the database has heard from, tasks by status, work no "
-        "running daemon takes and unhandled tasks, then exit (starts no daemon)",
+        help="print the daemons the database has heard from, tasks by status, set-aside "
+        "documents, work no running daemon takes and unhandled tasks, then exit, starting no "
+        "daemon: 0, or 1 when work waits for a priority no running daemon takes",
     )
     other.add_argument(
         "--demo",
@@ -147,16 +150,17 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _print_status(settings: Settings) -> int:
+    """Print ``--status``'s report; 1 if work waits for a priority no running daemon takes."""
     from tullius.runtime.launch import StartupError, open_mongo
     from tullius.runtime.status import format_status, read_status
 
-    store = open_mongo(settings)
+    store = open_mongo(settings, prepare=False)
     try:
-        report = read_status(store, now=datetime.now(UTC), lease=settings.lease)
+        report = read_status(store, now=datetime.now(UTC))
     except TulliusError as error:  # the store failing, or a document it can't give back
         raise StartupError(f"can't read the status: {error}") from None
     print(format_status(report))
-    return 0
+    return EXIT_WAITING if report.coverage.waiting else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,6 +23,7 @@ decides.  Leases do not depend on any of this.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,15 +33,24 @@ from typing import Final
 from tullius.band import Band, format_priority
 from tullius.document import TaskDoc
 from tullius.engine import WORK, Conversation
-from tullius.store import AnnounceServer, FindDue, ForgetServer, ReadServers, ServerSeen
+from tullius.store import (
+    AnnounceServer,
+    CountDue,
+    FindDue,
+    ForgetServer,
+    ReadServers,
+    ServerSeen,
+)
 
-#: A server is taken for running while its entry is younger than this many check
-#: periods (``tulliusd`` checks once per lease, `LeaseTimings.coverage_check`).
+#: A server is taken for running while its entry is younger than this many of its
+#: renewal periods (``tulliusd`` renews once per lease, `LeaseTimings.coverage_check`).
 LIVE_CHECKS: Final = 4
 #: Entries older than this are deleted (servers named after a pid leave one per start).
 FORGET_AFTER: Final = timedelta(days=1)
-#: How many waiting tasks a check reports by name at most.
-EXAMPLES: Final = 20
+#: How many of the waiting priorities are spelt out (the most urgent), and with
+#: how many example tasks each.
+SHOWN_PRIORITIES: Final = 10
+EXAMPLES_PER_PRIORITY: Final = 3
 
 
 @dataclass(frozen=True)
@@ -48,21 +58,38 @@ class Coverage:
     """What one check found: the servers taken for running, and work none of them takes."""
 
     live: tuple[ServerSeen, ...]
-    #: Due tasks outside every live band, most urgent first (at most the check's limit).
-    stranded: tuple[TaskDoc, ...]
-    #: More were found than ``stranded`` holds.
-    more: bool = False
+    #: How many due tasks wait at each priority no live band covers, most urgent first.
+    waiting: dict[float, int]
+    #: A few of them for each of the first `SHOWN_PRIORITIES` priorities.
+    examples: tuple[TaskDoc, ...] = ()
+    #: The checking server's own entry as read before it renewed it (see
+    #: `CoverageCheck`: another daemon using its name shows here).
+    previous: ServerSeen | None = None
 
-    def describe(self) -> str:
+    @property
+    def total(self) -> int:
+        return sum(self.waiting.values())
+
+    def by_priority(self, now: datetime) -> list[str]:
+        """One phrase per waiting priority shown: how many, since when, examples."""
+        phrases = []
+        for priority in list(self.waiting)[:SHOWN_PRIORITIES]:
+            docs = [doc for doc in self.examples if doc.priority == priority]
+            due = [doc.due_at for doc in docs if doc.due_at is not None]
+            since = f", oldest due {ago(now - min(due))} ago" if due else ""
+            names = ", ".join(f"{doc.class_name.rpartition(':')[2]} {doc.task_id}" for doc in docs)
+            phrases.append(
+                f"priority {format_priority(priority)}: {self.waiting[priority]}{since}"
+                + (f" (e.g. {names})" if names else "")
+            )
+        hidden = list(self.waiting)[SHOWN_PRIORITIES:]
+        if hidden:
+            count = sum(self.waiting[priority] for priority in hidden)
+            phrases.append(f"and {count} more at {len(hidden)} other priorities")
+        return phrases
+
+    def describe(self, now: datetime) -> str:
         """One log line: the waiting tasks by priority, and what the running servers take."""
-        by_priority: dict[float, list[TaskDoc]] = {}
-        for doc in self.stranded:
-            by_priority.setdefault(doc.priority, []).append(doc)
-        waiting = "; ".join(
-            f"priority {format_priority(priority)}: "
-            + ", ".join(f"{doc.class_name.rpartition(':')[2]} {doc.task_id}" for doc in docs)
-            for priority, docs in by_priority.items()
-        )
         servers = (
             ", ".join(
                 f"{seen.server} {' '.join(str(band) for band in seen.bands)}" for seen in self.live
@@ -70,11 +97,23 @@ class Coverage:
             or "none"
         )
         return (
-            f"{len(self.stranded)}{'+' if self.more else ''} task(s) wait for a priority no "
-            f"running tulliusd takes, and will wait until one does ({waiting}); running "
-            f"servers and their bands (count:min-max): {servers}; expected every priority "
-            "queued to lie in some server's task_processes"
+            f"{self.total} task(s) wait for a priority no running tulliusd takes, and will "
+            f"wait until one does: {'; '.join(self.by_priority(now))}; running servers and "
+            f"their bands (count:min-max): {servers}; expected every priority queued to lie "
+            "in some server's task_processes"
         )
+
+
+def ago(delta: timedelta) -> str:
+    """``delta`` rounded for a person: ``40 s``, ``3 min``, ``5 h``, ``2 days``."""
+    seconds = max(0, int(delta.total_seconds()))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 86400} days"
 
 
 def uncovered_ranges(bands: Iterable[Band]) -> list[tuple[float, float]]:
@@ -128,68 +167,64 @@ def _just_below(end: float) -> float:
 
 
 def check_coverage(
-    server: str,
-    bands: Sequence[Band],
-    *,
-    now: datetime,
-    live_within: timedelta,
-    forget_after: timedelta = FORGET_AFTER,
-    limit: int = EXAMPLES,
+    me: ServerSeen, *, forget_after: timedelta = FORGET_AFTER
 ) -> Conversation[Coverage]:
-    """Renew ``server``'s entry, then find due work outside every live server's bands.
+    """Renew the entry ``me`` of the checking server, then find due work outside
+    every live server's bands (by ``me.seen_at``, its ``now``).
 
     Ages are judged on the store's clock where it stamps entries itself
     (`MongoStore`: the database's): by our own entry's time as read back, so
     no server's clock is compared with another's.  Entries older than
-    ``forget_after`` are deleted on the way.  ``server`` counts as live
-    whatever the read says (it is running this).
+    ``forget_after`` are deleted on the way.  The checking server counts as
+    live whatever the read says (it is running this).
     """
-    me = ServerSeen(server, tuple(bands), now)
+    now = me.seen_at
+    before: list[ServerSeen] = yield ReadServers()
+    previous = next((entry for entry in before if entry.server == me.server), None)
     yield AnnounceServer(me)
     seen: list[ServerSeen] = yield ReadServers()
-    stamped = next((entry.seen_at for entry in seen if entry.server == server), now)
+    stamped = next((entry.seen_at for entry in seen if entry.server == me.server), now)
     for entry in seen:
-        if entry.server != server and stamped - entry.seen_at > forget_after:
+        if entry.server != me.server and stamped - entry.seen_at > forget_after:
             yield ForgetServer(entry.server, entry.seen_at)
-    seen = [entry for entry in seen if entry.server != server]
-    seen.append(ServerSeen(server, tuple(bands), stamped))
-    return (
-        yield from find_stranded(seen, now=now, clock=stamped, live_within=live_within, limit=limit)
+    others = [entry for entry in seen if entry.server != me.server]
+    coverage = yield from find_stranded(
+        [*others, dataclasses.replace(me, seen_at=stamped)], now=now, clock=stamped
     )
+    return dataclasses.replace(coverage, previous=previous)
 
 
-def read_coverage(
-    seen: Sequence[ServerSeen], *, now: datetime, live_within: timedelta, limit: int = EXAMPLES
-) -> Conversation[Coverage]:
+def read_coverage(seen: Sequence[ServerSeen], *, now: datetime) -> Conversation[Coverage]:
     """`check_coverage` for a reader that is not a server (``tulliusd --status``): no
     writes, and ages judged by the newest entry's time (the store's clock where it
     stamps entries; ours if that is later)."""
     clock = max([now, *(entry.seen_at for entry in seen)])
-    return (
-        yield from find_stranded(seen, now=now, clock=clock, live_within=live_within, limit=limit)
-    )
+    return (yield from find_stranded(seen, now=now, clock=clock))
+
+
+def is_live(entry: ServerSeen, clock: datetime) -> bool:
+    """Whether ``entry``'s server is taken for running at ``clock`` (the store's time)."""
+    return not entry.stopped and clock - entry.seen_at <= LIVE_CHECKS * entry.every
 
 
 def find_stranded(
-    seen: Sequence[ServerSeen],
-    *,
-    now: datetime,
-    clock: datetime,
-    live_within: timedelta,
-    limit: int,
+    seen: Sequence[ServerSeen], *, now: datetime, clock: datetime
 ) -> Conversation[Coverage]:
-    """Work due by ``now`` outside the bands of the servers in ``seen`` renewed
-    within ``live_within`` of ``clock`` (the time their entries are compared with)
-    and not stopped."""
-    live = sorted(
-        (entry for entry in seen if not entry.stopped and clock - entry.seen_at <= live_within),
-        key=lambda entry: entry.server,
-    )
+    """Work due by ``now`` outside the bands of the servers in ``seen`` that are
+    live at ``clock`` (`is_live`), counted per priority, with a few examples."""
+    live = sorted((entry for entry in seen if is_live(entry, clock)), key=lambda e: e.server)
     bands = [band for entry in live for band in entry.bands]
-    stranded: list[TaskDoc] = []
+    waiting: dict[float, int] = {}
     for low, high in uncovered_ranges(bands):
-        found: list[TaskDoc] = yield FindDue(WORK, low, high, now, limit + 1 - len(stranded))
-        stranded += [doc for doc in found if not any(band.covers(doc.priority) for band in bands)]
-        if len(stranded) > limit:
-            break
-    return Coverage(tuple(live), tuple(stranded[:limit]), more=len(stranded) > limit)
+        counts: dict[float, int] = yield CountDue(WORK, low, high, now)
+        waiting.update(
+            (priority, count)
+            for priority, count in counts.items()
+            if not any(band.covers(priority) for band in bands)
+        )
+    examples: list[TaskDoc] = []
+    for priority in sorted(waiting)[:SHOWN_PRIORITIES]:
+        examples += yield FindDue(WORK, priority, priority, now, EXAMPLES_PER_PRIORITY)
+    return Coverage(
+        tuple(live), {priority: waiting[priority] for priority in sorted(waiting)}, tuple(examples)
+    )

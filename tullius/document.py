@@ -514,7 +514,7 @@ def task_from_bson(data: Mapping[str, Any]) -> TaskDoc:
         task_id=str(data["_id"]),
         class_name=data["cls"],
         fields=dict(data["fields"]),
-        priority=data["priority"],
+        priority=_priority(data["priority"]),
         timeout=timedelta(milliseconds=data["timeout_ms"]),
         handler_timeout=timedelta(milliseconds=data["handler_timeout_ms"]),
         handler_attempts=int(data["handler_attempts"]),
@@ -526,6 +526,14 @@ def task_from_bson(data: Mapping[str, Any]) -> TaskDoc:
         status=Status(data.get("status", Status.QUEUED.value)),
         due_at=None if data.get("due_at") is None else aware_utc(data["due_at"]),
     )
+
+
+def _priority(value: Any) -> float:
+    # A priority a hand edit or another program made a string matches no band's
+    # query (MongoDB compares numbers with numbers only), so it would wait unseen.
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ValueError(f"priority {value!r} is not a number")
+    return value
 
 
 def aware_utc(value: datetime) -> datetime:

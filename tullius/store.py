@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
 
 from tullius.band import Band
@@ -34,6 +34,10 @@ class ServerSeen:
     seen_at: datetime
     #: It said it stopped (a clean stop), so it takes nothing however recent.
     stopped: bool = False
+    #: How often it renews the entry (its lease): others judge its age by this.
+    every: timedelta = timedelta(seconds=30)
+    #: Which start of the server wrote it: two daemons given one name differ here.
+    instance: str = ""
 
 
 class Store(Protocol):
@@ -109,6 +113,13 @@ class Store(Protocol):
         """
         ...
 
+    def count_due(
+        self, statuses: Sequence[Status], min_priority: float, max_priority: float, now: datetime
+    ) -> dict[float, int]:
+        """How many tasks `find_due` would find without a limit, per priority (only
+        priorities with some).  An infinite bound is no bound."""
+        ...
+
     def find_by_status(
         self, statuses: Sequence[Status], limit: int, after: str | None = None
     ) -> list[TaskDoc]:
@@ -173,6 +184,14 @@ class FindDue:
     limit: int
 
 
+@dataclass(frozen=True)
+class CountDue:
+    statuses: tuple[Status, ...]
+    min_priority: float
+    max_priority: float
+    now: datetime
+
+
 @quick_init
 @dataclass(frozen=True)
 class FindByStatus:
@@ -210,6 +229,7 @@ Operation = (
     | Load
     | FindDue
     | FindByStatus
+    | CountDue
     | Beat
     | AnnounceServer
     | ReadServers
@@ -241,6 +261,9 @@ PERFORMERS: Final[Mapping[type[Any], Callable[[Store, Any], Any]]] = {
         op.statuses, op.min_priority, op.max_priority, op.now, op.limit
     ),
     FindByStatus: lambda store, op: store.find_by_status(op.statuses, op.limit, op.after),
+    CountDue: lambda store, op: store.count_due(
+        op.statuses, op.min_priority, op.max_priority, op.now
+    ),
     Beat: lambda store, op: store.beat(op.record_id),
     AnnounceServer: lambda store, op: store.announce_server(op.seen),
     ReadServers: lambda store, op: store.read_servers(),

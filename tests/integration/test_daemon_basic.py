@@ -226,9 +226,9 @@ def test_failed_that_raises_is_retried_then_left_unhandled(
     assert f"  {root}  tasks_for_tests:HandlerRaises  failed (exception: " in report
 
 
-def status_report(uri: str, database: str) -> str:
-    """What ``tulliusd --status`` prints for this database (it must exit 0)."""
-    flags = ["--status", "--lease", "3", "--mongodb-uri", uri, "--database", database]
+def status_report(uri: str, database: str, *, expect: int = 0) -> str:
+    """What ``tulliusd --status`` prints for this database; it must exit with ``expect``."""
+    flags = ["--status", "--mongodb-uri", uri, "--database", database]
     done = subprocess.run(
         [sys.executable, "-m", "tullius.cli", *flags],
         capture_output=True,
@@ -236,8 +236,22 @@ def status_report(uri: str, database: str) -> str:
         timeout=120,
         cwd=REPO_ROOT,
     )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    assert done.returncode == expect, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def test_status_of_a_database_without_tullius_data_is_refused_and_creates_nothing(
+    store: Any, mongodb_uri: str, database_name: str
+) -> None:
+    # Given a database Tullius has used, and a name misspelt from it
+    misspelt = database_name + "x"
+    # When tulliusd --status is pointed at the misspelt one
+    out = status_report(mongodb_uri, misspelt, expect=2)
+    # Then it says so, listing the databases there, and the database is not created
+    assert f"database {misspelt!r} at " in out
+    assert "holds no Tullius data" in out
+    assert database_name in out
+    assert misspelt not in store.db.client.list_database_names()
 
 
 def test_failed_that_hangs_is_killed_at_its_own_timeout(
@@ -287,7 +301,9 @@ def test_workers_are_recycled_after_max_tasks(
     assert len(set(pids)) == 3
 
 
-def test_a_band_only_takes_its_own_priorities(store: Any, start_daemon: Any) -> None:
+def test_a_band_only_takes_its_own_priorities(
+    store: Any, start_daemon: Any, mongodb_uri: str, database_name: str
+) -> None:
     # Given a daemon whose only band is reserved for priority 0
     first = start_daemon(processes=["1:0-0"])
     (urgent,) = queue(store, t.Noop(priority=0))
@@ -298,7 +314,12 @@ def test_a_band_only_takes_its_own_priorities(store: Any, start_daemon: Any) -> 
     assert status_of_task(store, ordinary) is Status.QUEUED
     # And the daemon says so, naming it, rather than leaving it to wait silently
     wait_for(lambda: ordinary in first.stderr(), what="a warning naming the waiting task")
-    assert f"priority 5: Noop {ordinary}" in first.stderr()
+    assert "priority 5: 1, oldest due " in first.stderr()
+    assert f"(e.g. Noop {ordinary})" in first.stderr()
+    # And tulliusd --status lists it, exiting 1 for a monitor to see
+    report = status_report(mongodb_uri, database_name, expect=1)
+    assert "waiting for a priority no running server takes: 1 task(s)" in report
+    assert f"{first.server_name}  running, last seen" in report
     first.stop()
     start_daemon(processes=["1:0-10"])
     assert wait_terminal(store, ordinary) is Status.SUCCEEDED

@@ -7,35 +7,53 @@ it relies on are in the store contract, run against every store.
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime, timedelta
+from concurrent.futures import Future
+from datetime import datetime, timedelta
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.store_contract import make_doc
+from tests.store_contract import T0, make_doc
 from tullius.band import ALL, Band, format_priority
-from tullius.coverage import EXAMPLES, Coverage, check_coverage, uncovered_ranges
-from tullius.document import Status
+from tullius.clock import SystemClock
+from tullius.coverage import (
+    LIVE_CHECKS,
+    SHOWN_PRIORITIES,
+    Coverage,
+    check_coverage,
+    uncovered_ranges,
+)
+from tullius.document import Status, stored_time
 from tullius.engine import drive
+from tullius.runtime.coverage_check import REPEAT_AFTER, CoverageCheck
 from tullius.sim.memory_store import MemoryStore
 from tullius.store import ServerSeen
 
-T0 = datetime(2026, 1, 1, 12, tzinfo=UTC)
-LIVE = timedelta(minutes=2)
+NOW = T0 + timedelta(hours=1)
+EVERY = timedelta(seconds=30)
+LIVE = LIVE_CHECKS * EVERY
 BANDS = (Band(10, 0, 10), Band(5, 0, 0))
 
 
 def check(
-    store: MemoryStore,
-    *,
-    now: datetime = T0 + timedelta(hours=1),
-    forget_after: timedelta = timedelta(days=1),
+    store: MemoryStore, *, now: datetime = NOW, forget_after: timedelta = timedelta(days=1)
 ) -> Coverage:
     """Server "a", with `BANDS`, checks at ``now``."""
-    return drive(
-        store, check_coverage("a", BANDS, now=now, live_within=LIVE, forget_after=forget_after)
-    )
+    me = ServerSeen("a", BANDS, now, every=EVERY, instance="i-a")
+    return drive(store, check_coverage(me, forget_after=forget_after))
+
+
+def peer(
+    store: MemoryStore,
+    name: str,
+    band: Band,
+    age: timedelta,
+    *,
+    stopped: bool = False,
+    instance: str = "",
+) -> None:
+    store.announce_server(ServerSeen(name, (band,), NOW - age, stopped, EVERY, instance))
 
 
 def test_the_gaps_between_bands_start_and_end_just_past_each_band() -> None:
@@ -109,9 +127,11 @@ def test_a_due_task_outside_every_band_is_reported_with_the_bands_that_miss_it()
     store = MemoryStore()
     store.insert_tasks([make_doc("high", priority=50), make_doc("fine", priority=3)])
     coverage = check(store)
-    assert [doc.task_id for doc in coverage.stranded] == ["high"]
-    message = coverage.describe()
-    assert "priority 50: Nothing high" in message
+    assert coverage.waiting == {50: 1}
+    assert [doc.task_id for doc in coverage.examples] == ["high"]
+    message = coverage.describe(NOW)
+    assert "1 task(s) wait for a priority no running tulliusd takes" in message
+    assert "priority 50: 1, oldest due 60 min ago (e.g. Nothing high)" in message
     assert "a 10:0-10 5:0-0" in message
 
 
@@ -119,75 +139,90 @@ def test_a_failure_whose_failed_hook_no_band_takes_is_reported_too() -> None:
     store = MemoryStore()
     store.insert_tasks([make_doc("low", priority=-1)])
     store.set_status("low", Status.FAILED, T0)
-    assert [doc.task_id for doc in check(store).stranded] == ["low"]
+    assert check(store).waiting == {-1: 1}
 
 
 def test_a_task_another_running_server_takes_is_not_reported() -> None:
     store = MemoryStore()
     store.insert_tasks([make_doc("high", priority=50)])
-    now = T0 + timedelta(hours=1)
-    store.announce_server(ServerSeen("b", (Band(1, 40, 60),), now - LIVE))
-    coverage = check(store, now=now)
-    assert coverage.stranded == ()
+    peer(store, "b", Band(1, 40, 60), LIVE)
+    coverage = check(store)
+    assert coverage.waiting == {}
     assert [seen.server for seen in coverage.live] == ["a", "b"]
 
 
-def test_a_server_not_seen_for_longer_than_the_live_window_takes_nothing() -> None:
+def test_a_server_not_seen_for_longer_than_its_live_window_takes_nothing() -> None:
     store = MemoryStore()
     store.insert_tasks([make_doc("high", priority=50)])
-    now = T0 + timedelta(hours=1)
-    store.announce_server(ServerSeen("b", (Band(1, 40, 60),), now - LIVE - timedelta(seconds=1)))
-    coverage = check(store, now=now)
-    assert [doc.task_id for doc in coverage.stranded] == ["high"]
+    peer(store, "b", Band(1, 40, 60), LIVE + timedelta(seconds=1))
+    coverage = check(store)
+    assert coverage.waiting == {50: 1}
     assert [seen.server for seen in coverage.live] == ["a"]
     assert [seen.server for seen in store.read_servers()] == ["a", "b"]  # kept for a day
+
+
+def test_each_server_is_judged_by_its_own_renewal_period() -> None:
+    # Given a peer with a ten-minute lease, last seen 30 minutes ago (three of its periods)
+    store = MemoryStore()
+    store.insert_tasks([make_doc("high", priority=50)])
+    store.announce_server(
+        ServerSeen(
+            "slow", (Band(1, 40, 60),), NOW - timedelta(minutes=30), every=timedelta(minutes=10)
+        )
+    )
+    # Then it still counts as running
+    assert check(store).waiting == {}
 
 
 def test_a_server_that_said_it_stopped_takes_nothing_however_recent() -> None:
     store = MemoryStore()
     store.insert_tasks([make_doc("high", priority=50)])
-    now = T0 + timedelta(hours=1)
-    store.announce_server(ServerSeen("b", (Band(1, 40, 60),), now, stopped=True))
-    assert [doc.task_id for doc in check(store, now=now).stranded] == ["high"]
+    peer(store, "b", Band(1, 40, 60), timedelta(0), stopped=True)
+    assert check(store).waiting == {50: 1}
 
 
 def test_a_server_not_seen_for_a_day_is_forgotten() -> None:
     store = MemoryStore()
-    now = T0 + timedelta(days=2)
     store.announce_server(ServerSeen("gone", (Band(1, 0, 10),), T0))
-    check(store, now=now, forget_after=timedelta(days=1))
+    check(store, now=T0 + timedelta(days=2), forget_after=timedelta(days=1))
     assert [seen.server for seen in store.read_servers()] == ["a"]
 
 
 def test_a_task_not_due_yet_is_not_reported() -> None:
     store = MemoryStore()
     store.insert_tasks([make_doc("later", priority=50, start_after=T0 + timedelta(days=1))])
-    assert check(store).stranded == ()
+    assert check(store).waiting == {}
 
 
-def test_the_checking_server_renews_its_own_entry() -> None:
+def test_the_checking_server_renews_its_own_entry_and_sees_what_was_there_before() -> None:
     store = MemoryStore()
-    now = T0 + timedelta(hours=1)
-    check(store, now=now)
-    assert store.read_servers() == [ServerSeen("a", BANDS, now)]
-
-
-def test_a_long_wait_list_is_cut_at_the_examples_limit_and_says_so() -> None:
-    store = MemoryStore()
-    store.insert_tasks([make_doc(f"t{n:03}", priority=50 + n % 3) for n in range(EXAMPLES + 5)])
-    store.insert_tasks([make_doc("neg", priority=-5)])
+    peer(store, "a", Band(1, 0, 0), timedelta(minutes=1), instance="someone else")
     coverage = check(store)
-    assert len(coverage.stranded) == EXAMPLES
-    assert coverage.stranded[0].task_id == "neg"  # most urgent first
-    assert coverage.describe().startswith(f"{EXAMPLES}+ task(s) wait")
+    assert coverage.previous is not None
+    assert coverage.previous.instance == "someone else"
+    stored = ServerSeen("a", BANDS, stored_time(NOW), every=EVERY, instance="i-a")
+    assert store.read_servers() == [stored]
 
 
-def test_exactly_the_examples_limit_is_not_called_more() -> None:
+def test_every_waiting_priority_is_counted_and_the_most_urgent_are_spelt_out() -> None:
+    # Given 30 tasks at 70, 14 at 80, and one at each of twelve more priorities
     store = MemoryStore()
-    store.insert_tasks([make_doc(f"t{n:03}", priority=50) for n in range(EXAMPLES)])
+    store.insert_tasks([make_doc(f"s{n:02}", priority=70) for n in range(30)])
+    store.insert_tasks([make_doc(f"e{n:02}", priority=80) for n in range(14)])
+    store.insert_tasks([make_doc(f"x{n:02}", priority=100 + n) for n in range(12)])
     coverage = check(store)
-    assert (len(coverage.stranded), coverage.more) == (EXAMPLES, False)
-    assert coverage.describe().startswith(f"{EXAMPLES} task(s) wait")
+    # Then all are counted, by priority, and the first priorities have three examples each
+    assert coverage.total == 56
+    assert list(coverage.waiting)[:3] == [70, 80, 100]
+    assert [doc.task_id for doc in coverage.examples[:4]] == ["s00", "s01", "s02", "e00"]
+    phrases = coverage.by_priority(NOW)
+    assert (
+        phrases[0]
+        == "priority 70: 30, oldest due 60 min ago (e.g. Nothing s00, Nothing s01, Nothing s02)"
+    )
+    assert phrases[1].startswith("priority 80: 14, ")
+    assert len(phrases) == SHOWN_PRIORITIES + 1
+    assert phrases[-1] == "and 4 more at 4 other priorities"
 
 
 def test_a_priority_past_a_float_ends_precision_is_still_found_and_a_covered_one_is_not() -> None:
@@ -196,48 +231,78 @@ def test_a_priority_past_a_float_ends_precision_is_still_found_and_a_covered_one
     store.insert_tasks(
         [make_doc("at-end", priority=2**60), make_doc("past-end", priority=2**60 + 1)]
     )
-    coverage = drive(
-        store,
-        check_coverage("a", (Band(1, 0, 2**60),), now=T0 + timedelta(hours=1), live_within=LIVE),
-    )
+    me = ServerSeen("a", (Band(1, 0, 2**60),), NOW)
     # Then only the one no band covers is reported
-    assert [doc.task_id for doc in coverage.stranded] == ["past-end"]
+    assert drive(store, check_coverage(me)).waiting == {2**60 + 1: 1}
+
+
+class Watch:
+    """A daemon's `CoverageCheck` on a MemoryStore, checked at chosen loop times."""
+
+    def __init__(self, store: MemoryStore, caplog: pytest.LogCaptureFixture) -> None:
+        self.check = CoverageCheck(store, server="a", bands=BANDS, every=EVERY, clock=SystemClock())
+        self.caplog = caplog
+
+    def at(self, now: float) -> list[str]:
+        """Run one check at loop time ``now``; return the warnings it logged."""
+        future: Future[Coverage] = Future()
+        future.set_result(self.check.work()())
+        with self.caplog.at_level("WARNING", logger="tullius.daemon"):
+            self.caplog.clear()
+            assert self.check.finished(future, now) is None
+        return [record.getMessage() for record in self.caplog.records]
 
 
 def test_waiting_work_is_logged_once_two_checks_agree_again_every_ten_minutes_and_when_it_clears(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from concurrent.futures import Future
-
-    from tullius.clock import SystemClock
-    from tullius.runtime.coverage_check import REPEAT_AFTER, CoverageCheck
-
     store = MemoryStore()
-    watch = CoverageCheck(
-        store, server="a", bands=BANDS, every=timedelta(seconds=30), clock=SystemClock()
-    )
-    warnings: list[int] = []
-
-    def check_at(now: float) -> None:
-        future: Future[Coverage] = Future()
-        future.set_result(watch.work()())
-        with caplog.at_level("WARNING", logger="tullius.daemon"):
-            caplog.clear()
-            assert watch.finished(future, now) is None
-        warnings.append(len(caplog.records))
-
-    check_at(0)  # nothing waits: quiet
+    watch = Watch(store, caplog)
+    logged = [len(watch.at(0))]  # nothing waits: quiet
     store.insert_tasks([make_doc("high", priority=50)])
-    check_at(30)  # it waits: not yet reported (a peer's entry may be missing at a start)
-    check_at(60)  # a second check agrees: a warning
-    check_at(90)  # the same task still waits: quiet
-    check_at(60 + REPEAT_AFTER)  # ten minutes on: again
+    logged.append(len(watch.at(30)))  # it waits: not yet (a peer's entry may be missing at a start)
+    logged.append(len(watch.at(60)))  # a second check agrees: a warning
+    store.insert_tasks([make_doc("high-2", priority=50)])
+    logged.append(len(watch.at(90)))  # more at the same priority: quiet
+    logged.append(len(watch.at(60 + REPEAT_AFTER)))  # ten minutes on: again
     store.insert_tasks([make_doc("low", priority=-1)])
-    check_at(90 + REPEAT_AFTER)  # another one joins: seen once, quiet
-    check_at(120 + REPEAT_AFTER)  # and twice: a warning
-    store.set_status("high", Status.RUNNING, None)
+    logged.append(len(watch.at(90 + REPEAT_AFTER)))  # a new priority, seen once: quiet
+    logged.append(len(watch.at(120 + REPEAT_AFTER)))  # and twice: a warning
     store.set_status("low", Status.RUNNING, None)
-    check_at(150 + REPEAT_AFTER)  # nothing waits any more: one line saying so
-    check_at(180 + REPEAT_AFTER)
-    assert warnings == [0, 0, 1, 0, 1, 0, 1, 1, 0]
-    assert watch.next_at == 180 + REPEAT_AFTER + 30
+    logged.append(len(watch.at(150 + REPEAT_AFTER)))  # fewer wait: quiet
+    for task_id in ("high", "high-2"):
+        store.set_status(task_id, Status.RUNNING, None)
+    cleared = watch.at(180 + REPEAT_AFTER)  # nothing waits any more: one line saying so
+    logged += [len(cleared), len(watch.at(210 + REPEAT_AFTER))]
+    assert logged == [0, 0, 1, 0, 1, 0, 1, 0, 1, 0]
+    assert cleared == ["no task waits for a priority no running tulliusd takes any more"]
+    assert watch.check.next_at == 210 + REPEAT_AFTER + 30
+
+
+def test_another_daemon_renewing_our_entry_is_reported_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a daemon that has checked once, and a second one given the same name
+    store = MemoryStore()
+    watch = Watch(store, caplog)
+    assert watch.at(0) == []
+    clash = ServerSeen("a", (Band(1, 20, 30),), NOW, instance="the other one")
+    # When the other one renews the entry between our checks, twice
+    store.announce_server(clash)
+    first = watch.at(30)
+    store.announce_server(clash)
+    second = watch.at(60)
+    # Then we say so once, naming the name and the other's bands
+    assert len(first) == 1
+    assert "another tulliusd uses the server name 'a' (its bands: 1:20-30)" in first[0]
+    assert second == []
+
+
+def test_a_daemon_restarted_under_its_name_is_not_taken_for_a_clash(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = MemoryStore()
+    store.announce_server(ServerSeen("a", BANDS, NOW, instance="before the restart"))
+    watch = Watch(store, caplog)
+    assert watch.at(0) == []
+    assert watch.at(30) == []

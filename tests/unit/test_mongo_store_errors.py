@@ -196,14 +196,23 @@ def test_server_entries_a_hand_edit_broke_are_skipped_and_reported_once(
     store: MongoStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given one good entry and entries broken in each way a hand edit can break them
-    good = {"_id": "ok", "bands": [{"count": 2, "min": 0, "max": None}], "seen_at": T_SEEN}
+    good = {
+        "_id": "ok",
+        "bands": [{"count": 2, "min": 0, "max": None}],
+        "seen_at": T_SEEN,
+        "stopped": False,
+        "every_ms": 30_000,
+        "instance": "i1",
+    }
     broken = [
-        {"_id": "date", "bands": [], "seen_at": "yesterday"},
-        {"_id": "end", "bands": [{"count": 2, "min": None, "max": "ten"}], "seen_at": T_SEEN},
-        {"_id": "order", "bands": [{"count": 2, "min": 10, "max": 0}], "seen_at": T_SEEN},
-        {"_id": "count", "bands": [{"count": True, "min": 0, "max": 1}], "seen_at": T_SEEN},
-        {"_id": "shape", "bands": [[2, 0, 10]], "seen_at": T_SEEN},
+        {**good, "_id": "date", "seen_at": "yesterday"},
+        {**good, "_id": "end", "bands": [{"count": 2, "min": None, "max": "ten"}]},
+        {**good, "_id": "order", "bands": [{"count": 2, "min": 10, "max": 0}]},
+        {**good, "_id": "count", "bands": [{"count": True, "min": 0, "max": 1}]},
+        {**good, "_id": "shape", "bands": [[2, 0, 10]]},
         {"_id": "gone"},
+        {**good, "_id": "period", "every_ms": 0},
+        {**good, "_id": "flag", "stopped": "no"},
     ]
     store.servers.insert_many([good, *broken])
     # When they are read twice

@@ -40,7 +40,8 @@ class Unlucky(tullius.Task):
 
 def test_the_report_lists_servers_counts_unreached_work_and_unhandled_failures() -> None:
     # Given a database where a task ended unhandled, another waits for priority 50,
-    # one daemon renewed its entry a minute ago and another not for three hours
+    # one daemon renewed its entry a minute ago, one not for half an hour, one
+    # stopped five minutes ago, and one not seen for three hours
     sim = Simulation(seed=3)
     (lost_cause,) = sim.queue(Unlucky())
     sim.drain(within=timedelta(hours=1))
@@ -51,23 +52,24 @@ def test_the_report_lists_servers_counts_unreached_work_and_unhandled_failures()
     store.announce_server(
         ServerSeen("web1", (Band(10, 0, 10), Band(5, 0, 0)), now - timedelta(minutes=1))
     )
-    store.announce_server(ServerSeen("web2", (Band(2, 40, 60),), now - timedelta(hours=3)))
+    store.announce_server(ServerSeen("web2", (Band(2, 40, 60),), now - timedelta(minutes=30)))
     store.announce_server(ServerSeen("web3", (Band(1, 0, 0),), now - timedelta(minutes=5), True))
+    store.announce_server(ServerSeen("web4", (Band(1, 0, 0),), now - timedelta(hours=3)))
     # When the status is read and printed
-    report = read_status(store, now=now, lease=timedelta(seconds=30))
+    report = read_status(store, now=now)
     text = format_status(report)
     sim.close()
-    # Then it names each server, running or not, with its bands
+    # Then it names each recent server, running or not, with its bands, and counts the old
     assert "web1  running, last seen 60 s ago, bands 10:0-10 5:0-0" in text
-    assert "web2  not seen (crashed, or cut off), last seen 3 h ago, bands 2:40-60" in text
+    assert "web2  not seen (crashed, or cut off), last seen 30 min ago, bands 2:40-60" in text
     assert "web3  stopped, last seen 5 min ago, bands 1:0-0" in text
+    assert "web4" not in text
+    assert "  and 1 stopped or not seen for over 60 min\n" in text
     # And the counts, the task no running server takes, and the unhandled one with both errors
     assert report.counts[Status.UNHANDLED] == 1
     assert "unhandled 1" in text
-    assert (
-        "waiting for a priority no running server takes: 1\n  priority 50  tests:Nothing  waits-50"
-        in text
-    )
+    assert "waiting for a priority no running server takes: 1 task(s)\n  priority 50: 1, " in text
+    assert "(e.g. Nothing waits-50)\n" in text
     assert (
         f"  {lost_cause}  tests.unit.test_runtime_status:Unlucky  failed (exception: run() raised "
         "ValueError: the report was empty); failed() error (exception: failed() raised "
@@ -77,7 +79,7 @@ def test_the_report_lists_servers_counts_unreached_work_and_unhandled_failures()
 
 def test_an_empty_database_reports_nothing_to_look_at() -> None:
     sim = Simulation(seed=1)
-    text = format_status(read_status(sim.store, now=sim.now, lease=timedelta(seconds=30)))
+    text = format_status(read_status(sim.store, now=sim.now))
     sim.close()
     assert "none has recorded itself" in text
     assert "tasks by status: none" in text
@@ -102,5 +104,5 @@ def test_an_unhandled_task_whose_story_cant_be_read_is_still_listed() -> None:
     store = RecordsUnreadable()
     store.insert_tasks([make_doc("u1")])
     store.set_status("u1", Status.UNHANDLED, None)
-    text = format_status(read_status(store, now=T_NOW, lease=timedelta(seconds=30)))
+    text = format_status(read_status(store, now=T_NOW))
     assert "  u1  tests:Nothing  (its records can't be read)" in text

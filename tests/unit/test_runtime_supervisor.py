@@ -244,7 +244,8 @@ def test_a_task_whose_priority_no_band_takes_is_logged_not_left_to_wait_silently
         assert Supervisor(store, quick, observer=warned).run() == 0
     # Then it warned, naming the task, its priority and what the running servers take
     (message,) = [r.getMessage() for r in caplog.records if "stuck-50" in r.getMessage()]
-    assert "priority 50: Nothing stuck-50" in message
+    assert "priority 50: 1, oldest due " in message
+    assert "(e.g. Nothing stuck-50)" in message
     assert "unit 2:0-10" in message
     # And it recorded its bands for the other daemons' checks, and at its clean stop
     # that it stopped (so they stop counting on it at once); the task is untouched

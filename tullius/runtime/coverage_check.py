@@ -1,10 +1,10 @@
 """The daemon's coverage check: once per lease, find work no running server takes.
 
 `tullius.coverage.check_coverage` does the finding; this keeps the schedule
-and decides what is worth a log line.  The same waiting tasks are not
-reported at every check: a warning when what waits changes (counting a task
-once a second check in a row finds it), again every `REPEAT_AFTER` while it
-does not, and one line when nothing waits any more.  The check only reports,
+and decides what is worth a log line.  Waiting work is not reported at every
+check: a warning when a priority starts to wait (once a second check in a
+row finds it), again every `REPEAT_AFTER` while work waits, and one line when
+nothing waits any more.  The check only reports,
 so its own errors never stop the daemon: a store outage counts as one (like
 any store call's), any other error is logged once.
 """
@@ -12,6 +12,7 @@ any store call's), any other error is logged once.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import timedelta
@@ -19,9 +20,9 @@ from typing import Any, Final
 
 from tullius.band import Band
 from tullius.clock import Clock
-from tullius.coverage import LIVE_CHECKS, Coverage, check_coverage
+from tullius.coverage import Coverage, check_coverage
 from tullius.engine import drive
-from tullius.store import Store
+from tullius.store import ServerSeen, Store
 
 log = logging.getLogger("tullius.daemon")
 
@@ -44,37 +45,44 @@ class CoverageCheck:
         self.store = store
         self.server = server
         self.bands = bands
+        self.period = every
         self.every = every.total_seconds()
-        self.live_within = LIVE_CHECKS * every
         self.clock = clock
+        #: This start of the server: tells its entry from another daemon's of the same name.
+        self.instance = uuid.uuid4().hex
         #: When the next check is due (monotonic seconds); the first one at start.
         self.next_at = 0.0
         #: A check is on a store thread.
         self.running = False
-        #: The ids that waited at the last warning, and when it was logged.
-        self._reported: tuple[str, ...] = ()
+        #: Priorities reported as waiting, and when the last warning was logged.
+        self._reported: frozenset[float] = frozenset()
         self._reported_at = 0.0
-        #: What the last check found waiting (reported once a second check agrees).
-        self._previous: frozenset[str] = frozenset()
+        #: The priorities the last check found waiting (reported once a second agrees).
+        self._previous: frozenset[float] = frozenset()
+        #: A check has renewed our entry: a stranger's entry under our name since is a clash.
+        self._renewed = False
+        self._clash_reported = False
         #: Errors already logged (see `first_report`).
         self._errors: set[str] = set()
+
+    def entry(self, *, stopped: bool = False) -> ServerSeen:
+        """This server's entry as of now."""
+        return ServerSeen(
+            self.server, self.bands, self.clock.now(), stopped, self.period, self.instance
+        )
 
     def work(self) -> Callable[[], Coverage]:
         """The check to run on a store thread."""
         self.running = True
-        return lambda: drive(
-            self.store,
-            check_coverage(
-                self.server, self.bands, now=self.clock.now(), live_within=self.live_within
-            ),
-        )
+        return lambda: drive(self.store, check_coverage(self.entry()))
 
     def finished(self, future: Future[Any], now: float) -> BaseException | None:
         """Log what the check found, if worth it; return the error that ended it, if any.
 
-        A task is reported once two checks in a row found it waiting: a daemon
-        starting after all were down sees only itself at its first check, and
-        its peers' entries by the next.
+        A priority is reported once two checks in a row found work waiting at
+        it (a daemon starting after all were down sees only itself at its first
+        check, and its peers' entries by the next); again when a new priority
+        joins, or every `REPEAT_AFTER`; never because fewer tasks wait.
         """
         self.running = False
         self.next_at = now + self.every
@@ -82,17 +90,39 @@ class CoverageCheck:
         if error is not None:
             return error
         coverage: Coverage = future.result()
-        waiting = tuple(doc.task_id for doc in coverage.stranded)
-        confirmed = tuple(task_id for task_id in waiting if task_id in self._previous)
-        self._previous = frozenset(waiting)
+        self._notice_clash(coverage.previous)
+        waiting = frozenset(coverage.waiting)
+        confirmed = waiting & self._previous
+        self._previous = waiting
         if not waiting:
             if self._reported:
                 log.warning("no task waits for a priority no running tulliusd takes any more")
-            self._reported = ()
-        elif confirmed and (confirmed != self._reported or now - self._reported_at >= REPEAT_AFTER):
-            log.warning("%s", coverage.describe())
-            self._reported, self._reported_at = confirmed, now
+            self._reported = frozenset()
+            return None
+        self._reported &= waiting  # a priority that comes back is news again
+        if confirmed - self._reported or (confirmed and now - self._reported_at >= REPEAT_AFTER):
+            log.warning("%s", coverage.describe(self.clock.now()))
+            self._reported |= confirmed
+            self._reported_at = now
         return None
+
+    def _notice_clash(self, previous: ServerSeen | None) -> None:
+        """Say once if another daemon renewed our entry since we did (one name, two daemons)."""
+        if (
+            self._renewed
+            and previous is not None
+            and previous.instance != self.instance
+            and not self._clash_reported
+        ):
+            self._clash_reported = True
+            log.warning(
+                "another tulliusd uses the server name %r (its bands: %s): give each daemon "
+                "its own --server-name; until then their entries overwrite each other, and "
+                "the coverage check and tulliusd --status mix the two up",
+                self.server,
+                " ".join(str(band) for band in previous.bands) or "none",
+            )
+        self._renewed = True
 
     def first_report(self, error: BaseException) -> bool:
         """Whether ``error`` (not an outage) is new: each is logged once, not every lease."""

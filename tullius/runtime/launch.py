@@ -56,8 +56,13 @@ def _client_options(uri: str) -> dict[str, Any]:
     return options
 
 
-def open_mongo(settings: Settings) -> Any:
+def open_mongo(settings: Settings, *, prepare: bool = True) -> Any:
     """Connect to MongoDB from the settings and check it answers; return a `MongoStore`.
+
+    ``prepare``: create the indexes (the daemon).  Without it (a reader such as
+    ``tulliusd --status``) a database holding no Tullius data is refused
+    rather than created: a misspelt ``--database`` would otherwise look like
+    an empty, healthy one.
 
     Raises:
         StartupError: the URI is unusable, ``make_db()`` failed, or the server
@@ -108,12 +113,34 @@ def open_mongo(settings: Settings) -> Any:
         raise StartupError(
             f"can't reach MongoDB at {where} ({type(error).__name__}: {short_error(error)}); {fix}"
         ) from None
+    if not prepare:
+        _require_tullius_data(db, where)
+        return MongoStore(db, retry_for=STORE_RETRY)
     store = MongoStore(db, retry_for=STORE_RETRY)
     try:
         store.ensure_indexes()
     except StoreError as error:
         raise StartupError(f"can't prepare the database at {where}: {error}; {fix}") from None
     return store
+
+
+def _require_tullius_data(db: Any, where: str) -> None:
+    from pymongo.errors import PyMongoError
+
+    from tullius.runtime.mongo_store import short_error
+
+    try:
+        if "tullius_meta" in db.list_collection_names():
+            return
+        others = sorted(db.client.list_database_names())
+    except PyMongoError as error:
+        raise StartupError(
+            f"can't read database {db.name!r} at {where}: {short_error(error)}"
+        ) from None
+    raise StartupError(
+        f"database {db.name!r} at {where} holds no Tullius data (databases there: "
+        f"{', '.join(others) or 'none'}); check --database / TULLIUS_DATABASE"
+    )
 
 
 def open_store(settings: Settings) -> Store:

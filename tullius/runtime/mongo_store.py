@@ -192,6 +192,29 @@ class _RecentDocs:
             return self._docs.pop(key, None)
 
 
+def _due_query(
+    statuses: Sequence[Status], min_priority: float, max_priority: float, now: datetime
+) -> dict[str, Any]:
+    """The query of `MongoStore.find_due` and `MongoStore.count_due`.
+
+    An infinite bound is left out rather than sent: not every server compares
+    with an infinite double (the default band and the coverage check's gaps
+    are open-ended).
+    """
+    priority: dict[str, float] = {}
+    if min_priority > -math.inf:
+        priority["$gte"] = min_priority
+    if max_priority < math.inf:
+        priority["$lte"] = max_priority
+    query: dict[str, Any] = {
+        "status": {"$in": [status.value for status in statuses]},
+        "due_at": {"$lte": stored_time(now)},
+    }
+    if priority:
+        query["priority"] = priority
+    return query
+
+
 def _encode_band(band: Band) -> dict[str, Any]:
     # Sub-documents, not [count, min, max]: FerretDB refuses nested arrays.  An
     # infinite end (the default band) is stored as null: not every server keeps
@@ -219,10 +242,19 @@ def _decode_server(raw: Mapping[str, Any]) -> ServerSeen:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1 or low > high:
             raise ValueError(f"band {dict(entry)!r} is not (count >= 1, min <= max)")
         bands.append(Band(count, low, high))
-    stopped = raw.get("stopped", False)
+    stopped, every_ms, instance = raw["stopped"], raw["every_ms"], raw["instance"]
     if not isinstance(stopped, bool):
         raise TypeError(f"stopped={stopped!r} is not true or false")
-    return ServerSeen(str(raw["_id"]), tuple(bands), stored_time(aware_utc(seen_at)), stopped)
+    if isinstance(every_ms, bool) or not isinstance(every_ms, int) or every_ms <= 0:
+        raise ValueError(f"every_ms={every_ms!r} is not a positive whole number")
+    return ServerSeen(
+        str(raw["_id"]),
+        tuple(bands),
+        stored_time(aware_utc(seen_at)),
+        stopped,
+        timedelta(milliseconds=every_ms),
+        str(instance),
+    )
 
 
 def _chain_ids(task_id: str) -> Iterator[str]:
@@ -235,8 +267,15 @@ def _chain_ids(task_id: str) -> Iterator[str]:
 
 
 def _sortable(value: Any) -> tuple[int, Any]:
-    """A sort key ordering None first, as MongoDB does."""
-    return (0, 0) if value is None else (1, value)
+    """A sort key ordering None first, then numbers, then dates, then anything else,
+    as MongoDB does; never comparing two types Python can't (a hand-edited field)."""
+    if value is None:
+        return (0, 0)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (1, value)
+    if isinstance(value, datetime):
+        return (2, value)
+    return (3, repr(value))
 
 
 def redact(text: str) -> str:
@@ -615,19 +654,7 @@ class MongoStore:
         now: datetime,
         limit: int,
     ) -> list[TaskDoc]:
-        # An infinite bound is left out rather than sent: not every server compares
-        # with an infinite double (the coverage check asks for open ranges).
-        priority: dict[str, float] = {}
-        if min_priority > -math.inf:
-            priority["$gte"] = min_priority
-        if max_priority < math.inf:
-            priority["$lte"] = max_priority
-        query: dict[str, Any] = {
-            "status": {"$in": [status.value for status in statuses]},
-            "due_at": {"$lte": stored_time(now)},
-        }
-        if priority:
-            query["priority"] = priority
+        query = _due_query(statuses, min_priority, max_priority, now)
         sort = [
             ("priority", ASCENDING),
             ("status", ASCENDING),
@@ -653,6 +680,24 @@ class MongoStore:
             return docs
 
         return self._retrying("find due tasks", attempt)
+
+    def count_due(
+        self, statuses: Sequence[Status], min_priority: float, max_priority: float, now: datetime
+    ) -> dict[float, int]:
+        group = [
+            {"$match": _due_query(statuses, min_priority, max_priority, now)},
+            {"$group": {"_id": "$priority", "n": {"$sum": 1}}},
+        ]
+
+        def attempt() -> dict[float, int]:
+            counts: Counter[float] = Counter()
+            for live in self.live_collections():  # due work is never in ``finished``
+                for row in live.aggregate(group):
+                    if isinstance(row["_id"], int | float) and not isinstance(row["_id"], bool):
+                        counts[row["_id"]] += int(row["n"])
+            return dict(counts)
+
+        return self._retrying("count due tasks", attempt)
 
     def _queue_version(self) -> int:
         doc = self.meta.find_one({"_id": "queue"})
@@ -734,6 +779,8 @@ class MongoStore:
             "$set": {
                 "bands": [_encode_band(band) for band in seen.bands],
                 "stopped": seen.stopped,
+                "every_ms": seen.every // timedelta(milliseconds=1),
+                "instance": seen.instance,
             },
             "$currentDate": {"seen_at": True},
         }

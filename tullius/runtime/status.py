@@ -5,23 +5,28 @@ operator has to find without knowing where to look: tasks left
 ``unhandled`` (every try of ``failed()`` failed), and work no running daemon
 takes (`tullius.coverage`).  The report lists both, with the daemons the
 database has heard from, the tasks counted by status and the documents set
-aside as undecodable.  It changes no task, and judges the daemons' entries
-by the newest one's time (the database's clock) unless ours is later.
+aside as undecodable.  It changes no task.  Each daemon's entry is judged by
+its own renewal period, against the newest entry's time (the database's
+clock) unless ours is later.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Final
 
-from tullius.band import format_priority
-from tullius.coverage import EXAMPLES, LIVE_CHECKS, Coverage, read_coverage
+from tullius.coverage import Coverage, ago, is_live, read_coverage
 from tullius.document import Status, TaskDoc
 from tullius.engine import drive
 from tullius.errors import TulliusError
 from tullius.inspection import ChainLink, read_chain
-from tullius.policy import LeaseTimings
 from tullius.store import ServerSeen, Store
+
+#: How many unhandled tasks are listed.
+UNHANDLED_SHOWN: Final = 20
+#: Entries of stopped or vanished servers older than this are counted, not listed.
+LIST_GONE_FOR: Final = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -29,32 +34,33 @@ class StatusReport:
     """What `format_status` prints."""
 
     now: datetime
-    #: Servers seen within this of the newest entry are counted as running.
-    live_within: timedelta
     servers: tuple[ServerSeen, ...]
     counts: dict[Status, int]
     #: Documents set aside because they can't be decoded (`MongoStore` only).
     set_aside: int
     coverage: Coverage
-    #: At most `EXAMPLES` unhandled tasks: their story, or their bare document
-    #: when the story can't be read (the document is what an operator must see).
+    #: At most `UNHANDLED_SHOWN` unhandled tasks: their story, or their bare
+    #: document when the story can't be read (the document is what an operator must see).
     unhandled: tuple[ChainLink | TaskDoc, ...]
 
+    @property
+    def clock(self) -> datetime:
+        """The time entries are judged at: the newest entry's (the store's clock), or ours."""
+        return max([self.now, *(seen.seen_at for seen in self.servers)])
 
-def read_status(store: Store, *, now: datetime, lease: timedelta) -> StatusReport:
-    """Read the report; ``lease``: the daemons' (it sets how often they renew their entries)."""
-    live_within = LIVE_CHECKS * LeaseTimings(lease).coverage_check
+
+def read_status(store: Store, *, now: datetime) -> StatusReport:
+    """Read the report."""
     servers = tuple(store.read_servers())
     count_set_aside = getattr(store, "count_set_aside", None)
     return StatusReport(
         now=now,
-        live_within=live_within,
         servers=servers,
         counts=store.count_by_status(),
         set_aside=count_set_aside() if count_set_aside is not None else 0,
-        coverage=drive(store, read_coverage(servers, now=now, live_within=live_within)),
+        coverage=drive(store, read_coverage(servers, now=now)),
         unhandled=tuple(
-            _story(store, doc) for doc in store.find_by_status([Status.UNHANDLED], EXAMPLES)
+            _story(store, doc) for doc in store.find_by_status([Status.UNHANDLED], UNHANDLED_SHOWN)
         ),
     )
 
@@ -68,47 +74,68 @@ def _story(store: Store, doc: TaskDoc) -> ChainLink | TaskDoc:
 
 def format_status(report: StatusReport) -> str:
     """The report as text: one section each, the problems spelt out."""
-    clock = max([report.now, *(seen.seen_at for seen in report.servers)])
-    lines = [f"servers (running: seen within {_ago(report.live_within)}):"]
+    return "\n".join(
+        [
+            *_servers(report),
+            *_counts(report),
+            *_waiting(report),
+            *_unhandled(report),
+        ]
+    )
+
+
+def _servers(report: StatusReport) -> list[str]:
+    clock = report.clock
+    lines = ["servers:"]
+    gone_long = 0
     for seen in report.servers:
         age = clock - seen.seen_at
-        state = (
-            "stopped"
-            if seen.stopped
-            else "running"
-            if age <= report.live_within
-            else "not seen (crashed, or cut off)"
-        )
+        if is_live(seen, clock):
+            state = "running"
+        elif age > LIST_GONE_FOR:
+            gone_long += 1
+            continue
+        else:
+            state = "stopped" if seen.stopped else "not seen (crashed, or cut off)"
         bands = " ".join(str(band) for band in seen.bands)
-        lines.append(f"  {seen.server}  {state}, last seen {_ago(age)} ago, bands {bands}")
+        lines.append(f"  {seen.server}  {state}, last seen {ago(age)} ago, bands {bands}")
+    if gone_long:
+        lines.append(f"  and {gone_long} stopped or not seen for over {ago(LIST_GONE_FOR)}")
     if not report.servers:
         lines.append("  none has recorded itself")
+    return lines
+
+
+def _counts(report: StatusReport) -> list[str]:
     counted = ", ".join(
         f"{status.value} {report.counts[status]:,}" for status in Status if status in report.counts
     )
-    lines.append(f"tasks by status: {counted or 'none'}")
+    lines = [f"tasks by status: {counted or 'none'}"]
     if report.set_aside:
         lines.append(
             f"set aside as undecodable (see decode_error in each document): {report.set_aside:,}"
         )
-    stranded = report.coverage.stranded
-    lines.append(
-        "waiting for a priority no running server takes: "
-        + (f"{len(stranded)}{'+' if report.coverage.more else ''}" if stranded else "none")
-    )
-    lines += [
-        f"  priority {format_priority(doc.priority)}  {doc.class_name}  {doc.task_id}  due since "
-        f"{doc.due_at.isoformat() if doc.due_at else '?'}"
-        for doc in stranded
+    return lines
+
+
+def _waiting(report: StatusReport) -> list[str]:
+    coverage = report.coverage
+    if not coverage.waiting:
+        return ["waiting for a priority no running server takes: none"]
+    return [
+        f"waiting for a priority no running server takes: {coverage.total:,} task(s)",
+        *(f"  {phrase}" for phrase in coverage.by_priority(report.now)),
     ]
+
+
+def _unhandled(report: StatusReport) -> list[str]:
     total = report.counts.get(Status.UNHANDLED, 0)
-    lines.append(f"unhandled (every try of failed() failed; for an operator): {total:,}")
+    lines = [f"unhandled (every try of failed() failed; for an operator): {total:,}"]
     for link in report.unhandled:
         if isinstance(link, TaskDoc):
             lines.append(f"  {link.task_id}  {link.class_name}  (its records can't be read)")
             continue
-        failure = link.failure
-        error = link.handler_error
+        failure, error = link.failure, link.handler_error
         lines.append(
             f"  {link.task_id}  {link.class_name}  "
             + (f"failed ({failure.kind}: {_line(failure.message)})" if failure else "failed")
@@ -116,18 +143,7 @@ def format_status(report: StatusReport) -> str:
         )
     if total > len(report.unhandled):
         lines.append(f"  ... and {total - len(report.unhandled):,} more")
-    return "\n".join(lines)
-
-
-def _ago(delta: timedelta) -> str:
-    seconds = max(0, int(delta.total_seconds()))
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    if seconds < 2 * 86400:
-        return f"{seconds // 3600} h"
-    return f"{seconds // 86400} days"
+    return lines
 
 
 def _line(message: str, width: int = 120) -> str:

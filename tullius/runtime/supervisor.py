@@ -67,7 +67,7 @@ from tullius.runtime.slots import Counters, Finishing, Running, Slot, WorkerProc
 from tullius.runtime.store_thread import StoreThread
 from tullius.runtime.sweeper import Sweeper
 from tullius.sim.memory_store import MemoryStore
-from tullius.store import ServerSeen, Store
+from tullius.store import Store
 
 log = logging.getLogger("tullius.daemon")
 
@@ -175,9 +175,8 @@ class Supervisor(WorkerKeeping):
     def _say_stopped(self) -> None:
         """Mark our entry stopped, so that the other daemons' coverage checks and
         ``tulliusd --status`` stop counting on our bands at once, not a few leases on."""
-        stopped = ServerSeen(self.server, tuple(self.settings.bands), self.clock.now(), True)
         try:
-            self.store.announce_server(stopped)
+            self.store.announce_server(self.coverage.entry(stopped=True))
         except StoreError as error:  # they will see our entry age instead
             log.info("could not mark this server stopped: %s", short_error(error))
 

@@ -337,6 +337,21 @@ class MemoryStore:
                     return due
         return due
 
+    def count_due(
+        self, statuses: Sequence[Status], min_priority: float, max_priority: float, now: datetime
+    ) -> dict[float, int]:
+        counts: dict[float, int] = {}
+        for status in set(statuses):
+            held = self._priorities[status]
+            for priority in held[
+                bisect_left(held, min_priority) : bisect_right(held, max_priority)
+            ]:
+                bucket = self._due[status].get(priority, [])
+                due = bisect_right(bucket, now, key=_DUE_AT)
+                if due:
+                    counts[priority] = counts.get(priority, 0) + due
+        return counts
+
     def find_by_status(
         self, statuses: Sequence[Status], limit: int, after: str | None = None
     ) -> list[TaskDoc]:
