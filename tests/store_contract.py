@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tullius.band import ALL, Band
+from tullius.band import Band
 from tullius.document import (
     Failure,
     Record,
@@ -27,7 +27,6 @@ from tullius.document import (
     outcome_id,
     queued_doc,
     run_id,
-    stored_time,
 )
 from tullius.store import ServerSeen
 
@@ -283,7 +282,7 @@ class StoreContract:
         later = T0 + timedelta(seconds=5)
         store.insert_tasks(
             [
-                make_doc("a1", priority=1),
+                make_doc("a1", priority=1, start_after=later),
                 make_doc("a2", priority=1),
                 make_doc("b", priority=2.5),
                 make_doc("late", priority=2.5, start_after=later),
@@ -293,33 +292,32 @@ class StoreContract:
         )
         store.set_status("failed", Status.FAILED, T0)
         queued = [Status.QUEUED]
-        assert store.count_due(queued, -math.inf, math.inf, T0) == {1: 2, 2.5: 1, 70: 1}
-        assert store.count_due(queued, 2, 10, later) == {2.5: 2}
+        assert store.count_due(queued, -math.inf, math.inf, T0) == {1: 1, 2.5: 1, 70: 1}
+        assert store.count_due(queued, 1, 10, later) == {1: 2, 2.5: 2}
         assert store.count_due([Status.QUEUED, Status.FAILED], 3, math.inf, T0) == {70: 2}
         assert store.count_due(queued, 3, 60, T0) == {}
 
-    def test_a_servers_entry_reads_back_as_announced_and_a_new_one_replaces_it(
+    def test_count_due_counts_an_int_and_a_float_priority_of_equal_value_together(
         self, store: Any
     ) -> None:
-        # Given two servers that announced their bands, one of them twice
-        store.announce_server(ServerSeen("b", (Band(10, 0, 10), Band(5, 0, 0)), T0, True))
-        store.announce_server(ServerSeen("a", (Band(1, 0, 10),), T0))
-        first_a = store.read_servers()[0].seen_at
-        later = T0 + timedelta(seconds=30)
-        every = timedelta(seconds=7.5)
-        store.announce_server(
-            ServerSeen("a", (Band(2, 3, 4.5), Band(4, *ALL)), later, every=every, instance="i2")
-        )
-        # Then each has one entry, the latest, by name
-        (a, b) = store.read_servers()
-        assert (a.server, a.bands, a.stopped) == ("a", (Band(2, 3, 4.5), Band(4, *ALL)), False)
-        assert (a.every, a.instance) == (every, "i2")
-        assert (b.server, b.bands, b.stopped) == ("b", (Band(10, 0, 10), Band(5, 0, 0)), True)
-        # And its time is the announced one, or the store's clock where it stamps
-        # entries itself (then the later announcement is not stamped earlier)
-        assert a.seen_at == stored_time(later) or is_about_now(a.seen_at)
-        assert b.seen_at == stored_time(T0) or is_about_now(b.seen_at)
-        assert a.seen_at >= first_a
+        store.insert_tasks([make_doc("int", priority=5), make_doc("float", priority=5.0)])
+        assert store.count_due([Status.QUEUED], 0, 10, T0) == {5: 2}
+
+    def test_a_server_is_marked_stopped_only_by_the_start_that_wrote_its_entry(
+        self, store: Any
+    ) -> None:
+        # Given an entry written by a newer start of server "a" than the one stopping
+        store.announce_server(ServerSeen("a", (Band(1, 0, 10),), T0, instance="new"))
+        store.announce_server(ServerSeen("b", (Band(1, 0, 10),), T0, instance="b1"))
+        # When the old start of "a", and "b", mark themselves stopped
+        store.mark_stopped("a", "old")
+        store.mark_stopped("b", "b1")
+        store.mark_stopped("c", "c1")  # no entry: nothing happens
+        # Then the newer "a" still runs, and "b" is stopped
+        assert [(seen.server, seen.stopped) for seen in store.read_servers()] == [
+            ("a", False),
+            ("b", True),
+        ]
 
     def test_forgetting_a_server_deletes_its_entry_only_if_it_was_not_renewed(
         self, store: Any

@@ -33,6 +33,7 @@ from typing import Final
 from tullius.band import Band, format_priority
 from tullius.document import TaskDoc
 from tullius.engine import WORK, Conversation
+from tullius.errors import StoreError
 from tullius.store import (
     AnnounceServer,
     CountDue,
@@ -62,6 +63,8 @@ class Coverage:
     waiting: dict[float, int]
     #: A few of them for each of the first `SHOWN_PRIORITIES` priorities.
     examples: tuple[TaskDoc, ...] = ()
+    #: The earliest due time at each of those priorities.
+    oldest: dict[float, datetime] = dataclasses.field(default_factory=dict)
     #: The checking server's own entry as read before it renewed it (see
     #: `CoverageCheck`: another daemon using its name shows here).
     previous: ServerSeen | None = None
@@ -75,11 +78,11 @@ class Coverage:
         phrases = []
         for priority in list(self.waiting)[:SHOWN_PRIORITIES]:
             docs = [doc for doc in self.examples if doc.priority == priority]
-            due = [doc.due_at for doc in docs if doc.due_at is not None]
-            since = f", oldest due {ago(now - min(due))} ago" if due else ""
             names = ", ".join(f"{doc.class_name.rpartition(':')[2]} {doc.task_id}" for doc in docs)
+            oldest = self.oldest.get(priority)
             phrases.append(
-                f"priority {format_priority(priority)}: {self.waiting[priority]}{since}"
+                f"priority {format_priority(priority)}: {self.waiting[priority]}"
+                + (f", oldest due {ago(now - oldest)} ago" if oldest is not None else "")
                 + (f" (e.g. {names})" if names else "")
             )
         hidden = list(self.waiting)[SHOWN_PRIORITIES:]
@@ -123,10 +126,10 @@ def uncovered_ranges(bands: Iterable[Band]) -> list[tuple[float, float]]:
     its neighbours' (`math.nextafter`): with bands 0-10 and 20-30 the gaps are
     ``(-inf, -5e-324)``, ``(10.000000000000002, 19.999999999999996)`` and
     ``(30.000000000000004, inf)``.  No bands: everything is uncovered.  Past
-    2**53, where floats are further apart than ints, a gap is widened to the
-    float at or beyond the nearest int, never narrowed: a range may then take
-    in a priority a band covers (callers filter with `Band.covers`), but
-    misses none that no band covers.
+    2**53, where floats are further apart than ints, a gap's end is moved
+    towards the band, to the float at or past the nearest int, never away: a
+    range may then take in a priority a band covers (callers filter with
+    `Band.covers`), but misses none that no band covers.
     """
     gaps: list[tuple[float, float]] = []
     low = -math.inf  # the lowest priority not yet known to be covered
@@ -184,21 +187,25 @@ def check_coverage(
     yield AnnounceServer(me)
     seen: list[ServerSeen] = yield ReadServers()
     stamped = next((entry.seen_at for entry in seen if entry.server == me.server), now)
-    for entry in seen:
-        if entry.server != me.server and stamped - entry.seen_at > forget_after:
-            yield ForgetServer(entry.server, entry.seen_at)
     others = [entry for entry in seen if entry.server != me.server]
     coverage = yield from find_stranded(
         [*others, dataclasses.replace(me, seen_at=stamped)], now=now, clock=stamped
     )
+    # Last, and on its own: a store that refuses deletes still gets the check done.
+    for entry in others:
+        if stamped - entry.seen_at > forget_after:
+            try:
+                yield ForgetServer(entry.server, entry.seen_at)
+            except StoreError:
+                break
     return dataclasses.replace(coverage, previous=previous)
 
 
-def read_coverage(seen: Sequence[ServerSeen], *, now: datetime) -> Conversation[Coverage]:
+def read_coverage(
+    seen: Sequence[ServerSeen], *, now: datetime, clock: datetime
+) -> Conversation[Coverage]:
     """`check_coverage` for a reader that is not a server (``tulliusd --status``): no
-    writes, and ages judged by the newest entry's time (the store's clock where it
-    stamps entries; ours if that is later)."""
-    clock = max([now, *(entry.seen_at for entry in seen)])
+    writes; ``clock`` is the store's time, which entries are judged by."""
     return (yield from find_stranded(seen, now=now, clock=clock))
 
 
@@ -223,8 +230,14 @@ def find_stranded(
             if not any(band.covers(priority) for band in bands)
         )
     examples: list[TaskDoc] = []
+    oldest: dict[float, datetime] = {}
     for priority in sorted(waiting)[:SHOWN_PRIORITIES]:
         examples += yield FindDue(WORK, priority, priority, now, EXAMPLES_PER_PRIORITY)
-    return Coverage(
-        tuple(live), {priority: waiting[priority] for priority in sorted(waiting)}, tuple(examples)
-    )
+        # find_due puts failures first: the earliest of each status is its first
+        for status in WORK:
+            first: list[TaskDoc] = yield FindDue((status,), priority, priority, now, 1)
+            if first and first[0].due_at is not None:
+                known = oldest.get(priority, first[0].due_at)
+                oldest[priority] = min(known, first[0].due_at)
+    ordered = {priority: waiting[priority] for priority in sorted(waiting)}
+    return Coverage(tuple(live), ordered, tuple(examples), oldest)

@@ -117,7 +117,8 @@ class Store(Protocol):
         self, statuses: Sequence[Status], min_priority: float, max_priority: float, now: datetime
     ) -> dict[float, int]:
         """How many tasks `find_due` would find without a limit, per priority (only
-        priorities with some).  An infinite bound is no bound."""
+        priorities with some).  An infinite bound is no bound.  (A count, not the
+        earliest due time too: FerretDB's ``$group`` has no ``$min``.)"""
         ...
 
     def find_by_status(
@@ -144,8 +145,16 @@ class Store(Protocol):
 
         A store with a clock of its own stamps the entry with it instead of
         ``seen.seen_at`` (`MongoStore`: the database's), so that entries are
-        compared on one clock.  Only that server writes its entry, so racing
-        is not a concern.
+        compared on one clock.  Two daemons given one name race here (the
+        last write wins); each notices the other's ``instance``.
+        """
+        ...
+
+    def mark_stopped(self, server: str, instance: str) -> None:
+        """Mark ``server``'s entry stopped if ``instance`` wrote it last.
+
+        The condition keeps a newer start under the same name (a deployment
+        that starts the new daemon before the old one has stopped) running.
         """
         ...
 

@@ -44,6 +44,10 @@ def check(
     return drive(store, check_coverage(me, forget_after=forget_after))
 
 
+def counts(coverage: Coverage) -> dict[float, int]:
+    return coverage.waiting
+
+
 def peer(
     store: MemoryStore,
     name: str,
@@ -127,7 +131,7 @@ def test_a_due_task_outside_every_band_is_reported_with_the_bands_that_miss_it()
     store = MemoryStore()
     store.insert_tasks([make_doc("high", priority=50), make_doc("fine", priority=3)])
     coverage = check(store)
-    assert coverage.waiting == {50: 1}
+    assert counts(coverage) == {50: 1}
     assert [doc.task_id for doc in coverage.examples] == ["high"]
     message = coverage.describe(NOW)
     assert "1 task(s) wait for a priority no running tulliusd takes" in message
@@ -139,7 +143,7 @@ def test_a_failure_whose_failed_hook_no_band_takes_is_reported_too() -> None:
     store = MemoryStore()
     store.insert_tasks([make_doc("low", priority=-1)])
     store.set_status("low", Status.FAILED, T0)
-    assert check(store).waiting == {-1: 1}
+    assert counts(check(store)) == {-1: 1}
 
 
 def test_a_task_another_running_server_takes_is_not_reported() -> None:
@@ -147,7 +151,7 @@ def test_a_task_another_running_server_takes_is_not_reported() -> None:
     store.insert_tasks([make_doc("high", priority=50)])
     peer(store, "b", Band(1, 40, 60), LIVE)
     coverage = check(store)
-    assert coverage.waiting == {}
+    assert counts(coverage) == {}
     assert [seen.server for seen in coverage.live] == ["a", "b"]
 
 
@@ -156,7 +160,7 @@ def test_a_server_not_seen_for_longer_than_its_live_window_takes_nothing() -> No
     store.insert_tasks([make_doc("high", priority=50)])
     peer(store, "b", Band(1, 40, 60), LIVE + timedelta(seconds=1))
     coverage = check(store)
-    assert coverage.waiting == {50: 1}
+    assert counts(coverage) == {50: 1}
     assert [seen.server for seen in coverage.live] == ["a"]
     assert [seen.server for seen in store.read_servers()] == ["a", "b"]  # kept for a day
 
@@ -171,14 +175,14 @@ def test_each_server_is_judged_by_its_own_renewal_period() -> None:
         )
     )
     # Then it still counts as running
-    assert check(store).waiting == {}
+    assert counts(check(store)) == {}
 
 
 def test_a_server_that_said_it_stopped_takes_nothing_however_recent() -> None:
     store = MemoryStore()
     store.insert_tasks([make_doc("high", priority=50)])
     peer(store, "b", Band(1, 40, 60), timedelta(0), stopped=True)
-    assert check(store).waiting == {50: 1}
+    assert counts(check(store)) == {50: 1}
 
 
 def test_a_server_not_seen_for_a_day_is_forgotten() -> None:
@@ -191,7 +195,7 @@ def test_a_server_not_seen_for_a_day_is_forgotten() -> None:
 def test_a_task_not_due_yet_is_not_reported() -> None:
     store = MemoryStore()
     store.insert_tasks([make_doc("later", priority=50, start_after=T0 + timedelta(days=1))])
-    assert check(store).waiting == {}
+    assert counts(check(store)) == {}
 
 
 def test_the_checking_server_renews_its_own_entry_and_sees_what_was_there_before() -> None:
@@ -202,6 +206,19 @@ def test_the_checking_server_renews_its_own_entry_and_sees_what_was_there_before
     assert coverage.previous.instance == "someone else"
     stored = ServerSeen("a", BANDS, stored_time(NOW), every=EVERY, instance="i-a")
     assert store.read_servers() == [stored]
+
+
+def test_the_oldest_due_time_is_the_earliest_of_any_status_not_of_the_examples() -> None:
+    # Given three failures due an hour ago, and a queued task due a week ago, at 50
+    store = MemoryStore()
+    store.insert_tasks([make_doc(f"f{n}", priority=50) for n in range(3)])
+    for n in range(3):
+        store.set_status(f"f{n}", Status.FAILED, NOW - timedelta(hours=1))
+    store.insert_tasks([make_doc("q", priority=50, start_after=NOW - timedelta(days=7))])
+    # Then the examples are the failures (the most urgent), and the oldest is the week
+    coverage = check(store)
+    assert [doc.task_id for doc in coverage.examples] == ["f0", "f1", "f2"]
+    assert coverage.by_priority(NOW)[0].startswith("priority 50: 4, oldest due 7 days ago")
 
 
 def test_every_waiting_priority_is_counted_and_the_most_urgent_are_spelt_out() -> None:
@@ -233,7 +250,7 @@ def test_a_priority_past_a_float_ends_precision_is_still_found_and_a_covered_one
     )
     me = ServerSeen("a", (Band(1, 0, 2**60),), NOW)
     # Then only the one no band covers is reported
-    assert drive(store, check_coverage(me)).waiting == {2**60 + 1: 1}
+    assert counts(drive(store, check_coverage(me))) == {2**60 + 1: 1}
 
 
 class Watch:
@@ -277,6 +294,21 @@ def test_waiting_work_is_logged_once_two_checks_agree_again_every_ten_minutes_an
     assert logged == [0, 0, 1, 0, 1, 0, 1, 0, 1, 0]
     assert cleared == ["no task waits for a priority no running tulliusd takes any more"]
     assert watch.check.next_at == 210 + REPEAT_AFTER + 30
+
+
+def test_the_all_clear_comes_even_when_the_warned_priority_gave_way_to_an_unconfirmed_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = MemoryStore()
+    watch = Watch(store, caplog)
+    store.insert_tasks([make_doc("p50", priority=50)])
+    assert watch.at(0) == []
+    assert len(watch.at(30)) == 1  # 50 waits, twice: a warning
+    store.set_status("p50", Status.RUNNING, None)
+    store.insert_tasks([make_doc("p70", priority=70)])
+    assert watch.at(60) == []  # 70 waits, once: quiet
+    store.set_status("p70", Status.RUNNING, None)
+    assert watch.at(90) == ["no task waits for a priority no running tulliusd takes any more"]
 
 
 def test_another_daemon_renewing_our_entry_is_reported_once(

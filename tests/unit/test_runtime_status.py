@@ -106,3 +106,27 @@ def test_an_unhandled_task_whose_story_cant_be_read_is_still_listed() -> None:
     store.set_status("u1", Status.UNHANDLED, None)
     text = format_status(read_status(store, now=T_NOW))
     assert "  u1  tests:Nothing  (its records can't be read)" in text
+
+
+class WithClock(MemoryStore):
+    """A store that can tell its own time, as MongoStore tells the database's."""
+
+    def __init__(self, time: datetime) -> None:
+        super().__init__()
+        self.time = time
+
+    def server_time(self) -> datetime:
+        return self.time
+
+
+def test_daemons_are_judged_by_the_databases_clock_not_the_readers() -> None:
+    # Given a daemon that renewed its entry ten seconds ago by the database's clock,
+    # read from a machine whose clock runs ten minutes ahead
+    database_now = T_NOW
+    store = WithClock(database_now)
+    store.announce_server(
+        ServerSeen("web1", (Band(1, 0, 10),), database_now - timedelta(seconds=10))
+    )
+    report = read_status(store, now=database_now + timedelta(minutes=10))
+    # Then it is running, ten seconds ago
+    assert "web1  running, last seen 10 s ago" in format_status(report)

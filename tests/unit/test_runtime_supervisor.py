@@ -264,7 +264,11 @@ class NoRightsOnServerEntries(MemoryStore):
 
     def announce_server(self, seen: Any) -> None:
         self.refusals += 1
-        raise StoreError("record this server's bands failed: not authorized on tullius")
+        # As pymongo words it: the server's full reply, with a new cluster time each call.
+        raise StoreError(
+            "record this server's bands failed: OperationFailure: not authorized on tullius, "
+            f"full error: {{'ok': 0.0, 'operationTime': Timestamp({self.refusals}, 1)}}"
+        )
 
 
 def test_a_coverage_check_the_database_refuses_is_logged_once_and_leaves_leases_watched(
@@ -287,8 +291,8 @@ def test_a_coverage_check_the_database_refuses_is_logged_once_and_leaves_leases_
     # counted, so its sweeper kept what it had observed of other servers' leases
     messages = [record.getMessage() for record in caplog.records]
     assert [m for m in messages if "coverage check failed" in m] == [
-        "coverage check failed: StoreError: record this server's bands failed: not authorized "
-        "on tullius; tulliusd runs on without it"
+        "coverage check failed: StoreError: record this server's bands failed: "
+        "OperationFailure: not authorized on tullius; tulliusd runs on without it"
     ]
     assert supervisor.counters.store_errors == 0
     assert not [m for m in messages if "store call failed" in m]

@@ -22,6 +22,7 @@ from tullius.band import Band
 from tullius.clock import Clock
 from tullius.coverage import Coverage, check_coverage
 from tullius.engine import drive
+from tullius.runtime.mongo_store import short_error
 from tullius.store import ServerSeen, Store
 
 log = logging.getLogger("tullius.daemon")
@@ -46,7 +47,6 @@ class CoverageCheck:
         self.server = server
         self.bands = bands
         self.period = every
-        self.every = every.total_seconds()
         self.clock = clock
         #: This start of the server: tells its entry from another daemon's of the same name.
         self.instance = uuid.uuid4().hex
@@ -57,6 +57,8 @@ class CoverageCheck:
         #: Priorities reported as waiting, and when the last warning was logged.
         self._reported: frozenset[float] = frozenset()
         self._reported_at = 0.0
+        #: A warning was logged since nothing last waited (an all-clear line is owed).
+        self._warned = False
         #: The priorities the last check found waiting (reported once a second agrees).
         self._previous: frozenset[float] = frozenset()
         #: A check has renewed our entry: a stranger's entry under our name since is a clash.
@@ -65,10 +67,10 @@ class CoverageCheck:
         #: Errors already logged (see `first_report`).
         self._errors: set[str] = set()
 
-    def entry(self, *, stopped: bool = False) -> ServerSeen:
+    def entry(self) -> ServerSeen:
         """This server's entry as of now."""
         return ServerSeen(
-            self.server, self.bands, self.clock.now(), stopped, self.period, self.instance
+            self.server, self.bands, self.clock.now(), False, self.period, self.instance
         )
 
     def work(self) -> Callable[[], Coverage]:
@@ -85,7 +87,7 @@ class CoverageCheck:
         joins, or every `REPEAT_AFTER`; never because fewer tasks wait.
         """
         self.running = False
-        self.next_at = now + self.every
+        self.next_at = now + self.period.total_seconds()
         error = future.exception()
         if error is not None:
             return error
@@ -95,15 +97,15 @@ class CoverageCheck:
         confirmed = waiting & self._previous
         self._previous = waiting
         if not waiting:
-            if self._reported:
+            if self._warned:
                 log.warning("no task waits for a priority no running tulliusd takes any more")
-            self._reported = frozenset()
+            self._reported, self._warned = frozenset(), False
             return None
         self._reported &= waiting  # a priority that comes back is news again
         if confirmed - self._reported or (confirmed and now - self._reported_at >= REPEAT_AFTER):
             log.warning("%s", coverage.describe(self.clock.now()))
             self._reported |= confirmed
-            self._reported_at = now
+            self._reported_at, self._warned = now, True
         return None
 
     def _notice_clash(self, previous: ServerSeen | None) -> None:
@@ -125,8 +127,12 @@ class CoverageCheck:
         self._renewed = True
 
     def first_report(self, error: BaseException) -> bool:
-        """Whether ``error`` (not an outage) is new: each is logged once, not every lease."""
-        text = f"{type(error).__name__}: {error}"
+        """Whether ``error`` (not an outage) is new: each is logged once, not every lease.
+
+        Told apart by `short_error`'s text: the full server reply pymongo appends
+        carries cluster times and session ids that change with every call.
+        """
+        text = f"{type(error).__name__}: {short_error(error)}"
         if text in self._errors:
             return False
         self._errors.add(text)

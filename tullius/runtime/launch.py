@@ -132,14 +132,19 @@ def _require_tullius_data(db: Any, where: str) -> None:
     try:
         if "tullius_meta" in db.list_collection_names():
             return
-        others = sorted(db.client.list_database_names())
     except PyMongoError as error:
         raise StartupError(
             f"can't read database {db.name!r} at {where}: {short_error(error)}"
         ) from None
+    try:  # only a hint: listing databases may need rights a reader lacks
+        others = "databases there: " + (
+            ", ".join(sorted(db.client.list_database_names())) or "none"
+        )
+    except PyMongoError:
+        others = "the databases there can't be listed"
     raise StartupError(
-        f"database {db.name!r} at {where} holds no Tullius data (databases there: "
-        f"{', '.join(others) or 'none'}); check --database / TULLIUS_DATABASE"
+        f"database {db.name!r} at {where} holds no Tullius data ({others}); "
+        "check --database / TULLIUS_DATABASE"
     )
 
 

@@ -192,6 +192,10 @@ class _RecentDocs:
             return self._docs.pop(key, None)
 
 
+#: The renewal period assumed for an entry that does not say (the default lease).
+DEFAULT_ENTRY_EVERY_MS = 30_000
+
+
 def _due_query(
     statuses: Sequence[Status], min_priority: float, max_priority: float, now: datetime
 ) -> dict[str, Any]:
@@ -242,7 +246,10 @@ def _decode_server(raw: Mapping[str, Any]) -> ServerSeen:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1 or low > high:
             raise ValueError(f"band {dict(entry)!r} is not (count >= 1, min <= max)")
         bands.append(Band(count, low, high))
-    stopped, every_ms, instance = raw["stopped"], raw["every_ms"], raw["instance"]
+    # Entries from before these fields existed: not stopped, the default lease.
+    stopped = raw.get("stopped", False)
+    every_ms = raw.get("every_ms", DEFAULT_ENTRY_EVERY_MS)
+    instance = raw.get("instance", "")
     if not isinstance(stopped, bool):
         raise TypeError(f"stopped={stopped!r} is not true or false")
     if isinstance(every_ms, bool) or not isinstance(every_ms, int) or every_ms <= 0:
@@ -287,7 +294,7 @@ def short_error(error: BaseException) -> str:
     """One readable line, without credentials: pymongo appends its timeouts and a
     dump of the whole topology to its messages."""
     text = redact(str(error))
-    for cut in (" (configured timeouts", ", Timeout:"):
+    for cut in (" (configured timeouts", ", Timeout:", ", full error:"):
         text = text.split(cut)[0]
     return text[:300]
 
@@ -353,7 +360,7 @@ class MongoStore:
         self._idle: dict[tuple[Any, ...], tuple[int, datetime]] = {}
         self._shards: list[Collection[Any]] | None = None
         #: Unreadable server entries already warned about: (id, reason).
-        self._bad_entries: set[tuple[Any, str]] = set()
+        self._bad_entries: set[tuple[str, str]] = set()
         self._sleep = sleep
         self._monotonic = monotonic
 
@@ -693,8 +700,9 @@ class MongoStore:
             counts: Counter[float] = Counter()
             for live in self.live_collections():  # due work is never in ``finished``
                 for row in live.aggregate(group):
-                    if isinstance(row["_id"], int | float) and not isinstance(row["_id"], bool):
-                        counts[row["_id"]] += int(row["n"])
+                    priority = row["_id"]
+                    if isinstance(priority, int | float) and not isinstance(priority, bool):
+                        counts[priority] += int(row["n"])  # else no query for work matches it
             return dict(counts)
 
         return self._retrying("count due tasks", attempt)
@@ -801,8 +809,9 @@ class MongoStore:
                     found.append(_decode_server(raw))
                 except Exception as error:  # anything a hand edit can store
                     reason = f"{type(error).__name__}: {error}"
-                    if (raw.get("_id"), reason) not in self._bad_entries:
-                        self._bad_entries.add((raw.get("_id"), reason))
+                    key = (repr(raw.get("_id")), reason)  # an _id may be unhashable
+                    if key not in self._bad_entries:
+                        self._bad_entries.add(key)
                         _log.warning(
                             "server entry %r in %s can't be read (%s); ignoring it",
                             raw,
@@ -813,11 +822,29 @@ class MongoStore:
 
         return self._retrying("read the servers' bands", attempt)
 
+    def mark_stopped(self, server: str, instance: str) -> None:
+        self._retrying(
+            "mark this server stopped",
+            lambda: self.servers.update_one(
+                {"_id": server, "instance": instance}, {"$set": {"stopped": True}}
+            ),
+        )
+
     def forget_server(self, server: str, seen_at: datetime) -> None:
         self._retrying(
             "forget a stopped server",
             lambda: self.servers.delete_one({"_id": server, "seen_at": stored_time(seen_at)}),
         )
+
+    def server_time(self) -> datetime | None:
+        """The database server's clock (``hello``'s ``localTime``), or None if it
+        does not say: what ``tulliusd --status`` judges the entries' ages by."""
+
+        def attempt() -> datetime | None:
+            local = self.db.command("hello").get("localTime")
+            return aware_utc(local) if isinstance(local, datetime) else None
+
+        return self._retrying("read the database's clock", attempt)
 
     def count_set_aside(self) -> int:
         """Documents set aside as undecodable (`_set_aside`): for ``tulliusd --status``."""

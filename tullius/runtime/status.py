@@ -6,8 +6,7 @@ operator has to find without knowing where to look: tasks left
 takes (`tullius.coverage`).  The report lists both, with the daemons the
 database has heard from, the tasks counted by status and the documents set
 aside as undecodable.  It changes no task.  Each daemon's entry is judged by
-its own renewal period, against the newest entry's time (the database's
-clock) unless ours is later.
+its own renewal period, at the database's time (`read_status`).
 """
 
 from __future__ import annotations
@@ -34,6 +33,8 @@ class StatusReport:
     """What `format_status` prints."""
 
     now: datetime
+    #: The time entries are judged at: the database's clock (see `read_status`).
+    clock: datetime
     servers: tuple[ServerSeen, ...]
     counts: dict[Status, int]
     #: Documents set aside because they can't be decoded (`MongoStore` only).
@@ -43,22 +44,28 @@ class StatusReport:
     #: document when the story can't be read (the document is what an operator must see).
     unhandled: tuple[ChainLink | TaskDoc, ...]
 
-    @property
-    def clock(self) -> datetime:
-        """The time entries are judged at: the newest entry's (the store's clock), or ours."""
-        return max([self.now, *(seen.seen_at for seen in self.servers)])
-
 
 def read_status(store: Store, *, now: datetime) -> StatusReport:
-    """Read the report."""
+    """Read the report.
+
+    Entries are judged at the database's clock where the store can read it
+    (`MongoStore.server_time`), as the daemons judge them, so a reader whose
+    clock is off does not see every daemon as gone; else at the newest
+    entry's time, or ``now`` if that is later.
+    """
     servers = tuple(store.read_servers())
     count_set_aside = getattr(store, "count_set_aside", None)
+    server_time = getattr(store, "server_time", None)
+    clock = (server_time() if server_time is not None else None) or max(
+        [now, *(seen.seen_at for seen in servers)]
+    )
     return StatusReport(
         now=now,
+        clock=clock,
         servers=servers,
         counts=store.count_by_status(),
         set_aside=count_set_aside() if count_set_aside is not None else 0,
-        coverage=drive(store, read_coverage(servers, now=now)),
+        coverage=drive(store, read_coverage(servers, now=now, clock=clock)),
         unhandled=tuple(
             _story(store, doc) for doc in store.find_by_status([Status.UNHANDLED], UNHANDLED_SHOWN)
         ),

@@ -166,7 +166,7 @@ class Supervisor(WorkerKeeping):
             self._restore_signals(previous)
             self._shutdown_processes()
             self._store_thread.close()
-        if self._exit_code == 0:
+        if self._exit_code == 0 and not self._store_down:
             self._say_stopped()
         if self._stop_signals and self._exit_code == 0:
             log.info("stopped: every verdict recorded")
@@ -174,9 +174,14 @@ class Supervisor(WorkerKeeping):
 
     def _say_stopped(self) -> None:
         """Mark our entry stopped, so that the other daemons' coverage checks and
-        ``tulliusd --status`` stop counting on our bands at once, not a few leases on."""
+        ``tulliusd --status`` stop counting on our bands at once, not a few leases on.
+
+        Only if the store answered last (else the stop would wait on its
+        retries), and only if our start wrote the entry last (a newer daemon of
+        the same name is running).
+        """
         try:
-            self.store.announce_server(self.coverage.entry(stopped=True))
+            self.store.mark_stopped(self.server, self.coverage.instance)
         except StoreError as error:  # they will see our entry age instead
             log.info("could not mark this server stopped: %s", short_error(error))
 

@@ -346,8 +346,7 @@ class MemoryStore:
             for priority in held[
                 bisect_left(held, min_priority) : bisect_right(held, max_priority)
             ]:
-                bucket = self._due[status].get(priority, [])
-                due = bisect_right(bucket, now, key=_DUE_AT)
+                due = bisect_right(self._due[status].get(priority, []), now, key=_DUE_AT)
                 if due:
                     counts[priority] = counts.get(priority, 0) + due
         return counts
@@ -382,6 +381,11 @@ class MemoryStore:
 
     def read_servers(self) -> list[ServerSeen]:
         return [self._servers[name] for name in sorted(self._servers)]
+
+    def mark_stopped(self, server: str, instance: str) -> None:
+        stored = self._servers.get(server)
+        if stored is not None and stored.instance == instance:
+            self._servers[server] = dataclasses.replace(stored, stopped=True)
 
     def forget_server(self, server: str, seen_at: datetime) -> None:
         stored = self._servers.get(server)
