@@ -4,9 +4,9 @@
 and decides what is worth a log line.  Waiting work is not reported at every
 check: a warning when a priority starts to wait (once a second check in a
 row finds it), again every `REPEAT_AFTER` while work waits, and one line when
-nothing waits any more.  The check only reports,
-so its own errors never stop the daemon: a store outage counts as one (like
-any store call's), any other error is logged once.
+nothing waits any more.  The check only reports, so its own errors never
+stop the daemon: a store outage counts as one (like any store call's), any
+other error is logged once.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from tullius.store import ServerSeen, Store
 
 log = logging.getLogger("tullius.daemon")
 
-#: While the same tasks wait, how often the warning is repeated (monotonic seconds).
+#: While work waits and no new priority joins, how often the warning is repeated
+#: (monotonic seconds).
 REPEAT_AFTER: Final = 600.0
 
 
