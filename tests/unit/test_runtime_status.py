@@ -130,3 +130,19 @@ def test_daemons_are_judged_by_the_databases_clock_not_the_readers() -> None:
     report = read_status(store, now=database_now + timedelta(minutes=10))
     # Then it is running, ten seconds ago
     assert "web1  running, last seen 10 s ago" in format_status(report)
+
+
+def test_the_readmes_recipe_runs_an_unhandled_task_again_as_a_new_one() -> None:
+    # Given a task left unhandled
+    sim = Simulation(seed=4)
+    (lost_cause,) = sim.queue(Unlucky())
+    sim.drain(within=timedelta(hours=1))
+    # When the README's line queues it again
+    with sim.queue_calls():
+        (again,) = tullius.queue(tullius.chain(lost_cause, store=sim.store)[0].task.copy())
+    counts = sim.drain(within=timedelta(hours=1))
+    # Then a new task ran (and, its code unchanged, failed the same way); the first is untouched
+    assert again != lost_cause
+    assert counts.unhandled == 2
+    assert [link.status for link in sim.chain(lost_cause)] == [Status.UNHANDLED]
+    sim.close()
