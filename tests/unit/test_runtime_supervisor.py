@@ -39,14 +39,17 @@ def settings(**changes: Any) -> Settings:
     return Settings(**values)
 
 
-def test_example_times_out_then_failed_runs_then_it_succeeds(capsys: Any) -> None:
+def test_example_times_out_then_failed_runs_then_it_succeeds(
+    capsys: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     # Given the quick example counting to 6 (1 s timeout, 0.2 s per count)
     store = MemoryStore()
     root = queue_demo(store, quick=True, count_to=6)
     printer = ChainPrinter(root)
     # When the supervisor runs until the whole chain is terminal
     supervisor = Supervisor(store, settings(), observer=printer)
-    assert supervisor.run() == 0
+    with caplog.at_level("INFO", logger="tullius.daemon"):
+        assert supervisor.run() == 0
     # Then 6 and 5 timed out (5 counts take the whole timeout), each failed()
     # queued the next, and the last one, counting to 4 or less, succeeded
     chain = read_chain(store, root)
@@ -63,6 +66,12 @@ def test_example_times_out_then_failed_runs_then_it_succeeds(capsys: Any) -> Non
     assert "QuickExampleTask(count_to=6): failed (timeout)" in out
     assert f"QuickExampleTask(count_to={counts[-1]}): succeeded" in out
     assert supervisor.counters.timeouts == len(counts) - 1
+    # And each handled failure's log line names the replacement it queued
+    replacement = chain[1]
+    assert (
+        f"task {root} (tullius.demo:QuickExampleTask): handled; queued QuickExampleTask "
+        f"{replacement.task_id} (priority {replacement.task.priority})"
+    ) in [record.getMessage() for record in caplog.records]
 
 
 class StopWhenRunning:

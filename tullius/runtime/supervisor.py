@@ -36,7 +36,7 @@ from types import FrameType
 from typing import Any
 
 from tullius.api import insert_queued
-from tullius.band import Band
+from tullius.band import Band, format_priority
 from tullius.clock import Clock, SystemClock
 from tullius.document import (
     FailureKind,
@@ -80,6 +80,21 @@ STORE_THREADS = 4
 MAX_WAIT = 0.5
 
 Observer = Callable[[Store], bool]
+
+
+def _queued(verdict: Verdict) -> str:
+    """What a success or a handled failure queued, for its log line: an operator
+    following a chain (a replacement at a priority no band takes) needs the ids."""
+    spawned = verdict.record.spawned
+    if not spawned:
+        return ""
+    shown = ", ".join(
+        f"{doc.class_name.rpartition(':')[2]} {doc.task_id} "
+        f"(priority {format_priority(doc.priority)})"
+        for doc in spawned[:5]
+    )
+    more = f" and {len(spawned) - 5} more" if len(spawned) > 5 else ""
+    return f"; queued {shown}{more}"
 
 
 class Supervisor(WorkerKeeping):
@@ -476,7 +491,7 @@ class Supervisor(WorkerKeeping):
                 event.failure.message,
             )
         else:
-            log.info("task %s (%s): %s", job.task_id, name, status.value)
+            log.info("task %s (%s): %s%s", job.task_id, name, status.value, _queued(verdict))
         self._poll_soon()  # successors or replacements may be due right away
         self._next_observe = 0.0
 
