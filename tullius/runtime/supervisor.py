@@ -8,8 +8,8 @@ Two threads, one rule each:
   (`tullius.runtime.processes`).  It never waits on the store, so a database
   outage can't delay a kill.
 * the **store threads** run every store conversation of ``engine.py`` with
-  `engine.drive`: claims, finishes, renewals, sweeps and ``tullius.queue()``
-  calls made by user code.  Several against a database (each conversation is
+  `engine.drive`: claims, finishes, renewals, sweeps, coverage checks
+  (`tullius.coverage`) and ``tullius.queue()`` calls made by user code.  Several against a database (each conversation is
   correct against concurrent rivals); one for an embedded `MemoryStore`,
   which needs no lock then.
 
