@@ -9,9 +9,10 @@ Two threads, one rule each:
   outage can't delay a kill.
 * the **store threads** run every store conversation of ``engine.py`` with
   `engine.drive`: claims, finishes, renewals, sweeps, coverage checks
-  (`tullius.coverage`) and ``tullius.queue()`` calls made by user code.  Several against a database (each conversation is
-  correct against concurrent rivals); one for an embedded `MemoryStore`,
-  which needs no lock then.
+  (`tullius.coverage`) and ``tullius.queue()`` calls made by user code.
+  Several against a database (each conversation is correct against
+  concurrent rivals); one for an embedded `MemoryStore`, which needs no
+  lock then.
 
 A store error ends a conversation; every write is idempotent, so the loop
 simply runs it again later (a finished job's verdict is retried with the very
