@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from tullius.errors import ConfigError, TulliusError
+from tullius.policy import DEFAULT_LEASE
 from tullius.runtime.config import (
     DEFAULT_GRACE,
-    DEFAULT_LEASE,
     DEFAULT_POLL_INTERVAL,
     RawFlags,
     Settings,

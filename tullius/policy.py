@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Final
 
 from tullius.errors import ConfigError
 
@@ -35,6 +36,10 @@ def handler_backoff(attempt: int, rng: random.Random | None = None) -> timedelta
     return half + half * rng.random()
 
 
+#: The lease of ``tulliusd`` and of the simulator unless told otherwise.
+DEFAULT_LEASE: Final = timedelta(seconds=30)
+
+
 @dataclass(frozen=True)
 class LeaseTimings:
     """Heartbeat, sweep and staleness periods derived from one promise: ``lease``.
@@ -49,7 +54,7 @@ class LeaseTimings:
     database latency.
     """
 
-    lease: timedelta = timedelta(seconds=30)
+    lease: timedelta = DEFAULT_LEASE
 
     def __post_init__(self) -> None:
         if not isinstance(self.lease, timedelta) or self.lease <= timedelta(0):

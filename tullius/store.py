@@ -23,6 +23,7 @@ from typing import Any, Final, Protocol
 from tullius.band import Band
 from tullius.document import Record, Status, TaskDoc, TaskView, quick_init
 from tullius.effects import InsertRecord, InsertTasks, SetStatus
+from tullius.policy import DEFAULT_LEASE
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class ServerSeen:
     #: It said it stopped (a clean stop), so it takes nothing however recent.
     stopped: bool = False
     #: How often it renews the entry (its lease): others judge its age by this.
-    every: timedelta = timedelta(seconds=30)
+    every: timedelta = DEFAULT_LEASE
     #: Which start of the server wrote it: two daemons given one name differ here.
     instance: str = ""
 

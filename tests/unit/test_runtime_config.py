@@ -10,10 +10,10 @@ import pytest
 from tullius.band import Band
 from tullius.deps import Deps
 from tullius.errors import ConfigError
+from tullius.policy import DEFAULT_LEASE
 from tullius.runtime.config import (
     DEFAULT_BANDS,
     DEFAULT_GRACE,
-    DEFAULT_LEASE,
     DEFAULT_POLL_INTERVAL,
     ENV_FLAGS,
     RawFlags,

@@ -28,12 +28,12 @@ from typing import Any
 from tullius.band import ALL, Band, parse_band
 from tullius.deps import Deps, load_deps
 from tullius.errors import ConfigError
+from tullius.policy import DEFAULT_LEASE
 
 ENV_PREFIX = "TULLIUS_"
 #: Used when no flag, variable or ``tullius_deps.task_processes`` names bands:
 #: four workers for every priority.
 DEFAULT_BANDS = (Band(4, *ALL),)
-DEFAULT_LEASE = timedelta(seconds=30)
 #: Idle polling period; small enough that an idle daemon picks up new work in
 #: about 15 ms (half the period plus one claim's round trips); measured in
 #: bench/daemon_bench.py: pickup p50 14 ms at 0.01 s, 22 ms at 0.02 s.

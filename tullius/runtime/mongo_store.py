@@ -91,6 +91,7 @@ from tullius.document import (
     task_to_bson,
 )
 from tullius.errors import ConfigError, StoreError, StoreUnavailable
+from tullius.policy import DEFAULT_LEASE
 from tullius.store import ServerSeen
 
 T = TypeVar("T")
@@ -192,10 +193,6 @@ class _RecentDocs:
             return self._docs.pop(key, None)
 
 
-#: The renewal period assumed for an entry that does not say (the default lease).
-DEFAULT_ENTRY_EVERY_MS = 30_000
-
-
 def _due_query(
     statuses: Sequence[Status], min_priority: float, max_priority: float, now: datetime
 ) -> dict[str, Any]:
@@ -248,7 +245,7 @@ def _decode_server(raw: Mapping[str, Any]) -> ServerSeen:
         bands.append(Band(count, low, high))
     # Entries from before these fields existed: not stopped, the default lease.
     stopped = raw.get("stopped", False)
-    every_ms = raw.get("every_ms", DEFAULT_ENTRY_EVERY_MS)
+    every_ms = raw.get("every_ms", DEFAULT_LEASE // timedelta(milliseconds=1))
     instance = raw.get("instance", "")
     if not isinstance(stopped, bool):
         raise TypeError(f"stopped={stopped!r} is not true or false")

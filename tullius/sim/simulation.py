@@ -26,7 +26,7 @@ from tullius.errors import (
     ConfigError,
 )
 from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
-from tullius.policy import LeaseTimings
+from tullius.policy import DEFAULT_LEASE, LeaseTimings
 from tullius.sim.clock import DEFAULT_START, ServerClock, SimClock, to_us
 from tullius.sim.faults import (
     ClockSkew,
@@ -109,7 +109,7 @@ class Simulation(Scheduler):
         *,
         servers: int | Iterable[str] = 1,
         task_processes: Iterable[Any] = ((10, 0, 10),),
-        lease: timedelta = timedelta(seconds=30),
+        lease: timedelta = DEFAULT_LEASE,
         poll_interval: timedelta | float = timedelta(seconds=1),
         store_retry: timedelta = timedelta(seconds=1),
         kill_grace: timedelta = timedelta(0),
