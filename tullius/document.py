@@ -528,12 +528,18 @@ def task_from_bson(data: Mapping[str, Any]) -> TaskDoc:
     )
 
 
+def is_number(value: Any) -> bool:
+    """A number as a priority or a band's end may be: an int or float, not a bool
+    (an int to Python, not to BSON), not NaN (which no comparison matches)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and value == value
+
+
 def _priority(value: Any) -> float:
     # A priority a hand edit or another program made a string matches no band's
     # query (MongoDB compares numbers with numbers only), so it would wait unseen.
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+    if not is_number(value):
         raise ValueError(f"priority {value!r} is not a number")
-    return value
+    return value  # type: ignore[no-any-return]
 
 
 def aware_utc(value: datetime) -> datetime:

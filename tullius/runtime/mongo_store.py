@@ -81,6 +81,7 @@ from tullius.document import (
     aware_utc,
     handler_end_id,
     handler_id,
+    is_number,
     outcome_id,
     record_from_bson,
     record_to_bson,
@@ -238,7 +239,7 @@ def _decode_server(raw: Mapping[str, Any]) -> ServerSeen:
         high = math.inf if entry["max"] is None else entry["max"]
         count = entry["count"]
         for value in (low, high):
-            if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            if not is_number(value):
                 raise TypeError(f"band end {value!r} is not a number")
         if isinstance(count, bool) or not isinstance(count, int) or count < 1 or low > high:
             raise ValueError(f"band {dict(entry)!r} is not (count >= 1, min <= max)")
@@ -698,7 +699,7 @@ class MongoStore:
             for live in self.live_collections():  # due work is never in ``finished``
                 for row in live.aggregate(group):
                     priority = row["_id"]
-                    if isinstance(priority, int | float) and not isinstance(priority, bool):
+                    if is_number(priority):
                         counts[priority] += int(row["n"])  # else no query for work matches it
             return dict(counts)
 
