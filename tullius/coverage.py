@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from typing import Final
 
 from tullius.band import Band, format_priority
-from tullius.document import TaskDoc
+from tullius.document import TaskDoc, short_name
 from tullius.engine import WORK, Conversation
 from tullius.errors import StoreError
 from tullius.store import (
@@ -78,7 +78,7 @@ class Coverage:
         phrases = []
         for priority in list(self.waiting)[:SHOWN_PRIORITIES]:
             docs = [doc for doc in self.examples if doc.priority == priority]
-            names = ", ".join(f"{doc.class_name.rpartition(':')[2]} {doc.task_id}" for doc in docs)
+            names = ", ".join(f"{short_name(doc.class_name)} {doc.task_id}" for doc in docs)
             oldest = self.oldest.get(priority)
             phrases.append(
                 f"priority {format_priority(priority)}: {self.waiting[priority]}"

@@ -528,6 +528,12 @@ def task_from_bson(data: Mapping[str, Any]) -> TaskDoc:
     )
 
 
+def short_name(class_name: str) -> str:
+    """A stored class name without its module, for messages: ``Report`` for
+    ``billing.tasks:Report``."""
+    return class_name.rpartition(":")[2]
+
+
 def is_number(value: Any) -> bool:
     """A number as a priority or a band's end may be: an int or float, not a bool
     (an int to Python, not to BSON), not NaN (which no comparison matches)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from tullius.document import FailureKind, Status
+from tullius.document import FailureKind, Status, short_name
 from tullius.inspection import ChainLink
 
 #: The failure kinds Tullius writes: an expected kind must be one of them, so a
@@ -112,7 +112,7 @@ def describe_chain(chain: Sequence[ChainLink]) -> str:
 
 
 def describe_link(link: ChainLink) -> str:
-    name = link.class_name.rpartition(":")[2]
+    name = short_name(link.class_name)
     args = ", ".join(f"{key}={value!r}" for key, value in sorted(link.fields.items()))
     text = f"{name}({args}) {link.outcome or link.status.value}"
     if link.failure is not None:

@@ -43,6 +43,7 @@ from tullius.document import (
     FailureKind,
     Status,
     describe_lease,
+    short_name,
     status_of,
 )
 from tullius.engine import (
@@ -90,8 +91,7 @@ def _queued(verdict: Verdict) -> str:
     if not spawned:
         return ""
     shown = ", ".join(
-        f"{doc.class_name.rpartition(':')[2]} {doc.task_id} "
-        f"(priority {format_priority(doc.priority)})"
+        f"{short_name(doc.class_name)} {doc.task_id} (priority {format_priority(doc.priority)})"
         for doc in spawned[:5]
     )
     more = f" and {len(spawned) - 5} more" if len(spawned) > 5 else ""

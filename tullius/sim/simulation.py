@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from tullius.api import queue_sink, task_id_of
 from tullius.band import Band, bands_from_setting
-from tullius.document import TERMINAL, Status, TaskSpec, spawned_of, status_of
+from tullius.document import TERMINAL, Status, TaskSpec, short_name, spawned_of, status_of
 from tullius.errors import (
     ConfigError,
 )
@@ -235,7 +235,7 @@ class Simulation(Scheduler):
         for spec in specs:
             if not any(band.covers(spec.priority) for band in self.bands):
                 raise ConfigError(
-                    f"{spec.class_name.rpartition(':')[2]}.priority",
+                    f"{short_name(spec.class_name)}.priority",
                     spec.priority,
                     f"is outside every band of task_processes {[str(b) for b in self.bands]}; "
                     "no worker would ever run it",

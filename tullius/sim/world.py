@@ -24,7 +24,15 @@ from typing import Any
 
 from tullius.api import queue_sink
 from tullius.band import Band
-from tullius.document import Failure, FailureKind, Status, TaskSpec, due_at_of, status_of
+from tullius.document import (
+    Failure,
+    FailureKind,
+    Status,
+    TaskSpec,
+    due_at_of,
+    short_name,
+    status_of,
+)
 from tullius.effects import InsertRecord, InsertTasks, SetStatus
 from tullius.engine import (
     CLAIM_READ,
@@ -381,7 +389,7 @@ class Drivers:
                 c.poked = True
 
     def _work(self, server: Server, job: Job, index: int, name: str, claimer: Claimer) -> ActorGen:
-        what = f"{job.view.task.class_name.rpartition(':')[2]}.{job.role} of task {job.task_id!r}"
+        what = f"{short_name(job.view.task.class_name)}.{job.role} of task {job.task_id!r}"
         ex = Execution(job, server, index, what, to_us(job.time_limit))
         server.execs.append(ex)  # (its token is the server's own since the claim: `_claimer`)
         outcome = yield RunUser(ex)
@@ -676,7 +684,7 @@ class Drivers:
         view = self.store.load(task_id)
         assert view is not None
         status = status_of(view)
-        name = view.task.class_name.rpartition(":")[2]
+        name = short_name(view.task.class_name)
         head = f"{task_id} {name}{dict(view.task.fields)} {status.value}"
         lease = view.current_lease()
         due_at = due_at_of(view)
