@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from typing import Final
 
 from tullius.band import Band, format_priority
-from tullius.document import TaskDoc, short_name
+from tullius.document import Status, TaskDoc, short_name
 from tullius.engine import WORK, Conversation
 from tullius.errors import StoreError
 from tullius.store import (
@@ -232,12 +232,17 @@ def find_stranded(
     examples: list[TaskDoc] = []
     oldest: dict[float, datetime] = {}
     for priority in sorted(waiting)[:SHOWN_PRIORITIES]:
-        examples += yield FindDue(WORK, priority, priority, now, EXAMPLES_PER_PRIORITY)
-        # find_due puts failures first: the earliest of each status is its first
-        for status in WORK:
-            first: list[TaskDoc] = yield FindDue((status,), priority, priority, now, 1)
-            if first and first[0].due_at is not None:
-                known = oldest.get(priority, first[0].due_at)
-                oldest[priority] = min(known, first[0].due_at)
+        shown: list[TaskDoc] = yield FindDue(WORK, priority, priority, now, EXAMPLES_PER_PRIORITY)
+        examples += shown
+        # find_due puts failures before queued work, each by due time: the first
+        # example of a status is its earliest, and queued work can be missing from
+        # the examples only when they are all failures, and as many as were asked.
+        failed = [doc for doc in shown if doc.status is Status.FAILED]
+        queued = [doc for doc in shown if doc.status is not Status.FAILED]
+        if not queued and len(shown) == EXAMPLES_PER_PRIORITY:
+            queued = yield FindDue((Status.QUEUED,), priority, priority, now, 1)
+        due = [docs[0].due_at for docs in (failed, queued) if docs and docs[0].due_at]
+        if due:
+            oldest[priority] = min(due)
     ordered = {priority: waiting[priority] for priority in sorted(waiting)}
     return Coverage(tuple(live), ordered, tuple(examples), oldest)

@@ -338,3 +338,20 @@ def test_a_daemon_restarted_under_its_name_is_not_taken_for_a_clash(
     watch = Watch(store, caplog)
     assert watch.at(0) == []
     assert watch.at(30) == []
+
+
+def test_the_oldest_due_time_counts_queued_work_shown_among_the_examples() -> None:
+    # Given one failure due an hour ago and queued work due two and seven days ago
+    store = MemoryStore()
+    store.insert_tasks(
+        [
+            make_doc("f", priority=50),
+            make_doc("q2", priority=50, start_after=NOW - timedelta(days=2)),
+            make_doc("q7", priority=50, start_after=NOW - timedelta(days=7)),
+        ]
+    )
+    store.set_status("f", Status.FAILED, NOW - timedelta(hours=1))
+    # Then the oldest is the week, read from the examples themselves
+    coverage = check(store)
+    assert [doc.task_id for doc in coverage.examples] == ["f", "q7", "q2"]
+    assert coverage.by_priority(NOW)[0].startswith("priority 50: 3, oldest due 7 days ago")
