@@ -161,9 +161,10 @@ class Candidates:
 
     def unsure_tokens(self, now: datetime) -> list[str]:
         """The tokens of the unsure claims not given up at ``now``: the driver's own."""
-        return [u.token for u in self.unsure if not self._given_up(u, now)]
+        return [u.token for u in self.unsure if not self.given_up(u, now)]
 
-    def _given_up(self, unsure: UnsureClaim, now: datetime) -> bool:
+    def given_up(self, unsure: UnsureClaim, now: datetime) -> bool:
+        """Whether ``unsure`` waited longer than ``unsure_for`` for its worker."""
         return self.unsure_for is not None and now - unsure.at > self.unsure_for
 
     def fresh(self, now: datetime) -> list[TaskDoc]:
@@ -327,17 +328,17 @@ def _settle_unsure(
     for unsure in left.unsure:
         index = next((i for i, (worker, _) in enumerate(waiting) if worker == unsure.worker), None)
         if index is None:  # its worker is not idle now: later, unless it waited too long
-            if left._given_up(unsure, now):
-                left.unsure = tuple(other for other in left.unsure if other is not unsure)
-            continue
-        view: TaskView | None = yield Load(unsure.doc.task_id)
-        lease = None if view is None else view.current_lease()
-        if view is not None and lease is not None and lease.token == unsure.token:
-            yield from repair(view, now=now)  # (a store error here: still unsure, tried again)
-            kind = JobKind.RUN if lease.kind is RecordKind.RUN else JobKind.HANDLE
-            jobs.append(Job(kind, view, lease))
-            waiting.pop(index)
-        # else not stored, or over (a sweep declared it lost): nothing of ours
+            if not left.given_up(unsure, now):
+                continue
+        else:
+            view: TaskView | None = yield Load(unsure.doc.task_id)
+            lease = None if view is None else view.current_lease()
+            if view is not None and lease is not None and lease.token == unsure.token:
+                yield from repair(view, now=now)  # (a store error here: still unsure, retried)
+                kind = JobKind.RUN if lease.kind is RecordKind.RUN else JobKind.HANDLE
+                jobs.append(Job(kind, view, lease))
+                waiting.pop(index)
+            # else not stored, or over (a sweep declared it lost): nothing of ours
         left.unsure = tuple(other for other in left.unsure if other is not unsure)
 
 
