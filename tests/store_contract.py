@@ -329,6 +329,42 @@ class StoreContract:
         store.forget_server("b", b.seen_at - timedelta(seconds=1))  # b renewed since: kept
         assert [seen.server for seen in store.read_servers()] == ["b"]
 
+    def test_deleting_tasks_deletes_them_and_the_records_named_and_nothing_else(
+        self, store: Any
+    ) -> None:
+        # Given a parent with two finished children, each with a record
+        parent = make_doc("p")
+        children = [
+            TaskDoc(**{**make_doc(name).__dict__, "parent_id": "p", "root_id": "p"})
+            for name in ("x", "y")
+        ]
+        store.insert_tasks([parent, *children])
+        for name in ("x", "y"):
+            store.insert_record(make_record(name))
+            store.set_status(name, Status.SUCCEEDED, None)
+        # When one child is deleted with its record
+        assert store.delete_tasks(["x"], [run_id("x")]) == 1
+        # Then it is gone, with its record; the other child and the parent stay
+        assert store.load("x") is None
+        assert store.insert_record(make_record("x", token="new")).token == "new"
+        assert [doc.task_id for doc in store.find_children("p")] == ["y"]
+        assert store.load("y").run.token == "tok"
+        assert store.load("p") is not None
+        assert store.count_by_status() == {Status.QUEUED: 1, Status.SUCCEEDED: 1}
+
+    def test_deleting_a_finished_task_inserted_again_deletes_every_copy(self, store: Any) -> None:
+        # Given a finished task whose id was inserted again (MongoStore: a live copy)
+        store.insert_tasks([make_doc("t1")])
+        store.insert_record(make_record("t1"))
+        store.set_status("t1", Status.SUCCEEDED, None)
+        store.insert_tasks([make_doc("t1")])
+        # When it is deleted, twice
+        assert store.delete_tasks(["t1"], [run_id("t1")]) == 1
+        assert store.delete_tasks(["t1"], [run_id("t1")]) == 0
+        # Then no copy is left anywhere
+        assert store.load("t1") is None
+        assert store.find_by_status(list(Status), 10) == []
+
 
 def is_about_now(when: datetime) -> bool:
     """Whether a store stamped ``when`` with its own clock (a server on this machine)."""

@@ -13,10 +13,11 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from tullius.errors import ConfigError, TulliusError
 from tullius.policy import DEFAULT_LEASE
+from tullius.prune import MIN_AGE
 from tullius.runtime.config import (
     DEFAULT_GRACE,
     DEFAULT_POLL_INTERVAL,
@@ -127,6 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
         "daemon: 0, or 1 when work waits for a priority no running daemon takes",
     )
     other.add_argument(
+        "--prune-finished",
+        metavar="DAYS",
+        help="delete the tasks that succeeded or were handled more than DAYS ago (at least "
+        f"{MIN_AGE / timedelta(days=1):g}), with their records, then exit, starting no daemon; "
+        "a task is kept longer by its own timeout, and while its parent has not finished. "
+        "Safe while daemons run; run it daily from cron",
+    )
+    other.add_argument(
+        "--prune-unhandled",
+        action="store_true",
+        help="with --prune-finished, delete old unhandled tasks too (kept otherwise: they are "
+        "the failures nobody handled)",
+    )
+    other.add_argument(
         "--demo",
         action="store_true",
         help="queue the README's ExampleTask(count_to=10), print its chain as it unfolds "
@@ -163,6 +178,27 @@ def _print_status(settings: Settings) -> int:
     return EXIT_WAITING if report.coverage.waiting else 0
 
 
+def _prune(settings: Settings) -> int:
+    """Delete old finished tasks (``--prune-finished``) and print what was done."""
+    from tullius.engine import drive
+    from tullius.prune import prune
+    from tullius.runtime.launch import StartupError, open_mongo
+
+    assert settings.prune_finished is not None
+    store = open_mongo(settings, prepare=False)
+    try:
+        report = drive(
+            store,
+            prune(
+                settings.prune_finished, now=datetime.now(UTC), unhandled=settings.prune_unhandled
+            ),
+        )
+    except TulliusError as error:  # the store failing, or a document it can't give back
+        raise StartupError(f"can't prune: {error}") from None
+    print(report.describe(settings.prune_finished))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``tulliusd``; return its exit status (2 for a bad start-up)."""
     from tullius.runtime.launch import StartupError, run_daemon
@@ -175,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = resolve(flags)
         if args.status:
             return _print_status(settings)
+        if settings.prune_finished is not None:
+            return _prune(settings)
         return run_daemon(settings)
     except (ConfigError, StartupError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

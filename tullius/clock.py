@@ -32,3 +32,17 @@ class SystemClock:
 
     def monotonic(self) -> float:
         return time.monotonic()
+
+
+#: ``CLOCK_BOOTTIME`` where the system has it (Linux), else the monotonic clock.
+_BOOT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def boot_seconds() -> float:
+    """Seconds from an arbitrary origin, counting time the machine was suspended.
+
+    Why not ``monotonic()``: on Linux it stops while the machine (or its VM) is
+    suspended, and a write window (`tullius.prune.WRITE_WINDOW`) must count a
+    day spent suspended as a day.
+    """
+    return time.clock_gettime(_BOOT_CLOCK)

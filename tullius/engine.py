@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 
 from tullius.band import Band
 from tullius.document import Record, RecordKind, Status, TaskDoc, TaskView, quick_init
-from tullius.effects import InsertRecord
-from tullius.errors import InvalidTransition, StoreError
+from tullius.effects import InsertRecord, InsertTasks, SetStatus
+from tullius.errors import InvalidTransition, StoreError, WriteWindowClosed
 from tullius.events import (
     Claimed,
     Event,
@@ -55,6 +55,9 @@ REUSE_CANDIDATES_FOR = timedelta(seconds=0.25)
 #: How many running or handling tasks a sweep reads at a time (it reads them all,
 #: page by page: a dead lease past the first page must be noticed too).
 SWEEP_BATCH = 1000
+#: The operations that write a task's documents or records: what ``drive``'s
+#: ``write_by`` holds back.
+TASK_WRITES: frozenset[type] = frozenset({InsertRecord, InsertTasks, SetStatus})
 _NO_TIME = timedelta(0)
 
 
@@ -190,18 +193,34 @@ class SweepReport:
     repaired: list[str] = field(default_factory=list)  #: task ids whose hints/inserts were fixed
 
 
-def drive(store: Store, conversation: Conversation[T]) -> T:
+def drive(
+    store: Store,
+    conversation: Conversation[T],
+    *,
+    write_by: float | None = None,
+    clock: Callable[[], float] | None = None,
+) -> T:
     """Run a conversation against ``store`` to the end, one operation at a time.
 
     A `StoreError` is thrown into the conversation at the operation that failed,
     as the simulator throws it, so that both drivers give a conversation the
     same chance to react (a claim keeps what it won, see `claim_many`); unless
     the conversation handles it, it comes back out of here.
+
+    ``write_by``: no task write (`TASK_WRITES`) is made once ``clock()`` has
+    passed it; the conversation is closed and `WriteWindowClosed` raised
+    instead (see `tullius.prune`, which counts on it).
     """
     send = conversation.send  # bound once: a conversation sends a few results
     try:
         op = next(conversation)
         while True:
+            if write_by is not None and type(op) in TASK_WRITES:
+                assert clock is not None, "write_by needs its clock"
+                late_by = clock() - write_by
+                if late_by > 0:
+                    conversation.close()
+                    raise WriteWindowClosed(type(op).__name__, late_by)
             try:
                 result = perform(store, op)
             except StoreError as error:

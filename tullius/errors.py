@@ -157,3 +157,26 @@ class StoreUnavailable(StoreError):
         self.operation = operation
         self.cause = cause
         super().__init__(f"store unavailable during {operation}: {cause}")
+
+
+class WriteWindowClosed(TulliusError):
+    """A driver gave up a write it was too late to make (`engine.drive`'s ``write_by``).
+
+    Why: pruning (`tullius.prune`) deletes a finished task's records, whose
+    existence is what makes a late writer lose; it counts on no daemon writing
+    for a task long after it could have held it.  A conversation that could
+    not write in time (the database out of reach for a day, the server
+    paused) ends with this instead; nothing of it is written any more.
+
+    Attributes:
+        operation: the write given up, e.g. ``InsertRecord``.
+        late_by: how many seconds past ``write_by`` it came.
+    """
+
+    def __init__(self, operation: str, late_by: float) -> None:
+        self.operation = operation
+        self.late_by = late_by
+        super().__init__(
+            f"{operation} given up: {late_by:.0f} s past the write window "
+            f"(expected to write within it; see tullius.prune)"
+        )

@@ -38,6 +38,12 @@ def handler_backoff(attempt: int, rng: random.Random | None = None) -> timedelta
 
 #: The lease of ``tulliusd`` and of the simulator unless told otherwise.
 DEFAULT_LEASE: Final = timedelta(seconds=30)
+#: How long after a job's time limit (or a claim's or sweep's start) ``tulliusd``
+#: may still write for it: past that, it gives the write up (`engine.drive`'s
+#: ``write_by``) and the task is failed as ``lost`` by the sweeps instead.  What
+#: makes pruning finished tasks safe (`tullius.prune`).  Long, so that a database
+#: out of reach for hours still ends with every verdict recorded.
+WRITE_WINDOW: Final = timedelta(days=1)
 
 
 @dataclass(frozen=True)

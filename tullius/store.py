@@ -171,8 +171,20 @@ class Store(Protocol):
         """
         ...
 
+    def delete_tasks(self, task_ids: Sequence[str], record_ids: Sequence[str]) -> int:
+        """Delete the tasks (every copy) and the records; return how many tasks were stored.
 
-# --- read operations (the write operations are the machine's effects) ---------
+        For pruning finished tasks (`tullius.prune`), which alone decides what
+        may go.  In this order: the tasks' live copies, then the records, then
+        the tasks' other copies (`MongoStore`: in ``finished``).  So an error
+        part-way leaves at most a finished copy whose records are gone, which
+        nothing claims and a repeat deletes; never a live copy without its
+        records, which a claim would run again.
+        """
+        ...
+
+
+# --- the other operations (the task writes are the machine's effects) ---------
 
 # Built for every read of every conversation: `quick_init` spares the field-by-field
 # ``__init__`` of a frozen dataclass.
@@ -232,6 +244,12 @@ class ForgetServer:
     seen_at: datetime
 
 
+@dataclass(frozen=True)
+class DeleteTasks:
+    task_ids: tuple[str, ...]
+    record_ids: tuple[str, ...]
+
+
 Operation = (
     InsertRecord
     | InsertTasks
@@ -244,6 +262,7 @@ Operation = (
     | AnnounceServer
     | ReadServers
     | ForgetServer
+    | DeleteTasks
 )
 
 
@@ -278,6 +297,7 @@ PERFORMERS: Final[Mapping[type[Any], Callable[[Store, Any], Any]]] = {
     AnnounceServer: lambda store, op: store.announce_server(op.seen),
     ReadServers: lambda store, op: store.read_servers(),
     ForgetServer: lambda store, op: store.forget_server(op.server, op.seen_at),
+    DeleteTasks: lambda store, op: store.delete_tasks(op.task_ids, op.record_ids),
 }
 
 

@@ -248,3 +248,31 @@ def test_other_programs_tullius_variables_and_every_setting_of_ours_are_accepted
     env = {env_name(flag): "" for flag in ENV_FLAGS}
     env |= {"TULLIUS_SIM_PIN_CPU": "0", "TULLIUS_APP_THEME": "dark"}
     assert resolve(RawFlags(embedded=True), env, deps_loader=no_deps).embedded
+
+
+def test_prune_finished_takes_a_number_of_days() -> None:
+    flags = RawFlags(mongodb_uri="mongodb://h/db", prune_finished="30", prune_unhandled=True)
+    settings = resolve(flags, {}, deps_loader=no_deps)
+    assert (settings.prune_finished, settings.prune_unhandled) == (timedelta(days=30), True)
+
+
+@pytest.mark.parametrize(
+    ("flags", "setting", "expected"),
+    [
+        (RawFlags(prune_finished="1"), "--prune-finished", "from 2 to 36500"),
+        (RawFlags(prune_finished="ten"), "--prune-finished", "a number of days"),
+        (RawFlags(prune_finished="nan"), "--prune-finished", "a number of days"),
+        (RawFlags(prune_finished="1e9"), "--prune-finished", "from 2 to 36500"),
+        (RawFlags(prune_finished="3", embedded=True), "--prune-finished", "with --embedded"),
+        (RawFlags(prune_finished="3", status=True), "--prune-finished", "--status"),
+        (RawFlags(prune_unhandled=True), "--prune-unhandled", "give --prune-finished too"),
+    ],
+)
+def test_a_prune_that_is_too_young_or_mixed_with_other_modes_is_refused(
+    flags: RawFlags, setting: str, expected: str
+) -> None:
+    if not flags.embedded:
+        flags = RawFlags(**{**flags.__dict__, "mongodb_uri": "mongodb://h/db"})
+    with pytest.raises(ConfigError, match=expected) as raised:
+        resolve(flags, {}, deps_loader=no_deps)
+    assert raised.value.setting == setting

@@ -424,3 +424,65 @@ def test_the_log_says_how_a_task_failed_and_tells_a_failed_handler_attempt_from_
     # and the UNHANDLED warning ends with the last error
     [unhandled] = [line for line in lines if "UNHANDLED" in line]
     assert unhandled.endswith("exception: failed() raised KeyError: 'no handler'")
+
+
+def test_a_verdict_past_its_write_window_is_given_up_and_the_task_fails_as_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tullius.clock import boot_seconds
+    from tullius.document import FailureKind
+    from tullius.inspection import read_chain
+    from tullius.policy import WRITE_WINDOW
+
+    # Given a task whose run() waits for a file, and a daemon whose write clock
+    # jumps a write window and a day ahead (the server paused, say) once the
+    # claim is written, before the file appears
+    flag = tmp_path / "go"
+    user_module(
+        tmp_path,
+        monkeypatch,
+        "user_window_tasks",
+        f"""
+        import os, time
+        from datetime import timedelta
+        import tullius
+
+        class WaitForFile(tullius.Task):
+            timeout = timedelta(seconds=120)
+            def run(self):
+                deadline = time.monotonic() + 60
+                while not os.path.exists({str(flag)!r}) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            def failed(self):
+                return None
+        """,
+    )
+    store = MemoryStore()
+    root = queue_by_name(store, "user_window_tasks:WaitForFile")
+    jump = [0.0]
+
+    def observe(s: Store) -> bool:
+        view = s.load(root)
+        assert view is not None
+        if view.task.status is Status.RUNNING and not jump[0]:  # the claim's last write
+            jump[0] = (WRITE_WINDOW + timedelta(days=1)).total_seconds()
+            flag.write_text("")
+        return status_of(view) in TERMINAL
+
+    supervisor = Supervisor(
+        store,
+        settings(lease=timedelta(seconds=1.2)),
+        observer=observe,
+        write_clock=lambda: boot_seconds() + jump[0],
+    )
+    # When it runs the task to its end
+    with caplog.at_level("ERROR", logger="tullius.daemon"):
+        assert supervisor.run() == 0
+    # Then the run's result was given up, said so, and the task failed as lost
+    # instead, with failed() run: nothing was written for the run past its window
+    assert supervisor.counters.given_up == 1
+    assert any("given up" in record.getMessage() for record in caplog.records)
+    (link,) = read_chain(store, root)
+    assert link.status is Status.HANDLED
+    assert link.failure is not None
+    assert link.failure.kind == FailureKind.LOST

@@ -29,6 +29,7 @@ from tullius.band import ALL, Band, parse_band
 from tullius.deps import Deps, load_deps
 from tullius.errors import ConfigError
 from tullius.policy import DEFAULT_LEASE
+from tullius.prune import MIN_AGE
 
 ENV_PREFIX = "TULLIUS_"
 #: Used when no flag, variable or ``tullius_deps.task_processes`` names bands:
@@ -40,6 +41,8 @@ DEFAULT_BANDS = (Band(4, *ALL),)
 DEFAULT_POLL_INTERVAL = 0.01
 DEFAULT_GRACE = 30.0
 DEFAULT_DATABASE = "tullius"
+#: The largest ``--prune-finished`` (``timedelta`` stops at 999,999,999 days).
+MAX_PRUNE_DAYS = 100 * 365
 
 
 _ANY_CREDENTIALS = re.compile(r"([A-Za-z][\w+.-]*://)[^@/\s]*@")
@@ -68,6 +71,9 @@ class Settings:
         embedded: use an in-process store instead of MongoDB.
         demo: queue the README's example and print its chain as it unfolds.
         demo_quick: the demo scaled down (0.2 s per count, 1 s timeout).
+        prune_finished: delete tasks finished longer ago than this, then exit
+            (`tullius.prune`); None: run the daemon.
+        prune_unhandled: with ``prune_finished``, ``unhandled`` tasks too.
     """
 
     bands: tuple[Band, ...]
@@ -83,6 +89,8 @@ class Settings:
     embedded: bool = False
     demo: bool = False
     demo_quick: bool = False
+    prune_finished: timedelta | None = None
+    prune_unhandled: bool = False
 
     def describe(self) -> str:
         """One line for the start-up log; credentials redacted."""
@@ -119,6 +127,8 @@ class RawFlags:
     demo: bool = False
     demo_quick: bool = False
     status: bool = False
+    prune_finished: str | None = None
+    prune_unhandled: bool = False
 
 
 def env_name(flag: str) -> str:
@@ -265,6 +275,7 @@ def resolve(
             "reads a database and exits, so it can't be given with --embedded (whose tasks "
             "live in its own daemon's memory) or --demo",
         )
+    prune = _parse_prune(flags)
     if uri is not None and not embedded and not uri.startswith(("mongodb://", "mongodb+srv://")):
         raise ConfigError(
             uri_setting, _redact(uri), "must be a MongoDB URI such as mongodb://host:27017/tullius"
@@ -337,4 +348,41 @@ def resolve(
         embedded=embedded,
         demo=flags.demo or flags.demo_quick,
         demo_quick=flags.demo_quick,
+        prune_finished=prune,
+        prune_unhandled=flags.prune_unhandled,
     )
+
+
+def _parse_prune(flags: RawFlags) -> timedelta | None:
+    """``--prune-finished DAYS`` as a `timedelta`, checked against the flags it can't go with.
+
+    Raises:
+        ConfigError: naming the flag and the value.
+    """
+    if flags.prune_finished is None:
+        if flags.prune_unhandled:
+            raise ConfigError(
+                "--prune-unhandled",
+                True,
+                "only says what --prune-finished DAYS deletes; give --prune-finished too",
+            )
+        return None
+    if flags.embedded or flags.demo or flags.demo_quick or flags.status:
+        raise ConfigError(
+            "--prune-finished",
+            flags.prune_finished,
+            "deletes from a database and exits, so it can't be given with --embedded, "
+            "--demo or --status",
+        )
+    least = MIN_AGE / timedelta(days=1)
+    expected = (
+        f"must be a number of days from {least:g} to {MAX_PRUNE_DAYS} (a daemon cut off from "
+        "the database may still write for a task up to a day after its time limit)"
+    )
+    try:
+        days = float(flags.prune_finished)
+    except ValueError:
+        raise ConfigError("--prune-finished", flags.prune_finished, expected) from None
+    if not math.isfinite(days) or days < least or days > MAX_PRUNE_DAYS:
+        raise ConfigError("--prune-finished", flags.prune_finished, expected)
+    return timedelta(days=days)

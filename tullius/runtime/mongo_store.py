@@ -834,6 +834,28 @@ class MongoStore:
             lambda: self.servers.delete_one({"_id": server, "seen_at": stored_time(seen_at)}),
         )
 
+    def delete_tasks(self, task_ids: Sequence[str], record_ids: Sequence[str]) -> int:
+        """Delete the tasks' live copies, then the records, then the finished copies.
+
+        One ``delete_many`` per collection (``_id`` in the list): on FerretDB every
+        delete reads its whole collection, so per batch, not per document.
+        """
+
+        def attempt() -> int:
+            by_shard: dict[str, list[str]] = {}
+            for task_id in task_ids:
+                self._bodies.pop(task_id)
+                by_shard.setdefault(self.live_for(task_id).name, []).append(task_id)
+            for name, ids in by_shard.items():
+                self.db[name].delete_many({"_id": {"$in": ids}})
+            if record_ids:
+                self.records.delete_many({"_id": {"$in": list(record_ids)}})
+            if not task_ids:
+                return 0
+            return self.finished.delete_many({"_id": {"$in": list(task_ids)}}).deleted_count
+
+        return self._retrying("delete finished tasks", attempt)
+
     def server_time(self) -> datetime | None:
         """The database server's clock (``hello``'s ``localTime``), or None if it
         does not say: what ``tulliusd --status`` judges the entries' ages by."""

@@ -46,7 +46,7 @@ class WorkerKeeping:
     def _stopping(self) -> bool:
         raise NotImplementedError
 
-    def _add_finishing(self, job: Job, event: Event, now: float) -> None:
+    def _add_finishing(self, running: Running, event: Event, now: float) -> None:
         raise NotImplementedError
 
     def _queue_for(self, worker: WorkerProcess, specs: list[Any]) -> None:
@@ -128,7 +128,7 @@ class WorkerKeeping:
             )
             failure = self._failure(FailureKind.CRASHED, f"the worker process running {role} {how}")
         log.info("task %s: %s", job.task_id, failure.message)
-        self._add_finishing(job, failure_event(job, failure), now)
+        self._add_finishing(running, failure_event(job, failure), now)
 
     def _failure(self, kind: str, message: str) -> Failure:
         return Failure(kind=kind, message=message, at=self.clock.now(), server=self.server)
@@ -225,7 +225,7 @@ class WorkerKeeping:
             if failure.kind == FailureKind.UNLOADABLE:
                 log.warning("task %s: %s", job.task_id, failure.message)
             event = failure_event(job, failure)
-        self._add_finishing(job, event, now)
+        self._add_finishing(running, event, now)
         limit = self.settings.max_tasks_per_worker
         if self._stopping or (limit and worker.jobs_done >= limit):
             self._retire(slot, worker, now)
@@ -275,7 +275,7 @@ class WorkerKeeping:
             f"worker process could be started within {wait:g}s (its timeout and a lease)",
         )
         log.warning("task %s: %s", job.task_id, failure.message)
-        self._add_finishing(job, failure_event(job, failure), now)
+        self._add_finishing(running, failure_event(job, failure), now)
 
     def _terminate(self, worker: WorkerProcess, running: Running, now: float) -> None:
         log.info("task %s: stopping its worker (%s)", running.job.task_id, running.kill_reason)

@@ -94,6 +94,9 @@ class Running:
     renewing: bool = False
     #: When it was claimed (monotonic); an undispatched job gives up after its timeout.
     claimed_at: float | None = None
+    #: The last moment (`tullius.clock.boot_seconds`) its verdict may be written:
+    #: a write window after its claim started and its time limit ended (`tullius.prune`).
+    write_by: float | None = None
 
 
 @dataclass(eq=False)
@@ -122,6 +125,8 @@ class Finishing:
     job: Job
     event: Event
     next_try: float
+    #: Its job's `Running.write_by`: past it, the verdict is given up.
+    write_by: float | None = None
     delay: float = 0.2
     submitted: bool = False
 
@@ -136,3 +141,5 @@ class Counters:
     timeouts: int = 0
     crashes: int = 0
     store_errors: int = 0
+    #: Verdicts given up past their write window (`Running.write_by`).
+    given_up: int = 0

@@ -38,7 +38,7 @@ from typing import Any
 
 from tullius.api import insert_queued
 from tullius.band import Band, format_priority
-from tullius.clock import Clock, SystemClock
+from tullius.clock import Clock, SystemClock, boot_seconds
 from tullius.document import (
     FailureKind,
     Status,
@@ -58,9 +58,9 @@ from tullius.engine import (
     finish,
     renew,
 )
-from tullius.errors import InvalidTransition, StoreError, StoreUnavailable
+from tullius.errors import InvalidTransition, StoreError, StoreUnavailable, WriteWindowClosed
 from tullius.events import Event, Failed, HandlerFailed
-from tullius.policy import LeaseTimings
+from tullius.policy import WRITE_WINDOW, LeaseTimings
 from tullius.runtime.config import Settings
 from tullius.runtime.coverage_check import CoverageCheck
 from tullius.runtime.mongo_store import redact, short_error
@@ -107,6 +107,7 @@ class Supervisor(WorkerKeeping):
         observer: called in the store thread after each verdict and every
             ``observe_every`` seconds; returning True stops the daemon (the demo).
         clock: wall-clock readings written into records.
+        write_clock: what write windows are judged by (`Running.write_by`).
     """
 
     def __init__(
@@ -117,6 +118,7 @@ class Supervisor(WorkerKeeping):
         observer: Observer | None = None,
         observe_every: float = 0.1,
         clock: Clock | None = None,
+        write_clock: Callable[[], float] = boot_seconds,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -124,9 +126,15 @@ class Supervisor(WorkerKeeping):
         self.timings = LeaseTimings(settings.lease)
         self.heartbeat = self.timings.heartbeat.total_seconds()
         self.clock = clock or SystemClock()
+        self.write_clock = write_clock
         self.rng = random.Random(os.urandom(16))
         self.sweeper = Sweeper(
-            store, self.timings, server=self.server, clock=self.clock, rng=self.rng
+            store,
+            self.timings,
+            server=self.server,
+            clock=self.clock,
+            rng=self.rng,
+            write_clock=write_clock,
         )
         self.coverage = CoverageCheck(
             store,
@@ -353,6 +361,8 @@ class Supervisor(WorkerKeeping):
         tokens.update(unsure.token for unsure in candidates.unsure)
         self._claim_tokens |= tokens
         started = time.monotonic()
+        started_boot = self.write_clock()
+        window = WRITE_WINDOW.total_seconds()
 
         def work() -> list[Job]:
             return drive(
@@ -366,6 +376,8 @@ class Supervisor(WorkerKeeping):
                     batch=CLAIM_READ,
                     candidates=candidates,
                 ),
+                write_by=started_boot + window,
+                clock=self.write_clock,
             )
 
         def done(future: Future[Any]) -> None:
@@ -406,13 +418,20 @@ class Supervisor(WorkerKeeping):
                 if job is None:
                     continue
                 self.counters.claimed += 1
-                slot.running = Running(job, next_renew=now + self.heartbeat, claimed_at=now)
+                slot.running = Running(
+                    job,
+                    next_renew=now + self.heartbeat,
+                    claimed_at=now,
+                    write_by=started_boot + job.time_limit.total_seconds() + window,
+                )
                 self._dispatch(slot, slot.running, now)
 
         self._submit(work, done)
 
-    def _add_finishing(self, job: Job, event: Event, now: float) -> None:
-        self._finishing.append(Finishing(job, event, next_try=now))
+    def _add_finishing(self, running: Running, event: Event, now: float) -> None:
+        self._finishing.append(
+            Finishing(running.job, event, next_try=now, write_by=running.write_by)
+        )
 
     def _schedule_finishes(self, now: float) -> None:
         for item in self._finishing:
@@ -424,7 +443,10 @@ class Supervisor(WorkerKeeping):
 
         def work() -> Verdict:
             return drive(
-                self.store, finish(item.job, item.event, now=self.clock.now(), rng=self.rng)
+                self.store,
+                finish(item.job, item.event, now=self.clock.now(), rng=self.rng),
+                write_by=item.write_by,
+                clock=self.write_clock,
             )
 
         def done(future: Future[Any]) -> None:
@@ -436,6 +458,19 @@ class Supervisor(WorkerKeeping):
                 item.delay = min(item.delay * 2, 5.0)
                 return
             self._finishing.remove(item)
+            if isinstance(error, WriteWindowClosed):
+                # No longer ours (`_schedule_sweep`): the sweeps fail its lease as lost.
+                self.counters.given_up += 1
+                log.error(
+                    "task %s: %s's result (%s) was not recorded within %s of its claim and "
+                    "time limit (the database out of reach, or this server paused); given up, "
+                    "so the task will be failed as lost and failed() will run",
+                    item.job.task_id,
+                    item.job.role,
+                    type(item.event).__name__,
+                    WRITE_WINDOW,
+                )
+                return
             if isinstance(error, InvalidTransition):
                 self.counters.rejected += 1
                 log.warning("task %s: result not recorded: %s", item.job.task_id, error)
@@ -636,7 +671,7 @@ class Supervisor(WorkerKeeping):
                 failure = self._failure(
                     FailureKind.SHUTDOWN, "the daemon stopped before the job started"
                 )
-                self._add_finishing(running.job, failure_event(running.job, failure), now)
+                self._add_finishing(running, failure_event(running.job, failure), now)
             elif running.kill_reason is None and slot.worker is not None:
                 running.kill_reason = "shutdown"
                 self._terminate(slot.worker, running, now)

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from tullius.clock import Clock
+from tullius.clock import Clock, boot_seconds
 from tullius.engine import SweepReport, drive, sweep
-from tullius.policy import LeaseTimings, LeaseWatch
+from tullius.policy import WRITE_WINDOW, LeaseTimings, LeaseWatch
 from tullius.store import Store
 
 
@@ -34,8 +34,10 @@ class Sweeper:
         server: str,
         clock: Clock,
         rng: random.Random,
+        write_clock: Callable[[], float] = boot_seconds,
     ) -> None:
         self.store = store
+        self.write_clock = write_clock
         self.server = server
         self.clock = clock
         self.rng = rng
@@ -59,6 +61,8 @@ class Sweeper:
 
         def run() -> SweepReport:
             self.watch.sweep_starting(time.monotonic())
+            # A sweep paused for longer than the write window writes nothing more.
+            write_by = self.write_clock() + WRITE_WINDOW.total_seconds()
             return drive(
                 self.store,
                 sweep(
@@ -69,6 +73,8 @@ class Sweeper:
                     own_tokens=own_tokens,
                     rng=self.rng,
                 ),
+                write_by=write_by,
+                clock=self.write_clock,
             )
 
         return run

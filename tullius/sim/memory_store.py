@@ -392,6 +392,27 @@ class MemoryStore:
         if stored is not None and stored.seen_at == stored_time(seen_at):
             del self._servers[server]
 
+    def delete_tasks(self, task_ids: Sequence[str], record_ids: Sequence[str]) -> int:
+        # One copy per task here: the records go first, as the protocol orders.
+        for record_id in record_ids:
+            record = self._records.pop(record_id, None)
+            if record is not None:
+                by_task = self._records_by_task[record.task_id]
+                del by_task[record_id]
+                if not by_task:
+                    del self._records_by_task[record.task_id]
+        deleted = 0
+        for task_id in task_ids:
+            doc = self._tasks.pop(task_id, None)
+            if doc is None:
+                continue
+            deleted += 1
+            self._unindex(doc)
+            self._previous_status.pop(task_id, None)
+            if doc.parent_id is not None:
+                self._children[doc.parent_id].remove(task_id)
+        return deleted
+
     # --- for invariants and tests (not part of the Store protocol) ----------------
 
     def lowest_due_priority(self, status: Status) -> float | None:

@@ -1,0 +1,222 @@
+"""Pruning finished tasks (`tullius.prune`), on every in-process store.
+
+Histories are written by the engine itself at chosen times, so that what a
+prune keeps or deletes depends on the records' real times; ``now`` is always
+an argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import mongomock
+import pytest
+
+from tests.store_contract import T0, make_doc
+from tullius.band import Band
+from tullius.document import Failure, FailureKind, Origin, Status, TaskDoc, TaskSpec
+from tullius.engine import claim, drive, finish
+from tullius.errors import WriteWindowClosed
+from tullius.events import Failed, HandlerFailed, HandlerSucceeded, Succeeded
+from tullius.prune import MIN_AGE, PruneReport, prune
+from tullius.runtime.mongo_store import MongoStore
+from tullius.sim.memory_store import MemoryStore
+from tullius.store import Store
+
+DAY = timedelta(days=1)
+SEC = timedelta(seconds=1)
+NOW = T0 + 100 * DAY
+ALL = Band(1, 0, 10)
+
+
+@pytest.fixture(params=["memory", "mongomock", "mongomock-sharded"])
+def store(request: pytest.FixtureRequest) -> Iterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    shards = 3 if request.param == "mongomock-sharded" else None
+    mongo = MongoStore(mongomock.MongoClient(tz_aware=True)["tullius_test"], live_shards=shards)
+    mongo.ensure_indexes()
+    yield mongo
+
+
+def run_to_the_end(store: Store, task_id: str, *, at: Any, ok: bool = True) -> None:
+    """Claim ``task_id`` (the only due task) at ``at`` and end its run."""
+    job = drive(store, claim(ALL, server="s", worker="w", token=f"{task_id}-run", now=at))
+    assert job is not None
+    assert job.task_id == task_id
+    failure = Failure(FailureKind.EXCEPTION, "boom", at)
+    event = Succeeded(job.token) if ok else Failed(job.token, failure)
+    drive(store, finish(job, event, now=at))
+
+
+def handle(store: Store, task_id: str, *, at: Any, replacement: TaskSpec | None = None) -> None:
+    """Claim ``task_id``'s failed() at ``at``; it succeeds, queuing ``replacement``."""
+    job = drive(store, claim(ALL, server="s", worker="w", token=f"{task_id}-h", now=at))
+    assert job is not None
+    assert job.task_id == task_id
+    specs = () if replacement is None else (replacement,)
+    drive(store, finish(job, HandlerSucceeded(job.token, specs), now=at))
+
+
+def queued(store: Store, task_id: str, **changes: Any) -> None:
+    store.insert_tasks([TaskDoc(**{**make_doc(task_id).__dict__, **changes})])
+
+
+def pruned(store: Store, older_than: timedelta = MIN_AGE, **options: Any) -> PruneReport:
+    return drive(store, prune(older_than, now=NOW, **options))
+
+
+def test_a_task_that_succeeded_long_ago_is_deleted_with_its_records(store: Store) -> None:
+    # Given a task that succeeded 10 days ago and one that is still queued
+    queued(store, "old")
+    run_to_the_end(store, "old", at=NOW - 10 * DAY)
+    queued(store, "waiting")
+    # When tasks finished over two days ago are pruned
+    report = pruned(store)
+    # Then the old one is gone with its two records; the queued one is untouched
+    assert store.load("old") is None
+    assert report.deleted == {Status.SUCCEEDED: 1}
+    assert report.records == 2
+    assert store.load("waiting") is not None
+    assert report.describe(MIN_AGE) == (
+        "deleted 1 finished task(s) (succeeded 1) and 2 record(s) older than 2 day(s)"
+    )
+
+
+def test_a_task_is_kept_until_the_age_plus_its_own_timeout_has_passed(store: Store) -> None:
+    # Given two tasks with a 5 s timeout and a 60 s failed_timeout, finished two
+    # days and 59 s ago, and two days and 61 s ago
+    for name, ago in (("just", 2 * DAY + 59 * SEC), ("past", 2 * DAY + 61 * SEC)):
+        queued(store, name)
+        run_to_the_end(store, name, at=NOW - ago)
+    # When tasks finished over two days ago are pruned
+    report = pruned(store)
+    # Then only the one past the age plus its longest time limit is deleted
+    assert store.load("past") is None
+    assert store.load("just") is not None
+    assert report.kept == {"too young": 1}
+    assert report.describe(MIN_AGE).endswith("; kept 1 too young")
+
+
+def test_unhandled_tasks_are_kept_unless_asked_for(store: Store) -> None:
+    # Given a task whose only failed() attempt failed 10 days ago: unhandled
+    queued(store, "lost", handler_attempts=1)
+    run_to_the_end(store, "lost", at=NOW - 10 * DAY, ok=False)
+    job = drive(store, claim(ALL, server="s", worker="w", token="h", now=NOW - 10 * DAY))
+    assert job is not None
+    error = Failure(FailureKind.EXCEPTION, "failed() raised", NOW - 10 * DAY)
+    drive(store, finish(job, HandlerFailed(job.token, error), now=NOW - 10 * DAY))
+    # When old tasks are pruned without asking for unhandled ones, then asking
+    first = pruned(store)
+    assert store.load("lost") is not None
+    second = pruned(store, unhandled=True)
+    # Then only the second prune deletes it
+    assert first.deleted == {}
+    assert second.deleted == {Status.UNHANDLED: 1}
+    assert store.load("lost") is None
+
+
+def test_a_handled_failure_and_its_replacement_go_once_both_are_old(store: Store) -> None:
+    # Given a failure handled 10 days ago by queuing a replacement that succeeded
+    queued(store, "first")
+    run_to_the_end(store, "first", at=NOW - 10 * DAY, ok=False)
+    spec = dataclasses.replace(_spec_of(store, "first"), fields={"n": 2})
+    handle(store, "first", at=NOW - 10 * DAY, replacement=spec)
+    (replacement,) = store.find_children("first")
+    run_to_the_end(store, replacement.task_id, at=NOW - 9 * DAY)
+    # When old tasks are pruned
+    report = pruned(store)
+    # Then both are gone, with their six records
+    assert report.deleted == {Status.HANDLED: 1, Status.SUCCEEDED: 1}
+    assert report.records == 6
+    assert store.load("first") is None
+    assert store.load(replacement.task_id) is None
+
+
+def _spec_of(store: Store, task_id: str) -> TaskSpec:
+    view = store.load(task_id)
+    assert view is not None
+    task = view.task
+    return TaskSpec(
+        class_name=task.class_name,
+        fields=dict(task.fields),
+        priority=task.priority,
+        timeout=task.timeout,
+        handler_timeout=task.handler_timeout,
+        handler_attempts=task.handler_attempts,
+        start_after=task.start_after,
+    )
+
+
+def test_a_task_whose_parent_has_not_settled_is_kept(store: Store) -> None:
+    # Given a child that succeeded 10 days ago, whose parent's hint still says
+    # running (its move was cut short: a repair would insert the child again)
+    queued(store, "parent")
+    job = drive(store, claim(ALL, server="s", worker="w", token="p", now=NOW - 10 * DAY))
+    assert job is not None
+    queued(store, "child", parent_id="parent", root_id="parent", origin=Origin.SUCCESSOR)
+    run_to_the_end(store, "child", at=NOW - 10 * DAY)
+    # When old tasks are pruned
+    report = pruned(store)
+    # Then the child stays, so that a repeated insert can't bring it back to run again
+    assert store.load("child") is not None
+    assert report.kept == {"parent not settled": 1}
+
+
+def test_a_prune_cut_short_after_deleting_the_records_is_completed_by_the_next(
+    store: Store,
+) -> None:
+    # Given an old finished task whose records alone were deleted (a prune cut short)
+    queued(store, "old")
+    run_to_the_end(store, "old", at=NOW - 10 * DAY)
+    view = store.load("old")
+    assert view is not None
+    store.delete_tasks([], list(view.records))
+    # When old tasks are pruned
+    report = pruned(store)
+    # Then the leftover document goes too
+    assert store.load("old") is None
+    assert report.deleted == {Status.SUCCEEDED: 1}
+
+
+def test_a_prune_reads_and_deletes_page_by_page(store: Store) -> None:
+    # Given seven old finished tasks
+    for n in range(7):
+        queued(store, f"t{n}")
+        run_to_the_end(store, f"t{n}", at=NOW - 10 * DAY)
+    # When they are pruned two at a time
+    report = pruned(store, batch=2)
+    # Then every one is gone
+    assert report.deleted == {Status.SUCCEEDED: 7}
+    assert store.count_by_status() == {}
+
+
+@pytest.mark.parametrize("days", [0, 1, 1.99])
+def test_an_age_under_two_days_is_refused_before_anything_is_read(days: float) -> None:
+    with pytest.raises(ValueError, match=rf"older_than={days:g} day\(s\) .* at least 2 day"):
+        next(prune(timedelta(days=days), now=NOW))
+
+
+def test_a_write_past_its_window_is_given_up_and_nothing_is_written() -> None:
+    # Given a queued task, and a claim whose write window closed before its lease insert
+    store = MemoryStore()
+    queued(store, "t")
+    conversation = claim(ALL, server="s", worker="w", token="late", now=T0)
+    # When it is driven with the window closed at 150, the clock reading 200
+    with pytest.raises(WriteWindowClosed, match="InsertRecord given up: 50 s past"):
+        drive(store, conversation, write_by=150.0, clock=lambda: 200.0)
+    # Then nothing was written: the task is still queued, with no record
+    view = store.load("t")
+    assert view is not None
+    assert (view.task.status, dict(view.records)) == (Status.QUEUED, {})
+
+
+def test_a_conversation_that_only_reads_is_not_held_back_past_its_window() -> None:
+    store = MemoryStore()
+    queued(store, "t")
+    docs = drive(store, prune(MIN_AGE, now=NOW), write_by=0.0, clock=lambda: 1.0)
+    assert docs.deleted == {}
