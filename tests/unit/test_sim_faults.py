@@ -100,6 +100,41 @@ def test_store_faults_on_decisive_inserts_are_retried_without_duplicates(
     sim.close()
 
 
+def test_a_server_cut_off_for_days_gives_up_its_verdict_and_the_task_fails_as_lost() -> None:
+    # Given two servers, and the one running a 5 s task cut off from the store
+    # for three days (its verdict retried every hour meanwhile; idle bands
+    # polling every ten minutes, to keep three simulated days quick)
+    sim = Simulation(
+        seed=5,
+        servers=2,
+        task_processes=[(1, 0, 10)],
+        store_retry=timedelta(hours=1),
+        poll_interval=timedelta(minutes=10),  # (an idle band is woken by a lost lease)
+        keep_trace=True,
+    )
+    task = Sleeper(secs=5)
+    sim.queue(task)
+    while sim.chain(task)[0].server is None and sim.elapsed < timedelta(minutes=30):
+        sim.run_for(timedelta(seconds=1))  # (the 5 s run is still going at each stop)
+    owner = sim.chain(task)[0].server
+    assert owner is not None
+    sim.apply([StoreOutage(at=sim.elapsed, duration=timedelta(days=3), server=owner)])
+    # When the outage is over
+    sim.run_for(timedelta(days=3, hours=2))
+    # Then the other server failed the run as lost and failed() ran, and the
+    # cut-off server gave its result up instead of writing it a day too late
+    [link] = sim.chain(task)
+    assert link.failure is not None
+    assert link.failure.kind == "lost"
+    assert link.status is tullius.Status.HANDLED
+    gave_up = [line for line in sim.trace if "gave up the verdict" in line]
+    assert len(gave_up) == 1
+    assert owner in gave_up[0]
+    assert not any("rejected" in line for line in sim.trace)
+    sim.check()
+    sim.close()
+
+
 def test_store_outage_delays_but_loses_nothing() -> None:
     sim = Simulation(seed=7, servers=2)
     tasks = [Sleeper(secs=n) for n in range(1, 6)]
