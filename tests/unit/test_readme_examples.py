@@ -53,3 +53,18 @@ def test_the_docs_point_to_no_upstart_job_since_the_readme_has_none() -> None:
     readme_has_an_upstart_job = "start on " in readme
     for name, text in (("README.md", readme), ("docs/tulliusd.service", unit)):
         assert readme_has_an_upstart_job or "Upstart" not in text, name
+
+
+def test_the_prune_units_command_is_one_tulliusd_accepts() -> None:
+    import dataclasses
+
+    from tullius.cli import build_parser
+    from tullius.runtime.config import RawFlags, resolve
+
+    unit = (README.parent / "docs" / "tulliusd-prune.service").read_text()
+    (command,) = re.findall(r"^ExecStart=\S*tulliusd (.*)$", unit, flags=re.MULTILINE)
+    args = build_parser().parse_args(command.split())
+    flags = RawFlags(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RawFlags)})
+    settings = resolve(flags, {"TULLIUS_MONGODB_URI": "mongodb://db1/tullius"})
+    assert settings.prune_finished is not None
+    assert settings.prune_finished.days == 30
