@@ -329,7 +329,7 @@ class StoreContract:
         store.forget_server("b", b.seen_at - timedelta(seconds=1))  # b renewed since: kept
         assert [seen.server for seen in store.read_servers()] == ["b"]
 
-    def test_deleting_tasks_deletes_them_and_the_records_named_and_nothing_else(
+    def test_deleting_tasks_deletes_them_and_all_their_records_and_nothing_else(
         self, store: Any
     ) -> None:
         # Given a parent with two finished children, each with a record
@@ -341,12 +341,17 @@ class StoreContract:
         store.insert_tasks([parent, *children])
         for name in ("x", "y"):
             store.insert_record(make_record(name))
-            store.set_status(name, Status.SUCCEEDED, None)
-        # When one child is deleted with its record
-        assert store.delete_tasks(["x"], [run_id("x")]) == 1
-        # Then it is gone, with its record; the other child and the parent stay
+            store.insert_record(
+                make_record(name, record_id=outcome_id(name), kind=RecordKind.OUTCOME)
+            )
+            store.set_status(name, Status.SUCCEEDED, T0)
+        # When one child is deleted
+        assert store.delete_tasks(["x"]) == 1
+        # Then it is gone, with its records; the other child and the parent stay
         assert store.load("x") is None
         assert store.insert_record(make_record("x", token="new")).token == "new"
+        outcome = make_record("x", token="new", record_id=outcome_id("x"), kind=RecordKind.OUTCOME)
+        assert store.insert_record(outcome).token == "new"
         assert [doc.task_id for doc in store.find_children("p")] == ["y"]
         assert store.load("y").run.token == "tok"
         assert store.load("p") is not None
@@ -356,14 +361,29 @@ class StoreContract:
         # Given a finished task whose id was inserted again (MongoStore: a live copy)
         store.insert_tasks([make_doc("t1")])
         store.insert_record(make_record("t1"))
-        store.set_status("t1", Status.SUCCEEDED, None)
+        store.set_status("t1", Status.SUCCEEDED, T0)
         store.insert_tasks([make_doc("t1")])
         # When it is deleted, twice
-        assert store.delete_tasks(["t1"], [run_id("t1")]) == 1
-        assert store.delete_tasks(["t1"], [run_id("t1")]) == 0
+        assert store.delete_tasks(["t1"]) == 1
+        assert store.delete_tasks(["t1"]) == 0
         # Then no copy is left anywhere
         assert store.load("t1") is None
         assert store.find_by_status(list(Status), 10) == []
+
+    def test_finished_tasks_keep_when_they_settled_and_are_read_by_id_after_an_id(
+        self, store: Any
+    ) -> None:
+        # Given three tasks settled at different times, not in id order
+        store.insert_tasks([make_doc(name) for name in ("a", "b", "c")])
+        settled = T0.replace(microsecond=0)  # (stored to the millisecond)
+        for name, minutes in (("a", 3), ("b", 1), ("c", 2)):
+            store.insert_record(make_record(name))
+            store.set_status(name, Status.SUCCEEDED, settled + timedelta(minutes=minutes))
+        # Then the hint keeps its settling time, and pages after an id are in id order
+        assert store.load("b").task.due_at == settled + timedelta(minutes=1)
+        assert [d.task_id for d in store.find_by_status([Status.SUCCEEDED], 10)] == ["b", "c", "a"]
+        pages = [store.find_by_status([Status.SUCCEEDED], 2, after) for after in ("", "b")]
+        assert [[d.task_id for d in page] for page in pages] == [["a", "b"], ["c"]]
 
 
 def is_about_now(when: datetime) -> bool:

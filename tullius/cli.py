@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DAYS",
         help="delete the tasks that succeeded or were handled more than DAYS ago (at least "
         f"{MIN_AGE / timedelta(days=1):g}), with their records, then exit, starting no daemon; "
-        "a task is kept longer by its own timeout, and while its parent has not finished. "
+        "a task is kept longer by its own timeout, and while its parent is too young to go. "
         "Safe while daemons run; run it daily from cron",
     )
     other.add_argument(

@@ -36,13 +36,19 @@ class SystemClock:
 
 #: ``CLOCK_BOOTTIME`` where the system has it (Linux), else the monotonic clock.
 _BOOT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+_STARTED = (time.clock_gettime(_BOOT_CLOCK), time.time())
 
 
-def boot_seconds() -> float:
-    """Seconds from an arbitrary origin, counting time the machine was suspended.
+def window_seconds() -> float:
+    """Seconds since this process started, by whichever clock has gone further:
+    the boot clock or the wall clock.  What write windows are judged by.
 
-    Why not ``monotonic()``: on Linux it stops while the machine (or its VM) is
-    suspended, and a write window (`tullius.prune.WRITE_WINDOW`) must count a
-    day spent suspended as a day.
+    Why both: ``monotonic()`` stops while the machine is suspended; the boot
+    clock counts that, but a VM paused by its hypervisor (or restored from a
+    snapshot) may see neither jump, only its wall clock once set right.  A
+    write window (`tullius.policy.WRITE_WINDOW`) must count a day away as a
+    day, however it was spent.  A wall clock set back counts nothing; one set
+    a day forward closes the windows open then, which only turns results into
+    ``lost`` failures.
     """
-    return time.clock_gettime(_BOOT_CLOCK)
+    return max(time.clock_gettime(_BOOT_CLOCK) - _STARTED[0], time.time() - _STARTED[1])

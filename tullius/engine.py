@@ -231,7 +231,7 @@ def drive(
         return stop.value  # type: ignore[no-any-return]
 
 
-def apply_step(view: TaskView, decided: Step) -> Conversation[Record | None]:
+def apply_step(view: TaskView, decided: Step, *, now: datetime) -> Conversation[Record | None]:
     """Apply a `machine.Step`; return the record that decided it (None for a sweep).
 
     The step took effect if the returned record carries the step's token; any
@@ -250,7 +250,7 @@ def apply_step(view: TaskView, decided: Step) -> Conversation[Record | None]:
         for effect in decided.effects[1:]:
             yield effect
     elif winner.token == record.token:
-        for effect in settle(view.with_record(winner)):
+        for effect in settle(view.with_record(winner), now):
             yield effect
     return winner
 
@@ -260,7 +260,7 @@ def repair(view: TaskView, *, now: datetime) -> Conversation[bool]:
     decided = step(view, Swept(), now=now)
     if not decided.effects:
         return False
-    yield from apply_step(view, decided)
+    yield from apply_step(view, decided, now=now)
     return True
 
 
@@ -393,7 +393,7 @@ def _try_candidates(
             yield from repair(view, now=now)
             continue
         try:
-            winner = yield from apply_step(view, decided)
+            winner = yield from apply_step(view, decided, now=now)
         except StoreError:
             left.unsure = (*left.unsure, UnsureClaim(doc, worker, token, now))
             raise
@@ -422,7 +422,7 @@ def finish(
         InvalidTransition: ``event`` does not fit the job (a driver bug).
     """
     decided = step(job.view, event, now=now, rng=rng)
-    winner = yield from apply_step(job.view, decided)
+    winner = yield from apply_step(job.view, decided, now=now)
     assert winner is not None
     return Verdict(winner.token == job.token, winner, _view_after(job.view, decided, winner))
 
@@ -489,7 +489,7 @@ def sweep(
                 live.add(lease.record_id)
                 if watch.is_stale(lease.record_id, lease.beat, asked_at, monotonic()):
                     decided = step(view, LeaseExpired(lease.record_id, observer), now=now, rng=rng)
-                    winner = yield from apply_step(view, decided)
+                    winner = yield from apply_step(view, decided, now=now)
                     if (
                         winner is not None
                         and decided.record is not None

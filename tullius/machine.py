@@ -46,6 +46,7 @@ from datetime import datetime
 from typing import Final
 
 from tullius.document import (
+    TERMINAL,
     Failure,
     FailureKind,
     Origin,
@@ -157,31 +158,39 @@ def step(view: TaskView, event: Event, *, now: datetime, rng: random.Random | No
         raise InvalidTransition(view.task_id, status.value, event) from None
     record = _RECORDERS[type(event)](view, event, now, rng)
     if record is None:
-        return Step(view, status, _settle(view, status, sweeping=True))
+        return Step(view, status, _settle(view, status, now, sweeping=True))
     new_view = view.with_record(record)
     new_status = status_of(new_view)
     # The table is the contract; a record that derives anything else is a bug here.
     assert new_status in targets, (status, event, new_status)
-    effects: tuple[Effect, ...] = (InsertRecord(record), *_settle(new_view, new_status))
+    effects: tuple[Effect, ...] = (InsertRecord(record), *_settle(new_view, new_status, now))
     return Step(new_view, new_status, effects, record)
 
 
-def settle(view: TaskView) -> tuple[Effect, ...]:
+def settle(view: TaskView, now: datetime) -> tuple[Effect, ...]:
     """The idempotent writes that make the store agree with the task's records."""
-    return _settle(view, status_of(view))
+    return _settle(view, status_of(view), now)
 
 
-def _settle(view: TaskView, status: Status, *, sweeping: bool = False) -> tuple[Effect, ...]:
+def _settle(
+    view: TaskView, status: Status, now: datetime, *, sweeping: bool = False
+) -> tuple[Effect, ...]:
     """The idempotent writes that make the store agree with ``status``.
 
     Spawned tasks are inserted before the hint turns terminal, so a terminal
-    hint promises they exist; a sweep of a settled task writes nothing.
+    hint promises they exist; a sweep of a settled task writes nothing.  A
+    terminal hint's due time is ``now``, when it was settled: the first
+    writer's stays (a terminal hint is never overwritten), and pruning
+    (`tullius.prune`) counts a task's age from it.
     """
     hint = view.task
-    due_at = due_at_of(view)
+    terminal = status in TERMINAL
+    due_at = now if terminal else due_at_of(view)
     spawned = spawned_of(view)
     if sweeping and hint.status is status:  # the hint is right: at most its due time lags
-        return () if hint.due_at == due_at else (SetStatus(hint.task_id, status, due_at),)
+        if terminal or hint.due_at == due_at:
+            return ()
+        return (SetStatus(hint.task_id, status, due_at),)
     # Tuples built outright, not a list turned into one: every step ends here.
     if spawned:
         return (InsertTasks(spawned), SetStatus(hint.task_id, status, due_at))

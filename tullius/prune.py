@@ -9,23 +9,26 @@ writer lose.  A server cut off from the database (or paused) while it held a
 task could, once its records are gone, win the insert of its verdict and redo
 what the task's end did: queue its successors a second time.  So pruning
 rests on a promise of the daemon's (`WRITE_WINDOW`: it writes nothing for a
-job later than a day after the job's time limit, nor for any other
+job later than a day after the job's claim and time limit, nor for any other
 conversation later than a day after it started), and takes a task only when
-that window has closed for every writer who could have held it:
+that window has closed for every writer who could reach it:
 
-* its true status (from its records) is terminal and one of those asked for
-  (``unhandled`` only when asked: it is the evidence of a failure nobody
-  handled), and its hint agrees (the move to ``finished`` was completed);
-* the last of its records was written more than ``older_than`` plus its
-  longest time limit (``timeout`` or ``failed_timeout``) ago, and
-  ``older_than`` is at least `MIN_AGE`;
-* its parent is gone or settled too (hint terminal): a parent whose move was
-  cut short is repaired by repeating its inserts, which would bring the task
-  back with no records, to run again.
+* its hint is terminal and one of those asked for (``unhandled`` only when
+  asked: it is the evidence of a failure nobody handled);
+* it settled more than ``older_than`` plus its longest time limit
+  (``timeout`` or ``failed_timeout``) ago, and ``older_than`` is at least
+  `MIN_AGE`.  When it settled is its terminal hint's due time, written by the
+  writer that settled it (`machine`): a writer that read it unsettled, or
+  held its lease, writes at most a window after that, plus its time limit;
+* its parent is gone, or has a terminal hint and passes the same age rule
+  with its own time limits: the parent's writers (its verdict, a repair of a
+  move cut short) insert its children again, which would bring the task back
+  with no records, to run again.
 
-The store deletes each batch's live copies first, then the records, then the
-finished copies (`Store.delete_tasks`), so a prune cut short is completed by
-the next one and never leaves a live task without its records.
+The store deletes each batch's live copies first, then all their records,
+then the finished copies (`Store.delete_tasks`), so a prune cut short is
+completed by the next one (a terminal hint whose records say otherwise is
+its leftover) and never leaves a live task without its records.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ from tullius.engine import Conversation
 from tullius.policy import WRITE_WINDOW
 from tullius.store import DeleteTasks, FindByStatus, Load
 
-#: The least ``older_than`` a prune accepts: the write window, and a day more for
-#: clocks and the moments between a daemon's check of the window and its write.
-MIN_AGE: Final = 2 * WRITE_WINDOW
+#: The least ``older_than`` a prune accepts: two write windows (a task settles at
+#: most one after the settling writer started; a writer that read it before
+#: that writes at most one after), and a day more for clocks.
+MIN_AGE: Final = 3 * WRITE_WINDOW
 #: How many finished tasks one prune reads (and deletes) at a time.
 PRUNE_BATCH: Final = 500
 #: The statuses pruned unless ``unhandled`` is asked for too.
@@ -54,8 +58,9 @@ class PruneReport:
     """What one prune did: tasks deleted per status, and why others were kept."""
 
     deleted: Counter[Status] = field(default_factory=Counter)
-    #: Tasks kept, by reason: "too young", "parent not settled", "not settled".
+    #: Tasks kept, by reason: "too young", "parent too young", "not settled".
     kept: Counter[str] = field(default_factory=Counter)
+    #: The records the deleted tasks had when read.
     records: int = 0
 
     def describe(self, older_than: timedelta) -> str:
@@ -100,43 +105,46 @@ def prune(
     check_age(older_than)
     statuses = (*SETTLED, Status.UNHANDLED) if unhandled else SETTLED
     report = PruneReport()
-    after: str | None = None
+    after = ""  # pages in id order; only an empty one ends (a page may lose undecodable ones)
     while True:
         docs = yield FindByStatus(statuses, batch, after)
+        if not docs:
+            return report
+        after = docs[-1].task_id
         doomed: list[TaskView] = []
         for doc in docs:
             view: TaskView | None = yield Load(doc.task_id)
             if view is None:
                 continue
-            reason = _keep_because(view, statuses, older_than, now)
+            if view.task.status not in statuses:  # a live copy whose move was cut short
+                report.kept["not settled"] += 1
+                continue
+            reason = None if _may_go(view, older_than, now) else "too young"
             if reason is None and view.task.parent_id is not None:
                 parent: TaskView | None = yield Load(view.task.parent_id)
-                if parent is not None and parent.task.status not in TERMINAL:
-                    reason = "parent not settled"
+                if parent is not None and not (
+                    parent.task.status in TERMINAL and _may_go(parent, older_than, now)
+                ):
+                    reason = "parent too young"
             if reason is not None:
                 report.kept[reason] += 1
                 continue
             doomed.append(view)
         if doomed:
-            record_ids = tuple(r for view in doomed for r in view.records)
-            yield DeleteTasks(tuple(view.task_id for view in doomed), record_ids)
+            yield DeleteTasks(tuple(view.task_id for view in doomed))
             report.deleted.update(view.task.status for view in doomed)
-            report.records += len(record_ids)
-        if len(docs) < batch:
-            return report
-        after = docs[-1].task_id
+            report.records += sum(len(view.records) for view in doomed)
 
 
-def _keep_because(
-    view: TaskView, statuses: tuple[Status, ...], older_than: timedelta, now: datetime
-) -> str | None:
-    """Why ``view`` must stay, or None if it may go."""
+def _may_go(view: TaskView, older_than: timedelta, now: datetime) -> bool:
+    """Whether no writer can reach ``view``'s task any more: its hint is terminal
+    (the caller checks) and it settled more than ``older_than`` plus its longest
+    time limit ago.  A terminal hint whose records say otherwise is an earlier
+    prune's leftover (only a prune deletes records): it may go at once."""
+    if status_of(view) not in TERMINAL:
+        return True
     task = view.task
-    if task.status in statuses and not view.records:
-        return None  # an earlier prune's leftover: only a prune deletes the records of a task
-    if task.status not in statuses or status_of(view) is not task.status:
-        return "not settled"  # a move cut short, a hint a repair will fix
-    finished_at = max(record.at for record in view.records.values())
-    if now - finished_at <= older_than + max(task.timeout, task.handler_timeout):
-        return "too young"
-    return None
+    # The hint's due time is when it settled; before that was written (older
+    # versions), the last record's time, which is earlier.
+    settled_at = task.due_at or max(record.at for record in view.records.values())
+    return now - settled_at > older_than + max(task.timeout, task.handler_timeout)

@@ -127,9 +127,9 @@ class Store(Protocol):
     ) -> list[TaskDoc]:
         """Tasks whose hint is one of ``statuses``, oldest ``due_at`` first, then by id.
 
-        ``after``: only tasks whose id sorts after it, for reading page by page
-        hints that have no ``due_at`` (running and handling: then in id order,
-        and a page goes on from the last id of the one before).
+        ``after``: only tasks whose id sorts after it, in id order, for reading
+        page by page (a page goes on from the last id of the one before; ``""``
+        for the first page in id order).
         """
         ...
 
@@ -171,15 +171,15 @@ class Store(Protocol):
         """
         ...
 
-    def delete_tasks(self, task_ids: Sequence[str], record_ids: Sequence[str]) -> int:
-        """Delete the tasks (every copy) and the records; return how many tasks were stored.
+    def delete_tasks(self, task_ids: Sequence[str]) -> int:
+        """Delete the tasks (every copy) and all their records; return how many tasks were stored.
 
         For pruning finished tasks (`tullius.prune`), which alone decides what
-        may go.  In this order: the tasks' live copies, then the records, then
-        the tasks' other copies (`MongoStore`: in ``finished``).  So an error
-        part-way leaves at most a finished copy whose records are gone, which
-        nothing claims and a repeat deletes; never a live copy without its
-        records, which a claim would run again.
+        may go.  In this order: the tasks' live copies, then their records,
+        then their other copies (`MongoStore`: in ``finished``).  So an error
+        part-way leaves at most a finished copy with some or none of its
+        records, which nothing claims and a repeat deletes; never a live copy
+        without its records, which a claim would run again.
         """
         ...
 
@@ -247,7 +247,6 @@ class ForgetServer:
 @dataclass(frozen=True)
 class DeleteTasks:
     task_ids: tuple[str, ...]
-    record_ids: tuple[str, ...]
 
 
 Operation = (
@@ -297,7 +296,7 @@ PERFORMERS: Final[Mapping[type[Any], Callable[[Store, Any], Any]]] = {
     AnnounceServer: lambda store, op: store.announce_server(op.seen),
     ReadServers: lambda store, op: store.read_servers(),
     ForgetServer: lambda store, op: store.forget_server(op.server, op.seen_at),
-    DeleteTasks: lambda store, op: store.delete_tasks(op.task_ids, op.record_ids),
+    DeleteTasks: lambda store, op: store.delete_tasks(op.task_ids),
 }
 
 

@@ -155,7 +155,9 @@ class ProtocolRaces(RuleBasedStateMachine):
             # and only if it is ours.
             won = result.token == effect.record.token
             self.lost_races += not won
-            pending.effects = list(settle(pending.view.with_record(result))) if won else []
+            pending.effects = (
+                list(settle(pending.view.with_record(result), self.now)) if won else []
+            )
         if not pending.effects:
             self.pending.remove(pending)
 

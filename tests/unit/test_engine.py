@@ -420,7 +420,7 @@ def test_a_dead_lease_is_declared_lost_however_many_live_leases_come_before_it()
         assert view is not None
         owner = "dead" if task_id == ids[-1] else f"live-{task_id}"
         decided = step(view, Claimed(token=owner, server=owner.partition("-")[0]), now=T0)
-        drive(store, apply_step(view, decided))
+        drive(store, apply_step(view, decided, now=T0))
         if task_id != ids[-1]:
             live_jobs.append(run_id(task_id))
     # When another server sweeps every 5 s for a minute, while the live leases beat
@@ -517,7 +517,7 @@ def test_an_unsure_claim_already_declared_lost_is_not_run_but_its_failure_handle
     # Given another server's sweep declared the unrenewed lease lost meanwhile
     view = store.load("a")
     decided = step(view, LeaseExpired(run_id("a"), "s2"), now=T0 + timedelta(seconds=40))
-    drive(store, apply_step(view, decided))
+    drive(store, apply_step(view, decided, now=T0))
     # When the band claims again
     later = T0 + timedelta(seconds=41)
     [job] = claim_for(store, "w1", "new", later, candidates)

@@ -82,7 +82,7 @@ def test_success_records_the_outcome_and_inserts_successors_before_the_terminal_
     assert result.effects == (
         InsertRecord(result.record),
         InsertTasks(successors),
-        SetStatus("t", Status.SUCCEEDED, None),
+        SetStatus("t", Status.SUCCEEDED, T0),  # a terminal hint's due time: when it settled
     )
     assert result.record is not None
     assert result.record.ok is True
@@ -127,7 +127,7 @@ def test_a_handler_result_inserts_replacements_then_settles_as_handled() -> None
     result = step(view, HandlerSucceeded("h", (SPEC, SPEC)), now=T0)
     assert result.status is Status.HANDLED
     replacements = spawn(view.task, (SPEC, SPEC), Origin.REPLACEMENT, T0)
-    assert result.effects[1:] == (InsertTasks(replacements), SetStatus("t", Status.HANDLED, None))
+    assert result.effects[1:] == (InsertTasks(replacements), SetStatus("t", Status.HANDLED, T0))
     assert len({doc.task_id for doc in replacements}) == 2
 
 
@@ -153,7 +153,8 @@ def test_a_handler_that_succeeds_on_a_later_attempt_inserts_its_replacements() -
     # Then that replacement is inserted before the hint settles as handled
     replacements = spawn(view.task, (SPEC,), Origin.REPLACEMENT, retry_at)
     assert result.status is Status.HANDLED
-    assert result.effects[1:] == (InsertTasks(replacements), SetStatus("t", Status.HANDLED, None))
+    handled = SetStatus("t", Status.HANDLED, retry_at)
+    assert result.effects[1:] == (InsertTasks(replacements), handled)
 
 
 def test_failed_is_retried_at_most_five_minutes_after_it_failed_however_often() -> None:
@@ -237,7 +238,7 @@ def test_a_last_handler_attempt_whose_lease_expires_leaves_the_task_unhandled() 
     assert result.status is Status.UNHANDLED
     assert result.record is not None
     assert result.record.retry_at is None
-    assert result.effects[1:] == (SetStatus("t", Status.UNHANDLED, None),)
+    assert result.effects[1:] == (SetStatus("t", Status.UNHANDLED, now),)
 
 
 def test_terminal_statuses_accept_only_sweeps() -> None:

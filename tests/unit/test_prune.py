@@ -15,12 +15,22 @@ from typing import Any
 import mongomock
 import pytest
 
-from tests.store_contract import T0, make_doc
+from tests.store_contract import T0, make_doc, make_record
 from tullius.band import Band
-from tullius.document import Failure, FailureKind, Origin, Status, TaskDoc, TaskSpec
-from tullius.engine import claim, drive, finish
+from tullius.document import (
+    Failure,
+    FailureKind,
+    Origin,
+    Status,
+    TaskDoc,
+    TaskSpec,
+    outcome_id,
+    run_id,
+)
+from tullius.engine import claim, drive, finish, repair
 from tullius.errors import WriteWindowClosed
 from tullius.events import Failed, HandlerFailed, HandlerSucceeded, Succeeded
+from tullius.machine import step
 from tullius.prune import MIN_AGE, PruneReport, prune
 from tullius.runtime.mongo_store import MongoStore
 from tullius.sim.memory_store import MemoryStore
@@ -43,13 +53,15 @@ def store(request: pytest.FixtureRequest) -> Iterator[Store]:
     yield mongo
 
 
-def run_to_the_end(store: Store, task_id: str, *, at: Any, ok: bool = True) -> None:
+def run_to_the_end(
+    store: Store, task_id: str, *, at: Any, ok: bool = True, successors: tuple[TaskSpec, ...] = ()
+) -> None:
     """Claim ``task_id`` (the only due task) at ``at`` and end its run."""
     job = drive(store, claim(ALL, server="s", worker="w", token=f"{task_id}-run", now=at))
     assert job is not None
     assert job.task_id == task_id
     failure = Failure(FailureKind.EXCEPTION, "boom", at)
-    event = Succeeded(job.token) if ok else Failed(job.token, failure)
+    event = Succeeded(job.token, successors) if ok else Failed(job.token, failure)
     drive(store, finish(job, event, now=at))
 
 
@@ -75,7 +87,7 @@ def test_a_task_that_succeeded_long_ago_is_deleted_with_its_records(store: Store
     queued(store, "old")
     run_to_the_end(store, "old", at=NOW - 10 * DAY)
     queued(store, "waiting")
-    # When tasks finished over two days ago are pruned
+    # When tasks finished over three days ago are pruned
     report = pruned(store)
     # Then the old one is gone with its two records; the queued one is untouched
     assert store.load("old") is None
@@ -83,17 +95,17 @@ def test_a_task_that_succeeded_long_ago_is_deleted_with_its_records(store: Store
     assert report.records == 2
     assert store.load("waiting") is not None
     assert report.describe(MIN_AGE) == (
-        "deleted 1 finished task(s) (succeeded 1) and 2 record(s) older than 2 day(s)"
+        "deleted 1 finished task(s) (succeeded 1) and 2 record(s) older than 3 day(s)"
     )
 
 
 def test_a_task_is_kept_until_the_age_plus_its_own_timeout_has_passed(store: Store) -> None:
-    # Given two tasks with a 5 s timeout and a 60 s failed_timeout, finished two
-    # days and 59 s ago, and two days and 61 s ago
-    for name, ago in (("just", 2 * DAY + 59 * SEC), ("past", 2 * DAY + 61 * SEC)):
+    # Given two tasks with a 5 s timeout and a 60 s failed_timeout, finished three
+    # days and 59 s ago, and three days and 61 s ago
+    for name, ago in (("just", 3 * DAY + 59 * SEC), ("past", 3 * DAY + 61 * SEC)):
         queued(store, name)
         run_to_the_end(store, name, at=NOW - ago)
-    # When tasks finished over two days ago are pruned
+    # When tasks finished over three days ago are pruned
     report = pruned(store)
     # Then only the one past the age plus its longest time limit is deleted
     assert store.load("past") is None
@@ -164,23 +176,68 @@ def test_a_task_whose_parent_has_not_settled_is_kept(store: Store) -> None:
     report = pruned(store)
     # Then the child stays, so that a repeated insert can't bring it back to run again
     assert store.load("child") is not None
-    assert report.kept == {"parent not settled": 1}
+    assert report.kept == {"parent too young": 1}
 
 
-def test_a_prune_cut_short_after_deleting_the_records_is_completed_by_the_next(
-    store: Store,
-) -> None:
-    # Given an old finished task whose records alone were deleted (a prune cut short)
-    queued(store, "old")
-    run_to_the_end(store, "old", at=NOW - 10 * DAY)
-    view = store.load("old")
+def test_a_child_stays_while_its_parents_own_writers_could_still_insert_it(store: Store) -> None:
+    # Given a parent with a 5-day timeout that succeeded 7 days ago, queuing a
+    # child that succeeded at once: the parent's verdict writer, cut off before
+    # its hint write, may still repeat its inserts until a day after its claim
+    # and its 5-day time limit
+    queued(store, "parent", timeout=5 * DAY)
+    child_spec = dataclasses.replace(_spec_of(store, "parent"), timeout=5 * SEC)
+    run_to_the_end(store, "parent", at=NOW - 7 * DAY, successors=(child_spec,))
+    (child,) = store.find_children("parent")
+    run_to_the_end(store, child.task_id, at=NOW - 7 * DAY)
+    # When tasks finished over three days ago are pruned
+    report = pruned(store)
+    # Then the child is kept, as is the parent (its own age rule), until the
+    # parent's window has closed too: 3 days plus its 5-day time limit
+    assert store.load(child.task_id) is not None
+    assert report.kept == {"parent too young": 1, "too young": 1}
+    later = drive(store, prune(MIN_AGE, now=NOW + 2 * DAY))
+    assert later.deleted == {Status.SUCCEEDED: 2}
+
+
+def test_age_counts_from_when_the_task_settled_not_from_its_last_record(store: Store) -> None:
+    # Given a task whose outcome was recorded 10 days ago, whose server died
+    # before settling it, settled by a repair only an hour ago
+    queued(store, "late")
+    job = drive(store, claim(ALL, server="s", worker="w", token="r", now=NOW - 10 * DAY))
+    assert job is not None
+    outcome = step(job.view, Succeeded(job.token), now=NOW - 10 * DAY).record
+    assert outcome is not None
+    store.insert_record(outcome)
+    view = store.load("late")
     assert view is not None
-    store.delete_tasks([], list(view.records))
+    drive(store, repair(view, now=NOW - timedelta(hours=1)))
     # When old tasks are pruned
     report = pruned(store)
-    # Then the leftover document goes too
+    # Then it is kept: a writer that read it unsettled may write for a day more
+    assert store.load("late") is not None
+    assert report.kept == {"too young": 1}
+
+
+def test_a_prune_cut_short_among_the_records_is_completed_by_the_next(store: Store) -> None:
+    # Given an old finished task that lost its run record alone (a delete cut short)
+    queued(store, "old")
+    run_to_the_end(store, "old", at=NOW - 10 * DAY)
+    if isinstance(store, MongoStore):
+        store.records.delete_one({"_id": run_id("old")})
+    else:
+        _drop_record(store, "old", run_id("old"))
+    # When old tasks are pruned
+    report = pruned(store)
+    # Then the leftover goes, with the record left behind
     assert store.load("old") is None
     assert report.deleted == {Status.SUCCEEDED: 1}
+    assert store.insert_record(make_record("old", token="new", record_id=outcome_id("old")))
+    assert store.load("old") is None
+
+
+def _drop_record(store: MemoryStore, task_id: str, record_id: str) -> None:
+    del store._records[record_id]
+    del store._records_by_task[task_id][record_id]
 
 
 def test_a_prune_reads_and_deletes_page_by_page(store: Store) -> None:
@@ -195,9 +252,9 @@ def test_a_prune_reads_and_deletes_page_by_page(store: Store) -> None:
     assert store.count_by_status() == {}
 
 
-@pytest.mark.parametrize("days", [0, 1, 1.99])
-def test_an_age_under_two_days_is_refused_before_anything_is_read(days: float) -> None:
-    with pytest.raises(ValueError, match=rf"older_than={days:g} day\(s\) .* at least 2 day"):
+@pytest.mark.parametrize("days", [0, 1, 2.99])
+def test_an_age_under_three_days_is_refused_before_anything_is_read(days: float) -> None:
+    with pytest.raises(ValueError, match=rf"older_than={days:g} day\(s\) .* at least 3 day"):
         next(prune(timedelta(days=days), now=NOW))
 
 

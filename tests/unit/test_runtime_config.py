@@ -259,10 +259,10 @@ def test_prune_finished_takes_a_number_of_days() -> None:
 @pytest.mark.parametrize(
     ("flags", "setting", "expected"),
     [
-        (RawFlags(prune_finished="1"), "--prune-finished", "from 2 to 36500"),
+        (RawFlags(prune_finished="2"), "--prune-finished", "from 3 to 36500"),
         (RawFlags(prune_finished="ten"), "--prune-finished", "a number of days"),
         (RawFlags(prune_finished="nan"), "--prune-finished", "a number of days"),
-        (RawFlags(prune_finished="1e9"), "--prune-finished", "from 2 to 36500"),
+        (RawFlags(prune_finished="1e9"), "--prune-finished", "from 3 to 36500"),
         (RawFlags(prune_finished="3", embedded=True), "--prune-finished", "with --embedded"),
         (RawFlags(prune_finished="3", status=True), "--prune-finished", "--status"),
         (RawFlags(prune_unhandled=True), "--prune-unhandled", "give --prune-finished too"),

@@ -429,7 +429,7 @@ def test_the_log_says_how_a_task_failed_and_tells_a_failed_handler_attempt_from_
 def test_a_verdict_past_its_write_window_is_given_up_and_the_task_fails_as_lost(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from tullius.clock import boot_seconds
+    from tullius.clock import window_seconds
     from tullius.document import FailureKind
     from tullius.inspection import read_chain
     from tullius.policy import WRITE_WINDOW
@@ -473,7 +473,7 @@ def test_a_verdict_past_its_write_window_is_given_up_and_the_task_fails_as_lost(
         store,
         settings(lease=timedelta(seconds=1.2)),
         observer=observe,
-        write_clock=lambda: boot_seconds() + jump[0],
+        write_clock=lambda: window_seconds() + jump[0],
     )
     # When it runs the task to its end
     with caplog.at_level("ERROR", logger="tullius.daemon"):
@@ -486,3 +486,34 @@ def test_a_verdict_past_its_write_window_is_given_up_and_the_task_fails_as_lost(
     assert link.status is Status.HANDLED
     assert link.failure is not None
     assert link.failure.kind == FailureKind.LOST
+
+
+def test_a_sweep_writes_nothing_once_a_write_window_after_it_started_has_passed() -> None:
+    import random
+
+    from tullius.clock import SystemClock
+    from tullius.errors import WriteWindowClosed
+    from tullius.policy import WRITE_WINDOW, LeaseTimings
+    from tullius.runtime.sweeper import Sweeper
+
+    # Given a task whose hint says running but whose records say queued (a
+    # repair would write), and a sweeper whose write clock jumps past the window
+    store = MemoryStore()
+    store.insert_tasks([make_doc("t1")])
+    store.set_status("t1", Status.RUNNING, None)
+    readings = iter([0.0])
+    sweeper = Sweeper(
+        store,
+        LeaseTimings(timedelta(seconds=6)),
+        server="s",
+        clock=SystemClock(),
+        rng=random.Random(0),
+        write_clock=lambda: next(readings, WRITE_WINDOW.total_seconds() + 1),
+    )
+    # When it sweeps
+    with pytest.raises(WriteWindowClosed, match="SetStatus given up"):
+        sweeper.work(frozenset())()
+    # Then the hint was left as it was
+    view = store.load("t1")
+    assert view is not None
+    assert view.task.status is Status.RUNNING

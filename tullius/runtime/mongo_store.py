@@ -726,9 +726,10 @@ class MongoStore:
         self, statuses: Sequence[Status], limit: int, after: str | None = None
     ) -> list[TaskDoc]:
         query: dict[str, Any] = {"status": {"$in": [s.value for s in statuses]}}
+        sort = [("due_at", ASCENDING), ("_id", ASCENDING)]
         if after is not None:
             query["_id"] = {"$gt": after}
-        sort = [("due_at", ASCENDING), ("_id", ASCENDING)]
+            sort = [("_id", ASCENDING)]
 
         def attempt() -> list[TaskDoc]:
             # A page must be short only at the end (a sweep stops paging there), so
@@ -834,25 +835,28 @@ class MongoStore:
             lambda: self.servers.delete_one({"_id": server, "seen_at": stored_time(seen_at)}),
         )
 
-    def delete_tasks(self, task_ids: Sequence[str], record_ids: Sequence[str]) -> int:
-        """Delete the tasks' live copies, then the records, then the finished copies.
+    def delete_tasks(self, task_ids: Sequence[str]) -> int:
+        """Delete the tasks' live copies, then their records, then the finished copies.
 
-        One ``delete_many`` per collection (``_id`` in the list): on FerretDB every
-        delete reads its whole collection, so per batch, not per document.
+        One ``delete_many`` per collection (``_id`` or ``task_id`` in the list):
+        on FerretDB every delete reads its whole collection, so per batch, not
+        per document.  Records go by ``task_id``, so that none is left behind
+        past a gap in a chain (a sharded layout's `load` reads a chain only up
+        to its first missing record).
         """
+        ids = list(task_ids)
+        if not ids:
+            return 0
 
         def attempt() -> int:
             by_shard: dict[str, list[str]] = {}
-            for task_id in task_ids:
+            for task_id in ids:
                 self._bodies.pop(task_id)
                 by_shard.setdefault(self.live_for(task_id).name, []).append(task_id)
-            for name, ids in by_shard.items():
-                self.db[name].delete_many({"_id": {"$in": ids}})
-            if record_ids:
-                self.records.delete_many({"_id": {"$in": list(record_ids)}})
-            if not task_ids:
-                return 0
-            return self.finished.delete_many({"_id": {"$in": list(task_ids)}}).deleted_count
+            for name, in_shard in by_shard.items():
+                self.db[name].delete_many({"_id": {"$in": in_shard}})
+            self.records.delete_many({"task_id": {"$in": ids}})
+            return self.finished.delete_many({"_id": {"$in": ids}}).deleted_count
 
         return self._retrying("delete finished tasks", attempt)
 

@@ -94,7 +94,7 @@ class Running:
     renewing: bool = False
     #: When it was claimed (monotonic); an undispatched job gives up after its timeout.
     claimed_at: float | None = None
-    #: The last moment (`tullius.clock.boot_seconds`) its verdict may be written:
+    #: The last moment (`tullius.clock.window_seconds`) its verdict may be written:
     #: a write window after its claim started and its time limit ended (`tullius.prune`).
     write_by: float | None = None
 

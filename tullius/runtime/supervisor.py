@@ -38,7 +38,7 @@ from typing import Any
 
 from tullius.api import insert_queued
 from tullius.band import Band, format_priority
-from tullius.clock import Clock, SystemClock, boot_seconds
+from tullius.clock import Clock, SystemClock, window_seconds
 from tullius.document import (
     FailureKind,
     Status,
@@ -118,7 +118,7 @@ class Supervisor(WorkerKeeping):
         observer: Observer | None = None,
         observe_every: float = 0.1,
         clock: Clock | None = None,
-        write_clock: Callable[[], float] = boot_seconds,
+        write_clock: Callable[[], float] = window_seconds,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -193,7 +193,11 @@ class Supervisor(WorkerKeeping):
         if self._exit_code == 0 and not self._store_down:
             self._say_stopped()
         if self._stop_signals and self._exit_code == 0:
-            log.info("stopped: every verdict recorded")
+            given_up = self.counters.given_up
+            log.info(
+                "stopped: every verdict recorded"
+                + (f", but {given_up} given up past the write window" if given_up else "")
+            )
         return self._exit_code
 
     def _say_stopped(self) -> None:
@@ -463,8 +467,9 @@ class Supervisor(WorkerKeeping):
                 self.counters.given_up += 1
                 log.error(
                     "task %s: %s's result (%s) was not recorded within %s of its claim and "
-                    "time limit (the database out of reach, or this server paused); given up, "
-                    "so the task will be failed as lost and failed() will run",
+                    "time limit (the database out of reach, or this server paused); given up: "
+                    "unless it was recorded before the error, another sweep fails the task "
+                    "as lost and its failed() runs",
                     item.job.task_id,
                     item.job.role,
                     type(item.event).__name__,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from tullius.clock import Clock, boot_seconds
+from tullius.clock import Clock, window_seconds
 from tullius.engine import SweepReport, drive, sweep
 from tullius.policy import WRITE_WINDOW, LeaseTimings, LeaseWatch
 from tullius.store import Store
@@ -34,7 +34,7 @@ class Sweeper:
         server: str,
         clock: Clock,
         rng: random.Random,
-        write_clock: Callable[[], float] = boot_seconds,
+        write_clock: Callable[[], float] = window_seconds,
     ) -> None:
         self.store = store
         self.write_clock = write_clock

@@ -257,7 +257,7 @@ class MemoryStore:
 
     def _index(self, doc: TaskDoc) -> None:
         self._by_status[doc.status].add(doc.task_id)
-        if doc.due_at is None:
+        if doc.due_at is None or doc.status in TERMINAL:  # (a terminal one: when it settled)
             return
         buckets = self._due[doc.status]
         bucket = buckets.get(doc.priority)
@@ -274,7 +274,7 @@ class MemoryStore:
 
     def _unindex(self, doc: TaskDoc) -> None:
         self._by_status[doc.status].discard(doc.task_id)
-        if doc.due_at is None:
+        if doc.due_at is None or doc.status in TERMINAL:
             return
         buckets = self._due[doc.status]
         bucket = buckets[doc.priority]
@@ -360,7 +360,10 @@ class MemoryStore:
             for task_id in self._by_status[status]
             if after is None or task_id > after
         ]
-        docs.sort(key=lambda doc: (doc.due_at is not None, doc.due_at, doc.task_id))
+        if after is None:
+            docs.sort(key=lambda doc: (doc.due_at is not None, doc.due_at, doc.task_id))
+        else:
+            docs.sort(key=lambda doc: doc.task_id)
         return docs[:limit]
 
     def find_children(self, parent_id: str) -> list[TaskDoc]:
@@ -392,15 +395,11 @@ class MemoryStore:
         if stored is not None and stored.seen_at == stored_time(seen_at):
             del self._servers[server]
 
-    def delete_tasks(self, task_ids: Sequence[str], record_ids: Sequence[str]) -> int:
-        # One copy per task here: the records go first, as the protocol orders.
-        for record_id in record_ids:
-            record = self._records.pop(record_id, None)
-            if record is not None:
-                by_task = self._records_by_task[record.task_id]
-                del by_task[record_id]
-                if not by_task:
-                    del self._records_by_task[record.task_id]
+    def delete_tasks(self, task_ids: Sequence[str]) -> int:
+        # One copy per task here, deleted after its records, as the protocol orders.
+        for task_id in task_ids:
+            for record_id in self._records_by_task.pop(task_id, {}):
+                del self._records[record_id]
         deleted = 0
         for task_id in task_ids:
             doc = self._tasks.pop(task_id, None)
