@@ -1,6 +1,6 @@
 """Prune benchmark: how fast ``tulliusd --prune-finished`` deletes history; prints figures.
 
-    python bench/prune_bench.py [--tasks 5000]
+    python bench/prune_bench.py [--tasks 1000]
 
 Writes ``--tasks`` finished tasks ten days old (a third failed and handled, so
 two or four records each) through the engine into a fresh database, with as
@@ -78,15 +78,19 @@ def measure(db: Any, tasks: int, label: str) -> None:
     deleted = sum(report.deleted.values())
     print(
         f"{label}: pruned {deleted:,} tasks and {report.records:,} records "
-        f"(kept {sum(report.kept.values()):,}) in {wall:.2f} s: {deleted / wall:,.0f} tasks/s"
+        f"(kept {sum(report.kept.values()):,}) in {wall:.2f} s: {deleted / wall:,.0f} tasks/s",
+        flush=True,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--tasks", type=int, default=1000)
     args = parser.parse_args(argv)
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, load {os.getloadavg()}")
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, load {os.getloadavg()}",
+        flush=True,
+    )
     measure(mongomock.MongoClient(tz_aware=True)["prune_bench"], args.tasks, "mongomock")
     with tempfile.TemporaryDirectory() as workdir:
         server = FerretDBServer(build_ferretdb(), Path(workdir) / "ferretdb", log_level="warn")
