@@ -370,6 +370,22 @@ class StoreContract:
         assert store.load("t1") is None
         assert store.find_by_status(list(Status), 10) == []
 
+    def test_find_tasks_gives_the_stored_documents_asked_for_a_live_copy_first(
+        self, store: Any
+    ) -> None:
+        # Given a queued task, and a finished one whose id was inserted again
+        store.insert_tasks([make_doc("q"), make_doc("f")])
+        store.insert_record(make_record("f"))
+        store.set_status("f", Status.SUCCEEDED, T0)
+        store.insert_tasks([make_doc("f")])
+        # When both are asked for, with a missing one and a repeat
+        docs = store.find_tasks(["q", "nope", "f", "q"])
+        # Then each stored one comes once, as load would give its hint
+        assert sorted(doc.task_id for doc in docs) == ["f", "q"]
+        hints = {doc.task_id: doc.status for doc in docs}
+        assert hints["f"] is store.load("f").task.status
+        assert store.find_tasks([]) == []
+
     def test_finished_tasks_keep_when_they_settled_and_are_read_by_id_after_an_id(
         self, store: Any
     ) -> None:

@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final
 
-from tullius.document import TERMINAL, Status, TaskView, status_of
+from tullius.document import TERMINAL, Status, TaskDoc, TaskView, status_of
 from tullius.engine import Conversation
 from tullius.policy import WRITE_WINDOW
-from tullius.store import DeleteTasks, FindByStatus, Load
+from tullius.store import DeleteTasks, FindByStatus, FindTasks, Load
 
 #: The least ``older_than`` a prune accepts: two write windows (a task settles at
 #: most one after the settling writer started; a writer that read it before
@@ -60,15 +60,14 @@ class PruneReport:
     deleted: Counter[Status] = field(default_factory=Counter)
     #: Tasks kept, by reason: "too young", "parent too young", "not settled".
     kept: Counter[str] = field(default_factory=Counter)
-    #: The records the deleted tasks had when read.
-    records: int = 0
 
     def describe(self, older_than: timedelta) -> str:
         """One line for an operator."""
         total = sum(self.deleted.values())
         by_status = ", ".join(f"{status.value} {n}" for status, n in sorted(self.deleted.items()))
-        line = f"deleted {total} finished task(s)" + (f" ({by_status})" if total else "")
-        line += f" and {self.records} record(s) older than {_days(older_than)}"
+        line = f"deleted {total} task(s) finished over {_days(older_than)} ago, with their records"
+        if total:
+            line += f" ({by_status})"
         if self.kept:
             kept = ", ".join(f"{n} {reason}" for reason, n in sorted(self.kept.items()))
             line += f"; kept {kept}"
@@ -101,50 +100,63 @@ def prune(
     unhandled: bool = False,
     batch: int = PRUNE_BATCH,
 ) -> Conversation[PruneReport]:
-    """Delete the finished tasks that may go (see the module), ``batch`` at a time."""
+    """Delete the finished tasks that may go (see the module), ``batch`` at a time.
+
+    Each page costs a read of the page, one read of the page's tasks and
+    their parents as they are now (`FindTasks`, live copies first) and one
+    delete: no task's records are read, except those of a task settled
+    before settling times were written (`_may_go`).
+    """
     check_age(older_than)
     statuses = (*SETTLED, Status.UNHANDLED) if unhandled else SETTLED
     report = PruneReport()
     after = ""  # pages in id order; only an empty one ends (a page may lose undecodable ones)
     while True:
-        docs = yield FindByStatus(statuses, batch, after)
-        if not docs:
+        page = yield FindByStatus(statuses, batch, after)
+        if not page:
             return report
-        after = docs[-1].task_id
-        doomed: list[TaskView] = []
-        for doc in docs:
-            view: TaskView | None = yield Load(doc.task_id)
-            if view is None:
-                continue
-            if view.task.status not in statuses:  # a live copy whose move was cut short
+        after = page[-1].task_id
+        wanted = [doc.task_id for doc in page]
+        wanted += [doc.parent_id for doc in page if doc.parent_id is not None]
+        current: dict[str, TaskDoc] = {doc.task_id: doc for doc in (yield FindTasks(tuple(wanted)))}
+        doomed: list[TaskDoc] = []
+        for listed in page:
+            doc = current.get(listed.task_id)
+            if doc is None:
+                continue  # deleted meanwhile
+            if doc.status not in statuses:  # a live copy: a move cut short, or inserted again
                 report.kept["not settled"] += 1
                 continue
-            reason = None if _may_go(view, older_than, now) else "too young"
-            if reason is None and view.task.parent_id is not None:
-                parent: TaskView | None = yield Load(view.task.parent_id)
-                if parent is not None and not (
-                    parent.task.status in TERMINAL and _may_go(parent, older_than, now)
-                ):
-                    reason = "parent too young"
-            if reason is not None:
-                report.kept[reason] += 1
+            if not (yield from _may_go(doc, older_than, now)):
+                report.kept["too young"] += 1
                 continue
-            doomed.append(view)
+            parent = None if doc.parent_id is None else current.get(doc.parent_id)
+            if parent is not None and not (
+                parent.status in TERMINAL and (yield from _may_go(parent, older_than, now))
+            ):
+                report.kept["parent too young"] += 1
+                continue
+            doomed.append(doc)
         if doomed:
-            yield DeleteTasks(tuple(view.task_id for view in doomed))
-            report.deleted.update(view.task.status for view in doomed)
-            report.records += sum(len(view.records) for view in doomed)
+            yield DeleteTasks(tuple(doc.task_id for doc in doomed))
+            report.deleted.update(doc.status for doc in doomed)
 
 
-def _may_go(view: TaskView, older_than: timedelta, now: datetime) -> bool:
-    """Whether no writer can reach ``view``'s task any more: its hint is terminal
-    (the caller checks) and it settled more than ``older_than`` plus its longest
-    time limit ago.  A terminal hint whose records say otherwise is an earlier
-    prune's leftover (only a prune deletes records): it may go at once."""
-    if status_of(view) not in TERMINAL:
-        return True
-    task = view.task
-    # The hint's due time is when it settled; before that was written (older
-    # versions), the last record's time, which is earlier.
-    settled_at = task.due_at or max(record.at for record in view.records.values())
-    return now - settled_at > older_than + max(task.timeout, task.handler_timeout)
+def _may_go(doc: TaskDoc, older_than: timedelta, now: datetime) -> Conversation[bool]:
+    """Whether no writer can reach the task any more, given that its hint is terminal:
+    it settled more than ``older_than`` plus its longest time limit ago.
+
+    When it settled is its hint's due time.  A task settled before that was
+    written (older versions) has none: then its last record's time, which is
+    earlier; and if it has no decided records, it is an earlier prune's
+    leftover (only a prune deletes records), which may go at once.
+    """
+    settled = doc.due_at
+    if settled is None:
+        view: TaskView | None = yield Load(doc.task_id)
+        if view is None:
+            return False  # gone meanwhile, or set aside as undecodable: left alone
+        if status_of(view) not in TERMINAL:
+            return True
+        settled = max(record.at for record in view.records.values())
+    return now - settled > older_than + max(doc.timeout, doc.handler_timeout)

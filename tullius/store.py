@@ -137,6 +137,16 @@ class Store(Protocol):
         """Tasks spawned by ``parent_id`` (successors and replacements), by id."""
         ...
 
+    def find_tasks(self, task_ids: Sequence[str]) -> list[TaskDoc]:
+        """The documents of those of ``task_ids`` that are stored, without their records.
+
+        A task with a live copy is given as that copy (`MongoStore`: as `load`
+        prefers it), so its hint is the one a repair would see.  For reading
+        many tasks' hints at once (`tullius.prune`), where `load` would read
+        each one's records too.
+        """
+        ...
+
     def count_by_status(self) -> dict[Status, int]:
         """How many task documents carry each status hint."""
         ...
@@ -245,6 +255,11 @@ class ForgetServer:
 
 
 @dataclass(frozen=True)
+class FindTasks:
+    task_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class DeleteTasks:
     task_ids: tuple[str, ...]
 
@@ -261,6 +276,7 @@ Operation = (
     | AnnounceServer
     | ReadServers
     | ForgetServer
+    | FindTasks
     | DeleteTasks
 )
 
@@ -296,6 +312,7 @@ PERFORMERS: Final[Mapping[type[Any], Callable[[Store, Any], Any]]] = {
     AnnounceServer: lambda store, op: store.announce_server(op.seen),
     ReadServers: lambda store, op: store.read_servers(),
     ForgetServer: lambda store, op: store.forget_server(op.server, op.seen_at),
+    FindTasks: lambda store, op: store.find_tasks(op.task_ids),
     DeleteTasks: lambda store, op: store.delete_tasks(op.task_ids),
 }
 

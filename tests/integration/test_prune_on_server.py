@@ -44,10 +44,10 @@ def test_prune_deletes_old_finished_tasks_and_their_records_and_keeps_the_rest(
     queued(store, "waiting")
     # When an operator prunes what finished over three days ago
     out = prune_command(mongodb_uri, database_name, "--prune-finished", "3")
-    # Then the two old ones are gone, with their six records, and it says so
+    # Then the two old ones are gone, with their records, and it says so
     assert out == (
-        "deleted 2 finished task(s) (handled 1, succeeded 1) and 6 record(s) older than "
-        "3 day(s); kept 1 too young\n"
+        "deleted 2 task(s) finished over 3 day(s) ago, with their records "
+        "(handled 1, succeeded 1); kept 1 too young\n"
     )
     assert store.load("old") is None
     assert store.load("failed") is None
@@ -62,4 +62,4 @@ def test_prune_deletes_old_finished_tasks_and_their_records_and_keeps_the_rest(
     assert waiting.task.status is Status.QUEUED
     # And a second prune finds nothing more to delete
     again = prune_command(mongodb_uri, database_name, "--prune-finished", "3")
-    assert again.startswith("deleted 0 finished task(s) and 0 record(s)")
+    assert again.startswith("deleted 0 task(s) finished over 3 day(s) ago")

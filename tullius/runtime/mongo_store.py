@@ -758,6 +758,32 @@ class MongoStore:
 
         return self._retrying("find children", attempt)
 
+    def find_tasks(self, task_ids: Sequence[str]) -> list[TaskDoc]:
+        """One ``find`` per collection (``_id`` in the list); live copies win."""
+        ids = list(dict.fromkeys(task_ids))
+        if not ids:
+            return []
+
+        def attempt() -> list[TaskDoc]:
+            # The live queue first, as `find_children` (a task moving meanwhile is
+            # seen by one read or the other), and its copies win (as `load`'s).
+            by_shard: dict[str, list[str]] = {}
+            for task_id in ids:
+                by_shard.setdefault(self.live_for(task_id).name, []).append(task_id)
+            live: dict[Any, tuple[Mapping[str, Any], Collection[Any]]] = {}
+            for name, in_shard in by_shard.items():
+                shard = self.db[name]
+                live.update((d["_id"], (d, shard)) for d in shard.find({"_id": {"$in": in_shard}}))
+            found = {
+                d["_id"]: (d, self.finished) for d in self.finished.find({"_id": {"$in": ids}})
+            }
+            found.update(live)
+            return self._decoded(
+                raw for raw in found.values() if raw[0].get("status") != UNDECODABLE
+            )
+
+        return self._retrying("find tasks", attempt)
+
     def count_by_status(self) -> dict[Status, int]:
         """Hints counted per status: live ones from the live queue, terminal ones from ``finished``.
 

@@ -372,6 +372,10 @@ class MemoryStore:
             key=lambda doc: doc.task_id,
         )
 
+    def find_tasks(self, task_ids: Sequence[str]) -> list[TaskDoc]:
+        tasks = self._tasks
+        return [tasks[task_id] for task_id in dict.fromkeys(task_ids) if task_id in tasks]
+
     def count_by_status(self) -> dict[Status, int]:
         return {status: len(ids) for status, ids in self._by_status.items() if ids}
 
