@@ -66,11 +66,14 @@ class Store(Protocol):
         """
         ...
 
-    def set_status(self, task_id: str, status: Status, due_at: datetime | None) -> None:
+    def set_status(self, task_id: str, status: Status, due_at: datetime | None) -> bool:
         """Set the status and due-time hints unless the stored hint is terminal.
 
         A conditional update: NOT atomic on every server (two racing writers
         may both apply).  Hints are therefore only hints; sweeps repair them.
+        Returns whether the task had a document to update (`MongoStore`: a
+        live one), whatever its hint: False only for a task not stored, or
+        already moved (see `engine.TaskGone`).
         """
         ...
 

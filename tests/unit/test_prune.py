@@ -325,3 +325,55 @@ def test_a_conversation_that_only_reads_is_not_held_back_past_its_window() -> No
     queued(store, "t")
     docs = drive(store, prune(MIN_AGE, now=NOW), write_by=0.0, clock=lambda: 1.0)
     assert docs.deleted == {}
+
+
+def test_a_claim_whose_lease_wins_on_a_task_pruned_since_its_read_does_not_run_it(
+    store: Store,
+) -> None:
+    from tullius.engine import CLAIM_READ, REUSE_CANDIDATES_FOR, Candidates, claim_many
+
+    # Given a claim that read two due tasks, ran the first, and kept the second
+    queued(store, "a")
+    queued(store, "b")
+    kept = Candidates(REUSE_CANDIDATES_FOR)
+
+    def claim_for(token: str) -> list[Any]:
+        return drive(
+            store,
+            claim_many(
+                ALL, server="s", workers=[("w", token)], now=T0, batch=CLAIM_READ, candidates=kept
+            ),
+        )
+
+    assert [job.task_id for job in claim_for("first")] == ["a"]
+    assert [doc.task_id for doc in kept.docs] == ["b"]
+    # When the second is deleted (a prune: documents first, then records) and
+    # the next claim tries the candidate it kept
+    store.delete_tasks(["b"])
+    jobs = claim_for("second")
+    # Then its lease insert wins (nothing is left to lose to), but it is no job
+    assert jobs == []
+    assert store.load("b") is None
+
+
+def test_a_finished_tasks_copy_dropped_or_moved_again_makes_it_young_again() -> None:
+    # Given an old finished task whose id was queued again, twice over
+    store = MongoStore(mongomock.MongoClient(tz_aware=True)["tullius_test"])
+    store.ensure_indexes()
+    queued(store, "again")
+    run_to_the_end(store, "again", at=NOW - 10 * DAY)
+    queued(store, "again")
+    # When a load drops the copy (anyone who read it may still act for a window)
+    view = store.load("again")
+    assert view is not None
+    assert view.task.status is Status.SUCCEEDED
+    # Then its settling time is now, and a prune keeps it for the whole age again
+    (settled,) = store.find_tasks(["again"])
+    assert settled.due_at is not None
+    assert settled.due_at > NOW - 10 * DAY + timedelta(days=5)
+    # And a copy moved again by a repair moves the settling time up too
+    store.finished.update_one({"_id": "again"}, {"$set": {"due_at": NOW - 10 * DAY}})
+    queued(store, "again")
+    store.set_status("again", Status.SUCCEEDED, NOW)
+    (moved,) = store.find_tasks(["again"])
+    assert moved.due_at == NOW.replace(microsecond=NOW.microsecond // 1000 * 1000)

@@ -53,7 +53,7 @@ import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
@@ -72,6 +72,7 @@ from pymongo.errors import (
 from pymongo.read_concern import ReadConcern
 
 from tullius.band import Band
+from tullius.clock import window_seconds
 from tullius.document import (
     TERMINAL,
     Record,
@@ -315,7 +316,9 @@ class MongoStore:
         db: a pymongo ``Database`` (``make_db()`` of ``tullius_deps``).
         retry_for: how long to keep retrying transient errors before giving up.
         sleep: how to wait between retries (an argument, for tests).
-        monotonic: the clock that bounds retrying.
+        monotonic: the clock that bounds retrying: by default one that counts
+            time suspended, so that a write whose acknowledgement was lost is
+            not repeated days later (`tullius.prune` counts on it).
     """
 
     def __init__(
@@ -325,7 +328,7 @@ class MongoStore:
         retry_for: timedelta = timedelta(seconds=30),
         live_shards: int | None = None,
         sleep: Callable[[float], None] = time.sleep,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = window_seconds,
     ) -> None:
         if live_shards is not None and not (
             isinstance(live_shards, int) and 1 <= live_shards <= MAX_LIVE_SHARDS
@@ -513,7 +516,7 @@ class MongoStore:
 
         return self._retrying("insert record", attempt)
 
-    def set_status(self, task_id: str, status: Status, due_at: datetime | None) -> None:
+    def set_status(self, task_id: str, status: Status, due_at: datetime | None) -> bool:
         """Update the hint of a live task; a terminal hint moves it to ``finished``.
 
         Every write filters on ``_id`` alone: on FerretDB an update with any
@@ -532,23 +535,29 @@ class MongoStore:
         }
         shard = self.live_for(task_id)
         if status not in TERMINAL:
-            self._retrying(
+            updated = self._retrying(
                 "set status",
                 lambda: shard.update_one({"_id": task_id}, {"$set": hint}),
             )
             if status in CLAIMABLE:
                 self._bump_queue_version()
-            return
+            return bool(updated.matched_count)
 
-        def move() -> None:
+        def move() -> bool:
             live = self._bodies.pop(task_id) or shard.find_one({"_id": task_id})
             if live is None:
-                return  # moved already, or no such task
-            with contextlib.suppress(DuplicateKeyError):
+                return False  # moved already, or no such task
+            try:
                 self.finished.insert_one({**unpack(live), **hint})
+            except DuplicateKeyError:
+                # Moved before: this is a copy inserted again, read (and perhaps
+                # acted on) since it settled.  Its settling time moves up to now,
+                # so that pruning waits a whole window after its last reader.
+                self.finished.update_one({"_id": task_id}, {"$max": {"due_at": hint["due_at"]}})
             shard.delete_one({"_id": task_id})
+            return True
 
-        self._retrying("set status", move)
+        return self._retrying("set status", move)
 
     def beat(self, record_id: str) -> int | None:
         """Count a heartbeat of a lease; None if the record is missing or its task finished.
@@ -628,6 +637,10 @@ class MongoStore:
         moved = self.finished.find_one({"_id": task_id})
         if moved is None:
             return view
+        # Whoever read the live copy before this may still act on it for a write
+        # window: the settling time moves up to now, so pruning waits for them.
+        now = stored_time(datetime.now(UTC))
+        self.finished.update_one({"_id": task_id}, {"$max": {"due_at": now}})
         live.delete_one({"_id": task_id})
         self._bodies.pop(task_id)
         return TaskView(decode_task(moved), view.records)

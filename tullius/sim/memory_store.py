@@ -208,10 +208,10 @@ class MemoryStore:
         by_task[record.record_id] = stored
         return stored
 
-    def set_status(self, task_id: str, status: Status, due_at: datetime | None) -> None:
+    def set_status(self, task_id: str, status: Status, due_at: datetime | None) -> bool:
         doc = self._tasks.get(task_id)
         if doc is None:
-            return
+            return False
         checked = doc.status
         if (
             self._racy
@@ -224,7 +224,7 @@ class MemoryStore:
             # window closes once used: a later writer reads the current value.
             checked = self._previous_status.pop(task_id)
         if checked in TERMINAL:
-            return
+            return True
         if self._racy:  # only racy updates read it
             self._previous_status[task_id] = doc.status
         self._unindex(doc)
@@ -243,6 +243,7 @@ class MemoryStore:
         object.__setattr__(stored, "__dict__", values)
         self._tasks[task_id] = stored
         self._index(stored)
+        return True
 
     def beat(self, record_id: str) -> int | None:
         record = self._records.get(record_id)
