@@ -247,7 +247,7 @@ def _patched_log(self: Simulation, server: str, what: object) -> None:
     _orig["log"](self, server, what)
 
 
-def _patched_set_status(self: MemoryStore, task_id: str, status: Status, due_at: Any) -> None:
+def _patched_set_status(self: MemoryStore, task_id: str, status: Status, due_at: Any) -> bool:
     sim = _STORE_OWNER.get(id(self))
     if sim is not None and self._racy and task_id in self._previous_status and self._rng:
         state = self._rng.getstate()
@@ -260,7 +260,7 @@ def _patched_set_status(self: MemoryStore, task_id: str, status: Status, due_at:
                 _hit(sim, "hit: racy update checked a stale hint")
                 if doc.status in TERMINAL and stale not in TERMINAL:
                     _hit(sim, "hit: racy update overwrote a terminal hint")
-    _orig["set_status"](self, task_id, status, due_at)
+    return bool(_orig["set_status"](self, task_id, status, due_at))
 
 
 _STORE_OWNER: dict[int, Simulation] = {}

@@ -173,8 +173,13 @@ class StoreContract:
         assert store.load("t1").task.status is Status.SUCCEEDED
 
     def test_set_status_of_a_missing_task_is_a_no_op(self, store: Any) -> None:
-        store.set_status("nope", Status.RUNNING, None)
+        assert store.set_status("nope", Status.RUNNING, None) is False
         assert store.load("nope") is None
+
+    def test_set_status_says_it_found_the_task_even_when_nothing_changes(self, store: Any) -> None:
+        store.insert_tasks([make_doc("t1")])
+        assert store.set_status("t1", Status.RUNNING, None) is True
+        assert store.set_status("t1", Status.RUNNING, None) is True
 
     def test_find_due_returns_the_most_urgent_due_tasks_in_the_band(self, store: Any) -> None:
         store.insert_tasks(

@@ -22,7 +22,15 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from tullius.band import Band
-from tullius.document import Record, RecordKind, Status, TaskDoc, TaskView, quick_init
+from tullius.document import (
+    TERMINAL,
+    Record,
+    RecordKind,
+    Status,
+    TaskDoc,
+    TaskView,
+    quick_init,
+)
 from tullius.effects import InsertRecord, InsertTasks, SetStatus
 from tullius.errors import InvalidTransition, StoreError, WriteWindowClosed
 from tullius.events import (
@@ -375,7 +383,14 @@ def _settle_unsure(
         else:
             view: TaskView | None = yield Load(unsure.doc.task_id)
             lease = None if view is None else view.current_lease()
-            if view is not None and lease is not None and lease.token == unsure.token:
+            # (A terminal hint over a live lease: a prune's leftover, whose document
+            # was gone when our lease won; see `TaskGone`.)
+            if (
+                view is not None
+                and lease is not None
+                and lease.token == unsure.token
+                and view.task.status not in TERMINAL
+            ):
                 yield from repair(view, now=now)  # (a store error here: still unsure, retried)
                 kind = JobKind.RUN if lease.kind is RecordKind.RUN else JobKind.HANDLE
                 jobs.append(Job(kind, view, lease))

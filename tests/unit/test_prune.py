@@ -377,3 +377,39 @@ def test_a_finished_tasks_copy_dropped_or_moved_again_makes_it_young_again() -> 
     store.set_status("again", Status.SUCCEEDED, NOW)
     (moved,) = store.find_tasks(["again"])
     assert moved.due_at == NOW.replace(microsecond=NOW.microsecond // 1000 * 1000)
+
+
+def test_an_unsure_claim_settled_on_a_prunes_leftover_is_no_job(store: Store) -> None:
+    from tullius.engine import REUSE_CANDIDATES_FOR, Candidates, UnsureClaim, claim_many
+
+    # Given a finished task a prune cut short after its records, and a claim's
+    # lease, inserted late, whose acknowledgement was lost: an unsure claim
+    queued(store, "t")
+    store.set_status("t", Status.SUCCEEDED, NOW - 10 * DAY)
+    store.insert_record(make_record("t", token="late", worker="w"))
+    kept = Candidates(REUSE_CANDIDATES_FOR)
+    (doc,) = store.find_tasks(["t"])
+    kept.unsure = (UnsureClaim(doc, "w", "late", T0),)
+    # When the worker's next claim settles it
+    jobs = drive(
+        store, claim_many(ALL, server="s", workers=[("w", "next")], now=T0, candidates=kept)
+    )
+    # Then it is no job: its lease is ours, but the task is a prune's leftover
+    assert jobs == []
+    assert kept.unsure == ()
+
+
+def test_a_copy_of_a_task_settled_without_a_settling_time_gets_one_when_dropped() -> None:
+    # Given a finished task an older version settled (no settling time), queued again
+    store = MongoStore(mongomock.MongoClient(tz_aware=True)["tullius_test"])
+    store.ensure_indexes()
+    queued(store, "old")
+    run_to_the_end(store, "old", at=NOW - 10 * DAY)
+    store.finished.update_one({"_id": "old"}, {"$set": {"due_at": None}})
+    queued(store, "old")
+    # When a load drops the copy
+    view = store.load("old")
+    # Then the finished copy now has a settling time
+    assert view is not None
+    (settled,) = store.find_tasks(["old"])
+    assert settled.due_at is not None

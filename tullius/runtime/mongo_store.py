@@ -529,10 +529,8 @@ class MongoStore:
         copy.  A crash between the two leaves a live copy with its old hint,
         which the next sweep or claim repairs, repeating the move.
         """
-        hint = {
-            "status": status.value,
-            "due_at": None if due_at is None else stored_time(due_at),
-        }
+        stored_due = None if due_at is None else stored_time(due_at)
+        hint = {"status": status.value, "due_at": stored_due}
         shard = self.live_for(task_id)
         if status not in TERMINAL:
             updated = self._retrying(
@@ -553,7 +551,7 @@ class MongoStore:
                 # Moved before: this is a copy inserted again, read (and perhaps
                 # acted on) since it settled.  Its settling time moves up to now,
                 # so that pruning waits a whole window after its last reader.
-                self.finished.update_one({"_id": task_id}, {"$max": {"due_at": hint["due_at"]}})
+                self._move_settled_time_up(task_id, stored_due)
             shard.delete_one({"_id": task_id})
             return True
 
@@ -639,11 +637,22 @@ class MongoStore:
             return view
         # Whoever read the live copy before this may still act on it for a write
         # window: the settling time moves up to now, so pruning waits for them.
-        now = stored_time(datetime.now(UTC))
-        self.finished.update_one({"_id": task_id}, {"$max": {"due_at": now}})
+        self._move_settled_time_up(task_id, stored_time(datetime.now(UTC)))
         live.delete_one({"_id": task_id})
         self._bodies.pop(task_id)
         return TaskView(decode_task(moved), view.records)
+
+    def _move_settled_time_up(self, task_id: str, to: datetime | None) -> None:
+        """Make the finished copy's settling time (its ``due_at``) at least ``to``.
+
+        Two updates: ``$max`` over a null (a copy an older version settled) is
+        refused by some servers, so a null is set first.  The only update a
+        ``finished`` document ever gets; its ``status`` never changes.
+        """
+        if to is None:
+            return
+        self.finished.update_one({"_id": task_id, "due_at": None}, {"$set": {"due_at": to}})
+        self.finished.update_one({"_id": task_id}, {"$max": {"due_at": to}})
 
     def _records_of(self, task_id: str) -> dict[str, Record]:
         """The task's records.  In a sharded (FerretDB) layout, read one by one by ``_id``.
