@@ -49,10 +49,23 @@ def store(request: pytest.FixtureRequest) -> Iterator[Store]:
     if request.param == "memory":
         yield MemoryStore()
         return
-    shards = 3 if request.param == "mongomock-sharded" else None
-    mongo = MongoStore(mongomock.MongoClient(tz_aware=True)["tullius_test"], live_shards=shards)
-    mongo.ensure_indexes()
-    yield mongo
+    yield mongomock_store(3 if request.param == "mongomock-sharded" else None)
+
+
+def mongomock_store(shards: int | None = None) -> MongoStore:
+    store = MongoStore(mongomock.MongoClient(tz_aware=True)["tullius_test"], live_shards=shards)
+    store.ensure_indexes()
+    return store
+
+
+def finished_long_ago_then_queued_again(task_id: str) -> MongoStore:
+    """A task that succeeded 10 days ago, whose id was queued again: a live copy,
+    which the next claim or sweep that loads it deletes (`MongoStore` only)."""
+    store = mongomock_store()
+    queued(store, task_id)
+    run_to_the_end(store, task_id, at=NOW - 10 * DAY)
+    queued(store, task_id)
+    return store
 
 
 def run_to_the_end(
@@ -274,13 +287,8 @@ def test_a_task_settled_before_settling_times_were_written_is_aged_by_its_record
 
 
 def test_a_finished_task_inserted_again_is_left_to_the_repairs() -> None:
-    # Given an old finished task whose id was queued again (a live copy, which
-    # the next claim or sweep that loads it deletes)
-    store = MongoStore(mongomock.MongoClient(tz_aware=True)["tullius_test"])
-    store.ensure_indexes()
-    queued(store, "again")
-    run_to_the_end(store, "again", at=NOW - 10 * DAY)
-    queued(store, "again")
+    # Given an old finished task whose id was queued again
+    store = finished_long_ago_then_queued_again("again")
     # When old tasks are pruned
     report = pruned(store)
     # Then it is kept: its live copy's hint is not terminal
@@ -357,12 +365,8 @@ def test_a_claim_whose_lease_wins_on_a_task_pruned_since_its_read_does_not_run_i
 
 
 def test_a_finished_tasks_copy_dropped_or_moved_again_makes_it_young_again() -> None:
-    # Given an old finished task whose id was queued again, twice over
-    store = MongoStore(mongomock.MongoClient(tz_aware=True)["tullius_test"])
-    store.ensure_indexes()
-    queued(store, "again")
-    run_to_the_end(store, "again", at=NOW - 10 * DAY)
-    queued(store, "again")
+    # Given an old finished task whose id was queued again
+    store = finished_long_ago_then_queued_again("again")
     # When a load drops the copy (anyone who read it may still act for a window)
     view = store.load("again")
     assert view is not None
@@ -401,12 +405,8 @@ def test_an_unsure_claim_settled_on_a_prunes_leftover_is_no_job(store: Store) ->
 
 def test_a_copy_of_a_task_settled_without_a_settling_time_gets_one_when_dropped() -> None:
     # Given a finished task an older version settled (no settling time), queued again
-    store = MongoStore(mongomock.MongoClient(tz_aware=True)["tullius_test"])
-    store.ensure_indexes()
-    queued(store, "old")
-    run_to_the_end(store, "old", at=NOW - 10 * DAY)
+    store = finished_long_ago_then_queued_again("old")
     store.finished.update_one({"_id": "old"}, {"$set": {"due_at": None}})
-    queued(store, "old")
     # When a load drops the copy
     view = store.load("old")
     # Then the finished copy now has a settling time
