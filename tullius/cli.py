@@ -48,6 +48,8 @@ examples:
   tulliusd --mongodb-uri mongodb://db1,db2/tullius?replicaSet=rs0 \\
            --processes 10:0-10 --processes 5:0-0
   tulliusd --embedded --demo                 # the README example, no MongoDB needed
+  tulliusd --status                          # what needs an operator, then exit
+  tulliusd --prune-finished 30               # delete tasks finished over 30 days ago, then exit
 
 Stop with SIGTERM or Ctrl-C: no new work is claimed, running tasks get
 --grace seconds, then they are killed and recorded as failed (kind
