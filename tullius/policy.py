@@ -46,6 +46,13 @@ DEFAULT_LEASE: Final = timedelta(seconds=30)
 WRITE_WINDOW: Final = timedelta(days=1)
 
 
+def verdict_window(time_limit: timedelta) -> timedelta:
+    """How long after its claim a job's verdict may still be written: the job's
+    ``time_limit`` (its run or its ``failed()`` may take that long) and a
+    `WRITE_WINDOW`.  Both drivers give a verdict up past it."""
+    return time_limit + WRITE_WINDOW
+
+
 @dataclass(frozen=True)
 class LeaseTimings:
     """Heartbeat, sweep and staleness periods derived from one promise: ``lease``.

@@ -402,6 +402,14 @@ class MongoStore:
                 )
             return self._reader_pool
 
+    def _by_live_shard(self, task_ids: Iterable[str]) -> list[tuple[Collection[Any], list[str]]]:
+        """``task_ids`` grouped by the live collection that holds each (`live_for`)."""
+        by_name: dict[str, tuple[Collection[Any], list[str]]] = {}
+        for task_id in task_ids:
+            shard = self.live_for(task_id)
+            by_name.setdefault(shard.name, (shard, []))[1].append(task_id)
+        return list(by_name.values())
+
     def live_for(self, task_id: str) -> Collection[Any]:
         """The live collection that holds ``task_id`` (by a hash stable across processes)."""
         shards = self.live_collections()
@@ -789,12 +797,8 @@ class MongoStore:
         def attempt() -> list[TaskDoc]:
             # The live queue first, as `find_children` (a task moving meanwhile is
             # seen by one read or the other), and its copies win (as `load`'s).
-            by_shard: dict[str, list[str]] = {}
-            for task_id in ids:
-                by_shard.setdefault(self.live_for(task_id).name, []).append(task_id)
             live: dict[Any, tuple[Mapping[str, Any], Collection[Any]]] = {}
-            for name, in_shard in by_shard.items():
-                shard = self.db[name]
+            for shard, in_shard in self._by_live_shard(ids):
                 live.update((d["_id"], (d, shard)) for d in shard.find({"_id": {"$in": in_shard}}))
             found = {
                 d["_id"]: (d, self.finished) for d in self.finished.find({"_id": {"$in": ids}})
@@ -897,12 +901,10 @@ class MongoStore:
             return 0
 
         def attempt() -> int:
-            by_shard: dict[str, list[str]] = {}
             for task_id in ids:
                 self._bodies.pop(task_id)
-                by_shard.setdefault(self.live_for(task_id).name, []).append(task_id)
-            for name, in_shard in by_shard.items():
-                self.db[name].delete_many({"_id": {"$in": in_shard}})
+            for shard, in_shard in self._by_live_shard(ids):
+                shard.delete_many({"_id": {"$in": in_shard}})
             self.records.delete_many({"task_id": {"$in": ids}})
             return self.finished.delete_many({"_id": {"$in": ids}}).deleted_count
 

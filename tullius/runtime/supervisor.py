@@ -60,7 +60,7 @@ from tullius.engine import (
 )
 from tullius.errors import InvalidTransition, StoreError, StoreUnavailable, WriteWindowClosed
 from tullius.events import Event, Failed, HandlerFailed
-from tullius.policy import WRITE_WINDOW, LeaseTimings
+from tullius.policy import WRITE_WINDOW, LeaseTimings, verdict_window
 from tullius.runtime.config import Settings
 from tullius.runtime.coverage_check import CoverageCheck
 from tullius.runtime.mongo_store import redact, short_error
@@ -426,7 +426,7 @@ class Supervisor(WorkerKeeping):
                     job,
                     next_renew=now + self.heartbeat,
                     claimed_at=now,
-                    write_by=started_boot + job.time_limit.total_seconds() + window,
+                    write_by=started_boot + verdict_window(job.time_limit).total_seconds(),
                 )
                 self._dispatch(slot, slot.running, now)
 

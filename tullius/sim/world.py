@@ -49,7 +49,7 @@ from tullius.engine import (
 )
 from tullius.errors import ConfigError, StoreError, TaskDefinitionError, UnknownTaskClass
 from tullius.events import Event, Failed, HandlerFailed, HandlerSucceeded, Succeeded
-from tullius.policy import WRITE_WINDOW, LeaseTimings, LeaseWatch
+from tullius.policy import LeaseTimings, LeaseWatch, verdict_window
 from tullius.sim.clock import ServerClock, SimClock, to_us
 from tullius.sim.faults import ClockSkew, Fault, ServerCrash, ServerPause, WorkerCrash
 from tullius.sim.invariants import Invariants
@@ -66,7 +66,6 @@ OP, ACTOR, WAKE, FAULT, RESTART, NAP = range(6)
 # Job kinds as module globals: ``JobKind.RUN`` goes through the enum metaclass's
 # ``__getattr__`` (~75 ns on 3.11), and every job reads them several times.
 _RUN, _HANDLE = JobKind.RUN, JobKind.HANDLE
-_WRITE_WINDOW_US = to_us(WRITE_WINDOW)
 
 
 class Wait:
@@ -394,7 +393,7 @@ class Drivers:
         ex = Execution(job, server, index, what, to_us(job.time_limit))
         server.execs.append(ex)  # (its token is the server's own since the claim: `_claimer`)
         # As the daemon's `Running.write_by` (claims take no virtual time: now is the claim's).
-        write_by = self.clock.us + to_us(job.time_limit) + _WRITE_WINDOW_US
+        write_by = self.clock.us + to_us(verdict_window(job.time_limit))
         outcome = yield RunUser(ex)
         event = self._event_for(ex, outcome)
         while event is not None:
