@@ -28,8 +28,8 @@ def diagram() -> str:
                 continue  # allowed everywhere, changes no status
             for target in targets:
                 lines.append(f"    {status.value} --> {target.value}: {event.__name__}")
-    for status in Status:
-        if not any(t for e, ts in TRANSITIONS[status].items() if e is not Swept for t in ts):
+    for status in Status:  # terminal: no event leads anywhere else
+        if all(t is status for ts in TRANSITIONS[status].values() for t in ts):
             lines.append(f"    {status.value} --> [*]")
     lines.append("```")
     return "\n".join(lines)

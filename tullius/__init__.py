@@ -4,12 +4,13 @@ The public API, re-exported here and nowhere else.  See the README for use and
 ``docs/design.md`` for how it works.
 """
 
-from tullius.api import chain, configure, queue, tree
+from tullius.api import chain, configure, queue, retry_unhandled, tree
 from tullius.band import Band
 from tullius.document import Failure, FailureKind, Status
 from tullius.errors import (
     ConfigError,
     InvalidTransition,
+    NotRetried,
     StoreError,
     StoreUnavailable,
     TaskDefinitionError,
@@ -21,6 +22,7 @@ from tullius.errors import (
     UnknownTaskClass,
 )
 from tullius.inspection import ChainLink, ChainTree
+from tullius.retry import Retry
 from tullius.task import Task
 
 __version__ = "0.1.0"
@@ -33,6 +35,8 @@ __all__ = [
     "Failure",
     "FailureKind",
     "InvalidTransition",
+    "NotRetried",
+    "Retry",
     "Status",
     "StoreError",
     "StoreUnavailable",
@@ -48,5 +52,6 @@ __all__ = [
     "chain",
     "configure",
     "queue",
+    "retry_unhandled",
     "tree",
 ]

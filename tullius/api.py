@@ -1,4 +1,4 @@
-"""The application-facing calls: ``tullius.queue()``, ``tullius.configure()``, ``tullius.chain()``.
+"""The application-facing calls: ``queue()``, ``configure()``, ``chain()``, ``retry_unhandled()``.
 
 Where queued tasks go, in order of precedence:
 
@@ -11,6 +11,8 @@ Where queued tasks go, in order of precedence:
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,6 +24,7 @@ from typing import Any
 from tullius.document import TaskSpec, queued_doc
 from tullius.errors import ConfigError, TaskDefinitionError
 from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
+from tullius.retry import Retry, retry_now
 from tullius.store import Store
 from tullius.task import Task, find_in_module, queued_tasks, split_task_name, to_specs
 
@@ -167,6 +170,26 @@ def task_id_of(task_or_id: Task | str) -> str:
 def chain(task_or_id: Task | str, *, store: Store | None = None) -> list[ChainLink]:
     """The failure chain of a queued task: it, then the first task produced at each step."""
     return read_chain(store or current_store(), task_id_of(task_or_id))
+
+
+def retry_unhandled(task_or_id: Task | str, *, store: Store | None = None) -> Retry:
+    """Try ``failed()`` again for an UNHANDLED task, once its code is fixed.
+
+    The task stays UNHANDLED; a copy of it, born failed with its failure, has
+    its ``failed()`` run by the daemons (``run()`` never runs again), and
+    ``chain()`` follows the task to it.  Asking again for a task already
+    retried returns that retry (completing it if it was cut short).
+
+    Raises:
+        TaskNotFound: no such task.
+        NotRetried: the task is not UNHANDLED (the message says what it is).
+    """
+    return retry_now(
+        store or current_store(),
+        task_id_of(task_or_id),
+        server=f"retry_unhandled() on {socket.gethostname()}:{os.getpid()}",
+        token=uuid.uuid4().hex,
+    )
 
 
 def tree(task_or_id: Task | str, *, store: Store | None = None) -> ChainTree:

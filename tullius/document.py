@@ -125,6 +125,9 @@ class Origin(enum.StrEnum):
     SUCCESSOR = "successor"
     #: Returned by ``failed()`` after a failure.
     REPLACEMENT = "replacement"
+    #: An operator's retry of an UNHANDLED task's ``failed()``: a copy of the
+    #: task, born FAILED with its parent's failure, so ``run()`` never runs again.
+    RETRY = "retry"
 
 
 class RecordKind(enum.StrEnum):
@@ -138,6 +141,8 @@ class RecordKind(enum.StrEnum):
     HANDLER = "handler"
     #: How that attempt ended: replacements, or a handler error.
     HANDLER_END = "handler_end"
+    #: An operator's retry of an UNHANDLED task: the copy it spawned (one per task).
+    RETRY = "retry"
 
 
 class FailureKind:
@@ -282,6 +287,11 @@ def handler_end_id(task_id: str, attempt: int) -> str:
     return f"{task_id}:handler:{attempt}:end"
 
 
+def retry_id(task_id: str) -> str:
+    """Id of the record of an operator's retry of the task's ``failed()`` (one per task)."""
+    return f"{task_id}:retry"
+
+
 def derive_task_id(parent_id: str, origin: Origin, index: int) -> str:
     """The id of the ``index``-th task spawned by ``parent_id``.
 
@@ -424,6 +434,19 @@ def spawned_of(view: TaskView) -> tuple[TaskDoc, ...]:
         end = view.handler_end(view.handler_attempt)
         return () if end is None else end.spawned
     return ()
+
+
+def retried_as(view: TaskView) -> TaskDoc | None:
+    """The copy an operator's retry of this UNHANDLED task spawned, if it was retried.
+
+    Not among `spawned_of`: a terminal hint promises that the successors or
+    replacements exist, and a retry comes after the hint turned terminal (see
+    ``tullius.retry``).
+    """
+    record = view.records.get(retry_id(view.task.task_id))
+    if record is None or not record.spawned:
+        return None
+    return record.spawned[0]
 
 
 def due_at_of(view: TaskView) -> datetime | None:

@@ -7,6 +7,7 @@
       TaskError
         InvalidTransition    an event not allowed in the task's status; nothing changed
         TaskNotFound
+        NotRetried           an unhandled task's failed() can't be retried (see tullius.retry)
         UnknownTaskClass     a stored document names a class that can't be loaded
       StoreError
         StoreUnavailable     the database could not be reached after retries
@@ -125,6 +126,21 @@ class TaskNotFound(TaskError):
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
         super().__init__(f"no task with task_id={task_id!r}")
+
+
+class NotRetried(TaskError):
+    """A retry of ``failed()`` refused: the task is not UNHANDLED, or an old retry
+    of it can't be completed (`tullius.retry`).  Nothing was written.
+
+    Attributes:
+        task_id: the task asked for.
+        reason: why, and what was expected.
+    """
+
+    def __init__(self, task_id: str, reason: str) -> None:
+        self.task_id = task_id
+        self.reason = reason
+        super().__init__(f"task {task_id!r} not retried: {reason}")
 
 
 class UnknownTaskClass(TaskError):

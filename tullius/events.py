@@ -86,6 +86,21 @@ class HandlerFailed:
 
 @quick_init
 @dataclass(frozen=True)
+class Retried:
+    """An operator wants ``failed()`` tried again for an UNHANDLED task.
+
+    The task itself stays UNHANDLED (terminal states never change): the retry
+    spawns a copy of it, born FAILED with the task's own failure, whose
+    ``failed()`` then gets the usual attempts.  ``server`` names the operator's
+    process in the records.
+    """
+
+    token: str
+    server: str
+
+
+@quick_init
+@dataclass(frozen=True)
 class Swept:
     """A sweeper (or a loser of a race) wants the hints and pending inserts repaired."""
 
@@ -98,5 +113,6 @@ Event = (
     | HandlerClaimed
     | HandlerSucceeded
     | HandlerFailed
+    | Retried
     | Swept
 )

@@ -135,7 +135,8 @@ def _load_link(store: Store, task_id: str) -> ChainLink:
 def read_chain(store: Store, task_id: str, *, limit: int = 10_000) -> list[ChainLink]:
     """The task and, in order, the first task produced at each step after it.
 
-    "First" is the successor or replacement returned first (index 0).
+    "First" is the successor or replacement returned first (index 0); after
+    an UNHANDLED task, the copy an operator's retry made (`tullius.retry`).
 
     Raises:
         TaskNotFound: no task ``task_id``.
@@ -143,7 +144,7 @@ def read_chain(store: Store, task_id: str, *, limit: int = 10_000) -> list[Chain
     chain = [_load_link(store, task_id)]
     while len(chain) < limit:
         current = chain[-1].task_id
-        for origin in (Origin.SUCCESSOR, Origin.REPLACEMENT):
+        for origin in (Origin.SUCCESSOR, Origin.REPLACEMENT, Origin.RETRY):
             first = derive_task_id(current, origin, 0)
             if first in chain[-1].children:
                 chain.append(_load_link(store, first))

@@ -11,9 +11,10 @@ exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 
 from hypothesis import event, settings
@@ -29,8 +30,11 @@ from tullius.document import (
     Origin,
     RecordKind,
     Status,
+    TaskDoc,
     TaskSpec,
     TaskView,
+    retried_as,
+    retry_id,
     spawned_of,
     status_of,
 )
@@ -45,11 +49,13 @@ from tullius.events import (
     HandlerFailed,
     HandlerSucceeded,
     LeaseExpired,
+    Retried,
     Succeeded,
     Swept,
 )
 from tullius.machine import settle, step
-from tullius.policy import LeaseWatch
+from tullius.policy import WRITE_WINDOW, LeaseWatch
+from tullius.retry import NotRetried, retry
 from tullius.sim.memory_store import MemoryStore
 from tullius.store import perform
 
@@ -65,6 +71,9 @@ class Pending:
     server: str
     view: TaskView
     effects: list[Effect]
+    #: Whether the next `InsertRecord` decides the step (a retry's copy has
+    #: records of its own, written after the deciding one; a sweep decides nothing).
+    decisive: bool = True
 
 
 class ProtocolRaces(RuleBasedStateMachine):
@@ -90,7 +99,7 @@ class ProtocolRaces(RuleBasedStateMachine):
     @rule()
     def queue_a_task(self) -> None:
         self.roots += 1
-        self.store.insert_tasks([make_doc(f"root{self.roots}")])
+        self.store.insert_tasks([root_doc(self.roots)])
 
     @rule(hours=st.integers(0, 2))
     def time_passes(self, hours: int) -> None:
@@ -114,7 +123,9 @@ class ProtocolRaces(RuleBasedStateMachine):
         except InvalidTransition:
             return
         if decided.effects:
-            self.pending.append(Pending(server, view, list(decided.effects)))
+            self.pending.append(
+                Pending(server, view, list(decided.effects), decided.record is not None)
+            )
 
     def _event_for(self, server: str, view: TaskView, data: st.DataObject) -> Event:
         status = status_of(view)
@@ -134,6 +145,8 @@ class ProtocolRaces(RuleBasedStateMachine):
             ]
         elif lease is not None:
             choices.append(LeaseExpired(lease.record_id, server))
+        elif status is Status.UNHANDLED:
+            choices.append(Retried(self._token(server), server))
         return data.draw(st.sampled_from(choices))
 
     @rule(data=st.data(), ack_lost=st.booleans())
@@ -150,7 +163,8 @@ class ProtocolRaces(RuleBasedStateMachine):
         if ack_lost:
             return  # the writer saw an error and will send the same write again
         pending.effects.pop(0)
-        if isinstance(effect, InsertRecord):
+        if isinstance(effect, InsertRecord) and pending.decisive:
+            pending.decisive = False
             # As engine.apply_step: the rest follows from the record that won,
             # and only if it is ours.
             won = result.token == effect.record.token
@@ -196,6 +210,8 @@ class ProtocolRaces(RuleBasedStateMachine):
         for view in self.store.all_views():
             event(f"before healing: {status_of(view).value}")
         event(f"lost races: {min(self.lost_races, 3)}+")
+        retried = sum(retried_as(view) is not None for view in self.store.all_views())
+        event(f"retried before healing: {min(retried, 2)}+")
         finish_everything(self.store, self.now, self.rng)
         for view in self.store.all_views():
             status = status_of(view)
@@ -203,12 +219,18 @@ class ProtocolRaces(RuleBasedStateMachine):
             assert view.task.status is status, (view.task_id, view.task.status, status)
             assert spawned_all_present(self.store, view)
             children = {doc.task_id for doc in self.store.find_children(view.task_id)}
-            assert children == {doc.task_id for doc in spawned_of(view)}, view.task_id
+            assert children == expected_children(self.store, view, self.now), view.task_id
             if view.outcome is not None and not view.outcome.ok:
                 ok_ends = [
                     r for r in view.records.values() if r.kind is RecordKind.HANDLER_END and r.ok
                 ]
                 assert len(ok_ends) == (0 if status is Status.UNHANDLED else 1)
+
+
+def root_doc(n: int) -> TaskDoc:
+    """The ``n``-th root task: the first allows one ``failed()`` attempt, so that
+    runs reach UNHANDLED (and operators retry it) within a few steps."""
+    return dataclasses.replace(make_doc(f"root{n}"), handler_attempts=1 if n == 1 else 3)
 
 
 def check_consistent(view: TaskView) -> None:
@@ -232,6 +254,29 @@ def check_consistent(view: TaskView) -> None:
             assert view.handler(record.attempt) is not None
 
 
+def expected_children(store: MemoryStore, view: TaskView, now: datetime) -> set[str]:
+    """The successors or replacements, and a retry's copy: stored, unless its
+    writer vanished and the retry is too old to be completed (`retry.retry`)."""
+    expected = {doc.task_id for doc in spawned_of(view)}
+    copy = retried_as(view)
+    if copy is not None and (
+        store.load(copy.task_id) is not None
+        or now - view.records[retry_id(view.task_id)].at <= WRITE_WINDOW
+    ):
+        expected.add(copy.task_id)
+    return expected
+
+
+def complete_retries(store: MemoryStore, now: datetime) -> None:
+    """An operator asks again for every retry (`retry.retry`): cut-short ones are completed."""
+    for view in store.all_views():
+        if status_of(view) is Status.UNHANDLED and retried_as(view) is not None:
+            try:
+                drive(store, retry(view.task_id, now=now, token="operator", server="operator"))
+            except NotRetried:
+                assert now - view.records[retry_id(view.task_id)].at > WRITE_WINDOW
+
+
 def spawned_all_present(store: MemoryStore, view: TaskView) -> bool:
     return all(store.load(doc.task_id) is not None for doc in spawned_of(view))
 
@@ -244,6 +289,7 @@ def finish_everything(store: MemoryStore, now, rng: random.Random) -> None:  # t
     """
     watch = LeaseWatch(timedelta(seconds=1))
     band = Band(1, 0, 10)
+    complete_retries(store, now)
     for round_ in range(200):
         now += timedelta(hours=1)
         drive(store, sweep(watch, observer="healer", now=now, monotonic=partial(float, round_ * 2)))
@@ -289,4 +335,4 @@ test_protocol_races = ProtocolRaces.TestCase
 
 def test_origin_values_are_stable() -> None:
     # Stored values are part of the on-disk format.
-    assert [o.value for o in Origin] == ["queued", "successor", "replacement"]
+    assert [o.value for o in Origin] == ["queued", "successor", "replacement", "retry"]

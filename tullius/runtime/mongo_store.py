@@ -76,6 +76,7 @@ from tullius.clock import window_seconds
 from tullius.document import (
     TERMINAL,
     Record,
+    RecordKind,
     Status,
     TaskDoc,
     TaskView,
@@ -86,6 +87,7 @@ from tullius.document import (
     outcome_id,
     record_from_bson,
     record_to_bson,
+    retry_id,
     run_id,
     status_of,
     stored_time,
@@ -666,20 +668,28 @@ class MongoStore:
         """The task's records.  In a sharded (FerretDB) layout, read one by one by ``_id``.
 
         Records form a chain (`run`, `outcome`, `handler:1`, `handler:1:end`,
-        `handler:2` ...; each needs the one before), so reading in that order
-        up to the first missing one finds them all, and what is found is a
-        consistent prefix even while others insert.  Each read is a pushed-down
+        `handler:2` ... and last an operator's `retry`; each needs the one
+        before), so reading in that order up to the first missing one finds
+        them all, and what is found is a consistent prefix even while others
+        insert.  Each read is a pushed-down
         ``_id`` lookup, where a query by ``task_id`` would read all history.
         """
         if len(self.live_collections()) == 1:
             return {r["_id"]: record_from_bson(r) for r in self.records.find({"task_id": task_id})}
         found: dict[str, Record] = {}
+        last: Record | None = None
         for record_id in _chain_ids(task_id):
             raw = self.records.find_one({"_id": record_id})
             if raw is None:
-                return found
-            found[record_id] = record_from_bson(raw)
-        raise AssertionError("unreachable")  # pragma: no cover
+                break
+            found[record_id] = last = record_from_bson(raw)
+        # An operator's retry comes after the last failed attempt's end (only an
+        # UNHANDLED task is retried): read it only where the chain ends so.
+        if last is not None and last.kind is RecordKind.HANDLER_END and not last.ok:
+            raw = self.records.find_one({"_id": retry_id(task_id)})
+            if raw is not None:
+                found[raw["_id"]] = record_from_bson(raw)
+        return found
 
     def find_due(
         self,

@@ -1,0 +1,203 @@
+"""An operator's second chance for an UNHANDLED task: ``failed()`` tried again, once fixed.
+
+Why: a task whose ``failed()`` failed on every attempt is left UNHANDLED, its
+failure recorded and never dropped.  Once the bug in ``failed()`` is fixed,
+the operator needs that failure handled; queueing a copy of the task would
+run its ``run()`` again (charge the card twice), which is not what was asked.
+
+How: terminal statuses never change (every proof about late writers leans on
+that), so the task itself stays UNHANDLED.  A ``retry`` record on it, inserted
+once under a deterministic id, decides the retry; it carries a copy of the
+task (origin ``retry``, a child of the task), born FAILED: its run and failed
+outcome records are written first, copying the task's own failure, and then
+the copy itself, due at once (`machine._retry_writes`).  The daemons then
+run the copy's ``failed()`` with the usual attempts, backoff and leases, and
+its ``self.failure`` is the task's.  ``tullius.chain()`` follows the task to
+its copy.
+
+A retry cut short (the store out of reach, the process killed) is completed
+by asking again: the copy's writes are repeated, each harmless twice.  But
+only within `WRITE_WINDOW` of the retry record: past it the copy may have
+run, settled and been pruned, and writing it again would run its
+``failed()`` a second time; then a missing copy is refused, not re-made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final
+
+from tullius.clock import window_seconds
+from tullius.document import (
+    Origin,
+    Status,
+    TaskDoc,
+    TaskView,
+    retried_as,
+    retry_id,
+    short_name,
+    status_of,
+)
+from tullius.engine import Conversation, apply_step, drive
+from tullius.errors import NotRetried, TaskNotFound
+from tullius.events import Retried
+from tullius.machine import settle, step
+from tullius.policy import WRITE_WINDOW
+from tullius.store import FindByStatus, FindTasks, Load, Store
+
+#: How many UNHANDLED tasks `retry_all` reads at a time.
+RETRY_BATCH: Final = 500
+
+
+@dataclass(frozen=True)
+class Retry:
+    """One retry of a task's ``failed()``.
+
+    Attributes:
+        task_id: the UNHANDLED task.
+        copy_id: the copy whose ``failed()`` runs (``tullius.chain()`` shows it).
+        at: when the retry was recorded.
+        by: who recorded it (the ``server`` of the retry record).
+        new: True if this call recorded it; False if it had been retried
+            before, in which case this call made sure its copy is stored.
+    """
+
+    task_id: str
+    copy_id: str
+    at: datetime
+    by: str
+    new: bool
+
+    def describe(self) -> str:
+        """One line for an operator."""
+        if self.new:
+            return f"{self.task_id}: retried as {self.copy_id}; its failed() runs next"
+        return (
+            f"{self.task_id}: already retried as {self.copy_id} at "
+            f"{self.at.isoformat(timespec='seconds')} by {self.by}"
+        )
+
+
+def retry(task_id: str, *, now: datetime, token: str, server: str) -> Conversation[Retry]:
+    """Retry the ``failed()`` of the UNHANDLED task ``task_id`` (see the module).
+
+    Asking again for a task already retried records nothing new: its copy is
+    made sure of (written again if the first retry was cut short, within a
+    `WRITE_WINDOW` of it), and the earlier retry is returned.
+
+    Raises:
+        TaskNotFound: no such task (never queued, or pruned).
+        NotRetried: the task is not UNHANDLED, or was retried over a
+            `WRITE_WINDOW` ago and its copy is not stored.
+    """
+    view: TaskView | None = yield Load(task_id)
+    if view is None:
+        raise TaskNotFound(task_id)
+    status = status_of(view)
+    if status is not Status.UNHANDLED:
+        raise NotRetried(
+            task_id,
+            f"its status is {status.value!r}; expected 'unhandled' "
+            "(only a task whose every failed() attempt failed is retried)",
+        )
+    if retried_as(view) is None:
+        decided = step(view, Retried(token, server), now=now)
+        winner = yield from apply_step(view, decided, now=now)
+        assert winner is not None
+        if winner.token == token:
+            return _retry(view.with_record(winner), new=True)
+        view = view.with_record(winner)  # a rival's retry came first: make sure of it
+    done = _retry(view, new=False)
+    copy = retried_as(view)
+    assert copy is not None
+    if (yield FindTasks((copy.task_id,))):
+        return done
+    if now - done.at > WRITE_WINDOW:
+        raise NotRetried(
+            task_id,
+            f"it was retried at {done.at.isoformat(timespec='seconds')} as "
+            f"{copy.task_id!r}, which is not stored; after {WRITE_WINDOW} it may have run "
+            "and been pruned, so it is not written again (queue a copy by hand if it never ran)",
+        )
+    # Not ``yield from``: the driver sends each write's result, which a tuple can't take.
+    for effect in settle(view, now):  # noqa: UP028
+        yield effect
+    return done
+
+
+def retry_now(store: Store, task_id: str, *, server: str, token: str) -> Retry:
+    """Drive `retry` on ``store`` now, within a `WRITE_WINDOW` (as the daemon's writers)."""
+    deadline = window_seconds() + WRITE_WINDOW.total_seconds()
+    return drive(
+        store,
+        retry(task_id, now=datetime.now(UTC), token=token, server=server),
+        write_by=deadline,
+        clock=window_seconds,
+    )
+
+
+def _retry(view: TaskView, *, new: bool) -> Retry:
+    record = view.records[retry_id(view.task_id)]
+    copy = retried_as(view)
+    assert copy is not None
+    return Retry(view.task_id, copy.task_id, record.at, record.server, new)
+
+
+@dataclass
+class RetryReport:
+    """What `retry_all` did."""
+
+    retried: list[Retry] = field(default_factory=list)
+    #: Tasks retried before (copies made sure of).
+    earlier: list[Retry] = field(default_factory=list)
+    #: Tasks not retried, with the reason.
+    refused: list[NotRetried] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line for an operator (`Retry.describe` gives one per task)."""
+        line = f"retried {len(self.retried)} unhandled task(s)"
+        if self.earlier:
+            line += f"; {len(self.earlier)} retried before"
+        if self.refused:
+            line += f"; {len(self.refused)} refused"
+        return line
+
+
+def retry_all(
+    *,
+    now: datetime,
+    token: str,
+    server: str,
+    class_name: str | None = None,
+    batch: int = RETRY_BATCH,
+) -> Conversation[RetryReport]:
+    """Retry every UNHANDLED task (of ``class_name`` only, if given: the stored
+    ``module:Class`` or just ``Class``).
+
+    A copy this call made is not retried in turn, should it fail on every
+    attempt while this runs.
+    """
+    report = RetryReport()
+    after = ""
+    while True:
+        page: list[TaskDoc] = yield FindByStatus((Status.UNHANDLED,), batch, after)
+        if not page:
+            return report
+        after = page[-1].task_id
+        for doc in page:
+            if doc.origin is Origin.RETRY and doc.created_at >= now:
+                continue  # a copy this made, which failed again meanwhile
+            if class_name is not None and class_name not in (
+                doc.class_name,
+                short_name(doc.class_name),
+            ):
+                continue
+            try:
+                done = yield from retry(doc.task_id, now=now, token=token, server=server)
+            except TaskNotFound:
+                continue  # pruned meanwhile
+            except NotRetried as refused:
+                report.refused.append(refused)
+                continue
+            (report.retried if done.new else report.earlier).append(done)
