@@ -38,6 +38,7 @@ from tullius.document import (
     retry_id,
     short_name,
     status_of,
+    stored_time,
 )
 from tullius.engine import Conversation, apply_step, drive
 from tullius.errors import NotRetried, TaskNotFound
@@ -179,6 +180,7 @@ def retry_all(
     attempt while this runs.
     """
     report = RetryReport()
+    started = stored_time(now)  # as the copies' ``created_at`` comes back: whole ms
     after = ""
     while True:
         page: list[TaskDoc] = yield FindByStatus((Status.UNHANDLED,), batch, after)
@@ -186,7 +188,7 @@ def retry_all(
             return report
         after = page[-1].task_id
         for doc in page:
-            if doc.origin is Origin.RETRY and doc.created_at >= now:
+            if doc.origin is Origin.RETRY and doc.created_at >= started:
                 continue  # a copy this made, which failed again meanwhile
             if class_name is not None and class_name not in (
                 doc.class_name,

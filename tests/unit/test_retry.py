@@ -1,0 +1,314 @@
+"""Retrying an unhandled task's ``failed()`` (`tullius.retry`), on every in-process store.
+
+Histories are written by the engine itself; ``now`` is always an argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+
+import mongomock
+import pytest
+
+from tests.store_contract import T0, make_doc
+from tullius.band import Band
+from tullius.document import (
+    Failure,
+    FailureKind,
+    Origin,
+    Status,
+    TaskDoc,
+    TaskSpec,
+    outcome_id,
+    retried_as,
+    retry_id,
+    run_id,
+    status_of,
+)
+from tullius.engine import JobKind, apply_step, claim, drive, finish
+from tullius.errors import NotRetried, TaskNotFound, WriteWindowClosed
+from tullius.events import Failed, HandlerFailed, HandlerSucceeded, Retried, Succeeded
+from tullius.inspection import read_chain
+from tullius.machine import step
+from tullius.prune import MIN_AGE, prune
+from tullius.retry import Retry, retry, retry_all
+from tullius.runtime.mongo_store import MongoStore
+from tullius.sim.memory_store import MemoryStore
+from tullius.store import Store, perform
+
+DAY = timedelta(days=1)
+NOW = T0 + 100 * DAY
+ALL = Band(1, 0, 10)
+REPLACEMENT = TaskSpec("tests:Next", {"n": 1}, 5, timedelta(seconds=5), timedelta(seconds=5), 3)
+
+
+@pytest.fixture(params=["memory", "mongomock", "mongomock-sharded"])
+def store(request: pytest.FixtureRequest) -> Iterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    shards = 3 if request.param == "mongomock-sharded" else None
+    mongo = MongoStore(mongomock.MongoClient(tz_aware=True)["tullius_test"], live_shards=shards)
+    mongo.ensure_indexes()
+    yield mongo
+
+
+def unhandled(store: Store, task_id: str, *, at: object = NOW, cls: str = "tests:Nothing") -> None:
+    """Queue ``task_id`` (one ``failed()`` attempt allowed); its run and that attempt fail."""
+    doc = make_doc(task_id)
+    store.insert_tasks([TaskDoc(**{**doc.__dict__, "handler_attempts": 1, "class_name": cls})])
+    job = drive(store, claim(ALL, server="s", worker="w", token=f"{task_id}-run", now=at))
+    assert job is not None
+    assert job.task_id == task_id
+    drive(store, finish(job, Failed(job.token, Failure(FailureKind.TIMEOUT, "slow", at)), now=at))
+    job = drive(store, claim(ALL, server="s", worker="w", token=f"{task_id}-h", now=at))
+    assert job is not None
+    assert job.kind is JobKind.HANDLE
+    error = Failure(FailureKind.EXCEPTION, "failed() raised", at)
+    drive(store, finish(job, HandlerFailed(job.token, error), now=at))
+    view = store.load(task_id)
+    assert view is not None
+    assert status_of(view) is Status.UNHANDLED
+
+
+def retried(store: Store, task_id: str, *, at: object = NOW, token: str = "op") -> Retry:
+    return drive(store, retry(task_id, now=at, token=token, server="ops"))  # type: ignore[arg-type]
+
+
+def handle_the_copy(store: Store, copy_id: str, *, at: object = NOW) -> None:
+    """A daemon claims the copy's failed(), which succeeds and returns REPLACEMENT."""
+    job = drive(store, claim(ALL, server="s", worker="w", token="copy-h", now=at))
+    assert job is not None
+    assert job.task_id == copy_id
+    assert job.kind is JobKind.HANDLE
+    drive(store, finish(job, HandlerSucceeded(job.token, (REPLACEMENT,)), now=at))
+
+
+def test_a_retried_task_stays_unhandled_and_its_copy_is_born_failed_with_its_failure(
+    store: Store,
+) -> None:
+    # Given a task whose run timed out and whose only failed() attempt raised
+    unhandled(store, "t")
+    # When an operator retries it
+    done = retried(store, "t")
+    # Then the task is still unhandled, and a copy of it is stored as failed, due now
+    view = store.load("t")
+    assert view is not None
+    assert status_of(view) is Status.UNHANDLED
+    assert done.new
+    assert done.task_id == "t"
+    copy = store.load(done.copy_id)
+    assert copy is not None
+    assert status_of(copy) is Status.FAILED
+    assert copy.task.origin is Origin.RETRY
+    assert copy.task.parent_id == "t"
+    assert copy.task.class_name == view.task.class_name
+    assert copy.task.fields == view.task.fields
+    # And the copy's failure is the task's own: what its failed() will see
+    assert copy.outcome is not None
+    assert view.outcome is not None
+    assert copy.outcome.failure == view.outcome.failure
+    assert done.describe() == f"t: retried as {done.copy_id}; its failed() runs next"
+
+
+def test_the_copys_failed_runs_next_and_its_replacement_is_queued_once(store: Store) -> None:
+    unhandled(store, "t")
+    done = retried(store, "t")
+    # When a daemon claims work, it gets the copy's failed(), not a run
+    handle_the_copy(store, done.copy_id)
+    # Then the copy is handled, its replacement queued, and the chain reads through
+    chain = read_chain(store, "t")
+    assert [(link.status, link.origin) for link in chain] == [
+        (Status.UNHANDLED, Origin.QUEUED),
+        (Status.HANDLED, Origin.RETRY),
+        (Status.QUEUED, Origin.REPLACEMENT),
+    ]
+    assert chain[1].failure is not None
+    assert chain[1].failure.kind == FailureKind.TIMEOUT
+    # And nothing else is due: run() is never claimed again for the task or its copy
+    assert drive(store, claim(ALL, server="s", worker="w", token="x", now=NOW)) is not None
+    assert drive(store, claim(ALL, server="s", worker="w", token="y", now=NOW)) is None
+
+
+def test_asking_again_returns_the_first_retry_and_makes_no_second_copy(store: Store) -> None:
+    unhandled(store, "t")
+    first = retried(store, "t", token="op1")
+    # When another operator asks again, later
+    again = retried(store, "t", at=NOW + timedelta(hours=1), token="op2")
+    # Then they are told of the first retry; there is one copy
+    assert not again.new
+    assert (again.copy_id, again.at, again.by) == (first.copy_id, first.at, "ops")
+    assert [doc.task_id for doc in store.find_children("t")] == [first.copy_id]
+    assert again.describe().startswith(f"t: already retried as {first.copy_id} at ")
+
+
+def test_two_operators_racing_on_one_read_decide_one_retry(store: Store) -> None:
+    unhandled(store, "t")
+    view = store.load("t")
+    assert view is not None
+    # Given two operators who both read the task unhandled and decided a retry
+    mine = step(view, Retried("op1", "ops1"), now=NOW)
+    theirs = step(view, Retried("op2", "ops2"), now=NOW + timedelta(seconds=1))
+    # When both apply their decisions
+    won = drive(store, apply_step(view, mine, now=NOW))
+    lost = drive(store, apply_step(view, theirs, now=NOW))
+    # Then the first record stands, the second writer wrote nothing of its own
+    assert won is not None
+    assert lost is not None
+    assert won.token == lost.token == "op1"
+    assert len(store.find_children("t")) == 1
+
+
+@pytest.mark.parametrize("writes_landed", [1, 2, 3])
+def test_a_retry_cut_short_is_completed_by_asking_again(store: Store, writes_landed: int) -> None:
+    # Given a retry whose writer stopped after its record (and maybe the copy's records)
+    unhandled(store, "t")
+    view = store.load("t")
+    assert view is not None
+    decided = step(view, Retried("op1", "ops"), now=NOW)
+    for effect in decided.effects[:writes_landed]:
+        perform(store, effect)
+    copy_id = derive_copy_id(store, "t")
+    assert store.load(copy_id) is None
+    # When an operator asks again within a day
+    again = retried(store, "t", at=NOW + timedelta(hours=20), token="op2")
+    # Then the copy is stored, failed, with the first retry's records
+    assert not again.new
+    copy = store.load(copy_id)
+    assert copy is not None
+    assert status_of(copy) is Status.FAILED
+    assert copy.run is not None
+    assert copy.run.token == "op1"
+
+
+def test_an_old_retry_whose_copy_is_missing_is_refused_and_not_made_again(store: Store) -> None:
+    # Given a retry cut short right after its record, two days ago
+    unhandled(store, "t", at=NOW - 2 * DAY)
+    view = store.load("t")
+    assert view is not None
+    perform(store, step(view, Retried("op1", "ops"), now=NOW - 2 * DAY).effects[0])
+    # When an operator asks again now
+    with pytest.raises(NotRetried, match="which is not stored") as refused:
+        retried(store, "t")
+    # Then nothing is written: the copy may have run and been pruned meanwhile
+    assert refused.value.task_id == "t"
+    assert store.load(derive_copy_id(store, "t")) is None
+
+
+def test_a_pruned_copy_never_comes_back_when_asked_again(store: Store) -> None:
+    # Given a task retried ten days ago, whose copy was handled then and pruned since
+    unhandled(store, "t", at=NOW - 10 * DAY)
+    done = retried(store, "t", at=NOW - 10 * DAY)
+    handle_the_copy(store, done.copy_id, at=NOW - 10 * DAY)
+    drive(store, prune(MIN_AGE, now=NOW))
+    assert store.load(done.copy_id) is None
+    assert store.load("t") is not None  # unhandled: kept without --prune-unhandled
+    # When an operator asks again
+    with pytest.raises(NotRetried):
+        retried(store, "t")
+    # Then the copy (and so its failed()) does not come back
+    assert store.load(done.copy_id) is None
+    assert store.find_tasks([run_id(done.copy_id), outcome_id(done.copy_id)]) == []
+
+
+@pytest.mark.parametrize("status", ["queued", "running", "failed", "succeeded", "handled"])
+def test_only_an_unhandled_task_is_retried(store: Store, status: str) -> None:
+    store.insert_tasks([make_doc("t")])
+    if status != "queued":
+        job = drive(store, claim(ALL, server="s", worker="w", token="run", now=NOW))
+        assert job is not None
+        if status == "succeeded":
+            drive(store, finish(job, Succeeded(job.token), now=NOW))
+        elif status != "running":
+            failure = Failure(FailureKind.EXCEPTION, "boom", NOW)
+            drive(store, finish(job, Failed(job.token, failure), now=NOW))
+            if status == "handled":
+                job = drive(store, claim(ALL, server="s", worker="w", token="h", now=NOW))
+                assert job is not None
+                drive(store, finish(job, HandlerSucceeded(job.token), now=NOW))
+    with pytest.raises(NotRetried, match=f"its status is '{status}'; expected 'unhandled'"):
+        retried(store, "t")
+    assert store.find_children("t") == []
+
+
+def test_an_unknown_task_is_not_found(store: Store) -> None:
+    with pytest.raises(TaskNotFound, match="no task with task_id='nope'"):
+        retried(store, "nope")
+
+
+def test_a_retry_past_its_write_window_writes_nothing(store: Store) -> None:
+    unhandled(store, "t")
+    # When the retry's window closed before its first write (a process frozen a day)
+    with pytest.raises(WriteWindowClosed, match="InsertRecord given up"):
+        drive(store, retry("t", now=NOW, token="op", server="ops"), write_by=0.0, clock=lambda: 1.0)
+    # Then the task has no retry record and no copy
+    view = store.load("t")
+    assert view is not None
+    assert retry_id("t") not in view.records
+    assert store.find_children("t") == []
+
+
+def test_a_copy_that_fails_again_ends_unhandled_and_can_be_retried_in_turn(store: Store) -> None:
+    unhandled(store, "t")
+    copy_id = retried(store, "t").copy_id
+    job = drive(store, claim(ALL, server="s", worker="w", token="copy-h", now=NOW))
+    assert job is not None
+    error = Failure(FailureKind.EXCEPTION, "still broken", NOW)
+    drive(store, finish(job, HandlerFailed(job.token, error), now=NOW))
+    copy = store.load(copy_id)
+    assert copy is not None
+    assert status_of(copy) is Status.UNHANDLED
+    # When the copy is retried in turn, its copy has the first task's failure still
+    second = retried(store, copy_id, at=NOW + DAY)
+    grandchild = store.load(second.copy_id)
+    assert grandchild is not None
+    assert grandchild.outcome is not None
+    assert grandchild.outcome.failure is not None
+    assert grandchild.outcome.failure.message == "slow"
+    assert [link.task_id for link in read_chain(store, "t")] == ["t", copy_id, second.copy_id]
+
+
+def test_retry_all_takes_every_unhandled_task_of_a_class_but_not_its_own_copies(
+    store: Store,
+) -> None:
+    # Given unhandled tasks of two classes, one retried before
+    unhandled(store, "a1", cls="billing:Invoice")
+    unhandled(store, "a2", cls="billing:Invoice")
+    unhandled(store, "b1", cls="mail:Notice")
+    retried(store, "a2", at=NOW - timedelta(hours=1))
+    # When every unhandled Invoice is retried
+    report = drive(
+        store, retry_all(now=NOW, token="op", server="ops", class_name="Invoice", batch=1)
+    )
+    # Then a1 is retried, a2 reported as retried before, b1 left alone
+    assert [done.task_id for done in report.retried] == ["a1"]
+    assert [done.task_id for done in report.earlier] == ["a2"]
+    assert report.refused == []
+    assert store.find_children("b1") == []
+    assert report.describe() == "retried 1 unhandled task(s); 1 retried before"
+
+
+def test_retry_all_does_not_retry_a_copy_it_made_that_failed_again(store: Store) -> None:
+    # Given an unhandled task whose copy, made by this very retry_all, is unhandled too
+    # (its failed() failed at once, while the retry went on through later pages)
+    unhandled(store, "t")
+    copy = drive(store, retry("t", now=NOW, token="op", server="ops"))
+    job = drive(store, claim(ALL, server="s", worker="w", token="copy-h", now=NOW))
+    assert job is not None
+    error = Failure(FailureKind.EXCEPTION, "still broken", NOW)
+    drive(store, finish(job, HandlerFailed(job.token, error), now=NOW))
+    # When retry_all, started at the same moment, reaches it
+    report = drive(store, retry_all(now=NOW, token="op", server="ops"))
+    # Then only the task is counted (retried before), the copy is not retried
+    assert [done.task_id for done in report.earlier] == ["t"]
+    assert report.retried == []
+    assert store.find_children(copy.copy_id) == []
+
+
+def derive_copy_id(store: Store, task_id: str) -> str:
+    view = store.load(task_id)
+    assert view is not None
+    copy = retried_as(view)
+    assert copy is not None
+    return copy.task_id
