@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -31,6 +32,8 @@ PROG = "tulliusd"
 EXIT_STARTUP = 2
 #: ``--status``: tasks wait for a priority no running daemon takes (for monitoring).
 EXIT_WAITING = 1
+#: ``--retry-unhandled``: some task was not retried (not unhandled, or not found).
+EXIT_NOT_RETRIED = 1
 
 DESCRIPTION = """\
 Run Tullius tasks: claim queued tasks from MongoDB, run each in a worker
@@ -50,6 +53,10 @@ examples:
   tulliusd --embedded --demo                 # the README example, no MongoDB needed
   tulliusd --status                          # what needs an operator, then exit
   tulliusd --prune-finished 30               # delete tasks finished over 30 days ago, then exit
+  tulliusd --retry-unhandled ID1 ID2         # their failed() fixed: run it again for these
+                                             # unhandled tasks (not run()), then exit
+  tulliusd --retry-unhandled all --retry-class billing.tasks:Invoice
+                                             # ... for every unhandled Invoice
 
 Stop with SIGTERM or Ctrl-C: no new work is claimed, running tasks get
 --grace seconds, then they are killed and recorded as failed (kind
@@ -144,6 +151,24 @@ def build_parser() -> argparse.ArgumentParser:
         "the failures nobody handled)",
     )
     other.add_argument(
+        "--retry-unhandled",
+        action="extend",
+        nargs="+",
+        metavar="ID",
+        help="once the bug in their failed() is fixed, have the daemons run failed() again for "
+        "these unhandled tasks (ids as --status lists them), or for every one with 'all', then "
+        "exit, starting no daemon. Each task stays unhandled; a copy of it, failed with its "
+        "failure, gets the failed() attempts (run() never runs again). Asking again for a task "
+        "already retried completes that retry. Exit status 0, or 1 when some task was not "
+        "retried (the line says why)",
+    )
+    other.add_argument(
+        "--retry-class",
+        metavar="NAME",
+        help="with --retry-unhandled all, only the tasks of this class: the stored "
+        "module:Class, or just Class",
+    )
+    other.add_argument(
         "--demo",
         action="store_true",
         help="queue the README's ExampleTask(count_to=10), print its chain as it unfolds "
@@ -201,6 +226,49 @@ def _prune(settings: Settings) -> int:
     return 0
 
 
+def _retry(settings: Settings) -> int:
+    """Retry unhandled tasks' ``failed()`` (``--retry-unhandled``); print a line per task.
+
+    Driven `within_window`, as `tullius.retry.retry_now` drives one: no
+    write is made a `WRITE_WINDOW` after the command started, so that a prune
+    can count on it (`tullius.prune`).  One task refused or not found does
+    not stop the others; the store failing does (exit status 2, as for
+    ``--status``).
+    """
+    from tullius.errors import NotRetried, TaskNotFound
+    from tullius.retry import retry, retry_all, within_window
+    from tullius.runtime.launch import StartupError, open_mongo
+
+    assert settings.retry_unhandled is not None
+    run = within_window(open_mongo(settings, prepare=False))
+    now = datetime.now(UTC)
+    token = uuid.uuid4().hex
+    server = settings.server_name
+
+    try:
+        if settings.retry_all:
+            report = run(
+                retry_all(now=now, token=token, server=server, class_name=settings.retry_class)
+            )
+            for done in (*report.retried, *report.earlier):
+                print(done.describe())
+            for refused in report.refused:
+                print(refused)
+            print(report.describe())
+            return EXIT_NOT_RETRIED if report.refused else 0
+        not_retried = 0
+        for task_id in settings.retry_unhandled:
+            try:
+                line = run(retry(task_id, now=now, token=token, server=server)).describe()
+            except (TaskNotFound, NotRetried) as error:
+                line = str(error)
+                not_retried += 1
+            print(line, flush=True)  # as each is done: the store may fail at the next one
+        return EXIT_NOT_RETRIED if not_retried else 0
+    except TulliusError as error:  # the store failing, or a document it can't give back
+        raise StartupError(f"can't retry: {error}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``tulliusd``; return its exit status (2 for a bad start-up)."""
     from tullius.runtime.launch import StartupError, run_daemon
@@ -215,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _print_status(settings)
         if settings.prune_finished is not None:
             return _prune(settings)
+        if settings.retry_unhandled is not None:
+            return _retry(settings)
         return run_daemon(settings)
     except (ConfigError, StartupError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

@@ -192,7 +192,8 @@ def _settle(
     hint promises they exist; a sweep of a settled task writes nothing.  An
     operator's retry of an UNHANDLED task comes after its hint turned
     terminal: its copy is written here too (records first, see
-    `_retry_writes`), but only a settle that is not a sweep repeats it.  A
+    `_retry_writes`); a sweep repeats that only while the hint lags (a move
+    cut short), since no sweep reads a task whose hint is terminal.  A
     terminal hint's due time is ``now``, when it was settled: the first
     writer's stays (a terminal hint is never overwritten), and pruning
     (`tullius.prune`) counts a task's age from it.

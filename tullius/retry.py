@@ -19,14 +19,16 @@ A retry cut short (the store out of reach, the process killed) is completed
 by asking again: the copy's writes are repeated, each harmless twice.  But
 only within `WRITE_WINDOW` of the retry record: past it the copy may have
 run, settled and been pruned, and writing it again would run its
-``failed()`` a second time; then a missing copy is refused, not re-made.
+``failed()`` a second time; then a missing copy is reported, not re-made.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, TypeVar
 
 from tullius.clock import window_seconds
 from tullius.document import (
@@ -47,6 +49,8 @@ from tullius.machine import settle, step
 from tullius.policy import WRITE_WINDOW
 from tullius.store import FindByStatus, FindTasks, Load, Store
 
+T = TypeVar("T")
+
 #: How many UNHANDLED tasks `retry_all` reads at a time.
 RETRY_BATCH: Final = 500
 
@@ -62,6 +66,10 @@ class Retry:
         by: who recorded it (the ``server`` of the retry record).
         new: True if this call recorded it; False if it had been retried
             before, in which case this call made sure its copy is stored.
+        stored: False only for a retry made over a `WRITE_WINDOW` ago whose
+            copy is gone: pruned once done with (the usual case), or never
+            written (a retry cut short and not asked again within the
+            window).  It is not written again: it may have run.
     """
 
     task_id: str
@@ -69,15 +77,22 @@ class Retry:
     at: datetime
     by: str
     new: bool
+    stored: bool = True
 
     def describe(self) -> str:
         """One line for an operator."""
         if self.new:
             return f"{self.task_id}: retried as {self.copy_id}; its failed() runs next"
-        return (
+        line = (
             f"{self.task_id}: already retried as {self.copy_id} at "
             f"{self.at.isoformat(timespec='seconds')} by {self.by}"
         )
+        if not self.stored:
+            line += (
+                f"; {self.copy_id} is no longer stored (pruned once done with, or never "
+                "written), and is not written again, as it may have run"
+            )
+        return line
 
 
 def retry(task_id: str, *, now: datetime, token: str, server: str) -> Conversation[Retry]:
@@ -85,12 +100,12 @@ def retry(task_id: str, *, now: datetime, token: str, server: str) -> Conversati
 
     Asking again for a task already retried records nothing new: its copy is
     made sure of (written again if the first retry was cut short, within a
-    `WRITE_WINDOW` of it), and the earlier retry is returned.
+    `WRITE_WINDOW` of it; past that, a missing copy is reported with
+    ``stored`` False, never written again), and the earlier retry is returned.
 
     Raises:
         TaskNotFound: no such task (never queued, or pruned).
-        NotRetried: the task is not UNHANDLED, or was retried over a
-            `WRITE_WINDOW` ago and its copy is not stored.
+        NotRetried: the task is not UNHANDLED.
     """
     view: TaskView | None = yield Load(task_id)
     if view is None:
@@ -110,32 +125,33 @@ def retry(task_id: str, *, now: datetime, token: str, server: str) -> Conversati
             return _retry(view.with_record(winner), new=True)
         view = view.with_record(winner)  # a rival's retry came first: make sure of it
     done = _retry(view, new=False)
-    copy = retried_as(view)
-    assert copy is not None
-    if (yield FindTasks((copy.task_id,))):
+    if (yield FindTasks((done.copy_id,))):
         return done
     if now - done.at > WRITE_WINDOW:
-        raise NotRetried(
-            task_id,
-            f"it was retried at {done.at.isoformat(timespec='seconds')} as "
-            f"{copy.task_id!r}, which is not stored; after {WRITE_WINDOW} it may have run "
-            "and been pruned, so it is not written again (queue a copy by hand if it never ran)",
-        )
+        # It may have run and been pruned since: writing it again would run its
+        # failed() a second time.
+        return dataclasses.replace(done, stored=False)
     # Not ``yield from``: the driver sends each write's result, which a tuple can't take.
     for effect in settle(view, now):  # noqa: UP028
         yield effect
     return done
 
 
+def within_window(store: Store) -> Callable[[Conversation[T]], T]:
+    """A driver for ``store`` that makes no task write a `WRITE_WINDOW` after this
+    call, as the daemon's writers (`tullius.prune` counts on it)."""
+    write_by = window_seconds() + WRITE_WINDOW.total_seconds()
+
+    def run(conversation: Conversation[T]) -> T:
+        return drive(store, conversation, write_by=write_by, clock=window_seconds)
+
+    return run
+
+
 def retry_now(store: Store, task_id: str, *, server: str, token: str) -> Retry:
-    """Drive `retry` on ``store`` now, within a `WRITE_WINDOW` (as the daemon's writers)."""
-    deadline = window_seconds() + WRITE_WINDOW.total_seconds()
-    return drive(
-        store,
-        retry(task_id, now=datetime.now(UTC), token=token, server=server),
-        write_by=deadline,
-        clock=window_seconds,
-    )
+    """Drive `retry` on ``store`` now, `within_window`."""
+    run = within_window(store)
+    return run(retry(task_id, now=datetime.now(UTC), token=token, server=server))
 
 
 def _retry(view: TaskView, *, new: bool) -> Retry:
@@ -150,7 +166,7 @@ class RetryReport:
     """What `retry_all` did."""
 
     retried: list[Retry] = field(default_factory=list)
-    #: Tasks retried before (copies made sure of).
+    #: Tasks retried before (copies made sure of, or no longer stored).
     earlier: list[Retry] = field(default_factory=list)
     #: Tasks not retried, with the reason.
     refused: list[NotRetried] = field(default_factory=list)
@@ -160,6 +176,9 @@ class RetryReport:
         line = f"retried {len(self.retried)} unhandled task(s)"
         if self.earlier:
             line += f"; {len(self.earlier)} retried before"
+            gone = sum(not done.stored for done in self.earlier)
+            if gone:
+                line += f" ({gone} of their copies no longer stored)"
         if self.refused:
             line += f"; {len(self.refused)} refused"
         return line

@@ -11,6 +11,9 @@ Pair with the ``tullius_sim`` fixture (``tullius.pytest_plugin``)::
 An expected link is a string (``"succeeded"``, ``"failed"``, or a failure
 kind such as ``"timeout"``) or an `expect()` for more detail.  A mismatch
 fails with the whole chain printed, the first differing link marked.
+After an operator's retry (``sim.retry_unhandled(task)``), the chain of an
+UNHANDLED task goes on to the retry's copy, which reads as failed with the
+task's own failure (its ``run()`` never ran: it has no duration).
 Nothing here imports Hypothesis or pytest.
 """
 
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from tullius.document import FailureKind, Status, short_name
+from tullius.document import FailureKind, Origin, Status, derive_task_id, short_name
 from tullius.inspection import ChainLink
 
 #: The failure kinds Tullius writes: an expected kind must be one of them, so a
@@ -76,7 +79,8 @@ def expect(
         outcome: ``"succeeded"``, ``"failed"``, or a failure kind
             (``expect("timeout")``), which implies ``"failed"``.
         kind: the run's failure kind, one of `KINDS`.
-        duration: exactly how long the run took, from its claim to its outcome's record.
+        duration: exactly how long the run took, from its claim to its outcome's record
+            (a retry's copy never ran, so none matches it).
         handler_error: the kind (one of `KINDS`, not a message) of the last error of
             ``failed()`` itself, e.g. ``"exception"`` when ``failed()`` raised.
         fields: the task's fields that must have these values.
@@ -117,16 +121,23 @@ def describe_link(link: ChainLink) -> str:
     text = f"{name}({args}) {link.outcome or link.status.value}"
     if link.failure is not None:
         text += f" {link.failure.kind}: {link.failure.message}"
-    duration = _duration(link)
-    if duration is not None:
-        text += f" after {duration.total_seconds():.3f}s"
-    if link.server is not None:
-        text += f" on {link.server}"
+    if link.origin is Origin.RETRY:  # born failed with its parent's failure: it never ran
+        text += f", retried from {link.parent_id} by {link.server}"
+    else:
+        duration = _duration(link)
+        if duration is not None:
+            text += f" after {duration.total_seconds():.3f}s"
+        if link.server is not None:
+            text += f" on {link.server}"
     if link.handler_error is not None:
         text += f" [failed() error {link.handler_error.kind}: {link.handler_error.message}"
         if link.status is Status.UNHANDLED:
             text += f"; left unhandled after {link.handler_attempts} attempt(s)"
         text += "]"
+    if link.status is Status.UNHANDLED:
+        copy = derive_task_id(link.task_id, Origin.RETRY, 0)
+        if copy in link.children:
+            text += f"; retried as {copy}"
     return text
 
 
@@ -169,6 +180,8 @@ def assert_outcomes(chain: Sequence[ChainLink], expected: str) -> None:
 
 
 def _duration(link: ChainLink) -> timedelta | None:
-    if link.started_at is None or link.finished_at is None:
+    # A retry's copy has the records of a run that failed, made by the operator's
+    # retry (`tullius.retry`), but never ran: no duration.
+    if link.started_at is None or link.finished_at is None or link.origin is Origin.RETRY:
         return None
     return link.finished_at - link.started_at

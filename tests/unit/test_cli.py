@@ -1,14 +1,37 @@
-"""tulliusd's command line: help, and one-line start-up errors with exit status 2."""
+"""tulliusd's command line: help, one-line start-up errors with exit status 2, and the
+one-shot ``--retry-unhandled`` on a mongomock database."""
 
 from __future__ import annotations
 
 import socket
 import sys
 import types
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import mongomock
 import pytest
 
-from tullius.cli import EXIT_STARTUP, build_parser, main
+from tests.store_contract import make_doc
+from tullius.band import Band
+from tullius.cli import EXIT_NOT_RETRIED, EXIT_STARTUP, build_parser, main
+from tullius.document import (
+    Failure,
+    FailureKind,
+    Origin,
+    Status,
+    TaskDoc,
+    derive_task_id,
+    retried_as,
+    status_of,
+)
+from tullius.engine import JobKind, claim, drive, finish
+from tullius.errors import StoreUnavailable
+from tullius.events import Failed, HandlerFailed, Succeeded
+from tullius.inspection import read_chain
+from tullius.runtime.config import Settings
+from tullius.runtime.mongo_store import MongoStore
+from tullius.sim.memory_store import MemoryStore
 
 
 @pytest.fixture
@@ -43,6 +66,8 @@ def test_help_explains_every_setting(capsys: pytest.CaptureFixture[str]) -> None
         "--max-tasks-per-worker",
         "--embedded",
         "--demo",
+        "--retry-unhandled",
+        "--retry-class",
         "-v",
         "TULLIUS_MONGODB_URI",
         "tullius_deps",
@@ -150,3 +175,235 @@ def test_make_db_returning_something_else_is_one_line_and_exit_2(
     monkeypatch.setitem(sys.modules, "tullius_deps", module)
     assert main(["--processes", "1:0-1"]) == EXIT_STARTUP
     assert "expected a pymongo Database" in one_error_line(capsys)
+
+
+# --- --retry-unhandled -----------------------------------------------------------
+
+URI = "mongodb://db1/tullius"
+ALL = Band(1, 0, 10)
+
+
+@pytest.fixture
+def database(no_tullius_deps: None, monkeypatch: pytest.MonkeyPatch) -> MongoStore:
+    """The store ``tulliusd`` opens: a `MongoStore` on mongomock, opened as a reader."""
+    store = MongoStore(mongomock.MongoClient(tz_aware=True)["tullius"])
+    store.ensure_indexes()
+
+    def open_mongo(settings: Settings, *, prepare: bool = True) -> MongoStore:
+        assert settings.mongodb_uri == URI
+        assert not prepare  # a one-shot command creates no database
+        return store
+
+    monkeypatch.setattr("tullius.runtime.launch.open_mongo", open_mongo)
+    return store
+
+
+def tulliusd(*args: str) -> int:
+    return main(["--mongodb-uri", URI, "--server-name", "ops1", *args])
+
+
+def output(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    return captured.out.splitlines()
+
+
+AN_HOUR_AGO = datetime.now(UTC) - timedelta(hours=1)
+
+
+def ran(store: Any, task_id: str, *, ok: bool, cls: str = "tests:Nothing") -> None:
+    """Queue ``task_id`` (one failed() attempt allowed) and run it an hour ago: it
+    succeeds, or it fails and so does its failed(), leaving it unhandled."""
+    doc = make_doc(task_id)
+    store.insert_tasks([TaskDoc(**{**doc.__dict__, "handler_attempts": 1, "class_name": cls})])
+    at = AN_HOUR_AGO
+    job = drive(store, claim(ALL, server="s", worker="w", token=f"{task_id}-run", now=at))
+    assert job is not None
+    assert job.task_id == task_id
+    if ok:
+        drive(store, finish(job, Succeeded(job.token, ()), now=at))
+        return
+    drive(store, finish(job, Failed(job.token, Failure(FailureKind.TIMEOUT, "slow", at)), now=at))
+    job = drive(store, claim(ALL, server="s", worker="w", token=f"{task_id}-h", now=at))
+    assert job is not None
+    assert job.kind is JobKind.HANDLE
+    error = Failure(FailureKind.EXCEPTION, "failed() raised", at)
+    drive(store, finish(job, HandlerFailed(job.token, error), now=at))
+
+
+def copy_of(task_id: str) -> str:
+    return derive_task_id(task_id, Origin.RETRY, 0)
+
+
+def retried_line(task_id: str) -> str:
+    return f"{task_id}: retried as {copy_of(task_id)}; its failed() runs next"
+
+
+def assert_copy_born_failed(store: Any, task_id: str) -> None:
+    """The task is still unhandled, and its copy waits for failed() with its failure."""
+    view = store.load(task_id)
+    assert view is not None
+    assert status_of(view) is Status.UNHANDLED
+    copy = retried_as(view)
+    assert copy is not None
+    assert copy.task_id == copy_of(task_id)
+    assert view.records[f"{task_id}:retry"].server == "ops1"
+    copy_view = store.load(copy.task_id)
+    assert copy_view is not None
+    assert status_of(copy_view) is Status.FAILED
+    assert copy_view.task.status is Status.FAILED
+    assert copy_view.outcome is not None
+    assert copy_view.outcome.failure is not None
+    assert copy_view.outcome.failure.message == "slow"
+    assert [link.task_id for link in read_chain(store, task_id)] == [task_id, copy.task_id]
+
+
+def test_retry_unhandled_retries_each_task_named_and_says_so(
+    database: MongoStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given two unhandled tasks
+    ran(database, "t1", ok=False)
+    ran(database, "t2", ok=False)
+    # When an operator retries both
+    assert tulliusd("--retry-unhandled", "t1", "t2") == 0
+    # Then each gets a copy born failed, whose failed() the daemons run next, one line each
+    assert output(capsys) == [retried_line("t1"), retried_line("t2")]
+    assert_copy_born_failed(database, "t1")
+    assert_copy_born_failed(database, "t2")
+
+
+def test_retrying_a_task_again_reports_the_first_retry_and_exits_0(
+    database: MongoStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an unhandled task an operator retried
+    ran(database, "t1", ok=False)
+    assert tulliusd("--retry-unhandled", "t1") == 0
+    capsys.readouterr()
+    at = database.load("t1").records["t1:retry"].at  # type: ignore[union-attr]
+    # When it is retried again
+    assert tulliusd("--retry-unhandled", "t1", "--server-name", "ops2") == 0
+    # Then it says when and by whom it was retried, and makes no second copy
+    assert output(capsys) == [
+        f"t1: already retried as {copy_of('t1')} at {at.isoformat(timespec='seconds')} by ops1"
+    ]
+    assert [doc.task_id for doc in database.find_children("t1")] == [copy_of("t1")]
+    assert_copy_born_failed(database, "t1")
+
+
+def test_a_task_not_unhandled_or_unknown_is_named_the_others_retried_and_exit_is_1(
+    database: MongoStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a task that succeeded and an unhandled one
+    ran(database, "done", ok=True)
+    ran(database, "t1", ok=False)
+    # When an operator retries those and an id that names no task
+    assert tulliusd("--retry-unhandled", "done", "nosuch", "t1") == EXIT_NOT_RETRIED
+    # Then the unhandled one is retried, and each other line says why it was not
+    assert output(capsys) == [
+        "task 'done' not retried: its status is 'succeeded'; expected 'unhandled' "
+        "(only a task whose every failed() attempt failed is retried)",
+        "no task with task_id='nosuch'",
+        retried_line("t1"),
+    ]
+    assert_copy_born_failed(database, "t1")
+    view = database.load("done")
+    assert view is not None
+    assert status_of(view) is Status.SUCCEEDED
+    assert retried_as(view) is None
+    assert database.find_children("done") == []
+
+
+def test_retry_unhandled_all_retries_every_unhandled_task_and_sums_up(
+    database: MongoStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a succeeded task, and two unhandled ones of which one was retried before
+    ran(database, "done", ok=True)
+    ran(database, "t1", ok=False)
+    ran(database, "t2", ok=False)
+    assert tulliusd("--retry-unhandled", "t2") == 0
+    capsys.readouterr()
+    # When an operator retries every unhandled task
+    assert tulliusd("--retry-unhandled", "all") == 0
+    # Then the new one is retried, the earlier retry reported, and a summary ends it
+    lines = output(capsys)
+    assert lines[0] == retried_line("t1")
+    assert lines[1].startswith(f"t2: already retried as {copy_of('t2')} at ")
+    assert lines[2:] == ["retried 1 unhandled task(s); 1 retried before"]
+    assert_copy_born_failed(database, "t1")
+    assert database.find_children("done") == []
+
+
+@pytest.mark.parametrize("name", ["billing.tasks:Invoice", "Invoice"])
+def test_retry_class_narrows_all_to_one_class_by_stored_or_bare_name(
+    database: MongoStore, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    # Given an unhandled Invoice and an unhandled Report
+    ran(database, "inv", ok=False, cls="billing.tasks:Invoice")
+    ran(database, "rep", ok=False, cls="billing.tasks:Report")
+    # When every unhandled Invoice is retried
+    assert tulliusd("--retry-unhandled", "all", "--retry-class", name) == 0
+    # Then only the Invoice is
+    assert output(capsys) == [retried_line("inv"), "retried 1 unhandled task(s)"]
+    assert_copy_born_failed(database, "inv")
+    assert database.find_children("rep") == []
+
+
+def test_retry_unhandled_all_with_nothing_unhandled_says_so(
+    database: MongoStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ran(database, "done", ok=True)
+    assert tulliusd("--retry-unhandled", "all") == 0
+    assert output(capsys) == ["retried 0 unhandled task(s)"]
+
+
+class Unreachable(MemoryStore):
+    """A database that went away after the command connected."""
+
+    def load(self, task_id: str) -> Any:
+        raise StoreUnavailable("load task", "ServerSelectionTimeoutError: db1:27017 refused")
+
+    def find_by_status(self, *args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("find tasks by status", "ServerSelectionTimeoutError")
+
+
+@pytest.mark.parametrize("asked", [["t1", "t2"], ["all"]])
+def test_retry_unhandled_on_a_database_out_of_reach_is_one_line_and_exit_2(
+    no_tullius_deps: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    asked: list[str],
+) -> None:
+    monkeypatch.setattr("tullius.runtime.launch.open_mongo", lambda *a, **k: Unreachable())
+    assert tulliusd("--retry-unhandled", *asked) == EXIT_STARTUP
+    line = one_error_line(capsys)
+    assert line.startswith("tulliusd: error: can't retry: store unavailable during ")
+    assert "ServerSelectionTimeoutError" in line
+
+
+def test_retry_unhandled_on_an_unreachable_mongodb_is_one_line_and_exit_2(
+    no_tullius_deps: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uri = f"mongodb://127.0.0.1:{_closed_port()}/db?serverSelectionTimeoutMS=300"
+    assert main(["--mongodb-uri", uri, "--retry-unhandled", "t1"]) == EXIT_STARTUP
+    assert "can't reach MongoDB" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["--retry-class", "Invoice"], "--retry-class='Invoice'"),
+        (["--retry-unhandled", "t1", "--retry-class", "Invoice"], "--retry-class='Invoice'"),
+        (["--retry-unhandled", "t1", "all"], "--retry-unhandled='t1 all'"),
+        (["--retry-unhandled", ""], "--retry-unhandled=''"),
+        (["--retry-unhandled", "t1", "--status"], "--retry-unhandled='t1'"),
+        (["--retry-unhandled", "t1", "--prune-finished", "30"], "--retry-unhandled='t1'"),
+        (["--retry-unhandled", "t1", "--demo"], "--retry-unhandled='t1'"),
+    ],
+)
+def test_a_retry_mixed_with_other_modes_is_one_line_and_exit_2(
+    database: MongoStore, capsys: pytest.CaptureFixture[str], args: list[str], shown: str
+) -> None:
+    ran(database, "t1", ok=False)
+    assert tulliusd(*args) == EXIT_STARTUP
+    assert shown in one_error_line(capsys)
+    assert database.find_children("t1") == []

@@ -182,18 +182,22 @@ def test_a_retry_cut_short_is_completed_by_asking_again(store: Store, writes_lan
     assert copy.run.token == "op1"
 
 
-def test_an_old_retry_whose_copy_is_missing_is_refused_and_not_made_again(store: Store) -> None:
+def test_an_old_retry_whose_copy_is_missing_is_reported_and_not_made_again(store: Store) -> None:
     # Given a retry cut short right after its record, two days ago
     unhandled(store, "t", at=NOW - 2 * DAY)
     view = store.load("t")
     assert view is not None
     perform(store, step(view, Retried("op1", "ops"), now=NOW - 2 * DAY).effects[0])
     # When an operator asks again now
-    with pytest.raises(NotRetried, match="which is not stored") as refused:
-        retried(store, "t")
-    # Then nothing is written: the copy may have run and been pruned meanwhile
-    assert refused.value.task_id == "t"
+    again = retried(store, "t")
+    # Then they are told the copy is not stored, and nothing is written: it may
+    # have run and been pruned meanwhile
+    assert (again.new, again.stored) == (False, False)
     assert store.load(derive_copy_id(store, "t")) is None
+    assert again.describe().endswith(
+        f"; {again.copy_id} is no longer stored (pruned once done with, or never written), "
+        "and is not written again, as it may have run"
+    )
 
 
 def test_a_pruned_copy_never_comes_back_when_asked_again(store: Store) -> None:
@@ -204,9 +208,12 @@ def test_a_pruned_copy_never_comes_back_when_asked_again(store: Store) -> None:
     drive(store, prune(MIN_AGE, now=NOW))
     assert store.load(done.copy_id) is None
     assert store.load("t") is not None  # unhandled: kept without --prune-unhandled
-    # When an operator asks again
-    with pytest.raises(NotRetried):
-        retried(store, "t")
+    # When an operator asks again, or retries every unhandled task
+    assert not retried(store, "t").stored
+    report = drive(store, retry_all(now=NOW, token="op", server="ops"))
+    assert report.describe() == (
+        "retried 0 unhandled task(s); 1 retried before (1 of their copies no longer stored)"
+    )
     # Then the copy (and so its failed()) does not come back
     assert store.load(done.copy_id) is None
     assert store.find_tasks([run_id(done.copy_id), outcome_id(done.copy_id)]) == []

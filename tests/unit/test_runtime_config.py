@@ -276,3 +276,79 @@ def test_a_prune_that_is_too_young_or_mixed_with_other_modes_is_refused(
     with pytest.raises(ConfigError, match=expected) as raised:
         resolve(flags, {}, deps_loader=no_deps)
     assert raised.value.setting == setting
+
+
+def test_retry_unhandled_takes_task_ids_once_each() -> None:
+    flags = RawFlags(mongodb_uri="mongodb://h/db", retry_unhandled=["t1", "t2", "t1"])
+    settings = resolve(flags, {}, deps_loader=no_deps)
+    assert settings.retry_unhandled == ("t1", "t2")
+    assert (settings.retry_all, settings.retry_class) == (False, None)
+    assert settings.prune_finished is None
+
+
+def test_retry_unhandled_all_may_be_narrowed_to_a_class() -> None:
+    flags = RawFlags(
+        mongodb_uri="mongodb://h/db", retry_unhandled=["all"], retry_class="billing.tasks:Invoice"
+    )
+    settings = resolve(flags, {}, deps_loader=no_deps)
+    assert (settings.retry_unhandled, settings.retry_all) == ((), True)
+    assert settings.retry_class == "billing.tasks:Invoice"
+    every = resolve(
+        RawFlags(mongodb_uri="mongodb://h/db", retry_unhandled=["all"]), {}, deps_loader=no_deps
+    )
+    assert (every.retry_unhandled, every.retry_all, every.retry_class) == ((), True, None)
+
+
+def test_without_retry_unhandled_the_daemon_runs() -> None:
+    settings = resolve(RawFlags(mongodb_uri="mongodb://h/db"), {}, deps_loader=no_deps)
+    assert (settings.retry_unhandled, settings.retry_all) == (None, False)
+
+
+def test_retry_unhandled_uses_tullius_deps_like_the_daemon() -> None:
+    settings = resolve(RawFlags(retry_unhandled=["t1"]), {}, deps_loader=deps())
+    assert settings.make_db is make_db
+    assert settings.retry_unhandled == ("t1",)
+
+
+@pytest.mark.parametrize(
+    ("flags", "setting", "value", "expected"),
+    [
+        (RawFlags(retry_unhandled=["t1"], embedded=True), "--retry-unhandled", "t1", "--embedded"),
+        (RawFlags(retry_unhandled=["t1"], demo=True), "--retry-unhandled", "t1", "--demo"),
+        (RawFlags(retry_unhandled=["all"], demo_quick=True), "--retry-unhandled", "all", "--demo"),
+        (RawFlags(retry_unhandled=["t1"], status=True), "--retry-unhandled", "t1", "--status"),
+        (
+            RawFlags(retry_unhandled=["t1"], prune_finished="30"),
+            "--retry-unhandled",
+            "t1",
+            "--prune-finished",
+        ),
+        (RawFlags(retry_unhandled=[""]), "--retry-unhandled", "", "by id"),
+        (RawFlags(retry_unhandled=["t1", " "]), "--retry-unhandled", "t1  ", "by id"),
+        (RawFlags(retry_unhandled=[]), "--retry-unhandled", "", "by id"),
+        (RawFlags(retry_unhandled=["t1", "all"]), "--retry-unhandled", "t1 all", "not both"),
+        (RawFlags(retry_class="Invoice"), "--retry-class", "Invoice", "--retry-unhandled all"),
+        (
+            RawFlags(retry_unhandled=["t1"], retry_class="Invoice"),
+            "--retry-class",
+            "Invoice",
+            "can't be given with task ids",
+        ),
+        (RawFlags(retry_unhandled=["all"], retry_class=""), "--retry-class", "", "module:Class"),
+        (
+            RawFlags(retry_unhandled=["all"], retry_class="a b"),
+            "--retry-class",
+            "a b",
+            "module:Class",
+        ),
+    ],
+)
+def test_a_retry_mixed_with_other_modes_or_malformed_is_refused_naming_the_value(
+    flags: RawFlags, setting: str, value: str, expected: str
+) -> None:
+    if not flags.embedded:
+        flags = RawFlags(**{**flags.__dict__, "mongodb_uri": "mongodb://h/db"})
+    with pytest.raises(ConfigError, match=expected) as raised:
+        resolve(flags, {}, deps_loader=no_deps)
+    assert (raised.value.setting, raised.value.value) == (setting, value)
+    assert f"{setting}={value!r}" in str(raised.value)

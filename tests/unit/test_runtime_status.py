@@ -15,8 +15,13 @@ import pytest
 import tullius
 from tests.store_contract import make_doc
 from tullius.band import Band
-from tullius.document import Status
+from tullius.document import Origin, Status, derive_task_id
+from tullius.engine import drive
 from tullius.errors import ConfigError
+from tullius.events import Retried
+from tullius.machine import step
+from tullius.policy import WRITE_WINDOW
+from tullius.retry import retry
 from tullius.runtime.config import RawFlags, resolve
 from tullius.runtime.status import format_status, read_status
 from tullius.sim import Simulation
@@ -146,3 +151,84 @@ def test_the_readmes_recipe_runs_an_unhandled_task_again_as_a_new_one() -> None:
     assert counts.unhandled == 2
     assert [link.status for link in sim.chain(lost_cause)] == [Status.UNHANDLED]
     sim.close()
+
+
+def unhandled_sim(seed: int = 3) -> tuple[Simulation, str]:
+    sim = Simulation(seed=seed)
+    (lost_cause,) = sim.queue(Unlucky())
+    sim.drain(within=timedelta(hours=1))
+    sim.run_for(timedelta(minutes=1))  # drain ends at the last record; the hint follows
+    return sim, lost_cause
+
+
+def unhandled_lines(text: str) -> list[str]:
+    return text.split("unhandled (every try of failed() failed; for an operator): ")[1].splitlines()
+
+
+def test_a_retried_unhandled_task_is_listed_with_its_copy() -> None:
+    # Given an unhandled task an operator retried
+    sim, lost_cause = unhandled_sim()
+    done = drive(sim.store, retry(lost_cause, now=sim.now, token="op", server="ops1"))
+    # When the status is read
+    text = format_status(read_status(sim.store, now=sim.now))
+    sim.close()
+    # Then the task is still listed, as it was, and the next line names its copy
+    copy = derive_task_id(lost_cause, Origin.RETRY, 0)
+    assert unhandled_lines(text) == [
+        "1",
+        f"  {lost_cause}  tests.unit.test_runtime_status:Unlucky  failed (exception: run() raised "
+        "ValueError: the report was empty); failed() error (exception: failed() raised "
+        "RuntimeError: mail server down)",
+        f"    retried as {copy} at {done.at.isoformat(timespec='seconds')} by ops1",
+    ]
+
+
+def test_a_retry_cut_short_is_listed_with_the_command_that_completes_it() -> None:
+    # Given an unhandled task whose retry was cut short after its record: no copy stored
+    sim, lost_cause = unhandled_sim()
+    view = sim.store.load(lost_cause)
+    assert view is not None
+    at = sim.now
+    decided = step(view, Retried("op", "ops1"), now=at)
+    assert decided.record is not None
+    sim.store.insert_record(decided.record)
+    copy = derive_task_id(lost_cause, Origin.RETRY, 0)
+    assert sim.store.load(copy) is None
+    # When the status is read within the retry's write window
+    soon = format_status(read_status(sim.store, now=at + WRITE_WINDOW))
+    # Then it says the copy is missing and how to complete the retry
+    assert unhandled_lines(soon)[2] == (
+        f"    retried as {copy} at {at.isoformat(timespec='seconds')} by ops1, but {copy} is not "
+        f"stored (the retry was cut short): run tulliusd --retry-unhandled {lost_cause} again"
+    )
+    # And past the window, when asking again would not make the copy, it says so instead
+    late = format_status(read_status(sim.store, now=at + WRITE_WINDOW + timedelta(seconds=1)))
+    sim.close()
+    assert unhandled_lines(late)[2] == (
+        f"    retried as {copy} at {at.isoformat(timespec='seconds')} by ops1; {copy} is not "
+        "stored: pruned once done with, or never written (a retry cut short is completed "
+        "only within 24 h)"
+    )
+
+
+def test_the_status_of_a_retried_task_reads_it_alone_not_its_copys_chain() -> None:
+    # Given an unhandled task retried, whose copy's failed() ran (and failed) since
+    sim, lost_cause = unhandled_sim()
+    done = drive(sim.store, retry(lost_cause, now=sim.now, token="op", server="ops1"))
+    sim.run_for(timedelta(minutes=10))  # not drain(): the copy was stored behind its back
+    loaded: list[str] = []
+    load = sim.store.load
+
+    def counting_load(task_id: str) -> object:
+        loaded.append(task_id)
+        return load(task_id)
+
+    sim.store.load = counting_load  # type: ignore[method-assign]
+    # When the status is read
+    report = read_status(sim.store, now=sim.now)
+    sim.close()
+    # Then both unhandled tasks are listed, each read once, and the first's copy is stored
+    assert report.counts[Status.UNHANDLED] == 2
+    assert sorted(loaded) == sorted([lost_cause, done.copy_id])
+    assert report.retries[lost_cause].stored
+    assert done.copy_id not in report.retries

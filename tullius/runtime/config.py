@@ -74,6 +74,12 @@ class Settings:
         prune_finished: delete tasks finished longer ago than this, then exit
             (`tullius.prune`); None: run the daemon.
         prune_unhandled: with ``prune_finished``, ``unhandled`` tasks too.
+        retry_unhandled: retry the ``failed()`` of these ``unhandled`` tasks,
+            then exit (`tullius.retry`); empty with ``retry_all``; None: run
+            the daemon.
+        retry_all: with ``retry_unhandled``, retry every ``unhandled`` task.
+        retry_class: with ``retry_all``, only those of this class (the stored
+            ``module:Class``, or just ``Class``).
     """
 
     bands: tuple[Band, ...]
@@ -91,6 +97,9 @@ class Settings:
     demo_quick: bool = False
     prune_finished: timedelta | None = None
     prune_unhandled: bool = False
+    retry_unhandled: tuple[str, ...] | None = None
+    retry_all: bool = False
+    retry_class: str | None = None
 
     def describe(self) -> str:
         """One line for the start-up log; credentials redacted."""
@@ -129,6 +138,8 @@ class RawFlags:
     status: bool = False
     prune_finished: str | None = None
     prune_unhandled: bool = False
+    retry_unhandled: Sequence[str] | None = None
+    retry_class: str | None = None
 
 
 def env_name(flag: str) -> str:
@@ -276,6 +287,7 @@ def resolve(
             "live in its own daemon's memory) or --demo",
         )
     prune = _parse_prune(flags)
+    retry_ids, retry_all = _parse_retry(flags)
     if uri is not None and not embedded and not uri.startswith(("mongodb://", "mongodb+srv://")):
         raise ConfigError(
             uri_setting, _redact(uri), "must be a MongoDB URI such as mongodb://host:27017/tullius"
@@ -350,6 +362,9 @@ def resolve(
         demo_quick=flags.demo_quick,
         prune_finished=prune,
         prune_unhandled=flags.prune_unhandled,
+        retry_unhandled=retry_ids,
+        retry_all=retry_all,
+        retry_class=flags.retry_class,
     )
 
 
@@ -386,3 +401,68 @@ def _parse_prune(flags: RawFlags) -> timedelta | None:
     if not math.isfinite(days) or days < least or days > MAX_PRUNE_DAYS:
         raise ConfigError("--prune-finished", flags.prune_finished, expected)
     return timedelta(days=days)
+
+
+#: ``--retry-unhandled``'s word for every ``unhandled`` task (no task id is spelt so).
+RETRY_ALL = "all"
+
+
+def _parse_retry(flags: RawFlags) -> tuple[tuple[str, ...] | None, bool]:
+    """``--retry-unhandled ID [ID ...]`` or ``all`` (with ``--retry-class``), checked
+    against the flags it can't go with: the ids (duplicates dropped, ``()`` for
+    ``all``) or None when not asked, and whether ``all`` was.
+
+    Raises:
+        ConfigError: naming the flag and the value.
+    """
+    given = flags.retry_unhandled
+    if given is None:
+        if flags.retry_class is not None:
+            raise ConfigError(
+                "--retry-class",
+                flags.retry_class,
+                f"only narrows --retry-unhandled {RETRY_ALL}; give --retry-unhandled {RETRY_ALL} "
+                "too (task ids name their tasks already)",
+            )
+        return None, False
+    shown = " ".join(given)
+    modes = (flags.embedded, flags.demo, flags.demo_quick, flags.status)
+    if any(modes) or flags.prune_finished is not None:
+        raise ConfigError(
+            "--retry-unhandled",
+            shown,
+            "writes to a database and exits, so it can't be given with --embedded, --demo, "
+            "--status or --prune-finished",
+        )
+    if not given or any(not task_id.strip() for task_id in given):
+        raise ConfigError(
+            "--retry-unhandled",
+            shown,
+            f"must name unhandled tasks by id (as --status lists them), or be {RETRY_ALL}",
+        )
+    ids = tuple(dict.fromkeys(task_id.strip() for task_id in given))
+    if RETRY_ALL in ids:
+        if len(ids) > 1:
+            raise ConfigError(
+                "--retry-unhandled",
+                shown,
+                f"takes task ids or {RETRY_ALL}, not both; give {RETRY_ALL} alone "
+                "(with --retry-class NAME to retry one class's)",
+            )
+        if flags.retry_class is not None and (
+            not flags.retry_class.strip() or any(c.isspace() for c in flags.retry_class)
+        ):
+            raise ConfigError(
+                "--retry-class",
+                flags.retry_class,
+                "must name a task class as stored, module:Class (e.g. billing.tasks:Invoice), "
+                "or just Class",
+            )
+        return (), True
+    if flags.retry_class is not None:
+        raise ConfigError(
+            "--retry-class",
+            flags.retry_class,
+            f"only narrows --retry-unhandled {RETRY_ALL}; it can't be given with task ids",
+        )
+    return ids, False

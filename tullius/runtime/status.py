@@ -5,27 +5,45 @@ operator has to find without knowing where to look: tasks left
 ``unhandled`` (every try of ``failed()`` failed), and work no running daemon
 takes (`tullius.coverage`).  The report lists both, with the daemons the
 database has heard from, the tasks counted by status and the documents set
-aside as undecodable.  It changes no task.  Each daemon's entry is judged by
-its own renewal period, at the database's time (`read_status`).
+aside as undecodable.  An unhandled task an operator retried
+(``tulliusd --retry-unhandled``, `tullius.retry`) stays unhandled; its
+entry says so, and whether the retry's copy is stored.  It changes no task.
+Each daemon's entry is judged by its own renewal period, at the database's
+time (`read_status`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final
 
 from tullius.coverage import Coverage, ago, is_live, read_coverage
-from tullius.document import Status, TaskDoc
+from tullius.document import Status, TaskDoc, retried_as, retry_id
 from tullius.engine import drive
 from tullius.errors import TulliusError
-from tullius.inspection import ChainLink, read_chain
+from tullius.inspection import ChainLink, link_of
+from tullius.policy import WRITE_WINDOW
 from tullius.store import ServerSeen, Store
 
 #: How many unhandled tasks are listed.
 UNHANDLED_SHOWN: Final = 20
 #: Entries of stopped or vanished servers older than this are counted, not listed.
 LIST_GONE_FOR: Final = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class RetryShown:
+    """An operator's retry of an unhandled task (`tullius.retry`), as the report shows it."""
+
+    #: The copy whose ``failed()`` the daemons run.
+    copy_id: str
+    #: When the retry was recorded, and by whom.
+    at: datetime
+    by: str
+    #: Whether the copy is stored: not when the retry was cut short (or the
+    #: copy, done with, was pruned since).
+    stored: bool
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,8 @@ class StatusReport:
     #: At most `UNHANDLED_SHOWN` unhandled tasks: their story, or their bare
     #: document when the story can't be read (the document is what an operator must see).
     unhandled: tuple[ChainLink | TaskDoc, ...]
+    #: The retries of those of them an operator retried, by task id.
+    retries: dict[str, RetryShown] = field(default_factory=dict)
 
 
 def read_status(store: Store, *, now: datetime) -> StatusReport:
@@ -59,6 +79,13 @@ def read_status(store: Store, *, now: datetime) -> StatusReport:
     clock = (server_time() if server_time is not None else None) or max(
         [now, *(seen.seen_at for seen in servers)]
     )
+    unhandled: list[ChainLink | TaskDoc] = []
+    retries: dict[str, RetryShown] = {}
+    for doc in store.find_by_status([Status.UNHANDLED], UNHANDLED_SHOWN):
+        link, retry = _story(store, doc)
+        unhandled.append(link)
+        if retry is not None:
+            retries[doc.task_id] = retry
     return StatusReport(
         now=now,
         clock=clock,
@@ -66,17 +93,29 @@ def read_status(store: Store, *, now: datetime) -> StatusReport:
         counts=store.count_by_status(),
         set_aside=count_set_aside() if count_set_aside is not None else 0,
         coverage=drive(store, read_coverage(servers, now=now, clock=clock)),
-        unhandled=tuple(
-            _story(store, doc) for doc in store.find_by_status([Status.UNHANDLED], UNHANDLED_SHOWN)
-        ),
+        unhandled=tuple(unhandled),
+        retries=retries,
     )
 
 
-def _story(store: Store, doc: TaskDoc) -> ChainLink | TaskDoc:
+def _story(store: Store, doc: TaskDoc) -> tuple[ChainLink | TaskDoc, RetryShown | None]:
+    """The task's link and its retry, if retried; its bare document if they can't be read.
+
+    The task alone, not its chain: a retried task's chain goes on through its
+    copy, which would make the report's reads grow with the history.
+    """
     try:
-        return read_chain(store, doc.task_id)[0]
-    except TulliusError:  # set aside as undecodable, or gone meanwhile
-        return doc
+        view = store.load(doc.task_id)
+        if view is None:  # set aside as undecodable, or gone meanwhile
+            return doc, None
+        link = link_of(view, store.find_children(doc.task_id))
+    except TulliusError:  # the same, found by the store
+        return doc, None
+    copy = retried_as(view)
+    if copy is None:
+        return link, None
+    record = view.records[retry_id(doc.task_id)]
+    return link, RetryShown(copy.task_id, record.at, record.server, copy.task_id in link.children)
 
 
 def format_status(report: StatusReport) -> str:
@@ -148,9 +187,28 @@ def _unhandled(report: StatusReport) -> list[str]:
             + (f"failed ({failure.kind}: {_line(failure.message)})" if failure else "failed")
             + (f"; failed() error ({error.kind}: {_line(error.message)})" if error else "")
         )
+        retry = report.retries.get(link.task_id)
+        if retry is not None:
+            lines.append(f"    {_retried(link.task_id, retry, report.now)}")
     if total > len(report.unhandled):
         lines.append(f"  ... and {total - len(report.unhandled):,} more")
     return lines
+
+
+def _retried(task_id: str, retry: RetryShown, now: datetime) -> str:
+    """What became of an operator's retry, and what to do if it was cut short."""
+    line = f"retried as {retry.copy_id} at {retry.at.isoformat(timespec='seconds')} by {retry.by}"
+    if retry.stored:
+        return line
+    if now - retry.at <= WRITE_WINDOW:
+        return (
+            f"{line}, but {retry.copy_id} is not stored (the retry was cut short): "
+            f"run tulliusd --retry-unhandled {task_id} again"
+        )
+    return (
+        f"{line}; {retry.copy_id} is not stored: pruned once done with, or never written "
+        f"(a retry cut short is completed only within {ago(WRITE_WINDOW)})"
+    )
 
 
 def _line(message: str, width: int = 120) -> str:

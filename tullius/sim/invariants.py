@@ -8,7 +8,10 @@ run of a hundred thousand events stays linear.  The promises (issue 3, item 5):
    accepted ``failed()`` result per failed outcome, and each successor or
    replacement inserted exactly once (``MemoryStore.insert_counts``);
 2. conservation: every stored task was queued by the application or is listed
-   in the accepted record of its parent; nothing stored ever disappears;
+   in the accepted record of its parent (for a retry's copy, its parent's
+   ``retry`` record, and the copy is stored only after its run and failed
+   outcome records, so that its ``run()`` never runs); nothing stored ever
+   disappears;
 3. no terminal task resurrected: a task's true status, once terminal, never
    changes;
 4. at most one accepted owner per lease, and an accepted result always comes
@@ -129,6 +132,14 @@ class Invariants:
                     f"task {doc.task_id!r} ({doc.origin.value}) is not listed in an accepted "
                     f"record of its parent {doc.parent_id!r}",
                 )
+            if doc.origin is Origin.RETRY:
+                copy = load(doc.task_id)
+                if copy is None or status_of(copy) is Status.QUEUED:
+                    self.fail(
+                        "conservation",
+                        f"retry copy {doc.task_id!r} was stored before its run and outcome "
+                        "records: it reads as queued, and its run() would run",
+                    )
 
     def on_status(self, view: TaskView) -> Status:
         """Track the true status of a task after a write; return it."""
@@ -173,11 +184,14 @@ class Invariants:
 
 
 def _spawned_ids(view: TaskView) -> set[str]:
+    """The ids of the tasks the accepted records of ``view`` spawned: successors,
+    replacements, and the copy an operator's retry made (`tullius.retry`)."""
     ids: set[str] = set()
     outcome = view.outcome
     if outcome is not None and outcome.ok:
         ids.update(doc.task_id for doc in outcome.spawned)
     for record in view.records.values():
-        if record.kind is RecordKind.HANDLER_END and record.ok:
+        kind = record.kind
+        if (kind is RecordKind.HANDLER_END and record.ok) or kind is RecordKind.RETRY:
             ids.update(doc.task_id for doc in record.spawned)
     return ids

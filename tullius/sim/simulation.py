@@ -22,11 +22,15 @@ from typing import Any, Final
 from tullius.api import queue_sink, task_id_of
 from tullius.band import Band, bands_from_setting
 from tullius.document import TERMINAL, Status, TaskSpec, short_name, spawned_of, status_of
+from tullius.effects import InsertRecord, InsertTasks
+from tullius.engine import Conversation
 from tullius.errors import (
     ConfigError,
+    TaskError,
 )
 from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
 from tullius.policy import DEFAULT_LEASE, LeaseTimings
+from tullius.retry import Retry, retry
 from tullius.sim.clock import DEFAULT_START, ServerClock, SimClock, to_us
 from tullius.sim.faults import (
     ClockSkew,
@@ -51,7 +55,12 @@ from tullius.sim.world import (
     Server,
     server_names,
 )
+from tullius.store import Operation
 from tullius.task import Task, queued_tasks, to_specs
+
+#: The ``server`` of the records an operator's `Simulation.retry_unhandled` writes
+#: (``tullius.retry_unhandled()`` writes its host and pid there).
+OPERATOR: Final = "operator"
 
 
 @dataclass(frozen=True)
@@ -241,6 +250,70 @@ class Simulation(Scheduler):
                     "no worker would ever run it",
                 )
         return self._insert_roots(list(specs), self.clock.now())
+
+    def retry_unhandled(self, task_or_id: Task | str) -> Retry:
+        """Try ``failed()`` again for an UNHANDLED task, as ``tullius.retry_unhandled()``
+        does against MongoDB: an operator's retry, made now (`now`), outside any server.
+
+        The task stays UNHANDLED; a copy of it (origin ``"retry"``), born failed with
+        the task's failure, is stored with its records, and the servers run its
+        ``failed()`` (never its ``run()``) in the next `run_for` or `drain`, with the
+        usual attempts, backoff and leases.  `chain` follows the task to the copy,
+        and `counts` counts the copy among the failed tasks, with the task's failure
+        kind.  Asking again returns the same retry (``new`` False) and stores
+        nothing.  Its token comes from the seed, and its records name the server
+        ``"operator"``; like `queue`, it takes no virtual time and no fault hits it.
+
+        Raises:
+            TaskNotFound: no such task.
+            NotRetried: the task is not UNHANDLED (the message names its status).
+            SimulationError: called from a task's ``run()`` or ``failed()``.
+        """
+        if self._vt is not None:
+            raise SimulationError(
+                "sim.retry_unhandled() was called from inside a task's run() or failed() "
+                "while the simulation was running it; drive the simulation from the test only"
+            )
+        task_id = task_id_of(task_or_id)
+        try:
+            done = self._as_operator(
+                retry(task_id, now=self.clock.now(), token=self._new_token(), server=OPERATOR)
+            )
+        except TaskError as refused:
+            self._log(OPERATOR, f"retry of {task_id} refused: {refused}")
+            raise
+        self._log(OPERATOR, done.describe())
+        return done
+
+    def _as_operator(self, conversation: Conversation[Retry]) -> Retry:
+        """Carry out an operator's conversation at once, each write checked as the
+        servers' are (`Scheduler._after_write`), without their faults."""
+        send = conversation.send
+        try:
+            op = next(conversation)
+            while True:
+                op = send(self._operator_op(op))
+        except StopIteration as stop:
+            done: Retry = stop.value
+        if self._inv.violation is not None:
+            raise self._violation()
+        return done
+
+    def _operator_op(self, op: Operation) -> Any:
+        do, _name, tracked = self._perform[type(op)]
+        self._log(OPERATOR, op)
+        result = do(op)
+        if not tracked:
+            return result
+        if isinstance(op, InsertRecord):
+            # Not `_after_write`: the copy's run record is no lease anybody holds, and
+            # it and the copy's outcome come before the copy (`_refresh` skips them).
+            self._refresh(op.record.task_id)
+        elif isinstance(op, InsertTasks):
+            self._after_write(op, result)
+            for doc in op.docs:
+                self._refresh(doc.task_id)
+        return result
 
     def run_for(self, duration: timedelta) -> None:
         """Run everything due in the next ``duration`` of virtual time."""

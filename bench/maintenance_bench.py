@@ -1,14 +1,21 @@
-"""Prune benchmark: how fast ``tulliusd --prune-finished`` deletes history; prints figures.
+"""Maintenance benchmark: how fast ``tulliusd --prune-finished`` deletes history
+and ``tulliusd --retry-unhandled all`` retries; prints figures.
 
-    python bench/prune_bench.py [--tasks 1000]
+    python bench/maintenance_bench.py [--tasks 1000]
 
-Writes ``--tasks`` finished tasks ten days old (a third failed and handled, so
-two or four records each) through the engine into a fresh database, with as
-many recent ones that must stay, then times one prune of everything over two
-days old: on FerretDB (built and started with the integration tests' harness,
-in a temporary directory) and on mongomock.  FerretDB reads a whole collection
-for every delete, which is why the store deletes a batch with one
-``delete_many`` per collection.
+Prune: writes ``--tasks`` finished tasks ten days old (a third failed and
+handled, so two or four records each) through the engine into a fresh
+database, with as many recent ones that must stay, then times one prune of
+everything over three days old.  FerretDB reads a whole collection for every
+delete, which is why the store deletes a batch with one ``delete_many`` per
+collection.
+
+Retry: writes ``--tasks`` unhandled tasks (run and only ``failed()`` attempt
+failed) and times one `retry_all` of them: per task a load, the retry record,
+the copy's two records and the copy, and a read of it.
+
+Both on FerretDB (built and started with the integration tests' harness, in a
+temporary directory) and on mongomock.
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ from tullius.api import insert_queued  # noqa: E402
 from tullius.band import Band  # noqa: E402
 from tullius.document import Failure, FailureKind, TaskSpec  # noqa: E402
 from tullius.engine import claim, drive, finish  # noqa: E402
-from tullius.events import Failed, HandlerSucceeded, Succeeded  # noqa: E402
+from tullius.events import Failed, HandlerFailed, HandlerSucceeded, Succeeded  # noqa: E402
 from tullius.prune import MIN_AGE, prune  # noqa: E402
+from tullius.retry import retry_all  # noqa: E402
 from tullius.runtime.mongo_store import MongoStore  # noqa: E402
 
 BAND = Band(1, 0, 10)
@@ -66,6 +74,36 @@ def history(store: MongoStore, tasks: int, *, at: datetime, prefix: str) -> None
         drive(store, finish(handler, HandlerSucceeded(handler.token, ()), now=at))
 
 
+def unhandled(store: MongoStore, tasks: int, *, at: datetime) -> None:
+    """``tasks`` tasks whose run and only ``failed()`` attempt failed at ``at``."""
+    ids = iter(f"u{n}" for n in range(tasks))
+    once = TaskSpec(**{**SPEC.__dict__, "handler_attempts": 1})
+    insert_queued(store, [once] * tasks, now=at, new_id=ids.__next__)
+    failure = Failure(FailureKind.EXCEPTION, "broken", at)
+    for n in range(tasks):
+        for kind, event in (("r", Failed), ("h", HandlerFailed)):
+            job = drive(store, claim(BAND, server="b", worker="w", token=f"{kind}{n}", now=at))
+            assert job is not None
+            drive(store, finish(job, event(job.token, failure), now=at))
+
+
+def measure_retry(db: Any, tasks: int, label: str) -> None:
+    store = MongoStore(db)
+    store.ensure_indexes()
+    now = datetime.now(UTC)
+    unhandled(store, tasks, at=now - timedelta(hours=1))
+    start = time.perf_counter()
+    report = drive(store, retry_all(now=now, token="bench", server="bench"))
+    wall = time.perf_counter() - start
+    retried = len(report.retried)
+    assert retried == tasks, report.describe()
+    print(
+        f"{label}: retried {retried:,} unhandled tasks in {wall:.2f} s: "
+        f"{retried / wall:,.0f} tasks/s",
+        flush=True,
+    )
+
+
 def measure(db: Any, tasks: int, label: str) -> None:
     store = MongoStore(db)
     store.ensure_indexes()
@@ -92,12 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     measure(mongomock.MongoClient(tz_aware=True)["prune_bench"], args.tasks, "mongomock")
+    measure_retry(mongomock.MongoClient(tz_aware=True)["retry_bench"], args.tasks, "mongomock")
     with tempfile.TemporaryDirectory() as workdir:
         server = FerretDBServer(build_ferretdb(), Path(workdir) / "ferretdb", log_level="warn")
         server.start()
         try:
             client: Any = pymongo.MongoClient(server.uri, tz_aware=True)
             measure(client["prune_bench"], args.tasks, "FerretDB")
+            measure_retry(client["retry_bench"], args.tasks, "FerretDB")
             client.close()
         finally:
             server.stop()
