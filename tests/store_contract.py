@@ -26,6 +26,7 @@ from tullius.document import (
     handler_id,
     outcome_id,
     queued_doc,
+    retry_id,
     run_id,
 )
 from tullius.store import ServerSeen
@@ -361,6 +362,23 @@ class StoreContract:
         assert store.load("y").run.token == "tok"
         assert store.load("p") is not None
         assert store.count_by_status() == {Status.QUEUED: 1, Status.SUCCEEDED: 1}
+
+    def test_deleting_a_task_keeps_an_operators_retry_record_as_a_tombstone(
+        self, store: Any
+    ) -> None:
+        # Given an unhandled task an operator retried
+        store.insert_tasks([make_doc("t")])
+        store.insert_record(make_record("t"))
+        retry = make_record("t", token="op", record_id=retry_id("t"), kind=RecordKind.RETRY)
+        store.insert_record(retry)
+        store.set_status("t", Status.UNHANDLED, T0)
+        # When it is deleted
+        assert store.delete_tasks(["t"]) == 1
+        # Then its run record is gone, but its retry record still wins an insert
+        assert store.load("t") is None
+        assert store.insert_record(make_record("t", token="new")).token == "new"
+        again = make_record("t", token="again", record_id=retry_id("t"), kind=RecordKind.RETRY)
+        assert store.insert_record(again).token == "op"
 
     def test_deleting_a_finished_task_inserted_again_deletes_every_copy(self, store: Any) -> None:
         # Given a finished task whose id was inserted again (MongoStore: a live copy)

@@ -8,6 +8,7 @@ them from anyone else.  Nothing here does I/O or reads a clock.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 from tullius.document import Failure, TaskSpec, quick_init
 
@@ -97,6 +98,11 @@ class Retried:
 
     token: str
     server: str
+    #: The copy's ``failed_timeout`` and ``failed_attempts`` if not the task's own:
+    #: its class's as the operator's process loads it now (the fix may have
+    #: raised them), see `tullius.retry.current_limits`.
+    handler_timeout: timedelta | None = None
+    handler_attempts: int | None = None
 
 
 @quick_init

@@ -20,19 +20,27 @@ by asking again: the copy's writes are repeated, each harmless twice.  But
 only within `WRITE_WINDOW` of the retry record: past it the copy may have
 run, settled and been pruned, and writing it again would run its
 ``failed()`` a second time; then a missing copy is reported, not re-made.
+And a prune keeps ``retry`` records (`Store.delete_tasks`): a retry asked for
+while its task is being pruned then finds the first one, instead of deciding
+a second whose copy, with its derived id, would be the pruned one again.
+
+The copy takes ``failed_timeout`` and ``failed_attempts`` from the task's
+class as the operator's process loads it (`current_limits`): the fix may be
+to raise them.  Its ``self.task_id`` is its own; ``self.retry_of`` names the
+task.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final, TypeVar
 
 from tullius.clock import window_seconds
 from tullius.document import (
-    Origin,
     Status,
     TaskDoc,
     TaskView,
@@ -40,19 +48,32 @@ from tullius.document import (
     retry_id,
     short_name,
     status_of,
-    stored_time,
 )
 from tullius.engine import Conversation, apply_step, drive
-from tullius.errors import NotRetried, TaskNotFound
+from tullius.errors import NotRetried, TaskNotFound, UnknownTaskClass
 from tullius.events import Retried
 from tullius.machine import settle, step
 from tullius.policy import WRITE_WINDOW
 from tullius.store import FindByStatus, FindTasks, Load, Store
+from tullius.task import load_class
 
 T = TypeVar("T")
 
 #: How many UNHANDLED tasks `retry_all` reads at a time.
 RETRY_BATCH: Final = 500
+
+#: A class's ``failed_timeout`` and ``failed_attempts``, or None to keep the task's own.
+Limits = Callable[[str], "tuple[timedelta, int] | None"]
+
+
+def current_limits(class_name: str) -> tuple[timedelta, int] | None:
+    """``failed_timeout`` and ``failed_attempts`` of the stored class as this process
+    loads it now, or None if it can't be loaded here (then the task's own stand)."""
+    try:
+        cls = load_class(class_name)
+    except UnknownTaskClass:
+        return None
+    return cls.failed_timeout, cls.failed_attempts
 
 
 @dataclass(frozen=True)
@@ -66,6 +87,10 @@ class Retry:
         by: who recorded it (the ``server`` of the retry record).
         new: True if this call recorded it; False if it had been retried
             before, in which case this call made sure its copy is stored.
+        copy_status: the copy's status hint as this call found it (FAILED for
+            a new one); None when it is not stored.
+        completed: the copy was missing (an earlier retry cut short) and this
+            call wrote it.
         stored: False only for a retry made over a `WRITE_WINDOW` ago whose
             copy is gone: pruned once done with (the usual case), or never
             written (a retry cut short and not asked again within the
@@ -77,6 +102,8 @@ class Retry:
     at: datetime
     by: str
     new: bool
+    copy_status: Status | None = Status.FAILED
+    completed: bool = False
     stored: bool = True
 
     def describe(self) -> str:
@@ -87,20 +114,30 @@ class Retry:
             f"{self.task_id}: already retried as {self.copy_id} at "
             f"{self.at.isoformat(timespec='seconds')} by {self.by}"
         )
-        if not self.stored:
+        if self.completed:
+            line += f"; {self.copy_id} was missing (that retry was cut short) and is stored now"
+        elif not self.stored:
             line += (
                 f"; {self.copy_id} is no longer stored (pruned once done with, or never "
                 "written), and is not written again, as it may have run"
             )
+        elif self.copy_status is not None:
+            line += f"; {self.copy_id} is {self.copy_status.value}"
+            if self.copy_status is Status.UNHANDLED:
+                line += f" too: retry {self.copy_id} itself"
         return line
 
 
-def retry(task_id: str, *, now: datetime, token: str, server: str) -> Conversation[Retry]:
+def retry(
+    task_id: str, *, now: datetime, token: str, server: str, limits: Limits | None = None
+) -> Conversation[Retry]:
     """Retry the ``failed()`` of the UNHANDLED task ``task_id`` (see the module).
 
-    Asking again for a task already retried records nothing new: its copy is
-    made sure of (written again if the first retry was cut short, within a
-    `WRITE_WINDOW` of it; past that, a missing copy is reported with
+    ``limits``: the copy's ``failed_timeout`` and ``failed_attempts`` from the
+    task's class name (`current_limits`); None, or None from it, keeps the
+    task's own.  Asking again for a task already retried records nothing new:
+    its copy is made sure of (written again if the first retry was cut short,
+    within a `WRITE_WINDOW` of it; past that, a missing copy is reported with
     ``stored`` False, never written again), and the earlier retry is returned.
 
     Raises:
@@ -118,23 +155,26 @@ def retry(task_id: str, *, now: datetime, token: str, server: str) -> Conversati
             "(only a task whose every failed() attempt failed is retried)",
         )
     if retried_as(view) is None:
-        decided = step(view, Retried(token, server), now=now)
+        found = None if limits is None else limits(view.task.class_name)
+        timeout, attempts = found or (None, None)
+        decided = step(view, Retried(token, server, timeout, attempts), now=now)
         winner = yield from apply_step(view, decided, now=now)
         assert winner is not None
         if winner.token == token:
             return _retry(view.with_record(winner), new=True)
         view = view.with_record(winner)  # a rival's retry came first: make sure of it
     done = _retry(view, new=False)
-    if (yield FindTasks((done.copy_id,))):
-        return done
+    copies: list[TaskDoc] = yield FindTasks((done.copy_id,))
+    if copies:
+        return dataclasses.replace(done, copy_status=copies[0].status)
     if now - done.at > WRITE_WINDOW:
         # It may have run and been pruned since: writing it again would run its
         # failed() a second time.
-        return dataclasses.replace(done, stored=False)
+        return dataclasses.replace(done, copy_status=None, stored=False)
     # Not ``yield from``: the driver sends each write's result, which a tuple can't take.
     for effect in settle(view, now):  # noqa: UP028
         yield effect
-    return done
+    return dataclasses.replace(done, completed=True)
 
 
 def within_window(store: Store) -> Callable[[Conversation[T]], T]:
@@ -149,9 +189,10 @@ def within_window(store: Store) -> Callable[[Conversation[T]], T]:
 
 
 def retry_now(store: Store, task_id: str, *, server: str, token: str) -> Retry:
-    """Drive `retry` on ``store`` now, `within_window`."""
+    """Drive `retry` on ``store`` now, `within_window`, with the class's `current_limits`."""
     run = within_window(store)
-    return run(retry(task_id, now=datetime.now(UTC), token=token, server=server))
+    now = datetime.now(UTC)
+    return run(retry(task_id, now=now, token=token, server=server, limits=current_limits))
 
 
 def _retry(view: TaskView, *, new: bool) -> Retry:
@@ -170,6 +211,9 @@ class RetryReport:
     earlier: list[Retry] = field(default_factory=list)
     #: Tasks not retried, with the reason.
     refused: list[NotRetried] = field(default_factory=list)
+    #: Every UNHANDLED task seen, by class, whether asked for or not: what a
+    #: class name that matched nothing may have meant.
+    classes: Counter[str] = field(default_factory=Counter)
 
     def describe(self) -> str:
         """One line for an operator (`Retry.describe` gives one per task)."""
@@ -183,6 +227,10 @@ class RetryReport:
             line += f"; {len(self.refused)} refused"
         return line
 
+    def matched(self) -> int:
+        """How many tasks were asked for (retried, retried before or refused)."""
+        return len(self.retried) + len(self.earlier) + len(self.refused)
+
 
 def retry_all(
     *,
@@ -190,16 +238,21 @@ def retry_all(
     token: str,
     server: str,
     class_name: str | None = None,
+    limits: Limits | None = None,
     batch: int = RETRY_BATCH,
+    report: RetryReport | None = None,
+    on_each: Callable[[Retry | NotRetried], None] | None = None,
 ) -> Conversation[RetryReport]:
     """Retry every UNHANDLED task (of ``class_name`` only, if given: the stored
-    ``module:Class`` or just ``Class``).
+    ``module:Class`` or just ``Class``), as `retry` with ``limits``.
 
     A copy this call made is not retried in turn, should it fail on every
-    attempt while this runs.
+    attempt while this runs.  ``report`` is filled as it goes (pass one to
+    keep what was done if the store fails part-way), and ``on_each`` is
+    called with each task's result as it comes.
     """
-    report = RetryReport()
-    started = stored_time(now)  # as the copies' ``created_at`` comes back: whole ms
+    report = RetryReport() if report is None else report
+    made: set[str] = set()
     after = ""
     while True:
         page: list[TaskDoc] = yield FindByStatus((Status.UNHANDLED,), batch, after)
@@ -207,18 +260,27 @@ def retry_all(
             return report
         after = page[-1].task_id
         for doc in page:
-            if doc.origin is Origin.RETRY and doc.created_at >= started:
+            if doc.task_id in made:
                 continue  # a copy this made, which failed again meanwhile
+            report.classes[doc.class_name] += 1
             if class_name is not None and class_name not in (
                 doc.class_name,
                 short_name(doc.class_name),
             ):
                 continue
             try:
-                done = yield from retry(doc.task_id, now=now, token=token, server=server)
+                done = yield from retry(
+                    doc.task_id, now=now, token=token, server=server, limits=limits
+                )
             except TaskNotFound:
                 continue  # pruned meanwhile
             except NotRetried as refused:
                 report.refused.append(refused)
+                if on_each is not None:
+                    on_each(refused)
                 continue
+            if done.new or done.completed:
+                made.add(done.copy_id)
             (report.retried if done.new else report.earlier).append(done)
+            if on_each is not None:
+                on_each(done)

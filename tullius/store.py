@@ -185,10 +185,12 @@ class Store(Protocol):
         ...
 
     def delete_tasks(self, task_ids: Sequence[str]) -> int:
-        """Delete the tasks (every copy) and all their records; return how many tasks were stored.
+        """Delete the tasks (every copy) and their records; return how many tasks were stored.
 
         For pruning finished tasks (`tullius.prune`), which alone decides what
-        may go.  In this order: the tasks' live copies, then their records,
+        may go.  An operator's ``retry`` record stays, a tombstone: a retry asked
+        for during the prune must find it, not decide another (`tullius.retry`).
+        In this order: the tasks' live copies, then their records,
         then their other copies (`MongoStore`: in ``finished``).  So an error
         part-way leaves at most a finished copy with some or none of its
         records, which nothing claims and a repeat deletes; never a live copy

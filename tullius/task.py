@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, Final
 
-from tullius.document import Failure, TaskDoc, TaskSpec
+from tullius.document import Failure, Origin, TaskDoc, TaskSpec
 from tullius.errors import (
     TaskDefinitionError,
     TaskDefinitionWarning,
@@ -64,8 +64,13 @@ class Task:
 
     #: Set on a task rebuilt for ``failed()``: what went wrong.
     failure: Failure | None
-    #: The stored id, once the task is queued or rebuilt from the store.
+    #: The stored id, once the task is queued or rebuilt from the store.  In
+    #: an operator's retry (`tullius.retry`), the copy's own id.
     task_id: str | None
+    #: In an operator's retry of an unhandled task (`tullius.retry`): that
+    #: task's id, for a ``failed()`` that keys side effects on the task (its
+    #: ``task_id`` is the copy's).  None otherwise.
+    retry_of: str | None
     _tullius_abstract: ClassVar[bool] = True
 
     def __init_subclass__(cls, *, abstract: bool = False, **kwargs: Any) -> None:
@@ -160,6 +165,7 @@ class Task:
         self._tullius_start_after = start_after
         self.failure = None
         self.task_id = None
+        self.retry_of = None
 
     def run(self) -> Task | Iterable[Task] | None:
         """Do the work.  Return None, or successor task(s) to queue on success."""
@@ -211,7 +217,7 @@ class Task:
 #: so it is refused where it is made (a ``bad_return`` failure, or an error from
 #: ``tullius.queue()``) instead of failing every attempt to store it.
 MAX_FIELDS_BYTES: Final = 8 * 1024 * 1024
-_META_ATTRIBUTES: Final = frozenset({"failure", "task_id", "priority"})
+_META_ATTRIBUTES: Final = frozenset({"failure", "task_id", "priority", "retry_of"})
 #: Exact types `check_value` accepts whatever their value.
 _SCALARS: Final = frozenset({type(None), bool, str, bytes, float})
 #: Exact types `stored_size` counts as 9 bytes whatever their value (subclasses
@@ -494,4 +500,5 @@ def from_doc(doc: TaskDoc, *, failure: Failure | None = None) -> Task:
     task._tullius_start_after = None
     task.failure = failure
     task.task_id = doc.task_id
+    task.retry_of = doc.parent_id if doc.origin is Origin.RETRY else None
     return task

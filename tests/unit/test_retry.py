@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import mongomock
 import pytest
 
-from tests.store_contract import T0, make_doc
+from tests.store_contract import T0, make_doc, make_record
 from tullius.band import Band
 from tullius.document import (
     Failure,
@@ -20,12 +21,11 @@ from tullius.document import (
     Status,
     TaskDoc,
     TaskSpec,
-    outcome_id,
     retried_as,
     retry_id,
-    run_id,
     status_of,
 )
+from tullius.effects import InsertTasks
 from tullius.engine import JobKind, apply_step, claim, drive, finish
 from tullius.errors import NotRetried, TaskNotFound, WriteWindowClosed
 from tullius.events import Failed, HandlerFailed, HandlerSucceeded, Retried, Succeeded
@@ -215,8 +215,9 @@ def test_a_pruned_copy_never_comes_back_when_asked_again(store: Store) -> None:
         "retried 0 unhandled task(s); 1 retried before (1 of their copies no longer stored)"
     )
     # Then the copy (and so its failed()) does not come back
-    assert store.load(done.copy_id) is None
-    assert store.find_tasks([run_id(done.copy_id), outcome_id(done.copy_id)]) == []
+    copy = store.load(done.copy_id)
+    assert copy is None
+    assert store.insert_record(make_record(done.copy_id, token="probe")).token == "probe"
 
 
 @pytest.mark.parametrize("status", ["queued", "running", "failed", "succeeded", "handled"])
@@ -297,20 +298,50 @@ def test_retry_all_takes_every_unhandled_task_of_a_class_but_not_its_own_copies(
 
 
 def test_retry_all_does_not_retry_a_copy_it_made_that_failed_again(store: Store) -> None:
-    # Given an unhandled task whose copy, made by this very retry_all, is unhandled too
-    # (its failed() failed at once, while the retry went on through later pages)
+    # Given an unhandled task "0", whose copy's id comes after it in id order
+    unhandled(store, "0")
+    # When retry_all retries it, and the copy's failed() fails at once, while
+    # retry_all goes on through later pages
+    conversation = retry_all(now=NOW, token="op", server="ops", batch=1)
+    op = next(conversation)
+    while True:
+        result = perform(store, op)
+        if isinstance(op, InsertTasks) and op.docs[0].origin is Origin.RETRY:
+            job = drive(store, claim(ALL, server="s", worker="w", token="copy-h", now=NOW))
+            assert job is not None
+            error = Failure(FailureKind.EXCEPTION, "still broken", NOW)
+            drive(store, finish(job, HandlerFailed(job.token, error), now=NOW))
+        try:
+            op = conversation.send(result)
+        except StopIteration as stop:
+            report = stop.value
+            break
+    # Then the copy, unhandled too by the time retry_all reached it, is not retried
+    [done] = report.retried
+    assert done.copy_id > "0"
+    copy = store.load(done.copy_id)
+    assert copy is not None
+    assert status_of(copy) is Status.UNHANDLED
+    assert store.find_children(done.copy_id) == []
+
+
+def test_retry_all_retries_an_earlier_retrys_copy_that_failed_again(store: Store) -> None:
+    # Given a task retried before, whose copy failed again
     unhandled(store, "t")
-    copy = drive(store, retry("t", now=NOW, token="op", server="ops"))
+    first = retried(store, "t", at=NOW - timedelta(hours=1))
     job = drive(store, claim(ALL, server="s", worker="w", token="copy-h", now=NOW))
     assert job is not None
     error = Failure(FailureKind.EXCEPTION, "still broken", NOW)
     drive(store, finish(job, HandlerFailed(job.token, error), now=NOW))
-    # When retry_all, started at the same moment, reaches it
+    # When every unhandled task is retried
     report = drive(store, retry_all(now=NOW, token="op", server="ops"))
-    # Then only the task is counted (retried before), the copy is not retried
-    assert [done.task_id for done in report.earlier] == ["t"]
-    assert report.retried == []
-    assert store.find_children(copy.copy_id) == []
+    # Then the task is reported as retried before, its copy unhandled; the copy is retried
+    [earlier] = report.earlier
+    assert earlier.copy_status is Status.UNHANDLED
+    assert earlier.describe().endswith(
+        f"; {first.copy_id} is unhandled too: retry {first.copy_id} itself"
+    )
+    assert [done.task_id for done in report.retried] == [first.copy_id]
 
 
 def derive_copy_id(store: Store, task_id: str) -> str:
@@ -319,3 +350,39 @@ def derive_copy_id(store: Store, task_id: str) -> str:
     copy = retried_as(view)
     assert copy is not None
     return copy.task_id
+
+
+def test_a_retry_asked_for_while_its_task_is_pruned_finds_the_first_retry() -> None:
+    # Given a task retried long ago, whose copy was handled and pruned since
+    store = MongoStore(mongomock.MongoClient(tz_aware=True)["db"], live_shards=3)
+    store.ensure_indexes()
+    unhandled(store, "t", at=NOW - 30 * DAY)
+    done = retried(store, "t", at=NOW - 30 * DAY)
+    handle_the_copy(store, done.copy_id, at=NOW - 30 * DAY)
+    drive(store, prune(MIN_AGE, now=NOW - 10 * DAY))
+    assert store.load(done.copy_id) is None
+    # When every unhandled task is retried while a prune of unhandled tasks deletes
+    # the task between the reads of its record chain and of its retry record (the
+    # sharded layout reads them one by one)
+    read = store.records.find_one
+    pruned: list[object] = []
+
+    def find_one(query: Any, *args: Any, **kwargs: Any) -> Any:
+        if query == {"_id": retry_id("t")} and not pruned:
+            pruned.append(drive(store, prune(MIN_AGE, now=NOW, unhandled=True)))
+        return read(query, *args, **kwargs)
+
+    store.records.find_one = find_one  # type: ignore[method-assign]
+    report = drive(store, retry_all(now=NOW, token="op2", server="ops2"))
+    store.records.find_one = read  # type: ignore[method-assign]
+    # Then the load still saw the first retry (a tombstone the prune keeps): no new
+    # retry is decided, and the pruned copy does not come back to run again
+    assert store.load("t") is None
+    assert report.retried == []
+    assert store.load(done.copy_id) is None
+    claimed = [
+        job.task_id
+        for n in range(3)
+        if (job := drive(store, claim(ALL, server="s", worker="w", token=f"j{n}", now=NOW)))
+    ]
+    assert done.copy_id not in claimed  # (the copy's replacement, unrun, may be claimed)

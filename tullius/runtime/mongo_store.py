@@ -118,6 +118,8 @@ _REREADS = 3
 #: Status given to a task document that can't be decoded (not a `Status`: no
 #: query for work or sweep ever selects it).
 UNDECODABLE = "undecodable"
+#: The kind of the records a prune keeps (`delete_tasks`).
+_RETRY_KIND = RecordKind.RETRY.value
 _log = logging.getLogger("tullius.store")
 _CREDENTIALS = re.compile(r"(mongodb(?:\+srv)?://)[^@/\s]*@")
 
@@ -683,9 +685,14 @@ class MongoStore:
             if raw is None:
                 break
             found[record_id] = last = record_from_bson(raw)
-        # An operator's retry comes after the last failed attempt's end (only an
+        # An operator's retry comes after the last attempt's failed end (only an
         # UNHANDLED task is retried): read it only where the chain ends so.
-        if last is not None and last.kind is RecordKind.HANDLER_END and not last.ok:
+        if (
+            last is not None
+            and last.kind is RecordKind.HANDLER_END
+            and not last.ok
+            and last.retry_at is None  # (the last attempt's end has none)
+        ):
             raw = self.records.find_one({"_id": retry_id(task_id)})
             if raw is not None:
                 found[raw["_id"]] = record_from_bson(raw)
@@ -794,7 +801,13 @@ class MongoStore:
             for live in self.live_collections():
                 found.update((d["_id"], d) for d in live.find({"parent_id": parent_id}))
             found.update((d["_id"], d) for d in self.finished.find({"parent_id": parent_id}))
-            return [decode_task(found[key]) for key in sorted(found)]
+            # Not a child set aside as undecodable (as `find_tasks`): only a retry's
+            # copy an older daemon could not read is a child of an unhandled task.
+            return [
+                decode_task(found[key])
+                for key in sorted(found)
+                if found[key].get("status") != UNDECODABLE
+            ]
 
         return self._retrying("find children", attempt)
 
@@ -915,7 +928,8 @@ class MongoStore:
                 self._bodies.pop(task_id)
             for shard, in_shard in self._by_live_shard(ids):
                 shard.delete_many({"_id": {"$in": in_shard}})
-            self.records.delete_many({"task_id": {"$in": ids}})
+            # Not the operators' retry records: tombstones (`tullius.retry`).
+            self.records.delete_many({"task_id": {"$in": ids}, "kind": {"$ne": _RETRY_KIND}})
             return self.finished.delete_many({"_id": {"$in": ids}}).deleted_count
 
         return self._retrying("delete finished tasks", attempt)

@@ -401,10 +401,15 @@ class MemoryStore:
             del self._servers[server]
 
     def delete_tasks(self, task_ids: Sequence[str]) -> int:
-        # One copy per task here, deleted after its records, as the protocol orders.
+        # One copy per task here, deleted after its records, as the protocol orders;
+        # all but the retry records, which stay as tombstones (`tullius.retry`).
         for task_id in task_ids:
-            for record_id in self._records_by_task.pop(task_id, {}):
-                del self._records[record_id]
+            records = self._records_by_task.pop(task_id, {})
+            for record_id, record in records.items():
+                if record.kind is RecordKind.RETRY:
+                    self._records_by_task.setdefault(task_id, {})[record_id] = record
+                else:
+                    del self._records[record_id]
         deleted = 0
         for task_id in task_ids:
             doc = self._tasks.pop(task_id, None)
