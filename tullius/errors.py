@@ -129,8 +129,8 @@ class TaskNotFound(TaskError):
 
 
 class NotRetried(TaskError):
-    """A retry of ``failed()`` refused: the task is not UNHANDLED, or an old retry
-    of it can't be completed (`tullius.retry`).  Nothing was written.
+    """A retry of ``failed()`` refused: the task is not UNHANDLED (`tullius.retry`).
+    Nothing was written.
 
     Attributes:
         task_id: the task asked for.

@@ -304,3 +304,17 @@ def test_children_are_all_found_while_one_of_them_moves_to_finished(store: Mongo
     store.finished = racing._finished
     # Then both are found
     assert found == ["c1", "c2"]
+
+
+def test_a_child_set_aside_as_undecodable_is_left_out_of_its_parents_children(
+    store: MongoStore,
+) -> None:
+    # Given a parent with two children, one of which a daemon set aside (a retry's
+    # copy an older version could not read, say)
+    children = [dataclasses.replace(make_doc(name), parent_id="p") for name in ("c1", "c2")]
+    store.insert_tasks([make_doc("p"), *children])
+    store.tasks.update_one(
+        {"_id": "c2"}, {"$set": {"status": "undecodable", "decode_error": "ValueError: 'x'"}}
+    )
+    # When the parent's children are read, they are the one that can be read
+    assert [doc.task_id for doc in store.find_children("p")] == ["c1"]

@@ -12,6 +12,7 @@ from typing import Any
 import mongomock
 import pytest
 
+import tullius
 from tests.store_contract import T0, make_doc, make_record
 from tullius.band import Band
 from tullius.document import (
@@ -27,12 +28,12 @@ from tullius.document import (
 )
 from tullius.effects import InsertTasks
 from tullius.engine import JobKind, apply_step, claim, drive, finish
-from tullius.errors import NotRetried, TaskNotFound, WriteWindowClosed
+from tullius.errors import InvalidTransition, NotRetried, TaskNotFound, WriteWindowClosed
 from tullius.events import Failed, HandlerFailed, HandlerSucceeded, Retried, Succeeded
 from tullius.inspection import read_chain
 from tullius.machine import step
 from tullius.prune import MIN_AGE, prune
-from tullius.retry import Retry, retry, retry_all
+from tullius.retry import Retry, current_limits, retry, retry_all
 from tullius.runtime.mongo_store import MongoStore
 from tullius.sim.memory_store import MemoryStore
 from tullius.store import Store, perform
@@ -386,3 +387,47 @@ def test_a_retry_asked_for_while_its_task_is_pruned_finds_the_first_retry() -> N
         if (job := drive(store, claim(ALL, server="s", worker="w", token=f"j{n}", now=NOW)))
     ]
     assert done.copy_id not in claimed  # (the copy's replacement, unrun, may be claimed)
+
+
+def test_a_retry_decided_on_a_retried_task_is_refused_by_the_machine(store: Store) -> None:
+    unhandled(store, "t")
+    retried(store, "t")
+    view = store.load("t")
+    assert view is not None
+    with pytest.raises(InvalidTransition, match="already retried as task"):
+        step(view, Retried("op2", "ops"), now=NOW)
+
+
+def test_the_copy_takes_the_limits_the_retry_found_on_the_class(store: Store) -> None:
+    # Given an unhandled task stored with one failed() attempt of 60 s
+    unhandled(store, "t")
+    # When it is retried by a process whose class now allows 4 attempts of 2 minutes
+    asked: list[str] = []
+
+    def limits(class_name: str) -> tuple[timedelta, int]:
+        asked.append(class_name)
+        return timedelta(minutes=2), 4
+
+    done = drive(store, retry("t", now=NOW, token="op", server="ops", limits=limits))
+    # Then the copy has them; the task keeps its own
+    copy = store.load(done.copy_id)
+    task = store.load("t")
+    assert copy is not None
+    assert task is not None
+    assert (copy.task.handler_timeout, copy.task.handler_attempts) == (timedelta(minutes=2), 4)
+    assert task.task.handler_attempts == 1
+    assert asked == [task.task.class_name]
+
+
+def test_current_limits_are_the_loaded_classs_or_none_if_it_cannot_be_loaded() -> None:
+    assert current_limits("tests.unit.test_retry:Limited") == (timedelta(minutes=3), 7)
+    assert current_limits("no.such.module:Nothing") is None
+
+
+class Limited(tullius.Task):
+    timeout = timedelta(seconds=1)
+    failed_timeout = timedelta(minutes=3)
+    failed_attempts = 7
+
+    def run(self) -> None:
+        return None

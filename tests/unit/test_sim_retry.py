@@ -358,3 +358,58 @@ def test_the_readmes_retry_example_runs_as_written() -> None:
         task = left_unhandled(sim)
         exec(example, {"Refund": Refund, "sim": sim, "task": task})
         assert len(Apology.sent) == 1
+
+
+class Keyed(tullius.Task):
+    """Its failed() records the ids it sees; fails until ``fixed``."""
+
+    timeout = timedelta(seconds=10)
+    failed_timeout = timedelta(seconds=5)
+    failed_attempts = 1
+    fixed: ClassVar[bool] = False
+    seen: ClassVar[list[tuple[str | None, str | None]]] = []
+
+    def run(self) -> None:
+        raise RuntimeError("declined")
+
+    def failed(self) -> None:
+        type(self).seen.append((self.task_id, self.retry_of))
+        if not type(self).fixed:
+            raise KeyError("refund_account")
+
+
+def test_the_copys_failed_knows_the_task_it_retries(tullius_sim: Simulation) -> None:
+    # Given a task left unhandled (its failed() saw no retry)
+    Keyed.fixed, Keyed.seen = False, []
+    task = Keyed()
+    tullius_sim.queue(task)
+    tullius_sim.drain(within=timedelta(minutes=1))
+    assert Keyed.seen == [(task.task_id, None)]
+    # When it is retried once fixed
+    Keyed.fixed = True
+    retry = tullius_sim.retry_unhandled(task)
+    tullius_sim.drain(within=timedelta(minutes=1))
+    # Then the copy's failed() sees its own id, and the task's as retry_of
+    assert Keyed.seen[1:] == [(retry.copy_id, task.task_id)]
+
+
+def test_a_fix_that_raises_failed_attempts_and_failed_timeout_applies_to_the_copy(
+    tullius_sim: Simulation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a task left unhandled after its class's three attempts
+    task = left_unhandled(tullius_sim)
+    # When the fix raises failed_attempts to 5 and failed_timeout to a minute
+    # (failed() still fails), and the task is retried
+    monkeypatch.setattr(Refund, "failed_attempts", 5)
+    monkeypatch.setattr(Refund, "failed_timeout", timedelta(minutes=1))
+    retry = tullius_sim.retry_unhandled(task)
+    tullius_sim.drain(within=timedelta(hours=1))
+    # Then the copy got five attempts under the new time limit
+    copy = tullius_sim.chain(task)[1]
+    assert copy.task_id == retry.copy_id
+    assert copy.handler_attempts == 5
+    assert copy.status is tullius.Status.UNHANDLED
+    view = tullius_sim.store.load(retry.copy_id)
+    assert view is not None
+    assert view.task.handler_timeout == timedelta(minutes=1)
+    assert Refund.failed_calls == 3 + 5

@@ -30,7 +30,7 @@ from tullius.errors import (
 )
 from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
 from tullius.policy import DEFAULT_LEASE, LeaseTimings
-from tullius.retry import Retry, retry
+from tullius.retry import Retry, current_limits, retry
 from tullius.sim.clock import DEFAULT_START, ServerClock, SimClock, to_us
 from tullius.sim.faults import (
     ClockSkew,
@@ -258,7 +258,8 @@ class Simulation(Scheduler):
         The task stays UNHANDLED; a copy of it (origin ``"retry"``), born failed with
         the task's failure, is stored with its records, and the servers run its
         ``failed()`` (never its ``run()``) in the next `run_for` or `drain`, with the
-        usual attempts, backoff and leases.  `chain` follows the task to the copy,
+        usual attempts, backoff and leases (``failed_timeout`` and ``failed_attempts``
+        from the class as it is now: the fix may raise them).  `chain` follows the task to the copy,
         and `counts` counts the copy among the failed tasks, with the task's failure
         kind.  Asking again returns the same retry (``new`` False) and stores
         nothing.  Its token comes from the seed, and its records name the server
@@ -277,7 +278,13 @@ class Simulation(Scheduler):
         task_id = task_id_of(task_or_id)
         try:
             done = self._as_operator(
-                retry(task_id, now=self.clock.now(), token=self._new_token(), server=OPERATOR)
+                retry(
+                    task_id,
+                    now=self.clock.now(),
+                    token=self._new_token(),
+                    server=OPERATOR,
+                    limits=current_limits,
+                )
             )
         except TaskError as refused:
             self._log(OPERATOR, f"retry of {task_id} refused: {refused}")
