@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Final
 
+from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -317,7 +318,8 @@ def server_names(max_servers: int = 3) -> st.SearchStrategy[list[str]]:
 
 
 class SimulationMachine(RuleBasedStateMachine):
-    """Queue tasks, let time pass and inject faults; every invariant holds throughout.
+    """Queue tasks, let time pass, inject faults and retry unhandled tasks; every
+    invariant holds throughout.
 
     Subclass and override `tasks` (and `simulation_options`) for your own task
     classes.  ``self.sim`` is the simulation; teardown drains it within
@@ -369,6 +371,15 @@ class SimulationMachine(RuleBasedStateMachine):
         )
         fault = _shift(fault, self._sim.elapsed)
         self._sim.apply([fault])
+
+    @rule(data=st.data())
+    def retry_unhandled(self, data: st.DataObject) -> None:
+        """An operator retries an unhandled task's ``failed()`` (`Simulation.retry_unhandled`)."""
+        unhandled = self._sim.store.find_by_status([tullius.Status.UNHANDLED], 20)
+        if unhandled:
+            task_id = data.draw(st.sampled_from([doc.task_id for doc in unhandled]), label="retry")
+            self._sim.retry_unhandled(task_id)
+            event("an unhandled task retried")
 
     @invariant()
     def promises_hold(self) -> None:
