@@ -15,6 +15,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from tullius.errors import ConfigError, TulliusError
 from tullius.policy import DEFAULT_LEASE
@@ -27,12 +28,16 @@ from tullius.runtime.config import (
     resolve,
 )
 
+if TYPE_CHECKING:
+    from tullius.retry import RetryReport
+
 PROG = "tulliusd"
 #: Exit status for settings or an environment the daemon can't start with.
 EXIT_STARTUP = 2
 #: ``--status``: tasks wait for a priority no running daemon takes (for monitoring).
 EXIT_WAITING = 1
-#: ``--retry-unhandled``: some task was not retried (not unhandled, or not found).
+#: ``--retry-unhandled``: some task was not retried (not unhandled, or not found), or
+#: ``--retry-class`` matched no unhandled task while some are.
 EXIT_NOT_RETRIED = 1
 
 DESCRIPTION = """\
@@ -160,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         "exit, starting no daemon. Each task stays unhandled; a copy of it, failed with its "
         "failure, gets the failed() attempts (run() never runs again). Asking again for a task "
         "already retried completes that retry. Exit status 0, or 1 when some task was not "
-        "retried (the line says why)",
+        "retried (a line on stderr says why) or --retry-class matched no unhandled task, or 2 "
+        "when the database can't be read or written",
     )
     other.add_argument(
         "--retry-class",
@@ -229,14 +235,17 @@ def _prune(settings: Settings) -> int:
 def _retry(settings: Settings) -> int:
     """Retry unhandled tasks' ``failed()`` (``--retry-unhandled``); print a line per task.
 
-    Driven `within_window`, as `tullius.retry.retry_now` drives one: no
-    write is made a `WRITE_WINDOW` after the command started, so that a prune
-    can count on it (`tullius.prune`).  One task refused or not found does
-    not stop the others; the store failing does (exit status 2, as for
-    ``--status``).
+    Driven `within_window`, as `tullius.retry.retry_now` drives one, and with
+    the classes' `current_limits` as this process loads them: no write is
+    made a `WRITE_WINDOW` after the command started, so that a prune can
+    count on it (`tullius.prune`).  Each task's line is printed as it is
+    done: on stdout when it was retried (now or before), on stderr, as
+    ``tulliusd: ...``, when it was refused or not found.  One task refused or
+    not found does not stop the others; the store failing does (exit status
+    2, as for ``--status``), the lines printed standing for what was done.
     """
     from tullius.errors import NotRetried, TaskNotFound
-    from tullius.retry import retry, retry_all, within_window
+    from tullius.retry import Retry, RetryReport, current_limits, retry, retry_all, within_window
     from tullius.runtime.launch import StartupError, open_mongo
 
     assert settings.retry_unhandled is not None
@@ -244,29 +253,100 @@ def _retry(settings: Settings) -> int:
     now = datetime.now(UTC)
     token = uuid.uuid4().hex
     server = settings.server_name
+    report = RetryReport()
+
+    def show(done: Retry | NotRetried | TaskNotFound) -> None:
+        # As each is done (flushed): the store may fail at the next one.
+        if isinstance(done, Retry):
+            print(done.describe(), flush=True)
+        else:
+            sys.stdout.flush()
+            print(f"{PROG}: {done}", file=sys.stderr, flush=True)
 
     try:
         if settings.retry_all:
-            report = run(
-                retry_all(now=now, token=token, server=server, class_name=settings.retry_class)
+            run(
+                retry_all(
+                    now=now,
+                    token=token,
+                    server=server,
+                    class_name=settings.retry_class,
+                    limits=current_limits,
+                    report=report,
+                    on_each=show,
+                )
             )
-            for done in (*report.retried, *report.earlier):
-                print(done.describe())
-            for refused in report.refused:
-                print(refused)
-            print(report.describe())
-            return EXIT_NOT_RETRIED if report.refused else 0
-        not_retried = 0
+            return _retry_all_done(report, settings.retry_class)
+        not_found = 0
         for task_id in settings.retry_unhandled:
             try:
-                line = run(retry(task_id, now=now, token=token, server=server)).describe()
-            except (TaskNotFound, NotRetried) as error:
-                line = str(error)
-                not_retried += 1
-            print(line, flush=True)  # as each is done: the store may fail at the next one
-        return EXIT_NOT_RETRIED if not_retried else 0
+                done = run(
+                    retry(task_id, now=now, token=token, server=server, limits=current_limits)
+                )
+            except TaskNotFound as error:
+                not_found += 1
+                show(error)
+                continue
+            except NotRetried as error:
+                report.refused.append(error)
+                show(error)
+                continue
+            (report.retried if done.new else report.earlier).append(done)
+            show(done)
+        return EXIT_NOT_RETRIED if report.refused or not_found else 0
     except TulliusError as error:  # the store failing, or a document it can't give back
-        raise StartupError(f"can't retry: {error}") from None
+        so_far = [f"{len(report.retried):,} task(s) retried before it failed"]
+        if report.earlier:
+            so_far.append(f"{len(report.earlier):,} found retried before")
+        if report.refused:
+            so_far.append(f"{len(report.refused):,} refused")
+        raise StartupError(
+            f"can't retry: {error}; {', '.join(so_far)}"
+            + (" (listed above)" if report.matched() else "")
+            + "; run the command again once the database answers: it completes a retry "
+            "cut short and retries no task twice"
+        ) from None
+
+
+#: How many classes a ``--retry-class`` that matched nothing lists.
+CLASSES_LISTED = 10
+
+
+def _retry_all_done(report: RetryReport, class_name: str | None) -> int:
+    """Print the end of ``--retry-unhandled all``: what a bare ``--retry-class``
+    matched if that was more than one class, the summary, and a line on
+    stderr if ``--retry-class`` matched nothing while some tasks are
+    unhandled; its exit status."""
+    from tullius.document import short_name
+
+    matched = sorted(
+        name
+        for name in report.classes
+        if class_name is not None and class_name in (name, short_name(name))
+    )
+    if len(matched) > 1:
+        print(
+            f"--retry-class {class_name} matched the unhandled tasks of {len(matched)} classes: "
+            + ", ".join(f"{name} {report.classes[name]:,}" for name in matched)
+            + " (give module:Class to retry one class only)",
+            flush=True,
+        )
+    print(report.describe(), flush=True)
+    if class_name is not None and not report.matched() and report.classes:
+        listed = ", ".join(
+            f"{name} {count:,}" for name, count in report.classes.most_common(CLASSES_LISTED)
+        )
+        more = len(report.classes) - CLASSES_LISTED
+        if more > 0:
+            listed += f" and {more:,} more class(es)"
+        print(
+            f"{PROG}: no unhandled task is of class {class_name!r} (give the stored "
+            f"module:Class, or just Class); unhandled tasks by class: {listed}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_NOT_RETRIED
+    return EXIT_NOT_RETRIED if report.refused else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

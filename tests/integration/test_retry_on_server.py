@@ -42,8 +42,8 @@ class FailedFixedLater(tullius.Task):
             raise RuntimeError("failed() has a bug")
 
 
-def tulliusd(uri: str, database: str, *flags: str) -> tuple[int, str]:
-    """Run ``tulliusd ...`` to its end; return its exit status and what it printed."""
+def tulliusd(uri: str, database: str, *flags: str) -> tuple[int, str, str]:
+    """Run ``tulliusd ...`` to its end; return its exit status, stdout and stderr."""
     done = subprocess.run(
         [sys.executable, "-m", "tullius.cli", "--mongodb-uri", uri, "--database", database, *flags],
         capture_output=True,
@@ -51,7 +51,7 @@ def tulliusd(uri: str, database: str, *flags: str) -> tuple[int, str]:
         timeout=120,
         cwd=REPO_ROOT,
     )
-    return done.returncode, done.stdout + done.stderr
+    return done.returncode, done.stdout, done.stderr
 
 
 def test_a_retried_task_has_its_fixed_failed_run_once_by_the_daemon(
@@ -65,12 +65,12 @@ def test_a_retried_task_has_its_fixed_failed_run_once_by_the_daemon(
     assert read_lines(log) == [f"run {task_id}", f"failed {task_id}", f"failed {task_id}"]
     # When the bug is fixed and an operator retries the task
     fix.touch()
-    code, out = tulliusd(
+    done = tulliusd(
         mongodb_uri, database_name, "--retry-unhandled", task_id, "--server-name", "ops1"
     )
     # Then it says so, and the daemon runs the copy's failed() once (never run() again)
     copy = derive_task_id(task_id, Origin.RETRY, 0)
-    assert (code, out) == (0, f"{task_id}: retried as {copy}; its failed() runs next\n")
+    assert done == (0, f"{task_id}: retried as {copy}; its failed() runs next\n", "")
     assert wait_terminal(store, copy, timeout=120) is Status.HANDLED
     assert read_lines(log) == [
         f"run {task_id}",
@@ -87,16 +87,17 @@ def test_a_retried_task_has_its_fixed_failed_run_once_by_the_daemon(
     )
     assert second.failure == first.failure
     assert second.server == "ops1"
-    # And asking again reports the retry, making nothing new
-    code, again = tulliusd(mongodb_uri, database_name, "--retry-unhandled", task_id)
-    assert code == 0, again
+    # And asking again reports the retry and its handled copy, making nothing new
+    code, again, err = tulliusd(mongodb_uri, database_name, "--retry-unhandled", task_id)
+    assert (code, err) == (0, ""), again
     assert again.startswith(f"{task_id}: already retried as {copy} at ")
-    assert again.endswith(" by ops1\n")
+    assert again.endswith(f" by ops1; {copy} is handled\n")
     # And --status lists the task with its copy
-    code, status = tulliusd(mongodb_uri, database_name, "--status")
-    assert code == 0, status
+    code, status, err = tulliusd(mongodb_uri, database_name, "--status")
+    assert (code, err) == (0, ""), status
     assert f"\n  {task_id}  test_retry_on_server:FailedFixedLater  failed (exception: " in status
     assert f"\n    retried as {copy} at " in status
+    assert f" by ops1; {copy} is handled\n" in status
     # And the daemon ran nothing else and stops cleanly
     assert read_lines(log)[3:] == [f"failed {copy}"]
     assert daemon.stop() == 0
@@ -112,11 +113,11 @@ def test_retry_all_of_a_class_leaves_copies_born_failed_and_names_what_it_refuse
     ran(store, "inv", ok=False, cls="billing.tasks:Invoice")
     ran(store, "rep", ok=False, cls="billing.tasks:Report")
     # When an operator retries every unhandled Invoice
-    code, out = tulliusd(
+    done = tulliusd(
         mongodb_uri, database_name, "--retry-unhandled", "all", "--retry-class", "Invoice"
     )
     # Then only the Invoice gets a copy, stored failed with its records, due at once
-    assert (code, out) == (0, f"{retried_line('inv')}\nretried 1 unhandled task(s)\n")
+    assert done == (0, f"{retried_line('inv')}\nretried 1 unhandled task(s)\n", "")
     view = store.load("inv")
     assert view is not None
     assert status_of(view) is Status.UNHANDLED
@@ -129,13 +130,15 @@ def test_retry_all_of_a_class_leaves_copies_born_failed_and_names_what_it_refuse
     assert copy.outcome.failure.message == "slow"
     assert store.find_children("rep") == []
     # When the operator names the succeeded task, an unknown id and the Report
-    code, out = tulliusd(mongodb_uri, database_name, "--retry-unhandled", "done", "nosuch", "rep")
-    # Then the Report is retried, each other line says why not, and the exit status is 1
-    assert code == 1, out
-    assert out.splitlines() == [
-        "task 'done' not retried: its status is 'succeeded'; expected 'unhandled' "
+    code, out, err = tulliusd(
+        mongodb_uri, database_name, "--retry-unhandled", "done", "nosuch", "rep"
+    )
+    # Then the Report is retried, each other line says why not on stderr, and the exit
+    # status is 1
+    assert (code, out.splitlines()) == (1, [retried_line("rep")]), err
+    assert err.splitlines() == [
+        "tulliusd: task 'done' not retried: its status is 'succeeded'; expected 'unhandled' "
         "(only a task whose every failed() attempt failed is retried)",
-        "no task with task_id='nosuch'",
-        retried_line("rep"),
+        "tulliusd: no task with task_id='nosuch'",
     ]
     assert store.load(copy_of("rep")) is not None

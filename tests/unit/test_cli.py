@@ -12,6 +12,7 @@ from typing import Any
 import mongomock
 import pytest
 
+import tullius
 from tests.store_contract import make_doc
 from tullius.band import Band
 from tullius.cli import EXIT_NOT_RETRIED, EXIT_STARTUP, build_parser, main
@@ -208,6 +209,11 @@ def output(capsys: pytest.CaptureFixture[str]) -> list[str]:
     return captured.out.splitlines()
 
 
+def out_and_err(capsys: pytest.CaptureFixture[str]) -> tuple[list[str], list[str]]:
+    captured = capsys.readouterr()
+    return captured.out.splitlines(), captured.err.splitlines()
+
+
 AN_HOUR_AGO = datetime.now(UTC) - timedelta(hours=1)
 
 
@@ -282,9 +288,10 @@ def test_retrying_a_task_again_reports_the_first_retry_and_exits_0(
     at = database.load("t1").records["t1:retry"].at  # type: ignore[union-attr]
     # When it is retried again
     assert tulliusd("--retry-unhandled", "t1", "--server-name", "ops2") == 0
-    # Then it says when and by whom it was retried, and makes no second copy
+    # Then it says when and by whom it was retried, and where its copy is; no second copy
     assert output(capsys) == [
-        f"t1: already retried as {copy_of('t1')} at {at.isoformat(timespec='seconds')} by ops1"
+        f"t1: already retried as {copy_of('t1')} at {at.isoformat(timespec='seconds')} by ops1; "
+        f"{copy_of('t1')} is failed"
     ]
     assert [doc.task_id for doc in database.find_children("t1")] == [copy_of("t1")]
     assert_copy_born_failed(database, "t1")
@@ -298,13 +305,16 @@ def test_a_task_not_unhandled_or_unknown_is_named_the_others_retried_and_exit_is
     ran(database, "t1", ok=False)
     # When an operator retries those and an id that names no task
     assert tulliusd("--retry-unhandled", "done", "nosuch", "t1") == EXIT_NOT_RETRIED
-    # Then the unhandled one is retried, and each other line says why it was not
-    assert output(capsys) == [
-        "task 'done' not retried: its status is 'succeeded'; expected 'unhandled' "
-        "(only a task whose every failed() attempt failed is retried)",
-        "no task with task_id='nosuch'",
-        retried_line("t1"),
-    ]
+    # Then the unhandled one is retried (on stdout), and each other line says why it was
+    # not, on stderr
+    assert out_and_err(capsys) == (
+        [retried_line("t1")],
+        [
+            "tulliusd: task 'done' not retried: its status is 'succeeded'; expected "
+            "'unhandled' (only a task whose every failed() attempt failed is retried)",
+            "tulliusd: no task with task_id='nosuch'",
+        ],
+    )
     assert_copy_born_failed(database, "t1")
     view = database.load("done")
     assert view is not None
@@ -328,6 +338,7 @@ def test_retry_unhandled_all_retries_every_unhandled_task_and_sums_up(
     lines = output(capsys)
     assert lines[0] == retried_line("t1")
     assert lines[1].startswith(f"t2: already retried as {copy_of('t2')} at ")
+    assert lines[1].endswith(f" by ops1; {copy_of('t2')} is failed")
     assert lines[2:] == ["retried 1 unhandled task(s); 1 retried before"]
     assert_copy_born_failed(database, "t1")
     assert database.find_children("done") == []
@@ -348,12 +359,125 @@ def test_retry_class_narrows_all_to_one_class_by_stored_or_bare_name(
     assert database.find_children("rep") == []
 
 
+@pytest.mark.parametrize("word", ["ALL", "All"])
+def test_all_may_be_spelt_in_any_case(
+    database: MongoStore, capsys: pytest.CaptureFixture[str], word: str
+) -> None:
+    ran(database, "t1", ok=False)
+    assert tulliusd("--retry-unhandled", word) == 0
+    assert output(capsys) == [retried_line("t1"), "retried 1 unhandled task(s)"]
+    assert_copy_born_failed(database, "t1")
+
+
+@pytest.mark.parametrize("more", [[], ["--retry-class", "Invoice"]])
 def test_retry_unhandled_all_with_nothing_unhandled_says_so(
-    database: MongoStore, capsys: pytest.CaptureFixture[str]
+    database: MongoStore, capsys: pytest.CaptureFixture[str], more: list[str]
 ) -> None:
     ran(database, "done", ok=True)
-    assert tulliusd("--retry-unhandled", "all") == 0
+    assert tulliusd("--retry-unhandled", "all", *more) == 0
     assert output(capsys) == ["retried 0 unhandled task(s)"]
+
+
+def test_a_retry_class_that_matches_nothing_lists_the_unhandled_classes_and_exits_1(
+    database: MongoStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given two unhandled Invoices and an unhandled Report
+    ran(database, "inv1", ok=False, cls="billing.tasks:Invoice")
+    ran(database, "inv2", ok=False, cls="billing.tasks:Invoice")
+    ran(database, "rep", ok=False, cls="billing.tasks:Report")
+    # When an operator misspells the class
+    assert tulliusd("--retry-unhandled", "all", "--retry-class", "Invoce") == EXIT_NOT_RETRIED
+    # Then nothing is retried, and a line names the class and those that have unhandled tasks
+    assert out_and_err(capsys) == (
+        ["retried 0 unhandled task(s)"],
+        [
+            "tulliusd: no unhandled task is of class 'Invoce' (give the stored module:Class, "
+            "or just Class); unhandled tasks by class: billing.tasks:Invoice 2, "
+            "billing.tasks:Report 1"
+        ],
+    )
+    for task_id in ("inv1", "inv2", "rep"):
+        assert database.find_children(task_id) == []
+
+
+def test_a_bare_retry_class_that_matches_two_modules_says_which(
+    database: MongoStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an unhandled Invoice in each of two modules, and a Report
+    ran(database, "inv1", ok=False, cls="billing.tasks:Invoice")
+    ran(database, "inv2", ok=False, cls="legacy.billing:Invoice")
+    ran(database, "rep", ok=False, cls="billing.tasks:Report")
+    # When every unhandled Invoice is retried by its bare name
+    assert tulliusd("--retry-unhandled", "all", "--retry-class", "Invoice") == 0
+    # Then both are, and a line says the name matched the classes of two modules
+    assert output(capsys) == [
+        retried_line("inv1"),
+        retried_line("inv2"),
+        "--retry-class Invoice matched the unhandled tasks of 2 classes: "
+        "billing.tasks:Invoice 1, legacy.billing:Invoice 1 (give module:Class to retry one "
+        "class only)",
+        "retried 2 unhandled task(s)",
+    ]
+    assert database.find_children("rep") == []
+
+
+class Fixed(tullius.Task):
+    """A class whose fix gave failed() more time and more attempts than its tasks had."""
+
+    timeout = timedelta(seconds=5)
+    failed_timeout = timedelta(minutes=7)
+    failed_attempts = 6
+
+    def run(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("asked", ["t1", "all"])
+def test_the_copy_takes_failed_timeout_and_attempts_from_the_class_as_loaded_now(
+    database: MongoStore, capsys: pytest.CaptureFixture[str], asked: str
+) -> None:
+    # Given an unhandled task queued with one failed() attempt of 60 s
+    ran(database, "t1", ok=False, cls=Fixed.task_name)
+    # When it is retried, its class now allowing more
+    assert tulliusd("--retry-unhandled", asked) == 0
+    # Then its copy has the class's limits
+    (copy,) = database.find_tasks([copy_of("t1")])
+    assert (copy.handler_timeout, copy.handler_attempts) == (timedelta(minutes=7), 6)
+
+
+@pytest.mark.parametrize("asked", [["t1", "t2", "t3"], ["all"]])
+def test_a_database_lost_part_way_leaves_the_lines_printed_and_says_how_many_were_retried(
+    database: MongoStore,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    asked: list[str],
+) -> None:
+    # Given three unhandled tasks, and a database that goes away when the third is read
+    for task_id in ("t1", "t2", "t3"):
+        ran(database, task_id, ok=False)
+    printed_by_then: list[str] = []
+    load = database.load
+
+    def load_until_t3(task_id: str) -> Any:
+        if task_id == "t3":
+            printed_by_then.extend(capsys.readouterr().out.splitlines())
+            raise StoreUnavailable("load task", "ServerSelectionTimeoutError: db1:27017 refused")
+        return load(task_id)
+
+    monkeypatch.setattr(database, "load", load_until_t3)
+    # When an operator retries them
+    assert tulliusd("--retry-unhandled", *asked) == EXIT_STARTUP
+    # Then the first two were printed as each was done, before the database went away
+    assert printed_by_then == [retried_line("t1"), retried_line("t2")]
+    assert_copy_born_failed(database, "t1")
+    assert_copy_born_failed(database, "t2")
+    # And the error line says so, and what to do
+    assert one_error_line(capsys) == (
+        "tulliusd: error: can't retry: store unavailable during load task: "
+        "ServerSelectionTimeoutError: db1:27017 refused; 2 task(s) retried before it failed "
+        "(listed above); run the command again once the database answers: it completes a "
+        "retry cut short and retries no task twice"
+    )
 
 
 class Unreachable(MemoryStore):
@@ -378,6 +502,7 @@ def test_retry_unhandled_on_a_database_out_of_reach_is_one_line_and_exit_2(
     line = one_error_line(capsys)
     assert line.startswith("tulliusd: error: can't retry: store unavailable during ")
     assert "ServerSelectionTimeoutError" in line
+    assert "; 0 task(s) retried before it failed; run the command again" in line
 
 
 def test_retry_unhandled_on_an_unreachable_mongodb_is_one_line_and_exit_2(

@@ -299,6 +299,14 @@ def test_retry_unhandled_all_may_be_narrowed_to_a_class() -> None:
     assert (every.retry_unhandled, every.retry_all, every.retry_class) == ((), True, None)
 
 
+@pytest.mark.parametrize("given", [["ALL"], ["All"], ["aLL"], ["all", "ALL"]])
+def test_retry_unhandled_all_is_the_word_in_any_case(given: list[str]) -> None:
+    flags = RawFlags(mongodb_uri="mongodb://h/db", retry_unhandled=given, retry_class="Invoice")
+    settings = resolve(flags, {}, deps_loader=no_deps)
+    assert (settings.retry_unhandled, settings.retry_all) == ((), True)
+    assert settings.retry_class == "Invoice"
+
+
 def test_without_retry_unhandled_the_daemon_runs() -> None:
     settings = resolve(RawFlags(mongodb_uri="mongodb://h/db"), {}, deps_loader=no_deps)
     assert (settings.retry_unhandled, settings.retry_all) == (None, False)
@@ -327,6 +335,7 @@ def test_retry_unhandled_uses_tullius_deps_like_the_daemon() -> None:
         (RawFlags(retry_unhandled=["t1", " "]), "--retry-unhandled", "t1  ", "by id"),
         (RawFlags(retry_unhandled=[]), "--retry-unhandled", "", "by id"),
         (RawFlags(retry_unhandled=["t1", "all"]), "--retry-unhandled", "t1 all", "not both"),
+        (RawFlags(retry_unhandled=["t1", "ALL"]), "--retry-unhandled", "t1 ALL", "not both"),
         (RawFlags(retry_class="Invoice"), "--retry-class", "Invoice", "--retry-unhandled all"),
         (
             RawFlags(retry_unhandled=["t1"], retry_class="Invoice"),

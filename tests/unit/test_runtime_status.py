@@ -7,6 +7,7 @@ server in tests/integration.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,10 +16,10 @@ import pytest
 import tullius
 from tests.store_contract import make_doc
 from tullius.band import Band
-from tullius.document import Origin, Status, derive_task_id
-from tullius.engine import drive
+from tullius.document import Failure, FailureKind, Origin, Status, derive_task_id
+from tullius.engine import claim, drive, finish
 from tullius.errors import ConfigError
-from tullius.events import Retried
+from tullius.events import Failed, HandlerFailed, Retried
 from tullius.machine import step
 from tullius.policy import WRITE_WINDOW
 from tullius.retry import retry
@@ -173,13 +174,15 @@ def test_a_retried_unhandled_task_is_listed_with_its_copy() -> None:
     text = format_status(read_status(sim.store, now=sim.now))
     sim.close()
     # Then the task is still listed, as it was, and the next line names its copy
+    # and that it waits for its failed()
     copy = derive_task_id(lost_cause, Origin.RETRY, 0)
     assert unhandled_lines(text) == [
-        "1",
+        "1 (1 of them retried already, listed after the others)",
         f"  {lost_cause}  tests.unit.test_runtime_status:Unlucky  failed (exception: run() raised "
         "ValueError: the report was empty); failed() error (exception: failed() raised "
         "RuntimeError: mail server down)",
-        f"    retried as {copy} at {done.at.isoformat(timespec='seconds')} by ops1",
+        f"    retried as {copy} at {done.at.isoformat(timespec='seconds')} by ops1; {copy} is "
+        "failed: its failed() is pending",
     ]
 
 
@@ -232,3 +235,111 @@ def test_the_status_of_a_retried_task_reads_it_alone_not_its_copys_chain() -> No
     assert sorted(loaded) == sorted([lost_cause, done.copy_id])
     assert report.retries[lost_cause].stored
     assert done.copy_id not in report.retries
+    # And the copy, not retried, comes first; the task's line says to retry its copy
+    lines = unhandled_lines(format_status(report))
+    assert lines[0] == "2 (1 of them retried already, listed after the others)"
+    assert lines[1].startswith(f"  {done.copy_id}  tests.unit.test_runtime_status:Unlucky  ")
+    assert lines[2].startswith(f"  {lost_cause}  tests.unit.test_runtime_status:Unlucky  ")
+    assert lines[3] == (
+        f"    retried as {done.copy_id} at {done.at.isoformat(timespec='seconds')} by ops1; "
+        f"{done.copy_id} is unhandled too: retry {done.copy_id} itself"
+    )
+    assert len(lines) == 4
+
+
+AN_HOUR_AGO = datetime.now(UTC) - timedelta(hours=1)
+ALL = Band(1, 0, 10)
+
+
+def left_unhandled(store: MemoryStore, task_id: str) -> None:
+    """Queue ``task_id`` (one failed() attempt allowed) and run it an hour ago: its
+    run fails, and so does its failed(), leaving it unhandled."""
+    doc = make_doc(task_id)
+    store.insert_tasks([dataclasses.replace(doc, handler_attempts=1)])
+    at = AN_HOUR_AGO
+    job = drive(store, claim(ALL, server="s", worker="w", token=f"{task_id}-run", now=at))
+    assert job is not None
+    assert job.task_id == task_id
+    drive(store, finish(job, Failed(job.token, Failure(FailureKind.TIMEOUT, "slow", at)), now=at))
+    job = drive(store, claim(ALL, server="s", worker="w", token=f"{task_id}-h", now=at))
+    assert job is not None
+    assert job.task_id == task_id
+    error = Failure(FailureKind.EXCEPTION, "failed() raised", at)
+    drive(store, finish(job, HandlerFailed(job.token, error), now=at))
+
+
+def retried_unhandled(store: MemoryStore, task_ids: list[str]) -> None:
+    """Leave each of ``task_ids`` unhandled, and retry it."""
+    for task_id in task_ids:
+        left_unhandled(store, task_id)
+        drive(store, retry(task_id, now=datetime.now(UTC), token="op", server="ops1"))
+
+
+def test_a_new_unhandled_task_is_listed_before_tasks_retried_already() -> None:
+    # Given 21 unhandled tasks retried already, and one left unhandled since, whose id
+    # sorts after theirs
+    store = MemoryStore()
+    retried_unhandled(store, [f"r{index:02}" for index in range(21)])
+    left_unhandled(store, "znew")
+    # When the status is read
+    lines = unhandled_lines(format_status(read_status(store, now=datetime.now(UTC))))
+    # Then the new one is listed first, then the retried ones up to 20, each with its copy
+    assert lines[0] == "22 (21 of them retried already, listed after the others)"
+    tasks = [line.split()[0] for line in lines[1:] if not line.startswith("    ")]
+    assert tasks == ["znew", *(f"r{index:02}" for index in range(19)), "..."]
+    assert lines[-1] == "  ... and 2 more"
+    assert sum(line.startswith("    retried as ") for line in lines) == 19
+
+
+def test_only_so_many_unhandled_tasks_are_read_and_the_count_says_so() -> None:
+    # Given three unhandled tasks retried already and three not
+    store = MemoryStore()
+    retried_unhandled(store, ["a0", "a1", "a2"])
+    for task_id in ("b0", "b1", "b2"):
+        left_unhandled(store, task_id)
+    # When the status reads at most four of them
+    report = read_status(store, now=datetime.now(UTC), read=4)
+    lines = unhandled_lines(format_status(report))
+    # Then it says how many of those it read were retried, and lists the others first
+    assert lines[0] == "6 (3 of the 4 read retried already, listed after the others)"
+    tasks = [line.split()[0] for line in lines[1:] if not line.startswith("    ")]
+    assert tasks == ["b0", "a0", "a1", "a2", "..."]
+    assert lines[-1] == "  ... and 2 more"
+
+
+class OneBadDocument(MemoryStore):
+    """A store where, once ``broken``, one task's records can't be decoded, and
+    another's children can't."""
+
+    broken = False
+
+    def load(self, task_id: str) -> Any:
+        if self.broken and task_id == "bad-records":
+            raise ValueError("naive datetime datetime.datetime(2026, 1, 1, 0, 0)")
+        return super().load(task_id)
+
+    def find_children(self, parent_id: str) -> Any:
+        if self.broken and parent_id == "bad-children":
+            raise ValueError("'bogus' is not a valid Origin")
+        return super().find_children(parent_id)
+
+
+def test_a_document_that_cant_be_decoded_is_listed_bare_and_the_rest_as_usual() -> None:
+    # Given three unhandled tasks: one whose records can't be decoded, one whose
+    # children can't, and one retried
+    store = OneBadDocument()
+    for task_id in ("bad-children", "bad-records"):
+        left_unhandled(store, task_id)
+    retried_unhandled(store, ["fine"])
+    store.broken = True
+    # When the status is read
+    lines = unhandled_lines(format_status(read_status(store, now=datetime.now(UTC))))
+    # Then the two are listed bare, and the retried one with its retry
+    assert lines[:4] == [
+        "3 (1 of them retried already, listed after the others)",
+        "  bad-children  tests:Nothing  (its records can't be read)",
+        "  bad-records  tests:Nothing  (its records can't be read)",
+        "  fine  tests:Nothing  failed (timeout: slow); failed() error (exception: failed() "
+        "raised)",
+    ]
+    assert lines[4].startswith(f"    retried as {derive_task_id('fine', Origin.RETRY, 0)} at ")

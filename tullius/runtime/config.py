@@ -403,12 +403,13 @@ def _parse_prune(flags: RawFlags) -> timedelta | None:
     return timedelta(days=days)
 
 
-#: ``--retry-unhandled``'s word for every ``unhandled`` task (no task id is spelt so).
+#: ``--retry-unhandled``'s word for every ``unhandled`` task, in any case (no task id
+#: is spelt so).
 RETRY_ALL = "all"
 
 
 def _parse_retry(flags: RawFlags) -> tuple[tuple[str, ...] | None, bool]:
-    """``--retry-unhandled ID [ID ...]`` or ``all`` (with ``--retry-class``), checked
+    """``--retry-unhandled ID [ID ...]`` or ``all`` (any case; with ``--retry-class``), checked
     against the flags it can't go with: the ids (duplicates dropped, ``()`` for
     ``all``) or None when not asked, and whether ``all`` was.
 
@@ -440,7 +441,13 @@ def _parse_retry(flags: RawFlags) -> tuple[tuple[str, ...] | None, bool]:
             shown,
             f"must name unhandled tasks by id (as --status lists them), or be {RETRY_ALL}",
         )
-    ids = tuple(dict.fromkeys(task_id.strip() for task_id in given))
+    # ``ALL`` or ``All`` is the word too (no task id is spelt so either).
+    ids = tuple(
+        dict.fromkeys(
+            RETRY_ALL if task_id.strip().lower() == RETRY_ALL else task_id.strip()
+            for task_id in given
+        )
+    )
     if RETRY_ALL in ids:
         if len(ids) > 1:
             raise ConfigError(

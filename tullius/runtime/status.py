@@ -7,9 +7,10 @@ takes (`tullius.coverage`).  The report lists both, with the daemons the
 database has heard from, the tasks counted by status and the documents set
 aside as undecodable.  An unhandled task an operator retried
 (``tulliusd --retry-unhandled``, `tullius.retry`) stays unhandled; its
-entry says so, and whether the retry's copy is stored.  It changes no task.
-Each daemon's entry is judged by its own renewal period, at the database's
-time (`read_status`).
+entry says so, and what became of the retry's copy.  Retried tasks are
+listed after the others, so that a pile of them never hides a new failure.
+It changes no task.  Each daemon's entry is judged by its own renewal
+period, at the database's time (`read_status`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from tullius.store import ServerSeen, Store
 
 #: How many unhandled tasks are listed.
 UNHANDLED_SHOWN: Final = 20
+#: How many unhandled tasks are read (each loaded, to tell the retried ones):
+#: the report's reads stay bounded however many there are.
+UNHANDLED_READ: Final = 200
 #: Entries of stopped or vanished servers older than this are counted, not listed.
 LIST_GONE_FOR: Final = timedelta(hours=1)
 
@@ -41,9 +45,14 @@ class RetryShown:
     #: When the retry was recorded, and by whom.
     at: datetime
     by: str
-    #: Whether the copy is stored: not when the retry was cut short (or the
-    #: copy, done with, was pruned since).
-    stored: bool
+    #: The copy's status hint as found; None when it is not stored: the retry
+    #: was cut short (or the copy, done with, was pruned since).
+    copy_status: Status | None
+
+    @property
+    def stored(self) -> bool:
+        """Whether the copy is stored."""
+        return self.copy_status is not None
 
 
 @dataclass(frozen=True)
@@ -59,19 +68,34 @@ class StatusReport:
     set_aside: int
     coverage: Coverage
     #: At most `UNHANDLED_SHOWN` unhandled tasks: their story, or their bare
-    #: document when the story can't be read (the document is what an operator must see).
+    #: document when the story can't be read (the document is what an operator
+    #: must see).  Those not retried first, then the retried; each oldest first.
     unhandled: tuple[ChainLink | TaskDoc, ...]
     #: The retries of those of them an operator retried, by task id.
     retries: dict[str, RetryShown] = field(default_factory=dict)
+    #: How many unhandled tasks were read (at most `UNHANDLED_READ`), and how
+    #: many of those were retried.
+    unhandled_read: int = 0
+    unhandled_retried: int = 0
+    #: Whether more unhandled tasks may exist than were read.
+    unhandled_capped: bool = False
 
 
-def read_status(store: Store, *, now: datetime) -> StatusReport:
+def read_status(
+    store: Store, *, now: datetime, read: int = UNHANDLED_READ, shown: int = UNHANDLED_SHOWN
+) -> StatusReport:
     """Read the report.
 
     Entries are judged at the database's clock where the store can read it
     (`MongoStore.server_time`), as the daemons judge them, so a reader whose
     clock is off does not see every daemon as gone; else at the newest
     entry's time, or ``now`` if that is later.
+
+    At most ``read`` unhandled tasks are read (as `Store.find_by_status` gives
+    them: an unhandled task has no ``due_at``, so by id), each loaded to tell
+    whether it was retried, and at most ``shown`` listed: those not retried
+    first, so that tasks retried already (still unhandled, for good) never
+    hide a new failure; each group oldest (``created_at``) first.
     """
     servers = tuple(store.read_servers())
     count_set_aside = getattr(store, "count_set_aside", None)
@@ -79,13 +103,18 @@ def read_status(store: Store, *, now: datetime) -> StatusReport:
     clock = (server_time() if server_time is not None else None) or max(
         [now, *(seen.seen_at for seen in servers)]
     )
-    unhandled: list[ChainLink | TaskDoc] = []
+    docs = store.find_by_status([Status.UNHANDLED], read)
+    fresh: list[tuple[TaskDoc, ChainLink | TaskDoc]] = []
+    retried: list[tuple[TaskDoc, ChainLink | TaskDoc]] = []
     retries: dict[str, RetryShown] = {}
-    for doc in store.find_by_status([Status.UNHANDLED], UNHANDLED_SHOWN):
+    for doc in docs:
         link, retry = _story(store, doc)
-        unhandled.append(link)
-        if retry is not None:
+        if retry is None:
+            fresh.append((doc, link))
+        else:
+            retried.append((doc, link))
             retries[doc.task_id] = retry
+    listed = [link for _, link in (*_oldest_first(fresh), *_oldest_first(retried))][:shown]
     return StatusReport(
         now=now,
         clock=clock,
@@ -93,9 +122,18 @@ def read_status(store: Store, *, now: datetime) -> StatusReport:
         counts=store.count_by_status(),
         set_aside=count_set_aside() if count_set_aside is not None else 0,
         coverage=drive(store, read_coverage(servers, now=now, clock=clock)),
-        unhandled=tuple(unhandled),
-        retries=retries,
+        unhandled=tuple(listed),
+        retries={link.task_id: retries[link.task_id] for link in listed if link.task_id in retries},
+        unhandled_read=len(docs),
+        unhandled_retried=len(retried),
+        unhandled_capped=len(docs) >= read,
     )
+
+
+def _oldest_first(
+    found: list[tuple[TaskDoc, ChainLink | TaskDoc]],
+) -> list[tuple[TaskDoc, ChainLink | TaskDoc]]:
+    return sorted(found, key=lambda pair: (pair[0].created_at, pair[0].task_id))
 
 
 def _story(store: Store, doc: TaskDoc) -> tuple[ChainLink | TaskDoc, RetryShown | None]:
@@ -108,14 +146,18 @@ def _story(store: Store, doc: TaskDoc) -> tuple[ChainLink | TaskDoc, RetryShown 
         view = store.load(doc.task_id)
         if view is None:  # set aside as undecodable, or gone meanwhile
             return doc, None
-        link = link_of(view, store.find_children(doc.task_id))
-    except TulliusError:  # the same, found by the store
+        children = store.find_children(doc.task_id)
+        link = link_of(view, children)
+        copy = retried_as(view)
+        if copy is None:
+            return link, None
+        record = view.records[retry_id(doc.task_id)]
+    # The same, found by the store; or a document or record that can't be decoded:
+    # one bad document must not take the whole report down.
+    except (TulliusError, ValueError):
         return doc, None
-    copy = retried_as(view)
-    if copy is None:
-        return link, None
-    record = view.records[retry_id(doc.task_id)]
-    return link, RetryShown(copy.task_id, record.at, record.server, copy.task_id in link.children)
+    found = next((child.status for child in children if child.task_id == copy.task_id), None)
+    return link, RetryShown(copy.task_id, record.at, record.server, found)
 
 
 def format_status(report: StatusReport) -> str:
@@ -176,7 +218,13 @@ def _waiting(report: StatusReport) -> list[str]:
 
 def _unhandled(report: StatusReport) -> list[str]:
     total = report.counts.get(Status.UNHANDLED, 0)
-    lines = [f"unhandled (every try of failed() failed; for an operator): {total:,}"]
+    count = f"{total:,}"
+    if report.unhandled_retried:
+        of = f"of the {report.unhandled_read:,} read" if report.unhandled_capped else "of them"
+        count += f" ({report.unhandled_retried:,} {of} retried already, listed after the others)"
+    elif report.unhandled_capped and total > report.unhandled_read:
+        count += f" ({report.unhandled_read:,} read, none of them retried)"
+    lines = [f"unhandled (every try of failed() failed; for an operator): {count}"]
     for link in report.unhandled:
         if isinstance(link, TaskDoc):
             lines.append(f"  {link.task_id}  {link.class_name}  (its records can't be read)")
@@ -198,8 +246,8 @@ def _unhandled(report: StatusReport) -> list[str]:
 def _retried(task_id: str, retry: RetryShown, now: datetime) -> str:
     """What became of an operator's retry, and what to do if it was cut short."""
     line = f"retried as {retry.copy_id} at {retry.at.isoformat(timespec='seconds')} by {retry.by}"
-    if retry.stored:
-        return line
+    if retry.copy_status is not None:
+        return f"{line}; {retry.copy_id} {_copy_phrase(retry.copy_id, retry.copy_status)}"
     if now - retry.at <= WRITE_WINDOW:
         return (
             f"{line}, but {retry.copy_id} is not stored (the retry was cut short): "
@@ -209,6 +257,17 @@ def _retried(task_id: str, retry: RetryShown, now: datetime) -> str:
         f"{line}; {retry.copy_id} is not stored: pruned once done with, or never written "
         f"(a retry cut short is completed only within {ago(WRITE_WINDOW)})"
     )
+
+
+def _copy_phrase(copy_id: str, status: Status) -> str:
+    """Where the retry's copy is, as its hint says."""
+    if status is Status.UNHANDLED:
+        return f"is unhandled too: retry {copy_id} itself"
+    if status is Status.FAILED:
+        return "is failed: its failed() is pending"
+    if status is Status.HANDLING:
+        return "is handling: its failed() is running"
+    return f"is {status.value}"
 
 
 def _line(message: str, width: int = 120) -> str:
