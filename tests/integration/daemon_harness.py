@@ -274,6 +274,19 @@ class Daemon:
 # --- the database side -------------------------------------------------------------
 
 
+def run_tulliusd(uri: str, database: str, *flags: str) -> tuple[int, str, str]:
+    """Run a one-shot ``tulliusd ...`` (``--status``, ``--prune-finished``, ...) on
+    ``database`` to its end; return its exit status, stdout and stderr."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tullius.cli", "--mongodb-uri", uri, "--database", database, *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
 def mongo_client(uri: str) -> Any:
     import pymongo
 

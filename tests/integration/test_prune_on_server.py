@@ -6,12 +6,10 @@ hour ago), then the command is run as an operator would run it from cron.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from daemon_harness import REPO_ROOT
+from daemon_harness import run_tulliusd
 
 from tests.unit.test_prune import handle, queued, run_to_the_end
 from tullius.document import Status
@@ -19,15 +17,9 @@ from tullius.document import Status
 
 def prune_command(uri: str, database: str, *flags: str) -> str:
     """Run ``tulliusd --prune-finished ...``; it must succeed; return what it printed."""
-    done = subprocess.run(
-        [sys.executable, "-m", "tullius.cli", "--mongodb-uri", uri, "--database", database, *flags],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO_ROOT,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout + done.stderr
+    status, out, err = run_tulliusd(uri, database, *flags)
+    assert status == 0, out + err
+    return out + err
 
 
 def test_prune_deletes_old_finished_tasks_and_their_records_and_keeps_the_rest(

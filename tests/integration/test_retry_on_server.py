@@ -9,13 +9,11 @@ watched until the retry's copy is where it should be.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from daemon_harness import REPO_ROOT, queue, wait_terminal
+from daemon_harness import queue, run_tulliusd, wait_terminal
 from tasks_for_tests import append_line, read_lines
 
 import tullius
@@ -42,18 +40,6 @@ class FailedFixedLater(tullius.Task):
             raise RuntimeError("failed() has a bug")
 
 
-def tulliusd(uri: str, database: str, *flags: str) -> tuple[int, str, str]:
-    """Run ``tulliusd ...`` to its end; return its exit status, stdout and stderr."""
-    done = subprocess.run(
-        [sys.executable, "-m", "tullius.cli", "--mongodb-uri", uri, "--database", database, *flags],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO_ROOT,
-    )
-    return done.returncode, done.stdout, done.stderr
-
-
 def test_a_retried_task_has_its_fixed_failed_run_once_by_the_daemon(
     store: Any, start_daemon: Any, mongodb_uri: str, database_name: str, scratch_dir: Path
 ) -> None:
@@ -65,7 +51,7 @@ def test_a_retried_task_has_its_fixed_failed_run_once_by_the_daemon(
     assert read_lines(log) == [f"run {task_id}", f"failed {task_id}", f"failed {task_id}"]
     # When the bug is fixed and an operator retries the task
     fix.touch()
-    done = tulliusd(
+    done = run_tulliusd(
         mongodb_uri, database_name, "--retry-unhandled", task_id, "--server-name", "ops1"
     )
     # Then it says so, and the daemon runs the copy's failed() once (never run() again)
@@ -88,12 +74,12 @@ def test_a_retried_task_has_its_fixed_failed_run_once_by_the_daemon(
     assert second.failure == first.failure
     assert second.server == "ops1"
     # And asking again reports the retry and its handled copy, making nothing new
-    code, again, err = tulliusd(mongodb_uri, database_name, "--retry-unhandled", task_id)
+    code, again, err = run_tulliusd(mongodb_uri, database_name, "--retry-unhandled", task_id)
     assert (code, err) == (0, ""), again
     assert again.startswith(f"{task_id}: already retried as {copy} at ")
     assert again.endswith(f" by ops1; {copy} is handled\n")
     # And --status lists the task with its copy
-    code, status, err = tulliusd(mongodb_uri, database_name, "--status")
+    code, status, err = run_tulliusd(mongodb_uri, database_name, "--status")
     assert (code, err) == (0, ""), status
     assert f"\n  {task_id}  test_retry_on_server:FailedFixedLater  failed (exception: " in status
     assert f"\n    retried as {copy} at " in status
@@ -113,7 +99,7 @@ def test_retry_all_of_a_class_leaves_copies_born_failed_and_names_what_it_refuse
     ran(store, "inv", ok=False, cls="billing.tasks:Invoice")
     ran(store, "rep", ok=False, cls="billing.tasks:Report")
     # When an operator retries every unhandled Invoice
-    done = tulliusd(
+    done = run_tulliusd(
         mongodb_uri, database_name, "--retry-unhandled", "all", "--retry-class", "Invoice"
     )
     # Then only the Invoice gets a copy, stored failed with its records, due at once
@@ -130,7 +116,7 @@ def test_retry_all_of_a_class_leaves_copies_born_failed_and_names_what_it_refuse
     assert copy.outcome.failure.message == "slow"
     assert store.find_children("rep") == []
     # When the operator names the succeeded task, an unknown id and the Report
-    code, out, err = tulliusd(
+    code, out, err = run_tulliusd(
         mongodb_uri, database_name, "--retry-unhandled", "done", "nosuch", "rep"
     )
     # Then the Report is retried, each other line says why not on stderr, and the exit

@@ -13,22 +13,17 @@ import mongomock
 import pytest
 
 import tullius
-from tests.store_contract import make_doc
+from tests import histories
 from tullius.band import Band
 from tullius.cli import EXIT_NOT_RETRIED, EXIT_STARTUP, build_parser, main
 from tullius.document import (
-    Failure,
-    FailureKind,
     Origin,
     Status,
-    TaskDoc,
     derive_task_id,
     retried_as,
     status_of,
 )
-from tullius.engine import JobKind, claim, drive, finish
 from tullius.errors import StoreUnavailable
-from tullius.events import Failed, HandlerFailed, Succeeded
 from tullius.inspection import read_chain
 from tullius.runtime.config import Settings
 from tullius.runtime.mongo_store import MongoStore
@@ -218,23 +213,8 @@ AN_HOUR_AGO = datetime.now(UTC) - timedelta(hours=1)
 
 
 def ran(store: Any, task_id: str, *, ok: bool, cls: str = "tests:Nothing") -> None:
-    """Queue ``task_id`` (one failed() attempt allowed) and run it an hour ago: it
-    succeeds, or it fails and so does its failed(), leaving it unhandled."""
-    doc = make_doc(task_id)
-    store.insert_tasks([TaskDoc(**{**doc.__dict__, "handler_attempts": 1, "class_name": cls})])
-    at = AN_HOUR_AGO
-    job = drive(store, claim(ALL, server="s", worker="w", token=f"{task_id}-run", now=at))
-    assert job is not None
-    assert job.task_id == task_id
-    if ok:
-        drive(store, finish(job, Succeeded(job.token, ()), now=at))
-        return
-    drive(store, finish(job, Failed(job.token, Failure(FailureKind.TIMEOUT, "slow", at)), now=at))
-    job = drive(store, claim(ALL, server="s", worker="w", token=f"{task_id}-h", now=at))
-    assert job is not None
-    assert job.kind is JobKind.HANDLE
-    error = Failure(FailureKind.EXCEPTION, "failed() raised", at)
-    drive(store, finish(job, HandlerFailed(job.token, error), now=at))
+    """`tests.histories.ran` an hour ago."""
+    histories.ran(store, task_id, at=AN_HOUR_AGO, ok=ok, class_name=cls)
 
 
 def copy_of(task_id: str) -> str:

@@ -13,6 +13,7 @@ import mongomock
 import pytest
 
 import tullius
+from tests import histories
 from tests.store_contract import T0, make_doc, make_record
 from tullius.band import Band
 from tullius.document import (
@@ -20,7 +21,6 @@ from tullius.document import (
     FailureKind,
     Origin,
     Status,
-    TaskDoc,
     TaskSpec,
     retried_as,
     retry_id,
@@ -55,19 +55,9 @@ def store(request: pytest.FixtureRequest) -> Iterator[Store]:
     yield mongo
 
 
-def unhandled(store: Store, task_id: str, *, at: object = NOW, cls: str = "tests:Nothing") -> None:
-    """Queue ``task_id`` (one ``failed()`` attempt allowed); its run and that attempt fail."""
-    doc = make_doc(task_id)
-    store.insert_tasks([TaskDoc(**{**doc.__dict__, "handler_attempts": 1, "class_name": cls})])
-    job = drive(store, claim(ALL, server="s", worker="w", token=f"{task_id}-run", now=at))
-    assert job is not None
-    assert job.task_id == task_id
-    drive(store, finish(job, Failed(job.token, Failure(FailureKind.TIMEOUT, "slow", at)), now=at))
-    job = drive(store, claim(ALL, server="s", worker="w", token=f"{task_id}-h", now=at))
-    assert job is not None
-    assert job.kind is JobKind.HANDLE
-    error = Failure(FailureKind.EXCEPTION, "failed() raised", at)
-    drive(store, finish(job, HandlerFailed(job.token, error), now=at))
+def unhandled(store: Store, task_id: str, *, at: Any = NOW, cls: str = "tests:Nothing") -> None:
+    """`tests.histories.left_unhandled` at ``at``; the task is unhandled."""
+    histories.left_unhandled(store, task_id, at=at, class_name=cls)
     view = store.load(task_id)
     assert view is not None
     assert status_of(view) is Status.UNHANDLED

@@ -7,19 +7,19 @@ server in tests/integration.
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 import tullius
+from tests import histories
 from tests.store_contract import make_doc
 from tullius.band import Band
-from tullius.document import Failure, FailureKind, Origin, Status, derive_task_id
-from tullius.engine import claim, drive, finish
+from tullius.document import Origin, Status, derive_task_id
+from tullius.engine import drive
 from tullius.errors import ConfigError
-from tullius.events import Failed, HandlerFailed, Retried
+from tullius.events import Retried
 from tullius.machine import step
 from tullius.policy import WRITE_WINDOW
 from tullius.retry import retry
@@ -252,20 +252,8 @@ ALL = Band(1, 0, 10)
 
 
 def left_unhandled(store: MemoryStore, task_id: str) -> None:
-    """Queue ``task_id`` (one failed() attempt allowed) and run it an hour ago: its
-    run fails, and so does its failed(), leaving it unhandled."""
-    doc = make_doc(task_id)
-    store.insert_tasks([dataclasses.replace(doc, handler_attempts=1)])
-    at = AN_HOUR_AGO
-    job = drive(store, claim(ALL, server="s", worker="w", token=f"{task_id}-run", now=at))
-    assert job is not None
-    assert job.task_id == task_id
-    drive(store, finish(job, Failed(job.token, Failure(FailureKind.TIMEOUT, "slow", at)), now=at))
-    job = drive(store, claim(ALL, server="s", worker="w", token=f"{task_id}-h", now=at))
-    assert job is not None
-    assert job.task_id == task_id
-    error = Failure(FailureKind.EXCEPTION, "failed() raised", at)
-    drive(store, finish(job, HandlerFailed(job.token, error), now=at))
+    """`tests.histories.left_unhandled` an hour ago."""
+    histories.left_unhandled(store, task_id, at=AN_HOUR_AGO)
 
 
 def retried_unhandled(store: MemoryStore, task_ids: list[str]) -> None:
