@@ -26,8 +26,8 @@ a second whose copy, with its derived id, would be the pruned one again.
 
 The copy takes ``failed_timeout`` and ``failed_attempts`` from the task's
 class as the operator's process loads it (`current_limits`): the fix may be
-to raise them.  Its ``self.task_id`` is its own; ``self.retry_of`` names the
-task.
+to raise them.  Its ``self.task_id`` is its own; ``self.retried_from()``
+names the task.
 """
 
 from __future__ import annotations

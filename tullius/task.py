@@ -67,11 +67,9 @@ class Task:
     #: The stored id, once the task is queued or rebuilt from the store.  In
     #: an operator's retry (`tullius.retry`), the copy's own id.
     task_id: str | None
-    #: In an operator's retry of an unhandled task (`tullius.retry`): that
-    #: task's id, for a ``failed()`` that keys side effects on the task (its
-    #: ``task_id`` is the copy's).  None otherwise.
-    retry_of: str | None
     _tullius_abstract: ClassVar[bool] = True
+    #: Set by `from_doc` on a retry's copy (see `retried_from`).
+    _tullius_retried_from: str | None = None
 
     def __init_subclass__(cls, *, abstract: bool = False, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -165,7 +163,6 @@ class Task:
         self._tullius_start_after = start_after
         self.failure = None
         self.task_id = None
-        self.retry_of = None
 
     def run(self) -> Task | Iterable[Task] | None:
         """Do the work.  Return None, or successor task(s) to queue on success."""
@@ -174,6 +171,16 @@ class Task:
     def failed(self) -> Task | Iterable[Task] | None:
         """Handle ``self.failure``.  Return None to accept it, or replacement task(s)."""
         return None
+
+    def retried_from(self) -> str | None:
+        """In an operator's retry of an unhandled task (`tullius.retry`): the id of
+        the task retried, whose ``failed()`` attempts failed (``self.task_id`` is
+        the retry's copy's own).  None in any other task.
+
+        A method, not an attribute: an attribute would take a name from the
+        task's fields, and stored tasks may have a field of any name.
+        """
+        return self._tullius_retried_from
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -217,7 +224,7 @@ class Task:
 #: so it is refused where it is made (a ``bad_return`` failure, or an error from
 #: ``tullius.queue()``) instead of failing every attempt to store it.
 MAX_FIELDS_BYTES: Final = 8 * 1024 * 1024
-_META_ATTRIBUTES: Final = frozenset({"failure", "task_id", "priority", "retry_of"})
+_META_ATTRIBUTES: Final = frozenset({"failure", "task_id", "priority"})
 #: Exact types `check_value` accepts whatever their value.
 _SCALARS: Final = frozenset({type(None), bool, str, bytes, float})
 #: Exact types `stored_size` counts as 9 bytes whatever their value (subclasses
@@ -500,5 +507,5 @@ def from_doc(doc: TaskDoc, *, failure: Failure | None = None) -> Task:
     task._tullius_start_after = None
     task.failure = failure
     task.task_id = doc.task_id
-    task.retry_of = doc.parent_id if doc.origin is Origin.RETRY else None
+    task._tullius_retried_from = doc.parent_id if doc.origin is Origin.RETRY else None
     return task

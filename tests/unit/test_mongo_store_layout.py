@@ -318,3 +318,17 @@ def test_a_child_set_aside_as_undecodable_is_left_out_of_its_parents_children(
     )
     # When the parent's children are read, they are the one that can be read
     assert [doc.task_id for doc in store.find_children("p")] == ["c1"]
+
+
+def test_a_finished_child_that_cannot_be_decoded_is_left_out_and_set_aside(
+    store: MongoStore,
+) -> None:
+    # Given a parent whose finished child lost a field it needs
+    child = dataclasses.replace(make_doc("c1"), parent_id="p")
+    store.insert_tasks([make_doc("p"), child])
+    run_to_success(store, "c1")
+    run_to_success(store, "p")
+    store.finished.update_one({"_id": "c1"}, {"$unset": {"handler_attempts": ""}})
+    # When the parent's children are read, the bad one is left out, and its reason kept
+    assert store.find_children("p") == []
+    assert "handler_attempts" in store.finished.find_one({"_id": "c1"})["decode_error"]

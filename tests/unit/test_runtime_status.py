@@ -7,6 +7,8 @@ server in tests/integration.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,7 +18,7 @@ import tullius
 from tests import histories
 from tests.store_contract import make_doc
 from tullius.band import Band
-from tullius.document import Origin, Status, derive_task_id
+from tullius.document import Origin, Status, TaskDoc, derive_task_id
 from tullius.engine import drive
 from tullius.errors import ConfigError
 from tullius.events import Retried
@@ -256,6 +258,12 @@ def left_unhandled(store: MemoryStore, task_id: str) -> None:
     histories.left_unhandled(store, task_id, at=AN_HOUR_AGO)
 
 
+def left_since(store: MemoryStore, task_id: str) -> None:
+    """`tests.histories.left_unhandled` half an hour ago: after `left_unhandled`, and
+    before the copies of `retried_unhandled` come due (else their work is claimed)."""
+    histories.left_unhandled(store, task_id, at=AN_HOUR_AGO + timedelta(minutes=30))
+
+
 def retried_unhandled(store: MemoryStore, task_ids: list[str]) -> None:
     """Leave each of ``task_ids`` unhandled, and retry it."""
     for task_id in task_ids:
@@ -285,49 +293,176 @@ def test_only_so_many_unhandled_tasks_are_read_and_the_count_says_so() -> None:
     retried_unhandled(store, ["a0", "a1", "a2"])
     for task_id in ("b0", "b1", "b2"):
         left_unhandled(store, task_id)
-    # When the status reads at most four of them
-    report = read_status(store, now=datetime.now(UTC), read=4)
+    # When the status reads at most four of them, three at a time
+    report = read_status(store, now=datetime.now(UTC), read=4, page=3)
     lines = unhandled_lines(format_status(report))
     # Then it says how many of those it read were retried, and lists the others first
+    assert report.unhandled_capped
     assert lines[0] == "6 (3 of the 4 read retried already, listed after the others)"
     tasks = [line.split()[0] for line in lines[1:] if not line.startswith("    ")]
     assert tasks == ["b0", "a0", "a1", "a2", "..."]
     assert lines[-1] == "  ... and 2 more"
+    # And reading as many as there are is not capped: the count is exact
+    exact = read_status(store, now=datetime.now(UTC), read=6, page=3)
+    assert not exact.unhandled_capped
+    assert unhandled_lines(format_status(exact))[0] == (
+        "6 (3 of them retried already, listed after the others)"
+    )
 
 
 class OneBadDocument(MemoryStore):
-    """A store where, once ``broken``, one task's records can't be decoded, and
-    another's children can't."""
+    """A store where, once ``broken``, some tasks' records or children can't be decoded."""
 
     broken = False
 
     def load(self, task_id: str) -> Any:
         if self.broken and task_id == "bad-records":
             raise ValueError("naive datetime datetime.datetime(2026, 1, 1, 0, 0)")
+        if self.broken and task_id == "bad-key":
+            raise KeyError("at")
         return super().load(task_id)
 
     def find_children(self, parent_id: str) -> Any:
         if self.broken and parent_id == "bad-children":
             raise ValueError("'bogus' is not a valid Origin")
+        if self.broken and parent_id == "bad-type":
+            raise TypeError("'NoneType' object is not subscriptable")
         return super().find_children(parent_id)
 
 
 def test_a_document_that_cant_be_decoded_is_listed_bare_and_the_rest_as_usual() -> None:
-    # Given three unhandled tasks: one whose records can't be decoded, one whose
+    # Given five unhandled tasks: two whose records can't be decoded, two whose
     # children can't, and one retried
     store = OneBadDocument()
-    for task_id in ("bad-children", "bad-records"):
+    for task_id in ("bad-children", "bad-key", "bad-records", "bad-type"):
         left_unhandled(store, task_id)
     retried_unhandled(store, ["fine"])
     store.broken = True
     # When the status is read
     lines = unhandled_lines(format_status(read_status(store, now=datetime.now(UTC))))
-    # Then the two are listed bare, and the retried one with its retry
-    assert lines[:4] == [
-        "3 (1 of them retried already, listed after the others)",
+    # Then the four are listed bare, and the retried one with its retry
+    assert lines[:6] == [
+        "5 (1 of them retried already, listed after the others)",
         "  bad-children  tests:Nothing  (its records can't be read)",
+        "  bad-key  tests:Nothing  (its records can't be read)",
         "  bad-records  tests:Nothing  (its records can't be read)",
+        "  bad-type  tests:Nothing  (its records can't be read)",
         "  fine  tests:Nothing  failed (timeout: slow); failed() error (exception: failed() "
         "raised)",
     ]
-    assert lines[4].startswith(f"    retried as {derive_task_id('fine', Origin.RETRY, 0)} at ")
+    assert lines[6].startswith(f"    retried as {derive_task_id('fine', Origin.RETRY, 0)} at ")
+    assert len(lines) == 7
+
+
+class CopiesUnreadable(MemoryStore):
+    """A store where looking the retries' copies up fails on a document that can't be decoded."""
+
+    def find_tasks(self, task_ids: Sequence[str]) -> list[TaskDoc]:
+        raise ValueError("'bogus' is not a valid Status")
+
+
+def test_when_the_copies_cant_be_looked_up_the_tasks_are_listed_as_not_retried() -> None:
+    # Given a retried task and a new failure, the copies' documents unreadable
+    store = CopiesUnreadable()
+    retried_unhandled(store, ["old"])
+    left_since(store, "new")
+    # When the status is read
+    lines = unhandled_lines(format_status(read_status(store, now=datetime.now(UTC))))
+    # Then both are listed, the new one first, the old one with its retry (read from its records)
+    assert lines[0] == "2"
+    assert [line.split()[0] for line in lines[1:]] == ["new", "old", "retried"]
+
+
+class Counting(MemoryStore):
+    """A store that counts the tasks loaded and the pages of unhandled tasks read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loaded: list[str] = []
+        self.pages: list[tuple[int, str | None]] = []
+
+    def load(self, task_id: str) -> Any:
+        self.loaded.append(task_id)
+        return super().load(task_id)
+
+    def find_by_status(
+        self, statuses: Sequence[Status], limit: int, after: str | None = None
+    ) -> list[TaskDoc]:
+        self.pages.append((limit, after))
+        return super().find_by_status(statuses, limit, after)
+
+
+def listed_tasks(lines: list[str]) -> list[str]:
+    return [line.split()[0] for line in lines[1:] if not line.startswith("    ")]
+
+
+def test_a_new_failure_is_listed_first_however_many_tasks_were_retried_before() -> None:
+    # Given 201 tasks left unhandled and retried (more than one page, and than
+    # the 200 an earlier version read, oldest first), and one left unhandled since,
+    # whose id sorts among theirs
+    store = Counting()
+    older = [f"r{index:03}" for index in range(201)]
+    retried_unhandled(store, older)
+    left_since(store, "r100x")
+    store.loaded.clear()
+    # When the status is read, 64 at a time
+    report = read_status(store, now=datetime.now(UTC), page=64)
+    lines = unhandled_lines(format_status(report))
+    # Then the new one is listed first, and the count of the retried is exact
+    assert lines[0] == "202 (201 of them retried already, listed after the others)"
+    assert listed_tasks(lines) == ["r100x", *older[:19], "..."]
+    assert lines[-1] == "  ... and 182 more"
+    assert (report.unhandled_read, report.unhandled_retried) == (202, 201)
+    assert not report.unhandled_capped
+    # And all were read page by page in id order, and only those listed were loaded
+    assert store.pages == [(64, ""), (64, "r063"), (64, "r126"), (64, "r190"), (64, "r200")]
+    assert sorted(store.loaded) == sorted(["r100x", *older[:19]])
+
+
+class SettledByAnOlderVersion(MemoryStore):
+    """A store where some unhandled tasks have no ``due_at`` (settled by older versions)."""
+
+    def __init__(self, undated: set[str]) -> None:
+        super().__init__()
+        self.undated = undated
+
+    def find_by_status(
+        self, statuses: Sequence[Status], limit: int, after: str | None = None
+    ) -> list[TaskDoc]:
+        return [
+            dataclasses.replace(doc, due_at=None) if doc.task_id in self.undated else doc
+            for doc in super().find_by_status(statuses, limit, after)
+        ]
+
+
+def test_unhandled_tasks_are_listed_newest_first_with_the_pruned_retries_among_the_new() -> None:
+    # Given tasks left unhandled over three days, some of them retried: one whose
+    # copy was pruned since, and one settled by an older version, with no settling time
+    start = datetime.now(UTC) - timedelta(days=3)
+    store = SettledByAnOlderVersion({"undated"})
+    for task_id, hours in [("a-oldest", 0), ("b-newest", 50), ("c-middle", 20), ("undated", 1)]:
+        histories.left_unhandled(store, task_id, at=start + timedelta(hours=hours))
+    for task_id, hours in [("d-retried-old", 2), ("e-retried-new", 40), ("f-pruned", 30)]:
+        histories.left_unhandled(store, task_id, at=start + timedelta(hours=hours))
+        drive(store, retry(task_id, now=start + timedelta(hours=45), token="op", server="ops1"))
+    pruned_copy = derive_task_id("f-pruned", Origin.RETRY, 0)
+    store.delete_tasks([pruned_copy])
+    # When the status is read
+    report = read_status(store, now=datetime.now(UTC))
+    lines = unhandled_lines(format_status(report))
+    # Then those whose copy is not stored come first, the pruned one by when it was
+    # left unhandled and the undated one last; then the retried, each group newest first
+    assert lines[0] == "7 (2 of them retried already, listed after the others)"
+    assert listed_tasks(lines) == [
+        "b-newest",
+        "f-pruned",
+        "c-middle",
+        "a-oldest",
+        "undated",
+        "e-retried-new",
+        "d-retried-old",
+    ]
+    # And the pruned one's retry says its copy is no longer stored
+    assert not report.retries["f-pruned"].stored
+    assert f"{pruned_copy} is not stored: pruned once done with" in lines[3]
+    assert report.retries["e-retried-new"].stored

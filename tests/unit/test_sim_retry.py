@@ -373,7 +373,7 @@ class Keyed(tullius.Task):
         raise RuntimeError("declined")
 
     def failed(self) -> None:
-        type(self).seen.append((self.task_id, self.retry_of))
+        type(self).seen.append((self.task_id, self.retried_from()))
         if not type(self).fixed:
             raise KeyError("refund_account")
 
@@ -389,7 +389,7 @@ def test_the_copys_failed_knows_the_task_it_retries(tullius_sim: Simulation) -> 
     Keyed.fixed = True
     retry = tullius_sim.retry_unhandled(task)
     tullius_sim.drain(within=timedelta(minutes=1))
-    # Then the copy's failed() sees its own id, and the task's as retry_of
+    # Then the copy's failed() sees its own id, and the task's as retried_from()
     assert Keyed.seen[1:] == [(retry.copy_id, task.task_id)]
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 import tullius
-from tullius.document import TaskDoc
+from tullius.document import Origin, TaskDoc
 from tullius.errors import (
     TaskDefinitionError,
     TaskDefinitionWarning,
@@ -235,6 +236,36 @@ def test_a_task_rebuilt_from_its_document_has_its_fields_id_and_failure() -> Non
         2,
         None,
     )
+
+
+class Charge(tullius.Task):
+    timeout = timedelta(seconds=5)
+    retry_of: str
+
+    def run(self) -> None:
+        return None
+
+
+def test_a_field_named_like_a_retry_is_the_users_and_a_rebuilt_task_knows_its_retry() -> None:
+    # A field of any name is the user's: Tullius's own retry link is a method
+    spec = to_spec(Charge(retry_of="order-7"))
+    assert spec.fields == {"retry_of": "order-7"}
+    base = TaskDoc(
+        "t1",
+        spec.class_name,
+        spec.fields,
+        5,
+        spec.timeout,
+        spec.handler_timeout,
+        spec.handler_attempts,
+        datetime(2026, 1, 1, tzinfo=UTC),
+        datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    task = from_doc(base)
+    assert (task.retry_of, task.retried_from()) == ("order-7", None)  # type: ignore[attr-defined]
+    copy = from_doc(dataclasses.replace(base, origin=Origin.RETRY, parent_id="t0"))
+    assert (copy.retry_of, copy.retried_from()) == ("order-7", "t0")  # type: ignore[attr-defined]
+    assert copy.fields == {"retry_of": "order-7"}
 
 
 @pytest.mark.parametrize("task_name", ["billing.SendInvoice", "billing:", ":SendInvoice", 5])

@@ -797,17 +797,17 @@ class MongoStore:
             # the live copy, so a child moving meanwhile is seen by one read or
             # the other (read the other way round, it could slip between them).
             # A child in both is shown as finished: that copy is the later one.
-            found: dict[str, Any] = {}
+            found: dict[str, tuple[Mapping[str, Any], Collection[Any]]] = {}
             for live in self.live_collections():
-                found.update((d["_id"], d) for d in live.find({"parent_id": parent_id}))
-            found.update((d["_id"], d) for d in self.finished.find({"parent_id": parent_id}))
-            # Not a child set aside as undecodable (as `find_tasks`): only a retry's
-            # copy an older daemon could not read is a child of an unhandled task.
-            return [
-                decode_task(found[key])
-                for key in sorted(found)
-                if found[key].get("status") != UNDECODABLE
-            ]
+                found.update((d["_id"], (d, live)) for d in live.find({"parent_id": parent_id}))
+            found.update(
+                (d["_id"], (d, self.finished)) for d in self.finished.find({"parent_id": parent_id})
+            )
+            # Not a child set aside, or that can't be decoded (set aside now), as in
+            # `find_tasks`: inspection must not stop at one bad document.
+            return self._decoded(
+                found[key] for key in sorted(found) if found[key][0].get("status") != UNDECODABLE
+            )
 
         return self._retrying("find children", attempt)
 
@@ -1023,15 +1023,15 @@ class MongoStore:
         finished task keeps its terminal hint (nothing would select it anyway).
         """
         reason = redact(f"{type(error).__name__}: {error}")[:500]
-        _log.warning(
-            "task %r: its document or records can't be decoded (%s); set aside with status %r",
-            task_id,
-            reason,
-            UNDECODABLE,
-        )
         update: dict[str, Any] = {"decode_error": reason}
         if collection is not self.finished:
             update["status"] = UNDECODABLE
+        _log.warning(
+            "task %r: its document or records can't be decoded (%s); set aside%s",
+            task_id,
+            reason,
+            f" with status {UNDECODABLE!r}" if "status" in update else " (its status kept)",
+        )
         collection.update_one({"_id": task_id}, {"$set": update})
 
     # --- retrying ---------------------------------------------------------------

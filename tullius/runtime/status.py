@@ -7,20 +7,22 @@ takes (`tullius.coverage`).  The report lists both, with the daemons the
 database has heard from, the tasks counted by status and the documents set
 aside as undecodable.  An unhandled task an operator retried
 (``tulliusd --retry-unhandled``, `tullius.retry`) stays unhandled; its
-entry says so, and what became of the retry's copy.  Retried tasks are
-listed after the others, so that a pile of them never hides a new failure.
+entry says so, and what became of the retry's copy.  Tasks whose retry's
+copy is stored are listed after the others, and each group newest first, so
+that neither a pile of them nor old failures ever hide a new failure.
 It changes no task.  Each daemon's entry is judged by its own renewal
 period, at the database's time (`read_status`).
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from tullius.coverage import Coverage, ago, is_live, read_coverage
-from tullius.document import Status, TaskDoc, retried_as, retry_id
+from tullius.document import Origin, Status, TaskDoc, derive_task_id, retried_as, retry_id
 from tullius.engine import drive
 from tullius.errors import TulliusError
 from tullius.inspection import ChainLink, link_of
@@ -29,9 +31,15 @@ from tullius.store import ServerSeen, Store
 
 #: How many unhandled tasks are listed.
 UNHANDLED_SHOWN: Final = 20
-#: How many unhandled tasks are read (each loaded, to tell the retried ones):
-#: the report's reads stay bounded however many there are.
-UNHANDLED_READ: Final = 200
+#: How many unhandled tasks are read at most (each page's copies are looked up
+#: at once; only those listed are loaded): past it, the count says it was capped.
+UNHANDLED_READ: Final = 20_000
+#: How many unhandled tasks are read at a time.
+UNHANDLED_PAGE: Final = 500
+#: How many retry copies one `Store.find_tasks` looks up at most.
+_FIND_CHUNK: Final = 500
+#: What decoding one bad document or record may raise.
+_BAD_DOCUMENT: Final = (ValueError, KeyError, TypeError)
 #: Entries of stopped or vanished servers older than this are counted, not listed.
 LIST_GONE_FOR: Final = timedelta(hours=1)
 
@@ -69,20 +77,27 @@ class StatusReport:
     coverage: Coverage
     #: At most `UNHANDLED_SHOWN` unhandled tasks: their story, or their bare
     #: document when the story can't be read (the document is what an operator
-    #: must see).  Those not retried first, then the retried; each oldest first.
+    #: must see).  Those whose retry's copy is not stored first (never retried,
+    #: or the copy cut short or pruned), then those whose copy is; each newest
+    #: first (see `read_status`).
     unhandled: tuple[ChainLink | TaskDoc, ...]
     #: The retries of those of them an operator retried, by task id.
     retries: dict[str, RetryShown] = field(default_factory=dict)
-    #: How many unhandled tasks were read (at most `UNHANDLED_READ`), and how
-    #: many of those were retried.
+    #: How many unhandled tasks were read (all, up to `UNHANDLED_READ`), and
+    #: how many of those have their retry's copy stored.
     unhandled_read: int = 0
     unhandled_retried: int = 0
-    #: Whether more unhandled tasks may exist than were read.
+    #: Whether more unhandled tasks exist than were read.
     unhandled_capped: bool = False
 
 
 def read_status(
-    store: Store, *, now: datetime, read: int = UNHANDLED_READ, shown: int = UNHANDLED_SHOWN
+    store: Store,
+    *,
+    now: datetime,
+    read: int = UNHANDLED_READ,
+    shown: int = UNHANDLED_SHOWN,
+    page: int = UNHANDLED_PAGE,
 ) -> StatusReport:
     """Read the report.
 
@@ -91,11 +106,15 @@ def read_status(
     clock is off does not see every daemon as gone; else at the newest
     entry's time, or ``now`` if that is later.
 
-    At most ``read`` unhandled tasks are read (as `Store.find_by_status` gives
-    them: an unhandled task has no ``due_at``, so by id), each loaded to tell
-    whether it was retried, and at most ``shown`` listed: those not retried
-    first, so that tasks retried already (still unhandled, for good) never
-    hide a new failure; each group oldest (``created_at``) first.
+    Every unhandled task is read (at most ``read``), ``page`` at a time in id
+    order, and at most ``shown`` listed: first those whose retry's copy is not
+    stored (never retried, or the copy cut short or pruned), then those whose
+    copy is, so that tasks retried already (unhandled for good) never hide a
+    new failure; each group newest first, by the time the task was left
+    unhandled (an unhandled task's ``due_at``; last when None, as written by
+    versions before it was kept).  Whether a task's copy is stored is read with
+    one `Store.find_tasks` per page, the copy's id being derived from the
+    task's; only the tasks listed are loaded.
     """
     servers = tuple(store.read_servers())
     count_set_aside = getattr(store, "count_set_aside", None)
@@ -103,18 +122,14 @@ def read_status(
     clock = (server_time() if server_time is not None else None) or max(
         [now, *(seen.seen_at for seen in servers)]
     )
-    docs = store.find_by_status([Status.UNHANDLED], read)
-    fresh: list[tuple[TaskDoc, ChainLink | TaskDoc]] = []
-    retried: list[tuple[TaskDoc, ChainLink | TaskDoc]] = []
+    found = _read_unhandled(store, read=read, shown=shown, page=page)
+    listed: list[ChainLink | TaskDoc] = []
     retries: dict[str, RetryShown] = {}
-    for doc in docs:
+    for doc in [*found.fresh, *found.retried][:shown]:
         link, retry = _story(store, doc)
-        if retry is None:
-            fresh.append((doc, link))
-        else:
-            retried.append((doc, link))
+        listed.append(link)
+        if retry is not None:
             retries[doc.task_id] = retry
-    listed = [link for _, link in (*_oldest_first(fresh), *_oldest_first(retried))][:shown]
     return StatusReport(
         now=now,
         clock=clock,
@@ -123,17 +138,79 @@ def read_status(
         set_aside=count_set_aside() if count_set_aside is not None else 0,
         coverage=drive(store, read_coverage(servers, now=now, clock=clock)),
         unhandled=tuple(listed),
-        retries={link.task_id: retries[link.task_id] for link in listed if link.task_id in retries},
-        unhandled_read=len(docs),
-        unhandled_retried=len(retried),
-        unhandled_capped=len(docs) >= read,
+        retries=retries,
+        unhandled_read=found.read,
+        unhandled_retried=found.retried_count,
+        unhandled_capped=found.capped,
     )
 
 
-def _oldest_first(
-    found: list[tuple[TaskDoc, ChainLink | TaskDoc]],
-) -> list[tuple[TaskDoc, ChainLink | TaskDoc]]:
-    return sorted(found, key=lambda pair: (pair[0].created_at, pair[0].task_id))
+@dataclass
+class _Unhandled:
+    """What `_read_unhandled` keeps of the unhandled tasks: counts, and the few to list."""
+
+    #: Newest first: at most ``shown`` of those whose retry's copy is not stored,
+    #: and at most ``shown`` of those whose copy is.
+    fresh: list[TaskDoc] = field(default_factory=list)
+    retried: list[TaskDoc] = field(default_factory=list)
+    read: int = 0
+    retried_count: int = 0
+    capped: bool = False
+
+
+def _read_unhandled(store: Store, *, read: int, shown: int, page: int) -> _Unhandled:
+    """Every unhandled task, up to ``read``, page by page in id order (see `read_status`).
+
+    Only counts and each group's newest ``shown`` are kept, so the memory used
+    stays that of a page however many tasks there are.
+    """
+    found = _Unhandled()
+    after = ""
+    while found.read < read:
+        docs = store.find_by_status([Status.UNHANDLED], min(page, read - found.read), after=after)
+        if not docs:
+            return found
+        after = docs[-1].task_id
+        found.read += len(docs)
+        stored = _copies_stored(store, docs)
+        retried = [doc for doc in docs if doc.task_id in stored]
+        found.retried_count += len(retried)
+        fresh = [doc for doc in docs if doc.task_id not in stored]
+        found.fresh = heapq.nsmallest(shown, [*found.fresh, *fresh], key=_newest_first)
+        found.retried = heapq.nsmallest(shown, [*found.retried, *retried], key=_newest_first)
+    # Read as many as allowed: say so if there are more.
+    found.capped = bool(store.find_by_status([Status.UNHANDLED], 1, after=after))
+    return found
+
+
+def _copies_stored(store: Store, docs: list[TaskDoc]) -> set[str]:
+    """Those of ``docs`` whose retry's copy is stored (one `Store.find_tasks` per chunk)."""
+    copy_of = {derive_task_id(doc.task_id, Origin.RETRY, 0): doc.task_id for doc in docs}
+    copy_ids = list(copy_of)
+    stored: set[str] = set()
+    for start in range(0, len(copy_ids), _FIND_CHUNK):
+        chunk = copy_ids[start : start + _FIND_CHUNK]
+        try:
+            copies = store.find_tasks(chunk)
+        # A copy that can't be decoded: its task counted as not retried, listed
+        # with the new failures, where it is seen (not lost among the retried).
+        except _BAD_DOCUMENT:
+            continue
+        stored.update(copy_of[copy.task_id] for copy in copies if copy.task_id in copy_of)
+    return stored
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _newest_first(doc: TaskDoc) -> tuple[bool, timedelta, str]:
+    """Sort key: latest left unhandled (``due_at``) first, those without one last; then by id."""
+    settled = doc.due_at
+    if not isinstance(settled, datetime):
+        return True, timedelta(0), doc.task_id
+    if settled.tzinfo is None:  # a naive time written by hand: UTC, as stored ones
+        settled = settled.replace(tzinfo=UTC)
+    return False, _EPOCH - settled, doc.task_id
 
 
 def _story(store: Store, doc: TaskDoc) -> tuple[ChainLink | TaskDoc, RetryShown | None]:
@@ -154,7 +231,7 @@ def _story(store: Store, doc: TaskDoc) -> tuple[ChainLink | TaskDoc, RetryShown 
         record = view.records[retry_id(doc.task_id)]
     # The same, found by the store; or a document or record that can't be decoded:
     # one bad document must not take the whole report down.
-    except (TulliusError, ValueError):
+    except (TulliusError, *_BAD_DOCUMENT):
         return doc, None
     found = next((child.status for child in children if child.task_id == copy.task_id), None)
     return link, RetryShown(copy.task_id, record.at, record.server, found)

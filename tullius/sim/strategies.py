@@ -374,10 +374,18 @@ class SimulationMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def retry_unhandled(self, data: st.DataObject) -> None:
-        """An operator retries an unhandled task's ``failed()`` (`Simulation.retry_unhandled`)."""
-        unhandled = self._sim.store.find_by_status([tullius.Status.UNHANDLED], 20)
+        """An operator retries an unhandled task's ``failed()`` (`Simulation.retry_unhandled`).
+
+        Any of them, read page by page: a copy that failed again is as likely
+        as the first tasks left unhandled.
+        """
+        unhandled: list[str] = []
+        after = ""
+        while page := self._sim.store.find_by_status([tullius.Status.UNHANDLED], 500, after):
+            unhandled.extend(doc.task_id for doc in page)
+            after = page[-1].task_id
         if unhandled:
-            task_id = data.draw(st.sampled_from([doc.task_id for doc in unhandled]), label="retry")
+            task_id = data.draw(st.sampled_from(unhandled), label="retry")
             self._sim.retry_unhandled(task_id)
             event("an unhandled task retried")
 
