@@ -254,6 +254,21 @@ def _retry(settings: Settings) -> int:
     token = uuid.uuid4().hex
     server = settings.server_name
     report = RetryReport()
+    unloadable: set[str] = set()
+
+    def limits(class_name: str) -> tuple[timedelta, int] | None:
+        found = current_limits(class_name)
+        if found is None and class_name not in unloadable:  # said once per class
+            unloadable.add(class_name)
+            sys.stdout.flush()
+            print(
+                f"{PROG}: warning: class {class_name!r} can't be loaded here, so its copies "
+                "keep the failed_timeout and failed_attempts stored with each task; run "
+                "the command where the fixed code is importable to take the class's own",
+                file=sys.stderr,
+                flush=True,
+            )
+        return found
 
     def show(done: Retry | NotRetried | TaskNotFound) -> None:
         # As each is done (flushed): the store may fail at the next one.
@@ -271,7 +286,7 @@ def _retry(settings: Settings) -> int:
                     token=token,
                     server=server,
                     class_name=settings.retry_class,
-                    limits=current_limits,
+                    limits=limits,
                     report=report,
                     on_each=show,
                 )
@@ -280,9 +295,7 @@ def _retry(settings: Settings) -> int:
         not_found = 0
         for task_id in settings.retry_unhandled:
             try:
-                done = run(
-                    retry(task_id, now=now, token=token, server=server, limits=current_limits)
-                )
+                done = run(retry(task_id, now=now, token=token, server=server, limits=limits))
             except TaskNotFound as error:
                 not_found += 1
                 show(error)

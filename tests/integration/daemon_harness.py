@@ -276,13 +276,19 @@ class Daemon:
 
 def run_tulliusd(uri: str, database: str, *flags: str) -> tuple[int, str, str]:
     """Run a one-shot ``tulliusd ...`` (``--status``, ``--prune-finished``, ...) on
-    ``database`` to its end; return its exit status, stdout and stderr."""
+    ``database`` to its end, where the daemons' task classes are importable, as
+    they are for the daemons (`Daemon`); return its exit status, stdout and stderr."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(INTEGRATION_DIR), str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]
+    )
     done = subprocess.run(
         [sys.executable, "-m", "tullius.cli", "--mongodb-uri", uri, "--database", database, *flags],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=REPO_ROOT,
+        env=env,
     )
     return done.returncode, done.stdout, done.stderr
 
