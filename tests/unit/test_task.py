@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import tullius
-from tullius.document import Origin, TaskDoc
+from tullius.document import Origin, TaskDoc, queued_doc
 from tullius.errors import (
     TaskDefinitionError,
     TaskDefinitionWarning,
@@ -216,20 +216,13 @@ def test_unknown_or_non_task_classes_are_a_visible_error(name: str, reason: str)
         load_class(name)
 
 
+def stored(task: tullius.Task, task_id: str) -> TaskDoc:
+    """``task`` as stored under ``task_id`` (queued on 1 January 2026)."""
+    return queued_doc(to_spec(task), task_id=task_id, now=datetime(2026, 1, 1, tzinfo=UTC))
+
+
 def test_a_task_rebuilt_from_its_document_has_its_fields_id_and_failure() -> None:
-    spec = to_spec(Count(count_to=3, priority=2))
-    doc = TaskDoc(
-        "t1",
-        spec.class_name,
-        spec.fields,
-        2,
-        spec.timeout,
-        spec.handler_timeout,
-        spec.handler_attempts,
-        datetime(2026, 1, 1, tzinfo=UTC),
-        datetime(2026, 1, 1, tzinfo=UTC),
-    )
-    task = from_doc(doc)
+    task = from_doc(stored(Count(count_to=3, priority=2), "t1"))
     assert (task, task.task_id, task.priority, task.failure) == (
         Count(count_to=3, priority=2),
         "t1",
@@ -248,19 +241,8 @@ class Charge(tullius.Task):
 
 def test_a_field_named_like_a_retry_is_the_users_and_a_rebuilt_task_knows_its_retry() -> None:
     # A field of any name is the user's: Tullius's own retry link is a method
-    spec = to_spec(Charge(retry_of="order-7"))
-    assert spec.fields == {"retry_of": "order-7"}
-    base = TaskDoc(
-        "t1",
-        spec.class_name,
-        spec.fields,
-        5,
-        spec.timeout,
-        spec.handler_timeout,
-        spec.handler_attempts,
-        datetime(2026, 1, 1, tzinfo=UTC),
-        datetime(2026, 1, 1, tzinfo=UTC),
-    )
+    assert to_spec(Charge(retry_of="order-7")).fields == {"retry_of": "order-7"}
+    base = stored(Charge(retry_of="order-7"), "t1")
     task = from_doc(base)
     assert (task.retry_of, task.retried_from()) == ("order-7", None)  # type: ignore[attr-defined]
     copy = from_doc(dataclasses.replace(base, origin=Origin.RETRY, parent_id="t0"))
