@@ -244,8 +244,8 @@ def _retry(settings: Settings) -> int:
     not found does not stop the others; the store failing does (exit status
     2, as for ``--status``), the lines printed standing for what was done.
     """
-    from tullius.errors import NotRetried, TaskNotFound
-    from tullius.retry import Retry, RetryReport, current_limits, retry, retry_all, within_window
+    from tullius.errors import NotRetried, TaskNotFound, UnknownTaskClass
+    from tullius.retry import Retry, RetryReport, limits_once, retry, retry_all, within_window
     from tullius.runtime.launch import StartupError, open_mongo
 
     assert settings.retry_unhandled is not None
@@ -254,21 +254,18 @@ def _retry(settings: Settings) -> int:
     token = uuid.uuid4().hex
     server = settings.server_name
     report = RetryReport()
-    unloadable: set[str] = set()
 
-    def limits(class_name: str) -> tuple[timedelta, int] | None:
-        found = current_limits(class_name)
-        if found is None and class_name not in unloadable:  # said once per class
-            unloadable.add(class_name)
-            sys.stdout.flush()
-            print(
-                f"{PROG}: warning: class {class_name!r} can't be loaded here, so its copies "
-                "keep the failed_timeout and failed_attempts stored with each task; run "
-                "the command where the fixed code is importable to take the class's own",
-                file=sys.stderr,
-                flush=True,
-            )
-        return found
+    def unloadable(error: UnknownTaskClass) -> None:
+        sys.stdout.flush()
+        print(
+            f"{PROG}: warning: class {error.name!r} can't be loaded here ({error.reason}), "
+            "so its copies keep the failed_timeout and failed_attempts stored with each "
+            "task; run the command where the fixed code is importable to take the class's own",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    limits = limits_once(unloadable)
 
     def show(done: Retry | NotRetried | TaskNotFound) -> None:
         # As each is done (flushed): the store may fail at the next one.

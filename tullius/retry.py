@@ -76,6 +76,29 @@ def current_limits(class_name: str) -> tuple[timedelta, int] | None:
     return cls.failed_timeout, cls.failed_attempts
 
 
+def limits_once(unloadable: Callable[[UnknownTaskClass], None]) -> Limits:
+    """`current_limits`, each class loaded (or found unloadable) once, and
+    ``unloadable`` told why a class can't be loaded, once per class.
+
+    Why once: loading a class that can't be loaded imports its module again
+    each time, running whatever its import does, for every task of it.
+    """
+    known: dict[str, tuple[timedelta, int] | None] = {}
+
+    def limits(class_name: str) -> tuple[timedelta, int] | None:
+        if class_name not in known:
+            try:
+                cls = load_class(class_name)
+            except UnknownTaskClass as error:
+                known[class_name] = None
+                unloadable(error)
+            else:
+                known[class_name] = (cls.failed_timeout, cls.failed_attempts)
+        return known[class_name]
+
+    return limits
+
+
 @dataclass(frozen=True)
 class Retry:
     """One retry of a task's ``failed()``.
@@ -95,6 +118,9 @@ class Retry:
             copy is gone: pruned once done with (the usual case), or never
             written (a retry cut short and not asked again within the
             window).  It is not written again: it may have run.
+        unreadable: the copy is stored but can't be read: set aside as
+            undecodable (by a daemon of a version older than retries, say);
+            its ``failed()`` won't run until its document is fixed.
     """
 
     task_id: str
@@ -105,6 +131,7 @@ class Retry:
     copy_status: Status | None = Status.FAILED
     completed: bool = False
     stored: bool = True
+    unreadable: bool = False
 
     def describe(self) -> str:
         """One line for an operator."""
@@ -114,7 +141,13 @@ class Retry:
             f"{self.task_id}: already retried as {self.copy_id} at "
             f"{self.at.isoformat(timespec='seconds')} by {self.by}"
         )
-        if self.completed:
+        if self.unreadable:
+            line += (
+                f"; {self.copy_id} is stored but set aside as undecodable (see its "
+                "decode_error; a daemon older than retries can't read it): its failed() "
+                "won't run until its document is fixed"
+            )
+        elif self.completed:
             line += f"; {self.copy_id} was missing (that retry was cut short) and is stored now"
         elif not self.stored:
             line += (
@@ -174,6 +207,10 @@ def retry(
     # Not ``yield from``: the driver sends each write's result, which a tuple can't take.
     for effect in settle(view, now):  # noqa: UP028
         yield effect
+    if not (yield FindTasks((done.copy_id,))):
+        # Its insert found it there after all: stored, but set aside as undecodable
+        # (an older daemon that can't read a copy's origin), so no read returns it.
+        return dataclasses.replace(done, copy_status=None, unreadable=True)
     return dataclasses.replace(done, completed=True)
 
 

@@ -23,7 +23,7 @@ from tullius.document import (
     retried_as,
     status_of,
 )
-from tullius.errors import StoreUnavailable
+from tullius.errors import StoreUnavailable, UnknownTaskClass
 from tullius.inspection import read_chain
 from tullius.runtime.config import Settings
 from tullius.runtime.mongo_store import MongoStore
@@ -520,17 +520,26 @@ def test_a_retry_mixed_with_other_modes_is_one_line_and_exit_2(
     assert database.find_children("t1") == []
 
 
-def test_a_retry_whose_class_cant_be_loaded_here_says_its_copies_keep_the_stored_limits(
-    database: MongoStore, capsys: pytest.CaptureFixture[str]
+def test_a_retry_whose_class_cant_be_loaded_here_says_why_once_and_keeps_the_stored_limits(
+    database: MongoStore, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given two unhandled tasks of a class this process can't import
     ran(database, "t1", ok=False, cls="billing.tasks:Invoice")
     ran(database, "t2", ok=False, cls="billing.tasks:Invoice")
+    tried: list[str] = []
+
+    def load_class(name: str) -> type:
+        tried.append(name)
+        raise UnknownTaskClass(name, "importing 'billing.tasks' failed: RuntimeError('no config')")
+
+    monkeypatch.setattr("tullius.retry.load_class", load_class)
     # When both are retried
     assert tulliusd("--retry-unhandled", "t1", "t2") == 0
-    # Then one warning says the copies keep the limits stored with each task
+    # Then the class was tried once, and one warning says why and what the copies keep
+    assert tried == ["billing.tasks:Invoice"]
     assert capsys.readouterr().err.splitlines() == [
-        "tulliusd: warning: class 'billing.tasks:Invoice' can't be loaded here, so its copies "
-        "keep the failed_timeout and failed_attempts stored with each task; run the command "
-        "where the fixed code is importable to take the class's own"
+        "tulliusd: warning: class 'billing.tasks:Invoice' can't be loaded here (importing "
+        "'billing.tasks' failed: RuntimeError('no config')), so its copies keep the "
+        "failed_timeout and failed_attempts stored with each task; run the command where the "
+        "fixed code is importable to take the class's own"
     ]

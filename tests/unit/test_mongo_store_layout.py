@@ -332,3 +332,22 @@ def test_a_finished_child_that_cannot_be_decoded_is_left_out_and_set_aside(
     # When the parent's children are read, the bad one is left out, and its reason kept
     assert store.find_children("p") == []
     assert "handler_attempts" in store.finished.find_one({"_id": "c1"})["decode_error"]
+
+
+def test_finished_documents_set_aside_are_left_out_of_pages_so_paging_reaches_the_rest(
+    store: MongoStore,
+) -> None:
+    # Given five finished tasks, the first two of which can't be decoded any more
+    for name in ("a0", "a1", "b0", "b1", "b2"):
+        store.insert_tasks([make_doc(name)])
+        run_to_success(store, name)
+    for name in ("a0", "a1"):
+        store.finished.update_one({"_id": name}, {"$set": {"origin": "bogus"}})
+    # When they are read two at a time in id order (as a prune or --status pages)
+    pages, after = [], ""
+    while page := store.find_by_status([Status.SUCCEEDED], 2, after):
+        pages.append([doc.task_id for doc in page])
+        after = page[-1].task_id
+    # Then the bad ones are set aside (and counted), and every other one is read
+    assert pages == [["b0", "b1"], ["b2"]]
+    assert store.count_set_aside() == 2

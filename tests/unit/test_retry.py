@@ -421,3 +421,19 @@ class Limited(tullius.Task):
 
     def run(self) -> None:
         return None
+
+
+def test_a_copy_set_aside_as_undecodable_is_reported_so_not_as_completed() -> None:
+    # Given a retried task whose copy a daemon older than retries set aside (it can't
+    # read the origin "retry")
+    store = MongoStore(mongomock.MongoClient(tz_aware=True)["db"])
+    store.ensure_indexes()
+    unhandled(store, "t")
+    done = retried(store, "t")
+    store.tasks.update_one({"_id": done.copy_id}, {"$set": {"origin": "bogus"}})
+    assert store.find_tasks([done.copy_id]) == []  # (this read sets it aside)
+    # When the operator asks again
+    again = retried(store, "t", at=NOW + timedelta(minutes=5), token="op2")
+    # Then they are told it is stored but can't be read, not that it was completed
+    assert (again.unreadable, again.completed, again.copy_status) == (True, False, None)
+    assert "is stored but set aside as undecodable" in again.describe()

@@ -203,8 +203,10 @@ def test_a_retry_cut_short_is_listed_with_the_command_that_completes_it() -> Non
     soon = format_status(read_status(sim.store, now=at + WRITE_WINDOW))
     # Then it says the copy is missing and how to complete the retry
     assert unhandled_lines(soon)[2] == (
-        f"    retried as {copy} at {at.isoformat(timespec='seconds')} by ops1, but {copy} is not "
-        f"stored (the retry was cut short): run tulliusd --retry-unhandled {lost_cause} again"
+        f"    retried as {copy} at {at.isoformat(timespec='seconds')} by ops1, but {copy} can't "
+        "be read: the retry was cut short, or the copy was set aside as undecodable; run "
+        f"tulliusd --retry-unhandled {lost_cause} again, which completes the one and names "
+        "the other"
     )
     # And past the window, when asking again would not make the copy, it says so instead
     late = format_status(read_status(sim.store, now=at + WRITE_WINDOW + timedelta(seconds=1)))

@@ -968,13 +968,19 @@ class MongoStore:
         Each shard of the live queue is read, and for terminal statuses also
         ``finished`` (a finished task's live copy lingers until its move
         completes; the live copy wins).  Each document comes with its collection.
+        A finished document set aside as undecodable keeps its status
+        (`_set_aside`), so it is left out by its ``decode_error``, as a live one
+        is by its status: else every page would hold it again, and a page of
+        them only would end a paging reader (a prune, ``--status``) early.
         """
         collections = list(self.live_collections())
         if any(status in TERMINAL for status in statuses):
             collections.insert(0, self.finished)
+        readable = {**query, "decode_error": {"$exists": False}}
 
         def read(collection: Collection[Any]) -> list[Mapping[str, Any]]:
-            return list(collection.find(query).sort(sort).limit(limit))
+            asked = readable if collection is self.finished else query
+            return list(collection.find(asked).sort(sort).limit(limit))
 
         if len(collections) == 1:
             answers = [read(collections[0])]

@@ -327,8 +327,9 @@ def _retried(task_id: str, retry: RetryShown, now: datetime) -> str:
         return f"{line}; {retry.copy_id} {_copy_phrase(retry.copy_id, retry.copy_status)}"
     if now - retry.at <= WRITE_WINDOW:
         return (
-            f"{line}, but {retry.copy_id} is not stored (the retry was cut short): "
-            f"run tulliusd --retry-unhandled {task_id} again"
+            f"{line}, but {retry.copy_id} can't be read: the retry was cut short, or the "
+            f"copy was set aside as undecodable; run tulliusd --retry-unhandled {task_id} "
+            "again, which completes the one and names the other"
         )
     return (
         f"{line}; {retry.copy_id} is not stored: pruned once done with, or never written "
