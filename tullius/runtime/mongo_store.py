@@ -464,6 +464,10 @@ class MongoStore:
                     [("status", ASCENDING), ("due_at", ASCENDING), ("_id", ASCENDING)],
                     name="status",
                 ),
+                # find_by_status(after=): the pages of a prune or --status, in id order.
+                self.finished.create_index(
+                    [("status", ASCENDING), ("_id", ASCENDING)], name="status_id"
+                ),
                 self.finished.create_index([("parent_id", ASCENDING)], name="parent"),
                 self.records.create_index([("task_id", ASCENDING)], name="task"),
             ),
