@@ -164,6 +164,8 @@ def task_id_of(task_or_id: Task | str) -> str:
                 "task", task_or_id, "has not been queued; expected a queued task or its id"
             )
         return task_or_id.task_id
+    if not isinstance(task_or_id, str):
+        raise ConfigError("task", task_or_id, "is not a task; expected a queued Task or its id")
     return task_or_id
 
 
@@ -172,13 +174,16 @@ def chain(task_or_id: Task | str, *, store: Store | None = None) -> list[ChainLi
     return read_chain(store or current_store(), task_id_of(task_or_id))
 
 
-def retry_unhandled(task_or_id: Task | str, *, store: Store | None = None) -> Retry:
+def retry_unhandled(
+    task_or_id: Task | str, *, store: Store | None = None, dry_run: bool = False
+) -> Retry:
     """Try ``failed()`` again for an UNHANDLED task, once its code is fixed.
 
     The task stays UNHANDLED; a copy of it, born failed with its failure, has
     its ``failed()`` run by the daemons (``run()`` never runs again), and
     ``chain()`` follows the task to it.  Asking again for a task already
-    retried returns that retry (completing it if it was cut short).
+    retried returns that retry (completing it if it was cut short).  With
+    ``dry_run``, nothing is written: the result says what would be.
 
     Raises:
         TaskNotFound: no such task.
@@ -189,6 +194,7 @@ def retry_unhandled(task_or_id: Task | str, *, store: Store | None = None) -> Re
         task_id_of(task_or_id),
         server=f"retry_unhandled() on {socket.gethostname()}:{os.getpid()}",
         token=uuid.uuid4().hex,
+        dry_run=dry_run,
     )
 
 

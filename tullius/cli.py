@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
         "when the database can't be read or written",
     )
     other.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --retry-unhandled, write nothing: print what would be retried",
+    )
+    other.add_argument(
         "--retry-class",
         metavar="NAME",
         help="with --retry-unhandled all, only the tasks of this class: the stored "
@@ -286,13 +291,23 @@ def _retry(settings: Settings) -> int:
                     limits=limits,
                     report=report,
                     on_each=show,
+                    dry_run=settings.retry_dry_run,
                 )
             )
             return _retry_all_done(report, settings.retry_class)
         not_found = 0
         for task_id in settings.retry_unhandled:
             try:
-                done = run(retry(task_id, now=now, token=token, server=server, limits=limits))
+                done = run(
+                    retry(
+                        task_id,
+                        now=now,
+                        token=token,
+                        server=server,
+                        limits=limits,
+                        dry_run=settings.retry_dry_run,
+                    )
+                )
             except TaskNotFound as error:
                 not_found += 1
                 show(error)

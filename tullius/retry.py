@@ -41,9 +41,11 @@ from typing import Final, TypeVar
 
 from tullius.clock import window_seconds
 from tullius.document import (
+    Origin,
     Status,
     TaskDoc,
     TaskView,
+    derive_task_id,
     retried_as,
     retry_id,
     short_name,
@@ -118,6 +120,7 @@ class Retry:
             copy is gone: pruned once done with (the usual case), or never
             written (a retry cut short and not asked again within the
             window).  It is not written again: it may have run.
+        dry_run: asked with ``dry_run``: nothing was written.
         unreadable: the copy is stored but can't be read: set aside as
             undecodable (by a daemon of a version older than retries, say);
             its ``failed()`` won't run until its document is fixed.
@@ -132,10 +135,13 @@ class Retry:
     completed: bool = False
     stored: bool = True
     unreadable: bool = False
+    dry_run: bool = False
 
     def describe(self) -> str:
         """One line for an operator."""
         if self.new:
+            if self.dry_run:
+                return f"{self.task_id}: would be retried as {self.copy_id}"
             return f"{self.task_id}: retried as {self.copy_id}; its failed() runs next"
         line = (
             f"{self.task_id}: already retried as {self.copy_id} at "
@@ -147,6 +153,8 @@ class Retry:
                 "decode_error; a daemon older than retries can't read it): its failed() "
                 "won't run until its document is fixed"
             )
+        elif self.dry_run and self.copy_status is None and self.stored:
+            line += f"; {self.copy_id} is missing (that retry was cut short) and would be stored"
         elif self.completed:
             line += f"; {self.copy_id} was missing (that retry was cut short) and is stored now"
         elif not self.stored:
@@ -162,7 +170,13 @@ class Retry:
 
 
 def retry(
-    task_id: str, *, now: datetime, token: str, server: str, limits: Limits | None = None
+    task_id: str,
+    *,
+    now: datetime,
+    token: str,
+    server: str,
+    limits: Limits | None = None,
+    dry_run: bool = False,
 ) -> Conversation[Retry]:
     """Retry the ``failed()`` of the UNHANDLED task ``task_id`` (see the module).
 
@@ -172,6 +186,7 @@ def retry(
     its copy is made sure of (written again if the first retry was cut short,
     within a `WRITE_WINDOW` of it; past that, a missing copy is reported with
     ``stored`` False, never written again), and the earlier retry is returned.
+    With ``dry_run``, only reads: the `Retry` returned says what would be done.
 
     Raises:
         TaskNotFound: no such task (never queued, or pruned).
@@ -187,6 +202,9 @@ def retry(
             f"its status is {status.value!r}; expected 'unhandled' "
             "(only a task whose every failed() attempt failed is retried)",
         )
+    if retried_as(view) is None and dry_run:
+        copy_id = derive_task_id(task_id, Origin.RETRY, 0)
+        return Retry(task_id, copy_id, now, server, new=True, copy_status=None, dry_run=True)
     if retried_as(view) is None:
         found = None if limits is None else limits(view.task.class_name)
         timeout, attempts = found or (None, None)
@@ -204,6 +222,8 @@ def retry(
         # It may have run and been pruned since: writing it again would run its
         # failed() a second time.
         return dataclasses.replace(done, copy_status=None, stored=False)
+    if dry_run:
+        return dataclasses.replace(done, copy_status=None, dry_run=True)
     # Not ``yield from``: the driver sends each write's result, which a tuple can't take.
     for effect in settle(view, now):  # noqa: UP028
         yield effect
@@ -225,11 +245,15 @@ def within_window(store: Store) -> Callable[[Conversation[T]], T]:
     return run
 
 
-def retry_now(store: Store, task_id: str, *, server: str, token: str) -> Retry:
+def retry_now(
+    store: Store, task_id: str, *, server: str, token: str, dry_run: bool = False
+) -> Retry:
     """Drive `retry` on ``store`` now, `within_window`, with the class's `current_limits`."""
     run = within_window(store)
     now = datetime.now(UTC)
-    return run(retry(task_id, now=now, token=token, server=server, limits=current_limits))
+    return run(
+        retry(task_id, now=now, token=token, server=server, limits=current_limits, dry_run=dry_run)
+    )
 
 
 def _retry(view: TaskView, *, new: bool) -> Retry:
@@ -254,7 +278,9 @@ class RetryReport:
 
     def describe(self) -> str:
         """One line for an operator (`Retry.describe` gives one per task)."""
-        line = f"retried {len(self.retried)} unhandled task(s)"
+        dry = any(done.dry_run for done in (*self.retried, *self.earlier))
+        verb = "would retry" if dry else "retried"
+        line = f"{verb} {len(self.retried)} unhandled task(s)"
         if self.earlier:
             line += f"; {len(self.earlier)} retried before"
             gone = sum(not done.stored for done in self.earlier)
@@ -279,6 +305,7 @@ def retry_all(
     batch: int = RETRY_BATCH,
     report: RetryReport | None = None,
     on_each: Callable[[Retry | NotRetried], None] | None = None,
+    dry_run: bool = False,
 ) -> Conversation[RetryReport]:
     """Retry every UNHANDLED task (of ``class_name`` only, if given: the stored
     ``module:Class`` or just ``Class``), as `retry` with ``limits``.
@@ -286,7 +313,7 @@ def retry_all(
     A copy this call made is not retried in turn, should it fail on every
     attempt while this runs.  ``report`` is filled as it goes (pass one to
     keep what was done if the store fails part-way), and ``on_each`` is
-    called with each task's result as it comes.
+    called with each task's result as it comes.  With ``dry_run``, only reads.
     """
     report = RetryReport() if report is None else report
     made: set[str] = set()
@@ -307,7 +334,12 @@ def retry_all(
                 continue
             try:
                 done = yield from retry(
-                    doc.task_id, now=now, token=token, server=server, limits=limits
+                    doc.task_id,
+                    now=now,
+                    token=token,
+                    server=server,
+                    limits=limits,
+                    dry_run=dry_run,
                 )
             except TaskNotFound:
                 continue  # pruned meanwhile

@@ -283,6 +283,33 @@ def test_retrying_a_task_again_reports_the_first_retry_and_exits_0(
     assert_copy_born_failed(database, "t1")
 
 
+def test_a_dry_run_says_what_would_be_retried_and_writes_nothing(
+    database: MongoStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an unhandled task, another one retried before, and one that succeeded
+    ran(database, "t1", ok=False)
+    ran(database, "t2", ok=False)
+    ran(database, "done", ok=True)
+    assert tulliusd("--retry-unhandled", "t2") == 0
+    capsys.readouterr()
+    # When an operator asks for a dry run, of the ids and of all
+    assert tulliusd("--retry-unhandled", "t1", "t2", "done", "--dry-run") == 1
+    out, err = out_and_err(capsys)
+    assert tulliusd("--retry-unhandled", "all", "--dry-run") == 0
+    every = output(capsys)
+    # Then each line says what would be done, and nothing is written
+    assert out[0] == f"t1: would be retried as {copy_of('t1')}"
+    assert out[1].startswith(f"t2: already retried as {copy_of('t2')} at ")
+    assert err == [
+        "tulliusd: task 'done' not retried: its status is 'succeeded'; expected 'unhandled' "
+        "(only a task whose every failed() attempt failed is retried)"
+    ]
+    assert every[0] == f"t1: would be retried as {copy_of('t1')}"
+    assert every[-1] == "would retry 1 unhandled task(s); 1 retried before"
+    assert database.find_children("t1") == []
+    assert "t1:retry" not in database.load("t1").records  # type: ignore[union-attr]
+
+
 def test_a_task_not_unhandled_or_unknown_is_named_the_others_retried_and_exit_is_1(
     database: MongoStore, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,7 +6,7 @@ Histories are written by the engine itself; ``now`` is always an argument.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import mongomock
@@ -437,3 +437,32 @@ def test_a_copy_set_aside_as_undecodable_is_reported_so_not_as_completed() -> No
     # Then they are told it is stored but can't be read, not that it was completed
     assert (again.unreadable, again.completed, again.copy_status) == (True, False, None)
     assert "is stored but set aside as undecodable" in again.describe()
+
+
+def test_a_dry_run_of_a_retry_cut_short_says_it_would_complete_it_and_writes_nothing(
+    store: Store,
+) -> None:
+    unhandled(store, "t")
+    view = store.load("t")
+    assert view is not None
+    perform(store, step(view, Retried("op1", "ops"), now=NOW).effects[0])
+    done = drive(store, retry("t", now=NOW, token="op2", server="ops", dry_run=True))
+    assert done.dry_run
+    assert done.describe().endswith(
+        f"; {done.copy_id} is missing (that retry was cut short) and would be stored"
+    )
+    assert store.load(done.copy_id) is None
+
+
+def test_the_public_call_retries_within_a_window_and_may_only_say_what_it_would_do() -> None:
+    store = MemoryStore()
+    unhandled(store, "t", at=datetime.now(UTC) - timedelta(hours=1))
+    would = tullius.retry_unhandled("t", store=store, dry_run=True)
+    assert (would.new, would.dry_run) == (True, True)
+    assert store.find_children("t") == []
+    done = tullius.retry_unhandled("t", store=store)
+    assert (done.new, done.copy_id) == (True, would.copy_id)
+    assert done.by.startswith("retry_unhandled() on ")
+    assert store.load(done.copy_id) is not None
+    with pytest.raises(tullius.ConfigError, match="123 is not a task; expected a queued Task"):
+        tullius.retry_unhandled(123, store=store)  # type: ignore[arg-type]

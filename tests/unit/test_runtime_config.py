@@ -307,6 +307,13 @@ def test_retry_unhandled_all_is_the_word_in_any_case(given: list[str]) -> None:
     assert settings.retry_class == "Invoice"
 
 
+def test_a_dry_run_of_a_retry_is_a_setting_of_its_own() -> None:
+    flags = RawFlags(mongodb_uri="mongodb://h/db", retry_unhandled=["all"], dry_run=True)
+    assert resolve(flags, {}, deps_loader=no_deps).retry_dry_run
+    flags = RawFlags(mongodb_uri="mongodb://h/db", retry_unhandled=["t1"])
+    assert not resolve(flags, {}, deps_loader=no_deps).retry_dry_run
+
+
 def test_without_retry_unhandled_the_daemon_runs() -> None:
     settings = resolve(RawFlags(mongodb_uri="mongodb://h/db"), {}, deps_loader=no_deps)
     assert (settings.retry_unhandled, settings.retry_all) == (None, False)
@@ -337,6 +344,7 @@ def test_retry_unhandled_uses_tullius_deps_like_the_daemon() -> None:
         (RawFlags(retry_unhandled=["t1", "all"]), "--retry-unhandled", "t1 all", "not both"),
         (RawFlags(retry_unhandled=["t1", "ALL"]), "--retry-unhandled", "t1 ALL", "not both"),
         (RawFlags(retry_class="Invoice"), "--retry-class", "Invoice", "--retry-unhandled all"),
+        (RawFlags(dry_run=True), "--dry-run", True, "give --retry-unhandled too"),
         (
             RawFlags(retry_unhandled=["t1"], retry_class="Invoice"),
             "--retry-class",

@@ -80,6 +80,7 @@ class Settings:
         retry_all: with ``retry_unhandled``, retry every ``unhandled`` task.
         retry_class: with ``retry_all``, only those of this class (the stored
             ``module:Class``, or just ``Class``).
+        retry_dry_run: with ``retry_unhandled``, only say what would be retried.
     """
 
     bands: tuple[Band, ...]
@@ -100,6 +101,7 @@ class Settings:
     retry_unhandled: tuple[str, ...] | None = None
     retry_all: bool = False
     retry_class: str | None = None
+    retry_dry_run: bool = False
 
     def describe(self) -> str:
         """One line for the start-up log; credentials redacted."""
@@ -140,6 +142,7 @@ class RawFlags:
     prune_unhandled: bool = False
     retry_unhandled: Sequence[str] | None = None
     retry_class: str | None = None
+    dry_run: bool = False
 
 
 def env_name(flag: str) -> str:
@@ -365,6 +368,7 @@ def resolve(
         retry_unhandled=retry_ids,
         retry_all=retry_all,
         retry_class=flags.retry_class,
+        retry_dry_run=flags.dry_run,
     )
 
 
@@ -418,6 +422,12 @@ def _parse_retry(flags: RawFlags) -> tuple[tuple[str, ...] | None, bool]:
     """
     given = flags.retry_unhandled
     if given is None:
+        if flags.dry_run:
+            raise ConfigError(
+                "--dry-run",
+                True,
+                "only says what --retry-unhandled would do; give --retry-unhandled too",
+            )
         if flags.retry_class is not None:
             raise ConfigError(
                 "--retry-class",
