@@ -313,10 +313,10 @@ def _retry(settings: Settings) -> int:
                 show(error)
                 continue
             except NotRetried as error:
-                report.refused.append(error)
+                report.add(error)
                 show(error)
                 continue
-            (report.retried if done.new else report.earlier).append(done)
+            report.add(done)
             show(done)
         return EXIT_NOT_RETRIED if report.refused or not_found else 0
     except TulliusError as error:  # the store failing, or a document it can't give back
@@ -342,12 +342,10 @@ def _retry_all_done(report: RetryReport, class_name: str | None) -> int:
     matched if that was more than one class, the summary, and a line on
     stderr if ``--retry-class`` matched nothing while some tasks are
     unhandled; its exit status."""
-    from tullius.document import short_name
+    from tullius.retry import is_of_class
 
     matched = sorted(
-        name
-        for name in report.classes
-        if class_name is not None and class_name in (name, short_name(name))
+        name for name in report.classes if class_name is not None and is_of_class(name, class_name)
     )
     if len(matched) > 1:
         print(

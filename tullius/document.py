@@ -292,6 +292,11 @@ def retry_id(task_id: str) -> str:
     return f"{task_id}:retry"
 
 
+def retry_copy_id(task_id: str) -> str:
+    """Id of the copy an operator's retry of the task spawns (see `retry_id`)."""
+    return derive_task_id(task_id, Origin.RETRY, 0)
+
+
 def derive_task_id(parent_id: str, origin: Origin, index: int) -> str:
     """The id of the ``index``-th task spawned by ``parent_id``.
 

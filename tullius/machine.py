@@ -67,6 +67,7 @@ from tullius.document import (
     queued_doc,
     quick_init,
     retried_as,
+    retry_copy_id,
     retry_id,
     run_id,
     spawned_of,
@@ -419,7 +420,7 @@ def _record_retried(view: TaskView, event: Event, now: datetime, rng: object) ->
             f"already retried as task {earlier.task_id!r}",
         )
     task = view.task
-    copy_id = derive_task_id(task.task_id, Origin.RETRY, 0)
+    copy_id = retry_copy_id(task.task_id)
     copy = TaskDoc(
         task_id=copy_id,
         class_name=task.class_name,

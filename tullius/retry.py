@@ -41,12 +41,11 @@ from typing import Final, TypeVar
 
 from tullius.clock import window_seconds
 from tullius.document import (
-    Origin,
     Status,
     TaskDoc,
     TaskView,
-    derive_task_id,
     retried_as,
+    retry_copy_id,
     retry_id,
     short_name,
     status_of,
@@ -202,10 +201,10 @@ def retry(
             f"its status is {status.value!r}; expected 'unhandled' "
             "(only a task whose every failed() attempt failed is retried)",
         )
-    if retried_as(view) is None and dry_run:
-        copy_id = derive_task_id(task_id, Origin.RETRY, 0)
-        return Retry(task_id, copy_id, now, server, new=True, copy_status=None, dry_run=True)
     if retried_as(view) is None:
+        if dry_run:
+            copy_id = retry_copy_id(task_id)
+            return Retry(task_id, copy_id, now, server, new=True, copy_status=None, dry_run=True)
         found = None if limits is None else limits(view.task.class_name)
         timeout, attempts = found or (None, None)
         decided = step(view, Retried(token, server, timeout, attempts), now=now)
@@ -263,6 +262,12 @@ def _retry(view: TaskView, *, new: bool) -> Retry:
     return Retry(view.task_id, copy.task_id, record.at, record.server, new)
 
 
+def is_of_class(stored: str, asked: str) -> bool:
+    """Whether a task stored as class ``stored`` (``module:Class``) is of the class
+    an operator named: the same ``module:Class``, or just ``Class``."""
+    return asked in (stored, short_name(stored))
+
+
 @dataclass
 class RetryReport:
     """What `retry_all` did."""
@@ -289,6 +294,13 @@ class RetryReport:
         if self.refused:
             line += f"; {len(self.refused)} refused"
         return line
+
+    def add(self, done: Retry | NotRetried) -> None:
+        """Count one task's result: retried now, retried before, or refused."""
+        if isinstance(done, NotRetried):
+            self.refused.append(done)
+        else:
+            (self.retried if done.new else self.earlier).append(done)
 
     def matched(self) -> int:
         """How many tasks were asked for (retried, retried before or refused)."""
@@ -327,10 +339,7 @@ def retry_all(
             if doc.task_id in made:
                 continue  # a copy this made, which failed again meanwhile
             report.classes[doc.class_name] += 1
-            if class_name is not None and class_name not in (
-                doc.class_name,
-                short_name(doc.class_name),
-            ):
+            if class_name is not None and not is_of_class(doc.class_name, class_name):
                 continue
             try:
                 done = yield from retry(
@@ -344,12 +353,12 @@ def retry_all(
             except TaskNotFound:
                 continue  # pruned meanwhile
             except NotRetried as refused:
-                report.refused.append(refused)
+                report.add(refused)
                 if on_each is not None:
                     on_each(refused)
                 continue
             if done.new or done.completed:
                 made.add(done.copy_id)
-            (report.retried if done.new else report.earlier).append(done)
+            report.add(done)
             if on_each is not None:
                 on_each(done)

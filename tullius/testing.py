@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from tullius.document import FailureKind, Origin, Status, derive_task_id, short_name
+from tullius.document import FailureKind, Origin, Status, retry_copy_id, short_name
 from tullius.inspection import ChainLink
 
 #: The failure kinds Tullius writes: an expected kind must be one of them, so a
@@ -135,7 +135,7 @@ def describe_link(link: ChainLink) -> str:
             text += f"; left unhandled after {link.handler_attempts} attempt(s)"
         text += "]"
     if link.status is Status.UNHANDLED:
-        copy = derive_task_id(link.task_id, Origin.RETRY, 0)
+        copy = retry_copy_id(link.task_id)
         if copy in link.children:
             text += f"; retried as {copy}"
     return text

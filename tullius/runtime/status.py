@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from tullius.coverage import Coverage, ago, is_live, read_coverage
-from tullius.document import Origin, Status, TaskDoc, derive_task_id, retried_as, retry_id
+from tullius.document import Status, TaskDoc, retried_as, retry_copy_id, retry_id
 from tullius.engine import drive
 from tullius.errors import TulliusError
 from tullius.inspection import ChainLink, link_of
@@ -185,7 +185,7 @@ def _read_unhandled(store: Store, *, read: int, shown: int, page: int) -> _Unhan
 
 def _copies_stored(store: Store, docs: list[TaskDoc]) -> set[str]:
     """Those of ``docs`` whose retry's copy is stored (one `Store.find_tasks` per chunk)."""
-    copy_of = {derive_task_id(doc.task_id, Origin.RETRY, 0): doc.task_id for doc in docs}
+    copy_of = {retry_copy_id(doc.task_id): doc.task_id for doc in docs}
     copy_ids = list(copy_of)
     stored: set[str] = set()
     for start in range(0, len(copy_ids), _FIND_CHUNK):
