@@ -809,9 +809,7 @@ class MongoStore:
             )
             # Not a child set aside, or that can't be decoded (set aside now), as in
             # `find_tasks`: inspection must not stop at one bad document.
-            return self._decoded(
-                found[key] for key in sorted(found) if found[key][0].get("status") != UNDECODABLE
-            )
+            return self._decoded(found[key] for key in sorted(found))
 
         return self._retrying("find children", attempt)
 
@@ -831,9 +829,7 @@ class MongoStore:
                 d["_id"]: (d, self.finished) for d in self.finished.find({"_id": {"$in": ids}})
             }
             found.update(live)
-            return self._decoded(
-                raw for raw in found.values() if raw[0].get("status") != UNDECODABLE
-            )
+            return self._decoded(found.values())
 
         return self._retrying("find tasks", attempt)
 
@@ -1009,7 +1005,8 @@ class MongoStore:
     def _decoded(
         self, raw_docs: Iterable[tuple[Mapping[str, Any], Collection[Any]]]
     ) -> list[TaskDoc]:
-        """Decode task documents, setting aside any that can't be decoded.
+        """Decode task documents, setting aside any that can't be decoded (and leaving
+        out those set aside before).
 
         One malformed document (written by hand, or by an incompatible
         version) must not stop a whole band from claiming work: it is moved
@@ -1019,6 +1016,8 @@ class MongoStore:
         """
         docs = []
         for raw, collection in raw_docs:
+            if raw.get("status") == UNDECODABLE:
+                continue
             try:
                 docs.append(decode_task(raw))
             except _DECODE_ERRORS as error:
