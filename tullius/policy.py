@@ -46,6 +46,18 @@ DEFAULT_LEASE: Final = timedelta(seconds=30)
 WRITE_WINDOW: Final = timedelta(days=1)
 
 
+#: How long ``tulliusd`` lets running jobs finish after a stop signal (SIGTERM or
+#: SIGINT) before it stops them and fails them as ``shutdown``; ``--grace``, and
+#: `tullius.sim.ServerStop`'s ``grace``.
+DEFAULT_GRACE: Final = timedelta(seconds=30)
+#: Between SIGTERM and SIGKILL for a job stopped at its deadline or by a shutdown.
+KILL_GRACE: Final = timedelta(seconds=1)
+#: After a shutdown's kills, how long a stopping ``tulliusd`` keeps trying to
+#: record the verdicts of its last jobs before it exits without them (their
+#: leases are then no longer renewed, and the sweeps fail them as ``lost``).
+FINISH_GIVE_UP: Final = timedelta(seconds=30)
+
+
 def verdict_window(time_limit: timedelta) -> timedelta:
     """How long after its claim a job's verdict may still be written: the job's
     ``time_limit`` (its run or its ``failed()`` may take that long) and a

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from tullius.sim import Simulation
 from tullius.sim import faults as faults_module
-from tullius.sim.faults import Fault, ServerCrash, StepCrash, validate_schedule
+from tullius.sim.faults import Fault, ServerCrash, ServerStop, StepCrash, validate_schedule
 from tullius.sim.strategies import SimWork, busy_times, fault_schedules, server_names, work
 from tullius.task import to_spec
 
@@ -36,14 +36,16 @@ def test_generated_tasks_are_storable(task: SimWork) -> None:
 
 @settings(max_examples=50, deadline=None)
 @given(data=st.data(), servers=server_names(3))
-def test_only_the_survivors_crashes_always_restart(data: st.DataObject, servers: list[str]) -> None:
+def test_only_the_survivors_crashes_and_stops_always_restart(
+    data: st.DataObject, servers: list[str]
+) -> None:
     times = {name: [timedelta(seconds=n)] for n, name in enumerate(servers)}
     schedule: list[Fault] = data.draw(
         fault_schedules(servers, times=times, survivor=servers[0], max_faults=8)
     )
     assert validate_schedule(schedule, servers) == schedule
     for fault in schedule:
-        if isinstance(fault, ServerCrash | StepCrash) and fault.server == servers[0]:
+        if isinstance(fault, ServerCrash | ServerStop | StepCrash) and fault.server == servers[0]:
             assert fault.restart_after is not None, fault
 
 

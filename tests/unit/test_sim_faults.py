@@ -63,6 +63,176 @@ def test_a_restarted_lone_server_declares_its_own_old_lease_lost() -> None:
     sim.close()
 
 
+def test_a_stopped_server_lets_its_running_work_finish_within_the_grace_then_exits() -> None:
+    # Given a lone server running a 5 s task, told to stop at 2 s with 10 s of grace
+    sim = Simulation(seed=7, keep_trace=True)
+    task = Sleeper(secs=5)
+    sim.queue(task)
+    sim.stop_server("s1", at=timedelta(seconds=2), grace=timedelta(seconds=10))
+    sim.run_for(timedelta(seconds=3))
+    # And a task queued while it stops
+    later = Sleeper(secs=1)
+    sim.queue(later)
+    # When time passes
+    sim.run_for(timedelta(minutes=5))
+    # Then the running task succeeded, and the server exited as soon as it did
+    assert_outcomes(sim.chain(task), "succeeded")
+    [finished] = sim.chain(task)
+    assert finished.started_at is not None
+    assert finished.finished_at == finished.started_at + timedelta(seconds=5)
+    assert any("stopped: every verdict recorded" in line for line in sim.trace)
+    # And it claimed nothing after the stop: the later task still waits for a worker
+    assert sim.chain(later)[0].outcome is None
+    with pytest.raises(DrainTimeout, match="waits for a worker"):
+        sim.drain(within=timedelta(minutes=1))
+    sim.close()
+
+
+def _first_claim_at(seed: int) -> timedelta:
+    """When a lone server of ``seed`` first looks for work (its first claim's offset)."""
+    with Simulation(seed=seed, keep_trace=True) as probe:
+        probe.queue(Sleeper(secs=1))
+        probe.run_for(timedelta(seconds=2))
+        line = next(line for line in probe.trace if " claimed " in line)
+    return timedelta(seconds=float(line.split("s", 1)[0]))
+
+
+def test_jobs_claimed_as_the_stop_signal_arrives_run_before_the_server_exits() -> None:
+    # A claim in flight when the stop arrives runs the jobs it wins, as the daemon's.
+    # They start only after the claim loop went on to its next nap, which a stop
+    # ends: the server exited there, and the claimed task failed later as lost.
+    caught_mid_claim = 0
+    for seed in range(60):
+        # Given a lone idle server, a task queued, and a stop at the instant of its
+        # next look for work (which of the two comes first is the seed's draw)
+        at = timedelta(seconds=3) + _first_claim_at(seed)
+        sim = Simulation(seed=seed, keep_trace=True)
+        sim.run_for(timedelta(seconds=2.5))
+        task = Sleeper(secs=1)
+        sim.queue(task)
+        sim.stop_server(
+            "s1", at=at, grace=timedelta(seconds=10), restart_after=timedelta(seconds=1)
+        )
+        sim.drain(within=timedelta(minutes=5))
+        # Then the task ran to its end, whether claimed before the stop or after the restart
+        assert_outcomes(sim.chain(task), "succeeded")
+        lines = sim.trace
+        stopping, claimed, restarted = (
+            next((i for i, line in enumerate(lines) if what in line), len(lines))
+            for what in ("stopping:", " claimed ", "restarted")
+        )
+        caught_mid_claim += stopping < claimed < restarted
+        sim.close()
+    assert caught_mid_claim >= 2  # the case above happened, and more than once
+
+
+def test_work_still_running_after_the_grace_fails_as_shutdown_and_is_handled_elsewhere() -> None:
+    # Given two one-slot servers, each running a 50 s task
+    FAILURES.clear()
+    sim = Simulation(seed=8, servers=["s1", "s2"], task_processes=[(1, 0, 10)])
+    tasks = [Sleeper(secs=50), Sleeper(secs=50)]
+    sim.queue(tasks)
+    sim.run_for(timedelta(seconds=2))
+    on_s1 = next(task for task in tasks if sim.chain(task)[0].server == "s1")
+    # When s1 is stopped with 10 s of grace (a deploy), coming back 30 s after it exits
+    stopped_at = sim.now
+    sim.stop_server(
+        "s1", at=sim.elapsed, grace=timedelta(seconds=10), restart_after=timedelta(seconds=30)
+    )
+    sim.drain(within=timedelta(minutes=10))
+    # Then its task was stopped when the grace ran out, failed as shutdown, and
+    # its failed() ran once; the other server's task ran to its end
+    [link] = sim.chain(on_s1)
+    assert link.failure is not None
+    assert link.failure.kind == "shutdown"
+    assert link.failure.message == (
+        "the daemon stopped (grace of 10s over) while run() was running"
+    )
+    assert link.finished_at == stopped_at + timedelta(seconds=10)
+    assert link.status is tullius.Status.HANDLED
+    assert FAILURES == ["shutdown"]
+    assert sim.counts().succeeded == 1
+    sim.check()
+    sim.close()
+
+
+def test_a_lone_server_restarted_after_a_stop_handles_the_work_it_stopped() -> None:
+    sim = Simulation(seed=9)
+    task = Sleeper(secs=50)
+    sim.queue(task)
+    sim.stop_server(
+        "s1", at=timedelta(seconds=5), grace=timedelta(0), restart_after=timedelta(seconds=60)
+    )
+    counts = sim.drain(within=timedelta(minutes=10))
+    [link] = sim.chain(task)
+    assert link.failure is not None
+    assert link.failure.kind == "shutdown"
+    assert link.status is tullius.Status.HANDLED
+    assert counts.failures == {"shutdown": 1}
+    assert sim.elapsed >= timedelta(seconds=65)  # failed() ran on the restarted server
+    sim.close()
+
+
+def test_a_server_stopping_while_the_store_is_out_of_reach_gives_up_and_the_task_is_lost() -> None:
+    # Given two servers, s1 running a long task, stopped with 5 s of grace while
+    # cut off from the store for five minutes
+    sim = Simulation(seed=10, servers=["s1", "s2"], task_processes=[(1, 0, 10)], keep_trace=True)
+    task = Sleeper(secs=100)
+    sim.queue(task)
+    sim.run_for(timedelta(seconds=2))
+    owner = sim.chain(task)[0].server
+    assert owner is not None
+    sim.store_outage(at=sim.elapsed, duration=timedelta(minutes=5), server=owner)
+    sim.stop_server(owner, at=sim.elapsed, grace=timedelta(seconds=5))
+    # When the other server drains, and a minute passes
+    sim.drain(within=timedelta(minutes=10))
+    sim.run_for(timedelta(minutes=1))
+    # Then the other server failed the task as lost (its lease was no longer
+    # renewed once the run was stopped), and the stopping server gave its
+    # verdict up 31 s after the kill and exited
+    assert any("stopped without recording the verdicts of" in line for line in sim.trace)
+    [link] = sim.chain(task)
+    assert link.failure is not None
+    assert link.failure.kind == "lost"
+    assert link.status is tullius.Status.HANDLED
+    sim.check()
+    sim.close()
+
+
+def test_a_stop_of_a_server_already_stopping_or_down_is_ignored() -> None:
+    sim = Simulation(seed=11, servers=["s1", "s2"], keep_trace=True)
+    sim.stop_server("s1", at=timedelta(seconds=1))
+    sim.stop_server("s1", at=timedelta(seconds=1), grace=timedelta(0))
+    sim.crash_server("s2", at=timedelta(seconds=1))
+    sim.stop_server("s2", at=timedelta(seconds=2))
+    sim.run_for(timedelta(seconds=5))
+    ignored = [line for line in sim.trace if "stop signal ignored" in line]
+    assert len(ignored) == 2
+    assert "the server is stopped" in ignored[0] or "the server is stopping" in ignored[0]
+    assert "the server is crashed" in ignored[1]
+    sim.close()
+
+
+def test_a_stop_sent_to_a_paused_server_is_carried_out_when_it_wakes_up() -> None:
+    FAILURES.clear()
+    sim = Simulation(seed=12, servers=["s1", "s2"], task_processes=[(1, 0, 10)])
+    task = Sleeper(secs=100)
+    sim.queue(task)
+    sim.run_for(timedelta(seconds=2))
+    owner = sim.chain(task)[0].server
+    assert owner is not None
+    # Paused for 10 s (shorter than the lease), stopped with 5 s of grace while paused
+    sim.pause_server(owner, at=sim.elapsed, duration=timedelta(seconds=10))
+    sim.stop_server(owner, at=sim.elapsed + timedelta(seconds=1), grace=timedelta(seconds=5))
+    sim.drain(within=timedelta(minutes=10))
+    # The grace counts from the wake-up, when the signal is acted upon
+    [link] = sim.chain(task)
+    assert link.failure is not None
+    assert link.failure.kind == "shutdown"
+    assert link.finished_at == sim.now - sim.elapsed + timedelta(seconds=2 + 10 + 5)
+    sim.close()
+
+
 def test_paused_server_wakes_up_and_its_late_result_is_rejected() -> None:
     sim = Simulation(seed=5, servers=2, task_processes=[(1, 0, 10)], keep_trace=True)
     task = Sleeper(secs=5)

@@ -166,6 +166,25 @@ class Tidy(tullius.Task):
         return None
 
 
+def test_user_code_stopped_by_a_shutdown_may_still_queue_its_clean_up() -> None:
+    # A stop's kill is SIGTERM, and SIGKILL only a second later, as at a deadline:
+    # the run's finally block runs under tulliusd too, and what it queues is stored.
+    sim = Simulation(seed=4)
+    task = Tidy()
+    sim.queue(task)
+    sim.stop_server(
+        "s1",
+        at=timedelta(seconds=2),
+        grace=timedelta(seconds=3),
+        restart_after=timedelta(seconds=1),
+    )
+    counts = sim.drain(within=timedelta(minutes=5))
+    assert_outcomes(sim.chain(task), "shutdown")
+    assert counts.tasks == 2
+    assert counts.succeeded == 1  # the clean-up task, run after the restart
+    sim.close()
+
+
 @pytest.mark.parametrize("fault", ["worker crash", "server crash"])
 def test_user_code_whose_process_died_queues_nothing(fault: str) -> None:
     # Under tulliusd a crashed worker, or every worker of a crashed server (their

@@ -11,7 +11,14 @@ import pytest
 
 import tullius
 from tullius.errors import ConfigError, TaskDefinitionError
-from tullius.sim import ClockSkew, ServerCrash, Simulation, SimulationError, StoreFault
+from tullius.sim import (
+    ClockSkew,
+    ServerCrash,
+    ServerStop,
+    Simulation,
+    SimulationError,
+    StoreFault,
+)
 
 
 class Nap(tullius.Task):
@@ -79,6 +86,16 @@ def test_a_worker_crash_aimed_at_a_slot_no_server_has_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"faults\[0\].worker=3 .*has 3 \(0 to 2\)"):
         sim.crash_worker("s1", at=timedelta(seconds=1), worker=3)
     sim.crash_worker("s1", at=timedelta(seconds=1), worker=2)
+    assert len(sim.faults) == 1
+
+
+def test_a_stop_with_a_negative_grace_or_restart_names_the_value() -> None:
+    sim = Simulation()
+    with pytest.raises(ConfigError, match=r"faults\[0\].grace=.*must be a timedelta >= 0"):
+        sim.stop_server("s1", at=timedelta(seconds=1), grace=timedelta(seconds=-1))
+    with pytest.raises(ConfigError, match=r"faults\[0\].restart_after=.*positive timedelta"):
+        sim.apply([ServerStop(at=timedelta(0), server="s1", restart_after=timedelta(0))])
+    sim.stop_server("s1", at=timedelta(seconds=1), grace=timedelta(0))  # no grace: stop at once
     assert len(sim.faults) == 1
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from tullius import policy
 from tullius.band import ALL, Band, parse_band
 from tullius.deps import Deps, load_deps
 from tullius.errors import ConfigError
@@ -39,7 +40,7 @@ DEFAULT_BANDS = (Band(4, *ALL),)
 #: about 15 ms (half the period plus one claim's round trips); measured in
 #: bench/daemon_bench.py: pickup p50 14 ms at 0.01 s, 22 ms at 0.02 s.
 DEFAULT_POLL_INTERVAL = 0.01
-DEFAULT_GRACE = 30.0
+DEFAULT_GRACE = policy.DEFAULT_GRACE.total_seconds()
 DEFAULT_DATABASE = "tullius"
 #: The largest ``--prune-finished`` (``timedelta`` stops at 999,999,999 days).
 MAX_PRUNE_DAYS = 100 * 365

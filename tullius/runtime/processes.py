@@ -15,6 +15,7 @@ import logging
 import signal
 from typing import Any
 
+from tullius import policy
 from tullius.clock import Clock
 from tullius.document import Failure, FailureKind, failure_from_bson, failure_to_bson, task_to_bson
 from tullius.engine import Job, JobKind
@@ -26,8 +27,9 @@ from tullius.runtime.slots import Counters, Running, Slot, WorkerProcess
 
 log = logging.getLogger("tullius.daemon")
 
-#: Seconds between SIGTERM and SIGKILL for a task past its deadline.
-KILL_GRACE = 1.0
+#: Seconds between SIGTERM and SIGKILL for a task past its deadline or stopped by
+#: a shutdown (`tullius.policy.KILL_GRACE`).
+KILL_GRACE = policy.KILL_GRACE.total_seconds()
 
 
 class WorkerKeeping:

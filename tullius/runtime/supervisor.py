@@ -36,6 +36,7 @@ from multiprocessing.connection import wait
 from types import FrameType
 from typing import Any
 
+from tullius import policy
 from tullius.api import insert_queued
 from tullius.band import Band, format_priority
 from tullius.clock import Clock, SystemClock, window_seconds
@@ -73,8 +74,9 @@ from tullius.store import Store
 
 log = logging.getLogger("tullius.daemon")
 
-#: After shutdown's grace, how long to keep trying to record the last verdicts.
-FINISH_GIVE_UP = 30.0
+#: After shutdown's kills, seconds to keep trying to record the last verdicts
+#: (`tullius.policy.FINISH_GIVE_UP`).
+FINISH_GIVE_UP = policy.FINISH_GIVE_UP.total_seconds()
 #: Store conversations in flight at once against a database (claims of one band
 #: stay one at a time; finishes, renewals and sweeps overlap them).
 STORE_THREADS = 4

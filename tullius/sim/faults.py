@@ -13,6 +13,12 @@ call, so a failing seed's report can be pasted back into a test.
                     mid-step, its leases stay until another server's sweep
                     declares them ``lost``.  Optionally restarts later, with a
                     fresh memory (new tokens, new lease watch).
+`ServerStop`        A graceful stop (SIGTERM, a deploy): the server claims no
+                    more, lets its running jobs finish for ``grace``, then
+                    stops the rest (failed as ``shutdown``) and exits once
+                    every verdict is recorded (or 30 s after the kills, as
+                    ``tulliusd``).  Optionally restarts ``restart_after``
+                    after it exited.
 `ServerPause`       The server freezes (GC pause, SIGSTOP, VM migration) and
                     wakes up later to carry on where it was; a late result for
                     a lease that was meanwhile declared lost is rejected.
@@ -48,6 +54,7 @@ from datetime import timedelta
 from typing import Final
 
 from tullius.errors import ConfigError
+from tullius.policy import DEFAULT_GRACE, FINISH_GIVE_UP, KILL_GRACE
 
 #: The operation names a `StoreFault` may aim at.
 OPERATIONS: Final = frozenset(
@@ -89,6 +96,32 @@ class ServerCrash:
     def __repr__(self) -> str:
         restart = None if self.restart_after is None else _td(self.restart_after)
         return f"ServerCrash(at={_td(self.at)}, server={self.server!r}, restart_after={restart})"
+
+
+@dataclass(frozen=True)
+class ServerStop:
+    """At ``at``, ``server`` gets a stop signal, as ``tulliusd`` on SIGTERM: no more
+    claims, ``grace`` for its running jobs, then the rest are stopped and fail as
+    ``shutdown``; it exits when every verdict is recorded, or gives them up
+    `STOP_GIVE_UP` after the kills (their leases then expire: ``lost``).
+    Restarts ``restart_after`` after it exited, if given (a deploy)."""
+
+    at: timedelta
+    server: str
+    grace: timedelta = DEFAULT_GRACE
+    restart_after: timedelta | None = None
+
+    def __repr__(self) -> str:
+        restart = None if self.restart_after is None else _td(self.restart_after)
+        return (
+            f"ServerStop(at={_td(self.at)}, server={self.server!r}, grace={_td(self.grace)}, "
+            f"restart_after={restart})"
+        )
+
+
+#: How long after its grace a stopping server exits at the latest: the kill's
+#: second and the daemon's 30 s of trying to record the last verdicts.
+STOP_GIVE_UP: Final = KILL_GRACE + FINISH_GIVE_UP
 
 
 @dataclass(frozen=True)
@@ -169,7 +202,16 @@ class ClockSkew:
         return f"ClockSkew(server={self.server!r}, skew={_td(self.skew)}, at={_td(self.at)})"
 
 
-Fault = WorkerCrash | ServerCrash | ServerPause | StoreFault | StepCrash | StoreOutage | ClockSkew
+Fault = (
+    WorkerCrash
+    | ServerCrash
+    | ServerPause
+    | StoreFault
+    | StepCrash
+    | StoreOutage
+    | ClockSkew
+    | ServerStop
+)
 FAULT_TYPES: Final = (
     WorkerCrash,
     ServerCrash,
@@ -178,6 +220,7 @@ FAULT_TYPES: Final = (
     StepCrash,
     StoreOutage,
     ClockSkew,
+    ServerStop,
 )
 
 
@@ -186,8 +229,11 @@ def fault_start(fault: Fault) -> timedelta:
 
 
 def fault_end(fault: Fault) -> timedelta:
-    """When the fault stops disturbing anything (a restart or a resume counts as the end)."""
+    """When the fault stops disturbing anything (a restart or a resume counts as the end;
+    a stopping server's exit comes `STOP_GIVE_UP` after its grace at the latest)."""
     match fault:
+        case ServerStop(at=at, grace=grace, restart_after=restart):
+            return at + grace + STOP_GIVE_UP + (restart or timedelta(0))
         case (
             ServerCrash(at=at, restart_after=restart) | StepCrash(at=at, restart_after=restart)
         ) if restart is not None:
@@ -260,6 +306,9 @@ def _check_fault(where: str, fault: Fault) -> None:
         case WorkerCrash(worker=worker) if worker is not None:
             if isinstance(worker, bool) or not isinstance(worker, int) or worker < 0:
                 raise ConfigError(f"{where}.worker", worker, "must be a worker index >= 0 or None")
+        case ServerStop(grace=grace):
+            if not isinstance(grace, timedelta) or grace < timedelta(0):
+                raise ConfigError(f"{where}.grace", grace, "must be a timedelta >= 0")
         case ClockSkew(skew=skew):
             if not isinstance(skew, timedelta):
                 raise ConfigError(f"{where}.skew", skew, "must be a timedelta")

@@ -192,6 +192,10 @@ class Scheduler(Drivers):
                 self._start_later()
         elif kind is Nap:
             claimer = cmd.claimer
+            if actor.server.stopping is not None:  # a stop ends the claim loop at its nap
+                actor.gen.close()
+                self._claimer_ended(actor.server, claimer)
+                return
             claimer.nap += 1
             claimer.napping = True
             if cmd.us is not None:

@@ -29,7 +29,7 @@ from tullius.errors import (
     TaskError,
 )
 from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
-from tullius.policy import DEFAULT_LEASE, LeaseTimings
+from tullius.policy import DEFAULT_GRACE, DEFAULT_LEASE, LeaseTimings
 from tullius.retry import Retry, current_limits, retry
 from tullius.sim.clock import DEFAULT_START, ServerClock, SimClock, to_us
 from tullius.sim.faults import (
@@ -37,6 +37,7 @@ from tullius.sim.faults import (
     Fault,
     ServerCrash,
     ServerPause,
+    ServerStop,
     StepCrash,
     StoreFault,
     StoreOutage,
@@ -457,6 +458,16 @@ class Simulation(Scheduler):
         self, name: str, *, at: timedelta, restart_after: timedelta | None = None
     ) -> None:
         self.apply([ServerCrash(at=at, server=name, restart_after=restart_after)])
+
+    def stop_server(
+        self,
+        name: str,
+        *,
+        at: timedelta,
+        grace: timedelta = DEFAULT_GRACE,
+        restart_after: timedelta | None = None,
+    ) -> None:
+        self.apply([ServerStop(at=at, server=name, grace=grace, restart_after=restart_after)])
 
     def crash_worker(self, server: str, *, at: timedelta, worker: int | None = None) -> None:
         self.apply([WorkerCrash(at=at, server=server, worker=worker)])

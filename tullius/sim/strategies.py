@@ -7,9 +7,9 @@
   smallest workload that still fails.
 * `faults()` / `fault_schedules()`: lists of `tullius.sim.faults` values at
   whole-second offsets, shrinking towards fewer faults, earlier, shorter.
-  Crashes always restart unless ``permanent_crashes=True`` (a world with no
+  Crashes and stops always restart unless ``permanent_crashes=True`` (a world with no
   live server can't finish, which is not a bug), or unless a ``survivor`` is
-  named: then every other server may crash for good.  Given ``times``, the
+  named: then every other server may crash or stop for good.  Given ``times``, the
   instants of a fault-free run when user code was running (`busy_times`),
   about half of the faults start at one of them (of the server they aim at):
   a fault drawn uniformly over a two-minute horizon mostly lands after a
@@ -42,6 +42,7 @@ from tullius.sim.faults import (
     Fault,
     ServerCrash,
     ServerPause,
+    ServerStop,
     StepCrash,
     StoreFault,
     StoreOutage,
@@ -180,7 +181,7 @@ def faults(
     Args:
         servers: the simulation's server names.
         horizon: latest start of a fault drawn uniformly.
-        permanent_crashes: any crash may be for good.
+        permanent_crashes: any crash or stop may be for good.
         times: instants worth aiming at, for all servers or by server name
             (`busy_times` of a fault-free run of the same world); about half of
             the faults start at one of the instants of the server they aim at.
@@ -208,6 +209,13 @@ def faults(
             return WorkerCrash(at=start, server=name)
         if kind is ServerCrash:
             return ServerCrash(at=start, server=name, restart_after=draw(restart(name)))
+        if kind is ServerStop:
+            return ServerStop(
+                at=start,
+                server=name,
+                grace=draw(_seconds(0, 40)),
+                restart_after=draw(restart(name)),
+            )
         if kind is ServerPause:
             return ServerPause(at=start, server=name, duration=draw(_seconds(1, 90)))
         if kind is StoreFault:
@@ -364,7 +372,7 @@ class SimulationMachine(RuleBasedStateMachine):
     def inject(self, data: st.DataObject) -> None:
         # Within the next 15 s, not only now: a fault injected now mostly finds the
         # servers between two claims, and most runs last a few seconds.
-        # Crashes of every server but the first may be for good.
+        # Crashes and stops of every server but the first may be for good.
         horizon = timedelta(seconds=15)
         fault = data.draw(
             faults(list(self.servers), horizon=horizon, survivor=self.servers[0]), label="fault"

@@ -49,9 +49,17 @@ from tullius.engine import (
 )
 from tullius.errors import ConfigError, StoreError, TaskDefinitionError, UnknownTaskClass
 from tullius.events import Event, Failed, HandlerFailed, HandlerSucceeded, Succeeded
-from tullius.policy import LeaseTimings, LeaseWatch, verdict_window
+from tullius.policy import DEFAULT_GRACE, LeaseTimings, LeaseWatch, verdict_window
 from tullius.sim.clock import ServerClock, SimClock, to_us
-from tullius.sim.faults import ClockSkew, Fault, ServerCrash, ServerPause, WorkerCrash
+from tullius.sim.faults import (
+    STOP_GIVE_UP,
+    ClockSkew,
+    Fault,
+    ServerCrash,
+    ServerPause,
+    ServerStop,
+    WorkerCrash,
+)
 from tullius.sim.invariants import Invariants
 from tullius.sim.memory_store import MemoryStore
 from tullius.sim.threads import Baton, BatonPool, current_baton
@@ -62,6 +70,10 @@ from tullius.task import from_doc, to_specs
 
 #: Scheduler event kinds.
 OP, ACTOR, WAKE, FAULT, RESTART, NAP = range(6)
+
+#: The kill reasons under which the daemon sends SIGTERM first (a second later,
+#: SIGKILL): user code unwinding then may still queue tasks.
+_SIGTERMED = frozenset({"timeout", "shutdown"})
 
 # Job kinds as module globals: ``JobKind.RUN`` goes through the enum metaclass's
 # ``__getattr__`` (~75 ns on 3.11), and every job reads them several times.
@@ -167,6 +179,11 @@ class Server:
     claimers: list[Claimer] = field(default_factory=list)
     #: Its sweeper's memory; told of the server's store errors, as the daemon's.
     watch: LeaseWatch | None = None
+    #: The stop it is carrying out (`ServerStop`): no more claims, and after the
+    #: grace (``killing``) its jobs are stopped; ``stopped``: it exited so.
+    stopping: ServerStop | None = None
+    killing: bool = False
+    stopped: bool = False
 
     def paused_between(self, start: int, end: int) -> int:
         """Microseconds of ``[start, end)`` this server spent paused."""
@@ -176,10 +193,10 @@ class Server:
 
     def state(self, now: int) -> str:
         if not self.up:
-            return "crashed"
+            return "stopped" if self.stopped else "crashed"
         if self.paused_until > now:
             return f"paused until {self.paused_until / 1e6:.3f}s"
-        return "up"
+        return "up" if self.stopping is None else "stopping"
 
 
 class Actor:
@@ -308,6 +325,9 @@ class Drivers:
         until poked (a slot freed, a verdict recorded, a task queued from user code)."""
         yield Nap(c, self.rng.randrange(self._poll_us // 1000 + 1) * 1000)
         while True:
+            if server.stopping is not None:  # (a nap ends it sooner: `Scheduler._advance`)
+                self._claimer_ended(server, c)
+                return
             c.poked = False
             idle = [slot for slot in c.slots if slot[0] not in c.busy]
             if not idle:
@@ -378,6 +398,12 @@ class Drivers:
             elif len(jobs) < len(idle) and not c.poked:
                 yield Nap(c, self._poll_us)
 
+    def _claimer_ended(self, server: Server, c: Claimer) -> None:
+        """A stopping server's claim loop is over (its generator returned or was closed)."""
+        c.actor = None
+        c.napping = False
+        self._exit_if_done(server)
+
     def _poke(self, server: Server) -> None:
         """There may be work for ``server``'s idle slots: claim now, as the daemon does
         after a verdict, a lost lease found, or a ``tullius.queue()`` from user code."""
@@ -394,7 +420,10 @@ class Drivers:
         server.execs.append(ex)  # (its token is the server's own since the claim: `_claimer`)
         # As the daemon's `Running.write_by` (claims take no virtual time: now is the claim's).
         write_by = self.clock.us + to_us(verdict_window(job.time_limit))
-        outcome = yield RunUser(ex)
+        if server.killing:  # claimed after a stop's grace: as the daemon's undispatched jobs
+            outcome: tuple[str | None, str, Any] = ("shutdown", "not started", None)
+        else:
+            outcome = yield RunUser(ex)
         event = self._event_for(ex, outcome)
         while event is not None:
             if self.clock.us > write_by:  # given up: no longer ours, the sweeps fail it as lost
@@ -419,6 +448,8 @@ class Drivers:
         server.execs.remove(ex)
         claimer.busy.discard(index)
         self._poke(server)
+        if server.stopping is not None:
+            self._exit_if_done(server)
 
     def _heartbeat(self, server: Server, ex: Execution) -> ActorGen:
         """Renew the job's lease while its user code runs, as the daemon's supervisor does
@@ -498,6 +529,15 @@ class Drivers:
             )
         elif reason == "crashed":
             error = failure(FailureKind.CRASHED, f"the worker process running {role} died")
+        elif reason == "shutdown":
+            # Worded as the daemon words it (`WorkerKeeping`, `Supervisor._handle_stop`).
+            if how == "not started":
+                message = "the daemon stopped before the job started"
+            else:
+                stop = server.stopping
+                grace = (stop.grace if stop is not None else DEFAULT_GRACE).total_seconds()
+                message = f"the daemon stopped (grace of {grace:g}s over) while {role} was running"
+            error = failure(FailureKind.SHUTDOWN, message)
         elif how == "unloadable":
             error = failure(FailureKind.UNLOADABLE, str(value))
         elif how == "raised" and isinstance(value, KeyboardInterrupt):
@@ -559,9 +599,9 @@ class Drivers:
         User code stopped because its process died (a crashed worker or server, a
         lost lease: the daemon SIGKILLs the worker) still unwinds here, through its
         ``finally`` blocks; under tulliusd it would run no more code, so its calls
-        store nothing.  (A run stopped at its deadline gets SIGTERM and a grace
-        period in the daemon, and its calls are served, as here.)"""
-        if ex.kill_reason is not None and ex.kill_reason != "timeout":
+        store nothing.  (A run stopped at its deadline or by a shutdown gets SIGTERM
+        and a second of grace in the daemon, and its calls are served, as here.)"""
+        if ex.kill_reason is not None and ex.kill_reason not in _SIGTERMED:
             raise TaskStopped(ex.kill_reason)
         fault = (
             self._store_fault(server, InsertTasks(()), "InsertTasks")
@@ -742,12 +782,80 @@ class Drivers:
             self._crash(
                 self._servers[fault.server], None if restart is None else now + to_us(restart)
             )
+        elif isinstance(fault, ServerStop):
+            server = self._servers[fault.server]
+            if not server.up or server.stopping is not None:
+                self._log(server.name, f"stop signal ignored: the server is {server.state(now)}")
+                return
+            server.stopping = fault  # (a paused server acts on it when it wakes up)
+            self._spawn(server, self._stopper(server, fault), f"{server.name}/stop")
+
+    def _stopper(self, server: Server, stop: ServerStop) -> ActorGen:
+        """A stop signal, carried out as the daemon's `Supervisor._handle_stop`.
+
+        No more claims (the claim loops end at their next nap; a claim in flight
+        runs the jobs it wins); renewals and sweeps go on; running jobs get the
+        grace, then are stopped and fail as ``shutdown`` (their ``failed()`` runs,
+        on another server or on this one restarted: nothing is lost in a deploy).
+        The server exits as soon as nothing runs and every verdict is recorded
+        (`_exit_if_done`), or gives those verdicts up `STOP_GIVE_UP` after the
+        kills, when the store stays out of reach: their leases are then no longer
+        renewed, and the sweeps fail them as ``lost``.
+        """
+        self._log(
+            server.name,
+            f"stopping: no new work; {len(server.execs)} job(s) get "
+            f"{stop.grace.total_seconds():g}s",
+        )
+        for c in server.claimers:
+            if c.napping and c.actor is not None:
+                c.actor.gen.close()
+                self._claimer_ended(server, c)
+        self._exit_if_done(server)
+        if not server.up:
+            return
+        yield Wait(to_us(stop.grace))
+        server.killing = True
+        for ex in list(server.execs):
+            if ex.running:
+                self._log(server.name, f"grace over: stopping {ex.what}")
+                self._stop(ex, "shutdown")
+        yield Wait(to_us(STOP_GIVE_UP))
+        if server.execs:
+            ids = ", ".join(ex.job.task_id for ex in server.execs)
+            self._log(server.name, f"stopped without recording the verdicts of {ids}")
+            self._exit(server)
+
+    def _exit_if_done(self, server: Server) -> None:
+        """A stopping server exits once nothing runs, no claim is in flight and every
+        verdict is recorded, as the daemon (`Supervisor._finished`).
+
+        Its tokens, not its executions, say whether jobs are left: a claim's jobs
+        are its own from the claim, but start (`StartJobs`) only after the claim
+        loop went on to its next nap, which ends a stopping server's loop.
+        """
+        if (
+            server.up
+            and server.stopping is not None
+            and not server.tokens
+            and all(c.actor is None for c in server.claimers)
+        ):
+            self._log(server.name, "stopped: every verdict recorded")
+            self._exit(server)
+
+    def _exit(self, server: Server) -> None:
+        stop = server.stopping
+        assert stop is not None
+        restart = stop.restart_after
+        self._crash(server, None if restart is None else self.clock.us + to_us(restart))
+        server.stopped = True
 
     def _crash(self, server: Server, restart_at: int | None) -> None:
         """The server vanishes: its actors and user code stop where they are, no cleanup."""
         if not server.up:
             return
         server.up = False
+        server.stopped = False
         server.epoch += 1
         for ex in list(server.execs):
             self._stop(ex, "server crashed")
@@ -757,9 +865,12 @@ class Drivers:
             self._push(restart_at, RESTART, server, None)
 
     def _restart(self, server: Server) -> None:
+        if server.up:  # (restarts scheduled by a crash and by a stop never overlap)
+            return
         self._log(server.name, "server restarted")
         server.up = True
         server.epoch += 1
+        server.stopping, server.killing, server.stopped = None, False, False
         self._boot(server)
 
 
