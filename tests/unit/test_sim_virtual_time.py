@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import selectors
 import signal
 import sys
 import threading
@@ -545,3 +547,90 @@ def test_the_pin_is_lifted_while_the_cpu_is_busy_and_can_be_switched_off(
     pool.cpu.start()
     assert os.sched_getaffinity(0) == before
     pool.close()
+
+
+ASYNC_SEEN: list[Any] = []
+
+
+class Gathers(tullius.Task):
+    """Runs an asyncio program: two sleeps at once, and a wait_for that times out."""
+
+    timeout = timedelta(seconds=60)
+
+    def run(self) -> None:
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await asyncio.gather(asyncio.sleep(2), asyncio.sleep(3))
+            ASYNC_SEEN.append(loop.time() - start)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.sleep(100), timeout=4)
+            ASYNC_SEEN.append(loop.time() - start)
+            async with asyncio.timeout(1):
+                await asyncio.sleep(0.5)  # within its timeout: no error
+            ASYNC_SEEN.append(await loop.run_in_executor(None, sum, [1, 2, 3]))
+
+        asyncio.run(main())
+
+
+def test_asyncio_timers_inside_run_follow_virtual_time() -> None:
+    # Without it, the loop read freezegun's frozen clock and waited for real for
+    # ever (UserCodeHang after wall_limit, here 5 real seconds).
+    ASYNC_SEEN.clear()
+    sim = Simulation(seed=1, wall_limit=timedelta(seconds=5))
+    task = Gathers()
+    sim.queue(task)
+    sim.drain(within=timedelta(minutes=5))
+    assert ASYNC_SEEN[:2] == [pytest.approx(3.0, abs=1e-5), pytest.approx(7.0, abs=1e-5)]
+    assert ASYNC_SEEN[2] == 6  # a real thread from the loop's executor still works
+    assert_outcomes(sim.chain(task), "succeeded")
+    [link] = sim.chain(task)
+    assert link.started_at is not None
+    assert link.finished_at == link.started_at + timedelta(seconds=7.5)
+    sim.close()
+    assert not getattr(selectors.DefaultSelector, "_tullius_virtual", False)
+
+
+class AwaitsTooLong(tullius.Task):
+    timeout = timedelta(seconds=5)
+
+    def run(self) -> None:
+        async def main() -> None:
+            try:
+                await asyncio.sleep(60)
+            except BaseException as error:
+                ASYNC_SEEN.append(type(error).__name__)
+                raise
+
+        asyncio.run(main())
+
+    def failed(self) -> None:
+        return None
+
+
+def test_an_async_run_past_its_deadline_is_stopped_exactly_there() -> None:
+    ASYNC_SEEN.clear()
+    sim = Simulation(seed=2, wall_limit=timedelta(seconds=5))
+    task = AwaitsTooLong()
+    sim.queue(task)
+    sim.drain(within=timedelta(minutes=5))
+    assert_outcomes(sim.chain(task), "timeout")
+    [link] = sim.chain(task)
+    assert link.started_at is not None
+    assert link.finished_at == link.started_at + timedelta(seconds=5)
+    assert ASYNC_SEEN == ["CancelledError"]  # asyncio.run cancelled it on the way out
+    sim.close()
+
+
+def test_outside_user_code_the_default_selector_waits_for_real() -> None:
+    with Simulation(seed=3) as sim:
+        sim.queue(Naps())
+        sim.run_for(timedelta(seconds=5))  # a run with user code: the selector is held
+        assert getattr(selectors.DefaultSelector, "_tullius_virtual", False)
+        selector = selectors.DefaultSelector()
+        try:
+            assert isinstance(selector, selectors.BaseSelector)
+            assert selector.select(0.01) == []  # the real select: not a simulated worker
+        finally:
+            selector.close()
+    assert not getattr(selectors.DefaultSelector, "_tullius_virtual", False)
