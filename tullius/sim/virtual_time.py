@@ -365,8 +365,8 @@ _SLEEPS = _HeldSleeps()
 
 class _HeldSelector:
     """A virtual subclass (`_virtual_selector`) as ``selectors.DefaultSelector``, from
-    a simulation's first
-    run until `release` (``Simulation.close()``), as `_HeldSleeps` holds the sleeps.
+    a simulation's first run until `release` (``Simulation.close()``), as
+    `_HeldSleeps` holds the sleeps.
 
     Why: an ``asyncio`` event loop made in user code (``asyncio.run()`` in a task)
     reads freezegun's frozen ``time.monotonic`` and waits for its next timer in
