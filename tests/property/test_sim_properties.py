@@ -33,7 +33,6 @@ from tullius.sim import (
     StoreFault,
     WorkerCrash,
 )
-from tullius.sim.faults import fault_end
 from tullius.sim.strategies import (
     SimulationMachine,
     SimWork,
@@ -263,8 +262,7 @@ def test_every_task_ends_and_every_failure_is_handled_once(world: World) -> None
         # drain() returns as soon as nothing is open, which may be before a paused
         # server wakes up (or a crashed one restarts): run on past the last fault,
         # so that late results reach the store too, and must all be rejected.
-        last = max((fault_end(fault) for fault in schedule), default=timedelta(0))
-        sim.run_for(max(last - sim.elapsed, timedelta(0)) + timedelta(minutes=1))
+        sim.run_for(max(sim.faults_end - sim.elapsed, timedelta(0)) + timedelta(minutes=1))
         sim.check()
         assert sim.counts() == dataclasses.replace(counts, elapsed=sim.elapsed)
         all_ended(sim)

@@ -8,7 +8,15 @@ from datetime import timedelta
 import pytest
 
 import tullius
-from tullius.sim import DrainTimeout, Simulation, StepCrash, StoreFault, StoreOutage
+from tullius.sim import (
+    DrainTimeout,
+    ServerPause,
+    ServerStop,
+    Simulation,
+    StepCrash,
+    StoreFault,
+    StoreOutage,
+)
 from tullius.sim.strategies import SimWork
 from tullius.testing import assert_outcomes
 
@@ -100,7 +108,7 @@ def _first_claim_at(seed: int) -> timedelta:
 def test_jobs_claimed_as_the_stop_signal_arrives_run_before_the_server_exits() -> None:
     # A claim in flight when the stop arrives runs the jobs it wins, as the daemon's.
     # They start only after the claim loop went on to its next nap, which a stop
-    # ends: the server exited there, and the claimed task failed later as lost.
+    # ends: a server that exited there left the claimed task to fail as lost.
     caught_mid_claim = 0
     for seed in range(60):
         # Given a lone idle server, a task queued, and a stop at the instant of its
@@ -197,6 +205,81 @@ def test_a_server_stopping_while_the_store_is_out_of_reach_gives_up_and_the_task
     assert link.status is tullius.Status.HANDLED
     sim.check()
     sim.close()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_run_waking_as_the_grace_ends_fails_as_shutdown_as_in_the_daemon(seed: int) -> None:
+    # tulliusd stops its jobs before it reads results (`Supervisor._step`): a run
+    # whose result comes at the grace's very end, or later, is a shutdown, never
+    # a success, whichever event the seed's tie-break puts first.
+    sim = Simulation(seed=seed)
+    task = Sleeper(secs=5)
+    sim.queue(task)
+    sim.run_for(timedelta(seconds=2))
+    started = sim.chain(task)[0].started_at
+    assert started is not None
+    wakes = started + timedelta(seconds=5)
+    sim.stop_server("s1", at=sim.elapsed, grace=wakes - sim.now, restart_after=timedelta(seconds=1))
+    sim.drain(within=timedelta(days=2))
+    assert_outcomes(sim.chain(task), "shutdown")
+    sim.close()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_run_a_pause_carried_past_the_grace_fails_as_shutdown_not_timeout(seed: int) -> None:
+    # The grace ends at 6 s and the deadline at 8 s, both while the server is
+    # paused (2 s to 12 s): as tulliusd, the stop is enforced first.
+    class SleepsSeven(Sleeper):
+        timeout = timedelta(seconds=8)
+
+    sim = Simulation(seed=seed)
+    task = SleepsSeven(secs=7)
+    sim.queue(task)
+    sim.stop_server(
+        "s1",
+        at=timedelta(seconds=1),
+        grace=timedelta(seconds=5),
+        restart_after=timedelta(seconds=1),
+    )
+    sim.pause_server("s1", at=timedelta(seconds=2), duration=timedelta(seconds=10))
+    sim.drain(within=timedelta(days=2))
+    assert_outcomes(sim.chain(task), "shutdown")
+    sim.close()
+
+
+class Quick(tullius.Task):
+    timeout = timedelta(seconds=1)
+    failed_timeout = timedelta(seconds=1)
+
+    def run(self) -> None:
+        time.sleep(0.1)
+
+    def failed(self) -> None:
+        return None
+
+
+def test_a_stop_a_pause_delayed_moves_the_end_of_the_faults_with_it() -> None:
+    # A claim left unsure (its lease stored, the reply lost), then a pause, and a
+    # stop sent during it with a restart a minute after the exit.  Only the
+    # restarted server can fail the orphaned lease as lost; the liveness bound
+    # counted from the stop's `fault_end` (at + grace + 31 s + restart), which the
+    # pause had made too early, and failed.
+    for seed in range(20):
+        sim = Simulation(seed=seed)
+        sim.queue(Quick())
+        sim.apply(
+            [
+                StoreFault("s1", "InsertRecord", "lost_ack", record_kind="run"),
+                ServerPause(at=timedelta(seconds=0.5), server="s1", duration=timedelta(seconds=90)),
+                ServerStop(
+                    at=timedelta(seconds=1), server="s1", restart_after=timedelta(seconds=60)
+                ),
+            ]
+        )
+        sim.run_for(timedelta(minutes=4))
+        sim.check()
+        assert sim.faults_end >= timedelta(seconds=0.5 + 90 + 30 + 31 + 60)
+        sim.close()
 
 
 def test_a_stop_of_a_server_already_stopping_or_down_is_ignored() -> None:

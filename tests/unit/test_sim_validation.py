@@ -89,12 +89,19 @@ def test_a_worker_crash_aimed_at_a_slot_no_server_has_is_refused() -> None:
     assert len(sim.faults) == 1
 
 
-def test_a_stop_with_a_negative_grace_or_restart_names_the_value() -> None:
+def test_a_stop_with_a_bad_grace_restart_or_server_names_the_value() -> None:
     sim = Simulation()
     with pytest.raises(ConfigError, match=r"faults\[0\].grace=.*must be a timedelta >= 0"):
         sim.stop_server("s1", at=timedelta(seconds=1), grace=timedelta(seconds=-1))
     with pytest.raises(ConfigError, match=r"faults\[0\].restart_after=.*positive timedelta"):
         sim.apply([ServerStop(at=timedelta(0), server="s1", restart_after=timedelta(0))])
+    with pytest.raises(ConfigError, match=r"faults\[0\]=ServerStop.* ends past the largest"):
+        sim.stop_server("s1", at=timedelta(seconds=1), grace=timedelta.max)
+    with pytest.raises(ConfigError, match=r"faults\[0\].server=None is not a simulated server"):
+        sim.apply([ServerStop(at=timedelta(0), server=None)])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"faults\[0\].server=None is not a simulated server"):
+        sim.apply([ServerCrash(at=timedelta(0), server=None)])  # type: ignore[arg-type]
+    assert sim.faults == []  # nothing armed by a refused schedule
     sim.stop_server("s1", at=timedelta(seconds=1), grace=timedelta(0))  # no grace: stop at once
     assert len(sim.faults) == 1
 

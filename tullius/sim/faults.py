@@ -16,8 +16,8 @@ call, so a failing seed's report can be pasted back into a test.
 `ServerStop`        A graceful stop (SIGTERM, a deploy): the server claims no
                     more, lets its running jobs finish for ``grace``, then
                     stops the rest (failed as ``shutdown``) and exits once
-                    every verdict is recorded (or 30 s after the kills, as
-                    ``tulliusd``).  Optionally restarts ``restart_after``
+                    every verdict is recorded (or gives them up 31 s after
+                    the kills, as ``tulliusd``).  Optionally restarts ``restart_after``
                     after it exited.
 `ServerPause`       The server freezes (GC pause, SIGSTOP, VM migration) and
                     wakes up later to carry on where it was; a late result for
@@ -119,8 +119,9 @@ class ServerStop:
         )
 
 
-#: How long after its grace a stopping server exits at the latest: the kill's
-#: second and the daemon's 30 s of trying to record the last verdicts.
+#: How long after its grace a stopping server exits at the latest (time paused
+#: aside): the kill's second and the daemon's 30 s of trying to record the last
+#: verdicts.
 STOP_GIVE_UP: Final = KILL_GRACE + FINISH_GIVE_UP
 
 
@@ -230,7 +231,11 @@ def fault_start(fault: Fault) -> timedelta:
 
 def fault_end(fault: Fault) -> timedelta:
     """When the fault stops disturbing anything (a restart or a resume counts as the end;
-    a stopping server's exit comes `STOP_GIVE_UP` after its grace at the latest)."""
+    a stopping server's exit comes `STOP_GIVE_UP` after its grace at the latest).
+
+    Known from the fault alone: a pause of the server delays a stop, and with it
+    this end (`Simulation.faults_end` follows that).
+    """
     match fault:
         case ServerStop(at=at, grace=grace, restart_after=restart):
             return at + grace + STOP_GIVE_UP + (restart or timedelta(0))
@@ -266,13 +271,17 @@ def validate_schedule(
         if not isinstance(fault.at, timedelta) or fault.at < timedelta(0):
             raise ConfigError(f"{where}.at", fault.at, "must be a timedelta >= 0")
         server = getattr(fault, "server", None)
-        if server is not None and server not in servers:
+        if (server is not None or not isinstance(fault, StoreOutage)) and server not in servers:
             raise ConfigError(
                 f"{where}.server",
                 server,
                 f"is not a simulated server; expected one of {list(servers)}",
             )
         _check_fault(where, fault)
+        try:
+            fault_end(fault)
+        except OverflowError:
+            raise ConfigError(where, fault, "ends past the largest timedelta") from None
         slot = fault.worker if isinstance(fault, WorkerCrash) else None
         if slot is not None and workers is not None and slot >= workers:
             raise ConfigError(

@@ -216,6 +216,14 @@ class Simulation(Scheduler):
         return list(self._servers)
 
     @property
+    def faults_end(self) -> timedelta:
+        """When the faults applied so far stop disturbing anything, from the start:
+        the latest `fault_end` (a restart or a resume counts as the end), moved
+        later as a store fault fires or a pause delays a stop.  The liveness
+        invariant counts from it; run past it to let late results be tried."""
+        return timedelta(microseconds=self._faults_end_us)
+
+    @property
     def trace(self) -> list[str]:
         """Every event so far (needs ``keep_trace=True``), one line each."""
         if self._trace is None:

@@ -47,7 +47,6 @@ from tullius.sim.faults import (
     StoreFault,
     StoreOutage,
     WorkerCrash,
-    fault_end,
 )
 from tullius.sim.simulation import Simulation
 
@@ -411,7 +410,7 @@ class SimulationMachine(RuleBasedStateMachine):
             self.sim.check()
             # drain() returns once nothing is open, maybe before a paused server
             # wakes up: run on past the last fault, so that late results are tried.
-            last = max((fault_end(f) for f in self.sim.faults), default=timedelta(0))
+            last = self.sim.faults_end
             self.sim.run_for(max(last - self.sim.elapsed, timedelta(0)) + timedelta(minutes=1))
             self.sim.check()
             after = self.sim.counts()

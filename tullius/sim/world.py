@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 from tullius.api import queue_sink
 from tullius.band import Band
@@ -70,6 +70,9 @@ from tullius.task import from_doc, to_specs
 
 #: Scheduler event kinds.
 OP, ACTOR, WAKE, FAULT, RESTART, NAP = range(6)
+
+#: `STOP_GIVE_UP` in the scheduler's microseconds.
+STOP_GIVE_UP_US: Final = to_us(STOP_GIVE_UP)
 
 #: The kill reasons under which the daemon sends SIGTERM first (a second later,
 #: SIGKILL): user code unwinding then may still queue tasks.
@@ -179,11 +182,18 @@ class Server:
     claimers: list[Claimer] = field(default_factory=list)
     #: Its sweeper's memory; told of the server's store errors, as the daemon's.
     watch: LeaseWatch | None = None
-    #: The stop it is carrying out (`ServerStop`): no more claims, and after the
-    #: grace (``killing``) its jobs are stopped; ``stopped``: it exited so.
+    #: The stop it is carrying out (`ServerStop`): no more claims, and from
+    #: ``kill_at`` (the grace's end, virtual µs) its jobs are stopped; ``stopped``:
+    #: it exited so.
     stopping: ServerStop | None = None
-    killing: bool = False
+    kill_at: int | None = None
     stopped: bool = False
+
+    def killing(self, now: int) -> bool:
+        """Whether a stop's grace is over at ``now``: as the daemon, which compares
+        the time with the grace's end before it enforces deadlines or reads results
+        (`Supervisor._step`), a job still running then fails as ``shutdown``."""
+        return self.kill_at is not None and now >= self.kill_at
 
     def paused_between(self, start: int, end: int) -> int:
         """Microseconds of ``[start, end)`` this server spent paused."""
@@ -272,6 +282,7 @@ class Drivers:
     _beat_us: int
     _sweep_us: int
     _grace_us: int
+    _faults_end_us: int
     _vt: VirtualTime | None
     _pool: BatonPool
     _baseline: set[threading.Thread]
@@ -420,7 +431,10 @@ class Drivers:
         server.execs.append(ex)  # (its token is the server's own since the claim: `_claimer`)
         # As the daemon's `Running.write_by` (claims take no virtual time: now is the claim's).
         write_by = self.clock.us + to_us(verdict_window(job.time_limit))
-        if server.killing:  # claimed after a stop's grace: as the daemon's undispatched jobs
+        if server.killing(self.clock.us):
+            # Claimed once the grace was over (a claim in flight then): failed as
+            # shutdown at once, where the daemon would start it and stop it within
+            # the second (worded "while run() was running" there).
             outcome: tuple[str | None, str, Any] = ("shutdown", "not started", None)
         else:
             outcome = yield RunUser(ex)
@@ -600,7 +614,8 @@ class Drivers:
         lost lease: the daemon SIGKILLs the worker) still unwinds here, through its
         ``finally`` blocks; under tulliusd it would run no more code, so its calls
         store nothing.  (A run stopped at its deadline or by a shutdown gets SIGTERM
-        and a second of grace in the daemon, and its calls are served, as here.)"""
+        and a second of grace in the daemon, and its calls are served here too,
+        though a sleep there raises `TaskStopped` again at once.)"""
         if ex.kill_reason is not None and ex.kill_reason not in _SIGTERMED:
             raise TaskStopped(ex.kill_reason)
         fault = (
@@ -681,7 +696,12 @@ class Drivers:
         if server.paused_until > self.clock.us:
             self._push(server.paused_until, WAKE, ex, value)
             return
-        if kill is None and self.clock.us >= ex.deadline_us:
+        if server.killing(self.clock.us):
+            # A stop's grace is over (a pause carried this wake-up past it, or it
+            # ends at this very instant): as tulliusd, which stops its jobs before
+            # it enforces deadlines or reads results, a shutdown.
+            kill = "shutdown"
+        elif kill is None and self.clock.us >= ex.deadline_us:
             # A wake-up that a pause of the server carried past the deadline: as
             # tulliusd, which enforces deadlines before it reads results (a result
             # read late is late, however little time the user code took), a timeout.
@@ -807,6 +827,12 @@ class Drivers:
             f"stopping: no new work; {len(server.execs)} job(s) get "
             f"{stop.grace.total_seconds():g}s",
         )
+        now = self.clock.us
+        server.kill_at = now + to_us(stop.grace)
+        # The faults end with the restart: later than `fault_end` says if a pause
+        # delayed this step (the liveness bound counts from the faults' end).
+        restart = to_us(stop.restart_after) if stop.restart_after is not None else 0
+        self._faults_end_us = max(self._faults_end_us, server.kill_at + STOP_GIVE_UP_US + restart)
         for c in server.claimers:
             if c.napping and c.actor is not None:
                 c.actor.gen.close()
@@ -815,12 +841,11 @@ class Drivers:
         if not server.up:
             return
         yield Wait(to_us(stop.grace))
-        server.killing = True
         for ex in list(server.execs):
             if ex.running:
                 self._log(server.name, f"grace over: stopping {ex.what}")
                 self._stop(ex, "shutdown")
-        yield Wait(to_us(STOP_GIVE_UP))
+        yield Wait(STOP_GIVE_UP_US)
         if server.execs:
             ids = ", ".join(ex.job.task_id for ex in server.execs)
             self._log(server.name, f"stopped without recording the verdicts of {ids}")
@@ -836,7 +861,7 @@ class Drivers:
         """
         if (
             server.up
-            and server.stopping is not None
+            and server.kill_at is not None  # (the stop is carried out: `_stopper` began)
             and not server.tokens
             and all(c.actor is None for c in server.claimers)
         ):
@@ -847,8 +872,10 @@ class Drivers:
         stop = server.stopping
         assert stop is not None
         restart = stop.restart_after
-        self._crash(server, None if restart is None else self.clock.us + to_us(restart))
+        restart_at = None if restart is None else self.clock.us + to_us(restart)
+        self._crash(server, restart_at)
         server.stopped = True
+        self._faults_end_us = max(self._faults_end_us, restart_at or self.clock.us)
 
     def _crash(self, server: Server, restart_at: int | None) -> None:
         """The server vanishes: its actors and user code stop where they are, no cleanup."""
@@ -870,7 +897,7 @@ class Drivers:
         self._log(server.name, "server restarted")
         server.up = True
         server.epoch += 1
-        server.stopping, server.killing, server.stopped = None, False, False
+        server.stopping, server.kill_at, server.stopped = None, None, False
         self._boot(server)
 
 
