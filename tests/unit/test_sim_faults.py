@@ -18,7 +18,7 @@ from tullius.sim import (
     StoreOutage,
 )
 from tullius.sim.strategies import SimWork
-from tullius.testing import assert_outcomes
+from tullius.testing import assert_chain, assert_outcomes, expect
 
 FAILURES: list[str] = []
 
@@ -38,14 +38,20 @@ class Sleeper(tullius.Task):
         FAILURES.append(self.failure.kind)
 
 
+def owner_of(sim: Simulation, task: tullius.Task) -> str:
+    """The server that claimed ``task`` (it must have been claimed)."""
+    owner = sim.chain(task)[0].server
+    assert owner is not None, "not claimed yet"
+    return owner
+
+
 def test_crashed_server_task_is_declared_lost_by_another_server() -> None:
     # Given two servers, s1 crashing mid-run and never coming back
     sim = Simulation(seed=3, servers=["s1", "s2"], task_processes=[(1, 0, 10)])
     task = Sleeper(secs=20)
     sim.queue(task)
     sim.run_for(timedelta(seconds=2))
-    owner = sim.chain(task)[0].server
-    assert owner is not None
+    owner = owner_of(sim, task)
     sim.crash_server(owner, at=sim.elapsed)
     # When the survivors drain
     sim.drain(within=timedelta(minutes=5))
@@ -84,10 +90,7 @@ def test_a_stopped_server_lets_its_running_work_finish_within_the_grace_then_exi
     # When time passes
     sim.run_for(timedelta(minutes=5))
     # Then the running task succeeded, and the server exited as soon as it did
-    assert_outcomes(sim.chain(task), "succeeded")
-    [finished] = sim.chain(task)
-    assert finished.started_at is not None
-    assert finished.finished_at == finished.started_at + timedelta(seconds=5)
+    assert_chain(sim.chain(task), [expect("succeeded", duration=timedelta(seconds=5))])
     assert any("stopped: every verdict recorded" in line for line in sim.trace)
     # And it claimed nothing after the stop: the later task still waits for a worker
     assert sim.chain(later)[0].outcome is None
@@ -188,8 +191,7 @@ def test_a_server_stopping_while_the_store_is_out_of_reach_gives_up_and_the_task
     task = Sleeper(secs=100)
     sim.queue(task)
     sim.run_for(timedelta(seconds=2))
-    owner = sim.chain(task)[0].server
-    assert owner is not None
+    owner = owner_of(sim, task)
     sim.store_outage(at=sim.elapsed, duration=timedelta(minutes=5), server=owner)
     sim.stop_server(owner, at=sim.elapsed, grace=timedelta(seconds=5))
     # When the other server drains, and a minute passes
@@ -247,15 +249,9 @@ def test_a_run_a_pause_carried_past_the_grace_fails_as_shutdown_not_timeout(seed
     sim.close()
 
 
-class Quick(tullius.Task):
+class Quick(Sleeper):
     timeout = timedelta(seconds=1)
     failed_timeout = timedelta(seconds=1)
-
-    def run(self) -> None:
-        time.sleep(0.1)
-
-    def failed(self) -> None:
-        return None
 
 
 def test_a_stop_a_pause_delayed_moves_the_end_of_the_faults_with_it() -> None:
@@ -266,7 +262,7 @@ def test_a_stop_a_pause_delayed_moves_the_end_of_the_faults_with_it() -> None:
     # pause had made too early, and failed.
     for seed in range(20):
         sim = Simulation(seed=seed)
-        sim.queue(Quick())
+        sim.queue(Quick(secs=0.1))
         sim.apply(
             [
                 StoreFault("s1", "InsertRecord", "lost_ack", record_kind="run"),
@@ -302,8 +298,7 @@ def test_a_stop_sent_to_a_paused_server_is_carried_out_when_it_wakes_up() -> Non
     task = Sleeper(secs=100)
     sim.queue(task)
     sim.run_for(timedelta(seconds=2))
-    owner = sim.chain(task)[0].server
-    assert owner is not None
+    owner = owner_of(sim, task)
     # Paused for 10 s (shorter than the lease), stopped with 5 s of grace while paused
     sim.pause_server(owner, at=sim.elapsed, duration=timedelta(seconds=10))
     sim.stop_server(owner, at=sim.elapsed + timedelta(seconds=1), grace=timedelta(seconds=5))
@@ -321,8 +316,7 @@ def test_paused_server_wakes_up_and_its_late_result_is_rejected() -> None:
     task = Sleeper(secs=5)
     sim.queue(task)
     sim.run_for(timedelta(seconds=1.5))
-    owner = sim.chain(task)[0].server
-    assert owner is not None
+    owner = owner_of(sim, task)
     sim.pause_server(owner, at=sim.elapsed, duration=timedelta(seconds=120))
     # On waking, its lease renewals fail too, so it does try to record its late result
     # (with a working renewal it would learn of the lost lease first and stop the task).
@@ -369,8 +363,7 @@ def test_a_server_cut_off_for_days_gives_up_its_verdict_and_the_task_fails_as_lo
     sim.queue(task)
     while sim.chain(task)[0].server is None and sim.elapsed < timedelta(minutes=30):
         sim.run_for(timedelta(seconds=1))  # (the 5 s run is still going at each stop)
-    owner = sim.chain(task)[0].server
-    assert owner is not None
+    owner = owner_of(sim, task)
     sim.apply([StoreOutage(at=sim.elapsed, duration=timedelta(days=3), server=owner)])
     # When the outage is over
     sim.run_for(timedelta(days=3, hours=2))
