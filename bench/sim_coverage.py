@@ -120,7 +120,7 @@ def _patched_apply(self: Simulation, schedule: Any) -> None:
     _orig["apply"](self, schedule)
     for fault in schedule:
         name = type(fault).__name__
-        if isinstance(fault, F.ServerCrash | F.StepCrash):
+        if isinstance(fault, F.ServerCrash | F.StepCrash | F.ServerStop):
             name += " (permanent)" if fault.restart_after is None else " (restart)"
         _hit(self, f"drawn: {name}")
 
@@ -167,7 +167,15 @@ def _patched_fire(self: Simulation, fault: Any) -> None:
         how = "permanent" if fault.restart_after is None else "restart"
         for what in _activity(self, server):
             _hit(self, f"hit: ServerCrash ({how}) during {what}")
+    elif isinstance(fault, F.ServerStop) and server is not None:
+        how = "permanent" if fault.restart_after is None else "restart"
+        if server.paused_until > self.clock.us:
+            _hit(self, "hit: ServerStop sent while the server is paused")
+        for what in _activity(self, server):
+            _hit(self, f"hit: ServerStop ({how}) during {what}")
     elif isinstance(fault, F.ServerPause) and server is not None:
+        if server.stopping is not None and server.up:
+            _hit(self, "hit: ServerPause of a stopping server")
         now, until = self.clock.us, self.clock.us + to_us(fault.duration)
         long = fault.duration > self.timings.stale_after + self.timings.sweep
         for what in _activity(self, server):
@@ -244,6 +252,13 @@ def _patched_log(self: Simulation, server: str, what: object) -> None:
             _hit(self, "outcome: a heartbeat found its lease lost, user code stopped")
         elif what.endswith(" rejected"):
             _hit(self, "outcome: a late verdict was rejected")
+        elif what.startswith("grace over: stopping"):
+            role = "failed()" if ".failed() of" in what else "run()"
+            _hit(self, f"outcome: a stop's grace ran out, {role} stopped (shutdown)")
+        elif what.startswith("stopped without recording"):
+            _hit(self, "outcome: a stopping server gave its last verdicts up")
+        elif what.startswith("stopped: every verdict recorded"):
+            _hit(self, "outcome: a stopped server exited cleanly")
     _orig["log"](self, server, what)
 
 

@@ -28,9 +28,11 @@ from tullius.sim import (
     Fault,
     ServerCrash,
     ServerPause,
+    ServerStop,
     Simulation,
     StepCrash,
     StoreFault,
+    StoreOutage,
     WorkerCrash,
 )
 from tullius.sim.strategies import (
@@ -189,6 +191,17 @@ NASTIEST: dict[str, World] = {
         [
             StepCrash("s1", "SetStatus", at=_s(2), restart_after=_s(2)),
             StepCrash("s2", "SetStatus", at=_s(2), restart_after=_s(2)),
+        ],
+    ),
+    "a stop during an outage: run() and failed() stopped, their verdicts given up": (
+        3,
+        ["s1", "s2"],
+        0.0,
+        [_fails(secs=8, run_does="ok", successors=1), _fails(failed_secs=4)],
+        [
+            StoreOutage(at=_s(3), duration=_s(60), server="s1"),
+            ServerStop(at=_s(3), server="s1", grace=_s(2), restart_after=_s(10)),
+            ServerPause(at=_s(4), server="s2", duration=_s(5)),
         ],
     ),
     "worker crash while failed() runs": (
