@@ -23,6 +23,7 @@ from tullius.testing import assert_chain, assert_outcomes, expect
 
 SEEN: dict[str, object] = {}
 REAL_SLEEP = time.sleep
+REAL_MONOTONIC = time.monotonic
 
 
 class Clocks(tullius.Task):
@@ -616,15 +617,115 @@ def test_an_async_run_past_its_deadline_is_stopped_exactly_there() -> None:
     sim.close()
 
 
-def test_outside_user_code_the_default_selector_waits_for_real() -> None:
+SYNC_SEEN: list[Any] = []
+
+
+class SelectsItself(tullius.Task):
+    """Synchronous code waiting on a selector, as a DNS or HTTP client library does."""
+
+    timeout = timedelta(seconds=60)
+
+    def run(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            SYNC_SEEN.append(selector.select(0.01))  # a real wait: nothing to read
+
+
+def test_synchronous_selectors_and_the_tests_own_loops_are_left_alone() -> None:
     with Simulation(seed=3) as sim:
-        sim.queue(Naps())
-        sim.run_for(timedelta(seconds=5))  # a run with user code: the selector is held
-        assert getattr(selectors.DefaultSelector, "_tullius_virtual", False)
-        selector = selectors.DefaultSelector()
+        task = SelectsItself()
+        sim.queue(task)
+        sim.drain(within=timedelta(minutes=1))
+        # a real wait, taking no virtual time (not a virtual 10 ms)
+        assert_chain(sim.chain(task), [expect("succeeded", duration=timedelta(0))])
+        assert SYNC_SEEN == [[]]
+
+        async def outside() -> float:
+            loop = asyncio.get_running_loop()
+            await asyncio.sleep(0.01)
+            return loop.time()
+
+        assert asyncio.run(outside()) == pytest.approx(REAL_MONOTONIC(), abs=60)
+    assert not getattr(asyncio.SelectorEventLoop.__init__, "_tullius_virtual", False)
+
+
+def blocking(seconds: float) -> str:
+    """Real work on an executor thread (its sleep is the real one: not a simulated worker)."""
+    time.sleep(seconds)
+    return "done"
+
+
+class AwaitsRealWork(tullius.Task):
+    """Awaits real work (a thread, a child process, a host name lookup) under timeouts,
+    with a ticker's timer pending meanwhile."""
+
+    timeout = timedelta(seconds=60)
+
+    def run(self) -> None:
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            ticks = 0
+            working = True
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while working:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            ticking = asyncio.ensure_future(ticker())
+            ASYNC_SEEN.append(await asyncio.wait_for(asyncio.to_thread(blocking, 0.05), 30))
+            await asyncio.wait_for(loop.getaddrinfo("localhost", 80), 5)
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", "print('hi')", stdout=asyncio.subprocess.PIPE
+            )
+            out, _ = await asyncio.wait_for(child.communicate(), 20)
+            ASYNC_SEEN.append(out.strip().decode())
+            working = False
+            await ticking
+            ASYNC_SEEN.append(ticks)
+
+        asyncio.run(main())
+
+
+def test_real_work_a_loop_awaits_takes_no_virtual_time_and_beats_its_timers() -> None:
+    # The loop waits for it for real, virtual time standing still: before, a
+    # timer pending meanwhile (the ticker's, a wait_for's) jumped virtual time
+    # ahead, and a 50 ms thread "timed out" after 30 virtual seconds.
+    for seed in range(3):
+        ASYNC_SEEN.clear()
+        with Simulation(seed=seed) as sim:
+            task = AwaitsRealWork()
+            sim.queue(task)
+            sim.drain(within=timedelta(minutes=5))
+            assert_chain(sim.chain(task), [expect("succeeded", duration=timedelta(seconds=0.01))])
+        assert ASYNC_SEEN == ["done", "hi", 1]  # the ticker's first timer ran after it all
+
+
+class ExactAsync(tullius.Task):
+    """Sleeps just short of its 5 s deadline, on a loop of its own making."""
+
+    timeout = timedelta(seconds=5)
+
+    def run(self) -> None:
+        loop = asyncio.SelectorEventLoop(selectors.DefaultSelector())
         try:
-            assert isinstance(selector, selectors.BaseSelector)
-            assert selector.select(0.01) == []  # the real select: not a simulated worker
+            loop.run_until_complete(asyncio.sleep(4.999999))
+            loop.run_until_complete(asyncio.sleep(1e-7))  # under the clock's step: due now
         finally:
-            selector.close()
-    assert not getattr(selectors.DefaultSelector, "_tullius_virtual", False)
+            loop.close()
+
+
+def test_a_hand_made_loop_sleeps_to_the_microsecond_on_a_skewed_server() -> None:
+    sim = Simulation(seed=4)
+    sim.skew_clock("s1", timedelta(minutes=-3), at=timedelta(seconds=2))
+    task = ExactAsync()
+    sim.queue(task)
+    sim.drain(within=timedelta(minutes=5))
+    # the loop's clock is the simulation's monotonic one: the wall clock set back
+    # 3 minutes mid-run doesn't stretch the sleep, and 4.999999 s is not rounded up
+    # to the deadline (drain() returned as the run's success was recorded)
+    assert_outcomes(sim.chain(task), "succeeded")
+    started = sim.chain(task)[0].started_at
+    assert started is not None
+    assert sim.elapsed == started - (sim.now - sim.elapsed) + timedelta(seconds=4.999999)
+    sim.close()

@@ -49,6 +49,7 @@ from tullius.sim.invariants import DrainTimeout, Invariants
 from tullius.sim.memory_store import MemoryStore
 from tullius.sim.scheduler import Scheduler, bind_performers, trace_line
 from tullius.sim.threads import BatonPool
+from tullius.sim.virtual_asyncio import LOOPS
 from tullius.sim.virtual_time import SimulationError, VirtualTime, release_frozen_clock
 from tullius.sim.world import (
     FAULT,
@@ -516,6 +517,7 @@ class Simulation(Scheduler):
         self._closed = True
         self._pool.close()
         release_frozen_clock()
+        LOOPS.release()
 
     def __enter__(self) -> Simulation:
         return self
@@ -550,6 +552,7 @@ class Simulation(Scheduler):
         # earlier runs): the leak check counts those apart, and counted twice they
         # hid a thread leaked in any run but the first.
         self._baseline = set(threading.enumerate()) - self._pool.threads
+        LOOPS.cover(self.clock.monotonic)
         with VirtualTime(self.clock.now()) as vt, _fewer_collections():
             self._vt = vt
             self._pool.cpu.start()

@@ -1,6 +1,6 @@
 """Running unmodified user code under virtual time, one step at a time.
 
-Three pieces live here:
+Two pieces live here (``asyncio`` loops: `tullius.sim.virtual_asyncio`):
 
 * `VirtualTime`: while a simulation runs (one ``run_for``/``drain``, not one
   task), freezegun fakes ``time.time``, ``time.monotonic``,
@@ -10,8 +10,6 @@ Three pieces live here:
   (`_HeldFreeze`), and the sleeps stay replaced (`_HeldSleeps`: outside the
   simulator's threads `virtual_sleep` is the real sleep), since both scan
   every loaded module.
-* `_HeldSelector`: an ``asyncio`` loop made in user code waits for its timers
-  in virtual time (``asyncio.sleep`` is a virtual sleep too).
 * the errors of running user code (`TaskStopped`, `UserCodeHang`,
   `UserThreadLeak`), and `virtual_sleep`, the sleep of a pool thread
   (`tullius.sim.threads`, which runs user code one step at a time).
@@ -33,12 +31,9 @@ Nothing here knows about tasks or stores.
 
 from __future__ import annotations
 
-import asyncio
 import copyreg
 import datetime as datetime_module
 import functools
-import math
-import selectors
 import sys
 import threading
 import time
@@ -138,7 +133,6 @@ class VirtualTime:
     def _start(self, now: datetime) -> None:
         self._freezer, self._factory = _HELD.resume(now)
         _SLEEPS.cover()
-        _SELECTOR.cover()
 
     def patch_module(self, module: ModuleType) -> None:
         """Replace the real ``sleep`` in ``module``: a task class's, which may have been
@@ -363,84 +357,11 @@ class _HeldSleeps:
 _SLEEPS = _HeldSleeps()
 
 
-class _HeldSelector:
-    """A virtual subclass (`_virtual_selector`) as ``selectors.DefaultSelector``, from
-    a simulation's first run until `release` (``Simulation.close()``), as
-    `_HeldSleeps` holds the sleeps.
-
-    Why: an ``asyncio`` event loop made in user code (``asyncio.run()`` in a task)
-    reads freezegun's frozen ``time.monotonic`` and waits for its next timer in
-    its selector, for real: an ``await asyncio.sleep(5)`` waited five real
-    seconds, found the clock unmoved, and waited again, until `UserCodeHang`.
-    asyncio looks the default selector up when it makes a loop, so loops made
-    while this is held wait in virtual time.
-    """
-
-    def __init__(self) -> None:
-        self._real: type[selectors.BaseSelector] | None = None
-
-    def cover(self) -> None:
-        if self._real is None and isinstance(selectors.DefaultSelector, type):
-            self._real = selectors.DefaultSelector
-            selectors.DefaultSelector = _virtual_selector(self._real)  # type: ignore[misc, assignment]
-
-    def release(self) -> None:
-        real, self._real = self._real, None
-        if real is not None and getattr(selectors.DefaultSelector, "_tullius_virtual", False):
-            selectors.DefaultSelector = real  # type: ignore[misc, assignment]
-
-
-@functools.cache
-def _virtual_selector(real: type[selectors.BaseSelector]) -> type[selectors.BaseSelector]:
-    """A subclass of ``real`` (the platform's default selector, so that ``isinstance``
-    checks still hold) whose waits in a simulated worker's user code are virtual."""
-
-    def select(self: Any, timeout: float | None = None) -> Any:
-        """Outside user code, or not waiting: the real select.  In user code, poll;
-        if nothing is ready, sleep in virtual time until the timeout (the loop's
-        next timer), at least a microsecond (the clock's step), and poll again.  No
-        timer (``None``): only real I/O can wake the loop, so wait for it for real
-        (the simulation's hang check watches that wait)."""
-        baton = getattr(thread_role, "baton", None)
-        if baton is None or (timeout is not None and timeout <= 0):
-            return real.select(self, timeout)
-        ready = real.select(self, 0)
-        if ready:
-            return ready
-        if timeout is None:
-            return real.select(self, None)
-        baton.sleep(max(math.ceil(timeout * 1_000_000), 1) / 1_000_000)
-        return real.select(self, 0)
-
-    def __init__(self: Any) -> None:
-        """Made by an asyncio loop (``BaseSelectorEventLoop.__init__``, the caller): its
-        clock resolution becomes the virtual clock's step.  Why: freezegun's
-        monotonic counts from 1970, where a float's step is about 0.2 µs, so the
-        loop's own resolution (1 ns) added to the time changed nothing, and a timer
-        due exactly now never ran (the loop polled for ever)."""
-        real.__init__(self)
-        if getattr(thread_role, "baton", None) is None:
-            return
-        loop = sys._getframe(1).f_locals.get("self")
-        if isinstance(loop, asyncio.BaseEventLoop):
-            loop._clock_resolution = max(loop._clock_resolution, 1e-6)  # type: ignore[attr-defined]
-
-    return type(
-        real.__name__,
-        (real,),
-        {"__init__": __init__, "select": select, "_tullius_virtual": True, "__module__": __name__},
-    )
-
-
-_SELECTOR = _HeldSelector()
-
-
 def release_frozen_clock() -> None:
     """Stop the freezegun patches and the sleeps held between runs (`_HeldFreeze`,
     `_HeldSleeps`); not during a run."""
     if not _HELD.running:
         _SLEEPS.release()
-        _SELECTOR.release()
     _HELD.release()
 
 
