@@ -18,7 +18,8 @@ How a simulation runs:
 
 `Scheduler` is a mixin of `tullius.sim.simulation.Simulation`, which sets
 its state up and owns the public API; the actors it runs are in
-`tullius.sim.world`.
+`tullius.sim.world`, the faults it fires at whole servers in
+`tullius.sim.server_events`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from tullius.sim.clock import to_us
 from tullius.sim.faults import Fault, StepCrash
 from tullius.sim.invariants import InvariantViolation
 from tullius.sim.memory_store import MemoryStore
+from tullius.sim.server_events import ServerEvents
 from tullius.sim.world import (
     ACTOR,
     FAULT,
@@ -47,7 +49,6 @@ from tullius.sim.world import (
     Actor,
     ActorGen,
     Claimer,
-    Drivers,
     Nap,
     RunUser,
     Server,
@@ -67,7 +68,7 @@ _RUN_RECORD, _HANDLER_RECORD = RecordKind.RUN, RecordKind.HANDLER
 HeapEntry = tuple[int, int, int, int, Any, Any]
 
 
-class Scheduler(Drivers):
+class Scheduler(ServerEvents):
     """Runs events in virtual-time order; carries out store operations with faults
     and checks the invariants after each write."""
 

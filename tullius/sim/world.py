@@ -7,9 +7,11 @@ that yields commands to the scheduler: a store operation (`tullius.store`
 operations, carried out one per scheduler event so that servers interleave; a
 `StoreError` thrown into a conversation aborts it, and the driver runs it again
 later), `Wait` (virtual time), `Nap` (a claimer's wait, cut short by a poke) or
-`RunUser` (call the user's ``run()``/``failed()``).  The
-scheduler itself, the faults and the checks live in `tullius.sim.simulation`;
-no rule of the task's life is decided here: every decision is `machine.step`.
+`RunUser` (call the user's ``run()``/``failed()``).  The faults aimed at a
+whole server, and its stop, crash and restart, are in `tullius.sim.server_events`;
+the scheduler and the checks in `tullius.sim.scheduler`; the public API in
+`tullius.sim.simulation`.  No rule of the task's life is decided here: every
+decision is `machine.step`.
 """
 
 from __future__ import annotations
@@ -52,13 +54,7 @@ from tullius.events import Event, Failed, HandlerFailed, HandlerSucceeded, Succe
 from tullius.policy import DEFAULT_GRACE, LeaseTimings, LeaseWatch, verdict_window
 from tullius.sim.clock import ServerClock, SimClock, to_us
 from tullius.sim.faults import (
-    STOP_GIVE_UP,
-    ClockSkew,
-    Fault,
-    ServerCrash,
-    ServerPause,
     ServerStop,
-    WorkerCrash,
 )
 from tullius.sim.invariants import Invariants
 from tullius.sim.memory_store import MemoryStore
@@ -73,9 +69,6 @@ OP, ACTOR, WAKE, FAULT, RESTART, NAP = range(6)
 
 #: Real seconds a thread user code started may take to end after the code returned.
 LEAK_GRACE: Final = 0.2
-
-#: `STOP_GIVE_UP` in the scheduler's microseconds.
-STOP_GIVE_UP_US: Final = to_us(STOP_GIVE_UP)
 
 #: The kill reasons under which the daemon sends SIGTERM first (a second later,
 #: SIGKILL): user code unwinding then may still queue tasks.
@@ -316,6 +309,9 @@ class Drivers:
     def _store_fault(
         self, server: Server, op: Any, name: str
     ) -> tuple[bool, StoreError | None] | None:
+        raise NotImplementedError
+
+    def _exit_if_done(self, server: Server) -> None:
         raise NotImplementedError
 
     def _boot(self, server: Server) -> None:
@@ -783,130 +779,6 @@ class Drivers:
         if status is Status.FAILED:
             return f"{head}: waits for failed() attempt {view.handler_attempt + 1}"
         return f"{head}: waits for its successors or replacements to be inserted by a sweep"
-
-    def _fire(self, fault: Fault) -> None:
-        self._log(getattr(fault, "server", None) or "-", f"fault {fault!r}")
-        now = self.clock.us
-        if isinstance(fault, ClockSkew):
-            self._servers[fault.server].clock.skew = fault.skew
-        elif isinstance(fault, ServerPause):
-            server = self._servers[fault.server]
-            until = now + to_us(fault.duration)
-            server.paused_until = max(server.paused_until, until)
-            server.pauses.append((now, until))
-        elif isinstance(fault, WorkerCrash):
-            server = self._servers[fault.server]
-            busy = [
-                ex
-                for ex in server.execs
-                if ex.running
-                and ex.baton is not None
-                and (fault.worker is None or ex.worker == fault.worker)
-            ]
-            if busy:
-                self._stop(min(busy, key=lambda ex: ex.worker), "crashed")
-        elif isinstance(fault, ServerCrash):
-            restart = fault.restart_after
-            self._crash(
-                self._servers[fault.server], None if restart is None else now + to_us(restart)
-            )
-        elif isinstance(fault, ServerStop):
-            server = self._servers[fault.server]
-            if not server.up or server.stopping is not None:
-                self._log(server.name, f"stop signal ignored: the server is {server.state(now)}")
-                return
-            server.stopping = fault  # (a paused server acts on it when it wakes up)
-            self._spawn(server, self._stopper(server, fault), f"{server.name}/stop")
-
-    def _stopper(self, server: Server, stop: ServerStop) -> ActorGen:
-        """A stop signal, carried out as the daemon's `Supervisor._handle_stop`.
-
-        No more claims (the claim loops end at their next nap; a claim in flight
-        runs the jobs it wins); renewals and sweeps go on; running jobs get the
-        grace, then are stopped and fail as ``shutdown`` (their ``failed()`` runs,
-        on another server or on this one restarted: nothing is lost in a deploy).
-        The server exits as soon as nothing runs and every verdict is recorded
-        (`_exit_if_done`), or gives those verdicts up `STOP_GIVE_UP` after the
-        kills, when the store stays out of reach: their leases are then no longer
-        renewed, and the sweeps fail them as ``lost``.
-        """
-        self._log(
-            server.name,
-            f"stopping: no new work; {len(server.execs)} job(s) get "
-            f"{stop.grace.total_seconds():g}s",
-        )
-        now = self.clock.us
-        server.kill_at = now + to_us(stop.grace)
-        # The faults end with the restart: later than `fault_end` says if a pause
-        # delayed this step (the liveness bound counts from the faults' end).
-        restart = to_us(stop.restart_after) if stop.restart_after is not None else 0
-        self._faults_end_us = max(self._faults_end_us, server.kill_at + STOP_GIVE_UP_US + restart)
-        for c in server.claimers:
-            if c.napping and c.actor is not None:
-                c.actor.gen.close()
-                self._claimer_ended(server, c)
-        self._exit_if_done(server)
-        if not server.up:
-            return
-        yield Wait(to_us(stop.grace))
-        for ex in list(server.execs):
-            if ex.running:
-                self._log(server.name, f"grace over: stopping {ex.what}")
-                self._stop(ex, "shutdown")
-        yield Wait(STOP_GIVE_UP_US)
-        if server.execs:
-            ids = ", ".join(ex.job.task_id for ex in server.execs)
-            self._log(server.name, f"stopped without recording the verdicts of {ids}")
-            self._exit(server)
-
-    def _exit_if_done(self, server: Server) -> None:
-        """A stopping server exits once nothing runs, no claim is in flight and every
-        verdict is recorded, as the daemon (`Supervisor._finished`).
-
-        Its tokens, not its executions, say whether jobs are left: a claim's jobs
-        are its own from the claim, but start (`StartJobs`) only after the claim
-        loop went on to its next nap, which ends a stopping server's loop.
-        """
-        if (
-            server.up
-            and server.kill_at is not None  # (the stop is carried out: `_stopper` began)
-            and not server.tokens
-            and all(c.actor is None for c in server.claimers)
-        ):
-            self._log(server.name, "stopped: every verdict recorded")
-            self._exit(server)
-
-    def _exit(self, server: Server) -> None:
-        stop = server.stopping
-        assert stop is not None
-        restart = stop.restart_after
-        restart_at = None if restart is None else self.clock.us + to_us(restart)
-        self._crash(server, restart_at)
-        server.stopped = True
-        self._faults_end_us = max(self._faults_end_us, restart_at or self.clock.us)
-
-    def _crash(self, server: Server, restart_at: int | None) -> None:
-        """The server vanishes: its actors and user code stop where they are, no cleanup."""
-        if not server.up:
-            return
-        server.up = False
-        server.stopped = False
-        server.epoch += 1
-        for ex in list(server.execs):
-            self._stop(ex, "server crashed")
-        server.execs.clear()
-        server.tokens.clear()
-        if restart_at is not None:
-            self._push(restart_at, RESTART, server, None)
-
-    def _restart(self, server: Server) -> None:
-        if server.up:  # (restarts scheduled by a crash and by a stop never overlap)
-            return
-        self._log(server.name, "server restarted")
-        server.up = True
-        server.epoch += 1
-        server.stopping, server.kill_at, server.stopped = None, None, False
-        self._boot(server)
 
 
 def _unsure_reads(
