@@ -729,3 +729,87 @@ def test_a_hand_made_loop_sleeps_to_the_microsecond_on_a_skewed_server() -> None
     assert started is not None
     assert sim.elapsed == started - (sim.now - sim.elapsed) + timedelta(seconds=4.999999)
     sim.close()
+
+
+class UsesAThread(tullius.Task):
+    """Task A: a thread for a lookup, then a long nap while its loop's executor lives on."""
+
+    timeout = timedelta(seconds=60)
+
+    def run(self) -> None:
+        async def main() -> None:
+            await asyncio.to_thread(blocking, 0)
+            await asyncio.sleep(10)
+
+        asyncio.run(main())
+
+
+def test_a_task_is_not_blamed_for_the_threads_of_another_task_still_running() -> None:
+    # Task B returned while A's executor thread (kept until A's asyncio.run ends)
+    # was alive: B was refused with UserThreadLeak for a thread it never started.
+    with Simulation(seed=5) as sim:
+        a, b = UsesAThread(), Naps()
+        sim.queue([a, b])
+        sim.drain(within=timedelta(minutes=5))
+        assert_outcomes(sim.chain(a), "succeeded")
+        assert_outcomes(sim.chain(b), "succeeded")
+
+
+class CancelsRealWork(tullius.Task):
+    """Cancels an executor job whose thread goes on, with a timer left far ahead."""
+
+    timeout = timedelta(seconds=60)
+
+    def run(self) -> None:
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            loop.call_later(100, lambda: None)  # left behind
+            job = asyncio.ensure_future(asyncio.to_thread(blocking, 0.05))
+            await asyncio.sleep(0)
+            job.cancel()  # done at once; its thread goes on for 50 ms
+
+        asyncio.run(main())  # which then waits for the executor's thread
+
+
+def test_a_cancelled_job_still_running_is_waited_for_without_virtual_time() -> None:
+    # Before, the job counted as over once cancelled, and asyncio.run's wait for
+    # the executor slept to the timer left behind: past the deadline, a timeout.
+    with Simulation(seed=6) as sim:
+        task = CancelsRealWork()
+        sim.queue(task)
+        sim.drain(within=timedelta(minutes=5))
+        assert_chain(sim.chain(task), [expect("succeeded", duration=timedelta(0))])
+
+
+KEPT_LOOPS: list[asyncio.AbstractEventLoop] = []
+
+
+class KeepsItsLoop(tullius.Task):
+    """Makes a loop and keeps it (as a library caching one would), timing with call_at."""
+
+    timeout = timedelta(seconds=60)
+
+    def run(self) -> None:
+        loop = asyncio.new_event_loop()
+        KEPT_LOOPS.append(loop)
+        fired: list[float] = []
+        start = time.monotonic()  # the same clock as the loop's, as in CPython
+        loop.call_at(start + 1, lambda: fired.append(time.monotonic() - start))
+        loop.run_until_complete(asyncio.sleep(2))
+        ASYNC_SEEN.append(fired)
+
+
+def test_a_loop_kept_past_close_gets_its_real_clock_back() -> None:
+    ASYNC_SEEN.clear()
+    with Simulation(seed=7) as sim:
+        task = KeepsItsLoop()
+        sim.queue(task)
+        sim.drain(within=timedelta(minutes=5))
+        assert_chain(sim.chain(task), [expect("succeeded", duration=timedelta(seconds=2))])
+    assert [[pytest.approx(1.0, abs=1e-6)]] == ASYNC_SEEN
+    [loop] = KEPT_LOOPS
+    try:
+        assert loop.time() == pytest.approx(REAL_MONOTONIC(), abs=5)
+        assert loop.run_until_complete(asyncio.sleep(0.01, "real")) == "real"
+    finally:
+        loop.close()

@@ -195,6 +195,7 @@ class Simulation(Scheduler):
         self._starting: deque[Actor] = deque()
         self._vt: VirtualTime | None = None
         self._baseline: set[threading.Thread] = set()
+        self._thread_owners = {}
         self._task_counter = 0
         self._closed = False
         for server in self._servers.values():
@@ -549,10 +550,10 @@ class Simulation(Scheduler):
                 "simulation was running it; drive the simulation from the test only"
             )
         # The threads that were there before the run, but not the pool's own (from
-        # earlier runs): the leak check counts those apart, and counted twice they
-        # hid a thread leaked in any run but the first.
-        self._baseline = set(threading.enumerate()) - self._pool.threads
-        LOOPS.cover(self.clock.monotonic)
+        # earlier runs) nor those user code started (`_adopt_threads`): the leak
+        # check counts those apart, and counted twice they hid a thread leaked.
+        self._baseline = set(threading.enumerate()) - self._pool.threads - set(self._thread_owners)
+        LOOPS.cover(self.clock.monotonic, self.clock.start.timestamp())
         with VirtualTime(self.clock.now()) as vt, _fewer_collections():
             self._vt = vt
             self._pool.cpu.start()

@@ -72,7 +72,8 @@ class UserCodeHang(SimulationError):
             f"{what} ran for {wall_limit:g} real seconds without calling time.sleep() or "
             "returning; under virtual time a loop that never sleeps never lets time pass "
             "(busy-wait on time.time(), or a lock held by another task); add a sleep, or raise "
-            "wall_limit= if the work is genuinely that slow"
+            "wall_limit= if the work is genuinely that slow (an asyncio loop in a task also "
+            "waits for real for the threads and child processes it started, until they end)"
         )
 
 

@@ -234,6 +234,8 @@ class Execution:
     kill_reason: str | None = None
     running: bool = False
     beating: bool = False
+    #: Threads its user code started (`Drivers._adopt_threads`).
+    threads: list[threading.Thread] = field(default_factory=list)
 
 
 def describe_op(op: object) -> str:
@@ -282,6 +284,7 @@ class Drivers:
     _vt: VirtualTime | None
     _pool: BatonPool
     _baseline: set[threading.Thread]
+    _thread_owners: dict[threading.Thread, Execution]
     _inserted: dict[str, int]
     _starting: deque[Actor]
     _servers: dict[str, Server]
@@ -645,6 +648,7 @@ class Drivers:
     def _after_user_step(self, ex: Execution, state: str) -> None:
         baton = ex.baton
         assert baton is not None
+        self._adopt_threads(ex)
         if state == "sleeping":
             if not ex.beating:
                 ex.beating = True
@@ -663,20 +667,8 @@ class Drivers:
             return
         how, value = baton.result
         ex.baton = None
-        expected = len(self._pool.threads) + sum(t.is_alive() for t in self._baseline)
-        if threading.active_count() > expected:  # (threads that ended meanwhile don't count)
-            leaked = [
-                t
-                for t in threading.enumerate()
-                if t not in self._baseline and t not in self._pool.threads and t.is_alive()
-            ]
-            # A thread told to end but not yet gone (the executor of an event loop
-            # closed with ``loop.close()``) gets a moment (`LEAK_GRACE`) to finish.
-            give_up = REAL[1]() + LEAK_GRACE
-            for thread in leaked:
-                thread.join(max(0.0, give_up - REAL[1]()))
-            if any(t.is_alive() for t in leaked):
-                raise UserThreadLeak(ex.what, [t.name for t in leaked if t.is_alive()])
+        if ex.threads:
+            self._check_threads_ended(ex)
         ex.running = False
         server = ex.server
         if ex.kill_reason == "server crashed":
@@ -691,6 +683,42 @@ class Drivers:
         # the server is paused: then it waits for the pause's end.
         if not self._held_back(actor, self.clock.us, ACTOR, actor, outcome):
             self._advance(actor, outcome)
+
+    def _adopt_threads(self, ex: Execution) -> None:
+        """Threads that appeared during this step of ``ex``'s user code are its own.
+
+        Why by step: only one step of user code runs at a time, so a thread new
+        since the last step was started by this one.  A task that returned was
+        blamed for a thread of another task still running (an event loop's
+        executor, kept until its ``asyncio.run`` ends).
+        """
+        owners = self._thread_owners
+        expected = (
+            len(self._pool.threads)
+            + sum(t.is_alive() for t in self._baseline)
+            + sum(t.is_alive() for t in owners)
+        )
+        if threading.active_count() <= expected:  # (threads that ended don't count)
+            return
+        pool, baseline = self._pool.threads, self._baseline
+        for thread in threading.enumerate():
+            if thread in baseline or thread in pool or thread in owners or not thread.is_alive():
+                continue
+            owners[thread] = ex
+            ex.threads.append(thread)
+
+    def _check_threads_ended(self, ex: Execution) -> None:
+        """``ex``'s user code returned: the threads it started must have ended.  One told
+        to end but not yet gone (the executor of an event loop closed with
+        ``loop.close()``) gets a moment (`LEAK_GRACE`) to finish."""
+        give_up = REAL[1]() + LEAK_GRACE
+        for thread in ex.threads:
+            thread.join(max(0.0, give_up - REAL[1]()))
+            self._thread_owners.pop(thread, None)
+        leaked = [t.name for t in ex.threads if t.is_alive()]
+        ex.threads.clear()
+        if leaked:
+            raise UserThreadLeak(ex.what, leaked)
 
     def _wake(self, ex: Execution, value: tuple[int, str | None]) -> None:
         gen, kill = value
