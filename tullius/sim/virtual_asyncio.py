@@ -115,22 +115,31 @@ def _virtualise(loop: Any, clock: Callable[[], float]) -> None:
     shutdown_default_executor = loop.shutdown_default_executor
 
     def tracked_run_in_executor(executor: Any, func: Any, *args: Any) -> Any:
-        """Real work until the job itself ends in its thread (a cancelled future is
-        done at once, its job not)."""
+        """Real work until both the job has ended in its thread (a cancelled future is
+        done at once, its job not) and its result has reached the loop: only then
+        is the coroutine awaiting it ready to run before any timer."""
+        both = [2]
+
+        def one_done(*_: Any) -> None:
+            both[0] -= 1
+            if not both[0]:
+                waits.running -= 1
 
         def job(*args: Any) -> Any:
             try:
                 return func(*args)
             finally:
                 with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                    loop.call_soon_threadsafe(waits.ended)
+                    loop.call_soon_threadsafe(one_done)
 
         waits.running += 1
         try:
-            return run_in_executor(executor, job, *args)
+            future = run_in_executor(executor, job, *args)
         except BaseException:
             waits.running -= 1
             raise
+        future.add_done_callback(one_done)
+        return future
 
     async def tracked_shutdown(*args: Any, **kwargs: Any) -> Any:
         """``asyncio.run`` waits here for its executor's threads, on a thread of its own."""
@@ -175,10 +184,6 @@ class _VirtualWait:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
-
-    def ended(self) -> None:
-        """An executor job ended (called on the loop's thread)."""
-        self.running -= 1
 
     def _real_work(self) -> bool:
         return self.running > 0 or any(p.get_returncode() is None for p in self.processes)
