@@ -53,9 +53,7 @@ from tullius.errors import ConfigError, StoreError, TaskDefinitionError, Unknown
 from tullius.events import Event, Failed, HandlerFailed, HandlerSucceeded, Succeeded
 from tullius.policy import DEFAULT_GRACE, LeaseTimings, LeaseWatch, verdict_window
 from tullius.sim.clock import ServerClock, SimClock, to_us
-from tullius.sim.faults import (
-    ServerStop,
-)
+from tullius.sim.faults import ServerStop
 from tullius.sim.invariants import Invariants
 from tullius.sim.memory_store import MemoryStore
 from tullius.sim.threads import Baton, BatonPool, current_baton
