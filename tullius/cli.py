@@ -261,13 +261,10 @@ def _retry(settings: Settings) -> int:
     report = RetryReport()
 
     def unloadable(error: UnknownTaskClass) -> None:
-        sys.stdout.flush()
-        print(
-            f"{PROG}: warning: class {error.name!r} can't be loaded here ({error.reason}), "
-            "so its copies keep the failed_timeout and failed_attempts stored with each "
-            "task; run the command where the fixed code is importable to take the class's own",
-            file=sys.stderr,
-            flush=True,
+        _say(
+            f"warning: class {error.name!r} can't be loaded here ({error.reason}), so its "
+            "copies keep the failed_timeout and failed_attempts stored with each task; run "
+            "the command where the fixed code is importable to take the class's own"
         )
 
     limits = limits_once(unloadable)
@@ -277,8 +274,7 @@ def _retry(settings: Settings) -> int:
         if isinstance(done, Retry):
             print(done.describe(), flush=True)
         else:
-            sys.stdout.flush()
-            print(f"{PROG}: {done}", file=sys.stderr, flush=True)
+            _say(str(done))
 
     try:
         if settings.retry_all:
@@ -313,11 +309,11 @@ def _retry(settings: Settings) -> int:
                 show(error)
                 continue
             except NotRetried as error:
-                report.add(error)
-                show(error)
-                continue
-            report.add(done)
-            show(done)
+                result: Retry | NotRetried = error
+            else:
+                result = done
+            report.add(result)
+            show(result)
         return EXIT_NOT_RETRIED if report.refused or not_found else 0
     except TulliusError as error:  # the store failing, or a document it can't give back
         so_far = [f"{len(report.retried):,} task(s) retried before it failed"]
@@ -331,6 +327,13 @@ def _retry(settings: Settings) -> int:
             + "; run the command again once the database answers: it completes a retry "
             "cut short and retries no task twice"
         ) from None
+
+
+def _say(line: str) -> None:
+    """A line on stderr, as ``tulliusd: ...``, after what stdout has so far: the two
+    read in order when they go to one terminal or file."""
+    sys.stdout.flush()
+    print(f"{PROG}: {line}", file=sys.stderr, flush=True)
 
 
 #: How many classes a ``--retry-class`` that matched nothing lists.
@@ -362,11 +365,9 @@ def _retry_all_done(report: RetryReport, class_name: str | None) -> int:
         more = len(report.classes) - CLASSES_LISTED
         if more > 0:
             listed += f" and {more:,} more class(es)"
-        print(
-            f"{PROG}: no unhandled task is of class {class_name!r} (give the stored "
-            f"module:Class, or just Class); unhandled tasks by class: {listed}",
-            file=sys.stderr,
-            flush=True,
+        _say(
+            f"no unhandled task is of class {class_name!r} (give the stored module:Class, "
+            f"or just Class); unhandled tasks by class: {listed}"
         )
         return EXIT_NOT_RETRIED
     return EXIT_NOT_RETRIED if report.refused else 0

@@ -353,12 +353,11 @@ def retry_all(
             except TaskNotFound:
                 continue  # pruned meanwhile
             except NotRetried as refused:
-                report.add(refused)
-                if on_each is not None:
-                    on_each(refused)
-                continue
-            if done.new or done.completed:
-                made.add(done.copy_id)
-            report.add(done)
+                result: Retry | NotRetried = refused
+            else:
+                if done.new or done.completed:
+                    made.add(done.copy_id)
+                result = done
+            report.add(result)
             if on_each is not None:
-                on_each(done)
+                on_each(result)
