@@ -67,14 +67,24 @@ RETRY_BATCH: Final = 500
 Limits = Callable[[str], "tuple[timedelta, int] | None"]
 
 
-def current_limits(class_name: str) -> tuple[timedelta, int] | None:
+def _class_limits(class_name: str) -> tuple[timedelta, int]:
     """``failed_timeout`` and ``failed_attempts`` of the stored class as this process
-    loads it now, or None if it can't be loaded here (then the task's own stand)."""
+    loads it now.
+
+    Raises:
+        UnknownTaskClass: it can't be loaded here.
+    """
+    cls = load_class(class_name)
+    return cls.failed_timeout, cls.failed_attempts
+
+
+def current_limits(class_name: str) -> tuple[timedelta, int] | None:
+    """`_class_limits`, or None if the class can't be loaded here (then the task's
+    own stand)."""
     try:
-        cls = load_class(class_name)
+        return _class_limits(class_name)
     except UnknownTaskClass:
         return None
-    return cls.failed_timeout, cls.failed_attempts
 
 
 def limits_once(unloadable: Callable[[UnknownTaskClass], None]) -> Limits:
@@ -89,12 +99,10 @@ def limits_once(unloadable: Callable[[UnknownTaskClass], None]) -> Limits:
     def limits(class_name: str) -> tuple[timedelta, int] | None:
         if class_name not in known:
             try:
-                cls = load_class(class_name)
+                known[class_name] = _class_limits(class_name)
             except UnknownTaskClass as error:
                 known[class_name] = None
                 unloadable(error)
-            else:
-                known[class_name] = (cls.failed_timeout, cls.failed_attempts)
         return known[class_name]
 
     return limits
