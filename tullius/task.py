@@ -28,6 +28,7 @@ from tullius.errors import (
     TaskFieldError,
     UnknownTaskClass,
 )
+from tullius.user_errors import describe, shown
 
 _INT64: Final = 2**63
 _EXPECTED_VALUE: Final = (
@@ -83,10 +84,12 @@ class Task:
                 f"{name}.timeout={timeout!r}; expected a positive datetime.timedelta "
                 "(or declare the class with abstract=True)"
             )
+        _check_time_limit(f"{name}.timeout", timeout)
         if not isinstance(cls.failed_timeout, timedelta) or cls.failed_timeout <= timedelta(0):
             raise TaskDefinitionError(
                 f"{name}.failed_timeout={cls.failed_timeout!r}; expected a positive timedelta"
             )
+        _check_time_limit(f"{name}.failed_timeout", cls.failed_timeout)
         attempts = cls.failed_attempts
         # Stored as BSON, so 64-bit at most: a larger one failed only when inserted.
         if (
@@ -143,10 +146,15 @@ class Task:
             raise TaskDefinitionError(
                 f"{cls.__name__}(delay={delay!r}, start_after={start_after!r}): give one, not both"
             )
-        if delay is not None and (not isinstance(delay, timedelta) or delay < timedelta(0)):
-            raise TaskDefinitionError(f"{cls.__name__}(delay={delay!r}); expected a timedelta >= 0")
+        if delay is not None and (
+            not isinstance(delay, timedelta) or not timedelta(0) <= delay <= MAX_DELAY
+        ):
+            raise TaskDefinitionError(
+                f"{cls.__name__}(delay={delay!r}); expected a timedelta from 0 to "
+                f"{MAX_DELAY.days} days"
+            )
         if start_after is not None and (
-            not isinstance(start_after, datetime) or start_after.tzinfo is None
+            not isinstance(start_after, datetime) or not _is_aware(start_after)
         ):
             raise TaskDefinitionError(
                 f"{cls.__name__}(start_after={start_after!r}); expected an aware datetime "
@@ -196,8 +204,23 @@ class Task:
 
         An instance priority carries over unless changed; ``delay`` and
         ``start_after`` do not (pass them again to defer the copy).
+
+        Raises:
+            TaskDefinitionError: the class declares its fields (annotations) and
+                ``changes`` names one that is neither declared nor on this task:
+                ``copy(count_too=9)`` added a field and left ``count_to`` as it was.
         """
-        fields = {**self.fields, **changes}
+        current = self.fields
+        declared = _declared_fields(type(self))
+        if declared:
+            for name in changes:
+                if name not in current and name not in declared and name not in _COPY_OPTIONS:
+                    raise TaskDefinitionError(
+                        f"{type(self).__name__}.copy({name}=...): {type(self).__name__} has no "
+                        f"field {name!r}; expected one of {sorted(declared | current.keys())} "
+                        f"(or declare it on the class: {name}: <type>)"
+                    )
+        fields = {**current, **changes}
         if "priority" not in changes and "priority" in vars(self):
             fields["priority"] = self.priority
         return type(self)(**fields)
@@ -225,8 +248,18 @@ class Task:
 #: ``tullius.queue()``) instead of failing every attempt to store it.
 MAX_FIELDS_BYTES: Final = 8 * 1024 * 1024
 _META_ATTRIBUTES: Final = frozenset({"failure", "task_id", "priority"})
+_MILLISECOND: Final = timedelta(milliseconds=1)
+#: Longest ``timeout`` or ``failed_timeout`` a class may set: far longer than
+#: any run should take, and short enough for every date a limit is added to.
+MAX_TIME_LIMIT: Final = timedelta(days=3653)
+#: Longest ``delay`` a task may be given (a century).
+MAX_DELAY: Final = timedelta(days=36525)
 #: Exact types `check_value` accepts whatever their value.
-_SCALARS: Final = frozenset({type(None), bool, str, bytes, float})
+_SCALARS: Final = frozenset({type(None), bool, bytes, float})
+#: How deep lists and dicts may nest in a field.  MongoDB refuses documents
+#: nested over 100 levels; a task's fields sit a few levels down in its
+#: document and in the record of the step that spawned it.
+MAX_NESTING: Final = 64
 #: Exact types `stored_size` counts as 9 bytes whatever their value (subclasses
 #: take the general path, which gives them 9 as well).
 _NINE_BYTES: Final = frozenset({int, float, bool, type(None), datetime})
@@ -245,7 +278,45 @@ def _check_priority(owner: str, priority: object) -> None:
         )
 
 
+#: What ``copy()`` takes besides fields: the constructor's options.
+_COPY_OPTIONS: Final = frozenset({"delay", "start_after", "priority"})
+
+
+def _declared_fields(cls: type[Task]) -> frozenset[str]:
+    """The fields a Task class declares with annotations (``count_to: int``),
+    its bases' included; ``ClassVar`` settings and private names are not fields."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is Task or not issubclass(klass, Task):
+            continue
+        for name, annotation in inspect.get_annotations(klass).items():
+            if not name.startswith("_") and "ClassVar" not in str(annotation):
+                names.add(name)
+    return frozenset(names - _CLASS_NAMES_SET)
+
+
+def _check_time_limit(what: str, limit: timedelta) -> None:
+    """Refuse a positive time limit stored as nothing, or too long to add to a date."""
+    if limit < _MILLISECOND:
+        raise TaskDefinitionError(
+            f"{what}={limit!r}; expected at least 1 millisecond (MongoDB stores times to the "
+            "millisecond: a shorter limit was stored as 0)"
+        )
+    if limit > MAX_TIME_LIMIT:
+        raise TaskDefinitionError(
+            f"{what}={limit!r}; expected at most {MAX_TIME_LIMIT.days} days (dates a run's "
+            "limit is added to must stay within the year 9999)"
+        )
+
+
 def _check_field_name(cls: type[Task], field: str) -> None:
+    if not field.isidentifier():
+        # Why: ``T(**{"a.b": 1})`` was accepted, and MongoDB then refused the
+        # task's insert (or stored a name no attribute access reads back).
+        raise TaskDefinitionError(
+            f"{cls.__name__}(**{{{field!r}: ...}}): field name {field!r} is not a Python "
+            "identifier; expected a name usable as an attribute"
+        )
     # ``Task.__annotations__`` too: ``timeout`` is declared there without a value, and
     # as a field it would hide the class's timeout on the instance while the class's
     # applies (a per-instance timeout that silently does nothing).
@@ -266,45 +337,86 @@ def _check_field_name(cls: type[Task], field: str) -> None:
         )
 
 
-def check_value(task_class: str, path: str, value: Any) -> None:
+def check_value(task_class: str, path: str, value: Any, depth: int = 0) -> None:
     """Raise `TaskFieldError` unless ``value`` can be stored as a BSON value.
 
     Args:
         task_class: named in the error.
         path: the field (and position inside it) named in the error.
         value: the value to check, recursively.
+        depth: how many lists and dicts ``value`` is inside (`MAX_NESTING`).
     """
     # Fast accepts by exact type for the usual values, before the isinstance()
     # chain below (which decides everything else, subclasses included).
     kind = type(value)
+    if kind is str:
+        if value.isascii():
+            return
+        _check_text(task_class, path, value)
+        return
     if kind in _SCALARS or (kind is int and -_INT64 <= value < _INT64):
         return
-    if value is None or isinstance(value, bool | str | bytes | float):
+    if value is None or isinstance(value, bool | bytes | float):
+        return
+    if isinstance(value, str):
+        _check_text(task_class, path, value)
         return
     if isinstance(value, int):
         if -_INT64 <= value < _INT64:
             return
         raise TaskFieldError(task_class, path, "int beyond 64 bits", _EXPECTED_VALUE)
     if isinstance(value, datetime):
-        if value.tzinfo is None:
+        if not _is_aware(value):
             raise TaskFieldError(task_class, path, "naive datetime", "an aware datetime")
         return
+    if isinstance(value, list | tuple | dict) and depth >= MAX_NESTING:
+        raise TaskFieldError(
+            task_class,
+            path,
+            f"{type(value).__name__} nested {depth + 1} levels deep",
+            f"lists and dicts nested at most {MAX_NESTING} levels deep (MongoDB's limit is "
+            "100 for a whole document; a value that contains itself never ends)",
+        )
     if isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            check_value(task_class, f"{path}[{index}]", item)
+            check_value(task_class, f"{path}[{index}]", item, depth + 1)
         return
     if isinstance(value, dict):
         for key, item in value.items():
-            if not isinstance(key, str) or key.startswith("$") or "." in key or "\0" in key:
+            if not isinstance(key, str):
+                kind_of_key = f"dict key {type(key).__name__}"
+                raise TaskFieldError(task_class, f"{path}[{key!r}]", kind_of_key, _EXPECTED_VALUE)
+            if key.startswith("$") or "." in key or "\0" in key:
+                flaw = "starting with '$'" if key.startswith("$") else "containing '.' or NUL"
                 raise TaskFieldError(
-                    task_class,
-                    f"{path}[{key!r}]",
-                    f"dict key {type(key).__name__}",
-                    _EXPECTED_VALUE,
+                    task_class, f"{path}[{key!r}]", f"dict key {flaw}", _EXPECTED_VALUE
                 )
-            check_value(task_class, f"{path}[{key!r}]", item)
+            if not key.isascii():
+                _check_text(task_class, f"{path}[{key!r}]", key)
+            check_value(task_class, f"{path}[{key!r}]", item, depth + 1)
         return
     raise TaskFieldError(task_class, path, type(value).__name__, _EXPECTED_VALUE)
+
+
+def _check_text(task_class: str, path: str, text: str) -> None:
+    """Refuse a string that is not text: BSON stores UTF-8, which a lone surrogate
+    (``"\\ud800"``, from a bad decode) can't be, so MongoDB refused it only when
+    the task was inserted, with an encoder error naming no field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TaskFieldError(
+            task_class, path, "str with a lone surrogate", "text that encodes as UTF-8"
+        ) from None
+
+
+def _is_aware(when: datetime) -> bool:
+    """Whether ``when`` is aware as Python defines it: a ``tzinfo`` whose
+    ``utcoffset()`` gives an offset (one that returns None makes it naive)."""
+    try:
+        return when.utcoffset() is not None
+    except Exception:  # user code: a tzinfo that can't tell its offset
+        return False
 
 
 def to_spec(task: object, *, role: str = "task") -> TaskSpec:
@@ -320,7 +432,7 @@ def _spec_and_size(task: object, role: str) -> tuple[TaskSpec, int]:
     """`to_spec`, and the stored size of the task's fields (checked against the limit)."""
     if not isinstance(task, Task):
         raise TaskDefinitionError(
-            f"{role} {task!r} is a {type(task).__name__}; expected a tullius.Task instance"
+            f"{role} {shown(task)} is a {type(task).__name__}; expected a tullius.Task instance"
         )
     cls = type(task)
     fields = task.fields
@@ -353,7 +465,7 @@ def to_specs(returned: object, *, role: str) -> tuple[TaskSpec, ...]:
         return (to_spec(returned, role=role),)
     if isinstance(returned, str | bytes | Mapping) or not isinstance(returned, Iterable):
         raise TaskDefinitionError(
-            f"{role} returned {returned!r}; expected None, a tullius.Task, or a list of them"
+            f"{role} returned {shown(returned)}; expected None, a tullius.Task, or a list of them"
         )
     sized = [_spec_and_size(item, f"{role} item") for item in returned]
     _check_size(f"{role} (all {len(sized)} tasks)", sum(size for _, size in sized))
@@ -374,7 +486,7 @@ def queued_tasks(task_or_tasks: object, *, role: str) -> list[Task]:
         return [task_or_tasks]
     if isinstance(task_or_tasks, str | bytes | Mapping) or not isinstance(task_or_tasks, Iterable):
         raise TaskDefinitionError(
-            f"{role} {task_or_tasks!r} is a {type(task_or_tasks).__name__}; "
+            f"{role} {shown(task_or_tasks)} is a {type(task_or_tasks).__name__}; "
             "expected a tullius.Task or a list of them"
         )
     return list(task_or_tasks)
@@ -435,6 +547,7 @@ _CLASS_NAMES: Final = (
     "run",
     "failed",
 )
+_CLASS_NAMES_SET: Final = frozenset(_CLASS_NAMES)
 
 
 def _warn_of_misspellings(cls: type) -> None:
@@ -474,7 +587,8 @@ def load_class(name: str) -> type[Task]:
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as error:  # user code at import: any failure means "can't load"
-        raise UnknownTaskClass(name, f"importing {module_name!r} failed: {error!r}") from error
+        why = f"importing {module_name!r} failed: {describe(error)}"
+        raise UnknownTaskClass(name, why) from error
     obj = find_in_module(obj, qualname)
     if obj is None:
         raise UnknownTaskClass(name, f"{module_name!r} has no {qualname!r}")
@@ -499,7 +613,7 @@ def from_doc(doc: TaskDoc, *, failure: Failure | None = None) -> Task:
             setattr(task, field, value)
         except Exception as error:  # user code (a property, a __setattr__): can't load
             raise UnknownTaskClass(
-                doc.class_name, f"can't set its field {field!r}: {type(error).__name__}: {error}"
+                doc.class_name, f"can't set its field {field!r}: {describe(error)}"
             ) from error
     if doc.priority != cls.priority:
         task.priority = doc.priority

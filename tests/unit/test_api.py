@@ -209,6 +209,7 @@ def test_the_public_api_is_exactly_what_all_lists() -> None:
         "demo",
         "prune",
         "retry",
+        "user_errors",
     }
     assert exported | {"__version__"} == set(tullius.__all__)
     assert tullius.__all__ == sorted(tullius.__all__)

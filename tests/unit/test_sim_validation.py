@@ -18,6 +18,7 @@ from tullius.sim import (
     Simulation,
     SimulationError,
     StoreFault,
+    memory_store,
 )
 
 
@@ -213,3 +214,26 @@ def test_run_for_called_from_a_tasks_run_fails_that_run_naming_the_mistake() -> 
     assert "sim.run_for() was called from inside a task's run() or failed()" in (
         link.failure.message
     )
+
+
+def test_an_insert_that_fails_part_way_leaves_open_only_the_tasks_it_stored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As MongoDB's ordered insert_many: the tasks before the one refused are stored.
+    sim = Simulation()
+    real = memory_store.stored_task
+
+    def refuse_the_second(doc: Any) -> Any:
+        if doc.fields.get("n") == 2:
+            raise OverflowError("date value out of range")
+        return real(doc)
+
+    monkeypatch.setattr(memory_store, "stored_task", refuse_the_second)
+    with pytest.raises(OverflowError):
+        sim.queue([Nap(n=1), Nap(n=2), Nap(n=3)])
+    monkeypatch.undo()
+    sim.queue(Nap(n=4))
+    counts = sim.drain(within=timedelta(minutes=1))  # once failed on the ids never stored
+    assert (counts.tasks, counts.succeeded) == (2, 2)
+    sim.check()
+    sim.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 
 import pytest
 
@@ -16,7 +16,15 @@ from tullius.errors import (
     TaskFieldError,
     UnknownTaskClass,
 )
-from tullius.task import from_doc, load_class, to_spec, to_specs
+from tullius.task import (
+    MAX_DELAY,
+    MAX_NESTING,
+    MAX_TIME_LIMIT,
+    from_doc,
+    load_class,
+    to_spec,
+    to_specs,
+)
 
 
 class Count(tullius.Task):
@@ -27,6 +35,27 @@ class Count(tullius.Task):
 
     def failed(self) -> tullius.Task:
         return self.copy(count_to=max(self.count_to - 1, 0))
+
+
+class Declared(tullius.Task):
+    timeout = timedelta(seconds=5)
+    count_to: int
+    note: str = ""
+
+    def run(self) -> None:
+        pass
+
+
+class _NoOffset(tzinfo):
+    """A tzinfo without an offset: Python counts its datetimes as naive."""
+
+    def utcoffset(self, dt: datetime | None) -> timedelta | None:
+        return None
+
+
+class _BrokenOffset(tzinfo):
+    def utcoffset(self, dt: datetime | None) -> timedelta | None:
+        raise RuntimeError("no offset today")
 
 
 def test_keyword_arguments_become_fields_and_attributes() -> None:
@@ -150,13 +179,37 @@ def test_a_field_that_cannot_be_stored_names_class_field_and_type() -> None:
         (datetime(2026, 1, 1), "naive datetime"),
         (2**64, "int beyond 64 bits"),
         ({1: "x"}, "dict key int"),
-        ({"$set": 1}, "dict key str"),
+        ({"$set": 1}, "dict key starting with"),
+        ({"a.b": 1}, "dict key containing"),
         ({1, 2}, "set"),
+        ("caf\udce9", "str with a lone surrogate"),
+        ({"caf\udce9": 1}, "str with a lone surrogate"),
+        (datetime(2026, 1, 1, tzinfo=_NoOffset()), "naive datetime"),
+        (datetime(2026, 1, 1, tzinfo=_BrokenOffset()), "naive datetime"),
     ],
 )
 def test_non_bson_values_are_refused(value: object, what: str) -> None:
     with pytest.raises(TaskFieldError, match=what):
         Count(count_to=1, value=value)
+
+
+def test_a_value_nested_too_deep_or_containing_itself_is_refused_naming_the_field() -> None:
+    deep: list[object] = []
+    for _ in range(MAX_NESTING - 1):
+        deep = [deep]
+    Count(count_to=1, value=deep)  # 64 lists, one in another: as deep as allowed
+    with pytest.raises(TaskFieldError, match=r"Count.value\[0\].* nested 65 levels deep"):
+        Count(count_to=1, value=[deep])
+    cyclic: dict[str, object] = {}
+    cyclic["self"] = cyclic
+    with pytest.raises(TaskFieldError, match=r"Count.loop\['self'\].*nested"):
+        Count(count_to=1, loop=cyclic)
+
+
+def test_a_field_name_that_is_not_an_identifier_is_refused() -> None:
+    for name in ("a.b", "$set", "", "a\0b", "first-name"):
+        with pytest.raises(TaskDefinitionError, match="is not a Python identifier"):
+            Count(**{name: 1})
 
 
 def test_reserved_field_names_are_refused() -> None:
@@ -166,8 +219,9 @@ def test_reserved_field_names_are_refused() -> None:
 
 
 def test_a_naive_start_after_is_refused() -> None:
-    with pytest.raises(TaskDefinitionError, match="expected an aware datetime"):
-        Count(count_to=1, start_after=datetime(2026, 1, 1))
+    for naive in (datetime(2026, 1, 1), datetime(2026, 1, 1, tzinfo=_NoOffset())):
+        with pytest.raises(TaskDefinitionError, match="expected an aware datetime"):
+            Count(count_to=1, start_after=naive)
 
 
 def test_delay_and_start_after_together_are_refused() -> None:
@@ -175,9 +229,36 @@ def test_delay_and_start_after_together_are_refused() -> None:
         Count(count_to=1, delay=timedelta(1), start_after=datetime(2026, 1, 1, tzinfo=UTC))
 
 
-def test_a_negative_delay_is_refused() -> None:
-    with pytest.raises(TaskDefinitionError, match="expected a timedelta >= 0"):
-        Count(count_to=1, delay=timedelta(seconds=-1))
+def test_a_negative_or_endless_delay_is_refused() -> None:
+    for delay in (timedelta(seconds=-1), MAX_DELAY + timedelta(days=1), timedelta.max):
+        with pytest.raises(TaskDefinitionError, match="expected a timedelta from 0 to 36525 days"):
+            Count(count_to=1, delay=delay)
+    Count(count_to=1, delay=MAX_DELAY)
+
+
+@pytest.mark.parametrize("setting", ["timeout", "failed_timeout"])
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        (timedelta(microseconds=900), "expected at least 1 millisecond"),
+        (MAX_TIME_LIMIT + timedelta(seconds=1), "expected at most 3653 days"),
+        (timedelta.max, "expected at most 3653 days"),
+    ],
+)
+def test_a_time_limit_too_short_to_store_or_too_long_to_add_is_refused_at_definition(
+    setting: str, limit: timedelta, expected: str
+) -> None:
+    with pytest.raises(TaskDefinitionError, match=rf"Limited.{setting}=.*; {expected}"):
+        type("Limited", (Count,), {setting: limit, "__module__": __name__})
+
+
+def test_copy_refuses_a_field_the_class_does_not_declare() -> None:
+    task = Declared(count_to=10)
+    with pytest.raises(TaskDefinitionError, match=r"Declared.copy\(count_too=...\).*'count_to'"):
+        task.copy(count_too=9)
+    assert task.copy(count_to=9, note="declared", delay=timedelta(seconds=1)).count_to == 9
+    # A class that declares no fields takes any: its fields are whatever it is given.
+    assert Count(count_to=1).copy(attempt=2).fields == {"count_to": 1, "attempt": 2}
 
 
 def test_returned_values_are_none_a_task_or_a_list_of_tasks() -> None:

@@ -55,12 +55,11 @@ from tullius.document import (
 )
 from tullius.errors import StoreError, TaskDefinitionError, UnknownTaskClass
 from tullius.task import from_doc, to_specs
+from tullius.user_errors import bounded_message, bounded_traceback, describe, raised
 
 _PR_SET_PDEATHSIG = 1
 #: Sent by Linux when the daemon dies; it means "kill your whole group now".
 PARENT_DEATH_SIGNAL = signal.SIGUSR2
-#: Longest a traceback stored in a failure record may be (the end is kept).
-MAX_TRACEBACK = 20_000
 
 
 class Terminated(BaseException):  # a signal, not an error of user code
@@ -176,8 +175,8 @@ def plain_specs(specs: Sequence[TaskSpec]) -> list[TaskSpec]:
 
 
 def _failure(kind: str, message: str, *, with_traceback: bool = False) -> Failure:
-    text = traceback.format_exc()[-MAX_TRACEBACK:] if with_traceback else None
-    return Failure(kind=kind, message=message[:2000], at=_now(), traceback=text)
+    text = bounded_traceback(traceback.format_exc()) if with_traceback else None
+    return Failure(kind=kind, message=bounded_message(message), at=_now(), traceback=text)
 
 
 def run_job(job: dict[str, Any], supervisor: _Supervisor) -> dict[str, Any]:
@@ -201,7 +200,7 @@ def run_job(job: dict[str, Any], supervisor: _Supervisor) -> dict[str, Any]:
         return _failed(
             _failure(
                 FailureKind.UNLOADABLE,
-                f"can't decode the task document: {type(error).__name__}: {error}",
+                f"can't decode the task document: {describe(error)}",
                 with_traceback=True,
             )
         )
@@ -214,8 +213,7 @@ def run_job(job: dict[str, Any], supervisor: _Supervisor) -> dict[str, Any]:
     except TaskDefinitionError as error:
         return _failed(_failure(FailureKind.BAD_RETURN, str(error), with_traceback=True))
     except BaseException as error:  # user code: whatever it raises is recorded, never fatal
-        message = f"{role} raised {type(error).__name__}: {error}"
-        return _failed(_failure(FailureKind.EXCEPTION, message, with_traceback=True))
+        return _failed(_failure(FailureKind.EXCEPTION, raised(role, error), with_traceback=True))
     return {"ok": True, "specs": plain_specs(specs)}
 
 

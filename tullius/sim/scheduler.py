@@ -357,12 +357,17 @@ class Scheduler(ServerEvents):
         for _ in specs:
             self._task_counter += 1
             ids.append(f"t{self._task_counter}-{self.rng.getrandbits(32):08x}")
-        self._inv.roots.update(ids)
-        for task_id in ids:
-            self._inserted[task_id] = self.events
-            self._open.add(task_id)
         fresh = iter(ids)
-        insert_queued(self.store, specs, now=now, new_id=fresh.__next__)
+        try:
+            insert_queued(self.store, specs, now=now, new_id=fresh.__next__)
+        finally:
+            # Only what was stored is open: an insert that raised part-way once left
+            # ids open that no task had, and every later drain failed on them.
+            stored = [task_id for task_id in ids if task_id in self.store.insert_counts]
+            self._inv.roots.update(stored)
+            for task_id in stored:
+                self._inserted[task_id] = self.events
+                self._open.add(task_id)
         self._log("app", f"queued {','.join(ids)}")
         return ids
 

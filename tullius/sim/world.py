@@ -61,6 +61,7 @@ from tullius.sim.tracebacks import format_exception
 from tullius.sim.virtual_time import REAL, TaskStopped, UserThreadLeak, VirtualTime, module_of
 from tullius.store import Beat, FindByStatus, FindDue, Load
 from tullius.task import from_doc, to_specs
+from tullius.user_errors import bounded_message, bounded_traceback, raised
 
 #: Scheduler event kinds.
 OP, ACTOR, WAKE, FAULT, RESTART, NAP = range(6)
@@ -533,7 +534,8 @@ class Drivers:
             return None
 
         def failure(kind: str, message: str, tb: str | None = None) -> Failure:
-            return Failure(kind, message, server.clock.now(), tb, server.name)
+            now = server.clock.now()
+            return Failure(kind, bounded_message(message), now, bounded_traceback(tb), server.name)
 
         if reason == "timeout":
             error = failure(
@@ -556,18 +558,23 @@ class Drivers:
             error = failure(FailureKind.UNLOADABLE, str(value))
         elif how == "raised" and isinstance(value, KeyboardInterrupt):
             raise value
-        elif how == "raised" or how == "stopped":
+        elif how == "raised":
             # As tulliusd's worker does: anything user code raises, SystemExit and
             # other BaseExceptions included, is an ``exception`` with its traceback.
-            tb = format_exception(value) if how == "raised" else None
-            error = failure(
-                FailureKind.EXCEPTION, f"{role} raised {type(value).__name__}: {value}", tb
-            )
+            error = failure(FailureKind.EXCEPTION, raised(role, value), format_exception(value))
+        elif how == "stopped":  # no kill: user code raised the simulator's TaskStopped itself
+            error = failure(FailureKind.EXCEPTION, f"{role} raised TaskStopped: {value}")
         else:
             try:
                 specs = to_specs(value, role=role)
             except TaskDefinitionError as bad:
                 error = failure(FailureKind.BAD_RETURN, str(bad))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as broken:  # as the worker: user code (an iterator, a
+                # ``fields`` property) raised while what it returned was read
+                tb = format_exception(broken)
+                error = failure(FailureKind.EXCEPTION, raised(role, broken), tb)
             else:
                 return Succeeded(job.token, specs) if run else HandlerSucceeded(job.token, specs)
         return Failed(job.token, error) if run else HandlerFailed(job.token, error)
