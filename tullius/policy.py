@@ -38,6 +38,13 @@ def handler_backoff(attempt: int, rng: random.Random | None = None) -> timedelta
 
 #: The lease of ``tulliusd`` and of the simulator unless told otherwise.
 DEFAULT_LEASE: Final = timedelta(seconds=30)
+#: The shortest lease: a store round trip must fit in a sixth of it many times
+#: over.  (A lease of a few microseconds gave heartbeats and sweeps 0 apart,
+#: and the simulator then swept for ever without virtual time moving.)
+MIN_LEASE: Final = timedelta(milliseconds=60)
+#: The longest lease: orphaned work is noticed within a lease, and a week is
+#: already far past any use.
+MAX_LEASE: Final = timedelta(days=7)
 #: How long after a job's time limit (or a claim's or sweep's start) ``tulliusd``
 #: may still write for it: past that, it gives the write up (`engine.drive`'s
 #: ``write_by``) and the task is failed as ``lost`` by the sweeps instead.  What
@@ -82,8 +89,13 @@ class LeaseTimings:
     lease: timedelta = DEFAULT_LEASE
 
     def __post_init__(self) -> None:
-        if not isinstance(self.lease, timedelta) or self.lease <= timedelta(0):
-            raise ConfigError("lease", self.lease, "must be a positive timedelta")
+        if not isinstance(self.lease, timedelta) or not MIN_LEASE <= self.lease <= MAX_LEASE:
+            raise ConfigError(
+                "lease",
+                self.lease,
+                f"must be a timedelta from {MIN_LEASE.total_seconds():g} seconds to "
+                f"{MAX_LEASE.days} days (heartbeats and sweeps come a sixth of it apart)",
+            )
 
     @property
     def heartbeat(self) -> timedelta:

@@ -145,8 +145,15 @@ def assert_chain(chain: Sequence[ChainLink], expected: Sequence[str | Expected])
     """Assert the chain has exactly the expected links, in order.
 
     Raises:
+        TypeError: ``chain`` is not a chain (a task, say) or ``expected`` not a list.
         AssertionError: naming the first differing link, with the whole chain.
     """
+    _check_chain("assert_chain", chain)
+    if isinstance(expected, str | bytes) or not isinstance(expected, Sequence):
+        raise TypeError(
+            f"assert_chain(chain, {expected!r}): expected a list of outcomes, e.g. "
+            "['timeout', 'succeeded'] (or assert_outcomes(chain, 'timeout succeeded'))"
+        )
     wanted = [item if isinstance(item, Expected) else expect(item) for item in expected]
     problem = None
     for index, (link, item) in enumerate(zip(chain, wanted, strict=False)):
@@ -164,9 +171,16 @@ def assert_outcomes(chain: Sequence[ChainLink], expected: str) -> None:
     """Shorthand: ``assert_outcomes(chain, "timeout*6 succeeded")``.
 
     Raises:
+        TypeError: ``chain`` is not a chain or ``expected`` not a string.
         ValueError: a word that is not ``OUTCOME`` or ``OUTCOME*COUNT`` (COUNT >= 1).
         AssertionError: as `assert_chain`.
     """
+    _check_chain("assert_outcomes", chain)
+    if not isinstance(expected, str):
+        raise TypeError(
+            f"assert_outcomes(chain, {expected!r}): expected one string of outcomes, e.g. "
+            "'timeout*6 succeeded' (assert_chain takes a list)"
+        )
     items: list[str | Expected] = []
     for word in expected.split():
         name, star, times = word.partition("*")
@@ -177,6 +191,19 @@ def assert_outcomes(chain: Sequence[ChainLink], expected: str) -> None:
             )
         items.extend([name] * (int(times) if star else 1))
     assert_chain(chain, items)
+
+
+def _check_chain(helper: str, chain: object) -> None:
+    """Refuse anything but a chain: a task or its id is a common slip."""
+    if (
+        isinstance(chain, str | bytes)
+        or not isinstance(chain, Sequence)
+        or not all(isinstance(link, ChainLink) for link in chain)
+    ):
+        raise TypeError(
+            f"{helper}({chain!r}, ...): expected a chain, the list of links "
+            "sim.chain(task) or tullius.chain(task) returns"
+        )
 
 
 def _duration(link: ChainLink) -> timedelta | None:

@@ -116,6 +116,38 @@ def test_an_expected_duration_that_is_not_a_timedelta_is_refused_where_it_is_wri
         expect("timeout", duration=5)  # type: ignore[arg-type]
 
 
+def test_a_task_or_an_outcome_string_where_a_chain_or_list_goes_is_refused_by_name() -> None:
+    from datetime import timedelta
+
+    import tullius
+    from tullius.sim import Simulation
+    from tullius.testing import assert_chain, assert_outcomes
+
+    class Quick(tullius.Task):
+        timeout = timedelta(seconds=1)
+
+        def run(self) -> None:
+            pass
+
+    with Simulation() as sim:
+        task = Quick()
+        sim.queue(task)
+        sim.drain()
+        chain = sim.chain(task)
+    # assert_chain(chain, "exception") compared each letter of the word as an outcome.
+    with pytest.raises(TypeError, match=r"assert_chain\(chain, 'succeeded'\): expected a list"):
+        assert_chain(chain, "succeeded")  # type: ignore[arg-type]
+    for not_a_chain in (task, task.task_id):
+        with pytest.raises(TypeError, match=r"expected a chain, the list of links sim.chain"):
+            assert_chain(not_a_chain, ["succeeded"])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"assert_outcomes\(.*expected a chain"):
+            assert_outcomes(not_a_chain, "succeeded")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"expected one string of outcomes"):
+        assert_outcomes(chain, ["succeeded"])  # type: ignore[arg-type]
+    assert_chain(chain, ["succeeded"])
+    assert_outcomes(chain, "succeeded")
+
+
 def test_the_replay_line_stays_one_shell_argument_for_an_id_with_a_quote(
     pytester: pytest.Pytester,
 ) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -179,9 +180,59 @@ def test_bad_store_and_clock_settings_are_named(options: dict[str, Any], shown: 
 
 def test_a_poll_interval_of_the_wrong_type_names_both_accepted_forms() -> None:
     with pytest.raises(
-        ConfigError, match=r"poll_interval='1' must be a positive timedelta or number"
+        ConfigError, match=r"poll_interval='1' must be a timedelta or number of seconds"
     ):
         Simulation(poll_interval="1")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "shown", "expected"),
+    [
+        # Heartbeats and sweeps 0 apart: run_for swept for ever at one instant.
+        ({"lease": timedelta(microseconds=2)}, "lease=", "from 0.06 seconds to 7 days"),
+        ({"lease": timedelta(days=8)}, "lease=", "from 0.06 seconds to 7 days"),
+        ({"poll_interval": math.nan}, "poll_interval=nan", "must be positive"),
+        ({"poll_interval": math.inf}, "poll_interval=inf", "must be positive"),
+        ({"poll_interval": 1e-9}, "poll_interval=1e-09", "from 1 ms to 1 hour"),
+        ({"poll_interval": timedelta.max}, "poll_interval=", "from 1 ms to 1 hour"),
+        ({"wall_limit": timedelta.max}, "wall_limit=", "of at most a day"),
+        ({"store_retry": timedelta(days=2)}, "store_retry=", "of at most a day"),
+        ({"kill_grace": timedelta(days=2)}, "kill_grace=", "from 0 to a day"),
+        ({"servers": 2.0}, "servers=2.0", "a count >= 1 or a list of names"),
+        ({"servers": None}, "servers=None", "a count >= 1 or a list of names"),
+        ({"start": datetime(9000, 1, 1, tzinfo=UTC)}, "start=", "must be before 9000-01-01"),
+    ],
+)
+def test_settings_out_of_their_bounds_are_named(
+    options: dict[str, Any], shown: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(shown) + ".*" + re.escape(expected)):
+        Simulation(**options)
+
+
+def test_a_run_that_would_take_the_clock_past_the_year_9000_is_refused() -> None:
+    sim = Simulation(start=datetime(8999, 12, 31, tzinfo=UTC))
+    with pytest.raises(ConfigError, match=r"within=.* would run the clock past 9000-01-01"):
+        sim.drain(within=timedelta.max)
+    with pytest.raises(ConfigError, match=r"duration=.* would run the clock past 9000-01-01"):
+        sim.run_for(timedelta(days=2))
+    sim.run_for(timedelta(hours=1))
+    sim.close()
+
+
+@pytest.mark.parametrize(
+    ("fault", "shown"),
+    [
+        (ClockSkew("s1", timedelta(days=3654)), "skew=datetime.timedelta(days=3654) must be"),
+        (StoreFault("s1", ["Load"]), "operation=['Load'] must be one of"),  # type: ignore[arg-type]
+        (StoreFault("s1", "Load", kind=["lost_ack"]), "kind=['lost_ack'] must be one of"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_fault_with_a_value_out_of_bounds_or_of_the_wrong_shape_is_named(
+    fault: Any, shown: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(shown)):
+        Simulation().apply([fault])
 
 
 def test_a_fault_holding_a_number_for_a_timedelta_prints_and_is_refused_by_apply() -> None:

@@ -29,7 +29,7 @@ from tullius import policy
 from tullius.band import ALL, Band, parse_band
 from tullius.deps import Deps, load_deps
 from tullius.errors import ConfigError
-from tullius.policy import DEFAULT_LEASE
+from tullius.policy import DEFAULT_LEASE, MAX_LEASE, MIN_LEASE
 from tullius.prune import MIN_AGE
 
 ENV_PREFIX = "TULLIUS_"
@@ -188,9 +188,14 @@ def check_env_names(env: Mapping[str, str]) -> None:
 
 
 def parse_seconds(
-    setting: str, text: str, *, minimum: float = 0.0, allow_zero: bool = False
+    setting: str,
+    text: str,
+    *,
+    minimum: float = 0.0,
+    maximum: float = math.inf,
+    allow_zero: bool = False,
 ) -> float:
-    """A number of seconds, finite, above ``minimum`` (or equal to 0 when allowed).
+    """A number of seconds, finite, from ``minimum`` to ``maximum`` (or 0 when allowed).
 
     Raises:
         ConfigError: naming ``setting`` and the value.
@@ -206,6 +211,8 @@ def parse_seconds(
         raise ConfigError(setting, text, expected)
     if value and value < minimum:
         raise ConfigError(setting, text, f"must be at least {minimum:g} seconds")
+    if value > maximum:
+        raise ConfigError(setting, text, f"must be at most {maximum:g} seconds")
     return value
 
 
@@ -311,7 +318,10 @@ def resolve(
     lease = DEFAULT_LEASE
     setting, text = pick("--lease", flags.lease)
     if text is not None:
-        lease = timedelta(seconds=parse_seconds(setting, text, minimum=0.06))
+        seconds = parse_seconds(
+            setting, text, minimum=MIN_LEASE.total_seconds(), maximum=MAX_LEASE.total_seconds()
+        )
+        lease = timedelta(seconds=seconds)
     poll = DEFAULT_POLL_INTERVAL
     setting, text = pick("--poll-interval", flags.poll_interval)
     if text is not None:

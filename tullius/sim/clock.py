@@ -19,6 +19,10 @@ from typing import Final
 
 #: Where every simulation's clock starts unless told otherwise.
 DEFAULT_START: Final = datetime(2030, 1, 1, tzinfo=UTC)
+#: The simulated clock stays before this: the dates a run adds to the time
+#: (a time limit, a write window, a delay, a skew) must exist, and Python's
+#: end at the year 9999.
+LATEST: Final = datetime(9000, 1, 1, tzinfo=UTC)
 
 US: Final = 1_000_000
 

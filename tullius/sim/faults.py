@@ -62,6 +62,9 @@ OPERATIONS: Final = frozenset(
 )
 RECORD_KINDS: Final = frozenset({"run", "outcome", "handler", "handler_end"})
 STORE_FAULT_KINDS: Final = frozenset({"not_applied", "lost_ack"})
+#: The largest `ClockSkew`: clocks years apart are already far past any test,
+#: and a skew of millennia put a server's dates past the year 9999.
+MAX_SKEW: Final = timedelta(days=3653)
 
 
 def _td(delta: timedelta) -> str:
@@ -304,7 +307,7 @@ def _check_fault(where: str, fault: Fault) -> None:
                 raise ConfigError(f"{where}.duration", duration, positive)
         case StoreFault():
             _check_step(where, fault.operation, fault.record_kind)
-            if fault.kind not in STORE_FAULT_KINDS:
+            if not isinstance(fault.kind, str) or fault.kind not in STORE_FAULT_KINDS:
                 raise ConfigError(
                     f"{where}.kind", fault.kind, f"must be one of {sorted(STORE_FAULT_KINDS)}"
                 )
@@ -319,14 +322,23 @@ def _check_fault(where: str, fault: Fault) -> None:
             if not isinstance(grace, timedelta) or grace < timedelta(0):
                 raise ConfigError(f"{where}.grace", grace, "must be a timedelta >= 0")
         case ClockSkew(skew=skew):
-            if not isinstance(skew, timedelta):
-                raise ConfigError(f"{where}.skew", skew, "must be a timedelta")
+            if not isinstance(skew, timedelta) or abs(skew) > MAX_SKEW:
+                raise ConfigError(
+                    f"{where}.skew",
+                    skew,
+                    f"must be a timedelta of at most {MAX_SKEW.days} days either way",
+                )
 
 
 def _check_step(where: str, operation: str, record_kind: str | None) -> None:
-    if operation not in OPERATIONS:
+    # isinstance first: a list is unhashable, and ``in`` a set raised TypeError.
+    if not isinstance(operation, str) or operation not in OPERATIONS:
         raise ConfigError(f"{where}.operation", operation, f"must be one of {sorted(OPERATIONS)}")
-    if record_kind is not None and (operation != "InsertRecord" or record_kind not in RECORD_KINDS):
+    if record_kind is not None and (
+        operation != "InsertRecord"
+        or not isinstance(record_kind, str)
+        or record_kind not in RECORD_KINDS
+    ):
         raise ConfigError(
             f"{where}.record_kind",
             record_kind,

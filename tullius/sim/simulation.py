@@ -10,6 +10,7 @@ server (workers, heartbeats, a sweeper: the same engine conversations
 from __future__ import annotations
 
 import gc
+import math
 import random
 import threading
 from collections import deque
@@ -31,7 +32,7 @@ from tullius.errors import (
 from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
 from tullius.policy import DEFAULT_GRACE, DEFAULT_LEASE, LeaseTimings
 from tullius.retry import Retry, current_limits, retry
-from tullius.sim.clock import DEFAULT_START, ServerClock, SimClock, to_us
+from tullius.sim.clock import DEFAULT_START, LATEST, ServerClock, SimClock, to_us
 from tullius.sim.faults import (
     ClockSkew,
     Fault,
@@ -63,6 +64,9 @@ from tullius.task import Task, queued_tasks, to_specs
 #: The ``server`` of the records an operator's `Simulation.retry_unhandled` writes
 #: (``tullius.retry_unhandled()`` writes its host and pid there).
 OPERATOR: Final = "operator"
+_MILLISECOND: Final = timedelta(milliseconds=1)
+_HOUR: Final = timedelta(hours=1)
+_DAY: Final = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -98,17 +102,20 @@ class Simulation(Scheduler):
         servers: a count (named ``s1``, ``s2``...) or a list of names.
         task_processes: ``[(count, min_priority, max_priority), ...]`` per server,
             as ``tullius_deps.task_processes``.
-        lease: the lease promise; heartbeat and sweep periods derive from it.
+        lease: the lease promise; heartbeat and sweep periods derive from it
+            (60 ms to 7 days, as ``tulliusd --lease``).
         poll_interval: how often a band with idle workers looks for work (a timedelta,
             or seconds as for the daemon's ``--poll-interval``); as in the daemon, a
             band also looks right after a verdict, a lost lease found, or a
             ``tullius.queue()`` from user code.  Default 1 s, not the daemon's 10 ms:
             it only sets how soon idle workers notice new work from elsewhere, and
-            every look is a few scheduler events.
-        store_retry: how long a driver waits before repeating a failed conversation.
+            every look is a few scheduler events.  From 1 ms to 1 hour.
+        store_retry: how long a driver waits before repeating a failed conversation
+            (at most a day, as ``wall_limit`` and ``kill_grace``).
         kill_grace: slack allowed past a deadline by the run-length invariant.
         racy_updates: probability that a conditional update races (FerretDB).
-        start: the wall-clock time at virtual zero.
+        start: the wall-clock time at virtual zero; the clock stays before the
+            year 9000 (`LATEST`), and a run that would pass it is refused.
         wall_limit: real seconds user code may run without sleeping (`UserCodeHang`).
         keep_trace: keep every event for `trace` (off: only the last ones, for reports).
         check_invariants: check after every write (on by default; off for benchmarks).
@@ -138,37 +145,42 @@ class Simulation(Scheduler):
         # where list("10:0-10") was refused as "task_processes[0]='1'".
         self.bands: tuple[Band, ...] = bands_from_setting(task_processes)
         self.timings = LeaseTimings(lease)
-        if isinstance(poll_interval, int | float) and not isinstance(poll_interval, bool):
-            if poll_interval <= 0:
+        poll = poll_interval
+        if isinstance(poll, int | float) and not isinstance(poll, bool):
+            if not math.isfinite(poll) or poll <= 0:
                 raise ConfigError("poll_interval", poll_interval, "must be positive")
-            poll_interval = timedelta(seconds=poll_interval)
-        if not isinstance(poll_interval, timedelta) or poll_interval <= timedelta(0):
+            poll = timedelta(seconds=poll)
+        if not isinstance(poll, timedelta) or not _MILLISECOND <= poll <= _HOUR:
             raise ConfigError(
-                "poll_interval", poll_interval, "must be a positive timedelta or number of seconds"
+                "poll_interval",
+                poll_interval,
+                "must be a timedelta or number of seconds from 1 ms to 1 hour",
             )
         for name, value in (
             ("store_retry", store_retry),
             ("wall_limit", wall_limit),
         ):
-            if not isinstance(value, timedelta) or value <= timedelta(0):
-                raise ConfigError(name, value, "must be a positive timedelta")
-        if not isinstance(kill_grace, timedelta) or kill_grace < timedelta(0):
-            raise ConfigError("kill_grace", kill_grace, "must be a timedelta >= 0")
+            if not isinstance(value, timedelta) or not timedelta(0) < value <= _DAY:
+                raise ConfigError(name, value, "must be a positive timedelta of at most a day")
+        if not isinstance(kill_grace, timedelta) or not timedelta(0) <= kill_grace <= _DAY:
+            raise ConfigError("kill_grace", kill_grace, "must be a timedelta from 0 to a day")
         if (
             isinstance(racy_updates, bool)
             or not isinstance(racy_updates, int | float)
             or not 0 <= racy_updates <= 1
         ):
             raise ConfigError("racy_updates", racy_updates, "must be a probability from 0 to 1")
-        if not isinstance(start, datetime) or start.tzinfo is None:
+        if not isinstance(start, datetime) or start.tzinfo is None or start.utcoffset() is None:
             raise ConfigError("start", start, "must be an aware datetime")
+        if start >= LATEST:
+            raise ConfigError("start", start, f"must be before {LATEST.isoformat()}")
         self.clock = SimClock(start)
         self.store = MemoryStore(rng=random.Random(seed ^ 0x5EED), racy_updates=racy_updates)
         self._perform = bind_performers(self.store)
         self._servers = {
             name: Server(name, ServerClock(self.clock)) for name in server_names(servers)
         }
-        self._poll_us = to_us(poll_interval)
+        self._poll_us = to_us(poll)
         self._retry_us = to_us(store_retry)
         self._grace_us = to_us(kill_grace)
         self._beat_us = to_us(self.timings.heartbeat)
@@ -337,6 +349,7 @@ class Simulation(Scheduler):
         """Run everything due in the next ``duration`` of virtual time."""
         if not isinstance(duration, timedelta) or duration < timedelta(0):
             raise ConfigError("duration", duration, "must be a timedelta >= 0")
+        self._check_horizon("duration", duration)
         end = self.clock.us + to_us(duration)
         self._run(end, drain=False)
         self.clock.jump_to(end)
@@ -352,6 +365,7 @@ class Simulation(Scheduler):
         """
         if not isinstance(within, timedelta) or within <= timedelta(0):
             raise ConfigError("within", within, "must be a positive timedelta")
+        self._check_horizon("within", within)
         end = self.clock.us + to_us(within)
         horizon = self.clock.now() + within
         for task_id in sorted(self._open):
@@ -375,6 +389,16 @@ class Simulation(Scheduler):
             )
         self._check_liveness()
         return self.counts()
+
+    def _check_horizon(self, name: str, duration: timedelta) -> None:
+        """Refuse a run that would take the clock past `LATEST`."""
+        if duration > LATEST - self.clock.now():
+            raise ConfigError(
+                name,
+                duration,
+                f"would run the clock past {LATEST.isoformat()}; the simulation is at "
+                f"{self.clock.now().isoformat()}",
+            )
 
     def counts(self) -> Counts:
         by_status = dict.fromkeys(Status, 0)

@@ -836,7 +836,8 @@ def server_names(servers: int | Iterable[str]) -> list[str]:
         if servers < 1:
             raise ConfigError("servers", servers, "must be a count >= 1 or a list of names")
         return [f"s{n}" for n in range(1, servers + 1)]
-    if isinstance(servers, str):  # list("web1") would be four servers: 'w', 'e', 'b', '1'
+    if isinstance(servers, str) or not isinstance(servers, Iterable):
+        # list("web1") would be four servers: 'w', 'e', 'b', '1'
         raise ConfigError("servers", servers, "must be a count >= 1 or a list of names")
     names = list(servers)
     if (
