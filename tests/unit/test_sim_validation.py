@@ -14,12 +14,15 @@ import tullius
 from tullius.errors import ConfigError, TaskDefinitionError
 from tullius.sim import (
     ClockSkew,
+    DrainTimeout,
+    NoTimePasses,
     ServerCrash,
     ServerStop,
     Simulation,
     SimulationError,
     StoreFault,
     memory_store,
+    scheduler,
 )
 
 
@@ -287,4 +290,45 @@ def test_an_insert_that_fails_part_way_leaves_open_only_the_tasks_it_stored(
     counts = sim.drain(within=timedelta(minutes=1))  # once failed on the ids never stored
     assert (counts.tasks, counts.succeeded) == (2, 2)
     sim.check()
+    sim.close()
+
+
+class RetriesAtOnce(tullius.Task):
+    timeout = timedelta(seconds=5)
+
+    def run(self) -> None:
+        raise ConnectionRefusedError("payment gateway down")
+
+    def failed(self) -> tullius.Task:
+        return self.copy()  # no delay: the next attempt comes at the same instant
+
+
+class RetriesAfterASecond(RetriesAtOnce):
+    def failed(self) -> tullius.Task:
+        return self.copy(delay=timedelta(seconds=1))
+
+
+def test_a_chain_that_lets_no_virtual_time_pass_is_named_instead_of_spinning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # drain() ran for ever at 0.821 s, its memory growing with every task.
+    monkeypatch.setattr(scheduler, "SAME_INSTANT_GENERATIONS", 300)
+    sim = Simulation(seed=1)
+    sim.queue(RetriesAtOnce())
+    spinning = r"300 tasks followed one another at 0:00:00\."
+    with pytest.raises(NoTimePasses, match=spinning) as caught:
+        sim.drain(within=timedelta(minutes=1))
+    assert caught.value.seed == 1
+    assert "self.copy(delay=timedelta(seconds=5))" in str(caught.value)
+    sim.close()
+
+
+def test_a_chain_that_retries_for_ever_after_a_delay_meets_the_horizon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(scheduler, "SAME_INSTANT_GENERATIONS", 300)
+    sim = Simulation(seed=1)
+    sim.queue(RetriesAfterASecond())
+    with pytest.raises(DrainTimeout, match="RetriesAfterASecond"):
+        sim.drain(within=timedelta(minutes=10))  # some 600 generations, a second apart
     sim.close()

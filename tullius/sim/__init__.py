@@ -16,7 +16,7 @@ from tullius.sim.faults import (
     StoreOutage,
     WorkerCrash,
 )
-from tullius.sim.invariants import DrainTimeout, InvariantViolation
+from tullius.sim.invariants import DrainTimeout, InvariantViolation, NoTimePasses
 from tullius.sim.memory_store import MemoryStore
 from tullius.sim.simulation import Counts, Simulation
 from tullius.sim.virtual_time import (
@@ -33,6 +33,7 @@ __all__ = [
     "Fault",
     "InvariantViolation",
     "MemoryStore",
+    "NoTimePasses",
     "ServerClock",
     "ServerCrash",
     "ServerPause",

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, Final
 
 from tullius.document import (
     TERMINAL,
@@ -91,6 +92,38 @@ class DrainTimeout(SimulationError):
             f"drain(within={within!r}) reached its horizon with {len(open_tasks)} task(s) "
             f"still open (seed={seed}):\n  {listing}"
         )
+
+
+class NoTimePasses(SimulationError):
+    """A chain of tasks went on for `SAME_INSTANT_GENERATIONS` generations at one
+    virtual instant: each step returned the next at once and nothing slept, so
+    virtual time could never reach a horizon (``drain`` and ``run_for`` spun for
+    ever, holding more memory with each task).
+
+    Attributes:
+        task_id: the latest task of the chain.
+        generations: how many tasks followed one another at that instant.
+        at: the instant, from the simulation's start.
+        seed: the simulation's seed.
+    """
+
+    def __init__(self, task_id: str, generations: int, at: timedelta, seed: int) -> None:
+        self.task_id = task_id
+        self.generations = generations
+        self.at = at
+        self.seed = seed
+        super().__init__(
+            f"{generations:,} tasks followed one another at {at} without virtual time "
+            f"passing, the latest {task_id!r} (seed={seed}): each run() or failed() returns "
+            "the next at once and nothing sleeps, so the horizon never comes (tulliusd would "
+            "spin as fast as the database answers); give the replacement a delay, e.g. "
+            "self.copy(delay=timedelta(seconds=5)), or bound the retries"
+        )
+
+
+#: Generations of a chain at one instant that make `NoTimePasses`: no real chain
+#: needs that many with no time at all between them.
+SAME_INSTANT_GENERATIONS: Final = 10_000
 
 
 @dataclass

@@ -27,7 +27,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Final
 
@@ -37,7 +37,7 @@ from tullius.effects import InsertRecord, InsertTasks
 from tullius.errors import StoreError, StoreUnavailable
 from tullius.sim.clock import to_us
 from tullius.sim.faults import Fault, StepCrash
-from tullius.sim.invariants import InvariantViolation
+from tullius.sim.invariants import SAME_INSTANT_GENERATIONS, InvariantViolation, NoTimePasses
 from tullius.sim.memory_store import MemoryStore
 from tullius.sim.server_events import ServerEvents
 from tullius.sim.world import (
@@ -318,12 +318,25 @@ class Scheduler(ServerEvents):
                 if doc.task_id not in self._inserted:
                     self._inserted[doc.task_id] = self.events
                     self._open.add(doc.task_id)
+                    if doc.parent_id is not None:
+                        self._count_generation(doc.task_id, doc.parent_id)
                 if doc.parent_id is not None:
                     parents.add(doc.parent_id)
             if self._check:
                 self._inv.on_tasks_inserted(op.docs, self.store.insert_counts, self.store.load)
             for parent in parents:
                 self._refresh(parent)
+
+    def _count_generation(self, task_id: str, parent_id: str) -> None:
+        """Count the tasks that followed one another at this instant; at
+        `SAME_INSTANT_GENERATIONS`, raise `NoTimePasses` instead of spinning."""
+        now = self.clock.us
+        parent = self._same_instant.get(parent_id)
+        generations = parent[1] + 1 if parent is not None and parent[0] == now else 1
+        self._same_instant[task_id] = (now, generations)
+        if generations >= SAME_INSTANT_GENERATIONS:
+            at = timedelta(microseconds=now)
+            raise NoTimePasses(task_id, generations, at, self.seed)
 
     def _refresh(self, task_id: str, view: TaskView | None = None) -> None:
         """Track a task after a write to it: the invariants, its live lease, and whether

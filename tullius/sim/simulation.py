@@ -197,6 +197,7 @@ class Simulation(Scheduler):
         self._check = check_invariants
         self._open: set[str] = set()
         self._inserted: dict[str, int] = {}
+        self._same_instant = {}
         self._leases: dict[str, tuple[str, int, int]] = {}
         self._leases_of = {}
         self._tail: deque[tuple[int, str, object]] = deque(maxlen=40)

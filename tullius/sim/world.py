@@ -285,6 +285,9 @@ class Drivers:
     _baseline: set[threading.Thread]
     _thread_owners: dict[threading.Thread, Execution]
     _inserted: dict[str, int]
+    #: Per spawned task: when it was inserted (µs), and how many tasks before it
+    #: in its chain were inserted at that same instant (`_count_generation`).
+    _same_instant: dict[str, tuple[int, int]]
     _starting: deque[Actor]
     _servers: dict[str, Server]
     _outages: list[tuple[int, int, str | None]]
