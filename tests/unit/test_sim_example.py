@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from datetime import timedelta
 
@@ -71,6 +72,33 @@ def test_same_seed_gives_the_same_trace() -> None:
         sim.close()
     assert traces[0] == traces[1]
     assert len(traces[0]) > 100
+
+
+class BacksOffWithJitter(tullius.Task):
+    timeout = timedelta(seconds=10)
+
+    def run(self) -> None:
+        for attempt in range(5):
+            time.sleep(2**attempt * random.uniform(0.5, 1.5))  # the usual jittered backoff
+
+
+def test_user_codes_random_draws_follow_the_seed_and_leave_the_tests_own_alone() -> None:
+    # The jitter made one seed succeed in one run and time out in the next.
+    endings = []
+    for _ in range(2):
+        random.seed(1234)
+        with Simulation(seed=5) as sim:
+            task = BacksOffWithJitter()
+            sim.queue(task)
+            random.seed(time.time_ns())  # whatever the test's own sequence is
+            sim.drain(within=timedelta(minutes=5))
+            endings.append([(link.outcome, link.finished_at) for link in sim.chain(task)])
+    assert endings[0] == endings[1]
+    random.seed(99)
+    with Simulation(seed=5) as sim:
+        sim.queue(BacksOffWithJitter())
+        sim.drain(within=timedelta(minutes=5))
+    assert random.random() == random.Random(99).random()  # the test's sequence untouched
 
 
 def test_different_seeds_interleave_differently() -> None:

@@ -141,6 +141,9 @@ class Simulation(Scheduler):
             raise ConfigError("seed", seed, "must be an int")
         self.seed = seed
         self.rng = random.Random(seed)
+        #: The state of the ``random`` module's sequence that user code draws from
+        #: during runs (`_virtual_time`).
+        self._user_random = random.Random(seed ^ 0x05E7).getstate()
         # Not list() first: bands_from_setting refuses a string or None as a whole,
         # where list("10:0-10") was refused as "task_processes[0]='1'".
         self.bands: tuple[Band, ...] = bands_from_setting(task_processes)
@@ -582,9 +585,17 @@ class Simulation(Scheduler):
         with VirtualTime(self.clock.now()) as vt, _fewer_collections():
             self._vt = vt
             self._pool.cpu.start()
+            # User code's ``random.random()`` draws from the simulation's own
+            # sequence, seeded by its seed: a backoff with jitter made the same seed
+            # succeed in one process and time out in another.  The test's sequence
+            # is put back after the run.
+            outside = random.getstate()
+            random.setstate(self._user_random)
             try:
                 yield
             finally:
+                self._user_random = random.getstate()
+                random.setstate(outside)
                 self._pool.cpu.stop()
                 self._vt = None
 
