@@ -472,14 +472,21 @@ def due_at_of(view: TaskView) -> datetime | None:
 # --- BSON conversion ----------------------------------------------------------
 
 
+#: The real ``datetime`` class, in a tuple: freezegun replaces the module
+#: attributes that are the class while a simulation runs, and a time user code
+#: took from its frozen clock (a ``FakeDatetime``) is stored as the plain class.
+PLAIN_DATETIME: Final = (datetime,)
+
+
 def stored_time(when: datetime) -> datetime:
     """``when`` as the store keeps it: a plain aware UTC ``datetime`` (not a subclass),
     truncated to milliseconds (BSON's precision)."""
     if when.tzinfo is None:
         raise ValueError(f"naive datetime {when!r}; expected an aware datetime")
     when = when.astimezone(UTC)
-    if type(when) is not datetime:  # a pendulum time, say: BSON gives back a datetime
-        when = datetime(*when.timetuple()[:6], when.microsecond, tzinfo=UTC)
+    plain = PLAIN_DATETIME[0]
+    if type(when) is not plain:  # a pendulum time, say: BSON gives back a datetime
+        when = plain(*when.timetuple()[:6], when.microsecond, tzinfo=UTC)
     return when.replace(microsecond=when.microsecond // 1000 * 1000)
 
 

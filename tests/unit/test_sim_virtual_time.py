@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import selectors
 import signal
+import subprocess
 import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 from time import sleep  # a module-level alias: patched too
 from typing import Any
 
@@ -813,3 +816,143 @@ def test_a_loop_kept_past_close_gets_its_real_clock_back() -> None:
         assert loop.run_until_complete(asyncio.sleep(0.01, "real")) == "real"
     finally:
         loop.close()
+
+
+class RunsAChild(tullius.Task):
+    """A child process with a timeout, as a task shelling out would run it."""
+
+    timeout = timedelta(seconds=60)
+    seconds: float
+    limit: float
+    capture: bool
+
+    def run(self) -> None:
+        subprocess.run(
+            [sys.executable, "-c", f"import time; time.sleep({self.seconds})"],
+            timeout=self.limit,
+            capture_output=self.capture,
+            check=True,
+        )
+
+
+@pytest.mark.parametrize("capture", [False, True])
+def test_a_child_process_within_its_timeout_succeeds_taking_no_virtual_time(
+    capture: bool,
+) -> None:
+    # Without capture, subprocess's wait loop slept in virtual time while the
+    # child ran for real: a 0.3 s child timed out after 30 virtual seconds.
+    with Simulation(seed=1) as sim:
+        task = RunsAChild(seconds=0.3, limit=30, capture=capture)
+        sim.queue(task)
+        sim.drain(within=timedelta(minutes=5))
+        assert_chain(sim.chain(task), [expect("succeeded", duration=timedelta(0))])
+
+
+@pytest.mark.parametrize("capture", [False, True])
+def test_a_child_process_past_its_timeout_fails_after_real_seconds(capture: bool) -> None:
+    # With capture, the timeout read the frozen clock and never came: the child
+    # was waited for to its end and the task succeeded.
+    with Simulation(seed=1) as sim:
+        task = RunsAChild(seconds=30, limit=0.3, capture=capture)
+        sim.queue(task)
+        started = REAL_MONOTONIC()
+        sim.drain(within=timedelta(minutes=5))
+        assert REAL_MONOTONIC() - started < 20  # the real timeout, not the child's end
+        [link] = sim.chain(task)
+        assert link.failure is not None
+        assert "raised TimeoutExpired" in link.failure.message
+
+
+class PollsInAHelperThread(tullius.Task):
+    timeout = timedelta(seconds=60)
+
+    def run(self) -> None:
+        def watch() -> None:
+            deadline = time.monotonic() + 0.2
+            while time.monotonic() < deadline:  # on a frozen clock: for ever
+                time.sleep(0.02)
+
+        helper = threading.Thread(target=watch)
+        helper.start()
+        helper.join()
+
+
+def test_a_helper_thread_reads_real_clocks_so_its_polling_loop_ends() -> None:
+    with Simulation(seed=1, wall_limit=timedelta(seconds=20)) as sim:
+        task = PollsInAHelperThread()
+        sim.queue(task)
+        sim.drain(within=timedelta(minutes=5))
+        assert_outcomes(sim.chain(task), "succeeded")
+
+
+class WaitsOnAPipe(tullius.Task):
+    timeout = timedelta(seconds=60)
+
+    def run(self) -> None:
+        import multiprocessing
+
+        reader, writer = multiprocessing.Pipe(duplex=False)
+        SEEN["pipe poll"] = reader.poll(0.1)  # its deadline read the frozen clock
+        reader.close()
+        writer.close()
+
+
+def test_a_multiprocessing_wait_with_a_timeout_ends_in_real_time() -> None:
+    with Simulation(seed=1) as sim:
+        task = WaitsOnAPipe()
+        sim.queue(task)
+        sim.drain(within=timedelta(minutes=5))
+        assert_outcomes(sim.chain(task), "succeeded")
+    assert SEEN["pipe poll"] is False
+
+
+class SleepsOddly(tullius.Task):
+    timeout = timedelta(seconds=60)
+    how: str
+
+    def run(self) -> None:
+        values = {"fraction": Fraction(1, 2), "text": "1", "nan": math.nan, "huge": 1e20}
+        time.sleep(values[self.how])
+
+
+@pytest.mark.parametrize(
+    ("how", "error"),
+    [
+        ("fraction", "TypeError: 'Fraction' object cannot be interpreted as an integer"),
+        ("text", "TypeError: 'str' object cannot be interpreted as an integer"),
+        ("nan", "ValueError: Invalid value NaN (not a number)"),
+        ("huge", "OverflowError: timestamp out of range for platform time_t"),
+    ],
+)
+def test_a_sleep_of_a_value_time_sleep_refuses_raises_what_it_raises(how: str, error: str) -> None:
+    with Simulation(seed=1) as sim:
+        task = SleepsOddly(how=how)
+        sim.queue(task)
+        sim.drain(within=timedelta(minutes=5))
+        [link] = sim.chain(task)
+    assert link.failure is not None
+    assert link.failure.message == f"run() raised {error}"
+
+
+class StampsItsChild(tullius.Task):
+    timeout = timedelta(seconds=60)
+
+    def run(self) -> tullius.Task:
+        return Stamped(at=datetime.now(UTC))
+
+
+class Stamped(tullius.Task):
+    timeout = timedelta(seconds=60)
+
+    def run(self) -> None:
+        SEEN["stamp type"] = type(self.at)
+
+
+def test_a_time_taken_from_the_virtual_clock_comes_back_a_plain_datetime() -> None:
+    with Simulation(seed=1) as sim:
+        parent = StampsItsChild()
+        sim.queue(parent)
+        sim.drain(within=timedelta(minutes=5))
+        stored = sim.chain(parent)[1].fields["at"]
+    assert type(stored) is type(datetime(2030, 1, 1))  # not freezegun's FakeDatetime
+    assert SEEN["stamp type"] is type(stored)

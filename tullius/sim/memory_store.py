@@ -33,6 +33,7 @@ from operator import itemgetter
 from typing import Any, Final
 
 from tullius.document import (
+    PLAIN_DATETIME,
     TERMINAL,
     Failure,
     Origin,
@@ -126,7 +127,7 @@ def _stored_instant(when: datetime) -> datetime:
 
 
 def _is_stored_instant(when: datetime) -> bool:
-    return when.tzinfo is UTC and not when.microsecond % 1000
+    return type(when) is PLAIN_DATETIME[0] and when.tzinfo is UTC and not when.microsecond % 1000
 
 
 def _stored_duration(delta: timedelta) -> timedelta:

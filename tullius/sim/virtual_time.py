@@ -34,6 +34,7 @@ from __future__ import annotations
 import copyreg
 import datetime as datetime_module
 import functools
+import operator
 import sys
 import threading
 import time
@@ -97,19 +98,56 @@ class TaskStopped(BaseException):  # a signal to unwind, not an error to report
     """
 
 
+#: Modules whose waits are for another process: `virtual_sleep` and the clocks
+#: are real when they call them, so ``subprocess.run(..., timeout=5)`` waits for
+#: its child for real (a virtual clock timed a 0.5 s child out after 5 virtual
+#: seconds, or never timed a stuck one out), as asyncio's child processes do.
+REAL_TIME_MODULES: Final = ("subprocess", "multiprocessing", "concurrent.futures.process")
+#: The longest sleep ``time.sleep`` takes (its nanoseconds are a signed 64-bit int).
+_LONGEST_SLEEP: Final = (2**63 - 1) // 10**9
+
+
 def virtual_sleep(seconds: float) -> None:
     """``time.sleep`` while a simulation runs: a user thread's sleep advances virtual time.
 
     A thread that is not a simulated worker (a thread started inside ``run()``,
-    or unrelated to the simulation) sleeps for real.
+    or unrelated to the simulation) sleeps for real, and so does a wait of
+    `REAL_TIME_MODULES`.  Refuses what ``time.sleep`` refuses, with its errors.
     """
+    if not isinstance(seconds, float):
+        if not isinstance(seconds, int):
+            seconds = operator.index(seconds)  # TypeError, as time.sleep's, for the rest
+    elif seconds != seconds:
+        raise ValueError("Invalid value NaN (not a number)")
     if seconds < 0:
         raise ValueError("sleep length must be non-negative")
+    if seconds > _LONGEST_SLEEP:
+        raise OverflowError(
+            "timestamp out of range for platform time_t"
+            if isinstance(seconds, float)
+            else "timestamp too large to convert to C _PyTime_t"
+        )
     baton = getattr(thread_role, "baton", None)
-    if baton is None:
+    if baton is None or sys._getframe(1).f_globals.get("__name__", "").startswith(
+        REAL_TIME_MODULES
+    ):
         REAL[0](seconds)
         return
     baton.sleep(seconds)
+
+
+def _real_time_here() -> bool:
+    """freezegun's ``_should_use_real_time`` during a run: real time for every
+    thread but the simulated workers' (threads user code starts sleep for real,
+    and polling a frozen clock they waited for ever), and for the waits of
+    `REAL_TIME_MODULES`; virtual time for user code itself.  (freezegun's own
+    walks the caller's stack on every clock read; it is switched off for runs,
+    see `_HeldFreeze.resume`.)"""
+    if getattr(thread_role, "baton", None) is None:
+        return True
+    # 0: here, 1: freezegun's fake clock function, 2: its caller
+    caller: str = sys._getframe(2).f_globals.get("__name__", "")
+    return caller.startswith(REAL_TIME_MODULES)
 
 
 class VirtualTime:
@@ -188,6 +226,8 @@ class _HeldFreeze:
         self._held: tuple[Any, Any] | None = None
         self._pickling: dict[Any, Any] = {}  # freezegun's copyreg entries, while held
         self.running = False
+        #: freezegun's own ``_should_use_real_time``, while a run replaces it.
+        self._check: Any = None
 
     def resume(self, now: datetime) -> tuple[Any, Any]:
         """A started freeze at ``now`` and its factory: the held one if it is intact."""
@@ -201,14 +241,18 @@ class _HeldFreeze:
             api.freeze_factories[-1] = factory
             api.ignore_lists[-1] = ()
             copyreg.dispatch_table.update(self._pickling)
-            return freezer, factory
-        freezer = freezegun.freeze_time(_naive(now), tick=False)
-        factory = freezer.start()
-        # freezegun walks the caller's stack on every clock read, looking for
-        # ignored modules such as ``threading``, which is always on a pool
-        # thread's stack; user code there must see virtual time, so the check
-        # is switched off for this freeze (module patching still honours it).
-        api.ignore_lists[-1] = ()
+        else:
+            freezer = freezegun.freeze_time(_naive(now), tick=False)
+            factory = freezer.start()
+            # freezegun walks the caller's stack on every clock read, looking for
+            # ignored modules such as ``threading``, which is always on a pool
+            # thread's stack; user code there must see virtual time, so the check
+            # is switched off for this freeze (module patching still honours it)...
+            api.ignore_lists[-1] = ()
+        # ...and replaced by the simulator's own, by thread (`_real_time_here`).
+        if callable(getattr(api, "_should_use_real_time", None)):
+            self._check = api._should_use_real_time
+            api._should_use_real_time = _real_time_here
         return freezer, factory
 
     def suspend(self, freezer: Any, factory: Any) -> None:
@@ -217,6 +261,9 @@ class _HeldFreeze:
         import freezegun.api as api
 
         self.running = False
+        if self._check is not None:
+            api._should_use_real_time = self._check
+            self._check = None
         if (
             _stacks_known()
             and len(api.freeze_factories) == 1
