@@ -435,6 +435,17 @@ def _spec_and_size(task: object, role: str) -> tuple[TaskSpec, int]:
             f"{role} {shown(task)} is a {type(task).__name__}; expected a tullius.Task instance"
         )
     cls = type(task)
+    registered = _REGISTRY.get(cls.task_name)
+    if registered is not None and registered is not cls:
+        # Two classes made by one factory (``def make(): class Made(Task): ...``)
+        # share a name; a worker loads the later one, so a task of the first
+        # silently ran the second's code.
+        raise TaskDefinitionError(
+            f"{role} {cls.__name__}: task_name {cls.task_name!r} now names another class, "
+            "defined later at the same place, and workers would run that one; expected a "
+            "task_name of its own (set task_name = 'module:Name' on each class the "
+            "factory makes)"
+        )
     fields = task.fields
     for field, value in fields.items():
         check_value(cls.__name__, field, value)

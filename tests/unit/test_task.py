@@ -377,3 +377,21 @@ def test_settings_too_big_to_store_are_refused_where_they_are_written() -> None:
 
 
 _CLASS = {"timeout": timedelta(seconds=1), "run": lambda self: None}
+
+
+def test_a_task_of_a_class_another_has_since_replaced_under_its_name_is_refused() -> None:
+    def make(behaviour: str) -> type[tullius.Task]:
+        class Made(tullius.Task):
+            timeout = timedelta(seconds=5)
+
+            def run(self) -> None:
+                if behaviour == "fail":
+                    raise RuntimeError("the second class's code")
+
+        return Made
+
+    first, second = make("ok"), make("fail")
+    assert first.task_name == second.task_name  # the same place, so the same name
+    with pytest.raises(TaskDefinitionError, match=r"now names another class.*its own"):
+        to_spec(first())
+    to_spec(second())  # the class its name loads
