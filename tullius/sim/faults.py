@@ -72,7 +72,16 @@ def _td(delta: timedelta) -> str:
     # (it raised AttributeError), since that refusal and a failure report print it.
     if not isinstance(delta, timedelta):
         return repr(delta)
-    return f"timedelta(seconds={delta.total_seconds():g})"
+    # Exact, so that a report pasted back replays: ``:g`` kept six digits, and a
+    # crash at 1239.4755 s printed as 1239.48 s gave another outcome.
+    seconds = delta.total_seconds()
+    for text in (f"{seconds:g}", repr(seconds)):
+        try:
+            if timedelta(seconds=float(text)) == delta:
+                return f"timedelta(seconds={text})"
+        except OverflowError:  # rounded past timedelta.max
+            break
+    return f"timedelta({delta.days}, {delta.seconds}, {delta.microseconds})"
 
 
 @dataclass(frozen=True)
