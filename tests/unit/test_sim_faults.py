@@ -580,3 +580,12 @@ def test_an_unsure_claim_settled_later_is_checked_against_the_read_that_chose_it
     sim.check()
     assert counts.succeeded == 6
     sim.close()
+
+
+def test_a_store_fault_or_skew_without_a_time_is_armed_now_not_at_the_start() -> None:
+    # Its at defaulted to 0 and was refused as in the past once the run had moved on.
+    with Simulation(seed=1) as sim:
+        sim.run_for(timedelta(seconds=10))
+        sim.store_fault("s1", "InsertRecord", "lost_ack", record_kind="outcome")
+        sim.skew_clock("s1", timedelta(minutes=5))
+        assert [fault.at for fault in sim.faults] == [timedelta(seconds=10)] * 2

@@ -519,10 +519,12 @@ class Simulation(Scheduler):
         operation: str,
         kind: str = "lost_ack",
         *,
-        at: timedelta = timedelta(0),
+        at: timedelta | None = None,
         record_kind: str | None = None,
         count: int = 1,
     ) -> None:
+        """Arm a `StoreFault` from ``at`` (default: now, `elapsed`)."""
+        at = self.elapsed if at is None else at
         self.apply([StoreFault(server, operation, kind, at, record_kind, count)])
 
     def store_outage(
@@ -530,7 +532,9 @@ class Simulation(Scheduler):
     ) -> None:
         self.apply([StoreOutage(at=at, duration=duration, server=server)])
 
-    def skew_clock(self, server: str, skew: timedelta, *, at: timedelta = timedelta(0)) -> None:
+    def skew_clock(self, server: str, skew: timedelta, *, at: timedelta | None = None) -> None:
+        """Skew ``server``'s wall clock from ``at`` (default: now, `elapsed`)."""
+        at = self.elapsed if at is None else at
         self.apply([ClockSkew(server=server, skew=skew, at=at)])
 
     def replay_command(self, nodeid: str | None = None) -> str:
