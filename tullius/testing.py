@@ -19,7 +19,7 @@ Nothing here imports Hypothesis or pytest.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -30,6 +30,8 @@ from tullius.inspection import ChainLink
 #: The failure kinds Tullius writes: an expected kind must be one of them, so a
 #: typo (``"timout"``) is refused where it is written, not reported as a mismatch.
 KINDS: tuple[str, ...] = tuple(value for name, value in vars(FailureKind).items() if name.isupper())
+#: The statuses a link may have (`expect`'s ``status``).
+STATUSES: tuple[str, ...] = tuple(status.value for status in Status)
 
 
 @dataclass(frozen=True)
@@ -41,11 +43,14 @@ class Expected:
     duration: timedelta | None = None
     handler_error: str | None = None
     fields: dict[str, Any] = field(default_factory=dict)
+    status: str | None = None
 
     def mismatches(self, link: ChainLink) -> list[str]:
         problems = []
         if self.outcome is not None and link.outcome != self.outcome:
             problems.append(f"outcome {link.outcome!r}, expected {self.outcome!r}")
+        if self.status is not None and link.status.value != self.status:
+            problems.append(f"status {link.status.value!r}, expected {self.status!r}")
         kind = link.failure.kind if link.failure is not None else None
         if self.kind is not None and kind != self.kind:
             problems.append(f"failure kind {kind!r}, expected {self.kind!r}")
@@ -71,7 +76,9 @@ def expect(
     kind: str | None = None,
     duration: timedelta | None = None,
     handler_error: str | None = None,
-    **fields: Any,
+    status: str | None = None,
+    fields: Mapping[str, Any] | None = None,
+    **more_fields: Any,
 ) -> Expected:
     """An expected link: ``expect("failed", kind="timeout", count_to=10)``.
 
@@ -83,7 +90,11 @@ def expect(
             (a retry's copy never ran, so none matches it).
         handler_error: the kind (one of `KINDS`, not a message) of the last error of
             ``failed()`` itself, e.g. ``"exception"`` when ``failed()`` raised.
-        fields: the task's fields that must have these values.
+        status: the task's status now, one of `STATUSES`: ``"handled"`` or
+            ``"unhandled"`` tells whether ``failed()`` dealt with the failure.
+        fields: the task's fields that must have these values, as a dict: for a
+            field named like a parameter here (``fields={"kind": "refund"}``).
+        more_fields: the same, as keywords (``count_to=10``).
 
     Raises:
         ValueError: an outcome or kind that is none of these, or a duration that
@@ -103,11 +114,15 @@ def expect(
             raise ValueError(
                 f"expect({name}={value!r}): expected a failure kind, one of {', '.join(KINDS)}"
             )
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"expect(status={status!r}): expected one of {', '.join(STATUSES)}")
     if duration is not None and not isinstance(duration, timedelta):
         # Why: compared with a timedelta, a number never matched, and the mismatch
         # ("ran 0:00:05, expected 5") hid that the expectation itself was wrong.
         raise ValueError(f"expect(duration={duration!r}): expected a timedelta")
-    return Expected(outcome, kind, duration, handler_error, dict(fields))
+    return Expected(
+        outcome, kind, duration, handler_error, {**(fields or {}), **more_fields}, status
+    )
 
 
 def describe_chain(chain: Sequence[ChainLink]) -> str:

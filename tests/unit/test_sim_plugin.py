@@ -171,3 +171,45 @@ def test_the_replay_line_stays_one_shell_argument_for_an_id_with_a_quote(
         "test_quoted.py::test_customer[O'Brien]",
         "--tullius-seed=7",
     ]
+
+
+def test_expect_matches_a_status_and_fields_named_like_its_own_parameters() -> None:
+    from datetime import timedelta
+
+    import tullius
+    from tullius.sim import Simulation
+    from tullius.testing import assert_chain, expect
+
+    class Notify(tullius.Task):
+        timeout = timedelta(seconds=1)
+
+        def run(self) -> None:
+            pass
+
+    class Charge(tullius.Task):
+        timeout = timedelta(seconds=1)
+
+        def run(self) -> None:
+            raise RuntimeError("declined")
+
+        def failed(self) -> tullius.Task:
+            return Notify(kind="refund", duration=3)
+
+    with Simulation() as sim:
+        task = Charge()
+        sim.queue(task)
+        sim.drain()
+        chain = sim.chain(task)
+    assert_chain(
+        chain,
+        [
+            expect("exception", status="handled"),
+            expect("succeeded", fields={"kind": "refund", "duration": 3}),
+        ],
+    )
+    with pytest.raises(AssertionError, match="status 'handled', expected 'unhandled'"):
+        assert_chain(chain, [expect("exception", status="unhandled"), "succeeded"])
+    with pytest.raises(AssertionError, match="kind='refund', expected 'bill'"):
+        assert_chain(chain, ["exception", expect(fields={"kind": "bill"})])
+    with pytest.raises(ValueError, match=r"status='handeled'\): expected one of queued"):
+        expect(status="handeled")
