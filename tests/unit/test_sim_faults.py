@@ -589,3 +589,12 @@ def test_a_store_fault_or_skew_without_a_time_is_armed_now_not_at_the_start() ->
         sim.store_fault("s1", "InsertRecord", "lost_ack", record_kind="outcome")
         sim.skew_clock("s1", timedelta(minutes=5))
         assert [fault.at for fault in sim.faults] == [timedelta(seconds=10)] * 2
+
+
+def test_a_drain_timeout_with_every_server_down_says_so_rather_than_blame_the_bands() -> None:
+    with Simulation(seed=1, servers=["a"]) as sim:
+        sim.stop_server("a", at=timedelta(seconds=1), grace=timedelta(0))
+        sim.run_for(timedelta(seconds=5))
+        sim.queue(Sleeper(secs=1))
+        with pytest.raises(DrainTimeout, match=r"no server is up to claim it \(a stopped\)"):
+            sim.drain(within=timedelta(minutes=1))

@@ -800,6 +800,13 @@ class Drivers:
             if status is Status.FAILED:
                 what += f" {view.handler_attempt + 1}"
             return f"{head}: waits for {what}, not due until {due_at.isoformat()}"
+        if lease is None and status in (Status.QUEUED, Status.FAILED):
+            states = {name: server.state(self.clock.us) for name, server in self._servers.items()}
+            if "up" not in states.values():
+                # Why: with every server down, it blamed the bands, which were fine.
+                down = ", ".join(f"{name} {state}" for name, state in states.items())
+                what = "a worker" if status is Status.QUEUED else "failed()"
+                return f"{head}: waits for {what}, but no server is up to claim it ({down})"
         if status is Status.QUEUED:
             return f"{head}: waits for a worker in a band covering priority {view.task.priority}"
         if lease is not None:
