@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -32,6 +33,9 @@ Sink = Callable[[Sequence[TaskSpec]], list[str]]
 
 _sink: ContextVar[Sink | None] = ContextVar("tullius_queue_sink", default=None)
 _store: Store | None = None
+#: The simulations not closed yet (`tullius.sim.Simulation` adds and removes
+#: itself), named in `queue`'s error when no store is configured.
+OPEN_SIMULATIONS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def configure(*, db: Any = None, store: Store | None = None) -> None:
@@ -119,9 +123,16 @@ def queue(task_or_tasks: Task | Iterable[Task]) -> list[str]:
     else:
         for task in tasks:
             _check_loadable_elsewhere(type(task))
-        ids = insert_queued(
-            current_store(), specs, now=datetime.now(UTC), new_id=lambda: uuid.uuid4().hex
-        )
+        try:
+            store = current_store()
+        except ConfigError as error:
+            if OPEN_SIMULATIONS:  # the likely slip in a test: the simulation was meant
+                error.add_note(
+                    "A tullius.sim.Simulation is open: to queue into it from the test, "
+                    "call this within `with sim.queue_calls():`"
+                )
+            raise
+        ids = insert_queued(store, specs, now=datetime.now(UTC), new_id=lambda: uuid.uuid4().hex)
     for task, task_id in zip(tasks, ids, strict=True):
         task.task_id = task_id
     return ids

@@ -487,6 +487,21 @@ def test_application_code_queues_into_the_simulation_within_queue_calls() -> Non
         assert view.task.fields == {"order": 7}
 
 
+def test_queueing_from_the_test_without_queue_calls_names_it_while_a_simulation_is_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tullius import api
+    from tullius.errors import ConfigError
+
+    def no_store() -> None:  # as on a machine without tullius_deps
+        raise ConfigError("module", "tullius_deps", "was not found on the Python path")
+
+    monkeypatch.setattr(api, "current_store", no_store)
+    with Simulation(seed=1), pytest.raises(ConfigError) as caught:
+        checkout(7)
+    assert "within `with sim.queue_calls():`" in "".join(caught.value.__notes__)
+
+
 def test_a_task_queued_within_queue_calls_outside_every_band_is_refused_by_name() -> None:
     with (
         Simulation(seed=1, task_processes=[(1, 0, 3)]) as sim,

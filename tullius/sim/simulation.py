@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from tullius.api import queue_sink, task_id_of
+from tullius.api import OPEN_SIMULATIONS, queue_sink, task_id_of
 from tullius.band import Band, bands_from_setting
 from tullius.document import TERMINAL, Status, TaskSpec, short_name, spawned_of, status_of
 from tullius.effects import InsertRecord, InsertTasks
@@ -216,6 +216,7 @@ class Simulation(Scheduler):
         self._closed = False
         for server in self._servers.values():
             self._boot(server)
+        OPEN_SIMULATIONS.add(self)
 
     # --- public API ---------------------------------------------------------------
 
@@ -548,6 +549,7 @@ class Simulation(Scheduler):
         real clock (`virtual_time._HeldFreeze`).  ``with Simulation(...) as sim:`` calls
         it on exit."""
         self._closed = True
+        OPEN_SIMULATIONS.discard(self)
         self._pool.close()
         release_frozen_clock()
         LOOPS.release()
