@@ -18,7 +18,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Final
 
 from tullius.document import Failure, Origin, TaskDoc, TaskSpec
@@ -154,7 +154,9 @@ class Task:
                 f"{MAX_DELAY.days} days"
             )
         if start_after is not None and (
-            not isinstance(start_after, datetime) or not _is_aware(start_after)
+            not isinstance(start_after, datetime)
+            or not _is_aware(start_after)
+            or not _in_utc_range(start_after)
         ):
             raise TaskDefinitionError(
                 f"{cls.__name__}(start_after={start_after!r}); expected an aware datetime "
@@ -283,16 +285,21 @@ _COPY_OPTIONS: Final = frozenset({"delay", "start_after", "priority"})
 
 
 def _declared_fields(cls: type[Task]) -> frozenset[str]:
-    """The fields a Task class declares with annotations (``count_to: int``),
-    its bases' included; ``ClassVar`` settings and private names are not fields."""
+    """The fields a Task class declares: its annotations (``count_to: int``) and
+    its plain class attributes (``verbose = False``), its bases' and mixins'
+    included; ``ClassVar`` settings, methods, private names and the settings
+    Tullius reads are not fields."""
     names: set[str] = set()
     for klass in cls.__mro__:
-        if klass is Task or not issubclass(klass, Task):
+        if klass is Task or klass is object:
             continue
         for name, annotation in inspect.get_annotations(klass).items():
-            if not name.startswith("_") and "ClassVar" not in str(annotation):
+            if "ClassVar" not in str(annotation):
                 names.add(name)
-    return frozenset(names - _CLASS_NAMES_SET)
+        for name, value in vars(klass).items():
+            if not callable(value) and not isinstance(value, classmethod | staticmethod | property):
+                names.add(name)
+    return frozenset(name for name in names if not name.startswith("_")) - _CLASS_NAMES_SET
 
 
 def _check_time_limit(what: str, limit: timedelta) -> None:
@@ -368,6 +375,10 @@ def check_value(task_class: str, path: str, value: Any, depth: int = 0) -> None:
     if isinstance(value, datetime):
         if not _is_aware(value):
             raise TaskFieldError(task_class, path, "naive datetime", "an aware datetime")
+        if not _in_utc_range(value):
+            raise TaskFieldError(
+                task_class, path, "datetime outside years 1-9999 in UTC", "an aware datetime"
+            )
         return
     if isinstance(value, list | tuple | dict) and depth >= MAX_NESTING:
         raise TaskFieldError(
@@ -408,6 +419,16 @@ def _check_text(task_class: str, path: str, text: str) -> None:
         raise TaskFieldError(
             task_class, path, "str with a lone surrogate", "text that encodes as UTF-8"
         ) from None
+
+
+def _in_utc_range(when: datetime) -> bool:
+    """Whether ``when`` (aware) exists in UTC, as it is stored: 0001-01-01 at +05:00
+    does not, and storing it raised OverflowError in both drivers."""
+    try:
+        when.astimezone(UTC)
+    except OverflowError:
+        return False
+    return True
 
 
 def _is_aware(when: datetime) -> bool:

@@ -19,7 +19,7 @@ Nothing here imports Hypothesis or pytest.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -30,7 +30,7 @@ from tullius.inspection import ChainLink
 #: The failure kinds Tullius writes: an expected kind must be one of them, so a
 #: typo (``"timout"``) is refused where it is written, not reported as a mismatch.
 KINDS: tuple[str, ...] = tuple(value for name, value in vars(FailureKind).items() if name.isupper())
-#: The statuses a link may have (`expect`'s ``status``).
+#: The statuses a link may have (`expect`'s ``task_status``).
 STATUSES: tuple[str, ...] = tuple(status.value for status in Status)
 
 
@@ -43,14 +43,14 @@ class Expected:
     duration: timedelta | None = None
     handler_error: str | None = None
     fields: dict[str, Any] = field(default_factory=dict)
-    status: str | None = None
+    task_status: str | None = None
 
     def mismatches(self, link: ChainLink) -> list[str]:
         problems = []
         if self.outcome is not None and link.outcome != self.outcome:
             problems.append(f"outcome {link.outcome!r}, expected {self.outcome!r}")
-        if self.status is not None and link.status.value != self.status:
-            problems.append(f"status {link.status.value!r}, expected {self.status!r}")
+        if self.task_status is not None and link.status.value != self.task_status:
+            problems.append(f"status {link.status.value!r}, expected {self.task_status!r}")
         kind = link.failure.kind if link.failure is not None else None
         if self.kind is not None and kind != self.kind:
             problems.append(f"failure kind {kind!r}, expected {self.kind!r}")
@@ -76,7 +76,7 @@ def expect(
     kind: str | None = None,
     duration: timedelta | None = None,
     handler_error: str | None = None,
-    status: str | None = None,
+    task_status: str | None = None,
     fields: Mapping[str, Any] | None = None,
     **more_fields: Any,
 ) -> Expected:
@@ -90,8 +90,9 @@ def expect(
             (a retry's copy never ran, so none matches it).
         handler_error: the kind (one of `KINDS`, not a message) of the last error of
             ``failed()`` itself, e.g. ``"exception"`` when ``failed()`` raised.
-        status: the task's status now, one of `STATUSES`: ``"handled"`` or
+        task_status: the task's status now, one of `STATUSES`: ``"handled"`` or
             ``"unhandled"`` tells whether ``failed()`` dealt with the failure.
+            (Not ``status``: a task's field may have that name.)
         fields: the task's fields that must have these values, as a dict: for a
             field named like a parameter here (``fields={"kind": "refund"}``).
         more_fields: the same, as keywords (``count_to=10``).
@@ -114,15 +115,16 @@ def expect(
             raise ValueError(
                 f"expect({name}={value!r}): expected a failure kind, one of {', '.join(KINDS)}"
             )
-    if status is not None and status not in STATUSES:
-        raise ValueError(f"expect(status={status!r}): expected one of {', '.join(STATUSES)}")
+    if task_status is not None and task_status not in STATUSES:
+        raise ValueError(
+            f"expect(task_status={task_status!r}): expected one of {', '.join(STATUSES)}"
+        )
     if duration is not None and not isinstance(duration, timedelta):
         # Why: compared with a timedelta, a number never matched, and the mismatch
         # ("ran 0:00:05, expected 5") hid that the expectation itself was wrong.
         raise ValueError(f"expect(duration={duration!r}): expected a timedelta")
-    return Expected(
-        outcome, kind, duration, handler_error, {**(fields or {}), **more_fields}, status
-    )
+    wanted = {**(fields or {}), **more_fields}
+    return Expected(outcome, kind, duration, handler_error, wanted, task_status)
 
 
 def describe_chain(chain: Sequence[ChainLink]) -> str:
@@ -164,7 +166,7 @@ def assert_chain(chain: Sequence[ChainLink], expected: Sequence[str | Expected])
         AssertionError: naming the first differing link, with the whole chain.
     """
     _check_chain("assert_chain", chain)
-    if isinstance(expected, str | bytes) or not isinstance(expected, Sequence):
+    if isinstance(expected, str | bytes) or not isinstance(expected, Iterable):
         raise TypeError(
             f"assert_chain(chain, {expected!r}): expected a list of outcomes, e.g. "
             "['timeout', 'succeeded'] (or assert_outcomes(chain, 'timeout succeeded'))"

@@ -22,7 +22,6 @@ from tullius.sim import (
     SimulationError,
     StoreFault,
     memory_store,
-    scheduler,
 )
 
 
@@ -203,7 +202,8 @@ def test_a_poll_interval_of_the_wrong_type_names_both_accepted_forms() -> None:
         ({"kill_grace": timedelta(days=2)}, "kill_grace=", "from 0 to a day"),
         ({"servers": 2.0}, "servers=2.0", "a count >= 1 or a list of names"),
         ({"servers": None}, "servers=None", "a count >= 1 or a list of names"),
-        ({"start": datetime(9000, 1, 1, tzinfo=UTC)}, "start=", "must be before 9000-01-01"),
+        ({"start": datetime(9000, 1, 1, tzinfo=UTC)}, "start=", "to before 9000-01-01"),
+        ({"start": datetime(999, 12, 31, tzinfo=UTC)}, "start=", "from 1000-01-01"),
     ],
 )
 def test_settings_out_of_their_bounds_are_named(
@@ -308,12 +308,9 @@ class RetriesAfterASecond(RetriesAtOnce):
         return self.copy(delay=timedelta(seconds=1))
 
 
-def test_a_chain_that_lets_no_virtual_time_pass_is_named_instead_of_spinning(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_chain_that_lets_no_virtual_time_pass_is_named_instead_of_spinning() -> None:
     # drain() ran for ever at 0.821 s, its memory growing with every task.
-    monkeypatch.setattr(scheduler, "SAME_INSTANT_GENERATIONS", 300)
-    sim = Simulation(seed=1)
+    sim = Simulation(seed=1, instant_chain_limit=300)
     sim.queue(RetriesAtOnce())
     spinning = r"300 tasks followed one another at 0:00:00\."
     with pytest.raises(NoTimePasses, match=spinning) as caught:
@@ -323,12 +320,31 @@ def test_a_chain_that_lets_no_virtual_time_pass_is_named_instead_of_spinning(
     sim.close()
 
 
-def test_a_chain_that_retries_for_ever_after_a_delay_meets_the_horizon(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(scheduler, "SAME_INSTANT_GENERATIONS", 300)
-    sim = Simulation(seed=1)
+def test_a_chain_that_retries_for_ever_after_a_delay_meets_the_horizon() -> None:
+    sim = Simulation(seed=1, instant_chain_limit=300)
     sim.queue(RetriesAfterASecond())
     with pytest.raises(DrainTimeout, match="RetriesAfterASecond"):
         sim.drain(within=timedelta(minutes=10))  # some 600 generations, a second apart
     sim.close()
+
+
+class Page(tullius.Task):
+    """Pages through data, each run queueing the next page at once: a finite chain."""
+
+    timeout = timedelta(seconds=5)
+    n: int
+
+    def run(self) -> tullius.Task | None:
+        return Page(n=self.n - 1) if self.n > 1 else None
+
+
+def test_a_finite_chain_longer_than_the_limit_runs_once_the_limit_is_raised() -> None:
+    with Simulation(seed=1, instant_chain_limit=100) as sim:
+        sim.queue(Page(n=150))
+        with pytest.raises(NoTimePasses, match="raise Simulation\\(instant_chain_limit="):
+            sim.drain(within=timedelta(minutes=1))
+    with Simulation(seed=1, instant_chain_limit=200) as sim:
+        sim.queue(Page(n=150))
+        assert sim.drain(within=timedelta(minutes=1)).succeeded == 150
+    with pytest.raises(ConfigError, match="instant_chain_limit=0 must be an int >= 1"):
+        Simulation(instant_chain_limit=0)

@@ -14,6 +14,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
+from pathlib import Path
 from time import sleep  # a module-level alias: patched too
 from typing import Any
 
@@ -956,3 +957,95 @@ def test_a_time_taken_from_the_virtual_clock_comes_back_a_plain_datetime() -> No
         stored = sim.chain(parent)[1].fields["at"]
     assert type(stored) is type(datetime(2030, 1, 1))  # not freezegun's FakeDatetime
     assert SEEN["stamp type"] is type(stored)
+
+
+class ReturnsASlowGenerator(tullius.Task):
+    timeout = timedelta(seconds=1)
+
+    def run(self) -> Any:
+        time.sleep(0.5)
+        yield Stamped(at=datetime.now(UTC))
+        time.sleep(3)  # while the return value is read: still the run's time
+
+
+def test_a_generator_returned_by_run_is_read_within_the_runs_deadline() -> None:
+    # Read after the step, its sleep crashed the run and left the task running.
+    with Simulation(seed=1) as sim:
+        task = ReturnsASlowGenerator()
+        sim.queue(task)
+        sim.drain(within=timedelta(minutes=1))
+        assert_chain(sim.chain(task), [expect("timeout", duration=timedelta(seconds=1))])
+
+
+class ReadsDatetimeInAHelperThread(tullius.Task):
+    timeout = timedelta(seconds=60)
+
+    def run(self) -> None:
+        def watch() -> None:
+            SEEN["helper now"] = datetime.now(UTC)
+            deadline = datetime.now(UTC) + timedelta(seconds=0.2)
+            while datetime.now(UTC) < deadline:
+                time.sleep(0.02)
+
+        helper = threading.Thread(target=watch)
+        helper.start()
+        helper.join()
+        SEEN["task now"] = datetime.now(UTC)
+
+
+def test_a_helper_thread_reads_the_real_datetime_too() -> None:
+    with Simulation(seed=1, wall_limit=timedelta(seconds=20)) as sim:
+        task = ReadsDatetimeInAHelperThread()
+        sim.queue(task)
+        sim.drain(within=timedelta(minutes=5))
+        assert_outcomes(sim.chain(task), "succeeded")
+        assert SEEN["task now"] >= sim.clock.start  # type: ignore[operator]
+    assert abs(SEEN["helper now"] - datetime.now(UTC)) < timedelta(minutes=5)  # type: ignore[operator]
+
+
+def test_a_user_module_named_like_subprocess_still_runs_in_virtual_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Matched by prefix, ``subprocess_jobs`` slept for real and read real clocks.
+    (tmp_path / "subprocess_jobs.py").write_text(
+        "import time\n"
+        "from datetime import timedelta\n"
+        "import tullius\n"
+        "class Slow(tullius.Task):\n"
+        "    timeout = timedelta(seconds=1)\n"
+        "    def run(self):\n"
+        "        time.sleep(2)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import subprocess_jobs  # type: ignore[import-not-found]
+
+    with Simulation(seed=1) as sim:
+        task = subprocess_jobs.Slow()
+        sim.queue(task)
+        started = REAL_MONOTONIC()
+        sim.drain(within=timedelta(minutes=1))
+        assert REAL_MONOTONIC() - started < 1.5
+        assert_outcomes(sim.chain(task), "timeout")
+
+
+class RunsASimulation(tullius.Task):
+    timeout = timedelta(seconds=60)
+
+    def run(self) -> None:
+        with Simulation(seed=2) as inner:
+            inner.queue(Stamped(at=datetime.now(UTC)))
+            inner.drain(within=timedelta(minutes=1))
+
+
+def test_a_simulation_inside_a_task_leaves_freezegun_as_it_found_it() -> None:
+    import freezegun
+    import freezegun.api
+
+    original = freezegun.api._should_use_real_time
+    with Simulation(seed=1) as sim:
+        sim.queue(RunsASimulation())
+        sim.drain(within=timedelta(minutes=5))
+    assert freezegun.api._should_use_real_time is original
+    with freezegun.freeze_time("2001-01-01"):
+        assert datetime.now(UTC).year == 2001
+        assert time.gmtime().tm_year == 2001

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 
 import pytest
 
@@ -186,6 +186,9 @@ def test_a_field_that_cannot_be_stored_names_class_field_and_type() -> None:
         ({"caf\udce9": 1}, "str with a lone surrogate"),
         (datetime(2026, 1, 1, tzinfo=_NoOffset()), "naive datetime"),
         (datetime(2026, 1, 1, tzinfo=_BrokenOffset()), "naive datetime"),
+        # Storing it in UTC raised OverflowError in both drivers.
+        (datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5))), "outside years 1-9999 in UTC"),
+        (datetime.max.replace(tzinfo=timezone(-timedelta(hours=5))), "outside years 1-9999"),
     ],
 )
 def test_non_bson_values_are_refused(value: object, what: str) -> None:
@@ -259,6 +262,33 @@ def test_copy_refuses_a_field_the_class_does_not_declare() -> None:
     assert task.copy(count_to=9, note="declared", delay=timedelta(seconds=1)).count_to == 9
     # A class that declares no fields takes any: its fields are whatever it is given.
     assert Count(count_to=1).copy(attempt=2).fields == {"count_to": 1, "attempt": 2}
+
+
+class Audited:
+    """A plain mixin declaring a field."""
+
+    created_by: str
+
+
+class AuditedInvoice(Audited, tullius.Task):
+    timeout = timedelta(seconds=5)
+    amount: int
+    verbose = False  # a field with a default, declared without an annotation
+
+    def run(self) -> None:
+        pass
+
+
+def test_copy_takes_fields_declared_by_a_mixin_or_as_plain_class_defaults() -> None:
+    # Both were refused by copy() though the constructor took them.
+    invoice = AuditedInvoice(amount=1)
+    assert invoice.copy(created_by="alice", verbose=True).fields == {
+        "amount": 1,
+        "created_by": "alice",
+        "verbose": True,
+    }
+    with pytest.raises(TaskDefinitionError, match=r"has no field 'amont'"):
+        invoice.copy(amont=2)
 
 
 def test_returned_values_are_none_a_task_or_a_list_of_tasks() -> None:

@@ -86,6 +86,13 @@ class ReturnsACycle(tullius.Task):
         return child
 
 
+class BuildsABadSuccessor(tullius.Task):
+    timeout = timedelta(seconds=5)
+
+    def run(self) -> tullius.Task:
+        return Child(when=datetime(2026, 1, 1))  # naive: refused inside run()
+
+
 class Unshowable:
     def __repr__(self) -> str:
         raise RuntimeError("repr boom")
@@ -162,6 +169,8 @@ def test_a_huge_message_and_traceback_are_cut_to_their_limits(
     [
         (ReturnsABrokenGenerator(), "LookupError: lookup failed while building successors"),
         (ReturnsUnreadableFields(), "RuntimeError: fields are broken"),
+        # The worker called it bad_return: its except clause covered run() too.
+        (BuildsABadSuccessor(), "TaskFieldError: Child.when holds a 'naive datetime' value"),
     ],
 )
 def test_user_code_raising_while_its_return_value_is_read_is_an_exception(
@@ -169,7 +178,7 @@ def test_user_code_raising_while_its_return_value_is_read_is_an_exception(
 ) -> None:
     kind, message, traceback = driver(task)
     assert kind == "exception"
-    assert message == f"run() raised {shown}"
+    assert message.startswith(f"run() raised {shown}")
     assert traceback is not None
 
 

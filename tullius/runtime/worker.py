@@ -207,14 +207,20 @@ def run_job(job: dict[str, Any], supervisor: _Supervisor) -> dict[str, Any]:
     try:
         with api.queue_sink(supervisor.queue):
             returned = task.run() if kind == "run" else task.failed()
-        specs = to_specs(returned, role=role)
+    except Terminated:
+        raise
+    except BaseException as error:  # user code: whatever it raises is recorded, never fatal
+        # (a TaskDefinitionError too: a successor it built was refused inside it)
+        return _failed(_failure(FailureKind.EXCEPTION, raised(role, error), with_traceback=True))
+    try:
+        specs = plain_specs(to_specs(returned, role=role))
     except Terminated:
         raise
     except TaskDefinitionError as error:
         return _failed(_failure(FailureKind.BAD_RETURN, str(error), with_traceback=True))
-    except BaseException as error:  # user code: whatever it raises is recorded, never fatal
+    except BaseException as error:  # user code again (an iterator, a ``fields`` property)
         return _failed(_failure(FailureKind.EXCEPTION, raised(role, error), with_traceback=True))
-    return {"ok": True, "specs": plain_specs(specs)}
+    return {"ok": True, "specs": specs}
 
 
 def _failed(failure: Failure) -> dict[str, Any]:

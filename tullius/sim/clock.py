@@ -23,6 +23,8 @@ DEFAULT_START: Final = datetime(2030, 1, 1, tzinfo=UTC)
 #: (a time limit, a write window, a delay, a skew) must exist, and Python's
 #: end at the year 9999.
 LATEST: Final = datetime(9000, 1, 1, tzinfo=UTC)
+#: The earliest start: a clock skewed back a decade from it must still exist.
+EARLIEST: Final = datetime(1000, 1, 1, tzinfo=UTC)
 
 US: Final = 1_000_000
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Final
+from typing import Any
 
 from tullius.document import (
     TERMINAL,
@@ -95,10 +95,10 @@ class DrainTimeout(SimulationError):
 
 
 class NoTimePasses(SimulationError):
-    """A chain of tasks went on for `SAME_INSTANT_GENERATIONS` generations at one
-    virtual instant: each step returned the next at once and nothing slept, so
-    virtual time could never reach a horizon (``drain`` and ``run_for`` spun for
-    ever, holding more memory with each task).
+    """A chain of tasks went on for ``instant_chain_limit`` generations at one
+    virtual instant (`Simulation`): each step returned the next at once and
+    nothing slept, so virtual time could never reach a horizon (``drain`` and
+    ``run_for`` spun for ever, holding more memory with each task).
 
     Attributes:
         task_id: the latest task of the chain.
@@ -117,13 +117,9 @@ class NoTimePasses(SimulationError):
             f"passing, the latest {task_id!r} (seed={seed}): each run() or failed() returns "
             "the next at once and nothing sleeps, so the horizon never comes (tulliusd would "
             "spin as fast as the database answers); give the replacement a delay, e.g. "
-            "self.copy(delay=timedelta(seconds=5)), or bound the retries"
+            "self.copy(delay=timedelta(seconds=5)), or bound the retries (a chain that "
+            "is meant to be this long: raise Simulation(instant_chain_limit=...))"
         )
-
-
-#: Generations of a chain at one instant that make `NoTimePasses`: no real chain
-#: needs that many with no time at all between them.
-SAME_INSTANT_GENERATIONS: Final = 10_000
 
 
 @dataclass

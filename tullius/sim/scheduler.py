@@ -37,7 +37,7 @@ from tullius.effects import InsertRecord, InsertTasks
 from tullius.errors import StoreError, StoreUnavailable
 from tullius.sim.clock import to_us
 from tullius.sim.faults import Fault, StepCrash
-from tullius.sim.invariants import SAME_INSTANT_GENERATIONS, InvariantViolation, NoTimePasses
+from tullius.sim.invariants import InvariantViolation, NoTimePasses
 from tullius.sim.memory_store import MemoryStore
 from tullius.sim.server_events import ServerEvents
 from tullius.sim.world import (
@@ -328,13 +328,13 @@ class Scheduler(ServerEvents):
                 self._refresh(parent)
 
     def _count_generation(self, task_id: str, parent_id: str) -> None:
-        """Count the tasks that followed one another at this instant; at
-        `SAME_INSTANT_GENERATIONS`, raise `NoTimePasses` instead of spinning."""
+        """Count the tasks that followed one another at this instant; at the
+        simulation's ``instant_chain_limit``, raise `NoTimePasses` instead of spinning."""
         now = self.clock.us
         parent = self._same_instant.get(parent_id)
         generations = parent[1] + 1 if parent is not None and parent[0] == now else 1
         self._same_instant[task_id] = (now, generations)
-        if generations >= SAME_INSTANT_GENERATIONS:
+        if generations >= self._instant_chain_limit:
             at = timedelta(microseconds=now)
             raise NoTimePasses(task_id, generations, at, self.seed)
 

@@ -32,7 +32,7 @@ from tullius.errors import (
 from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
 from tullius.policy import DEFAULT_GRACE, DEFAULT_LEASE, LeaseTimings
 from tullius.retry import Retry, current_limits, retry
-from tullius.sim.clock import DEFAULT_START, LATEST, ServerClock, SimClock, to_us
+from tullius.sim.clock import DEFAULT_START, EARLIEST, LATEST, ServerClock, SimClock, to_us
 from tullius.sim.faults import (
     ClockSkew,
     Fault,
@@ -114,11 +114,16 @@ class Simulation(Scheduler):
             (at most a day, as ``wall_limit`` and ``kill_grace``).
         kill_grace: slack allowed past a deadline by the run-length invariant.
         racy_updates: probability that a conditional update races (FerretDB).
-        start: the wall-clock time at virtual zero; the clock stays before the
-            year 9000 (`LATEST`), and a run that would pass it is refused.
+        start: the wall-clock time at virtual zero, from the year 1000 (`EARLIEST`);
+            the clock stays before the year 9000 (`LATEST`), and a run that would
+            pass it is refused.
         wall_limit: real seconds user code may run without sleeping (`UserCodeHang`).
         keep_trace: keep every event for `trace` (off: only the last ones, for reports).
         check_invariants: check after every write (on by default; off for benchmarks).
+        instant_chain_limit: how many tasks may follow one another at one virtual
+            instant (each returned at once by the one before, nothing sleeping)
+            before `NoTimePasses` is raised: such a chain never lets time reach a
+            horizon, so one that does not end would spin for ever.
     """
 
     def __init__(
@@ -136,6 +141,7 @@ class Simulation(Scheduler):
         wall_limit: timedelta = timedelta(seconds=10),
         keep_trace: bool = False,
         check_invariants: bool = True,
+        instant_chain_limit: int = 10_000,
     ) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError("seed", seed, "must be an int")
@@ -165,6 +171,11 @@ class Simulation(Scheduler):
         ):
             if not isinstance(value, timedelta) or not timedelta(0) < value <= _DAY:
                 raise ConfigError(name, value, "must be a positive timedelta of at most a day")
+        if isinstance(instant_chain_limit, bool) or not isinstance(instant_chain_limit, int):
+            raise ConfigError("instant_chain_limit", instant_chain_limit, "must be an int >= 1")
+        if instant_chain_limit < 1:
+            raise ConfigError("instant_chain_limit", instant_chain_limit, "must be an int >= 1")
+        self._instant_chain_limit = instant_chain_limit
         if not isinstance(kill_grace, timedelta) or not timedelta(0) <= kill_grace <= _DAY:
             raise ConfigError("kill_grace", kill_grace, "must be a timedelta from 0 to a day")
         if (
@@ -175,8 +186,12 @@ class Simulation(Scheduler):
             raise ConfigError("racy_updates", racy_updates, "must be a probability from 0 to 1")
         if not isinstance(start, datetime) or start.tzinfo is None or start.utcoffset() is None:
             raise ConfigError("start", start, "must be an aware datetime")
-        if start >= LATEST:
-            raise ConfigError("start", start, f"must be before {LATEST.isoformat()}")
+        if not EARLIEST <= start < LATEST:
+            raise ConfigError(
+                "start",
+                start,
+                f"must be from {EARLIEST.isoformat()} to before {LATEST.isoformat()}",
+            )
         self.clock = SimClock(start)
         self.store = MemoryStore(rng=random.Random(seed ^ 0x5EED), racy_updates=racy_updates)
         self._perform = bind_performers(self.store)

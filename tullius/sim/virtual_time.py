@@ -102,7 +102,18 @@ class TaskStopped(BaseException):  # a signal to unwind, not an error to report
 #: are real when they call them, so ``subprocess.run(..., timeout=5)`` waits for
 #: its child for real (a virtual clock timed a 0.5 s child out after 5 virtual
 #: seconds, or never timed a stuck one out), as asyncio's child processes do.
-REAL_TIME_MODULES: Final = ("subprocess", "multiprocessing", "concurrent.futures.process")
+REAL_TIME_MODULES: Final = frozenset(
+    {"subprocess", "multiprocessing", "concurrent.futures.process"}
+)
+#: Their submodules (``multiprocessing.connection``): a prefix with its dot, so that a
+#: user's ``subprocess_jobs`` is not one of them.
+_REAL_TIME_PACKAGES: Final = tuple(f"{name}." for name in REAL_TIME_MODULES)
+
+
+def _is_real_time_module(name: str) -> bool:
+    return name in REAL_TIME_MODULES or name.startswith(_REAL_TIME_PACKAGES)
+
+
 #: The longest sleep ``time.sleep`` takes (its nanoseconds are a signed 64-bit int).
 _LONGEST_SLEEP: Final = (2**63 - 1) // 10**9
 
@@ -128,9 +139,7 @@ def virtual_sleep(seconds: float) -> None:
             else "timestamp too large to convert to C _PyTime_t"
         )
     baton = getattr(thread_role, "baton", None)
-    if baton is None or sys._getframe(1).f_globals.get("__name__", "").startswith(
-        REAL_TIME_MODULES
-    ):
+    if baton is None or _is_real_time_module(sys._getframe(1).f_globals.get("__name__", "")):
         REAL[0](seconds)
         return
     baton.sleep(seconds)
@@ -146,8 +155,7 @@ def _real_time_here() -> bool:
     if getattr(thread_role, "baton", None) is None:
         return True
     # 0: here, 1: freezegun's fake clock function, 2: its caller
-    caller: str = sys._getframe(2).f_globals.get("__name__", "")
-    return caller.startswith(REAL_TIME_MODULES)
+    return _is_real_time_module(sys._getframe(2).f_globals.get("__name__", ""))
 
 
 class VirtualTime:
@@ -225,32 +233,38 @@ class _HeldFreeze:
     def __init__(self) -> None:
         self._held: tuple[Any, Any] | None = None
         self._pickling: dict[Any, Any] = {}  # freezegun's copyreg entries, while held
-        self.running = False
-        #: freezegun's own ``_should_use_real_time``, while a run replaces it.
+        #: Runs going on: more than one when a task runs a simulation of its own.
+        self._depth = 0
+        #: freezegun's own ``_should_use_real_time``, while runs replace it.
         self._check: Any = None
+
+    @property
+    def running(self) -> bool:
+        return self._depth > 0
 
     def resume(self, now: datetime) -> tuple[Any, Any]:
         """A started freeze at ``now`` and its factory: the held one if it is intact."""
         import freezegun  # imported here: the pytest plugin must stay cheap to import
         import freezegun.api as api
 
-        self.running = True
-        if self._held is not None and _intact(api):
+        if self._held is not None and self._depth == 0 and _intact(api):
             freezer, factory = self._held
             factory.time_to_freeze = _naive(now)
-            api.freeze_factories[-1] = factory
-            api.ignore_lists[-1] = ()
             copyreg.dispatch_table.update(self._pickling)
         else:
             freezer = freezegun.freeze_time(_naive(now), tick=False)
             factory = freezer.start()
-            # freezegun walks the caller's stack on every clock read, looking for
-            # ignored modules such as ``threading``, which is always on a pool
-            # thread's stack; user code there must see virtual time, so the check
-            # is switched off for this freeze (module patching still honours it)...
-            api.ignore_lists[-1] = ()
-        # ...and replaced by the simulator's own, by thread (`_real_time_here`).
-        if callable(getattr(api, "_should_use_real_time", None)):
+        # freezegun walks the caller's stack on every clock read, looking for
+        # ignored modules such as ``threading``, which is always on a pool
+        # thread's stack; user code there must see virtual time, so the check
+        # is switched off for this freeze (module patching still honours it),
+        # and replaced by the simulator's own, by thread (`_real_time_here`,
+        # and `_ByThread` for the datetimes, which don't ask it).
+        factories: list[Any] = api.freeze_factories  # it holds any callable
+        factories[-1] = _ByThread(factory)
+        api.ignore_lists[-1] = ()
+        self._depth += 1
+        if self._depth == 1 and callable(getattr(api, "_should_use_real_time", None)):
             self._check = api._should_use_real_time
             api._should_use_real_time = _real_time_here
         return freezer, factory
@@ -260,14 +274,16 @@ class _HeldFreeze:
         (else stop it, as before)."""
         import freezegun.api as api
 
-        self.running = False
-        if self._check is not None:
+        self._depth -= 1
+        if self._depth == 0 and self._check is not None:
             api._should_use_real_time = self._check
             self._check = None
+        top = api.freeze_factories[-1] if _stacks_known() and api.freeze_factories else None
         if (
-            _stacks_known()
+            self._depth == 0
             and len(api.freeze_factories) == 1
-            and api.freeze_factories[0] is factory
+            and isinstance(top, _ByThread)
+            and top.factory is factory
             and (self._held is None or self._held[0] is freezer)
             and bool(getattr(api, "call_stack_inspection_limit", None))
             and time.timezone == 0
@@ -299,6 +315,24 @@ class _HeldFreeze:
             api.ignore_lists[0] = ()
             copyreg.dispatch_table.update(self._pickling)
             freezer.stop()
+
+
+class _ByThread:
+    """A run's freezegun time factory: the frozen time on the simulated workers'
+    threads, the real time on every other (`_REAL_CLOCK`).  Why: a thread user
+    code starts sleeps for real, and polling ``datetime.now()`` on the frozen
+    clock it waited for ever."""
+
+    __slots__ = ("factory",)
+
+    def __init__(self, factory: Any) -> None:
+        self.factory = factory
+
+    def __call__(self) -> datetime:
+        if getattr(thread_role, "baton", None) is None:
+            return _REAL_CLOCK()
+        result: datetime = self.factory()
+        return result
 
 
 class _RealClock:

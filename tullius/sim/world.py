@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import threading
 from collections import deque
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -60,7 +60,7 @@ from tullius.sim.threads import Baton, BatonPool, current_baton
 from tullius.sim.tracebacks import format_exception
 from tullius.sim.virtual_time import REAL, TaskStopped, UserThreadLeak, VirtualTime, module_of
 from tullius.store import Beat, FindByStatus, FindDue, Load
-from tullius.task import from_doc, to_specs
+from tullius.task import Task, from_doc, to_specs
 from tullius.user_errors import bounded_message, bounded_traceback, raised
 
 #: Scheduler event kinds.
@@ -288,6 +288,7 @@ class Drivers:
     #: Per spawned task: when it was inserted (µs), and how many tasks before it
     #: in its chain were inserted at that same instant (`_count_generation`).
     _same_instant: dict[str, tuple[int, int]]
+    _instant_chain_limit: int
     _starting: deque[Actor]
     _servers: dict[str, Server]
     _outages: list[tuple[int, int, str | None]]
@@ -603,7 +604,7 @@ class Drivers:
 
         def call() -> Any:
             with queue_sink(sink):
-                return method()
+                return _read_in_the_step(method())
 
         ex.running = True
         ex.started_us = self.clock.us
@@ -822,6 +823,20 @@ class Drivers:
         if status is Status.FAILED:
             return f"{head}: waits for failed() attempt {view.handler_attempt + 1}"
         return f"{head}: waits for its successors or replacements to be inserted by a sweep"
+
+
+def _read_in_the_step(returned: Any) -> Any:
+    """What ``run()``/``failed()`` returned, an iterator read to a list within the user
+    code's step, as the daemon's worker reads it within the job: a generator that
+    sleeps while it is read sleeps in virtual time, against the job's deadline (read
+    by the scheduler, after the step, it crashed the run and left the task running)."""
+    if (
+        returned is None
+        or isinstance(returned, Task | list | tuple | str | bytes | Mapping)
+        or not isinstance(returned, Iterable)
+    ):
+        return returned
+    return list(returned)
 
 
 def _unsure_reads(
