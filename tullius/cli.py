@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mongodb-uri",
         metavar="URI",
         help="MongoDB URI (env TULLIUS_MONGODB_URI); without it, tullius_deps.make_db() is used. "
-        "Unless the URI says otherwise the client uses w=majority, journal=true and 5 s timeouts",
+        "Unless the URI says otherwise the client uses w=majority, journal=true, 5 s to "
+        "connect, and 10 s write and 30 s socket timeouts",
     )
     store.add_argument(
         "--database",
