@@ -517,3 +517,55 @@ def test_a_sweep_writes_nothing_once_a_write_window_after_it_started_has_passed(
     view = store.load("t1")
     assert view is not None
     assert view.task.status is Status.RUNNING
+
+
+class HoldTheVerdict(MemoryStore):
+    """Refuses the run's outcome record (an outage, for the verdict only) until
+    released, counting the lease's renewals meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = False
+        self.released = False
+        self.beats_while_held = 0
+
+    def insert_record(self, record: Record) -> Record:
+        if record.kind is RecordKind.OUTCOME and not self.released:
+            self.holding = True
+            raise StoreError("the database is out of reach (simulated)")
+        return super().insert_record(record)
+
+    def beat(self, record_id: str) -> int | None:
+        if self.holding and not self.released:
+            self.beats_while_held += 1
+        return super().beat(record_id)
+
+
+def test_a_verdict_held_up_by_the_store_keeps_its_lease_renewed() -> None:
+    import time
+
+    from tullius.demo import QuickExampleTask
+    from tullius.task import to_spec
+
+    # Given a daemon whose run ended while its verdict can't be recorded
+    store = HoldTheVerdict()
+    spec = to_spec(QuickExampleTask(count_to=0))
+    [root] = insert_queued(store, [spec], now=datetime.now(UTC), new_id=lambda: "t1")
+    deadline = time.monotonic() + 30
+
+    def observe(s: Store) -> bool:
+        # released once the lease was renewed three times while held (or, failing
+        # that, after a generous deadline, so that the assertion below reports it)
+        if store.holding and (store.beats_while_held >= 3 or time.monotonic() > deadline):
+            store.released = True
+        return terminal(root)(s)
+
+    # When it runs until the verdict is recorded, with a lease of 1.2 s
+    Supervisor(store, settings(lease=timedelta(seconds=1.2)), observer=observe).run()
+    # Then it went on renewing the lease while the verdict waited (unrenewed, another
+    # daemon back from the same outage failed a success as lost), and the run's
+    # own verdict was recorded
+    assert store.beats_while_held >= 3
+    view = store.load(root)
+    assert view is not None
+    assert status_of(view) is Status.SUCCEEDED

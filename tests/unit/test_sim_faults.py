@@ -598,3 +598,22 @@ def test_a_drain_timeout_with_every_server_down_says_so_rather_than_blame_the_ba
         sim.queue(Sleeper(secs=1))
         with pytest.raises(DrainTimeout, match=r"no server is up to claim it \(a stopped\)"):
             sim.drain(within=timedelta(minutes=1))
+
+
+def test_a_run_that_ended_during_an_outage_keeps_its_lease_until_its_verdict_is_recorded() -> None:
+    # The daemon renewed no lease while a verdict waited: with a short lease, a
+    # success held up by a long outage was failed as lost by a server back first.
+    # (Outages of 40 to 44.5 s end at every point between two verdict attempts.)
+    for tenths in range(400, 450, 5):
+        with Simulation(
+            seed=tenths,
+            servers=2,
+            lease=timedelta(seconds=3),
+            store_retry=timedelta(seconds=5),  # the daemon's longest verdict backoff
+        ) as sim:
+            task = Sleeper(secs=2)
+            sim.queue(task)
+            outage = timedelta(seconds=tenths / 10)
+            sim.store_outage(at=timedelta(seconds=1.5), duration=outage)
+            sim.drain(within=timedelta(minutes=5))
+            assert_outcomes(sim.chain(task), "succeeded")

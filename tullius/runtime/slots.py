@@ -120,7 +120,12 @@ class Slot:
 
 @dataclass(eq=False)
 class Finishing:
-    """A verdict to record; retried with the same event until the store answers."""
+    """A verdict to record; retried with the same event until the store answers.
+
+    Its lease is renewed meanwhile, as a running job's is: a verdict held up by
+    an outage came seconds after the database was back, and another daemon,
+    back too, had already failed the run as lost (with a short lease).
+    """
 
     job: Job
     event: Event
@@ -129,6 +134,11 @@ class Finishing:
     write_by: float | None = None
     delay: float = 0.2
     submitted: bool = False
+    #: When its lease is next renewed (monotonic), as `Running.next_renew`.
+    next_renew: float = 0.0
+    renewing: bool = False
+    #: The lease ended (our verdict recorded, or another server's sweep): no renewal.
+    lease_over: bool = False
 
 
 @dataclass

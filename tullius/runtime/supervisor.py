@@ -277,6 +277,8 @@ class Supervisor(WorkerKeeping):
         for item in self._finishing:
             if not item.submitted:
                 wake_at = min(wake_at, item.next_try)
+            if not item.renewing and not item.lease_over:
+                wake_at = min(wake_at, item.next_renew)
         if not self.sweeper.running:
             wake_at = min(wake_at, self.sweeper.next_at)
         if not self.coverage.running and not self._stopping:
@@ -436,7 +438,13 @@ class Supervisor(WorkerKeeping):
 
     def _add_finishing(self, running: Running, event: Event, now: float) -> None:
         self._finishing.append(
-            Finishing(running.job, event, next_try=now, write_by=running.write_by)
+            Finishing(
+                running.job,
+                event,
+                next_try=now,
+                write_by=running.write_by,
+                next_renew=running.next_renew,
+            )
         )
 
     def _schedule_finishes(self, now: float) -> None:
@@ -461,7 +469,9 @@ class Supervisor(WorkerKeeping):
             if isinstance(error, StoreError):
                 self._store_failed("record a verdict", error)
                 item.next_try = time.monotonic() + item.delay
-                item.delay = min(item.delay * 2, 5.0)
+                # At most a heartbeat apart: once the database is back, the verdict
+                # comes about as soon as a renewal would.
+                item.delay = min(item.delay * 2, 5.0, max(self.heartbeat, 0.2))
                 return
             self._finishing.remove(item)
             if isinstance(error, WriteWindowClosed):
@@ -543,6 +553,31 @@ class Supervisor(WorkerKeeping):
             running = slot.running
             if running is not None and not running.renewing and now >= running.next_renew:
                 self._submit_renew(slot, running)
+        for item in self._finishing:
+            if not item.renewing and not item.lease_over and now >= item.next_renew:
+                self._submit_verdict_renew(item)
+
+    def _submit_verdict_renew(self, item: Finishing) -> None:
+        """Renew the lease of a job whose verdict is still to be recorded (`Finishing`)."""
+        item.renewing = True
+
+        def done(future: Future[Any]) -> None:
+            item.renewing = False
+            now = time.monotonic()
+            error = future.exception()
+            if error is not None:
+                if isinstance(error, StoreError):
+                    self._store_failed("renew a lease", error)
+                else:
+                    log.error("renewing the lease of %s failed: %r", item.job.task_id, error)
+                item.next_renew = now + min(self.heartbeat, 1.0)
+                return
+            self._store_ok()
+            item.next_renew = now + self.heartbeat
+            if not future.result():  # recorded (by us, or a sweep): the verdict tells
+                item.lease_over = True
+
+        self._submit(lambda: drive(self.store, renew(item.job)), done)
 
     def _submit_renew(self, slot: Slot, running: Running) -> None:
         running.renewing = True

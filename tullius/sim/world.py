@@ -233,6 +233,9 @@ class Execution:
     kill_reason: str | None = None
     running: bool = False
     beating: bool = False
+    #: Its user code has ended and its verdict is being recorded (the lease is
+    #: still renewed meanwhile, as the daemon's `Finishing` leases are).
+    verdict_pending: bool = False
     #: Threads its user code started (`Drivers._adopt_threads`).
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -444,6 +447,7 @@ class Drivers:
         else:
             outcome = yield RunUser(ex)
         event = self._event_for(ex, outcome)
+        ex.verdict_pending = event is not None
         while event is not None:
             if self.clock.us > write_by:  # given up: no longer ours, the sweeps fail it as lost
                 self._log(server.name, f"{name} gave up the verdict of {job.task_id}: too late")
@@ -454,6 +458,10 @@ class Drivers:
                 )
             except StoreError:
                 self._store_failed(server)
+                if not ex.beating:  # the verdict waits: its lease must not go stale
+                    ex.beating = True
+                    at = max(ex.started_us + self._beat_us, self.clock.us)
+                    self._spawn(server, self._heartbeat(server, ex), f"{name}/heartbeat", at=at)
                 yield Wait(self._retry_us)
                 continue
             self._log(
@@ -463,6 +471,7 @@ class Drivers:
             if verdict.accepted and self._check:
                 self._inv.on_accepted(verdict.record, job.token, job.lease)
             break
+        ex.verdict_pending = False
         server.tokens.discard(job.token)
         server.execs.remove(ex)
         claimer.busy.discard(index)
@@ -471,11 +480,12 @@ class Drivers:
             self._exit_if_done(server)
 
     def _heartbeat(self, server: Server, ex: Execution) -> ActorGen:
-        """Renew the job's lease while its user code runs, as the daemon's supervisor does
-        (not while the verdict is being recorded).  Spawned by the first sleep of the user
-        code, to beat at its start + the heartbeat period: a run that ends without letting
-        virtual time pass never needs one."""
-        while ex.running:
+        """Renew the job's lease while its user code runs and until its verdict is
+        recorded, as the daemon's supervisor does.  Spawned by the first sleep of the user
+        code, to beat at its start + the heartbeat period, or by the first failure to
+        record the verdict: a run that ends without letting virtual time pass, its
+        verdict recorded at once, never needs one."""
+        while ex.running or ex.verdict_pending:
             try:
                 ours = yield from renew(ex.job)
             except StoreError:
