@@ -305,3 +305,39 @@ def test_a_coverage_check_the_database_refuses_is_logged_once_and_leaves_leases_
     ]
     assert supervisor.counters.store_errors == 0
     assert not [m for m in messages if "store call failed" in m]
+
+
+class CountAnnouncements(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopping = False
+        self.while_stopping = 0
+
+    def announce_server(self, seen: Any) -> None:
+        if self.stopping:
+            self.while_stopping += 1
+        super().announce_server(seen)
+
+
+def test_a_daemon_in_its_grace_keeps_renewing_its_entry(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a daemon stopped while a 2 s run has a grace long enough to finish
+    store = CountAnnouncements()
+    root = queue_demo(store, quick=True, count_to=10)
+
+    def stop_when_running(s: Store) -> bool:
+        running = StopWhenRunning(root)(s)
+        if running:
+            store.stopping = True
+        return running
+
+    supervisor = Supervisor(
+        store, settings(lease=timedelta(seconds=0.3), grace=30.0), observer=stop_when_running
+    )
+    # When it runs until it has stopped
+    assert supervisor.run() == 0
+    # Then its entry was renewed during the grace (a lease apart), not left to age
+    # until --status called it "not seen (crashed, or cut off)"
+    assert store.while_stopping >= 2
+    assert read_chain(store, root)[0].outcome == "failed"  # (timed out meanwhile)

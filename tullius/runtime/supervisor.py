@@ -281,7 +281,7 @@ class Supervisor(WorkerKeeping):
                 wake_at = min(wake_at, item.next_renew)
         if not self.sweeper.running:
             wake_at = min(wake_at, self.sweeper.next_at)
-        if not self.coverage.running and not self._stopping:
+        if not self.coverage.running:  # (stopping too: it renews our entry)
             wake_at = min(wake_at, self.coverage.next_at)
         if self._retiring:
             wake_at = min(wake_at, now + 0.05)
@@ -338,7 +338,9 @@ class Supervisor(WorkerKeeping):
             self._schedule_claims(now)
         if not self.sweeper.running and now >= self.sweeper.next_at:
             self._schedule_sweep()
-        if not self._stopping and not self.coverage.running and now >= self.coverage.next_at:
+        # Also while stopping: the check renews our entry, and without it a daemon
+        # in a long grace was listed by --status as not seen (crashed, or cut off).
+        if not self.coverage.running and now >= self.coverage.next_at:
             self._schedule_coverage()
         if self.observer is not None and not self._observing and now >= self._next_observe:
             self._schedule_observe(now)
