@@ -143,6 +143,8 @@ class Retry:
     stored: bool = True
     unreadable: bool = False
     dry_run: bool = False
+    #: The copy is UNHANDLED too and was retried in turn: its own copy's id.
+    copy_retried_as: str | None = None
 
     def describe(self) -> str:
         """One line for an operator."""
@@ -171,7 +173,9 @@ class Retry:
             )
         elif self.copy_status is not None:
             line += f"; {self.copy_id} is {self.copy_status.value}"
-            if self.copy_status is Status.UNHANDLED:
+            if self.copy_retried_as is not None:
+                line += f" too, and retried as {self.copy_retried_as}"
+            elif self.copy_status is Status.UNHANDLED:
                 line += f" too: retry {self.copy_id} itself"
         return line
 
@@ -224,7 +228,12 @@ def retry(
     done = _retry(view, new=False)
     copies: list[TaskDoc] = yield FindTasks((done.copy_id,))
     if copies:
-        return dataclasses.replace(done, copy_status=copies[0].status)
+        again = None
+        if copies[0].status is Status.UNHANDLED:  # retried in turn? (said, not advised)
+            copy_view: TaskView | None = yield Load(done.copy_id)
+            later = None if copy_view is None else retried_as(copy_view)
+            again = None if later is None else later.task_id
+        return dataclasses.replace(done, copy_status=copies[0].status, copy_retried_as=again)
     if now - done.at > WRITE_WINDOW:
         # It may have run and been pruned since: writing it again would run its
         # failed() a second time.

@@ -251,6 +251,23 @@ def test_the_status_of_a_retried_task_reads_it_alone_not_its_copys_chain() -> No
     assert len(lines) == 4
 
 
+def test_a_retried_tasks_copy_retried_in_turn_is_not_advised_to_be_retried_again() -> None:
+    # Given an unhandled task retried, whose copy failed again and was retried in turn
+    sim, lost_cause = unhandled_sim()
+    done = drive(sim.store, retry(lost_cause, now=sim.now, token="op", server="ops1"))
+    sim.run_for(timedelta(minutes=10))
+    again = drive(sim.store, retry(done.copy_id, now=sim.now, token="op", server="ops1"))
+    # When the status is read, and the task's retry asked for again
+    lines = unhandled_lines(format_status(read_status(sim.store, now=sim.now)))
+    asked = drive(sim.store, retry(lost_cause, now=sim.now, token="op", server="ops1"))
+    sim.close()
+    # Then both say where the copy's own retry went, instead of "retry it itself"
+    # (which --status and --retry-unhandled advised, though it was done)
+    said = f"{done.copy_id} is unhandled too, and retried as {again.copy_id}"
+    assert any(line.endswith(said) for line in lines), lines
+    assert asked.describe().endswith(said)
+
+
 AN_HOUR_AGO = datetime.now(UTC) - timedelta(hours=1)
 ALL = Band(1, 0, 10)
 

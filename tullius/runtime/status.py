@@ -314,18 +314,23 @@ def _unhandled(report: StatusReport) -> list[str]:
         )
         retry = report.retries.get(link.task_id)
         if retry is not None:
-            lines.append(f"    {_retried(link.task_id, retry, report.now)}")
+            lines.append(f"    {_retried(link.task_id, retry, report)}")
     if total > len(report.unhandled):
         lines.append(f"  ... and {total - len(report.unhandled):,} more")
     return lines
 
 
-def _retried(task_id: str, retry: RetryShown, now: datetime) -> str:
+def _retried(task_id: str, retry: RetryShown, report: StatusReport) -> str:
     """What became of an operator's retry, and what to do if it was cut short."""
     line = f"retried as {retry.copy_id} at {retry.at.isoformat(timespec='seconds')} by {retry.by}"
+    if retry.copy_status is Status.UNHANDLED:
+        # Unhandled too: retried in turn (listed, as it is unhandled), or to retry.
+        again = report.retries.get(retry.copy_id)
+        if again is not None:
+            return f"{line}; {retry.copy_id} is unhandled too, and retried as {again.copy_id}"
     if retry.copy_status is not None:
         return f"{line}; {retry.copy_id} {_copy_phrase(retry.copy_id, retry.copy_status)}"
-    if now - retry.at <= WRITE_WINDOW:
+    if report.now - retry.at <= WRITE_WINDOW:
         return (
             f"{line}, but {retry.copy_id} can't be read: the retry was cut short, or the "
             f"copy was set aside as undecodable; run tulliusd --retry-unhandled {task_id} "
