@@ -193,6 +193,16 @@ def test_bad_values_name_the_setting_and_the_value(
     assert setting in str(info.value)
 
 
+def test_more_worker_processes_than_a_daemon_starts_are_refused_before_any_fork() -> None:
+    # 100000:0-5 was accepted, and forking that many froze the machine for minutes.
+    with pytest.raises(ConfigError, match=r"must total at most 1024 worker processes") as info:
+        resolve(RawFlags(embedded=True, processes=["1000:0-5", "25:6-10"]), {}, deps_loader=no_deps)
+    assert info.value.setting == "--processes"
+    assert info.value.value == "1000:0-5 25:6-10"
+    assert "(it asks for 1,025)" in str(info.value)
+    resolve(RawFlags(embedded=True, processes=["1000:0-5", "24:6-10"]), {}, deps_loader=no_deps)
+
+
 def test_a_lease_too_short_to_divide_is_refused() -> None:
     with pytest.raises(ConfigError, match="at least"):
         parse_seconds("--lease", "0.01", minimum=0.06)

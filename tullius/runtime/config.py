@@ -36,6 +36,8 @@ ENV_PREFIX = "TULLIUS_"
 #: Used when no flag, variable or ``tullius_deps.task_processes`` names bands:
 #: four workers for every priority.
 DEFAULT_BANDS = (Band(4, *ALL),)
+#: The most worker processes one daemon starts, across its bands.
+MAX_PROCESSES = 1024
 #: Idle polling period; small enough that an idle daemon picks up new work in
 #: about 15 ms (half the period plus one claim's round trips); measured in
 #: bench/daemon_bench.py: pickup p50 14 ms at 0.01 s, 22 ms at 0.02 s.
@@ -354,11 +356,20 @@ def resolve(
         make_db = deps.make_db
 
     if given_bands is not None:
-        bands = given_bands
+        bands, bands_setting = given_bands, processes_setting
     elif deps is not None and deps.task_processes is not None:
-        bands = deps.task_processes
+        bands, bands_setting = deps.task_processes, "tullius_deps.task_processes"
     else:
-        bands = DEFAULT_BANDS
+        bands, bands_setting = DEFAULT_BANDS, "--processes"
+    total = sum(band.count for band in bands)
+    if total > MAX_PROCESSES:
+        # Why: 100000:0-5 was accepted, and forking that many froze the machine.
+        raise ConfigError(
+            bands_setting,
+            " ".join(str(band) for band in bands),
+            f"must total at most {MAX_PROCESSES} worker processes (it asks for {total:,}); "
+            "run more daemons for more",
+        )
 
     return Settings(
         bands=bands,
