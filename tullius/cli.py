@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import uuid
 from collections.abc import Sequence
@@ -396,6 +397,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_STARTUP
     except KeyboardInterrupt:  # Ctrl-C before the daemon took over signals (e.g. while connecting)
         return 130
+    except BrokenPipeError:  # its output piped into a reader that stopped (`--status | head`)
+        # Python's own recipe: point stdout at nothing, so the flush at exit
+        # doesn't raise again, and end as a process killed by SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

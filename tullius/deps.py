@@ -17,6 +17,7 @@ from typing import Any
 
 from tullius.band import Band, bands_from_setting
 from tullius.errors import ConfigError
+from tullius.user_errors import describe
 
 MODULE = "tullius_deps"
 
@@ -79,9 +80,8 @@ def load_deps(module_name: str = MODULE, *, required: bool = True) -> Deps | Non
             "tullius.queue()",
         ) from None
     except Exception as error:  # user code at import: report it as a setup problem
-        raise ConfigError(
-            module_name, "import", f"failed: {type(error).__name__}: {error}"
-        ) from error
+        # (It read "tullius_deps='import' failed: ...".)
+        raise ConfigError("module", module_name, f"failed to import: {describe(error)}") from error
     make_db = getattr(module, "make_db", None)
     if make_db is not None and not callable(make_db):
         raise ConfigError(

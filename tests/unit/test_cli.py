@@ -570,3 +570,41 @@ def test_a_retry_whose_class_cant_be_loaded_here_says_why_once_and_keeps_the_sto
         "failed_timeout and failed_attempts stored with each task; run the command where the "
         "fixed code is importable to take the class's own"
     ]
+
+
+def test_output_piped_into_a_reader_that_stopped_ends_quietly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    from tullius import cli
+
+    # Given --status whose output goes to a reader that stopped (`| head -3`)
+    def stopped_reader(settings: Any) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    pointed: list[int] = []
+    monkeypatch.setattr(cli, "_print_status", stopped_reader)
+    monkeypatch.setattr(cli, "resolve", lambda flags: None)
+    monkeypatch.setattr(os, "dup2", lambda fd, target: pointed.append(target))
+    monkeypatch.setattr(sys.stdout, "fileno", lambda: 1, raising=False)
+    # When it runs, Then it ends as a process killed by SIGPIPE, with no traceback
+    # (a BrokenPipeError traceback was printed), its stdout pointed at nothing
+    assert main(["--status"]) == 141
+    assert pointed == [1]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_tullius_deps_that_fails_to_import_is_named_with_its_error(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tullius.deps import load_deps
+    from tullius.errors import ConfigError
+
+    (tmp_path / "broken_deps.py").write_text("import\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # It read "tullius_deps='import' failed: SyntaxError: ...".
+    with pytest.raises(
+        ConfigError, match=r"module='broken_deps' failed to import: SyntaxError: invalid syntax"
+    ):
+        load_deps("broken_deps")
