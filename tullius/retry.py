@@ -346,6 +346,26 @@ def retry_all(
     """
     report = RetryReport() if report is None else report
     made: set[str] = set()
+    reached: set[str] = set()  # tasks retried out of id order (an earlier retry's copy)
+
+    def one(task_id: str) -> Conversation[Retry | NotRetried | None]:
+        try:
+            done = yield from retry(
+                task_id, now=now, token=token, server=server, limits=limits, dry_run=dry_run
+            )
+        except TaskNotFound:
+            return None  # pruned meanwhile
+        except NotRetried as refused:
+            return refused
+        if done.new or done.completed:
+            made.add(done.copy_id)
+        return done
+
+    def tell(result: Retry | NotRetried) -> None:
+        report.add(result)
+        if on_each is not None:
+            on_each(result)
+
     after = ""
     while True:
         page: list[TaskDoc] = yield FindByStatus((Status.UNHANDLED,), batch, after)
@@ -353,28 +373,29 @@ def retry_all(
             return report
         after = page[-1].task_id
         for doc in page:
-            if doc.task_id in made:
-                continue  # a copy this made, which failed again meanwhile
+            if doc.task_id in made or doc.task_id in reached:
+                continue  # a copy this made, which failed again meanwhile, or done
             report.classes[doc.class_name] += 1
             if class_name is not None and not is_of_class(doc.class_name, class_name):
                 continue
-            try:
-                done = yield from retry(
-                    doc.task_id,
-                    now=now,
-                    token=token,
-                    server=server,
-                    limits=limits,
-                    dry_run=dry_run,
-                )
-            except TaskNotFound:
-                continue  # pruned meanwhile
-            except NotRetried as refused:
-                result: Retry | NotRetried = refused
-            else:
-                if done.new or done.completed:
-                    made.add(done.copy_id)
-                result = done
-            report.add(result)
-            if on_each is not None:
-                on_each(result)
+            result = yield from one(doc.task_id)
+            if result is None:
+                continue
+            if (
+                isinstance(result, Retry)
+                and result.copy_status is Status.UNHANDLED
+                and result.copy_retried_as is None
+                and result.copy_id > doc.task_id  # this pass reaches it only later
+                and not dry_run
+            ):
+                # An earlier retry's copy, unhandled too: retried now, before this
+                # task's line, so that the line says where it went instead of
+                # advising a retry this pass makes a moment later.
+                reached.add(result.copy_id)
+                report.classes[doc.class_name] += 1
+                again = yield from one(result.copy_id)
+                if again is not None:
+                    tell(again)
+                    if isinstance(again, Retry):
+                        result = dataclasses.replace(result, copy_retried_as=again.copy_id)
+            tell(result)

@@ -316,25 +316,38 @@ def test_retry_all_does_not_retry_a_copy_it_made_that_failed_again(store: Store)
     assert store.find_children(done.copy_id) == []
 
 
-def test_retry_all_retries_an_earlier_retrys_copy_that_failed_again(store: Store) -> None:
+@pytest.mark.parametrize("task_id", ["0", "t"])  # its id sorting before its copy's, or after
+def test_retry_all_retries_an_earlier_retrys_copy_that_failed_again(
+    store: Store, task_id: str
+) -> None:
     # Given a task retried before, whose copy failed again
-    unhandled(store, "t")
-    first = retried(store, "t", at=NOW - timedelta(hours=1))
+    unhandled(store, task_id)
+    first = retried(store, task_id, at=NOW - timedelta(hours=1))
+    assert (task_id < first.copy_id) == (task_id == "0")
     job = drive(store, claim(ALL, server="s", worker="w", token="copy-h", now=NOW))
     assert job is not None
     error = Failure(FailureKind.EXCEPTION, "still broken", NOW)
     drive(store, finish(job, HandlerFailed(job.token, error), now=NOW))
-    # When every unhandled task is retried
-    report = drive(store, retry_all(now=NOW, token="op", server="ops"))
-    # Then the copy is retried, and the task reported as retried before, its copy
-    # unhandled and (its id sorting first) retried already, not to be retried
+    # When every unhandled task is retried, each result told as it comes
+    told: list[str] = []
+    report = drive(
+        store,
+        retry_all(now=NOW, token="op", server="ops", on_each=lambda r: told.append(r.describe())),
+    )
+    # Then the copy is retried, and then the task is told as retried before, its copy
+    # unhandled too and retried now: in either order of ids, never advised to be
+    # retried by hand (once told so just before this very pass retried it)
     [done] = report.retried
     assert done.task_id == first.copy_id
     [earlier] = report.earlier
     assert earlier.copy_status is Status.UNHANDLED
-    assert earlier.describe().endswith(
-        f"; {first.copy_id} is unhandled too, and retried as {done.copy_id}"
-    )
+    assert told == [
+        done.describe(),
+        f"{task_id}: already retried as {first.copy_id} at "
+        f"{first.at.isoformat(timespec='seconds')} by {first.by}; "
+        f"{first.copy_id} is unhandled too, and retried as {done.copy_id}",
+    ]
+    assert report.classes == {"tests:Nothing": 2}
 
 
 def derive_copy_id(store: Store, task_id: str) -> str:

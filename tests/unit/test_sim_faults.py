@@ -617,3 +617,22 @@ def test_a_run_that_ended_during_an_outage_keeps_its_lease_until_its_verdict_is_
             sim.store_outage(at=timedelta(seconds=1.5), duration=outage)
             sim.drain(within=timedelta(minutes=5))
             assert_outcomes(sim.chain(task), "succeeded")
+
+
+def test_a_verdict_held_back_by_a_pause_keeps_its_lease_renewed_through_an_outage() -> None:
+    # The heartbeat ended at the pause's end, before the crashed run's verdict was
+    # pending, and none renewed the lease while the verdict waited out the outage:
+    # a run the daemon records as crashed was failed as lost.
+    for seconds in (41, 42, 43):
+        with Simulation(
+            seed=1, servers=2, lease=timedelta(seconds=3), store_retry=timedelta(seconds=5)
+        ) as sim:
+            task = Sleeper(secs=20)
+            sim.queue(task)
+            sim.run_for(timedelta(seconds=1))
+            owner = owner_of(sim, task)
+            sim.pause_server(owner, at=timedelta(seconds=2), duration=timedelta(seconds=1))
+            sim.crash_worker(owner, at=timedelta(seconds=2.8))
+            sim.store_outage(at=timedelta(seconds=2.95), duration=timedelta(seconds=seconds))
+            sim.drain(within=timedelta(minutes=5))
+            assert_outcomes(sim.chain(task), "crashed")

@@ -497,6 +497,7 @@ class Drivers:
                     self._stop(ex, "lease lost")
                 return
             yield Wait(self._beat_us)
+        ex.beating = False  # a verdict that fails later starts another (`_work`)
 
     def _store_failed(self, server: Server) -> None:
         """A store call of ``server`` failed: as the daemon's (`Supervisor._store_failed`),
@@ -689,6 +690,9 @@ class Drivers:
         if ex.threads:
             self._check_threads_ended(ex)
         ex.running = False
+        # Until `_work` knows (held back by a pause, say): the lease is renewed on
+        # from the end of the user code, as the daemon's `Finishing` is.
+        ex.verdict_pending = True
         server = ex.server
         if ex.kill_reason == "server crashed":
             return
