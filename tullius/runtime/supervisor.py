@@ -565,39 +565,35 @@ class Supervisor(WorkerKeeping):
 
         def done(future: Future[Any]) -> None:
             item.renewing = False
-            now = time.monotonic()
-            error = future.exception()
-            if error is not None:
-                if isinstance(error, StoreError):
-                    self._store_failed("renew a lease", error)
-                else:
-                    log.error("renewing the lease of %s failed: %r", item.job.task_id, error)
-                item.next_renew = now + min(self.heartbeat, 1.0)
-                return
-            self._store_ok()
-            item.next_renew = now + self.heartbeat
-            if not future.result():  # recorded (by us, or a sweep): the verdict tells
+            item.next_renew, ours = self._renewed(item.job, future)
+            if ours is False:  # recorded (by us, or a sweep): the verdict tells
                 item.lease_over = True
 
         self._submit(lambda: drive(self.store, renew(item.job)), done)
+
+    def _renewed(self, job: Job, future: Future[Any]) -> tuple[float, bool | None]:
+        """A renewal's end: when to renew next, and whether the lease is still ours
+        (None: the renewal failed, and is tried again sooner)."""
+        now = time.monotonic()
+        error = future.exception()
+        if error is not None:
+            if isinstance(error, StoreError):
+                self._store_failed("renew a lease", error)
+            else:
+                log.error("renewing the lease of %s failed: %r", job.task_id, error)
+            return now + min(self.heartbeat, 1.0), None
+        self._store_ok()
+        ours: bool = future.result()
+        return now + self.heartbeat, ours
 
     def _submit_renew(self, slot: Slot, running: Running) -> None:
         running.renewing = True
 
         def done(future: Future[Any]) -> None:
             running.renewing = False
+            running.next_renew, ours = self._renewed(running.job, future)
             now = time.monotonic()
-            error = future.exception()
-            if error is not None:
-                if isinstance(error, StoreError):
-                    self._store_failed("renew a lease", error)
-                else:
-                    log.error("renewing the lease of %s failed: %r", running.job.task_id, error)
-                running.next_renew = now + min(self.heartbeat, 1.0)
-                return
-            self._store_ok()
-            running.next_renew = now + self.heartbeat
-            if future.result() or slot.running is not running:
+            if ours is not False or slot.running is not running:
                 return
             log.warning("task %s: another server ended our lease; stopping it", running.job.task_id)
             if running.dispatched_at is None:
