@@ -283,6 +283,40 @@ def test_every_task_ends_and_every_failure_is_handled_once(world: World) -> None
         sim.close()
 
 
+@settings(
+    max_examples=max(BUDGET // 10, 20), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    tasks=workloads(work(max_delay=10)),
+    lease=st.sampled_from([3, 5, 10]),
+    outage_at=st.integers(0, 15),
+    outage=st.floats(10, 60),
+    store_retry=st.sampled_from([1, 5]),
+)
+def test_short_leases_survive_long_outages_without_losing_a_result(
+    seed: int, tasks: list[Task], lease: int, outage_at: int, outage: float, store_retry: int
+) -> None:
+    # Short leases, long outages and verdicts retried as slowly as the daemon's:
+    # where a success held up by an outage was failed as lost (2026-12-05), since
+    # its lease was not renewed while its verdict waited.  Every task ends, and
+    # none fails as lost: the outage is the only fault, and it hits every server.
+    with Simulation(
+        seed=seed,
+        servers=2,
+        lease=timedelta(seconds=lease),
+        store_retry=timedelta(seconds=store_retry),
+        task_processes=TASK_PROCESSES,
+    ) as sim:
+        note(f"outage at {outage_at}s for {outage}s, lease {lease}s, store_retry {store_retry}s")
+        sim.queue([task.copy(**_deferral(task)) for task in tasks])
+        sim.store_outage(at=timedelta(seconds=outage_at), duration=timedelta(seconds=outage))
+        counts = sim.drain(within=timedelta(hours=3))
+        sim.check()
+        all_ended(sim)
+        assert "lost" not in counts.failures, counts
+
+
 def all_ended(sim: Simulation) -> None:
     for view in sim.store.all_views():
         status = status_of(view)
