@@ -213,15 +213,17 @@ class Task:
                 ``copy(count_too=9)`` added a field and left ``count_to`` as it was.
         """
         current = self.fields
-        declared = _declared_fields(type(self))
-        if declared:
-            for name in changes:
-                if name not in current and name not in declared and name not in _COPY_OPTIONS:
-                    raise TaskDefinitionError(
-                        f"{type(self).__name__}.copy({name}=...): {type(self).__name__} has no "
-                        f"field {name!r}; expected one of {sorted(declared | current.keys())} "
-                        f"(or declare it on the class: {name}: <type>)"
-                    )
+        # The class's declarations are read only for a name the task lacks: most
+        # copies change fields it has (``failed()`` runs one per failure).
+        new = [name for name in changes if name not in current and name not in _COPY_OPTIONS]
+        declared = _declared_fields(type(self)) if new else frozenset()
+        for name in new:
+            if declared and name not in declared:
+                raise TaskDefinitionError(
+                    f"{type(self).__name__}.copy({name}=...): {type(self).__name__} has no "
+                    f"field {name!r}; expected one of {sorted(declared | current.keys())} "
+                    f"(or declare it on the class: {name}: <type>)"
+                )
         fields = {**current, **changes}
         if "priority" not in changes and "priority" in vars(self):
             fields["priority"] = self.priority
