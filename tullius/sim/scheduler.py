@@ -331,9 +331,11 @@ class Scheduler(ServerEvents):
         """Count the tasks that followed one another at this instant; at the
         simulation's ``instant_chain_limit``, raise `NoTimePasses` instead of spinning."""
         now = self.clock.us
-        parent = self._same_instant.get(parent_id)
-        generations = parent[1] + 1 if parent is not None and parent[0] == now else 1
-        self._same_instant[task_id] = (now, generations)
+        if now != self._same_instant_at:  # only this instant's tasks can be a parent here
+            self._same_instant_at = now
+            self._same_instant.clear()
+        generations = self._same_instant.get(parent_id, 0) + 1
+        self._same_instant[task_id] = generations
         if generations >= self._instant_chain_limit:
             at = timedelta(microseconds=now)
             raise NoTimePasses(task_id, generations, at, self.seed)

@@ -171,9 +171,11 @@ class Simulation(Scheduler):
         ):
             if not isinstance(value, timedelta) or not timedelta(0) < value <= _DAY:
                 raise ConfigError(name, value, "must be a positive timedelta of at most a day")
-        if isinstance(instant_chain_limit, bool) or not isinstance(instant_chain_limit, int):
-            raise ConfigError("instant_chain_limit", instant_chain_limit, "must be an int >= 1")
-        if instant_chain_limit < 1:
+        if (
+            isinstance(instant_chain_limit, bool)
+            or not isinstance(instant_chain_limit, int)
+            or instant_chain_limit < 1
+        ):
             raise ConfigError("instant_chain_limit", instant_chain_limit, "must be an int >= 1")
         self._instant_chain_limit = instant_chain_limit
         if not isinstance(kill_grace, timedelta) or not timedelta(0) <= kill_grace <= _DAY:
@@ -216,6 +218,7 @@ class Simulation(Scheduler):
         self._open: set[str] = set()
         self._inserted: dict[str, int] = {}
         self._same_instant = {}
+        self._same_instant_at = -1
         self._leases: dict[str, tuple[str, int, int]] = {}
         self._leases_of = {}
         self._tail: deque[tuple[int, str, object]] = deque(maxlen=40)

@@ -288,9 +288,10 @@ class Drivers:
     _baseline: set[threading.Thread]
     _thread_owners: dict[threading.Thread, Execution]
     _inserted: dict[str, int]
-    #: Per spawned task: when it was inserted (µs), and how many tasks before it
-    #: in its chain were inserted at that same instant (`_count_generation`).
-    _same_instant: dict[str, tuple[int, int]]
+    #: Per task spawned at `_same_instant_at` (µs): how many tasks of its chain,
+    #: itself included, were inserted at that instant (`_count_generation`).
+    _same_instant: dict[str, int]
+    _same_instant_at: int
     _instant_chain_limit: int
     _starting: deque[Actor]
     _servers: dict[str, Server]
