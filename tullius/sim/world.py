@@ -459,10 +459,7 @@ class Drivers:
                 )
             except StoreError:
                 self._store_failed(server)
-                if not ex.beating:  # the verdict waits: its lease must not go stale
-                    ex.beating = True
-                    at = max(ex.started_us + self._beat_us, self.clock.us)
-                    self._spawn(server, self._heartbeat(server, ex), f"{name}/heartbeat", at=at)
+                self._keep_renewing(ex)  # the verdict waits: its lease must not go stale
                 yield Wait(self._retry_us)
                 continue
             self._log(
@@ -479,6 +476,19 @@ class Drivers:
         self._poke(server)
         if server.stopping is not None:
             self._exit_if_done(server)
+
+    def _keep_renewing(self, ex: Execution) -> None:
+        """Start ``ex``'s `_heartbeat` unless it beats already: at its first sleep (to
+        beat at its start + the heartbeat period), or when its verdict first fails."""
+        if not ex.beating:
+            ex.beating = True
+            server = ex.server
+            self._spawn(
+                server,
+                self._heartbeat(server, ex),
+                f"{server.name}/w{ex.worker}/heartbeat",
+                at=max(ex.started_us + self._beat_us, self.clock.us),
+            )
 
     def _heartbeat(self, server: Server, ex: Execution) -> ActorGen:
         """Renew the job's lease while its user code runs and until its verdict is
@@ -671,14 +681,7 @@ class Drivers:
         assert baton is not None
         self._adopt_threads(ex)
         if state == "sleeping":
-            if not ex.beating:
-                ex.beating = True
-                self._spawn(
-                    ex.server,
-                    self._heartbeat(ex.server, ex),
-                    f"{ex.server.name}/w{ex.worker}/heartbeat",
-                    at=ex.started_us + self._beat_us,
-                )
+            self._keep_renewing(ex)
             ex.gen += 1
             wake = self.clock.us + baton.sleep_us
             if wake >= ex.deadline_us:
