@@ -110,7 +110,13 @@ REAL_TIME_MODULES: Final = frozenset(
 _REAL_TIME_PACKAGES: Final = tuple(f"{name}." for name in REAL_TIME_MODULES)
 
 
-def _is_real_time_module(name: str) -> bool:
+def _real_for(caller: int) -> bool:
+    """Whether real time applies to a call from ``caller`` frames above this
+    function's caller: on every thread but the simulated workers', and in the
+    waits of `REAL_TIME_MODULES`."""
+    if getattr(thread_role, "baton", None) is None:
+        return True
+    name: str = sys._getframe(caller + 1).f_globals.get("__name__", "")
     return name in REAL_TIME_MODULES or name.startswith(_REAL_TIME_PACKAGES)
 
 
@@ -138,11 +144,10 @@ def virtual_sleep(seconds: float) -> None:
             if isinstance(seconds, float)
             else "timestamp too large to convert to C _PyTime_t"
         )
-    baton = getattr(thread_role, "baton", None)
-    if baton is None or _is_real_time_module(sys._getframe(1).f_globals.get("__name__", "")):
+    if _real_for(1):  # 1: the caller of the sleep
         REAL[0](seconds)
         return
-    baton.sleep(seconds)
+    thread_role.baton.sleep(seconds)
 
 
 def _real_time_here() -> bool:
@@ -152,10 +157,7 @@ def _real_time_here() -> bool:
     `REAL_TIME_MODULES`; virtual time for user code itself.  (freezegun's own
     walks the caller's stack on every clock read; it is switched off for runs,
     see `_HeldFreeze.resume`.)"""
-    if getattr(thread_role, "baton", None) is None:
-        return True
-    # 0: here, 1: freezegun's fake clock function, 2: its caller
-    return _is_real_time_module(sys._getframe(2).f_globals.get("__name__", ""))
+    return _real_for(2)  # 1: freezegun's fake clock function, 2: its caller
 
 
 class VirtualTime:
