@@ -171,13 +171,19 @@ class Retry:
                 f"; {self.copy_id} is no longer stored (pruned once done with, or never "
                 "written), and is not written again, as it may have run"
             )
+        elif self.copy_retried_as is not None:
+            line += f"; {retried_in_turn(self.copy_id, self.copy_retried_as)}"
         elif self.copy_status is not None:
             line += f"; {self.copy_id} is {self.copy_status.value}"
-            if self.copy_retried_as is not None:
-                line += f" too, and retried as {self.copy_retried_as}"
-            elif self.copy_status is Status.UNHANDLED:
+            if self.copy_status is Status.UNHANDLED:
                 line += f" too: retry {self.copy_id} itself"
         return line
+
+
+def retried_in_turn(copy_id: str, again: str) -> str:
+    """How a retry's copy that failed again and was retried itself is told, by
+    `Retry.describe` and ``--status``."""
+    return f"{copy_id} is unhandled too, and retried as {again}"
 
 
 def retry(

@@ -27,6 +27,7 @@ from tullius.engine import drive
 from tullius.errors import TulliusError
 from tullius.inspection import ChainLink, link_of
 from tullius.policy import WRITE_WINDOW
+from tullius.retry import retried_in_turn
 from tullius.store import ServerSeen, Store
 
 #: How many unhandled tasks are listed.
@@ -327,7 +328,7 @@ def _retried(task_id: str, retry: RetryShown, report: StatusReport) -> str:
         # Unhandled too: retried in turn (listed, as it is unhandled), or to retry.
         again = report.retries.get(retry.copy_id)
         if again is not None:
-            return f"{line}; {retry.copy_id} is unhandled too, and retried as {again.copy_id}"
+            return f"{line}; {retried_in_turn(retry.copy_id, again.copy_id)}"
     if retry.copy_status is not None:
         return f"{line}; {retry.copy_id} {_copy_phrase(retry.copy_id, retry.copy_status)}"
     if report.now - retry.at <= WRITE_WINDOW:
