@@ -409,6 +409,27 @@ class StoreContract:
         assert hints["f"] is store.load("f").task.status
         assert store.find_tasks([]) == []
 
+    def test_loading_many_gives_each_stored_task_once_as_load_gives_it(self, store: Any) -> None:
+        # Given a queued task, a running one whose lease beat twice, and a finished
+        # one with an outcome
+        store.insert_tasks([make_doc("q"), make_doc("r"), make_doc("f")])
+        store.insert_record(make_record("r", token="tok-r"))
+        store.set_status("r", Status.RUNNING, None)
+        store.beat(run_id("r"))
+        store.beat(run_id("r"))
+        store.insert_record(make_record("f"))
+        store.insert_record(make_record("f", record_id=outcome_id("f"), kind=RecordKind.OUTCOME))
+        store.set_status("f", Status.SUCCEEDED, T0)
+        # When they are loaded at once, with a missing one and a repeat
+        views = store.load_many(["r", "nope", "f", "q", "r"])
+        # Then each stored one comes once, in the order asked, with its records and
+        # heartbeat count, as load gives it
+        assert [view.task_id for view in views] == ["r", "f", "q"]
+        assert views == [store.load(task_id) for task_id in ("r", "f", "q")]
+        assert views[0].records[run_id("r")].beat == 2
+        assert set(views[1].records) == {run_id("f"), outcome_id("f")}
+        assert store.load_many([]) == []
+
     def test_finished_tasks_keep_when_they_settled_and_are_read_by_id_after_an_id(
         self, store: Any
     ) -> None:

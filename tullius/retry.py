@@ -55,7 +55,7 @@ from tullius.errors import NotRetried, TaskNotFound, UnknownTaskClass
 from tullius.events import Retried
 from tullius.machine import settle, step
 from tullius.policy import WRITE_WINDOW
-from tullius.store import FindByStatus, FindTasks, Load, Store
+from tullius.store import FindByStatus, FindTasks, Load, LoadMany, Store
 from tullius.task import load_class
 
 T = TypeVar("T")
@@ -194,6 +194,7 @@ def retry(
     server: str,
     limits: Limits | None = None,
     dry_run: bool = False,
+    known: TaskView | None = None,
 ) -> Conversation[Retry]:
     """Retry the ``failed()`` of the UNHANDLED task ``task_id`` (see the module).
 
@@ -204,12 +205,15 @@ def retry(
     within a `WRITE_WINDOW` of it; past that, a missing copy is reported with
     ``stored`` False, never written again), and the earlier retry is returned.
     With ``dry_run``, only reads: the `Retry` returned says what would be done.
+    ``known``: the task as read a moment ago (`retry_all` reads a page of them
+    at once), instead of reading it here; a stale one is safe, since the retry
+    record's insert decides.
 
     Raises:
         TaskNotFound: no such task (never queued, or pruned).
         NotRetried: the task is not UNHANDLED.
     """
-    view: TaskView | None = yield Load(task_id)
+    view: TaskView | None = known if known is not None else (yield Load(task_id))
     if view is None:
         raise TaskNotFound(task_id)
     status = status_of(view)
@@ -354,10 +358,16 @@ def retry_all(
     made: set[str] = set()
     reached: set[str] = set()  # tasks retried out of id order (an earlier retry's copy)
 
-    def one(task_id: str) -> Conversation[Retry | NotRetried | None]:
+    def one(task_id: str, known: TaskView | None = None) -> Conversation[Retry | NotRetried | None]:
         try:
             done = yield from retry(
-                task_id, now=now, token=token, server=server, limits=limits, dry_run=dry_run
+                task_id,
+                now=now,
+                token=token,
+                server=server,
+                limits=limits,
+                dry_run=dry_run,
+                known=known,
             )
         except TaskNotFound:
             return None  # pruned meanwhile
@@ -378,13 +388,21 @@ def retry_all(
         if not page:
             return report
         after = page[-1].task_id
+        # The page's tasks with their records in one read, not one each: on FerretDB
+        # each read of a record scans all of them (see `Store.load_many`).
+        asked = tuple(
+            doc.task_id
+            for doc in page
+            if class_name is None or is_of_class(doc.class_name, class_name)
+        )
+        known = {view.task_id: view for view in (yield LoadMany(asked))} if asked else {}
         for doc in page:
             if doc.task_id in made or doc.task_id in reached:
                 continue  # a copy this made, which failed again meanwhile, or done
             report.classes[doc.class_name] += 1
             if class_name is not None and not is_of_class(doc.class_name, class_name):
                 continue
-            result = yield from one(doc.task_id)
+            result = yield from one(doc.task_id, known.get(doc.task_id))
             if result is None:
                 continue
             if (
@@ -399,7 +417,7 @@ def retry_all(
                 # advising a retry this pass makes a moment later.
                 reached.add(result.copy_id)
                 report.classes[doc.class_name] += 1
-                again = yield from one(result.copy_id)
+                again = yield from one(result.copy_id, known.get(result.copy_id))
                 if again is not None:
                     tell(again)
                     if isinstance(again, Retry):

@@ -99,6 +99,17 @@ class Store(Protocol):
         """
         ...
 
+    def load_many(self, task_ids: Sequence[str]) -> list[TaskView]:
+        """`load` of each of ``task_ids`` that is stored, in the order asked (once each).
+
+        For reading a page of tasks with their records (`tullius.retry`):
+        `MongoStore` reads the records of all of them in one query, where a
+        `load` each would read each one's records ``_id`` by ``_id``, and on
+        FerretDB every one of those reads scans all of ``records`` (see
+        design.md, "Store operations").  Each view is as `load` gives it.
+        """
+        ...
+
     def find_due(
         self,
         statuses: Sequence[Status],
@@ -211,6 +222,11 @@ class Load:
     task_id: str
 
 
+@dataclass(frozen=True)
+class LoadMany:
+    task_ids: tuple[str, ...]
+
+
 @quick_init
 @dataclass(frozen=True)
 class FindDue:
@@ -274,6 +290,7 @@ Operation = (
     | InsertTasks
     | SetStatus
     | Load
+    | LoadMany
     | FindDue
     | FindByStatus
     | CountDue
@@ -306,6 +323,7 @@ PERFORMERS: Final[Mapping[type[Any], Callable[[Store, Any], Any]]] = {
     InsertTasks: lambda store, op: store.insert_tasks(op.docs),
     SetStatus: lambda store, op: store.set_status(op.task_id, op.status, op.due_at),
     Load: lambda store, op: store.load(op.task_id),
+    LoadMany: lambda store, op: store.load_many(op.task_ids),
     FindDue: lambda store, op: store.find_due(
         op.statuses, op.min_priority, op.max_priority, op.now, op.limit
     ),

@@ -18,9 +18,11 @@ from tullius.band import Band
 from tullius.cli import EXIT_NOT_RETRIED, EXIT_STARTUP, build_parser, main
 from tullius.document import (
     Origin,
+    Record,
     Status,
     derive_task_id,
     retried_as,
+    retry_id,
     status_of,
 )
 from tullius.errors import StoreUnavailable, UnknownTaskClass
@@ -465,19 +467,22 @@ def test_a_database_lost_part_way_leaves_the_lines_printed_and_says_how_many_wer
     monkeypatch: pytest.MonkeyPatch,
     asked: list[str],
 ) -> None:
-    # Given three unhandled tasks, and a database that goes away when the third is read
+    # Given three unhandled tasks, and a database that goes away when the third's
+    # retry is to be recorded
     for task_id in ("t1", "t2", "t3"):
         ran(database, task_id, ok=False)
     printed_by_then: list[str] = []
-    load = database.load
+    insert_record = database.insert_record
 
-    def load_until_t3(task_id: str) -> Any:
-        if task_id == "t3":
+    def insert_until_t3(record: Record) -> Any:
+        if record.record_id == retry_id("t3"):
             printed_by_then.extend(capsys.readouterr().out.splitlines())
-            raise StoreUnavailable("load task", "ServerSelectionTimeoutError: db1:27017 refused")
-        return load(task_id)
+            raise StoreUnavailable(
+                "insert record", "ServerSelectionTimeoutError: db1:27017 refused"
+            )
+        return insert_record(record)
 
-    monkeypatch.setattr(database, "load", load_until_t3)
+    monkeypatch.setattr(database, "insert_record", insert_until_t3)
     # When an operator retries them
     assert tulliusd("--retry-unhandled", *asked) == EXIT_STARTUP
     # Then the first two were printed as each was done, before the database went away
@@ -486,7 +491,7 @@ def test_a_database_lost_part_way_leaves_the_lines_printed_and_says_how_many_wer
     assert_copy_born_failed(database, "t2")
     # And the error line says so, and what to do
     assert one_error_line(capsys) == (
-        "tulliusd: error: can't retry: store unavailable during load task: "
+        "tulliusd: error: can't retry: store unavailable during insert record: "
         "ServerSelectionTimeoutError: db1:27017 refused; 2 task(s) retried before it failed "
         "(listed above); run the command again once the database answers: it completes a "
         "retry cut short and retries no task twice"

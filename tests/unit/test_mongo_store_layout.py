@@ -259,6 +259,36 @@ def test_a_task_whose_record_cannot_be_decoded_is_set_aside_and_sweeps_go_on(
     assert store.find_by_status([Status.RUNNING], 10)[0].task_id == "good"
 
 
+def test_loading_many_sets_aside_a_task_whose_record_cannot_be_decoded_and_gives_the_rest(
+    store: MongoStore,
+) -> None:
+    # Given two running tasks, the record of one of which can't be decoded
+    store.insert_tasks([make_doc("bad"), make_doc("good")])
+    for task_id in ("bad", "good"):
+        job = drive(store, claim(ALL, server="s1", worker="w1", token=f"t-{task_id}", now=T0))
+        assert job is not None
+    store.records.update_one({"_id": "bad:run"}, {"$set": {"kind": "no-such-kind"}})
+    # When both are loaded at once
+    views = store.load_many(["bad", "good"])
+    # Then the good one is given, and the bad one is left out and set aside
+    assert [view.task_id for view in views] == ["good"]
+    assert views[0].run is not None
+    assert store.tasks.find_one({"_id": "bad"})["status"] == "undecodable"
+
+
+def test_loading_many_drops_a_decided_live_copy_of_a_task_already_moved(store: MongoStore) -> None:
+    # Given a finished task inserted again (a repeated queue()), with its records
+    store.insert_tasks([make_doc("a")])
+    run_to_success(store, "a")
+    store.insert_tasks([make_doc("a")])
+    assert ids(store.tasks) == ["a"]
+    # When it is loaded with others
+    views = store.load_many(["a"])
+    # Then it is given as finished, and its stale live copy is gone
+    assert [view.task.status for view in views] == [Status.SUCCEEDED]
+    assert ids(store.tasks) == []
+
+
 def test_a_page_of_running_tasks_that_lost_an_undecodable_one_is_read_again_in_full(
     store: MongoStore,
 ) -> None:

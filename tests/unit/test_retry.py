@@ -5,6 +5,7 @@ Histories are written by the engine itself; ``now`` is always an argument.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -358,7 +359,38 @@ def derive_copy_id(store: Store, task_id: str) -> str:
     return copy.task_id
 
 
-def test_a_retry_asked_for_while_its_task_is_pruned_finds_the_first_retry() -> None:
+def prune_in_the_middle_of_reading_records(store: MongoStore) -> Iterator[list[object]]:
+    """Have a prune of unhandled tasks delete task ``t`` (but its retry record)
+    just before the first read of its records that a load makes after reading its
+    document: one by one along the chain (`retry`), or all at once (`retry_all`)."""
+    pruned: list[object] = []
+    read_one, read_all = store.records.find_one, store.records.find
+
+    def prune_first() -> None:
+        if not pruned:
+            pruned.append(drive(store, prune(MIN_AGE, now=NOW, unhandled=True)))
+
+    def find_one(query: Any, *args: Any, **kwargs: Any) -> Any:
+        if query == {"_id": retry_id("t")}:
+            prune_first()
+        return read_one(query, *args, **kwargs)
+
+    def find(query: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if query == {"task_id": {"$in": ["t"]}}:
+            prune_first()
+        return read_all(query, *args, **kwargs)
+
+    store.records.find_one = find_one  # type: ignore[method-assign]
+    store.records.find = find  # type: ignore[method-assign]
+    yield pruned
+    store.records.find_one, store.records.find = read_one, read_all  # type: ignore[method-assign]
+    assert pruned, "the prune was never set off"
+
+
+@pytest.mark.parametrize("one_by_one", [True, False], ids=["retry", "retry_all"])
+def test_a_retry_asked_for_while_its_task_is_pruned_finds_the_first_retry(
+    one_by_one: bool,
+) -> None:
     # Given a task retried long ago, whose copy was handled and pruned since
     store = MongoStore(mongomock.MongoClient(tz_aware=True)["db"], live_shards=3)
     store.ensure_indexes()
@@ -367,24 +399,23 @@ def test_a_retry_asked_for_while_its_task_is_pruned_finds_the_first_retry() -> N
     handle_the_copy(store, done.copy_id, at=NOW - 30 * DAY)
     drive(store, prune(MIN_AGE, now=NOW - 10 * DAY))
     assert store.load(done.copy_id) is None
-    # When every unhandled task is retried while a prune of unhandled tasks deletes
-    # the task between the reads of its record chain and of its retry record (the
-    # sharded layout reads them one by one)
-    read = store.records.find_one
-    pruned: list[object] = []
-
-    def find_one(query: Any, *args: Any, **kwargs: Any) -> Any:
-        if query == {"_id": retry_id("t")} and not pruned:
-            pruned.append(drive(store, prune(MIN_AGE, now=NOW, unhandled=True)))
-        return read(query, *args, **kwargs)
-
-    store.records.find_one = find_one  # type: ignore[method-assign]
-    report = drive(store, retry_all(now=NOW, token="op2", server="ops2"))
-    store.records.find_one = read  # type: ignore[method-assign]
-    # Then the load still saw the first retry (a tombstone the prune keeps): no new
-    # retry is decided, and the pruned copy does not come back to run again
+    # When it is retried again (alone, whose records the sharded layout reads one by
+    # one, or with every unhandled task, whose records are read at once) while a
+    # prune of unhandled tasks deletes it between the reads of its document and of
+    # its records
+    results: list[Retry | NotRetried] = []
+    for _ in prune_in_the_middle_of_reading_records(store):
+        if one_by_one:
+            with contextlib.suppress(NotRetried, TaskNotFound):
+                results.append(drive(store, retry("t", now=NOW, token="op2", server="ops2")))
+        else:
+            report = drive(store, retry_all(now=NOW, token="op2", server="ops2"))
+            results += [*report.retried, *report.earlier, *report.refused]
+    # Then the load still saw the first retry (a tombstone the prune keeps), or
+    # refused the half-deleted task: no new retry is decided, and the pruned copy
+    # does not come back to run again
     assert store.load("t") is None
-    assert report.retried == []
+    assert not any(isinstance(result, Retry) and result.new for result in results)
     assert store.load(done.copy_id) is None
     claimed = [
         job.task_id

@@ -276,6 +276,11 @@ def _chain_ids(task_id: str) -> Iterator[str]:
         yield handler_end_id(task_id, attempt)
 
 
+def _decode_records(raws: Iterable[Mapping[str, Any]]) -> dict[str, Record]:
+    """Records as read from ``records``, by id."""
+    return {raw["_id"]: record_from_bson(raw) for raw in raws}
+
+
 def _sortable(value: Any) -> tuple[int, Any]:
     """A sort key ordering None first, then numbers, then dates, then anything else,
     as MongoDB does; never comparing two types Python can't (a hand-edited field)."""
@@ -613,26 +618,76 @@ class MongoStore:
             collection = live
             if doc is None:
                 doc, collection = self.finished.find_one({"_id": task_id}), self.finished
-            if doc is None or doc.get("status") == UNDECODABLE:
-                return None  # (set aside: see `_set_aside`)
-            try:
-                task = decode_task(doc)
-                records = self._records_of(task_id)
-                for key, count in (doc.get("beats") or {}).items():
-                    record = records.get(f"{task_id}:{key}")
-                    if record is not None and int(count) > record.beat:
-                        records[record.record_id] = dataclasses.replace(record, beat=int(count))
-            except _DECODE_ERRORS as error:
-                # Returning None makes claims and sweeps pass the task by, instead
-                # of one bad document stopping them for every other task.
-                self._set_aside(collection, task_id, error)
+            if doc is None:
                 return None
-            view = TaskView(task, records)
-            if collection is not self.finished and status_of(view) in TERMINAL:
-                return self._drop_finished_twin(live, view)
-            return view
+            return self._view_of(doc, collection, partial(self._records_of, task_id))
 
         return self._retrying("load task", attempt)
+
+    def load_many(self, task_ids: Sequence[str]) -> list[TaskView]:
+        """One ``find`` per collection holding the tasks, and one of ``records`` by
+        ``task_id`` for them all; live copies win, as in `load`."""
+        ids = list(dict.fromkeys(task_ids))
+        if not ids:
+            return []
+
+        def attempt() -> list[TaskView]:
+            # The live queue first, then ``finished``, as `find_tasks` (a task moving
+            # meanwhile is seen by one read or the other); its live copy wins.
+            live: dict[Any, tuple[Mapping[str, Any], Collection[Any]]] = {}
+            for shard, in_shard in self._by_live_shard(ids):
+                live.update((d["_id"], (d, shard)) for d in shard.find({"_id": {"$in": in_shard}}))
+            elsewhere = [task_id for task_id in ids if task_id not in live]
+            found = {
+                d["_id"]: (d, self.finished)
+                for d in (self.finished.find({"_id": {"$in": elsewhere}}) if elsewhere else ())
+            }
+            found.update(live)
+            raw_records: dict[Any, list[Mapping[str, Any]]] = {}
+            for raw in self.records.find({"task_id": {"$in": list(found)}}):
+                raw_records.setdefault(raw.get("task_id"), []).append(raw)
+            views = []
+            for task_id in ids:
+                if task_id not in found:
+                    continue
+                doc, collection = found[task_id]
+                read = partial(_decode_records, raw_records.get(task_id, ()))
+                view = self._view_of(doc, collection, read)
+                if view is not None:
+                    views.append(view)
+            return views
+
+        return self._retrying("load tasks", attempt)
+
+    def _view_of(
+        self,
+        doc: Mapping[str, Any],
+        collection: Collection[Any],
+        read_records: Callable[[], dict[str, Record]],
+    ) -> TaskView | None:
+        """The view of a task from its document as read from ``collection`` and its
+        records (``read_records``), as `load` gives it: heartbeat counts from the
+        live document; None for a document set aside, or one that can't be decoded
+        (set aside now); a decided live copy already moved is dropped."""
+        if doc.get("status") == UNDECODABLE:
+            return None  # (set aside: see `_set_aside`)
+        task_id = doc["_id"]
+        try:
+            task = decode_task(doc)
+            records = read_records()
+            for key, count in (doc.get("beats") or {}).items():
+                record = records.get(f"{task_id}:{key}")
+                if record is not None and int(count) > record.beat:
+                    records[record.record_id] = dataclasses.replace(record, beat=int(count))
+        except _DECODE_ERRORS as error:
+            # Returning None makes claims and sweeps pass the task by, instead
+            # of one bad document stopping them for every other task.
+            self._set_aside(collection, task_id, error)
+            return None
+        view = TaskView(task, records)
+        if collection is not self.finished and status_of(view) in TERMINAL:
+            return self._drop_finished_twin(collection, view)
+        return view
 
     def _drop_finished_twin(self, live: Collection[Any], view: TaskView) -> TaskView:
         """A decided task's live copy: if it was moved to ``finished`` before, delete it.
@@ -681,7 +736,7 @@ class MongoStore:
         ``_id`` lookup, where a query by ``task_id`` would read all history.
         """
         if len(self.live_collections()) == 1:
-            return {r["_id"]: record_from_bson(r) for r in self.records.find({"task_id": task_id})}
+            return _decode_records(self.records.find({"task_id": task_id}))
         found: dict[str, Record] = {}
         last: Record | None = None
         for record_id in _chain_ids(task_id):

@@ -297,6 +297,10 @@ class MemoryStore:
             return None
         return TaskView(doc, dict(self._records_by_task.get(task_id, {})))
 
+    def load_many(self, task_ids: Sequence[str]) -> list[TaskView]:
+        views = (self.load(task_id) for task_id in dict.fromkeys(task_ids))
+        return [view for view in views if view is not None]
+
     def find_due(
         self,
         statuses: Sequence[Status],

@@ -58,7 +58,7 @@ from tullius.sim.world import (
 )
 from tullius.store import PERFORMERS, Operation, operation_name, perform
 
-_NO_CHECK: Final = frozenset({"Load", "FindDue", "FindByStatus", "Beat", "SetStatus"})
+_NO_CHECK: Final = frozenset({"Load", "LoadMany", "FindDue", "FindByStatus", "Beat", "SetStatus"})
 
 # Read after every write: module globals, not ``RecordKind.RUN`` (the enum
 # metaclass's ``__getattr__``, ~75 ns on 3.11).
