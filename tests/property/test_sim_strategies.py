@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
+from typing import Any, ClassVar
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import run_state_machine_as_test
 
+import tullius
 from tullius.sim import Simulation
 from tullius.sim import faults as faults_module
 from tullius.sim.faults import Fault, ServerCrash, ServerStop, StepCrash, validate_schedule
-from tullius.sim.strategies import SimWork, busy_times, fault_schedules, server_names, work
+from tullius.sim.strategies import (
+    SimulationMachine,
+    SimWork,
+    busy_times,
+    fault_schedules,
+    server_names,
+    work,
+)
+from tullius.sim.virtual_time import SimulationError, UserCodeHang
 from tullius.task import to_spec
 
 
@@ -88,3 +101,77 @@ def test_busy_times_are_whole_seconds_inside_each_run_and_handler() -> None:
     assert all(run.at <= t < outcome.at or handler.at <= t < end.at for t in instants)
     if handler.server == run.server:  # nothing ran on the other server
         assert [times[name] for name in sim.servers if name != run.server] == [[]]
+
+
+class Charge(tullius.Task):
+    timeout = timedelta(seconds=20)
+    amount: int
+
+    def run(self) -> None:
+        time.sleep(1)
+
+
+class FirstChargeMachine(SimulationMachine):
+    """A user's machine that queues a first task of its own."""
+
+    started: ClassVar[list[int]] = []
+
+    def tasks(self) -> st.SearchStrategy[tullius.Task]:
+        return st.builds(Charge, amount=st.integers(1, 500))
+
+    def initial(self, data: st.DataObject) -> None:
+        self.sim.queue(Charge(amount=data.draw(st.integers(1, 500), label="first")))
+        FirstChargeMachine.started.append(self.sim.counts().queued)
+
+
+def test_a_subclass_queues_its_first_tasks_in_initial_once_the_simulation_exists() -> None:
+    FirstChargeMachine.started.clear()
+    run_state_machine_as_test(
+        FirstChargeMachine,
+        settings=settings(max_examples=5, stateful_step_count=3, deadline=None),
+    )
+    assert FirstChargeMachine.started
+    assert set(FirstChargeMachine.started) == {1}
+
+
+def test_the_simulation_asked_for_before_start_says_where_to_queue_first_tasks() -> None:
+    # Hypothesis runs @initialize rules in any order: a user's may come before start
+    with pytest.raises(SimulationError, match=r"initial\(self, data\)"):
+        FirstChargeMachine().sim  # noqa: B018
+
+
+class Spins(tullius.Task):
+    """A run that never sleeps: the simulation gives up on it as hung."""
+
+    timeout = timedelta(seconds=20)
+
+    def run(self) -> None:
+        while True:
+            pass
+
+
+class SpinningMachine(SimulationMachine):
+    def simulation_options(self) -> dict[str, Any]:
+        return {"task_processes": [(2, 0, 10)], "wall_limit": timedelta(seconds=0.2)}
+
+
+@settings(max_examples=1, deadline=None)
+@given(data=st.data())
+def test_a_step_that_hung_is_reported_as_such_not_as_a_teardown_error(
+    data: st.DataObject,
+) -> None:
+    # Given a machine whose simulation runs a task that never sleeps
+    machine = SpinningMachine()
+    machine.start(seed=0, racy=0.0, data=data)
+    machine.sim.queue(Spins())
+    # When a step hangs, and the machine is torn down as Hypothesis does (in a finally)
+    # Then the hang is what is raised: teardown does not drain the hung simulation
+    with pytest.raises(UserCodeHang):
+        advance_then_tear_down(machine)
+
+
+def advance_then_tear_down(machine: SimulationMachine) -> None:
+    try:
+        machine.advance(seconds=5)
+    finally:
+        machine.teardown()

@@ -26,12 +26,13 @@ Importing this module imports Hypothesis (the rest of ``tullius.sim`` does not).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Final
 
-from hypothesis import event
+from hypothesis import event, note
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -49,6 +50,7 @@ from tullius.sim.faults import (
     WorkerCrash,
 )
 from tullius.sim.simulation import Simulation
+from tullius.sim.virtual_time import SimulationError
 
 #: How a `SimWork` run or handler behaves; the first is the plain case (shrinks to it).
 BEHAVIOURS = ("ok", "raise", "hang", "garbage")
@@ -329,8 +331,10 @@ class SimulationMachine(RuleBasedStateMachine):
     invariant holds throughout.
 
     Subclass and override `tasks` (and `simulation_options`) for your own task
-    classes.  ``self.sim`` is the simulation; teardown drains it within
-    ``drain_within`` and requires every task to have ended.
+    classes, and `initial` to queue first tasks.  ``self.sim`` is the
+    simulation, made by the ``start`` rule; teardown drains it within
+    ``drain_within`` and requires every task to have ended (unless a step
+    failed already: then it only closes it, and that failure is the report).
     """
 
     servers: tuple[str, ...] = ("s1", "s2")
@@ -338,7 +342,24 @@ class SimulationMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.sim: Simulation | None = None
+        self._made: Simulation | None = None
+
+    @property
+    def sim(self) -> Simulation:
+        """The simulation.
+
+        Raises:
+            SimulationError: asked for before ``start`` made it.  Hypothesis runs
+                ``@initialize`` rules in any order, so one of a subclass may come
+                first: queue first tasks in `initial` instead.
+        """
+        if self._made is None:
+            raise SimulationError(
+                "self.sim is made by SimulationMachine's start rule, which Hypothesis may "
+                "run after an @initialize rule of yours; queue first tasks in an override "
+                "of initial(self, data) instead, which start calls once the simulation exists"
+            )
+        return self._made
 
     def tasks(self) -> st.SearchStrategy[tullius.Task]:
         """The tasks to queue; override with your own."""
@@ -348,24 +369,24 @@ class SimulationMachine(RuleBasedStateMachine):
         """Extra `Simulation` arguments; override to change them."""
         return {"task_processes": [(2, 0, 10)]}
 
-    @property
-    def _sim(self) -> Simulation:
-        assert self.sim is not None
-        return self.sim
+    def initial(self, data: st.DataObject) -> None:
+        """Called by ``start`` once ``self.sim`` exists; override to queue first tasks
+        (draw them with ``data.draw``).  Does nothing here."""
 
-    @initialize(seed=st.integers(0, 2**32 - 1), racy=st.sampled_from([0.0, 0.3]))
-    def start(self, seed: int, racy: float) -> None:
-        self.sim = Simulation(
+    @initialize(seed=st.integers(0, 2**32 - 1), racy=st.sampled_from([0.0, 0.3]), data=st.data())
+    def start(self, seed: int, racy: float, data: st.DataObject) -> None:
+        self._made = Simulation(
             seed=seed, servers=list(self.servers), racy_updates=racy, **self.simulation_options()
         )
+        self.initial(data)
 
     @rule(data=st.data())
     def queue(self, data: st.DataObject) -> None:
-        self._sim.queue(data.draw(st.lists(self.tasks(), min_size=1, max_size=4), label="tasks"))
+        self.sim.queue(data.draw(st.lists(self.tasks(), min_size=1, max_size=4), label="tasks"))
 
     @rule(seconds=st.integers(1, 60))
     def advance(self, seconds: int) -> None:
-        self._sim.run_for(timedelta(seconds=seconds))
+        self.sim.run_for(timedelta(seconds=seconds))
 
     @rule(data=st.data())
     def inject(self, data: st.DataObject) -> None:
@@ -376,8 +397,11 @@ class SimulationMachine(RuleBasedStateMachine):
         fault = data.draw(
             faults(list(self.servers), horizon=horizon, survivor=self.servers[0]), label="fault"
         )
-        fault = _shift(fault, self._sim.elapsed)
-        self._sim.apply([fault])
+        # The draw's time is from now; the report shows the fault as applied, which
+        # pastes back into ``sim.apply`` as it is.
+        fault = _shift(fault, self.sim.elapsed)
+        note(f"fault applied: {fault!r}")
+        self.sim.apply([fault])
 
     @rule(data=st.data())
     def retry_unhandled(self, data: st.DataObject) -> None:
@@ -388,23 +412,28 @@ class SimulationMachine(RuleBasedStateMachine):
         """
         unhandled: list[str] = []
         after = ""
-        while page := self._sim.store.find_by_status([tullius.Status.UNHANDLED], 500, after):
+        while page := self.sim.store.find_by_status([tullius.Status.UNHANDLED], 500, after):
             unhandled.extend(doc.task_id for doc in page)
             after = page[-1].task_id
         if unhandled:
             task_id = data.draw(st.sampled_from(unhandled), label="retry")
-            self._sim.retry_unhandled(task_id)
+            self.sim.retry_unhandled(task_id)
             event("an unhandled task retried")
 
     @invariant()
     def promises_hold(self) -> None:
-        if self.sim is not None:
-            self.sim.check()
+        if self._made is not None:
+            self._made.check()
 
     def teardown(self) -> None:
-        if self.sim is None:
+        if self._made is None:
             return
         try:
+            if sys.exc_info()[1] is not None:
+                # Hypothesis tears down in a ``finally``: a step failed (a hang, a
+                # broken promise, a test's own assertion).  Draining on would add a
+                # second failure for the same bug (a hung simulation can't run again).
+                return
             counts = self.sim.drain(within=self.drain_within)
             assert counts.queued == counts.running == counts.handling == 0, counts
             self.sim.check()
@@ -416,7 +445,7 @@ class SimulationMachine(RuleBasedStateMachine):
             after = self.sim.counts()
             assert after.queued == after.running == after.handling == 0, after
         finally:
-            self.sim.close()
+            self._made.close()
 
 
 def _shift(fault: Fault, by: timedelta) -> Fault:
