@@ -21,6 +21,7 @@ simulator until a fixture is used (and never pymongo).
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -102,7 +103,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     for sim in sims:
         lines.append(f"seed: {sim.seed} (virtual time {sim.elapsed}, {sim.events} events)")
         lines.append(f"faults: {sim.faults!r}")
-    # Quoted for a POSIX shell, even a parametrized id with a quote in it.
-    quoted = "'" + item.nodeid.replace("'", "'\"'\"'") + "'"
+    # Relative to where pytest was run (as its own FAILED lines), not to the
+    # project's root, so that it pastes back from there; quoted for a POSIX shell,
+    # even a parametrized id with a quote in it.
+    nodeid = _relative_to_where_run(item.config, item.nodeid)
+    quoted = "'" + nodeid.replace("'", "'\"'\"'") + "'"
     lines.append(f"replay: pytest {quoted} --tullius-seed={base}")
     report.sections.append(("tullius simulation", "\n".join(lines)))
+
+
+def _relative_to_where_run(config: pytest.Config, nodeid: str) -> str:
+    """``nodeid`` (relative to the project's root) relative to where pytest was run.
+
+    (``Config.cwd_relative_nodeid`` takes a string or an object, by pytest version.)
+    """
+    path, sep, rest = nodeid.partition("::")
+    here = config.invocation_params.dir
+    if here == config.rootpath:
+        return nodeid
+    return os.path.relpath(config.rootpath / path, here) + sep + rest

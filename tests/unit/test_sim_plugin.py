@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shlex
+import textwrap
 
 import pytest
 
@@ -62,6 +64,28 @@ def test_fixture_runs_a_user_test_and_reports_seed_faults_and_replay(
             "*DrainTimeout*",
         ]
     )
+
+
+def test_the_replay_line_pastes_back_from_a_subdirectory_the_tests_were_run_from(
+    pytester: pytest.Pytester,
+) -> None:
+    # Given a project whose tests are in a subdirectory, run from there
+    pytester.makeini("[pytest]\n")
+    tests = pytester.mkdir("tests")
+    (tests / "test_user.py").write_text(textwrap.dedent(USER_TESTS))
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.chdir(tests)
+    try:
+        result = pytester.runpytest("-p", "no:cacheprovider", "-k", "broken")
+        result.assert_outcomes(failed=1)
+        [line] = [line for line in result.outlines if line.startswith("replay: ")]
+        # When the replay line is run as printed, from the same place
+        replayed = pytester.runpytest("-p", "no:cacheprovider", *shlex.split(line)[2:])
+    finally:
+        monkeypatch.undo()
+    # Then it names the test as pytest does from there, and runs it again
+    assert shlex.split(line)[2] == "test_user.py::test_broken"
+    replayed.assert_outcomes(failed=1)
 
 
 def test_seed_option_overrides_the_derived_seed(pytester: pytest.Pytester) -> None:
