@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from tullius.document import FailureKind, Origin, Status, retry_copy_id, short_name
+from tullius.document import (
+    FailureKind,
+    Origin,
+    Status,
+    retry_copy_id,
+    short_name,
+    stored_value,
+)
 from tullius.inspection import ChainLink
 
 #: The failure kinds Tullius writes: an expected kind must be one of them, so a
@@ -60,14 +67,29 @@ class Expected:
         if self.handler_error is not None and error != self.handler_error:
             problems.append(f"handler error {error!r}, expected {self.handler_error!r}")
         for name, value in self.fields.items():
-            if link.fields.get(name, _MISSING) != value:
-                problems.append(
-                    f"{name}={link.fields.get(name, '<missing>')!r}, expected {value!r}"
-                )
+            found = _field_of(link, name)
+            # As stored too: the task's own tuple comes back a list, its time to the ms.
+            if found != value and found != stored_value(value):
+                shown = "<missing>" if found is _MISSING else found
+                problems.append(f"{name}={shown!r}, expected {value!r}")
         return problems
 
 
 _MISSING = object()
+
+
+def _field_of(link: ChainLink, name: str) -> Any:
+    """The link's field ``name``: as stored, else the class's default on its task
+    (a field not passed when the task was made is not stored)."""
+    found = link.fields.get(name, _MISSING)
+    if found is _MISSING and link.task is not None:
+        try:
+            found = getattr(link.task, name, _MISSING)
+        except Exception:  # a property of user code that raises
+            return _MISSING
+        if callable(found):  # a method, not a field
+            return _MISSING
+    return found
 
 
 def expect(

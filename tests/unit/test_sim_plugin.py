@@ -240,3 +240,34 @@ def test_expect_matches_a_status_and_fields_named_like_its_own_parameters() -> N
     # A field named status is still matched by keyword, as before.
     assert expect(status="paid").fields == {"status": "paid"}
     assert_chain(chain, (expect(outcome) for outcome in ["exception", "succeeded"]))
+
+
+def test_expect_matches_a_class_default_and_the_tasks_own_values_as_stored() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    import tullius
+    from tullius.sim import Simulation
+    from tullius.testing import assert_chain, expect
+
+    class Job(tullius.Task):
+        timeout = timedelta(seconds=1)
+        attempt: int = 0
+        tags: tuple[str, ...] = ()
+        when: datetime | None = None
+
+        def run(self) -> None:
+            pass
+
+    when = datetime(2024, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    with Simulation() as sim:
+        # Given a task made without its defaulted field, with a tuple and a time in µs
+        task = Job(tags=("a", "b"), when=when)
+        sim.queue(task)
+        sim.drain()
+        chain = sim.chain(task)
+    # Then expect() matches the default, and the task's own values as they were stored
+    assert_chain(chain, [expect("succeeded", attempt=0, tags=("a", "b"), when=when)])
+    with pytest.raises(AssertionError, match="attempt=0, expected 1"):
+        assert_chain(chain, [expect(attempt=1)])
+    with pytest.raises(AssertionError, match="missing='<missing>', expected 1"):
+        assert_chain(chain, [expect(missing=1)])
