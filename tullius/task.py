@@ -105,9 +105,16 @@ class Task:
         if cls.run is Task.run:
             raise TaskDefinitionError(f"{name} must define run(self)")
         for hook in ("run", "failed"):
-            if not callable(getattr(cls, hook)):  # else it fails only when a worker calls it
+            method = getattr(cls, hook)
+            if not callable(method):  # else it fails only when a worker calls it
                 raise TaskDefinitionError(
-                    f"{name}.{hook}={getattr(cls, hook)!r}; expected a method {hook}(self)"
+                    f"{name}.{hook}={method!r}; expected a method {hook}(self)"
+                )
+            if inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method):
+                # Else each run "returns" a coroutine never awaited: a bad_return.
+                raise TaskDefinitionError(
+                    f"{name}.{hook} is an async def; expected a plain method {hook}(self) "
+                    f"(to run async code, call asyncio.run(...) inside it)"
                 )
         if "task_name" not in cls.__dict__ or not cls.task_name:
             cls.task_name = f"{cls.__module__}:{cls.__qualname__}"

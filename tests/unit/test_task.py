@@ -107,6 +107,28 @@ def test_a_class_without_run_is_refused() -> None:
             timeout = timedelta(seconds=1)
 
 
+def test_an_async_run_or_failed_is_refused_when_the_class_is_defined() -> None:
+    # Called as a plain method, it would return a coroutine never awaited.
+    with pytest.raises(TaskDefinitionError, match=r"AsyncRun.run is an async def; expected a"):
+
+        class AsyncRun(tullius.Task):
+            timeout = timedelta(seconds=1)
+
+            async def run(self) -> None:
+                pass
+
+    with pytest.raises(TaskDefinitionError, match=r"asyncio.run\(\.\.\.\) inside it"):
+
+        class AsyncFailed(tullius.Task):
+            timeout = timedelta(seconds=1)
+
+            def run(self) -> None:
+                pass
+
+            async def failed(self) -> None:
+                pass
+
+
 def test_a_run_or_failed_that_is_not_a_method_is_refused_when_the_class_is_defined() -> None:
     with pytest.raises(TaskDefinitionError, match=r"NotCallable.run=5; expected a method run"):
 
