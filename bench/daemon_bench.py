@@ -271,7 +271,7 @@ def tullius_pickup_and_timeout(
                 raise RuntimeError(
                     f"timed-out task {task_id}: processes {pid}/{child} still alive 60 s later"
                 )
-            run_record = db.records.find_one({"_id": f"{task_id}:run"})
+            run_record = store.records_for(task_id).find_one({"_id": f"{task_id}:run"})
             claim_at = run_record["at"].replace(tzinfo=UTC).timestamp() if run_record else body_at
             timeout = bench_tasks.TIMEOUT_SECONDS
             results.append(

@@ -136,7 +136,7 @@ def read_ledger(store: MongoStore, marks_dir: Path | str | None = None) -> Ledge
         except (KeyError, ValueError, TypeError) as error:
             ledger.undecodable[str(raw.get("_id"))] = f"{type(error).__name__}: {error}"
     records: dict[str, dict[str, Record]] = {task_id: {} for task_id in docs}
-    for raw in store.records.find({}):
+    for raw in (raw for shard in store.record_collections() for raw in shard.find({})):
         record = record_from_bson(raw)
         if record.task_id in records:
             records[record.task_id][record.record_id] = record

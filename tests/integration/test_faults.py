@@ -400,7 +400,9 @@ def test_a_record_that_cannot_be_decoded_sets_its_task_aside_and_the_daemon_carr
     scenario.wait_status(stuck, [Status.RUNNING], timeout=120)
 
     # When its run record is mangled (as by a hand edit or an incompatible version)
-    scenario.store.records.update_one({"_id": f"{stuck}:run"}, {"$set": {"kind": "mangled"}})
+    scenario.store.records_for(stuck).update_one(
+        {"_id": f"{stuck}:run"}, {"$set": {"kind": "mangled"}}
+    )
     [normal] = scenario.queue(Noop(marks=scenario.marks))
 
     # Then the task is set aside visibly, with the reason, and everything else goes on

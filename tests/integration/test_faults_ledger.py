@@ -61,7 +61,7 @@ def _record(task_id: str, suffix: str, kind: RecordKind, **fields: Any) -> Recor
 def _store(store: MongoStore, doc: TaskDoc, *records: Record) -> None:
     store.live_for(doc.task_id).insert_one(task_to_bson(doc))
     for record in records:
-        store.records.insert_one(record_to_bson(record))
+        store.records_for(record.task_id).insert_one(record_to_bson(record))
 
 
 def _succeeded(task_id: str, spawned: tuple[TaskDoc, ...] = ()) -> tuple[TaskDoc, list[Record]]:

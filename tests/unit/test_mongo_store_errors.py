@@ -150,16 +150,19 @@ def test_a_rival_record_not_yet_on_a_majority_is_waited_for_not_taken_as_missing
     from tullius.document import record_to_bson
 
     rival = record_to_bson(make_record("a", token="rival"))
-    store.records = NotYetOnAMajority(store.records, rival, commit_after=2)  # type: ignore[assignment]
+    records = NotYetOnAMajority(store.records_for("a"), rival, commit_after=2)
+    store.records_for = lambda task_id: records  # type: ignore[method-assign,assignment,return-value]
     # Our insert loses to the rival's record; it is read back only once committed,
     stored = store.insert_record(make_record("a", token="ours"))
-    assert store.records.reads_before_commit == 0  # type: ignore[attr-defined]
+    assert records.reads_before_commit == 0
     # and the decision returned is the rival's.
     assert stored.token == "rival"
 
 
 def test_records_are_read_with_majority_read_concern(store: MongoStore) -> None:
     assert store.records.read_concern.level == "majority"
+    sharded = MongoStore(mongomock.MongoClient(tz_aware=True)["sharded"], record_shards=3)
+    assert [shard.read_concern.level for shard in sharded.record_collections()] == ["majority"] * 3
 
 
 def test_an_unreachable_database_is_reported_in_one_short_line_without_credentials() -> None:

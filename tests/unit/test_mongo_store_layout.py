@@ -195,6 +195,61 @@ def test_a_live_shard_count_that_is_not_a_small_whole_number_is_refused(bad: obj
         MongoStore(db, live_shards=bad)  # type: ignore[arg-type]
 
 
+def test_sharded_records_keep_each_tasks_records_together_and_decide_as_one_collection() -> None:
+    # Given a store whose records are split over four collections
+    db = mongomock.MongoClient(tz_aware=True)["tullius_record_shards"]
+    store = MongoStore(db, record_shards=4)
+    store.ensure_indexes()
+    store.insert_tasks([make_doc(f"t{n}") for n in range(20)])
+    jobs = [
+        drive(store, claim(ALL, server="s1", worker="w1", token=f"k{n}", now=T0)) for n in range(20)
+    ]
+    for job in jobs[:10]:
+        assert job is not None
+        drive(store, finish(job, Succeeded(job.token), now=T0))
+    names = [c.name for c in store.record_collections()]
+    assert names == ["records", "records_1", "records_2", "records_3"]
+    # Then each task's records are in its own shard, and the tasks are spread
+    for n in range(20):
+        held = [
+            c.name for c in store.record_collections() if c.count_documents({"task_id": f"t{n}"})
+        ]
+        assert held == [store.records_for(f"t{n}").name]
+    assert all(c.count_documents({}) > 0 for c in store.record_collections())
+    # And a late insert of a decided step loses to the first, in its shard
+    late = dataclasses.replace(jobs[0].lease, token="late")  # type: ignore[union-attr]
+    assert store.insert_record(late).token == "k0"
+    # And a lease's heartbeat is counted, in whichever shard its record is
+    running = jobs[10]
+    assert running is not None
+    assert store.beat(running.lease.record_id) == 1
+
+
+def test_a_layout_recorded_before_records_were_sharded_keeps_one_records_collection() -> None:
+    db = mongomock.MongoClient(tz_aware=True)["tullius_layout_before_record_shards"]
+    db["tullius_meta"].insert_one({"_id": "layout", "live_shards": 3})
+    store = MongoStore(db)
+    assert store.record_collections() == [store.records]
+    assert len(store.live_collections()) == 3
+
+
+def test_a_database_with_records_from_before_layouts_keeps_one_records_collection() -> None:
+    db = mongomock.MongoClient(tz_aware=True)["tullius_records_old"]
+    db["records"].insert_one({"_id": "old:run", "task_id": "old"})
+    store = MongoStore(db, record_shards=None)
+    assert store.record_collections() == [store.records]
+
+
+def test_a_store_asking_for_other_record_shards_than_the_recorded_ones_is_refused() -> None:
+    db = mongomock.MongoClient(tz_aware=True)["tullius_record_shards_clash"]
+    MongoStore(db, record_shards=2).insert_tasks([make_doc("a")])
+    assert len(MongoStore(db).record_collections()) == 2
+    with pytest.raises(ConfigError, match=r"record_shards=3 does not match .* set up with 2"):
+        MongoStore(db, record_shards=3).load("a")
+    with pytest.raises(ConfigError, match="expected a whole number from 1 to 256"):
+        MongoStore(db, record_shards=0)
+
+
 def test_an_empty_claim_query_is_repeated_from_memory_until_work_is_announced(
     store: MongoStore,
 ) -> None:

@@ -25,10 +25,13 @@ class TestMongoStoreOnMongomock(StoreContract):
 
 
 class TestMongoStoreShardedOnMongomock(StoreContract):
-    """The live queue split over three collections, as on FerretDB (which gets eight)."""
+    """The live queue split over three collections and records over five, as on
+    FerretDB (which gets eight and 64)."""
 
     @pytest.fixture
     def store(self) -> MongoStore:
-        store = MongoStore(mongomock.MongoClient(tz_aware=True)["tullius_test"], live_shards=3)
+        store = MongoStore(
+            mongomock.MongoClient(tz_aware=True)["tullius_test"], live_shards=3, record_shards=5
+        )
         store.ensure_indexes()
         return store

@@ -111,6 +111,15 @@ RETRYABLE_CODES = frozenset(
 #: 16: 93-110, 32: 84 (claim queries, which read every shard, start to dominate).
 FERRETDB_LIVE_SHARDS = 8
 MAX_LIVE_SHARDS = 64
+#: Shards of ``records`` a new database gets on FerretDB (see `record_collections`).
+#: FerretDB 1.24 reads by ``_id`` with a scan of the table (its SQLite backend never
+#: uses the ``_id`` index for a read), and ``records`` holds all history: a lease
+#: renewal read two or three records, scanning it each time (1.1 s beside 100,000
+#: records).  A task's records all go to one shard, chosen by a hash of its id, so
+#: each read scans a 64th of history; the unique ``_id`` that decides each step
+#: still holds, within that shard.
+FERRETDB_RECORD_SHARDS = 64
+MAX_RECORD_SHARDS = 256
 #: What decoding a malformed stored document raises.
 _DECODE_ERRORS = (KeyError, ValueError, TypeError, AttributeError)
 #: How many times `MongoStore.find_by_status` reads a page that lost undecodable documents.
@@ -276,6 +285,22 @@ def _chain_ids(task_id: str) -> Iterator[str]:
         yield handler_end_id(task_id, attempt)
 
 
+def _majority_read(collection: Collection[Any]) -> Collection[Any]:
+    """``collection`` read with read concern ``"majority"`` (see `MongoStore.records`)."""
+    return collection.with_options(read_concern=ReadConcern("majority"))
+
+
+def _lease_task(record_id: str) -> str | None:
+    """The task of a lease record (``<task>:run``, ``<task>:handler:<n>``), or None
+    for an id of another shape."""
+    if record_id.endswith(":run"):
+        return record_id[: -len(":run")]
+    parts = record_id.rsplit(":", 2)
+    if len(parts) == 3 and parts[1] == "handler" and parts[2].isdigit():
+        return parts[0]
+    return None
+
+
 def _decode_records(raws: Iterable[Mapping[str, Any]]) -> dict[str, Record]:
     """Records as read from ``records``, by id."""
     return {raw["_id"]: record_from_bson(raw) for raw in raws}
@@ -336,6 +361,7 @@ class MongoStore:
         *,
         retry_for: timedelta = timedelta(seconds=30),
         live_shards: int | None = None,
+        record_shards: int | None = None,
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = window_seconds,
     ) -> None:
@@ -348,27 +374,37 @@ class MongoStore:
                 f"is not allowed; expected a whole number from 1 to {MAX_LIVE_SHARDS}, "
                 "or None to follow the database",
             )
+        if record_shards is not None and not (
+            isinstance(record_shards, int) and 1 <= record_shards <= MAX_RECORD_SHARDS
+        ):
+            raise ConfigError(
+                "record_shards",
+                record_shards,
+                f"is not allowed; expected a whole number from 1 to {MAX_RECORD_SHARDS}, "
+                "or None to follow the database",
+            )
         self.db = db
         #: The first shard of the live queue (the only one unless sharded).
         self.tasks: Collection[Any] = db["tasks"]
         self.finished: Collection[Any] = db["finished"]
-        #: Decisions are read as a majority of a replica set has them: a record
-        #: only the primary has (its write still waiting for ``w="majority"``)
-        #: could be rolled back by a failover, after a reader acted on it.
-        self.records: Collection[Any] = db["records"].with_options(
-            read_concern=ReadConcern("majority")
-        )
+        #: The first shard of ``records`` (the only one unless sharded).  Decisions
+        #: are read as a majority of a replica set has them: a record only the
+        #: primary has (its write still waiting for ``w="majority"``) could be
+        #: rolled back by a failover, after a reader acted on it.
+        self.records: Collection[Any] = _majority_read(db["records"])
         self.meta: Collection[Any] = db["tullius_meta"]
         #: One entry per daemon: its bands and when it last renewed them (`tullius.coverage`).
         self.servers: Collection[Any] = db["tullius_servers"]
         self.retry_for = retry_for.total_seconds()
         self._wanted_shards = live_shards
+        self._wanted_record_shards = record_shards
         self._bodies = _RecentDocs(BODY_CACHE_SIZE)
         self._reader_pool: ThreadPoolExecutor | None = None
         self._readers_lock = threading.Lock()
         #: Per claim query: the queue version and ``now`` of its last empty answer.
         self._idle: dict[tuple[Any, ...], tuple[int, datetime]] = {}
         self._shards: list[Collection[Any]] | None = None
+        self._record_shards: list[Collection[Any]] | None = None
         #: Unreadable server entries already warned about: (id, reason).
         self._bad_entries: set[tuple[str, str]] = set()
         self._sleep = sleep
@@ -389,17 +425,55 @@ class MongoStore:
             ConfigError: ``live_shards`` was given and differs from the recorded number.
         """
         if self._shards is None:
-            count = self._retrying("read the store layout", self._layout)
-            if self._wanted_shards is not None and self._wanted_shards != count:
+            self._follow_layout()
+            assert self._shards is not None
+        return self._shards
+
+    def record_collections(self) -> list[Collection[Any]]:
+        """The collections of ``records``: ``records``, then ``records_1`` ... if sharded.
+
+        Recorded with the live queue's layout (`live_collections`): 64 for a new
+        database on FerretDB (`FERRETDB_RECORD_SHARDS`), else 1; a database set up
+        before records were sharded keeps 1.
+        """
+        if self._record_shards is None:
+            self._follow_layout()
+            assert self._record_shards is not None
+        return self._record_shards
+
+    def records_for(self, task_id: str) -> Collection[Any]:
+        """The ``records`` collection that holds every record of ``task_id``."""
+        shards = self.record_collections()
+        if len(shards) == 1:
+            return shards[0]
+        return shards[zlib.crc32(task_id.encode()) % len(shards)]
+
+    def _by_record_shard(self, task_ids: Iterable[str]) -> list[tuple[Collection[Any], list[str]]]:
+        """``task_ids`` grouped by the ``records`` collection of each (`records_for`)."""
+        by_name: dict[str, tuple[Collection[Any], list[str]]] = {}
+        for task_id in task_ids:
+            shard = self.records_for(task_id)
+            by_name.setdefault(shard.name, (shard, []))[1].append(task_id)
+        return list(by_name.values())
+
+    def _follow_layout(self) -> None:
+        live, records = self._retrying("read the store layout", self._layout)
+        for name, wanted, count in (
+            ("live_shards", self._wanted_shards, live),
+            ("record_shards", self._wanted_record_shards, records),
+        ):
+            if wanted is not None and wanted != count:
                 raise ConfigError(
-                    "live_shards",
-                    self._wanted_shards,
+                    name,
+                    wanted,
                     f"does not match database {self.db.name!r}, which was set up with "
                     f"{count}; expected the same number for every store of one database "
-                    "(omit live_shards to follow it)",
+                    f"(omit {name} to follow it)",
                 )
-            self._shards = [self.tasks] + [self.db[f"tasks_{i}"] for i in range(1, count)]
-        return self._shards
+        self._shards = [self.tasks] + [self.db[f"tasks_{i}"] for i in range(1, live)]
+        self._record_shards = [self.records] + [
+            _majority_read(self.db[f"records_{i}"]) for i in range(1, records)
+        ]
 
     def _readers(self) -> ThreadPoolExecutor:
         """Threads that read the shards of the live queue in parallel (made on first use)."""
@@ -426,25 +500,42 @@ class MongoStore:
             return shards[0]
         return shards[zlib.crc32(task_id.encode()) % len(shards)]
 
-    def _layout(self) -> int:
+    def _layout(self) -> tuple[int, int]:
+        """The shards of the live queue and of ``records``, as recorded (recorded now
+        if no store recorded them yet)."""
         stored = self.meta.find_one({"_id": "layout"})
         if stored is None:
-            count = self._wanted_shards or self._default_shards()
+            ferretdb = self._is_ferretdb()
+            live = self._wanted_shards or (
+                1
+                if self.tasks.find_one({}, {"_id": 1}) is not None  # from before layouts
+                else FERRETDB_LIVE_SHARDS
+                if ferretdb
+                else 1
+            )
+            records = self._wanted_record_shards or (
+                1
+                if self.records.find_one({}, {"_id": 1}) is not None  # from before layouts
+                else FERRETDB_RECORD_SHARDS
+                if ferretdb
+                else 1
+            )
             with contextlib.suppress(DuplicateKeyError):  # another store decided first
-                self.meta.insert_one({"_id": "layout", "live_shards": count})
+                self.meta.insert_one(
+                    {"_id": "layout", "live_shards": live, "record_shards": records}
+                )
             stored = self.meta.find_one({"_id": "layout"})
             if stored is None:  # can't happen: the document is never deleted
                 raise StoreError("the store layout document vanished")
-        return int(stored["live_shards"])
+        # A layout recorded before records were sharded has no record_shards: 1.
+        return int(stored["live_shards"]), int(stored.get("record_shards", 1))
 
-    def _default_shards(self) -> int:
-        if self.tasks.find_one({}, {"_id": 1}) is not None:
-            return 1  # live tasks from before the layout was recorded
+    def _is_ferretdb(self) -> bool:
         try:
             info = self.db.client.admin.command("buildInfo")
         except (PyMongoError, NotImplementedError):
-            return 1
-        return FERRETDB_LIVE_SHARDS if "ferretdbVersion" in info else 1
+            return False
+        return "ferretdbVersion" in info
 
     def ensure_indexes(self) -> None:
         """Create the indexes the queries need; idempotent, safe from many servers at once."""
@@ -474,9 +565,13 @@ class MongoStore:
                     [("status", ASCENDING), ("_id", ASCENDING)], name="status_id"
                 ),
                 self.finished.create_index([("parent_id", ASCENDING)], name="parent"),
-                self.records.create_index([("task_id", ASCENDING)], name="task"),
             ),
         )
+        for records in self.record_collections():
+            self._retrying(
+                "create indexes",
+                partial(records.create_index, [("task_id", ASCENDING)], name="task"),
+            )
 
     # --- writes -----------------------------------------------------------------
 
@@ -518,12 +613,14 @@ class MongoStore:
     def insert_record(self, record: Record) -> Record:
         payload = record_to_bson(record)
 
+        records = self.records_for(record.task_id)
+
         def attempt() -> Record:
             try:
-                self.records.insert_one(payload)
+                records.insert_one(payload)
                 return record_from_bson(payload)
             except DuplicateKeyError:
-                stored = self.records.find_one({"_id": record.record_id})
+                stored = records.find_one({"_id": record.record_id})
                 if stored is None:
                     # Records are never deleted: this one (ours, its first ack lost,
                     # or a rival's) is not yet on a majority.  Acting on it could
@@ -589,7 +686,7 @@ class MongoStore:
         """
 
         def attempt() -> int | None:
-            record = self.records.find_one({"_id": record_id})
+            record = self._find_record(record_id)
             if record is None:
                 return None
             task_id = str(record["task_id"])
@@ -605,6 +702,17 @@ class MongoStore:
             return int(doc["beats"][key])
 
         return self._retrying("renew lease", attempt)
+
+    def _find_record(self, record_id: str) -> Mapping[str, Any] | None:
+        """A record by id: in its task's shard, if the id names its task (a lease's
+        does), else in each shard in turn."""
+        task_id = _lease_task(record_id)
+        shards = self.record_collections() if task_id is None else [self.records_for(task_id)]
+        for records in shards:
+            found: Mapping[str, Any] | None = records.find_one({"_id": record_id})
+            if found is not None:
+                return found
+        return None
 
     # --- reads ------------------------------------------------------------------
 
@@ -644,8 +752,9 @@ class MongoStore:
             }
             found.update(live)
             raw_records: dict[Any, list[Mapping[str, Any]]] = {}
-            for raw in self.records.find({"task_id": {"$in": list(found)}}):
-                raw_records.setdefault(raw.get("task_id"), []).append(raw)
+            for records, in_shard in self._by_record_shard(found):
+                for raw in records.find({"task_id": {"$in": in_shard}}):
+                    raw_records.setdefault(raw.get("task_id"), []).append(raw)
             views = []
             for task_id in ids:
                 if task_id not in found:
@@ -735,12 +844,13 @@ class MongoStore:
         insert.  Each read is a pushed-down
         ``_id`` lookup, where a query by ``task_id`` would read all history.
         """
+        records = self.records_for(task_id)
         if len(self.live_collections()) == 1:
-            return _decode_records(self.records.find({"task_id": task_id}))
+            return _decode_records(records.find({"task_id": task_id}))
         found: dict[str, Record] = {}
         last: Record | None = None
         for record_id in _chain_ids(task_id):
-            raw = self.records.find_one({"_id": record_id})
+            raw = records.find_one({"_id": record_id})
             if raw is None:
                 break
             found[record_id] = last = record_from_bson(raw)
@@ -752,7 +862,7 @@ class MongoStore:
             and not last.ok
             and last.retry_at is None  # (the last attempt's end has none)
         ):
-            raw = self.records.find_one({"_id": retry_id(task_id)})
+            raw = records.find_one({"_id": retry_id(task_id)})
             if raw is not None:
                 found[raw["_id"]] = record_from_bson(raw)
         return found
@@ -984,7 +1094,8 @@ class MongoStore:
             for shard, in_shard in self._by_live_shard(ids):
                 shard.delete_many({"_id": {"$in": in_shard}})
             # Not the operators' retry records: tombstones (`tullius.retry`).
-            self.records.delete_many({"task_id": {"$in": ids}, "kind": {"$ne": _RETRY_KIND}})
+            for records, in_shard in self._by_record_shard(ids):
+                records.delete_many({"task_id": {"$in": in_shard}, "kind": {"$ne": _RETRY_KIND}})
             return self.finished.delete_many({"_id": {"$in": ids}}).deleted_count
 
         return self._retrying("delete finished tasks", attempt)
