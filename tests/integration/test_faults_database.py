@@ -196,7 +196,8 @@ def _record_insert(suffix: str) -> Callable[[WireMessage], bool]:
         if msg.command != "insert":
             return False
         body, docs = _documents(msg)
-        return body.get("insert") == "records" and any(
+        target = str(body.get("insert"))  # "records", or a shard of it ("records_7")
+        return (target == "records" or target.startswith("records_")) and any(
             str(d.get("_id", "")).endswith(suffix) for d in docs
         )
 
