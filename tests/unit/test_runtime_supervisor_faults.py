@@ -569,3 +569,65 @@ def test_a_verdict_held_up_by_the_store_keeps_its_lease_renewed() -> None:
     view = store.load(root)
     assert view is not None
     assert status_of(view) is Status.SUCCEEDED
+
+
+class SlowClaimLostMeanwhile(MemoryStore):
+    """A slow database: once our claim's lease is stored, the claim takes another
+    ``delay`` seconds to return, and meanwhile another server's sweep fails that
+    lease as lost (as a daemon on a loaded FerretDB once saw)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.swept: list[str] = []
+
+    def insert_record(self, record: Record) -> Record:
+        import time
+
+        from tullius.engine import apply_step, drive
+        from tullius.events import LeaseExpired
+        from tullius.machine import step
+
+        stored = super().insert_record(record)
+        if record.kind is RecordKind.RUN and not self.swept and stored.token == record.token:
+            self.swept.append(record.record_id)
+            view = self.load(record.task_id)
+            assert view is not None
+            now = datetime.now(UTC)
+            decided = step(view, LeaseExpired(record.record_id, "rival"), now=now)
+            drive(self, apply_step(view, decided, now=now))
+            time.sleep(self.delay)
+        return stored
+
+
+def test_a_job_whose_lease_was_failed_as_lost_during_a_slow_claim_is_not_started(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from tullius.demo import QuickExampleTask
+    from tullius.task import to_spec
+
+    # Given a daemon (lease 1.2 s, so a heartbeat of 0.2 s) whose claim of a task
+    # takes 0.6 s after its lease is stored, while another server fails that lease
+    # as lost
+    store = SlowClaimLostMeanwhile(delay=0.6)
+    spec = to_spec(QuickExampleTask(count_to=0))
+    [root] = insert_queued(store, [spec], now=datetime.now(UTC), new_id=lambda: "t1")
+    # When it runs until the task is settled
+    with caplog.at_level(logging.INFO, logger="tullius.daemon"):
+        Supervisor(store, settings(lease=timedelta(seconds=1.2)), observer=terminal(root)).run()
+    # Then its run() was never started (it would have run after its failure was
+    # recorded, and beside the failed() that failure calls), and that is logged
+    lines = [record.getMessage() for record in caplog.records]
+    assert store.swept == [f"{root}:run"]
+    assert not [line for line in lines if line.startswith(f"task {root}: run() started")]
+    assert (
+        f"task {root}: another server ended our lease before its run() started; not starting it"
+        in lines
+    )
+    # And the failure as lost was handled, once
+    view = store.load(root)
+    assert view is not None
+    assert status_of(view) is Status.HANDLED
+    assert view.outcome is not None
+    assert view.outcome.failure is not None
+    assert view.outcome.failure.kind == "lost"

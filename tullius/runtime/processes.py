@@ -180,7 +180,7 @@ class WorkerKeeping:
 
     def _dispatch(self, slot: Slot, running: Running, now: float) -> None:
         worker = slot.worker
-        if worker is None or not worker.ready:
+        if worker is None or not worker.ready or running.confirm:
             return
         job = running.job
         failure = job.view.outcome.failure if job.view.outcome is not None else None
@@ -271,11 +271,14 @@ class WorkerKeeping:
             return
         slot.running = None
         self.counters.crashes += 1
-        failure = self._failure(
-            FailureKind.CRASHED,
-            f"the worker process claimed to run {job.role} died before it started, and no "
-            f"worker process could be started within {wait:g}s (its timeout and a lease)",
+        why = (
+            f"its claim was slow and its lease could not be renewed within {wait:g}s (its "
+            "timeout and a lease), so it was never started"
+            if running.confirm
+            else f"the worker process claimed to run {job.role} died before it started, and "
+            f"no worker process could be started within {wait:g}s (its timeout and a lease)"
         )
+        failure = self._failure(FailureKind.CRASHED, why)
         log.warning("task %s: %s", job.task_id, failure.message)
         self._add_finishing(running, failure_event(job, failure), now)
 

@@ -97,6 +97,9 @@ class Running:
     #: The last moment (`tullius.clock.window_seconds`) its verdict may be written:
     #: a write window after its claim started and its time limit ended (`tullius.prune`).
     write_by: float | None = None
+    #: Its claim took longer than a heartbeat, so a sweep may have failed its lease
+    #: as lost meanwhile: it is renewed, and found ours, before it is dispatched.
+    confirm: bool = False
 
 
 @dataclass(eq=False)

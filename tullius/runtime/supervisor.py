@@ -423,6 +423,17 @@ class Supervisor(WorkerKeeping):
                 else:
                     self._next_poll[band_index] = now  # more, maybe, for slots freed meanwhile
             by_worker = {job.lease.worker: job for job in jobs}
+            # A claim that took longer than a heartbeat (a slow database, many lost
+            # races) held leases unrenewed all along: one may have been failed as
+            # lost meanwhile, and its user code must not start after that verdict.
+            # Such jobs are renewed first, at once, and dispatched once found ours.
+            slow = now - started > self.heartbeat
+            if slow and jobs:
+                log.info(
+                    "claiming took %.1f s; renewing %d lease(s) before starting them",
+                    now - started,
+                    len(jobs),
+                )
             for slot in slots:
                 job = by_worker.get(slot.name)
                 if job is None:
@@ -430,9 +441,10 @@ class Supervisor(WorkerKeeping):
                 self.counters.claimed += 1
                 slot.running = Running(
                     job,
-                    next_renew=now + self.heartbeat,
+                    next_renew=now if slow else now + self.heartbeat,
                     claimed_at=now,
                     write_by=started_boot + verdict_window(job.time_limit).total_seconds(),
+                    confirm=slow,
                 )
                 self._dispatch(slot, slot.running, now)
 
@@ -593,12 +605,21 @@ class Supervisor(WorkerKeeping):
             running.renewing = False
             running.next_renew, ours = self._renewed(running.job, future)
             now = time.monotonic()
+            if ours:
+                running.confirm = False  # dispatched by the loop's next pass
             if ours is not False or slot.running is not running:
                 return
-            log.warning("task %s: another server ended our lease; stopping it", running.job.task_id)
             if running.dispatched_at is None:
+                log.warning(
+                    "task %s: another server ended our lease before its %s started; "
+                    "not starting it",
+                    running.job.task_id,
+                    running.job.role,
+                )
                 slot.running = None
-            elif running.kill_reason is None:
+                return
+            log.warning("task %s: another server ended our lease; stopping it", running.job.task_id)
+            if running.kill_reason is None:
                 running.kill_reason = "abandoned"
                 running.term_sent_at = now
                 running.killed = True
