@@ -205,3 +205,48 @@ def test_user_code_whose_process_died_queues_nothing(fault: str) -> None:
     assert_outcomes(sim.chain(task), "crashed" if fault == "worker crash" else "lost")
     assert counts.tasks == 1
     sim.close()
+
+
+STARTED: list[str] = []
+
+
+class Recorded(tullius.Task):
+    """Notes each start of its run()."""
+
+    timeout = timedelta(seconds=5)
+
+    def run(self) -> None:
+        STARTED.append(self.task_id)
+
+    def failed(self) -> None:
+        return None
+
+
+def test_a_job_whose_lease_was_failed_as_lost_during_a_paused_claim_is_not_started() -> None:
+    # tulliusd renews the leases of a claim that took longer than a heartbeat before
+    # it dispatches their jobs, and drops a job whose lease is no longer its own
+    # (Supervisor._claim_for, Running.confirm): a loaded FerretDB once saw a
+    # failed() start after its attempt had been failed as lost.
+    # Given s1 paused for 5 s right after its claim stored the run's lease (seed 78:
+    # the pause lands between the lease's insert and the hint's), and a 3 s lease
+    STARTED.clear()
+    sim = Simulation(seed=78, servers=["s1", "s2"], lease=timedelta(seconds=3), keep_trace=True)
+    task = Recorded()
+    sim.queue(task)
+    sim.pause_server("s1", at=timedelta(milliseconds=34), duration=timedelta(seconds=5))
+    # When it drains, and runs on past the pause
+    sim.drain(within=timedelta(minutes=5))
+    sim.run_for(timedelta(seconds=10))
+    trace = [str(line) for line in sim.trace]
+    sim.close()
+    lease_stored = next(
+        i for i, line in enumerate(trace) if f"s1       InsertRecord {task.task_id}:run" in line
+    )
+    assert "fault ServerPause" in trace[lease_stored + 1], "the pause no longer lands mid-claim"
+    # Then s2 failed the lease as lost during the pause and handled that failure,
+    # and s1, waking up, renewed before starting and did not start the run
+    [link] = sim.chain(task)
+    assert link.failure is not None
+    assert link.failure.kind == "lost"
+    assert any(f"s1/w0 did not start {task.task_id}: its lease was lost" in line for line in trace)
+    assert STARTED == []

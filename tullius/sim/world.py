@@ -361,7 +361,7 @@ class Drivers:
             c.claiming = (
                 workers if not unsure else [*workers, *((u.worker, u.token) for u in unsure)]
             )
-            started, now = self.events, server.clock.now()
+            started, now, started_us = self.events, server.clock.now(), self.clock.us
             docs = c.candidates.docs
             kept = {doc.task_id for doc in docs} if c.candidates.fresh(now) else set()
             kept_read = c.read
@@ -390,6 +390,9 @@ class Drivers:
             else:
                 retry = None
             c.claiming = []
+            # As the daemon (`Running.confirm`): a claim that took longer than a
+            # heartbeat (its server paused in the middle) renews its leases first.
+            confirm = self.clock.us - started_us > self._beat_us
             if jobs:
                 server.tokens.update(job.token for job in jobs)  # claimed: ours till done
             if c.candidates.docs is not docs:  # this claim read them
@@ -410,7 +413,7 @@ class Drivers:
                     read = kept_read if job.task_id in kept else c.read
                 if self._check and read is not None:
                     self._check_claim(c.band, job, read[1], read[0])
-                starts.append(Actor(self._work(server, job, index, name, c), server, name))
+                starts.append(Actor(self._work(server, job, index, name, c, confirm), server, name))
             if starts:
                 yield StartJobs(starts)
             if retry is not None:
@@ -434,7 +437,9 @@ class Drivers:
             else:
                 c.poked = True
 
-    def _work(self, server: Server, job: Job, index: int, name: str, claimer: Claimer) -> ActorGen:
+    def _work(
+        self, server: Server, job: Job, index: int, name: str, claimer: Claimer, confirm: bool
+    ) -> ActorGen:
         what = f"{short_name(job.view.task.class_name)}.{job.role} of task {job.task_id!r}"
         ex = Execution(job, server, index, what, to_us(job.time_limit))
         server.execs.append(ex)  # (its token is the server's own since the claim: `_claimer`)
@@ -444,10 +449,13 @@ class Drivers:
             # Claimed once the grace was over (a claim in flight then): failed as
             # shutdown at once, where the daemon would start it and stop it within
             # the second (worded "while run() was running" there).
-            outcome: tuple[str | None, str, Any] = ("shutdown", "not started", None)
+            outcome: tuple[str | None, str, Any] | None = ("shutdown", "not started", None)
+        elif confirm and not (yield from self._confirmed(server, job)):
+            self._log(server.name, f"{name} did not start {job.task_id}: its lease was lost")
+            outcome = None
         else:
             outcome = yield RunUser(ex)
-        event = self._event_for(ex, outcome)
+        event = None if outcome is None else self._event_for(ex, outcome)
         ex.verdict_pending = event is not None
         while event is not None:
             if self.clock.us > write_by:  # given up: no longer ours, the sweeps fail it as lost
@@ -476,6 +484,18 @@ class Drivers:
         self._poke(server)
         if server.stopping is not None:
             self._exit_if_done(server)
+
+    def _confirmed(self, server: Server, job: Job) -> Generator[Any, Any, bool]:
+        """Whether the lease of a job claimed slowly is still ours, renewing it (as the
+        daemon before it dispatches such a job), until the store answers."""
+        while True:
+            try:
+                ours: bool = yield from renew(job)
+            except StoreError:
+                self._store_failed(server)
+                yield Wait(self._retry_us)
+                continue
+            return ours
 
     def _keep_renewing(self, ex: Execution) -> None:
         """Start ``ex``'s `_heartbeat` unless it beats already: at its first sleep (to
