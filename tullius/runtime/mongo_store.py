@@ -506,20 +506,16 @@ class MongoStore:
         stored = self.meta.find_one({"_id": "layout"})
         if stored is None:
             ferretdb = self._is_ferretdb()
-            live = self._wanted_shards or (
-                1
-                if self.tasks.find_one({}, {"_id": 1}) is not None  # from before layouts
-                else FERRETDB_LIVE_SHARDS
-                if ferretdb
-                else 1
-            )
-            records = self._wanted_record_shards or (
-                1
-                if self.records.find_one({}, {"_id": 1}) is not None  # from before layouts
-                else FERRETDB_RECORD_SHARDS
-                if ferretdb
-                else 1
-            )
+
+            def count(wanted: int | None, first: Collection[Any], on_ferretdb: int) -> int:
+                if wanted is not None:
+                    return wanted
+                if first.find_one({}, {"_id": 1}) is not None:
+                    return 1  # documents from before layouts were recorded
+                return on_ferretdb if ferretdb else 1
+
+            live = count(self._wanted_shards, self.tasks, FERRETDB_LIVE_SHARDS)
+            records = count(self._wanted_record_shards, self.records, FERRETDB_RECORD_SHARDS)
             with contextlib.suppress(DuplicateKeyError):  # another store decided first
                 self.meta.insert_one(
                     {"_id": "layout", "live_shards": live, "record_shards": records}
@@ -612,7 +608,6 @@ class MongoStore:
 
     def insert_record(self, record: Record) -> Record:
         payload = record_to_bson(record)
-
         records = self.records_for(record.task_id)
 
         def attempt() -> Record:
@@ -841,8 +836,10 @@ class MongoStore:
         `handler:2` ... and last an operator's `retry`; each needs the one
         before), so reading in that order up to the first missing one finds
         them all, and what is found is a consistent prefix even while others
-        insert.  Each read is a pushed-down
-        ``_id`` lookup, where a query by ``task_id`` would read all history.
+        insert.  Each read is an ``_id`` lookup in the task's shard of ``records``,
+        which FerretDB pushes down but answers with a scan of that shard up to the
+        match (see `FERRETDB_RECORD_SHARDS`), where a query by ``task_id`` would
+        decode each of its documents.
         """
         records = self.records_for(task_id)
         if len(self.live_collections()) == 1:
