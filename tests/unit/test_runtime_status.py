@@ -18,7 +18,7 @@ import tullius
 from tests import histories
 from tests.store_contract import make_doc
 from tullius.band import Band
-from tullius.document import Origin, Status, TaskDoc, derive_task_id
+from tullius.document import Origin, Status, TaskDoc, derive_task_id, retry_copy_id
 from tullius.engine import drive
 from tullius.errors import ConfigError
 from tullius.events import Retried
@@ -341,30 +341,37 @@ class OneBadDocument(MemoryStore):
             raise KeyError("at")
         return super().load(task_id)
 
-    def find_children(self, parent_id: str) -> Any:
-        if self.broken and parent_id == "bad-children":
+    def find_tasks(self, task_ids: Sequence[str]) -> list[TaskDoc]:
+        # A task's children, read for its line (one task's: a page's copies, read to
+        # sort the tasks, are read together and decode)
+        if self.broken and list(task_ids) == [retry_copy_id("bad-children")]:
             raise ValueError("'bogus' is not a valid Origin")
-        if self.broken and parent_id == "bad-type":
+        if self.broken and list(task_ids) == [retry_copy_id("bad-type")]:
             raise TypeError("'NoneType' object is not subscriptable")
+        return super().find_tasks(task_ids)
+
+    def find_children(self, parent_id: str) -> Any:
+        if self.broken and parent_id in ("bad-children", "bad-type"):
+            raise ValueError("'bogus' is not a valid Origin")
         return super().find_children(parent_id)
 
 
 def test_a_document_that_cant_be_decoded_is_listed_bare_and_the_rest_as_usual() -> None:
-    # Given five unhandled tasks: two whose records can't be decoded, two whose
-    # children can't, and one retried
+    # Given five unhandled tasks: two whose records can't be decoded, and three
+    # retried, two of whose copies (their children) can't be
     store = OneBadDocument()
-    for task_id in ("bad-children", "bad-key", "bad-records", "bad-type"):
+    for task_id in ("bad-key", "bad-records"):
         left_unhandled(store, task_id)
-    retried_unhandled(store, ["fine"])
+    retried_unhandled(store, ["bad-children", "bad-type", "fine"])
     store.broken = True
     # When the status is read
     lines = unhandled_lines(format_status(read_status(store, now=datetime.now(UTC))))
-    # Then the four are listed bare, and the retried one with its retry
+    # Then the four are listed bare, and the other one with its retry
     assert lines[:6] == [
-        "5 (1 of them retried already, listed after the others)",
-        "  bad-children  tests:Nothing  (its records can't be read)",
+        "5 (3 of them retried already, listed after the others)",
         "  bad-key  tests:Nothing  (its records can't be read)",
         "  bad-records  tests:Nothing  (its records can't be read)",
+        "  bad-children  tests:Nothing  (its records can't be read)",
         "  bad-type  tests:Nothing  (its records can't be read)",
         "  fine  tests:Nothing  failed (timeout: slow); failed() error (exception: failed() "
         "raised)",
@@ -485,3 +492,27 @@ def test_unhandled_tasks_are_listed_newest_first_with_the_pruned_retries_among_t
     assert not report.retries["f-pruned"].stored
     assert f"{pruned_copy} is not stored: pruned once done with" in lines[3]
     assert report.retries["e-retried-new"].stored
+
+
+class NoQueryByParent(MemoryStore):
+    """A store that counts its queries by parent (on FerretDB, each reads all of ``finished``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_parent = 0
+
+    def find_children(self, parent_id: str) -> list[TaskDoc]:
+        self.by_parent += 1
+        return super().find_children(parent_id)
+
+
+def test_the_tasks_listed_have_their_children_read_by_id_not_by_a_query_by_parent() -> None:
+    # Given a retried task and a new failure
+    store = NoQueryByParent()
+    retried_unhandled(store, ["old"])
+    left_since(store, "new")
+    # When the status is read
+    lines = unhandled_lines(format_status(read_status(store, now=datetime.now(UTC))))
+    # Then both are listed, the retried one with its copy, and no query by parent ran
+    assert [line.split()[0] for line in lines[1:]] == ["new", "old", "retried"]
+    assert store.by_parent == 0

@@ -301,6 +301,12 @@ def _lease_task(record_id: str) -> str | None:
     return None
 
 
+def _by_ids(ids: list[str]) -> dict[str, Any]:
+    """A filter on ``_id`` for ``ids``: an equality for one, which FerretDB pushes down
+    to SQL (its ``$in`` it evaluates itself, decoding every document)."""
+    return {"_id": ids[0]} if len(ids) == 1 else {"_id": {"$in": ids}}
+
+
 def _decode_records(raws: Iterable[Mapping[str, Any]]) -> dict[str, Record]:
     """Records as read from ``records``, by id."""
     return {raw["_id"]: record_from_bson(raw) for raw in raws}
@@ -986,10 +992,8 @@ class MongoStore:
             # seen by one read or the other), and its copies win (as `load`'s).
             live: dict[Any, tuple[Mapping[str, Any], Collection[Any]]] = {}
             for shard, in_shard in self._by_live_shard(ids):
-                live.update((d["_id"], (d, shard)) for d in shard.find({"_id": {"$in": in_shard}}))
-            found = {
-                d["_id"]: (d, self.finished) for d in self.finished.find({"_id": {"$in": ids}})
-            }
+                live.update((d["_id"], (d, shard)) for d in shard.find(_by_ids(in_shard)))
+            found = {d["_id"]: (d, self.finished) for d in self.finished.find(_by_ids(ids))}
             found.update(live)
             return self._decoded(found.values())
 
