@@ -18,6 +18,7 @@ from tullius.document import (
     TaskDoc,
     TaskView,
     derive_task_id,
+    retried_as,
     spawned_of,
     status_of,
 )
@@ -125,11 +126,25 @@ def _in_returned_order(view: TaskView, children: list[TaskDoc]) -> tuple[str, ..
     return tuple(sorted(ids, key=lambda task_id: position.get(task_id, len(position))))
 
 
+def children_of(store: Store, view: TaskView) -> list[TaskDoc]:
+    """The tasks ``view``'s task produced, as stored: those its records name (its
+    successors or replacements) and its retry's copy, read by id.
+
+    Why by id, not `Store.find_children`: only these have it as their parent, and
+    on FerretDB a query by parent reads all of ``finished``, for every link read.
+    """
+    ids = [doc.task_id for doc in spawned_of(view)]
+    copy = retried_as(view)
+    if copy is not None:
+        ids.append(copy.task_id)
+    return store.find_tasks(ids) if ids else []
+
+
 def _load_link(store: Store, task_id: str) -> ChainLink:
     view = store.load(task_id)
     if view is None:
         raise TaskNotFound(task_id)
-    return link_of(view, store.find_children(task_id))
+    return link_of(view, children_of(store, view))
 
 
 def read_chain(store: Store, task_id: str, *, limit: int = 10_000) -> list[ChainLink]:

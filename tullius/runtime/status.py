@@ -22,10 +22,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from tullius.coverage import Coverage, ago, is_live, read_coverage
-from tullius.document import Status, TaskDoc, retried_as, retry_copy_id, retry_id, spawned_of
+from tullius.document import Status, TaskDoc, retried_as, retry_copy_id, retry_id
 from tullius.engine import drive
 from tullius.errors import TulliusError
-from tullius.inspection import ChainLink, link_of
+from tullius.inspection import ChainLink, children_of, link_of
 from tullius.policy import WRITE_WINDOW
 from tullius.retry import retried_in_turn
 from tullius.store import ServerSeen, Store
@@ -224,17 +224,12 @@ def _story(store: Store, doc: TaskDoc) -> tuple[ChainLink | TaskDoc, RetryShown 
         view = store.load(doc.task_id)
         if view is None:  # set aside as undecodable, or gone meanwhile
             return doc, None
-        # Its children, read by id: those its records name (none, for a task whose
-        # run and every failed() failed) and its retry's copy.  A query by parent
-        # would read all of ``finished`` on FerretDB, for each task listed.
-        copy = retried_as(view)
-        ids = [child.task_id for child in spawned_of(view)]
-        ids += [] if copy is None else [copy.task_id]
         try:
-            children = store.find_tasks(ids) if ids else []
+            children = children_of(store, view)
         except _BAD_DOCUMENT:  # one can't be decoded: the query by parent passes such by
             children = store.find_children(doc.task_id)
         link = link_of(view, children)
+        copy = retried_as(view)
         if copy is None:
             return link, None
         record = view.records[retry_id(doc.task_id)]
