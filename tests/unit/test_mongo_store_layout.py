@@ -294,14 +294,19 @@ def test_a_heartbeat_for_a_finished_task_is_refused(store: MongoStore) -> None:
     assert store.beat("a:run") is None
 
 
-def test_a_task_whose_record_cannot_be_decoded_is_set_aside_and_sweeps_go_on(
-    store: MongoStore,
-) -> None:
+def running_with_an_undecodable_record(store: MongoStore) -> None:
+    """Tasks ``bad`` and ``good`` claimed, the run record of ``bad`` mangled."""
     store.insert_tasks([make_doc("bad"), make_doc("good")])
     for task_id in ("bad", "good"):
         job = drive(store, claim(ALL, server="s1", worker="w1", token=f"t-{task_id}", now=T0))
         assert job is not None
     store.records.update_one({"_id": "bad:run"}, {"$set": {"kind": "no-such-kind"}})
+
+
+def test_a_task_whose_record_cannot_be_decoded_is_set_aside_and_sweeps_go_on(
+    store: MongoStore,
+) -> None:
+    running_with_an_undecodable_record(store)
     report = drive(
         store,
         sweep(LeaseWatch(timedelta(seconds=15)), observer="s2", now=T0, monotonic=lambda: 0.0),
@@ -318,11 +323,7 @@ def test_loading_many_sets_aside_a_task_whose_record_cannot_be_decoded_and_gives
     store: MongoStore,
 ) -> None:
     # Given two running tasks, the record of one of which can't be decoded
-    store.insert_tasks([make_doc("bad"), make_doc("good")])
-    for task_id in ("bad", "good"):
-        job = drive(store, claim(ALL, server="s1", worker="w1", token=f"t-{task_id}", now=T0))
-        assert job is not None
-    store.records.update_one({"_id": "bad:run"}, {"$set": {"kind": "no-such-kind"}})
+    running_with_an_undecodable_record(store)
     # When both are loaded at once
     views = store.load_many(["bad", "good"])
     # Then the good one is given, and the bad one is left out and set aside

@@ -741,17 +741,7 @@ class MongoStore:
             return []
 
         def attempt() -> list[TaskView]:
-            # The live queue first, then ``finished``, as `find_tasks` (a task moving
-            # meanwhile is seen by one read or the other); its live copy wins.
-            live: dict[Any, tuple[Mapping[str, Any], Collection[Any]]] = {}
-            for shard, in_shard in self._by_live_shard(ids):
-                live.update((d["_id"], (d, shard)) for d in shard.find({"_id": {"$in": in_shard}}))
-            elsewhere = [task_id for task_id in ids if task_id not in live]
-            found = {
-                d["_id"]: (d, self.finished)
-                for d in (self.finished.find({"_id": {"$in": elsewhere}}) if elsewhere else ())
-            }
-            found.update(live)
+            found = self._documents_of(ids)
             raw_records: dict[Any, list[Mapping[str, Any]]] = {}
             for records, in_shard in self._by_record_shard(found):
                 for raw in records.find({"task_id": {"$in": in_shard}}):
@@ -988,16 +978,27 @@ class MongoStore:
             return []
 
         def attempt() -> list[TaskDoc]:
-            # The live queue first, as `find_children` (a task moving meanwhile is
-            # seen by one read or the other), and its copies win (as `load`'s).
-            live: dict[Any, tuple[Mapping[str, Any], Collection[Any]]] = {}
-            for shard, in_shard in self._by_live_shard(ids):
-                live.update((d["_id"], (d, shard)) for d in shard.find(_by_ids(in_shard)))
-            found = {d["_id"]: (d, self.finished) for d in self.finished.find(_by_ids(ids))}
-            found.update(live)
-            return self._decoded(found.values())
+            return self._decoded(self._documents_of(ids).values())
 
         return self._retrying("find tasks", attempt)
+
+    def _documents_of(self, ids: list[str]) -> dict[Any, tuple[Mapping[str, Any], Collection[Any]]]:
+        """The stored documents of ``ids``, each with the collection it was read from:
+        one ``find`` per live shard holding some, then one of ``finished`` for the rest.
+
+        The live queue first, as `find_children` (a move copies into ``finished``
+        before it deletes the live copy, so a task moving meanwhile is seen by one
+        read or the other), and a live copy wins, as `load`'s does.
+        """
+        found: dict[Any, tuple[Mapping[str, Any], Collection[Any]]] = {}
+        for shard, in_shard in self._by_live_shard(ids):
+            found.update((d["_id"], (d, shard)) for d in shard.find(_by_ids(in_shard)))
+        elsewhere = [task_id for task_id in ids if task_id not in found]
+        if elsewhere:
+            found.update(
+                (d["_id"], (d, self.finished)) for d in self.finished.find(_by_ids(elsewhere))
+            )
+        return found
 
     def count_by_status(self) -> dict[Status, int]:
         """Hints counted per status: live ones from the live queue, terminal ones from ``finished``.
