@@ -225,6 +225,20 @@ def test_sharded_records_keep_each_tasks_records_together_and_decide_as_one_coll
     assert store.beat(running.lease.record_id) == 1
 
 
+def test_a_layout_with_sharded_records_is_one_a_version_before_them_cannot_read() -> None:
+    # A version from before record shards reads ``live_shards`` (and records in
+    # ``records`` alone): it must stop at start-up, not run beside this one.
+    sharded = mongomock.MongoClient(tz_aware=True)["tullius_layout_sharded_records"]
+    MongoStore(sharded, live_shards=2, record_shards=4).insert_tasks([make_doc("a")])
+    assert "live_shards" not in sharded["tullius_meta"].find_one({"_id": "layout"})
+    follower = MongoStore(sharded)
+    assert (len(follower.live_collections()), len(follower.record_collections())) == (2, 4)
+    # A layout with one records collection is the one older versions read
+    plain = mongomock.MongoClient(tz_aware=True)["tullius_layout_one_records"]
+    MongoStore(plain, live_shards=2).insert_tasks([make_doc("a")])
+    assert plain["tullius_meta"].find_one({"_id": "layout"})["live_shards"] == 2
+
+
 def test_a_layout_recorded_before_records_were_sharded_keeps_one_records_collection() -> None:
     db = mongomock.MongoClient(tz_aware=True)["tullius_layout_before_record_shards"]
     db["tullius_meta"].insert_one({"_id": "layout", "live_shards": 3})

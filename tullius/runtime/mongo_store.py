@@ -522,15 +522,21 @@ class MongoStore:
 
             live = count(self._wanted_shards, self.tasks, FERRETDB_LIVE_SHARDS)
             records = count(self._wanted_record_shards, self.records, FERRETDB_RECORD_SHARDS)
+            # With sharded records, not as ``live_shards``: a version from before
+            # them would read ``records`` alone, and stops at start-up instead.
+            layout = (
+                {"live_shards": live}
+                if records == 1
+                else {"shards": {"live": live, "records": records}}
+            )
             with contextlib.suppress(DuplicateKeyError):  # another store decided first
-                self.meta.insert_one(
-                    {"_id": "layout", "live_shards": live, "record_shards": records}
-                )
+                self.meta.insert_one({"_id": "layout", **layout})
             stored = self.meta.find_one({"_id": "layout"})
             if stored is None:  # can't happen: the document is never deleted
                 raise StoreError("the store layout document vanished")
-        # A layout recorded before records were sharded has no record_shards: 1.
-        return int(stored["live_shards"]), int(stored.get("record_shards", 1))
+        if "shards" in stored:
+            return int(stored["shards"]["live"]), int(stored["shards"]["records"])
+        return int(stored["live_shards"]), 1
 
     def _is_ferretdb(self) -> bool:
         try:
