@@ -223,7 +223,7 @@ class Task:
         # The class's declarations are read only for a name the task lacks: most
         # copies change fields it has (``failed()`` runs one per failure).
         new = [name for name in changes if name not in current and name not in _COPY_OPTIONS]
-        declared = _declared_fields(type(self)) if new else frozenset()
+        declared = declared_fields(type(self)) if new else frozenset()
         for name in new:
             if declared and name not in declared:
                 raise TaskDefinitionError(
@@ -293,22 +293,23 @@ def _check_priority(owner: str, priority: object) -> None:
 _COPY_OPTIONS: Final = frozenset({"delay", "start_after", "priority"})
 
 
-def _declared_fields(cls: type[Task]) -> frozenset[str]:
+def declared_fields(cls: type[Task]) -> frozenset[str]:
     """The fields a Task class declares: its annotations (``count_to: int``) and
     its plain class attributes (``verbose = False``), its bases' and mixins'
     included; ``ClassVar`` settings, methods, private names and the settings
     Tullius reads are not fields."""
     names: set[str] = set()
+    settings: set[str] = set()
     for klass in cls.__mro__:
         if klass is Task or klass is object:
             continue
         for name, annotation in inspect.get_annotations(klass).items():
-            if "ClassVar" not in str(annotation):
-                names.add(name)
+            (settings if "ClassVar" in str(annotation) else names).add(name)
         for name, value in vars(klass).items():
             if not callable(value) and not isinstance(value, classmethod | staticmethod | property):
                 names.add(name)
-    return frozenset(name for name in names if not name.startswith("_")) - _CLASS_NAMES_SET
+    fields = names - settings - _CLASS_NAMES_SET
+    return frozenset(name for name in fields if not name.startswith("_"))
 
 
 def _check_time_limit(what: str, limit: timedelta) -> None:

@@ -33,6 +33,7 @@ from tullius.document import (
     stored_value,
 )
 from tullius.inspection import ChainLink
+from tullius.task import declared_fields
 
 #: The failure kinds Tullius writes: an expected kind must be one of them, so a
 #: typo (``"timout"``) is refused where it is written, not reported as a mismatch.
@@ -69,7 +70,7 @@ class Expected:
         for name, value in self.fields.items():
             found = _field_of(link, name)
             # As stored too: the task's own tuple comes back a list, its time to the ms.
-            if found != value and found != stored_value(value):
+            if found != value and found != _as_stored(value):
                 shown = "<missing>" if found is _MISSING else found
                 problems.append(f"{name}={shown!r}, expected {value!r}")
         return problems
@@ -79,17 +80,26 @@ _MISSING = object()
 
 
 def _field_of(link: ChainLink, name: str) -> Any:
-    """The link's field ``name``: as stored, else the class's default on its task
-    (a field not passed when the task was made is not stored)."""
+    """The link's field ``name``: as stored, else the default its class declares
+    for it (a field not passed when the task was made is not stored).  Not any
+    other attribute of the task: ``timeout`` or a ``ClassVar`` is no field."""
     found = link.fields.get(name, _MISSING)
-    if found is _MISSING and link.task is not None:
+    task = link.task
+    if found is _MISSING and task is not None and name in declared_fields(type(task)):
         try:
-            found = getattr(link.task, name, _MISSING)
-        except Exception:  # a property of user code that raises
-            return _MISSING
-        if callable(found):  # a method, not a field
+            return getattr(task, name, _MISSING)
+        except Exception:  # user code's property that raises
             return _MISSING
     return found
+
+
+def _as_stored(value: Any) -> Any:
+    """``value`` as the store gives it back, or itself if it could not be stored (a
+    dict with keys that are not strings: then only the value itself matches)."""
+    try:
+        return stored_value(value)
+    except Exception:
+        return value
 
 
 def expect(

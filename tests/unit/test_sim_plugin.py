@@ -271,3 +271,33 @@ def test_expect_matches_a_class_default_and_the_tasks_own_values_as_stored() -> 
         assert_chain(chain, [expect(attempt=1)])
     with pytest.raises(AssertionError, match="missing='<missing>', expected 1"):
         assert_chain(chain, [expect(missing=1)])
+
+
+def test_expect_matches_fields_only_not_other_attributes_and_any_value_is_compared() -> None:
+    from datetime import timedelta
+    from typing import ClassVar
+
+    import tullius
+    from tullius.sim import Simulation
+    from tullius.testing import assert_chain, expect
+
+    class Paced(tullius.Task):
+        timeout = timedelta(seconds=1)
+        pace: ClassVar[float] = 0.2
+        count_to: int = 3
+
+        def run(self) -> None:
+            pass
+
+    with Simulation() as sim:
+        task = Paced()
+        sim.queue(task)
+        sim.drain()
+        chain = sim.chain(task)
+    # A setting, a ClassVar or the task id is no field of the task: reported missing
+    for name, value in (("timeout", timedelta(seconds=1)), ("pace", 0.2)):
+        with pytest.raises(AssertionError, match=f"{name}='<missing>'"):
+            assert_chain(chain, [expect(**{name: value})])
+    # A value the store could not hold (a dict keyed by numbers) is a mismatch, not a crash
+    with pytest.raises(AssertionError, match=r"count_to=3, expected \{1: 'x'\}"):
+        assert_chain(chain, [expect(count_to={1: "x"})])
