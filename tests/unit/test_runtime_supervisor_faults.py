@@ -21,7 +21,7 @@ from tullius.api import insert_queued
 from tullius.band import Band
 from tullius.document import TERMINAL, Record, RecordKind, Status, TaskSpec, status_of
 from tullius.engine import Candidates, UnsureClaim
-from tullius.errors import StoreError
+from tullius.errors import StoreError, StoreUnavailable
 from tullius.runtime.config import Settings
 from tullius.runtime.supervisor import Supervisor
 from tullius.sim.memory_store import MemoryStore
@@ -631,3 +631,65 @@ def test_a_job_whose_lease_was_failed_as_lost_during_a_slow_claim_is_not_started
     assert view.outcome is not None
     assert view.outcome.failure is not None
     assert view.outcome.failure.kind == "lost"
+
+
+class HintAckLostOnce(MemoryStore):
+    """The first claim's hint write is applied, but its acknowledgement is lost: the
+    claim ends with a store error, its lease stored but unsure, and the band's next
+    claim (a second later) settles it as this daemon's job.  Beats and starts are
+    noted in the order they happen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed_once = False
+        self.happened: list[str] = []
+
+    def set_status(self, task_id: str, status: Status, due_at: datetime | None) -> bool:
+        done = super().set_status(task_id, status, due_at)
+        if status is Status.RUNNING and not self.failed_once:
+            self.failed_once = True
+            raise StoreUnavailable("set status", "acknowledgement lost (simulated)")
+        return done
+
+    def beat(self, record_id: str) -> int | None:
+        self.happened.append(f"beat {record_id}")
+        return super().beat(record_id)
+
+
+class NoteStarts(logging.Handler):
+    def __init__(self, happened: list[str]) -> None:
+        super().__init__()
+        self.happened = happened
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if " started in worker " in record.getMessage():
+            self.happened.append(record.getMessage().split(" in worker ")[0])
+
+
+def test_a_job_settled_from_an_unsure_claim_is_renewed_before_it_starts() -> None:
+    from tullius.demo import QuickExampleTask
+    from tullius.task import to_spec
+
+    # Given a daemon (heartbeat 0.4 s) whose claim of a task stored its lease but
+    # lost the reply to its hint write, so that the next claim, a second later,
+    # settles the lease as its own: a lease over a heartbeat old, never renewed
+    store = HintAckLostOnce()
+    [root] = insert_queued(
+        store, [to_spec(QuickExampleTask(count_to=1))], now=datetime.now(UTC), new_id=lambda: "t1"
+    )
+    handler = NoteStarts(store.happened)
+    daemon_log = logging.getLogger("tullius.daemon")
+    daemon_log.addHandler(handler)
+    daemon_log.setLevel(logging.INFO)
+    try:
+        # When it runs until the task is settled
+        Supervisor(store, settings(lease=timedelta(seconds=2.4)), observer=terminal(root)).run()
+    finally:
+        daemon_log.removeHandler(handler)
+    # Then the lease was renewed before the run started (else another server's sweep,
+    # seeing it unrenewed since the first claim, could fail it as lost as it starts)
+    assert store.failed_once
+    assert store.happened[:2] == [f"beat {root}:run", f"task {root}: run() started"]
+    view = store.load(root)
+    assert view is not None
+    assert status_of(view) is Status.SUCCEEDED

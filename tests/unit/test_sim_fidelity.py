@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 
 import tullius
-from tullius.sim import Simulation
+from tullius.sim import Simulation, StoreFault
 from tullius.testing import assert_outcomes
 
 
@@ -250,3 +250,28 @@ def test_a_job_whose_lease_was_failed_as_lost_during_a_paused_claim_is_not_start
     assert link.failure.kind == "lost"
     assert any(f"s1/w0 did not start {task.task_id}: its lease was lost" in line for line in trace)
     assert STARTED == []
+
+
+def test_a_job_settled_from_an_unsure_claim_is_renewed_before_it_starts() -> None:
+    # tulliusd renews a lease stored over a heartbeat ago before it dispatches its
+    # job, such as the lease of a claim whose hint write lost its reply, settled by
+    # the band's next claim a store retry later (Supervisor._claim_for, Running.confirm).
+    # Given a 2.4 s lease (a 0.4 s heartbeat), and the claim's hint write applied
+    # with its acknowledgement lost
+    sim = Simulation(seed=0, servers=["s1"], lease=timedelta(seconds=2.4), keep_trace=True)
+    task = Recorded()
+    sim.queue(task)
+    sim.apply([StoreFault(server="s1", operation="SetStatus", kind="lost_ack", count=1)])
+    # When it drains
+    sim.drain(within=timedelta(minutes=5))
+    trace = [str(line) for line in sim.trace if task.task_id in line]
+    sim.close()
+    # Then the job, settled a second later, was renewed before its run: the lease
+    # beat before the outcome was recorded (a run that doesn't sleep never beats)
+    assert any("store fault lost_ack: SetStatus" in line for line in sim.trace)
+    settled = next(i for i, line in enumerate(trace) if "s1/w0 claimed" in line)
+    assert "Beat" in trace[settled + 1]
+    assert "InsertRecord" in trace[settled + 3]
+    assert ":outcome" in trace[settled + 3]
+    [link] = sim.chain(task)
+    assert link.outcome == "succeeded"

@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
+from datetime import timedelta
 from multiprocessing.connection import wait
 from types import FrameType
 from typing import Any
@@ -423,28 +424,34 @@ class Supervisor(WorkerKeeping):
                 else:
                     self._next_poll[band_index] = now  # more, maybe, for slots freed meanwhile
             by_worker = {job.lease.worker: job for job in jobs}
-            # A claim that took longer than a heartbeat (a slow database, many lost
-            # races) held leases unrenewed all along: one may have been failed as
-            # lost meanwhile, and its user code must not start after that verdict.
-            # Such jobs are renewed first, at once, and dispatched once found ours.
+            # A lease stored over a heartbeat ago was never renewed: that of a claim
+            # that took long (a slow database, many lost races), or that of an
+            # earlier claim a store error left unsure, settled by this one.  It may
+            # have been failed as lost meanwhile, and its user code must not start
+            # after that verdict: such jobs are renewed first, at once, and
+            # dispatched once found ours.
             slow = now - started > self.heartbeat
-            if slow and jobs:
-                log.info(
-                    "claiming took %.1f s; renewing %d lease(s) before starting them",
-                    now - started,
-                    len(jobs),
-                )
+            old_by = self.clock.now() - timedelta(seconds=self.heartbeat)
             for slot in slots:
                 job = by_worker.get(slot.name)
                 if job is None:
                     continue
                 self.counters.claimed += 1
+                confirm = slow or job.lease.at < old_by
+                if confirm:
+                    log.info(
+                        "task %s: its lease was stored %.1f s ago, unrenewed; renewing it "
+                        "before its %s starts",
+                        job.task_id,
+                        max(now - started, (self.clock.now() - job.lease.at).total_seconds()),
+                        job.role,
+                    )
                 slot.running = Running(
                     job,
-                    next_renew=now if slow else now + self.heartbeat,
+                    next_renew=now if confirm else now + self.heartbeat,
                     claimed_at=now,
                     write_by=started_boot + verdict_window(job.time_limit).total_seconds(),
-                    confirm=slow,
+                    confirm=confirm,
                 )
                 self._dispatch(slot, slot.running, now)
 

@@ -390,9 +390,11 @@ class Drivers:
             else:
                 retry = None
             c.claiming = []
-            # As the daemon (`Running.confirm`): a claim that took longer than a
-            # heartbeat (its server paused in the middle) renews its leases first.
-            confirm = self.clock.us - started_us > self._beat_us
+            # As the daemon (`Running.confirm`): a lease stored over a heartbeat ago,
+            # unrenewed (its server paused in the middle of the claim, or an unsure
+            # lease of an earlier claim settled by this one), is renewed first.
+            slow = self.clock.us - started_us > self._beat_us
+            old_by = server.clock.now() - timedelta(microseconds=self._beat_us)
             if jobs:
                 server.tokens.update(job.token for job in jobs)  # claimed: ours till done
             if c.candidates.docs is not docs:  # this claim read them
@@ -413,6 +415,7 @@ class Drivers:
                     read = kept_read if job.task_id in kept else c.read
                 if self._check and read is not None:
                     self._check_claim(c.band, job, read[1], read[0])
+                confirm = slow or job.lease.at < old_by
                 starts.append(Actor(self._work(server, job, index, name, c, confirm), server, name))
             if starts:
                 yield StartJobs(starts)
