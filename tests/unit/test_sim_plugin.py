@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shlex
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -47,6 +48,16 @@ def test_broken(tullius_sim):
     tullius_sim.drain(within=timedelta(minutes=5))
     assert_outcomes(tullius_sim.chain(task), "succeeded")
 """
+
+
+def chain_alone(task: Any) -> Any:
+    """The chain of ``task`` run alone in a fresh simulation, to its end."""
+    from tullius.sim import Simulation
+
+    with Simulation() as sim:
+        sim.queue(task)
+        sim.drain()
+        return sim.chain(task)
 
 
 def test_fixture_runs_a_user_test_and_reports_seed_faults_and_replay(
@@ -144,7 +155,6 @@ def test_a_task_or_an_outcome_string_where_a_chain_or_list_goes_is_refused_by_na
     from datetime import timedelta
 
     import tullius
-    from tullius.sim import Simulation
     from tullius.testing import assert_chain, assert_outcomes
 
     class Quick(tullius.Task):
@@ -153,11 +163,8 @@ def test_a_task_or_an_outcome_string_where_a_chain_or_list_goes_is_refused_by_na
         def run(self) -> None:
             pass
 
-    with Simulation() as sim:
-        task = Quick()
-        sim.queue(task)
-        sim.drain()
-        chain = sim.chain(task)
+    task = Quick()
+    chain = chain_alone(task)
     # assert_chain(chain, "exception") compared each letter of the word as an outcome.
     with pytest.raises(TypeError, match=r"assert_chain\(chain, 'succeeded'\): expected a list"):
         assert_chain(chain, "succeeded")  # type: ignore[arg-type]
@@ -201,7 +208,6 @@ def test_expect_matches_a_status_and_fields_named_like_its_own_parameters() -> N
     from datetime import timedelta
 
     import tullius
-    from tullius.sim import Simulation
     from tullius.testing import assert_chain, expect
 
     class Notify(tullius.Task):
@@ -219,11 +225,7 @@ def test_expect_matches_a_status_and_fields_named_like_its_own_parameters() -> N
         def failed(self) -> tullius.Task:
             return Notify(kind="refund", duration=3)
 
-    with Simulation() as sim:
-        task = Charge()
-        sim.queue(task)
-        sim.drain()
-        chain = sim.chain(task)
+    chain = chain_alone(Charge())
     assert_chain(
         chain,
         [
@@ -246,7 +248,6 @@ def test_expect_matches_a_class_default_and_the_tasks_own_values_as_stored() -> 
     from datetime import UTC, datetime, timedelta
 
     import tullius
-    from tullius.sim import Simulation
     from tullius.testing import assert_chain, expect
 
     class Job(tullius.Task):
@@ -259,12 +260,8 @@ def test_expect_matches_a_class_default_and_the_tasks_own_values_as_stored() -> 
             pass
 
     when = datetime(2024, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
-    with Simulation() as sim:
-        # Given a task made without its defaulted field, with a tuple and a time in µs
-        task = Job(tags=("a", "b"), when=when)
-        sim.queue(task)
-        sim.drain()
-        chain = sim.chain(task)
+    # Given a task made without its defaulted field, with a tuple and a time in µs
+    chain = chain_alone(Job(tags=("a", "b"), when=when))
     # Then expect() matches the default, and the task's own values as they were stored
     assert_chain(chain, [expect("succeeded", attempt=0, tags=("a", "b"), when=when)])
     with pytest.raises(AssertionError, match="attempt=0, expected 1"):
@@ -278,7 +275,6 @@ def test_expect_matches_fields_only_not_other_attributes_and_any_value_is_compar
     from typing import ClassVar
 
     import tullius
-    from tullius.sim import Simulation
     from tullius.testing import assert_chain, expect
 
     class Paced(tullius.Task):
@@ -289,11 +285,7 @@ def test_expect_matches_fields_only_not_other_attributes_and_any_value_is_compar
         def run(self) -> None:
             pass
 
-    with Simulation() as sim:
-        task = Paced()
-        sim.queue(task)
-        sim.drain()
-        chain = sim.chain(task)
+    chain = chain_alone(Paced())
     # A setting, a ClassVar or the task id is no field of the task: reported missing
     for name, value in (("timeout", timedelta(seconds=1)), ("pace", 0.2)):
         with pytest.raises(AssertionError, match=f"{name}='<missing>'"):

@@ -285,6 +285,19 @@ def _chain_ids(task_id: str) -> Iterator[str]:
         yield handler_end_id(task_id, attempt)
 
 
+def _check_shards(name: str, count: int | None, most: int) -> None:
+    """Refuse a shard count asked of `MongoStore` that is not None or 1 to ``most``."""
+    if count is not None and not (
+        isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= most
+    ):
+        raise ConfigError(
+            name,
+            count,
+            f"is not allowed; expected a whole number from 1 to {most}, "
+            "or None to follow the database",
+        )
+
+
 def _majority_read(collection: Collection[Any]) -> Collection[Any]:
     """``collection`` read with read concern ``"majority"`` (see `MongoStore.records`)."""
     return collection.with_options(read_concern=ReadConcern("majority"))
@@ -371,24 +384,8 @@ class MongoStore:
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = window_seconds,
     ) -> None:
-        if live_shards is not None and not (
-            isinstance(live_shards, int) and 1 <= live_shards <= MAX_LIVE_SHARDS
-        ):
-            raise ConfigError(
-                "live_shards",
-                live_shards,
-                f"is not allowed; expected a whole number from 1 to {MAX_LIVE_SHARDS}, "
-                "or None to follow the database",
-            )
-        if record_shards is not None and not (
-            isinstance(record_shards, int) and 1 <= record_shards <= MAX_RECORD_SHARDS
-        ):
-            raise ConfigError(
-                "record_shards",
-                record_shards,
-                f"is not allowed; expected a whole number from 1 to {MAX_RECORD_SHARDS}, "
-                "or None to follow the database",
-            )
+        _check_shards("live_shards", live_shards, MAX_LIVE_SHARDS)
+        _check_shards("record_shards", record_shards, MAX_RECORD_SHARDS)
         self.db = db
         #: The first shard of the live queue (the only one unless sharded).
         self.tasks: Collection[Any] = db["tasks"]
