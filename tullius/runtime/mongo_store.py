@@ -285,6 +285,25 @@ def _chain_ids(task_id: str) -> Iterator[str]:
         yield handler_end_id(task_id, attempt)
 
 
+def _shard_of(shards: list[Collection[Any]], task_id: str) -> Collection[Any]:
+    """The one of ``shards`` that holds ``task_id``: by a CRC-32 of the id, stable
+    across processes and versions."""
+    if len(shards) == 1:
+        return shards[0]
+    return shards[zlib.crc32(task_id.encode()) % len(shards)]
+
+
+def _grouped(
+    task_ids: Iterable[str], shard_of: Callable[[str], Collection[Any]]
+) -> list[tuple[Collection[Any], list[str]]]:
+    """``task_ids`` grouped by the shard ``shard_of`` gives each."""
+    by_name: dict[str, tuple[Collection[Any], list[str]]] = {}
+    for task_id in task_ids:
+        shard = shard_of(task_id)
+        by_name.setdefault(shard.name, (shard, []))[1].append(task_id)
+    return list(by_name.values())
+
+
 def _check_shards(name: str, count: int | None, most: int) -> None:
     """Refuse a shard count asked of `MongoStore` that is not None or 1 to ``most``."""
     if count is not None and not (
@@ -446,18 +465,11 @@ class MongoStore:
 
     def records_for(self, task_id: str) -> Collection[Any]:
         """The ``records`` collection that holds every record of ``task_id``."""
-        shards = self.record_collections()
-        if len(shards) == 1:
-            return shards[0]
-        return shards[zlib.crc32(task_id.encode()) % len(shards)]
+        return _shard_of(self.record_collections(), task_id)
 
     def _by_record_shard(self, task_ids: Iterable[str]) -> list[tuple[Collection[Any], list[str]]]:
         """``task_ids`` grouped by the ``records`` collection of each (`records_for`)."""
-        by_name: dict[str, tuple[Collection[Any], list[str]]] = {}
-        for task_id in task_ids:
-            shard = self.records_for(task_id)
-            by_name.setdefault(shard.name, (shard, []))[1].append(task_id)
-        return list(by_name.values())
+        return _grouped(task_ids, self.records_for)
 
     def _follow_layout(self) -> None:
         live, records = self._retrying("read the store layout", self._layout)
@@ -490,18 +502,11 @@ class MongoStore:
 
     def _by_live_shard(self, task_ids: Iterable[str]) -> list[tuple[Collection[Any], list[str]]]:
         """``task_ids`` grouped by the live collection that holds each (`live_for`)."""
-        by_name: dict[str, tuple[Collection[Any], list[str]]] = {}
-        for task_id in task_ids:
-            shard = self.live_for(task_id)
-            by_name.setdefault(shard.name, (shard, []))[1].append(task_id)
-        return list(by_name.values())
+        return _grouped(task_ids, self.live_for)
 
     def live_for(self, task_id: str) -> Collection[Any]:
         """The live collection that holds ``task_id`` (by a hash stable across processes)."""
-        shards = self.live_collections()
-        if len(shards) == 1:
-            return shards[0]
-        return shards[zlib.crc32(task_id.encode()) % len(shards)]
+        return _shard_of(self.live_collections(), task_id)
 
     def _layout(self) -> tuple[int, int]:
         """The shards of the live queue and of ``records``, as recorded (recorded now
