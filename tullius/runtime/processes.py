@@ -272,8 +272,8 @@ class WorkerKeeping:
         slot.running = None
         self.counters.crashes += 1
         why = (
-            f"its claim was slow and its lease could not be renewed within {wait:g}s (its "
-            "timeout and a lease), so it was never started"
+            f"its lease, stored over a heartbeat before its claim returned, could not be "
+            f"renewed within {wait:g}s (its timeout and a lease), so it was never started"
             if running.confirm
             else f"the worker process claimed to run {job.role} died before it started, and "
             f"no worker process could be started within {wait:g}s (its timeout and a lease)"
