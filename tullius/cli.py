@@ -59,6 +59,7 @@ examples:
   tulliusd --embedded --demo                 # the README example, no MongoDB needed
   tulliusd --status                          # what needs an operator, then exit
   tulliusd --prune-finished 30               # delete tasks finished over 30 days ago, then exit
+  tulliusd --keep-finished 30                # run, deleting such tasks every hour
   tulliusd --retry-unhandled ID1 ID2         # their failed() fixed: run it again for these
                                              # unhandled tasks (not run()), then exit
   tulliusd --retry-unhandled all --retry-class billing.tasks:Invoice
@@ -134,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="name written into this daemon's records (default host:pid)",
     )
+    history = parser.add_argument_group("history")
+    history.add_argument(
+        "--keep-finished",
+        metavar="DAYS",
+        help="delete the tasks that succeeded or were handled more than DAYS ago (at least "
+        f"{MIN_AGE / timedelta(days=1):g}), with their records, every hour while running "
+        "(env TULLIUS_KEEP_FINISHED; default: keep them for ever); unhandled ones too with "
+        "--prune-unhandled. Every daemon may have it: their prunes don't clash",
+    )
     other = parser.add_argument_group("other")
     other.add_argument("-v", "--verbose", action="store_true", help="log activity to stderr")
     other.add_argument(
@@ -154,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     other.add_argument(
         "--prune-unhandled",
         action="store_true",
-        help="with --prune-finished, delete old unhandled tasks too (kept otherwise: they are "
-        "the failures nobody handled)",
+        help="with --prune-finished or --keep-finished, delete old unhandled tasks too (kept "
+        "otherwise: they are the failures nobody handled)",
     )
     other.add_argument(
         "--retry-unhandled",

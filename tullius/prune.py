@@ -60,6 +60,14 @@ class PruneReport:
     deleted: Counter[Status] = field(default_factory=Counter)
     #: Tasks kept, by reason: "too young", "parent too young", "not settled".
     kept: Counter[str] = field(default_factory=Counter)
+    #: Where to go on from, when ``pages`` ran out before the last page (None:
+    #: every page was read).
+    resume_after: str | None = None
+
+    def add(self, other: PruneReport) -> None:
+        """Count ``other``'s deletions and kept tasks in too (a pass made of several calls)."""
+        self.deleted.update(other.deleted)
+        self.kept.update(other.kept)
 
     def describe(self, older_than: timedelta) -> str:
         """One line for an operator."""
@@ -99,8 +107,15 @@ def prune(
     now: datetime,
     unhandled: bool = False,
     batch: int = PRUNE_BATCH,
+    after: str = "",
+    pages: int | None = None,
 ) -> Conversation[PruneReport]:
     """Delete the finished tasks that may go (see the module), ``batch`` at a time.
+
+    ``after`` and ``pages``: start after that task id, and stop after that
+    many pages, saying where to go on from (`PruneReport.resume_after`).  Why:
+    the daemon prunes a page at a time between its other store work, so that
+    a large backlog never holds a store thread for long.
 
     Each page costs a read of the page, one read of the page's tasks and
     their parents as they are now (`FindTasks`, live copies first) and one
@@ -109,9 +124,16 @@ def prune(
     """
     check_age(older_than)
     statuses = (*SETTLED, Status.UNHANDLED) if unhandled else SETTLED
+    if pages is not None and pages < 1:
+        raise ValueError(f"pages={pages!r} must be at least 1, or None for every page")
     report = PruneReport()
-    after = ""  # pages in id order; only an empty one ends (a page may lose undecodable ones)
+    read = 0
+    # Pages in id order; only an empty one ends (a page may lose undecodable ones).
     while True:
+        if pages is not None and read == pages:
+            report.resume_after = after
+            return report
+        read += 1
         page = yield FindByStatus(statuses, batch, after)
         if not page:
             return report

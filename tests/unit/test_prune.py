@@ -89,6 +89,16 @@ def handle(store: Store, task_id: str, *, at: Any, replacement: TaskSpec | None 
     drive(store, finish(job, HandlerSucceeded(job.token, specs), now=at))
 
 
+def left_unhandled(store: Store, task_id: str, *, at: Any) -> None:
+    """Queue ``task_id``; at ``at`` its run fails, and so does its only failed() attempt."""
+    queued(store, task_id, handler_attempts=1)
+    run_to_the_end(store, task_id, at=at, ok=False)
+    job = drive(store, claim(ALL, server="s", worker="w", token=f"{task_id}-h", now=at))
+    assert job is not None
+    error = Failure(FailureKind.EXCEPTION, "failed() raised", at)
+    drive(store, finish(job, HandlerFailed(job.token, error), now=at))
+
+
 def queued(store: Store, task_id: str, **changes: Any) -> None:
     store.insert_tasks([TaskDoc(**{**make_doc(task_id).__dict__, **changes})])
 
@@ -131,12 +141,7 @@ def test_a_task_is_kept_until_the_age_plus_its_own_timeout_has_passed(store: Sto
 
 def test_unhandled_tasks_are_kept_unless_asked_for(store: Store) -> None:
     # Given a task whose only failed() attempt failed 10 days ago: unhandled
-    queued(store, "lost", handler_attempts=1)
-    run_to_the_end(store, "lost", at=NOW - 10 * DAY, ok=False)
-    job = drive(store, claim(ALL, server="s", worker="w", token="h", now=NOW - 10 * DAY))
-    assert job is not None
-    error = Failure(FailureKind.EXCEPTION, "failed() raised", NOW - 10 * DAY)
-    drive(store, finish(job, HandlerFailed(job.token, error), now=NOW - 10 * DAY))
+    left_unhandled(store, "lost", at=NOW - 10 * DAY)
     # When old tasks are pruned without asking for unhandled ones, then asking
     first = pruned(store)
     assert store.load("lost") is not None
@@ -306,6 +311,29 @@ def test_a_prune_reads_and_deletes_page_by_page(store: Store) -> None:
     # Then every one is gone
     assert report.deleted == {Status.SUCCEEDED: 7}
     assert store.count_by_status() == {}
+
+
+def test_a_prune_asked_for_one_page_at_a_time_says_where_to_go_on(store: Store) -> None:
+    # Given five old finished tasks
+    for n in range(5):
+        queued(store, f"t{n}")
+        run_to_the_end(store, f"t{n}", at=NOW - 10 * DAY)
+    # When they are pruned two at a time, one page per call, each call going on
+    # where the last one stopped
+    reports, after = [], ""
+    while after is not None:
+        reports.append(pruned(store, batch=2, after=after, pages=1))
+        after = reports[-1].resume_after
+    # Then each call deleted one page, and the one that found no more said so
+    assert [sum(r.deleted.values()) for r in reports] == [2, 2, 1, 0]
+    assert [r.resume_after for r in reports] == ["t1", "t3", "t4", None]
+    assert store.count_by_status() == {}
+
+
+@pytest.mark.parametrize("pages", [0, -1])
+def test_a_prune_of_no_pages_is_refused(pages: int) -> None:
+    with pytest.raises(ValueError, match=rf"pages={pages} must be at least 1"):
+        next(prune(MIN_AGE, now=NOW, pages=pages))
 
 
 @pytest.mark.parametrize("days", [0, 1, 2.99])

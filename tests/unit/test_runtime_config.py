@@ -275,7 +275,7 @@ def test_prune_finished_takes_a_number_of_days() -> None:
         (RawFlags(prune_finished="1e9"), "--prune-finished", "from 3 to 36500"),
         (RawFlags(prune_finished="3", embedded=True), "--prune-finished", "with --embedded"),
         (RawFlags(prune_finished="3", status=True), "--prune-finished", "--status"),
-        (RawFlags(prune_unhandled=True), "--prune-unhandled", "give --prune-finished too"),
+        (RawFlags(prune_unhandled=True), "--prune-unhandled", "or --keep-finished DAYS"),
     ],
 )
 def test_a_prune_that_is_too_young_or_mixed_with_other_modes_is_refused(
@@ -286,6 +286,62 @@ def test_a_prune_that_is_too_young_or_mixed_with_other_modes_is_refused(
     with pytest.raises(ConfigError, match=expected) as raised:
         resolve(flags, {}, deps_loader=no_deps)
     assert raised.value.setting == setting
+
+
+def test_keep_finished_takes_a_number_of_days_from_the_flag_or_the_environment() -> None:
+    uri = "mongodb://h/db"
+    by_flag = resolve(RawFlags(mongodb_uri=uri, keep_finished="30"), {}, deps_loader=no_deps)
+    by_env = resolve(
+        RawFlags(mongodb_uri=uri, prune_unhandled=True),
+        {"TULLIUS_KEEP_FINISHED": "7.5"},
+        deps_loader=no_deps,
+    )
+    assert (by_flag.keep_finished, by_flag.prune_unhandled) == (timedelta(days=30), False)
+    assert (by_env.keep_finished, by_env.prune_unhandled) == (timedelta(days=7.5), True)
+    assert by_flag.describe().endswith("; finished tasks kept 30 day(s)")
+    assert by_env.describe().endswith("; succeeded, handled and unhandled tasks kept 7.5 day(s)")
+    assert resolve(RawFlags(mongodb_uri=uri), {}, deps_loader=no_deps).keep_finished is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "setting", "expected"),
+    [
+        (RawFlags(keep_finished="2"), {}, "--keep-finished", "from 3 to 36500"),
+        (RawFlags(), {"TULLIUS_KEEP_FINISHED": "a week"}, "TULLIUS_KEEP_FINISHED", "of days"),
+        (RawFlags(keep_finished="9", status=True), {}, "--keep-finished", "--status"),
+        (
+            RawFlags(keep_finished="9", retry_unhandled=["t1"]),
+            {},
+            "--keep-finished",
+            "--retry-unhandled, which run no daemon",
+        ),
+        (
+            RawFlags(keep_finished="9", prune_finished="9"),
+            {},
+            "--prune-finished",
+            "can't be given with --keep-finished",
+        ),
+    ],
+)
+def test_a_keep_that_is_too_young_or_mixed_with_modes_that_run_no_daemon_is_refused(
+    flags: RawFlags, env: dict[str, str], setting: str, expected: str
+) -> None:
+    flags = RawFlags(**{**flags.__dict__, "mongodb_uri": "mongodb://h/db"})
+    with pytest.raises(ConfigError, match=expected) as raised:
+        resolve(flags, env, deps_loader=no_deps)
+    assert raised.value.setting == setting
+
+
+def test_the_keep_variable_is_left_alone_by_modes_that_run_no_daemon() -> None:
+    # Why: the environment that configures the daemons may serve a one-off --status
+    env = {"TULLIUS_KEEP_FINISHED": "30"}
+    for flags in (
+        RawFlags(status=True),
+        RawFlags(prune_finished="10"),
+        RawFlags(retry_unhandled=["t1"]),
+    ):
+        flags = RawFlags(**{**flags.__dict__, "mongodb_uri": "mongodb://h/db"})
+        assert resolve(flags, env, deps_loader=no_deps).keep_finished is None
 
 
 def test_retry_unhandled_takes_task_ids_once_each() -> None:

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from tests.unit.test_prune import queued, run_to_the_end
 from tullius.band import Band
 from tullius.demo import ChainPrinter, QuickExampleTask, queue_demo
 from tullius.document import TERMINAL, FailureKind, Record, Status, status_of
 from tullius.errors import StoreError, StoreUnavailable
 from tullius.inspection import read_chain
+from tullius.prune import MIN_AGE
 from tullius.runtime import supervisor as supervisor_module
 from tullius.runtime.config import Settings
 from tullius.runtime.supervisor import Supervisor
@@ -341,3 +343,41 @@ def test_a_daemon_in_its_grace_keeps_renewing_its_entry(
     # until --status called it "not seen (crashed, or cut off)"
     assert store.while_stopping >= 2
     assert read_chain(store, root)[0].outcome == "failed"  # (timed out meanwhile)
+
+
+def test_a_daemon_keeping_finished_tasks_three_days_deletes_older_ones_while_it_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given three tasks that succeeded ten days ago, and the quick example queued now
+    store = MemoryStore()
+    ten_days_ago = datetime.now(UTC) - timedelta(days=10)
+    for n in range(3):
+        queued(store, f"old{n}")
+        run_to_the_end(store, f"old{n}", at=ten_days_ago)
+    root = queue_demo(store, quick=True, count_to=3)
+
+    # When a daemon keeping finished tasks three days runs, its first pass due at once,
+    # until the old tasks are gone and the example has succeeded (or a minute went by)
+    give_up_at = time.monotonic() + 60
+
+    def pruned_and_done(store: Store) -> bool:
+        if time.monotonic() > give_up_at:
+            return True
+        return store.find_tasks(["old0", "old1", "old2"]) == [] and _terminal(store, root)
+
+    supervisor = Supervisor(store, settings(keep_finished=MIN_AGE), observer=pruned_and_done)
+    assert supervisor.pruner is not None
+    supervisor.pruner.next_at = 0.0
+    with caplog.at_level("INFO", logger="tullius.daemon"):
+        assert supervisor.run() == 0
+    # Then the pass said what it deleted, and the example, finished just now, is kept
+    assert (
+        "pruned: deleted 3 task(s) finished over 3 day(s) ago, with their records (succeeded 3)"
+        in [record.getMessage() for record in caplog.records]
+    )
+    assert read_chain(store, root)[-1].status is Status.SUCCEEDED
+    assert store.count_by_status() == {Status.SUCCEEDED: 1}
+
+
+def test_a_daemon_without_keep_finished_never_prunes() -> None:
+    assert Supervisor(MemoryStore(), settings()).pruner is None

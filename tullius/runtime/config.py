@@ -76,7 +76,10 @@ class Settings:
         demo_quick: the demo scaled down (0.2 s per count, 1 s timeout).
         prune_finished: delete tasks finished longer ago than this, then exit
             (`tullius.prune`); None: run the daemon.
-        prune_unhandled: with ``prune_finished``, ``unhandled`` tasks too.
+        prune_unhandled: with ``prune_finished`` or ``keep_finished``,
+            ``unhandled`` tasks too.
+        keep_finished: while running, delete tasks finished longer ago than
+            this, now and then (`tullius.runtime.pruner`); None: keep them.
         retry_unhandled: retry the ``failed()`` of these ``unhandled`` tasks,
             then exit (`tullius.retry`); empty with ``retry_all``; None: run
             the daemon.
@@ -101,6 +104,7 @@ class Settings:
     demo_quick: bool = False
     prune_finished: timedelta | None = None
     prune_unhandled: bool = False
+    keep_finished: timedelta | None = None
     retry_unhandled: tuple[str, ...] | None = None
     retry_all: bool = False
     retry_class: str | None = None
@@ -117,11 +121,15 @@ class Settings:
         else:
             where = "tullius_deps.make_db()"
         bands = " ".join(str(band) for band in self.bands)
-        return (
+        line = (
             f"server {self.server_name!r} on {where}; processes {bands}; "
             f"lease {self.lease.total_seconds():g}s; poll {self.poll_interval:g}s; "
             f"grace {self.grace:g}s"
         )
+        if self.keep_finished is not None:
+            kept = "succeeded, handled and unhandled" if self.prune_unhandled else "finished"
+            line += f"; {kept} tasks kept {self.keep_finished / timedelta(days=1):g} day(s)"
+        return line
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,7 @@ class RawFlags:
     status: bool = False
     prune_finished: str | None = None
     prune_unhandled: bool = False
+    keep_finished: str | None = None
     retry_unhandled: Sequence[str] | None = None
     retry_class: str | None = None
     dry_run: bool = False
@@ -163,6 +172,7 @@ ENV_FLAGS = (
     "--grace",
     "--max-tasks-per-worker",
     "--server-name",
+    "--keep-finished",
 )
 #: Every ``TULLIUS_*`` variable Tullius reads, the daemon's and the others'.
 KNOWN_ENV: frozenset[str] = frozenset(
@@ -299,7 +309,9 @@ def resolve(
             "reads a database and exits, so it can't be given with --embedded (whose tasks "
             "live in its own daemon's memory) or --demo",
         )
-    prune = _parse_prune(flags)
+    keep_setting, keep_text = pick("--keep-finished", flags.keep_finished)
+    keep = _parse_keep(flags, keep_setting, keep_text)
+    prune = _parse_prune(flags, keeping=keep is not None)
     retry_ids, retry_all = _parse_retry(flags)
     if uri is not None and not embedded and not uri.startswith(("mongodb://", "mongodb+srv://")):
         raise ConfigError(
@@ -387,6 +399,7 @@ def resolve(
         demo_quick=flags.demo_quick,
         prune_finished=prune,
         prune_unhandled=flags.prune_unhandled,
+        keep_finished=keep,
         retry_unhandled=retry_ids,
         retry_all=retry_all,
         retry_class=flags.retry_class,
@@ -394,18 +407,22 @@ def resolve(
     )
 
 
-def _parse_prune(flags: RawFlags) -> timedelta | None:
+def _parse_prune(flags: RawFlags, *, keeping: bool) -> timedelta | None:
     """``--prune-finished DAYS`` as a `timedelta`, checked against the flags it can't go with.
+
+    ``keeping``: ``--keep-finished`` was set, which ``--prune-unhandled`` may
+    go with instead.
 
     Raises:
         ConfigError: naming the flag and the value.
     """
     if flags.prune_finished is None:
-        if flags.prune_unhandled:
+        if flags.prune_unhandled and not keeping:
             raise ConfigError(
                 "--prune-unhandled",
                 True,
-                "only says what --prune-finished DAYS deletes; give --prune-finished too",
+                "only says what --prune-finished DAYS or --keep-finished DAYS deletes; "
+                "give one of them too",
             )
         return None
     if flags.embedded or flags.demo or flags.demo_quick or flags.status:
@@ -415,18 +432,57 @@ def _parse_prune(flags: RawFlags) -> timedelta | None:
             "deletes from a database and exits, so it can't be given with --embedded, "
             "--demo or --status",
         )
+    if flags.keep_finished is not None:
+        raise ConfigError(
+            "--prune-finished",
+            flags.prune_finished,
+            "prunes once and exits, so it can't be given with --keep-finished, which has a "
+            "running daemon prune now and then; drop one of the two",
+        )
+    return _parse_days("--prune-finished", flags.prune_finished)
+
+
+def _parse_days(setting: str, text: str) -> timedelta:
+    """An age to prune at: a number of days from `MIN_AGE` to `MAX_PRUNE_DAYS`.
+
+    Raises:
+        ConfigError: naming ``setting`` and the value.
+    """
     least = MIN_AGE / timedelta(days=1)
     expected = (
         f"must be a number of days from {least:g} to {MAX_PRUNE_DAYS} (a daemon cut off from "
         "the database may still write for a task up to a day after its time limit)"
     )
     try:
-        days = float(flags.prune_finished)
+        days = float(text)
     except ValueError:
-        raise ConfigError("--prune-finished", flags.prune_finished, expected) from None
+        raise ConfigError(setting, text, expected) from None
     if not math.isfinite(days) or days < least or days > MAX_PRUNE_DAYS:
-        raise ConfigError("--prune-finished", flags.prune_finished, expected)
+        raise ConfigError(setting, text, expected)
     return timedelta(days=days)
+
+
+def _parse_keep(flags: RawFlags, setting: str, text: str | None) -> timedelta | None:
+    """``--keep-finished DAYS`` (or ``TULLIUS_KEEP_FINISHED``) as a `timedelta`.
+
+    Given as a flag it can't go with the modes that run no daemon; the
+    variable is left alone there (it configures the daemons, and the same
+    environment may serve a one-off ``--status``).
+
+    Raises:
+        ConfigError: naming the flag or variable and the value.
+    """
+    if text is None:
+        return None
+    one_off = flags.status or flags.retry_unhandled is not None
+    if flags.keep_finished is not None and one_off:
+        raise ConfigError(
+            "--keep-finished",
+            flags.keep_finished,
+            "has a running daemon prune now and then, so it can't be given with --status or "
+            "--retry-unhandled, which run no daemon",
+        )
+    return None if one_off or flags.prune_finished is not None else _parse_days(setting, text)
 
 
 #: ``--retry-unhandled``'s word for every ``unhandled`` task, in any case (no task id

@@ -67,6 +67,7 @@ from tullius.runtime.config import Settings
 from tullius.runtime.coverage_check import CoverageCheck
 from tullius.runtime.mongo_store import redact, short_error
 from tullius.runtime.processes import KILL_GRACE, WorkerKeeping, failure_event
+from tullius.runtime.pruner import RETRY_AFTER, Pruner
 from tullius.runtime.slots import Counters, Finishing, Running, Slot, WorkerProcess
 from tullius.runtime.store_thread import StoreThread
 from tullius.runtime.sweeper import Sweeper
@@ -145,6 +146,17 @@ class Supervisor(WorkerKeeping):
             bands=tuple(settings.bands),
             every=self.timings.coverage_check,
             clock=self.clock,
+        )
+        self.pruner = (
+            None
+            if settings.keep_finished is None
+            else Pruner(
+                store,
+                keep=settings.keep_finished,
+                unhandled=settings.prune_unhandled,
+                clock=self.clock,
+                rng=self.rng,
+            )
         )
         self.observer = observer
         self.observe_every = observe_every
@@ -284,6 +296,8 @@ class Supervisor(WorkerKeeping):
             wake_at = min(wake_at, self.sweeper.next_at)
         if not self.coverage.running:  # (stopping too: it renews our entry)
             wake_at = min(wake_at, self.coverage.next_at)
+        if self.pruner is not None and not self.pruner.running and not self._stopping:
+            wake_at = min(wake_at, self.pruner.next_at)
         if self._retiring:
             wake_at = min(wake_at, now + 0.05)
         handles: list[Any] = [self._store_thread.wake_fd]
@@ -343,6 +357,9 @@ class Supervisor(WorkerKeeping):
         # in a long grace was listed by --status as not seen (crashed, or cut off).
         if not self.coverage.running and now >= self.coverage.next_at:
             self._schedule_coverage()
+        pruner = self.pruner
+        if pruner and not pruner.running and not self._stopping and now >= pruner.next_at:
+            self._schedule_prune(pruner)
         if self.observer is not None and not self._observing and now >= self._next_observe:
             self._schedule_observe(now)
 
@@ -682,6 +699,23 @@ class Supervisor(WorkerKeeping):
                 )
 
         self._submit(self.coverage.work(), done)
+
+    def _schedule_prune(self, pruner: Pruner) -> None:
+        def done(future: Future[Any]) -> None:
+            outcome = pruner.finished(future)
+            if isinstance(outcome, StoreError):
+                self._store_failed("prune", outcome)
+            elif isinstance(outcome, BaseException):
+                log.error(
+                    "prune failed: %s: %s; trying again in %g s",
+                    type(outcome).__name__,
+                    short_error(outcome),
+                    RETRY_AFTER,
+                )
+            elif outcome is not None and outcome.deleted:
+                log.info("pruned: %s", outcome.describe(pruner.keep))
+
+        self._submit(pruner.work(), done)
 
     def _schedule_observe(self, now: float) -> None:
         observer = self.observer
