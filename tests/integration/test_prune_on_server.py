@@ -1,7 +1,8 @@
-"""``tulliusd --prune-finished`` on a real MongoDB-wire server.
+"""``tulliusd --prune-finished`` and ``--keep-finished`` on a real MongoDB-wire server.
 
 The history is written by the engine at chosen times (ten days ago, and an
-hour ago), then the command is run as an operator would run it from cron.
+hour ago), then the command is run as an operator would run it from cron, or
+daemons that keep three days are started.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from daemon_harness import run_tulliusd
+import tasks_for_tests as t
+from daemon_harness import queue, run_tulliusd, wait_for, wait_terminal
 
 from tests.unit.test_prune import handle, queued, run_to_the_end
 from tullius.document import Status
+from tullius.prune import PRUNE_BATCH
 
 
 def prune_command(uri: str, database: str, *flags: str) -> str:
@@ -58,3 +61,38 @@ def test_prune_deletes_old_finished_tasks_and_their_records_and_keeps_the_rest(
     # And a second prune finds nothing more to delete
     again = prune_command(mongodb_uri, database_name, "--prune-finished", "3")
     assert again.startswith("deleted 0 task(s) finished over 3 day(s) ago")
+
+
+def test_daemons_keeping_three_days_delete_older_tasks_page_by_page_while_they_run(
+    store: Any, start_daemon: Any
+) -> None:
+    now = datetime.now(UTC)
+    # Given more tasks that succeeded ten days ago than one page holds, and one
+    # that succeeded an hour ago
+    old = [f"old{n:03d}" for n in range(PRUNE_BATCH + 10)]
+    for name in [*old, "recent"]:
+        queued(store, name)
+        ago = timedelta(days=10) if name != "recent" else timedelta(hours=1)
+        run_to_the_end(store, name, at=now - ago)
+    # When two daemons keeping finished tasks three days run (their first passes
+    # start within a minute), a task queued meanwhile, until the old ones are gone
+    daemons = [start_daemon("--keep-finished", "3") for _ in range(2)]
+    (waiting,) = queue(store, t.Noop())
+    wait_for(
+        lambda: store.find_tasks(old) == [] or not all(d.running for d in daemons),
+        timeout=240,
+        what="the old tasks to be pruned",
+        interval=0.5,
+    )
+    # Then every old one is gone with its records, and both daemons run on
+    assert store.find_tasks(old) == []
+    assert all(daemon.running for daemon in daemons)
+    assert sum(store.records_for(i).count_documents({"task_id": i}) for i in old[:20]) == 0
+    # And the recent one is kept, and the one queued meanwhile ran
+    recent = store.load("recent")
+    assert recent is not None
+    assert recent.task.status is Status.SUCCEEDED
+    assert wait_terminal(store, waiting) is Status.SUCCEEDED
+    # And a daemon logged what its pass deleted
+    logs = "".join(daemon.stderr() for daemon in daemons)
+    assert "pruned: deleted " in logs, logs[-3000:]

@@ -6,9 +6,12 @@ daemon's write window (`policy.WRITE_WINDOW`): a step decided on a read
 writes nothing later than a window after that read, and a verdict nothing
 later than a window after its lease's claim plus the job's time limit.  Up
 to that moment any write may still land, however late.  Meanwhile
-``tulliusd --prune-finished`` runs at random times.  A task it deleted must
-stay deleted, with its records: no late verdict, repair or replay may insert
-it or one of its records again (it would run a second time).
+``tulliusd --prune-finished`` runs at random times, and two daemons with
+``--keep-finished`` prune a page at a time, one store operation per step, so
+that their reads and deletes interleave with each other's and with every
+writer's.  A task a prune deleted must stay deleted, with its records: no
+late verdict, repair or replay may insert it or one of its records again (it
+would run a second time).
 """
 
 from __future__ import annotations
@@ -34,12 +37,12 @@ from tests.property.test_protocol_races import (
 )
 from tullius.document import TERMINAL, Status, TaskView, retry_id, spawned_of, status_of
 from tullius.effects import Effect, InsertRecord
-from tullius.engine import drive
+from tullius.engine import Conversation, drive
 from tullius.errors import InvalidTransition
 from tullius.events import Claimed, Event, Failed, HandlerFailed, HandlerSucceeded, Succeeded
 from tullius.machine import settle, step
 from tullius.policy import WRITE_WINDOW
-from tullius.prune import MIN_AGE, prune
+from tullius.prune import MIN_AGE, PruneReport, prune
 from tullius.store import perform
 
 VERDICTS = (Succeeded, Failed, HandlerSucceeded, HandlerFailed)
@@ -63,6 +66,10 @@ class PruneRaces(ProtocolRaces):
             self.read_at: dict[tuple[str, str], datetime] = {}
             self.late: list[Late] = []
             self.pruned: set[str] = set()
+            #: Each pruning daemon's page under way, and where its pass goes on.
+            self.paging: dict[int, Conversation[PruneReport]] = {}
+            self.resume_after: dict[int, str] = {}
+            self.sent: dict[int, Any] = {}
 
     @precondition(lambda self: self.roots < 2)
     @rule(long=st.booleans())
@@ -179,6 +186,41 @@ class PruneRaces(ProtocolRaces):
         for late in self.late:
             if self.now <= late.write_by:
                 perform(self.store, late.effect)
+
+    @rule(daemon=st.sampled_from([0, 1]), unhandled=st.booleans(), steps=st.integers(1, 4))
+    def a_daemon_prunes_a_few_store_operations(
+        self, daemon: int, unhandled: bool, steps: int
+    ) -> None:
+        """A daemon's pass (`runtime.pruner`), a page of one task at a time, each
+        page a few store operations per step: other writers and the other
+        daemon's prune act between its reads and its delete."""
+        self._started()
+        for _ in range(steps):
+            self._prune_one_operation(daemon, unhandled)
+
+    def _prune_one_operation(self, daemon: int, unhandled: bool) -> None:
+        conversation = self.paging.get(daemon)
+        if conversation is None:
+            after = self.resume_after.pop(daemon, "")
+            conversation = prune(
+                MIN_AGE, now=self.now, unhandled=unhandled, batch=1, after=after, pages=1
+            )
+            self.paging[daemon] = conversation
+            self.sent[daemon] = None
+        before = {view.task_id for view in self.store.all_views()}
+        try:
+            op = conversation.send(self.sent[daemon])
+        except StopIteration as stop:
+            del self.paging[daemon]
+            report: PruneReport = stop.value
+            if report.resume_after is not None:
+                self.resume_after[daemon] = report.resume_after
+            return
+        self.sent[daemon] = perform(self.store, op)
+        gone = before - {view.task_id for view in self.store.all_views()}
+        self.pruned |= gone
+        if gone:
+            event("a daemon's page deleted tasks")
 
     @invariant()
     def a_pruned_task_never_comes_back(self) -> None:

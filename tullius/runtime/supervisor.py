@@ -9,7 +9,8 @@ Two threads, one rule each:
   outage can't delay a kill.
 * the **store threads** run every store conversation of ``engine.py`` with
   `engine.drive`: claims, finishes, renewals, sweeps, coverage checks
-  (`tullius.coverage`) and ``tullius.queue()`` calls made by user code.
+  (`tullius.coverage`), prunes with ``--keep-finished`` (`runtime.pruner`)
+  and ``tullius.queue()`` calls made by user code.
   Several against a database (each conversation is correct against
   concurrent rivals); one for an embedded `MemoryStore`, which needs no
   lock then.
