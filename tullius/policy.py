@@ -130,45 +130,73 @@ class LeaseWatch:
     """One observer's memory of the heartbeats it has seen.
 
     A lease is stale when its beat counter has not changed for ``stale_after``
-    on *this observer's* monotonic clock.  No wall clock of any server is
-    compared with another's, so skewed or jumping wall clocks can't expire a
-    live lease.  Forgetting (after a store outage, or a restart) only delays a
-    verdict: the window starts again from the next observation.
+    of *store time* on *this observer's* monotonic clock: its clock less the
+    outages it saw.  No wall clock of any server is compared with another's,
+    so skewed or jumping wall clocks can't expire a live lease.
 
-    When to forget is decided here too, for every driver: a driver reports each
-    store error of its server (`outage`), and brackets each sweep with
-    `sweep_starting` and `sweep_ended`.  A sweep forgets everything when one of
-    its server's store calls failed since the last sweep (the store was probably
-    failing for everyone, so owners could not renew either), or, with
-    ``late_after``, when it starts that long after the last good sweep ended (its
-    server was paused or stuck, and was not watching).
+    Outages: a driver reports each of its server's store calls that failed
+    (`store_failed`) and, while an outage is open, each that worked
+    (`store_worked`).  From the last moment the store was known up before a
+    failure until a call asked after it works, store time stands still, since
+    owners could not renew either.  Why not forget every observation after an
+    error instead, as Tullius did until 2026-12-05: a server whose store calls
+    failed now and then (one `Load` in a thousand) forgot before every sweep,
+    and never declared a dead server's lease lost; the simulator showed a
+    `lost` verdict due at 22 s come at 1,018 s, when the errors stopped.
+
+    Pauses: with ``late_after``, a sweep that starts that long after the last
+    one ended forgets everything (its server was paused or stuck, and was not
+    watching).  `sweep_starting` and `sweep_ended` bracket each sweep, failed
+    or not.
+
+    The daemon's store threads report while a sweep reads: the outage state is
+    one tuple, replaced whole, so a reader never sees half an update (the
+    writers take turns, `runtime.store_watch`).
     """
 
     def __init__(self, stale_after: timedelta, *, late_after: timedelta | None = None) -> None:
         self.stale_after = stale_after.total_seconds()
         self.late_after = None if late_after is None else late_after.total_seconds()
         self._seen: dict[str, tuple[int, float]] = {}
-        self._distrusted = False
-        self._last_ok: float | None = None
+        self._last_sweep: float | None = None
+        #: (seconds of ended outages, when the open one began or None, when its
+        #: last failure was seen)
+        self._outages: tuple[float, float | None, float] = (0.0, None, 0.0)
 
-    def outage(self) -> None:
-        """A store call of this observer's server failed: the next sweep starts afresh."""
-        self._distrusted = True
+    @property
+    def down(self) -> bool:
+        """An outage is open: the next call that works should be reported."""
+        return self._outages[1] is not None
+
+    def store_failed(self, up_at: float, now: float) -> None:
+        """A store call of this observer's server failed at ``now``; the store was
+        last known up at ``up_at`` (when the latest call that worked was asked)."""
+        ended, began, _ = self._outages
+        self._outages = (ended, min(up_at, now) if began is None else began, now)
+
+    def store_worked(self, asked_at: float, now: float) -> None:
+        """A store call asked at ``asked_at`` worked, at ``now``: asked after the
+        last failure was seen, it ends the outage (at ``now``, to be safe)."""
+        ended, began, failed_at = self._outages
+        if began is not None and asked_at > failed_at:
+            self._outages = (ended + max(0.0, now - began), None, failed_at)
+
+    def store_time(self, at: float) -> float:
+        """``at`` (this observer's monotonic clock) less every outage seen so far;
+        an open outage stops this clock."""
+        ended, began, _ = self._outages
+        return at - ended - (max(0.0, at - began) if began is not None else 0.0)
 
     def sweep_starting(self, now: float) -> None:
-        """Before a sweep, at ``now`` (monotonic): forget if an outage or a late start says to."""
-        late = (
-            self.late_after is not None
-            and self._last_ok is not None
-            and now - self._last_ok > self.late_after
-        )
-        if self._distrusted or late:
-            self._distrusted = False
+        """Before a sweep, at ``now`` (monotonic): forget if it starts late."""
+        last = self._last_sweep
+        if self.late_after is not None and last is not None and now - last > self.late_after:
             self.reset()
 
     def sweep_ended(self, now: float) -> None:
-        """After a sweep that went well, at ``now`` (monotonic)."""
-        self._last_ok = now
+        """After a sweep, at ``now`` (monotonic), whether it went well or not: a
+        sweep cut short by a store error was still watching."""
+        self._last_sweep = now
 
     def is_stale(self, record_id: str, beat: int, asked_at: float, answered_at: float) -> bool:
         """Record an observation; True if ``beat`` has not moved for ``stale_after``.
@@ -180,9 +208,9 @@ class LeaseWatch:
         """
         seen = self._seen.get(record_id)
         if seen is None or seen[0] != beat:
-            self._seen[record_id] = (beat, answered_at)
+            self._seen[record_id] = (beat, self.store_time(answered_at))
             return False
-        return asked_at - seen[1] >= self.stale_after
+        return self.store_time(asked_at) - seen[1] >= self.stale_after
 
     def forget_except(self, record_ids: set[str]) -> None:
         """Drop observations of leases that are no longer live."""

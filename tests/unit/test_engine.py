@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
 
@@ -152,26 +153,70 @@ def test_a_late_result_after_the_lease_was_declared_lost_is_rejected() -> None:
     assert status_of(store.load("a")) is Status.FAILED
 
 
-@pytest.mark.parametrize(
-    ("outage", "late", "expired"),
-    [(False, False, True), (True, False, False), (False, True, False)],
-)
-def test_a_sweep_after_a_store_error_or_a_late_one_starts_every_window_afresh(
-    outage: bool, late: bool, expired: bool
-) -> None:
+def _watching_a_silent_lease() -> tuple[MemoryStore, LeaseWatch, Callable[[float], list[str]]]:
+    """A task claimed by another server whose lease never beats again, watched by a
+    sweeper that has seen it once, at 0 s; and a sweep at a given second."""
     store = MemoryStore()
     store.insert_tasks([make_doc("a")])
     claim_one(store, "a")
     watch = LeaseWatch(timedelta(seconds=15), late_after=timedelta(seconds=15))
-    watch.sweep_starting(0.0)
-    drive(store, sweep(watch, observer="s2", now=T0, monotonic=lambda: 0.0))
-    watch.sweep_ended(0.0)
-    if outage:
-        watch.outage()
-    second = 15.5 if late else 15.0
-    watch.sweep_starting(second)
-    report = drive(store, sweep(watch, observer="s2", now=T0, monotonic=lambda: second))
-    assert report.expired == ([run_id("a")] if expired else [])
+
+    def sweep_at(second: float) -> list[str]:
+        watch.sweep_starting(second)
+        report = drive(store, sweep(watch, observer="s2", now=T0, monotonic=lambda: second))
+        watch.sweep_ended(second)
+        return report.expired
+
+    assert sweep_at(0.0) == []
+    return store, watch, sweep_at
+
+
+@pytest.mark.parametrize(("second", "expired"), [(15.0, True), (15.5, False)])
+def test_a_sweep_that_starts_late_forgets_what_it_saw(second: float, expired: bool) -> None:
+    _, _, sweep_at = _watching_a_silent_lease()
+    assert sweep_at(second) == ([run_id("a")] if expired else [])
+
+
+def test_store_time_stands_still_from_the_last_call_that_worked_to_the_first_after_an_outage() -> (
+    None
+):
+    _, watch, sweep_at = _watching_a_silent_lease()
+    # Given a call that worked at 1 s, one that failed at 2 s, and one asked at 10 s that worked
+    watch.store_failed(1.0, 2.0)
+    assert watch.down
+    watch.store_worked(10.0, 10.0)
+    assert not watch.down
+    # Then the 9 s between 1 s and 10 s don't count: stale after 15 s of store time
+    assert sweep_at(14.0) == []
+    assert sweep_at(23.9) == []
+    assert sweep_at(24.0) == [run_id("a")]
+
+
+def test_while_an_outage_is_open_no_lease_goes_stale() -> None:
+    _, watch, sweep_at = _watching_a_silent_lease()
+    watch.store_failed(1.0, 2.0)
+    # A call asked before the failure was seen says nothing of after it
+    watch.store_worked(1.5, 3.0)
+    assert watch.down
+    assert all(sweep_at(second) == [] for second in (5.0, 10.0, 15.0, 20.0, 25.0))
+
+
+def test_store_errors_now_and_then_delay_a_lost_lease_by_their_own_length_only() -> None:
+    # Why: forgetting every observation after any error, a server whose calls failed
+    # now and then never declared a dead server's lease lost
+    _, watch, sweep_at = _watching_a_silent_lease()
+    expired: list[str] = []
+    second = 0.0
+    while not expired and second < 60:
+        # A call that worked, one that failed a tenth of a second later, and one
+        # that worked a tenth of a second after that, before every sweep
+        watch.store_worked(second + 1.0, second + 1.0)
+        watch.store_failed(second + 1.0, second + 1.1)
+        watch.store_worked(second + 1.2, second + 1.2)
+        second += 2.5
+        expired = sweep_at(second)
+    assert expired == [run_id("a")]
+    assert second == 17.5  # 15 s of store time (0.2 s lost to each of seven outages)
 
 
 def test_an_owner_whose_run_was_declared_lost_learns_it_while_failed_runs_elsewhere() -> None:

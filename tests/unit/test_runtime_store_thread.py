@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import select
 import threading
@@ -14,8 +15,10 @@ from tests.store_contract import make_doc
 from tullius.band import Band
 from tullius.clock import SystemClock
 from tullius.engine import SweepReport, claim, drive
-from tullius.policy import LeaseTimings
+from tullius.errors import StoreUnavailable
+from tullius.policy import LeaseTimings, LeaseWatch
 from tullius.runtime.store_thread import StoreThread
+from tullius.runtime.store_watch import WatchedStore
 from tullius.runtime.sweeper import Sweeper
 from tullius.sim.memory_store import MemoryStore
 
@@ -104,16 +107,88 @@ def test_a_silent_lease_is_expired_on_our_own_clock() -> None:
     assert sweeper.expired == ["t1:run"]
 
 
-def test_while_the_store_keeps_failing_no_lease_is_declared_lost() -> None:
-    store = _store_with_a_lease_of_another_server()
+class Switchable:
+    """A store that refuses every call while ``down``, or the next ``refuse`` calls."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        self.down = False
+        self.refuse = 0
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.store, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down or self.refuse:
+                self.refuse = max(0, self.refuse - 1)
+                raise StoreUnavailable(name, "connection refused")
+            return method(*args, **kwargs)
+
+        return call
+
+
+def _watched_sweeper() -> tuple[Switchable, Any, Sweeper]:
+    """A sweeper watching another server's silent lease through a `WatchedStore`,
+    as the daemon's does (lease 1.2 s: stale after 0.6 s of store time)."""
+    inner = Switchable(_store_with_a_lease_of_another_server())
     timings = LeaseTimings(timedelta(seconds=1.2))
-    sweeper = Sweeper(store, timings, server="me", clock=SystemClock(), rng=random.Random(1))
-    # Given store errors reported before every sweep, for several stale periods
-    outage_until = time.monotonic() + 3 * timings.stale_after.total_seconds()
+    watch = LeaseWatch(timings.stale_after, late_after=timings.late_sweep)
+    store = WatchedStore(inner, watch)
+    sweeper = Sweeper(
+        store,
+        timings,
+        server="me",
+        clock=SystemClock(),
+        rng=random.Random(1),
+        watch=watch,
+    )
+    return inner, store, sweeper
+
+
+def _sweep_once(sweeper: Sweeper) -> SweepReport | BaseException:
+    future: Future[Any] = Future()
+    try:
+        future.set_result(sweeper.work(frozenset())())
+    except Exception as error:
+        future.set_exception(error)
+    return sweeper.finished(future)
+
+
+def test_while_the_store_is_down_no_lease_is_declared_lost() -> None:
+    inner, _, sweeper = _watched_sweeper()
+    assert _sweep(sweeper).expired == []
+    # Given a store that refuses every call for several stale periods
+    inner.down = True
+    outage_until = time.monotonic() + 3 * sweeper.watch.stale_after
     while time.monotonic() < outage_until:
-        sweeper.outage()
-        # Then no sweep declares the silent lease lost: the owner couldn't renew either
-        assert _sweep(sweeper).expired == []
+        assert isinstance(_sweep_once(sweeper), StoreUnavailable)
         time.sleep(sweeper.every)
-    # And once the store is healthy again, the lease is judged afresh and expires
+    # When it is back
+    inner.down = False
+    # Then the first sweep does not declare the silent lease lost: its owner could
+    # not renew either; and later sweeps do, once it stays silent
+    assert _sweep(sweeper).expired == []
     assert _sweep_until_expired(sweeper) == ["t1:run"]
+
+
+def test_store_errors_now_and_then_do_not_keep_a_dead_lease_from_being_declared_lost() -> None:
+    # Why: until 2026-12-05 any store error made the next sweep forget what it had
+    # seen, so errors more frequent than sweeps kept dead leases alive for ever
+    inner, store, sweeper = _watched_sweeper()
+    assert _sweep(sweeper).expired == []
+    deadline = time.monotonic() + 30
+    expired: list[str] = []
+    while not expired and time.monotonic() < deadline:
+        # Given, before every sweep, one refused call between two that work (the
+        # daemon's claims poll every 10 ms: its calls come that close together)
+        store.count_by_status()
+        inner.refuse = 1
+        with contextlib.suppress(StoreUnavailable):
+            store.count_by_status()
+        store.count_by_status()
+        outcome = _sweep_once(sweeper)
+        assert isinstance(outcome, SweepReport)
+        expired = outcome.expired
+        time.sleep(sweeper.every)
+    # Then the dead lease is declared lost all the same
+    assert expired == ["t1:run"]

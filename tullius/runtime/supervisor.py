@@ -63,7 +63,7 @@ from tullius.engine import (
 )
 from tullius.errors import InvalidTransition, StoreError, StoreUnavailable, WriteWindowClosed
 from tullius.events import Event, Failed, HandlerFailed
-from tullius.policy import WRITE_WINDOW, LeaseTimings, verdict_window
+from tullius.policy import WRITE_WINDOW, LeaseTimings, LeaseWatch, verdict_window
 from tullius.runtime.config import Settings
 from tullius.runtime.coverage_check import CoverageCheck
 from tullius.runtime.mongo_store import redact, short_error
@@ -71,6 +71,7 @@ from tullius.runtime.processes import KILL_GRACE, WorkerKeeping, failure_event
 from tullius.runtime.pruner import RETRY_AFTER, Pruner
 from tullius.runtime.slots import Counters, Finishing, Running, Slot, WorkerProcess
 from tullius.runtime.store_thread import StoreThread
+from tullius.runtime.store_watch import WatchedStore
 from tullius.runtime.sweeper import Sweeper
 from tullius.sim.memory_store import MemoryStore
 from tullius.store import Store
@@ -125,24 +126,29 @@ class Supervisor(WorkerKeeping):
         clock: Clock | None = None,
         write_clock: Callable[[], float] = window_seconds,
     ) -> None:
-        self.store = store
         self.settings = settings
         self.server = settings.server_name
         self.timings = LeaseTimings(settings.lease)
+        watch = LeaseWatch(self.timings.stale_after, late_after=self.timings.late_sweep)
+        #: Every call of ours to the store is reported to the sweeps' watch (but
+        #: the observer's, which gets the store as given).
+        self.store: Store = WatchedStore(store, watch)
+        self._given_store = store
         self.heartbeat = self.timings.heartbeat.total_seconds()
         self.clock = clock or SystemClock()
         self.write_clock = write_clock
         self.rng = random.Random(os.urandom(16))
         self.sweeper = Sweeper(
-            store,
+            self.store,
             self.timings,
             server=self.server,
             clock=self.clock,
             rng=self.rng,
             write_clock=write_clock,
+            watch=watch,
         )
         self.coverage = CoverageCheck(
-            store,
+            self.store,
             server=self.server,
             bands=tuple(settings.bands),
             every=self.timings.coverage_check,
@@ -152,7 +158,7 @@ class Supervisor(WorkerKeeping):
             None
             if settings.keep_finished is None
             else Pruner(
-                store,
+                self.store,
                 keep=settings.keep_finished,
                 unhandled=settings.prune_unhandled,
                 clock=self.clock,
@@ -314,7 +320,6 @@ class Supervisor(WorkerKeeping):
 
     def _store_failed(self, what: str, error: BaseException) -> None:
         self.counters.store_errors += 1
-        self.sweeper.outage()
         if not self._store_down:
             self._store_down = True
             log.warning("store call failed (%s): %s; will keep retrying", what, short_error(error))
@@ -733,7 +738,7 @@ class Supervisor(WorkerKeeping):
             elif error is not None and not isinstance(error, StoreError):
                 log.error("observer failed: %r", error)
 
-        self._submit(lambda: observer(self.store), done)
+        self._submit(lambda: observer(self._given_store), done)
 
     # --- stopping ----------------------------------------------------------------------
 

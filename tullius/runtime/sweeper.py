@@ -1,12 +1,13 @@
 """The daemon's sweeper: fail stale leases of other servers, repair hints, on a schedule.
 
 `engine.sweep` does the deciding; this keeps the schedule and the one piece of
-memory a sweeper has, its `LeaseWatch`.  That memory is only trustworthy while
-the store was reachable: after any store error (ours, so probably everyone's)
-or a sweep that came much later than scheduled, every observation window
-starts afresh, so an owner that could not renew during an outage is never
-declared lost for it.  Those rules are the `LeaseWatch`'s, shared with the
-simulator's sweepers; this only reports to it.
+memory a sweeper has, its `LeaseWatch`.  That memory counts store time, not
+time: the daemon's store reports every call that failed or worked to the
+watch (`runtime.store_watch`), and the watch's clock stands still through an
+outage, so an owner that could not renew during one is never declared lost
+for it.  A sweep that came much later than scheduled (the daemon was paused)
+forgets everything.  Those rules are the `LeaseWatch`'s, shared with the
+simulator's sweepers; this only brackets each sweep for it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Sweeper:
         clock: Clock,
         rng: random.Random,
         write_clock: Callable[[], float] = window_seconds,
+        watch: LeaseWatch | None = None,
     ) -> None:
         self.store = store
         self.write_clock = write_clock
@@ -42,7 +44,8 @@ class Sweeper:
         self.clock = clock
         self.rng = rng
         self.every = timings.sweep.total_seconds()
-        self.watch = LeaseWatch(timings.stale_after, late_after=timings.late_sweep)
+        #: What the sweeps remember; the store the daemon sweeps with reports to it.
+        self.watch = watch or LeaseWatch(timings.stale_after, late_after=timings.late_sweep)
         #: When the next sweep is due (monotonic seconds).
         self.next_at = 0.0
         #: A sweep is on the store thread.
@@ -50,10 +53,6 @@ class Sweeper:
         self.sweeps = 0
         #: Lease record ids this daemon declared lost.
         self.expired: list[str] = []
-
-    def outage(self) -> None:
-        """Some store call failed: leases we watch may not have been renewable either."""
-        self.watch.outage()
 
     def work(self, own_tokens: frozenset[str]) -> Callable[[], SweepReport]:
         """The sweep to run on the store thread, leaving our own leases alone."""
@@ -83,11 +82,12 @@ class Sweeper:
         """Account for a finished sweep; return its report, or the error that ended it."""
         self.running = False
         self.next_at = time.monotonic() + self.every
+        # Failed or not, the sweep was watching: what it saw stays (an outage is
+        # the watch's store time's to leave out).
+        self.watch.sweep_ended(time.monotonic())
         error = future.exception()
         if error is not None:
-            self.watch.reset()
             return error
-        self.watch.sweep_ended(time.monotonic())
         self.sweeps += 1
         report: SweepReport = future.result()
         self.expired.extend(report.expired)

@@ -240,6 +240,7 @@ class Scheduler(ServerEvents):
         error = self._store_fault(server, op, name) if self._outages or self._armed_at else None
         if error is not None and not error[0]:
             assert error[1] is not None
+            self._store_failed(server)
             self._advance(actor, None, error[1])
             return
         result = do(op)
@@ -248,8 +249,13 @@ class Scheduler(ServerEvents):
         if error is not None and error[1] is None:  # a StepCrash: no reply, no server
             return
         if error is not None:
+            self._store_failed(server)
             self._advance(actor, None, error[1])
         else:
+            # As the daemon's `WatchedStore`: its sweeps' store time (`LeaseWatch`).
+            server.up_us = self.clock.us
+            if server.store_down:
+                self._store_worked(server)
             self._advance(actor, result)
 
     def _store_fault(

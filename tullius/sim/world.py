@@ -52,7 +52,7 @@ from tullius.engine import (
 from tullius.errors import ConfigError, StoreError, TaskDefinitionError, UnknownTaskClass
 from tullius.events import Event, Failed, HandlerFailed, HandlerSucceeded, Succeeded
 from tullius.policy import DEFAULT_GRACE, LeaseTimings, LeaseWatch, verdict_window
-from tullius.sim.clock import ServerClock, SimClock, to_us
+from tullius.sim.clock import US, ServerClock, SimClock, to_us
 from tullius.sim.faults import ServerStop
 from tullius.sim.invariants import Invariants
 from tullius.sim.memory_store import MemoryStore
@@ -175,8 +175,12 @@ class Server:
     tokens: set[str] = field(default_factory=set)
     restart_at: int | None = None
     claimers: list[Claimer] = field(default_factory=list)
-    #: Its sweeper's memory; told of the server's store errors, as the daemon's.
+    #: Its sweeper's memory; told of the server's store calls, as the daemon's.
     watch: LeaseWatch | None = None
+    #: When its latest store call that worked was made (virtual µs), and whether
+    #: its watch has an outage open (the next call that works is reported).
+    up_us: int = 0
+    store_down: bool = False
     #: The stop it is carrying out (`ServerStop`): no more claims, and from
     #: ``kill_at`` (the grace's end, virtual µs) its jobs are stopped; ``stopped``:
     #: it exited so.
@@ -376,7 +380,6 @@ class Drivers:
                     candidates=c.candidates,
                 )
             except StoreError as error:  # as the daemon: read afresh after the retry delay
-                self._store_failed(server)
                 c.claiming = []
                 c.candidates.forget()
                 if not isinstance(error, ClaimInterrupted):
@@ -469,7 +472,6 @@ class Drivers:
                     job, event, now=server.clock.now(), rng=self.rng
                 )
             except StoreError:
-                self._store_failed(server)
                 self._keep_renewing(ex)  # the verdict waits: its lease must not go stale
                 yield Wait(self._retry_us)
                 continue
@@ -495,7 +497,6 @@ class Drivers:
             try:
                 ours: bool = yield from renew(job)
             except StoreError:
-                self._store_failed(server)
                 yield Wait(self._retry_us)
                 continue
             return ours
@@ -523,7 +524,6 @@ class Drivers:
             try:
                 ours = yield from renew(ex.job)
             except StoreError:
-                self._store_failed(server)
                 ours = True
             if not ours:
                 if ex.running:
@@ -534,10 +534,23 @@ class Drivers:
         ex.beating = False  # a verdict that fails later starts another (`_work`)
 
     def _store_failed(self, server: Server) -> None:
-        """A store call of ``server`` failed: as the daemon's (`Supervisor._store_failed`),
-        its sweeper's next sweep starts every observation afresh."""
-        if server.watch is not None:
-            server.watch.outage()
+        """A store call of ``server`` failed: its sweeper's store time stands still
+        from its latest call that worked (`LeaseWatch`), as the daemon's does
+        (`runtime.store_watch`)."""
+        watch = server.watch
+        if watch is not None:
+            watch.store_failed(server.up_us / US, server.clock.monotonic())
+            server.store_down = True
+
+    def _store_worked(self, server: Server) -> None:
+        """A store call of ``server`` worked while its watch had an outage open."""
+        watch = server.watch
+        if watch is not None:
+            now = server.clock.monotonic()
+            watch.store_worked(now, now)
+            server.store_down = watch.down
+        else:
+            server.store_down = False
 
     @staticmethod
     def _own_tokens(server: Server) -> frozenset[str]:
@@ -551,9 +564,10 @@ class Drivers:
 
     def _sweeper(self, server: Server) -> ActorGen:
         """Sweep every sweep period, as the daemon's `Sweeper`: the same `LeaseWatch`
-        rules for when to forget (a store error of the server, a late sweep)."""
+        rules (store time stands still through the server's outages; a late sweep
+        forgets)."""
         watch = LeaseWatch(self.timings.stale_after, late_after=self.timings.late_sweep)
-        server.watch = watch
+        server.watch, server.store_down = watch, False
         yield Wait(self.rng.randrange(self._sweep_us // 1000 + 1) * 1000)
         while True:
             watch.sweep_starting(server.clock.monotonic())
@@ -570,8 +584,8 @@ class Drivers:
                 if report.expired:
                     self._log(server.name, f"sweep expired {','.join(report.expired)}")
                     self._poke(server)
-            except StoreError:
-                watch.reset()
+            except StoreError:  # still watching: what it saw stays
+                watch.sweep_ended(server.clock.monotonic())
             yield Wait(self._sweep_us)
 
     def _event_for(self, ex: Execution, outcome: tuple[str | None, str, Any]) -> Event | None:
@@ -686,6 +700,9 @@ class Drivers:
             self._store_failed(server)
             error = fault[1] or StoreError("the server died")  # (a StepCrash: it did)
             raise StoreError(f"queue() failed in the daemon: {type(error).__name__}: {error}")
+        server.up_us = self.clock.us
+        if server.store_down:
+            self._store_worked(server)
         self._poke(server)
         return ids
 

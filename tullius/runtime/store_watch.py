@@ -1,0 +1,69 @@
+"""The daemon's store, reporting every call that failed or worked to its sweeper's `LeaseWatch`.
+
+Why every call: the watch stops its store time from the last moment the store
+was known up to the first call asked after a failure that works
+(`policy.LeaseWatch`), so it needs both ends of an outage as closely as the
+daemon sees them.  Claims poll every few milliseconds, so the ends are
+usually that close; a sweep, a renewal or a ``queue()`` from a task counts
+the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tullius.errors import StoreError
+from tullius.policy import LeaseWatch
+from tullius.store import Store
+
+
+class WatchedStore:
+    """``store``, with each public method call timed on ``monotonic`` and reported to ``watch``.
+
+    The store threads call at once: reports are made one at a time, under a
+    lock, and the watch replaces its outage state whole, so a sweep reading
+    it on another thread never sees half of one.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        watch: LeaseWatch,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inner = store
+        self.watch = watch
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        #: When the latest call that worked was asked (None: none yet).
+        self._up_at: float | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self.inner, name)
+        if name.startswith("_") or not callable(found):
+            return found
+        return functools.partial(self._call, found)
+
+    def __repr__(self) -> str:
+        return f"WatchedStore({self.inner!r})"
+
+    def _call(self, method: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        asked = self._monotonic()
+        try:
+            result = method(*args, **kwargs)
+        except StoreError:
+            with self._lock:
+                up_at = asked if self._up_at is None else self._up_at
+                self.watch.store_failed(up_at, self._monotonic())
+            raise
+        with self._lock:
+            if self._up_at is None or asked > self._up_at:
+                self._up_at = asked
+            if self.watch.down:
+                self.watch.store_worked(asked, self._monotonic())
+        return result
