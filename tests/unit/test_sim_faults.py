@@ -389,6 +389,39 @@ def test_store_outage_delays_but_loses_nothing() -> None:
     counts = sim.drain(within=timedelta(minutes=10))
     assert counts.tasks == 5
     assert counts.succeeded + counts.handled == 5
+    # An outage longer than the lease: no owner could renew, and no sweep counted it
+    assert counts.failures.get("lost", 0) == 0
+    sim.close()
+
+
+def test_store_errors_now_and_then_do_not_keep_a_crashed_servers_task_from_being_lost() -> None:
+    # Why: a sweeper forgot what it had seen after any store error of its server, so
+    # one refused claim read every 4 s kept a crashed server's task running for as
+    # long as the errors went on (lost 811 s after the crash here; now 31 s, and 20 s
+    # without the errors)
+    sim = Simulation(seed=1, servers=["s1", "s2"], task_processes=[(1, 0, 10)])
+    task = Sleeper(secs=300)
+    sim.queue(task)
+    sim.run_for(timedelta(seconds=1))
+    owner = owner_of(sim, task)
+    other = "s2" if owner == "s1" else "s1"
+    every_4s = [
+        StoreFault(other, "FindDue", "not_applied", at=timedelta(seconds=2 + 4 * n))
+        for n in range(200)
+    ]
+    sim.apply(every_4s)
+    sim.run_for(timedelta(seconds=2))
+    crashed_at = sim.now
+    sim.crash_server(owner, at=sim.elapsed)
+    sim.drain(within=timedelta(hours=1))
+    [link] = sim.chain(task)
+    assert link.failure is not None
+    assert link.failure.kind == "lost"
+    assert link.finished_at is not None
+    # Each error stops the sweeps' store time from the server's last call that worked
+    # to its next (its claims poll every second, and wait a second after an error):
+    # up to 2 s in every 4, so at worst twice the lease
+    assert link.finished_at - crashed_at < 2 * sim.timings.lease
     sim.close()
 
 
