@@ -90,7 +90,7 @@ def test_a_pass_deletes_a_page_at_a_time_and_reports_once_at_its_end() -> None:
     results = []
     while not results or results[-1] is None:
         results.append(page(keeper))
-        assert keeper.next_at == clocks.seconds or results[-1] is not None
+        assert keeper.next_at == clocks.seconds or results[-1] is not None  # pages take no time
     # Then three pages went by with nothing to say, and the last one reported the pass
     *quiet, report = results
     assert quiet == [None, None, None]
@@ -101,6 +101,30 @@ def test_a_pass_deletes_a_page_at_a_time_and_reports_once_at_its_end() -> None:
     # And the next pass is due about an hour later
     assert keeper.passes == 1
     assert 0.9 * PRUNE_EVERY <= keeper.next_at - clocks.seconds <= 1.1 * PRUNE_EVERY
+
+
+class Slow(MemoryStore):
+    """A store whose paged reads by status take two seconds of the pruner's clock."""
+
+    def __init__(self, clocks: Clocks) -> None:
+        super().__init__()
+        self.clocks = clocks
+
+    def find_by_status(self, statuses: Any, limit: int, after: str = "") -> Any:
+        self.clocks.seconds += 2.0
+        return super().find_by_status(statuses, limit, after)
+
+
+def test_between_pages_a_pass_waits_as_long_as_the_page_took() -> None:
+    # Given five old tasks, two a page, on a store where a page takes 2 s
+    clocks = Clocks()
+    store = Slow(clocks)
+    old_tasks(store, 5)
+    keeper = pruner(store, clocks, batch=2)
+    # When a page runs
+    assert page(keeper) is None
+    # Then the next is due 2 s after it ended: the pass takes at most half a store thread
+    assert keeper.next_at == clocks.seconds + 2.0
 
 
 def test_a_later_pass_takes_what_has_aged_since() -> None:

@@ -8,11 +8,14 @@ down (design.md, "On FerretDB, history costs speed").
 ``--prune-finished``; this keeps the schedule.  A pass every `PRUNE_EVERY`
 (give or take a tenth, so that daemons started together drift apart), the
 first within `FIRST_WITHIN` of the start.  A pass goes one page at a time,
-each page one piece of store work, so that a large backlog never holds a
-store thread (an embedded store has only one) while leases wait to be
-renewed.  Several daemons pruning at once is safe: each deletion is of tasks
-no writer can reach any more, and deleting what another prune deleted
-deletes nothing.  A store error cuts a page short, never the pass: it goes
+each page one piece of store work, and waits as long as a page took before
+the next, so that a large backlog never holds a store thread (an embedded
+store has only one) while leases wait to be renewed, and takes at most half
+of one store thread's time (on FerretDB a page of 500 took 2.4 s).
+
+Several daemons pruning at once is safe: each deletion is of tasks no writer
+can reach any more, and deleting what another prune deleted deletes
+nothing.  A store error cuts a page short, never the pass: it goes
 on from the same page `RETRY_AFTER` later.
 """
 
@@ -81,6 +84,7 @@ class Pruner:
         #: The task id the pass goes on after; None between passes.
         self._after: str | None = None
         self._pass = PruneReport()
+        self._page_started = 0.0
 
     def work(self) -> Callable[[], PruneReport]:
         """The next page of the pass (a new pass if none is under way), for a store thread."""
@@ -88,6 +92,7 @@ class Pruner:
         after = self._after or ""
 
         def run() -> PruneReport:
+            self._page_started = self.monotonic()
             return drive(
                 self.store,
                 prune(
@@ -115,7 +120,8 @@ class Pruner:
         self._pass.add(page)
         if page.resume_after is not None:
             self._after = page.resume_after
-            self.next_at = now  # the next page at once: other store work goes between
+            # The next page after as long again: other store work goes between.
+            self.next_at = now + max(0.0, now - self._page_started)
             return None
         report, self._pass, self._after = self._pass, PruneReport(), None
         self.passes += 1
