@@ -45,13 +45,22 @@ def owner_of(sim: Simulation, task: tullius.Task) -> str:
     return owner
 
 
-def test_crashed_server_task_is_declared_lost_by_another_server() -> None:
-    # Given two servers, s1 crashing mid-run and never coming back
-    sim = Simulation(seed=3, servers=["s1", "s2"], task_processes=[(1, 0, 10)])
-    task = Sleeper(secs=20)
+def running_on_one_of_two_servers(
+    seed: int, task: tullius.Task, after: timedelta
+) -> tuple[Simulation, str, str]:
+    """Two servers of one worker each, ``after`` the task was queued: the
+    simulation, the server running the task and the other one."""
+    sim = Simulation(seed=seed, servers=["s1", "s2"], task_processes=[(1, 0, 10)])
     sim.queue(task)
-    sim.run_for(timedelta(seconds=2))
+    sim.run_for(after)
     owner = owner_of(sim, task)
+    return sim, owner, "s2" if owner == "s1" else "s1"
+
+
+def test_crashed_server_task_is_declared_lost_by_another_server() -> None:
+    # Given two servers, the one running the task crashing mid-run and never coming back
+    task = Sleeper(secs=20)
+    sim, owner, _ = running_on_one_of_two_servers(3, task, timedelta(seconds=2))
     sim.crash_server(owner, at=sim.elapsed)
     # When the survivors drain
     sim.drain(within=timedelta(minutes=5))
@@ -399,12 +408,8 @@ def test_store_errors_now_and_then_do_not_keep_a_crashed_servers_task_from_being
     # one refused claim read every 4 s kept a crashed server's task running for as
     # long as the errors went on (lost 811 s after the crash here; now 31 s, and 20 s
     # without the errors)
-    sim = Simulation(seed=1, servers=["s1", "s2"], task_processes=[(1, 0, 10)])
     task = Sleeper(secs=300)
-    sim.queue(task)
-    sim.run_for(timedelta(seconds=1))
-    owner = owner_of(sim, task)
-    other = "s2" if owner == "s1" else "s1"
+    sim, owner, other = running_on_one_of_two_servers(1, task, timedelta(seconds=1))
     every_4s = [
         StoreFault(other, "FindDue", "not_applied", at=timedelta(seconds=2 + 4 * n))
         for n in range(200)
