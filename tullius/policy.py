@@ -134,15 +134,16 @@ class LeaseWatch:
     outages it saw.  No wall clock of any server is compared with another's,
     so skewed or jumping wall clocks can't expire a live lease.
 
-    Outages: a driver reports each of its server's store calls that failed
-    (`store_failed`) and, while an outage is open, each that worked
-    (`store_worked`).  From the last moment the store was known up before a
-    failure until a call asked after it works, store time stands still, since
-    owners could not renew either.  Why not forget every observation after an
-    error instead, as Tullius did until 2026-12-05: a server whose store calls
-    failed now and then (one `Load` in a thousand) forgot before every sweep,
-    and never declared a dead server's lease lost; the simulator showed a
-    `lost` verdict due at 22 s come at 1,018 s, when the errors stopped.
+    Outages: a driver reports each of its server's store calls that could not
+    reach the store (`store_failed`; a refusal is an answer, not an outage)
+    and, while an outage is open, each that worked (`store_worked`).  From
+    the last moment the store was known up before a failure until a call
+    asked after it works, store time stands still, since owners could not
+    renew either.  Why not forget every observation after an outage instead,
+    as Tullius did until 2026-12-05: a server that lost the store for a tenth
+    of a second every 4 s forgot before every sweep, and never declared a
+    dead server's lease lost; in the simulator a `lost` verdict due 20 s
+    after a crash came 811 s after it, when the outages stopped.
 
     Pauses: with ``late_after``, a sweep that starts that long after the last
     one ended forgets everything (its server was paused or stuck, and was not

@@ -403,15 +403,15 @@ def test_store_outage_delays_but_loses_nothing() -> None:
     sim.close()
 
 
-def test_store_errors_now_and_then_do_not_keep_a_crashed_servers_task_from_being_lost() -> None:
+def test_brief_outages_now_and_then_do_not_keep_a_crashed_servers_task_from_being_lost() -> None:
     # Why: a sweeper forgot what it had seen after any store error of its server, so
-    # one refused claim read every 4 s kept a crashed server's task running for as
-    # long as the errors went on (lost 811 s after the crash here; now 31 s, and 20 s
-    # without the errors)
+    # a tenth of a second without the store every 4 s kept a crashed server's task
+    # running for as long as they went on (lost 811 s after the crash here; now 31 s,
+    # and 20 s without them)
     task = Sleeper(secs=300)
     sim, owner, other = running_on_one_of_two_servers(1, task, timedelta(seconds=1))
     every_4s = [
-        StoreFault(other, "FindDue", "not_applied", at=timedelta(seconds=2 + 4 * n))
+        StoreOutage(at=timedelta(seconds=2 + 4 * n), duration=timedelta(seconds=0.1), server=other)
         for n in range(200)
     ]
     sim.apply(every_4s)
@@ -423,10 +423,54 @@ def test_store_errors_now_and_then_do_not_keep_a_crashed_servers_task_from_being
     assert link.failure is not None
     assert link.failure.kind == "lost"
     assert link.finished_at is not None
-    # Each error stops the sweeps' store time from the server's last call that worked
+    # Each outage stops the sweeps' store time from the server's last call that worked
     # to its next (its claims poll every second, and wait a second after an error):
     # up to 2 s in every 4, so at worst twice the lease
     assert link.finished_at - crashed_at < 2 * sim.timings.lease
+    sim.close()
+
+
+def test_refused_store_calls_now_and_then_cost_a_crashed_servers_task_no_time() -> None:
+    # A refusal is an answer: the store is up, and owners can renew
+    task = Sleeper(secs=300)
+    sim, owner, other = running_on_one_of_two_servers(1, task, timedelta(seconds=1))
+    every_second = [
+        StoreFault(other, "FindDue", "not_applied", at=timedelta(seconds=2 + n)) for n in range(600)
+    ]
+    sim.apply(every_second)
+    sim.run_for(timedelta(seconds=2))
+    crashed_at = sim.now
+    sim.crash_server(owner, at=sim.elapsed)
+    sim.drain(within=timedelta(hours=1))
+    [link] = sim.chain(task)
+    assert link.failure is not None
+    assert link.failure.kind == "lost"
+    assert link.finished_at is not None
+    assert link.finished_at - crashed_at <= sim.timings.lease
+    sim.close()
+
+
+def test_brief_outages_at_each_of_its_beats_do_not_get_a_live_owner_failed_as_lost() -> None:
+    # Why: a simulated owner whose renewal failed waited a whole heartbeat to try
+    # again (the daemon: a second), so with store time counted, outages of 50 ms at
+    # four of its beats in a row got its running task failed as lost by the other
+    # server, which saw every outage
+    sim = Simulation(
+        seed=1,
+        servers=["s1", "s2"],
+        task_processes=[(1, 0, 10)],
+        poll_interval=timedelta(milliseconds=10),
+    )
+    task = Sleeper(secs=40)
+    sim.queue(task)
+    at_its_beats = [
+        StoreOutage(at=timedelta(seconds=4.981 + 5 * k), duration=timedelta(milliseconds=50))
+        for k in range(1, 7)
+    ]
+    sim.apply(at_its_beats)
+    sim.drain(within=timedelta(minutes=30))
+    [link] = sim.chain(task)
+    assert link.outcome == "succeeded", link.failure
     sim.close()
 
 

@@ -6,6 +6,13 @@ was known up to the first call asked after a failure that works
 daemon sees them.  Claims poll every few milliseconds, so the ends are
 usually that close; a sweep, a renewal or a ``queue()`` from a task counts
 the same.
+
+Only `StoreUnavailable` is an outage: `MongoStore` raises it once a call has
+failed to reach the database for its whole retry time (5 s).  A plain
+`StoreError` is the database answering with a refusal (no rights, a bad
+document), which says it is up: counted as a call that worked.  Else a
+refusal repeated every second (a claim query the database rejects) would
+stop store time for good, and no lease would ever be declared lost.
 """
 
 from __future__ import annotations
@@ -16,9 +23,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tullius.errors import StoreError
+from tullius.errors import StoreError, StoreUnavailable
 from tullius.policy import LeaseWatch
 from tullius.store import Store
+
+#: The calls reported: the `Store` protocol's operations.
+STORE_METHODS: frozenset[str] = frozenset(
+    name for name, value in vars(Store).items() if callable(value) and not name.startswith("_")
+)
 
 
 class WatchedStore:
@@ -45,7 +57,7 @@ class WatchedStore:
 
     def __getattr__(self, name: str) -> Any:
         found = getattr(self.inner, name)
-        if name.startswith("_") or not callable(found):
+        if name not in STORE_METHODS:  # (a pymongo collection is callable, and no call)
             return found
         return functools.partial(self._call, found)
 
@@ -56,14 +68,22 @@ class WatchedStore:
         asked = self._monotonic()
         try:
             result = method(*args, **kwargs)
-        except StoreError:
+        except StoreUnavailable:
             with self._lock:
-                up_at = asked if self._up_at is None else self._up_at
+                # The earlier of the two: a call asked before the latest one that
+                # worked may have hung on a dead connection since it was asked.
+                up_at = asked if self._up_at is None else min(asked, self._up_at)
                 self.watch.store_failed(up_at, self._monotonic())
             raise
+        except StoreError:
+            self._answered(asked)
+            raise
+        self._answered(asked)
+        return result
+
+    def _answered(self, asked: float) -> None:
         with self._lock:
             if self._up_at is None or asked > self._up_at:
                 self._up_at = asked
             if self.watch.down:
                 self.watch.store_worked(asked, self._monotonic())
-        return result

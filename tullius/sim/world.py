@@ -49,7 +49,13 @@ from tullius.engine import (
     renew,
     sweep,
 )
-from tullius.errors import ConfigError, StoreError, TaskDefinitionError, UnknownTaskClass
+from tullius.errors import (
+    ConfigError,
+    StoreError,
+    StoreUnavailable,
+    TaskDefinitionError,
+    UnknownTaskClass,
+)
 from tullius.events import Event, Failed, HandlerFailed, HandlerSucceeded, Succeeded
 from tullius.policy import DEFAULT_GRACE, LeaseTimings, LeaseWatch, verdict_window
 from tullius.sim.clock import US, ServerClock, SimClock, to_us
@@ -524,7 +530,11 @@ class Drivers:
             try:
                 ours = yield from renew(ex.job)
             except StoreError:
-                ours = True
+                # Again soon, as the daemon's renewal (after at most a second): its
+                # observers' store time stops only while they see the store fail, so
+                # a beat put off for a whole period made a live owner look silent.
+                yield Wait(min(self._beat_us, self._retry_us))
+                continue
             if not ours:
                 if ex.running:
                     self._log(server.name, f"lease lost: stopping {ex.what}")
@@ -533,14 +543,25 @@ class Drivers:
             yield Wait(self._beat_us)
         ex.beating = False  # a verdict that fails later starts another (`_work`)
 
-    def _store_failed(self, server: Server) -> None:
-        """A store call of ``server`` failed: its sweeper's store time stands still
-        from its latest call that worked (`LeaseWatch`), as the daemon's does
-        (`runtime.store_watch`)."""
+    def _store_failed(self, server: Server, error: BaseException) -> None:
+        """A store call of ``server`` failed: if the store could not be reached (a
+        `StoreOutage`), its sweeper's store time stands still from its latest call
+        that worked (`LeaseWatch`), as the daemon's does (`runtime.store_watch`).
+        A `StoreFault` fails one call of one server: the store answered."""
         watch = server.watch
-        if watch is not None:
+        if watch is None:
+            return
+        if isinstance(error, StoreUnavailable):
             watch.store_failed(server.up_us / US, server.clock.monotonic())
             server.store_down = True
+        else:
+            self._store_answered(server)
+
+    def _store_answered(self, server: Server) -> None:
+        """A store call of ``server`` was answered: it ends an outage open."""
+        server.up_us = self.clock.us
+        if server.store_down:
+            self._store_worked(server)
 
     def _store_worked(self, server: Server) -> None:
         """A store call of ``server`` worked while its watch had an outage open."""
@@ -697,12 +718,10 @@ class Drivers:
         if fault is None or fault[0]:  # no fault, or one that applies the insert
             ids = self._insert_roots(specs, server.clock.now())
         if fault is not None:
-            self._store_failed(server)
             error = fault[1] or StoreError("the server died")  # (a StepCrash: it did)
+            self._store_failed(server, error)
             raise StoreError(f"queue() failed in the daemon: {type(error).__name__}: {error}")
-        server.up_us = self.clock.us
-        if server.store_down:
-            self._store_worked(server)
+        self._store_answered(server)
         self._poke(server)
         return ids
 
