@@ -59,7 +59,7 @@ examples:
   tulliusd --embedded --demo                 # the README example, no MongoDB needed
   tulliusd --status                          # what needs an operator, then exit
   tulliusd --prune-finished 30               # delete tasks finished over 30 days ago, then exit
-  tulliusd --keep-finished 30                # run, deleting such tasks every hour
+  tulliusd --keep-finished 30                # run, deleting such tasks every six hours
   tulliusd --retry-unhandled ID1 ID2         # their failed() fixed: run it again for these
                                              # unhandled tasks (not run()), then exit
   tulliusd --retry-unhandled all --retry-class billing.tasks:Invoice
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-finished",
         metavar="DAYS",
         help="delete the tasks that succeeded or were handled more than DAYS ago (at least "
-        f"{MIN_AGE / timedelta(days=1):g}), with their records, every hour while running "
+        f"{MIN_AGE / timedelta(days=1):g}), with their records, every six hours while running "
         "(env TULLIUS_KEEP_FINISHED; default: keep them for ever); unhandled ones too with "
         "--prune-unhandled. Every daemon may have it: their prunes don't clash",
     )

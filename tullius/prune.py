@@ -117,10 +117,11 @@ def prune(
     the daemon prunes a page at a time between its other store work, so that
     a large backlog never holds a store thread for long.
 
-    Each page costs a read of the page, one read of the page's tasks and
-    their parents as they are now (`FindTasks`, live copies first) and one
-    delete: no task's records are read, except those of a task settled
-    before settling times were written (`_may_go`).
+    Each page costs a read of the page, one read of the page's tasks old
+    enough to go and their parents as they are now (`FindTasks`, live copies
+    first; none when the whole page is too young) and one delete: no task's
+    records are read, except those of a task settled before settling times
+    were written (`_may_go`).
     """
     check_age(older_than)
     statuses = (*SETTLED, Status.UNHANDLED) if unhandled else SETTLED
@@ -138,11 +139,19 @@ def prune(
         if not page:
             return report
         after = page[-1].task_id
-        wanted = [doc.task_id for doc in page]
-        wanted += [doc.parent_id for doc in page if doc.parent_id is not None]
+        # Too young as listed is too young as it is now (a settling time only ever
+        # moves up, `Store.set_status`): kept without reading it again, which
+        # spares most pages of a history kept for weeks any other read.
+        old = [doc for doc in page if not _young(doc, older_than, now)]
+        if len(old) < len(page):
+            report.kept["too young"] += len(page) - len(old)
+        if not old:
+            continue
+        wanted = [doc.task_id for doc in old]
+        wanted += [doc.parent_id for doc in old if doc.parent_id is not None]
         current: dict[str, TaskDoc] = {doc.task_id: doc for doc in (yield FindTasks(tuple(wanted)))}
         doomed: list[TaskDoc] = []
-        for listed in page:
+        for listed in old:
             doc = current.get(listed.task_id)
             if doc is None:
                 continue  # deleted meanwhile
@@ -164,6 +173,17 @@ def prune(
             report.deleted.update(doc.status for doc in doomed)
 
 
+def _young(doc: TaskDoc, older_than: timedelta, now: datetime) -> bool:
+    """Whether ``doc`` settled too recently to go, by its settling time (False
+    without one: `_may_go` then reads its records)."""
+    settled = doc.due_at
+    return settled is not None and not _aged(settled, doc, older_than, now)
+
+
+def _aged(settled: datetime, doc: TaskDoc, older_than: timedelta, now: datetime) -> bool:
+    return now - settled > older_than + max(doc.timeout, doc.handler_timeout)
+
+
 def _may_go(doc: TaskDoc, older_than: timedelta, now: datetime) -> Conversation[bool]:
     """Whether no writer can reach the task any more, given that its hint is terminal:
     it settled more than ``older_than`` plus its longest time limit ago.
@@ -181,4 +201,4 @@ def _may_go(doc: TaskDoc, older_than: timedelta, now: datetime) -> Conversation[
         if status_of(view) not in TERMINAL:
             return True
         settled = max(record.at for record in view.records.values())
-    return now - settled > older_than + max(doc.timeout, doc.handler_timeout)
+    return _aged(settled, doc, older_than, now)

@@ -36,7 +36,7 @@ from tullius.machine import step
 from tullius.prune import MIN_AGE, PruneReport, prune
 from tullius.runtime.mongo_store import MongoStore
 from tullius.sim.memory_store import MemoryStore
-from tullius.store import Store
+from tullius.store import Store, perform
 
 DAY = timedelta(days=1)
 SEC = timedelta(seconds=1)
@@ -328,6 +328,27 @@ def test_a_prune_asked_for_one_page_at_a_time_says_where_to_go_on(store: Store) 
     assert [sum(r.deleted.values()) for r in reports] == [2, 2, 1, 0]
     assert [r.resume_after for r in reports] == ["t1", "t3", "t4", None]
     assert store.count_by_status() == {}
+
+
+def test_a_page_too_young_as_listed_is_kept_without_reading_it_again(store: Store) -> None:
+    # Given three tasks that succeeded a day ago
+    for n in range(3):
+        queued(store, f"t{n}")
+        run_to_the_end(store, f"t{n}", at=NOW - DAY)
+    # When they are pruned, the operations asked for noted
+    asked: list[str] = []
+    conversation = prune(MIN_AGE, now=NOW, batch=2)
+    result: Any = None
+    try:
+        while True:
+            op = conversation.send(result)
+            asked.append(type(op).__name__)
+            result = perform(store, op)
+    except StopIteration as stop:
+        report = stop.value
+    # Then only the pages were read: each was too young as listed
+    assert asked == ["FindByStatus", "FindByStatus", "FindByStatus"]
+    assert report.kept == {"too young": 3}
 
 
 @pytest.mark.parametrize("pages", [0, -1])

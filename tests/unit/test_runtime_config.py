@@ -298,7 +298,7 @@ def test_keep_finished_takes_a_number_of_days_from_the_flag_or_the_environment()
     )
     assert (by_flag.keep_finished, by_flag.prune_unhandled) == (timedelta(days=30), False)
     assert (by_env.keep_finished, by_env.prune_unhandled) == (timedelta(days=7.5), True)
-    assert by_flag.describe().endswith("; finished tasks kept 30 day(s)")
+    assert by_flag.describe().endswith("; succeeded and handled tasks kept 30 day(s)")
     assert by_env.describe().endswith("; succeeded, handled and unhandled tasks kept 7.5 day(s)")
     assert resolve(RawFlags(mongodb_uri=uri), {}, deps_loader=no_deps).keep_finished is None
 

@@ -75,7 +75,7 @@ def whole_pass(pruner: Pruner) -> PruneReport | BaseException:
     return result
 
 
-def test_the_first_pass_starts_within_a_minute_of_the_daemon() -> None:
+def test_the_first_pass_starts_within_a_minute_of_the_daemons_start() -> None:
     clocks = Clocks()
     starts = {pruner(MemoryStore(), clocks).next_at for _ in range(3)}
     assert all(clocks.seconds <= at <= clocks.seconds + FIRST_WITHIN for at in starts)
@@ -177,6 +177,21 @@ def test_a_page_cut_short_by_a_store_error_is_tried_again_a_minute_later() -> No
     assert store.reads_after[:3] == ["", "t1", "t1"]
     assert isinstance(report, PruneReport)
     assert report.deleted == {Status.SUCCEEDED: 5}
+
+
+def test_errors_in_a_row_double_the_wait_up_to_the_time_between_passes() -> None:
+    store, clocks = FailingOnce(), Clocks()
+    keeper = pruner(store, clocks)
+    waits = []
+    for _ in range(12):
+        store.reads_after[:] = [""]  # (its second read fails: each read here is one)
+        assert isinstance(page(keeper), StoreUnavailable)
+        waits.append(keeper.next_at - clocks.seconds)
+    assert waits[:4] == [RETRY_AFTER, 2 * RETRY_AFTER, 4 * RETRY_AFTER, 8 * RETRY_AFTER]
+    assert waits[-1] == PRUNE_EVERY
+    # And a page that works starts the count again
+    assert not isinstance(page(keeper), BaseException)
+    assert keeper.errors == 0
 
 
 def test_unhandled_tasks_are_pruned_only_when_asked() -> None:

@@ -127,7 +127,9 @@ class Settings:
             f"grace {self.grace:g}s"
         )
         if self.keep_finished is not None:
-            kept = "succeeded, handled and unhandled" if self.prune_unhandled else "finished"
+            kept = "succeeded and handled"
+            if self.prune_unhandled:
+                kept = "succeeded, handled and unhandled"
             line += f"; {kept} tasks kept {self.keep_finished / timedelta(days=1):g} day(s)"
         return line
 

@@ -7,7 +7,10 @@ down (design.md, "On FerretDB, history costs speed").
 `tullius.prune.prune` decides what may go, as it does for
 ``--prune-finished``; this keeps the schedule.  A pass every `PRUNE_EVERY`
 (give or take a tenth, so that daemons started together drift apart), the
-first within `FIRST_WITHIN` of the start.  A pass goes one page at a time,
+first within `FIRST_WITHIN` of the start.  Every six hours, not every hour:
+each pass on each daemon reads every finished task's document once (a page
+too young to prune costs no other read), and kept for days, tasks gain
+nothing from passes closer together.  A pass goes one page at a time,
 each page one piece of store work, and waits as long as a page took before
 the next, so that a large backlog never holds a store thread (an embedded
 store has only one) while leases wait to be renewed, and takes at most half
@@ -15,8 +18,10 @@ of one store thread's time (on FerretDB a page of 500 took 2.4 s).
 
 Several daemons pruning at once is safe: each deletion is of tasks no writer
 can reach any more, and deleting what another prune deleted deletes
-nothing.  A store error cuts a page short, never the pass: it goes
-on from the same page `RETRY_AFTER` later.
+nothing.  A store error cuts a page short, never the pass: it goes on
+from the same page `RETRY_AFTER` later, and twice as long after each error
+in a row (up to `PRUNE_EVERY`: a refusal that never ends, say no right to
+delete, is tried and logged four times a day).
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ from tullius.prune import PRUNE_BATCH, PruneReport, check_age, prune
 from tullius.store import Store
 
 #: Seconds from the end of one pass to the start of the next (give or take a tenth).
-PRUNE_EVERY: Final = 3600.0
+PRUNE_EVERY: Final = 6 * 3600.0
 #: The first pass starts at a random moment this many seconds after the daemon does.
 FIRST_WITHIN: Final = 60.0
-#: After a page cut short by an error, seconds before it is tried again.
+#: After a page cut short by an error, seconds before it is tried again (doubled
+#: after each error in a row).
 RETRY_AFTER: Final = 60.0
 
 
@@ -85,6 +91,8 @@ class Pruner:
         self._after: str | None = None
         self._pass = PruneReport()
         self._page_started = 0.0
+        #: Pages cut short by an error in a row.
+        self.errors = 0
 
     def work(self) -> Callable[[], PruneReport]:
         """The next page of the pass (a new pass if none is under way), for a store thread."""
@@ -114,8 +122,10 @@ class Pruner:
         now = self.monotonic()
         error = future.exception()
         if error is not None:
-            self.next_at = now + RETRY_AFTER
+            self.errors += 1
+            self.next_at = now + min(RETRY_AFTER * 2 ** min(self.errors - 1, 30), self.every)
             return error
+        self.errors = 0
         page: PruneReport = future.result()
         self._pass.add(page)
         if page.resume_after is not None:

@@ -68,7 +68,7 @@ from tullius.runtime.config import Settings
 from tullius.runtime.coverage_check import CoverageCheck
 from tullius.runtime.mongo_store import redact, short_error
 from tullius.runtime.processes import KILL_GRACE, WorkerKeeping, failure_event
-from tullius.runtime.pruner import RETRY_AFTER, Pruner
+from tullius.runtime.pruner import Pruner
 from tullius.runtime.slots import Counters, Finishing, Running, Slot, WorkerProcess
 from tullius.runtime.store_thread import StoreThread
 from tullius.runtime.store_watch import WatchedStore
@@ -709,14 +709,14 @@ class Supervisor(WorkerKeeping):
     def _schedule_prune(self, pruner: Pruner) -> None:
         def done(future: Future[Any]) -> None:
             outcome = pruner.finished(future)
-            if isinstance(outcome, StoreError):
+            if isinstance(outcome, StoreUnavailable):
                 self._store_failed("prune", outcome)
             elif isinstance(outcome, BaseException):
                 log.error(
-                    "prune failed: %s: %s; trying again in %g s",
+                    "prune failed: %s: %s; trying again in %.0f s",
                     type(outcome).__name__,
                     short_error(outcome),
-                    RETRY_AFTER,
+                    pruner.next_at - time.monotonic(),
                 )
             elif outcome is not None and outcome.deleted:
                 log.info("pruned: %s", outcome.describe(pruner.keep))
