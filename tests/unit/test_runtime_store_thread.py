@@ -15,7 +15,7 @@ from tests.store_contract import make_doc
 from tullius.band import Band
 from tullius.clock import SystemClock
 from tullius.engine import SweepReport, claim, drive
-from tullius.errors import StoreUnavailable
+from tullius.errors import StoreError, StoreUnavailable
 from tullius.policy import LeaseTimings, LeaseWatch
 from tullius.runtime.store_thread import StoreThread
 from tullius.runtime.store_watch import WatchedStore
@@ -192,3 +192,51 @@ def test_store_errors_now_and_then_do_not_keep_a_dead_lease_from_being_declared_
         time.sleep(sweeper.every)
     # Then the dead lease is declared lost all the same
     assert expired == ["t1:run"]
+
+
+class Scripted:
+    """A store whose ``load`` does what the test says, on a clock the test moves."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.error: Exception | None = None
+        self.takes = 0.0
+
+    def load(self, task_id: str) -> None:
+        self.seconds += self.takes
+        if self.error is not None:
+            raise self.error
+
+
+def _watched_script() -> tuple[Scripted, LeaseWatch, Any]:
+    inner = Scripted()
+    watch = LeaseWatch(timedelta(seconds=15))
+    return inner, watch, WatchedStore(inner, watch, monotonic=lambda: inner.seconds)  # type: ignore[arg-type]
+
+
+def test_a_refusal_is_an_answer_and_stops_no_store_time() -> None:
+    inner, watch, store = _watched_script()
+    for second in range(100):
+        inner.seconds = float(second)
+        inner.error = StoreError("load failed: OperationFailure: not authorized")
+        with contextlib.suppress(StoreError):
+            store.load("t1")
+        assert not watch.down
+    assert watch.store_time(100.0) == 100.0
+
+
+def test_an_outage_starts_no_later_than_the_failed_call_was_asked() -> None:
+    inner, watch, store = _watched_script()
+    # Given a call asked at 100 s that hangs until 130 s and fails, while one asked
+    # at 108 s worked
+    inner.seconds = 108.0
+    store.load("t1")
+    inner.seconds, inner.takes = 100.0, 30.0
+    inner.error = StoreUnavailable("load", "socket timeout")
+    with contextlib.suppress(StoreUnavailable):
+        store.load("t1")
+    # When a call asked after it works at 131 s
+    inner.seconds, inner.takes, inner.error = 131.0, 0.0, None
+    store.load("t1")
+    # Then store time stood still from 100 s, when the failed call was asked
+    assert watch.store_time(131.0) == 100.0
