@@ -195,7 +195,7 @@ def test_store_errors_now_and_then_do_not_keep_a_dead_lease_from_being_declared_
 
 
 class Scripted:
-    """A store whose ``load`` does what the test says, on a clock the test moves."""
+    """A store whose ``load`` and ``beat`` do what the test says, on a clock the test moves."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -207,6 +207,9 @@ class Scripted:
         if self.error is not None:
             raise self.error
 
+    def beat(self, record_id: str) -> None:
+        self.load(record_id)
+
 
 def _watched_script() -> tuple[Scripted, LeaseWatch, Any]:
     inner = Scripted()
@@ -214,7 +217,7 @@ def _watched_script() -> tuple[Scripted, LeaseWatch, Any]:
     return inner, watch, WatchedStore(inner, watch, monotonic=lambda: inner.seconds)  # type: ignore[arg-type]
 
 
-def test_a_refusal_is_an_answer_and_stops_no_store_time() -> None:
+def test_a_refused_read_is_an_answer_and_stops_no_store_time() -> None:
     inner, watch, store = _watched_script()
     for second in range(100):
         inner.seconds = float(second)
@@ -240,3 +243,18 @@ def test_an_outage_starts_no_later_than_the_failed_call_was_asked() -> None:
     store.load("t1")
     # Then store time stood still from 100 s, when the failed call was asked
     assert watch.store_time(131.0) == 100.0
+
+
+def test_a_refused_write_stops_store_time_until_a_call_works() -> None:
+    # Out of disk, say: owners can't renew either
+    inner, watch, store = _watched_script()
+    inner.seconds = 10.0
+    store.load("t1")
+    inner.seconds, inner.error = 12.0, StoreError("beat failed: OperationFailure: disk full")
+    with contextlib.suppress(StoreError):
+        store.beat("t1:run")
+    assert watch.down
+    inner.seconds, inner.error = 20.0, None
+    store.load("t1")
+    assert not watch.down
+    assert watch.store_time(20.0) == 10.0

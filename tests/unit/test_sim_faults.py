@@ -718,3 +718,25 @@ def test_a_verdict_held_back_by_a_pause_keeps_its_lease_renewed_through_an_outag
             sim.store_outage(at=timedelta(seconds=2.95), duration=timedelta(seconds=seconds))
             sim.drain(within=timedelta(minutes=5))
             assert_outcomes(sim.chain(task), "crashed")
+
+
+def test_outages_every_second_at_a_live_owners_beats_and_retries_do_not_fail_it_as_lost() -> None:
+    # Its renewal and each of its retries a second later fall in an outage of the
+    # whole store, which the other server sees too: its store time stands still
+    sim = Simulation(
+        seed=1,
+        servers=["s1", "s2"],
+        task_processes=[(1, 0, 10)],
+        poll_interval=timedelta(milliseconds=10),
+    )
+    task = Sleeper(secs=40)
+    sim.queue(task)
+    every_second = [
+        StoreOutage(at=timedelta(seconds=9.976 + k), duration=timedelta(milliseconds=50))
+        for k in range(25)
+    ]
+    sim.apply(every_second)
+    sim.drain(within=timedelta(minutes=30))
+    [link] = sim.chain(task)
+    assert link.outcome == "succeeded", link.failure
+    sim.close()

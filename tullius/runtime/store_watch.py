@@ -7,12 +7,13 @@ daemon sees them.  Claims poll every few milliseconds, so the ends are
 usually that close; a sweep, a renewal or a ``queue()`` from a task counts
 the same.
 
-Only `StoreUnavailable` is an outage: `MongoStore` raises it once a call has
-failed to reach the database for its whole retry time (5 s).  A plain
-`StoreError` is the database answering with a refusal (no rights, a bad
-document), which says it is up: counted as a call that worked.  Else a
-refusal repeated every second (a claim query the database rejects) would
-stop store time for good, and no lease would ever be declared lost.
+What is an outage: a `StoreUnavailable` (`MongoStore` raises it once a call
+has failed to reach the database for its whole retry time, 5 s), and a write
+the database refused (out of disk, a quota: owners can't renew then either).
+A refused read is the database answering, which says it is up: counted as a
+call that worked.  Else a claim query refused every second would stop store
+time for good, and no lease would ever be declared lost; a refused write
+stops it only until the next call that works (claims poll every 10 ms).
 """
 
 from __future__ import annotations
@@ -30,6 +31,19 @@ from tullius.store import Store
 #: The calls reported: the `Store` protocol's operations.
 STORE_METHODS: frozenset[str] = frozenset(
     name for name, value in vars(Store).items() if callable(value) and not name.startswith("_")
+)
+#: Those that write: refused, they are an outage (see the module).
+WRITE_METHODS: frozenset[str] = frozenset(
+    {
+        "insert_record",
+        "insert_tasks",
+        "set_status",
+        "beat",
+        "announce_server",
+        "mark_stopped",
+        "forget_server",
+        "delete_tasks",
+    }
 )
 
 
@@ -59,27 +73,30 @@ class WatchedStore:
         found = getattr(self.inner, name)
         if name not in STORE_METHODS:  # (a pymongo collection is callable, and no call)
             return found
-        return functools.partial(self._call, found)
+        return functools.partial(self._call, found, name in WRITE_METHODS)
 
     def __repr__(self) -> str:
         return f"WatchedStore({self.inner!r})"
 
-    def _call(self, method: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, method: Callable[..., Any], writes: bool, /, *args: Any, **kwargs: Any) -> Any:
         asked = self._monotonic()
         try:
             result = method(*args, **kwargs)
-        except StoreUnavailable:
-            with self._lock:
-                # The earlier of the two: a call asked before the latest one that
-                # worked may have hung on a dead connection since it was asked.
-                up_at = asked if self._up_at is None else min(asked, self._up_at)
-                self.watch.store_failed(up_at, self._monotonic())
-            raise
-        except StoreError:
-            self._answered(asked)
+        except StoreError as error:
+            if writes or isinstance(error, StoreUnavailable):
+                self._failed(asked)
+            else:
+                self._answered(asked)
             raise
         self._answered(asked)
         return result
+
+    def _failed(self, asked: float) -> None:
+        with self._lock:
+            # The earlier of the two: a call asked before the latest one that
+            # worked may have hung on a dead connection since it was asked.
+            up_at = asked if self._up_at is None else min(asked, self._up_at)
+            self.watch.store_failed(up_at, self._monotonic())
 
     def _answered(self, asked: float) -> None:
         with self._lock:

@@ -240,7 +240,7 @@ class Scheduler(ServerEvents):
         error = self._store_fault(server, op, name) if self._outages or self._armed_at else None
         if error is not None and not error[0]:
             assert error[1] is not None
-            self._store_failed(server, error[1])
+            self._store_failed(server, error[1], op)
             self._advance(actor, None, error[1])
             return
         result = do(op)
@@ -249,7 +249,7 @@ class Scheduler(ServerEvents):
         if error is not None:
             if error[1] is None:  # a StepCrash: no reply, no server
                 return
-            self._store_failed(server, error[1])
+            self._store_failed(server, error[1], op)
             self._advance(actor, None, error[1])
         else:
             # As the daemon's `WatchedStore`: its sweeps' store time (`LeaseWatch`).

@@ -65,7 +65,15 @@ from tullius.sim.memory_store import MemoryStore
 from tullius.sim.threads import Baton, BatonPool, current_baton
 from tullius.sim.tracebacks import format_exception
 from tullius.sim.virtual_time import REAL, TaskStopped, UserThreadLeak, VirtualTime, module_of
-from tullius.store import Beat, FindByStatus, FindDue, Load
+from tullius.store import (
+    AnnounceServer,
+    Beat,
+    DeleteTasks,
+    FindByStatus,
+    FindDue,
+    ForgetServer,
+    Load,
+)
 from tullius.task import Task, from_doc, to_specs
 from tullius.user_errors import bounded_message, bounded_traceback, raised
 
@@ -82,6 +90,12 @@ _SIGTERMED = frozenset({"timeout", "shutdown"})
 # Job kinds as module globals: ``JobKind.RUN`` goes through the enum metaclass's
 # ``__getattr__`` (~75 ns on 3.11), and every job reads them several times.
 _RUN, _HANDLE = JobKind.RUN, JobKind.HANDLE
+
+
+#: The store operations that write: refused, they stop store time (`_store_failed`).
+WRITES: Final = frozenset(
+    {InsertRecord, InsertTasks, SetStatus, Beat, AnnounceServer, ForgetServer, DeleteTasks}
+)
 
 
 class Wait:
@@ -543,15 +557,15 @@ class Drivers:
             yield Wait(self._beat_us)
         ex.beating = False  # a verdict that fails later starts another (`_work`)
 
-    def _store_failed(self, server: Server, error: BaseException) -> None:
+    def _store_failed(self, server: Server, error: BaseException, op: object) -> None:
         """A store call of ``server`` failed: if the store could not be reached (a
-        `StoreOutage`), its sweeper's store time stands still from its latest call
-        that worked (`LeaseWatch`), as the daemon's does (`runtime.store_watch`).
-        A `StoreFault` fails one call of one server: the store answered."""
+        `StoreOutage`) or refused a write (a `StoreFault` on one), its sweeper's
+        store time stands still from its latest call that worked (`LeaseWatch`),
+        as the daemon's does (`runtime.store_watch`); a read refused is an answer."""
         watch = server.watch
         if watch is None:
             return
-        if isinstance(error, StoreUnavailable):
+        if isinstance(error, StoreUnavailable) or type(op) in WRITES:
             watch.store_failed(server.up_us / US, server.clock.monotonic())
             server.store_down = True
         else:
@@ -719,7 +733,7 @@ class Drivers:
             ids = self._insert_roots(specs, server.clock.now())
         if fault is not None:
             error = fault[1] or StoreError("the server died")  # (a StepCrash: it did)
-            self._store_failed(server, error)
+            self._store_failed(server, error, InsertTasks(()))
             raise StoreError(f"queue() failed in the daemon: {type(error).__name__}: {error}")
         self._store_answered(server)
         self._poke(server)
