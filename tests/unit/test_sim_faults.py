@@ -450,11 +450,34 @@ def test_refused_store_calls_now_and_then_cost_a_crashed_servers_task_no_time() 
     sim.close()
 
 
-def test_brief_outages_at_each_of_its_beats_do_not_get_a_live_owner_failed_as_lost() -> None:
-    # Why: a simulated owner whose renewal failed waited a whole heartbeat to try
-    # again (the daemon: a second), so with store time counted, outages of 50 ms at
-    # four of its beats in a row got its running task failed as lost by the other
-    # server, which saw every outage
+def outages(first: float, every: float, count: int) -> list[StoreOutage]:
+    """``count`` outages of the whole store, 50 ms each, centred ``every`` seconds
+    apart from ``first``."""
+    return [
+        StoreOutage(
+            at=timedelta(seconds=first - 0.025 + every * k), duration=timedelta(seconds=0.05)
+        )
+        for k in range(count)
+    ]
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        # Why: a simulated owner whose renewal failed waited a whole heartbeat to try
+        # again (the daemon: a second), so with store time counted, outages at its
+        # beats got its running task failed as lost by the other server, which saw
+        # every outage
+        outages(first=10.006, every=5, count=6),
+        # Its renewal and each of its retries a second later fall in an outage the
+        # other server sees too: its store time stands still
+        outages(first=10.001, every=1, count=25),
+    ],
+    ids=["at-its-beats", "at-its-beats-and-retries"],
+)
+def test_brief_outages_of_the_whole_store_do_not_get_a_live_owner_failed_as_lost(
+    schedule: list[StoreOutage],
+) -> None:
     sim = Simulation(
         seed=1,
         servers=["s1", "s2"],
@@ -463,11 +486,7 @@ def test_brief_outages_at_each_of_its_beats_do_not_get_a_live_owner_failed_as_lo
     )
     task = Sleeper(secs=40)
     sim.queue(task)
-    at_its_beats = [
-        StoreOutage(at=timedelta(seconds=4.981 + 5 * k), duration=timedelta(milliseconds=50))
-        for k in range(1, 7)
-    ]
-    sim.apply(at_its_beats)
+    sim.apply(schedule)
     sim.drain(within=timedelta(minutes=30))
     [link] = sim.chain(task)
     assert link.outcome == "succeeded", link.failure
@@ -718,25 +737,3 @@ def test_a_verdict_held_back_by_a_pause_keeps_its_lease_renewed_through_an_outag
             sim.store_outage(at=timedelta(seconds=2.95), duration=timedelta(seconds=seconds))
             sim.drain(within=timedelta(minutes=5))
             assert_outcomes(sim.chain(task), "crashed")
-
-
-def test_outages_every_second_at_a_live_owners_beats_and_retries_do_not_fail_it_as_lost() -> None:
-    # Its renewal and each of its retries a second later fall in an outage of the
-    # whole store, which the other server sees too: its store time stands still
-    sim = Simulation(
-        seed=1,
-        servers=["s1", "s2"],
-        task_processes=[(1, 0, 10)],
-        poll_interval=timedelta(milliseconds=10),
-    )
-    task = Sleeper(secs=40)
-    sim.queue(task)
-    every_second = [
-        StoreOutage(at=timedelta(seconds=9.976 + k), duration=timedelta(milliseconds=50))
-        for k in range(25)
-    ]
-    sim.apply(every_second)
-    sim.drain(within=timedelta(minutes=30))
-    [link] = sim.chain(task)
-    assert link.outcome == "succeeded", link.failure
-    sim.close()
