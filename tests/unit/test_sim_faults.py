@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
 import tullius
+from tullius.policy import LeaseTimings
 from tullius.sim import (
     DrainTimeout,
     ServerPause,
@@ -403,51 +406,49 @@ def test_store_outage_delays_but_loses_nothing() -> None:
     sim.close()
 
 
+def lost_after_the_crash(faults_of_the_other: Callable[[str], list[Any]]) -> timedelta:
+    """How long after its server crashed a task was failed as lost by the other
+    server, whose faults ``faults_of_the_other(name)`` gives (from 2 s)."""
+    task = Sleeper(secs=300)
+    sim, owner, other = running_on_one_of_two_servers(1, task, timedelta(seconds=1))
+    sim.apply(faults_of_the_other(other))
+    sim.run_for(timedelta(seconds=2))
+    crashed_at = sim.now
+    sim.crash_server(owner, at=sim.elapsed)
+    sim.drain(within=timedelta(hours=1))
+    [link] = sim.chain(task)
+    sim.close()
+    assert link.failure is not None
+    assert link.failure.kind == "lost"
+    assert link.finished_at is not None
+    return link.finished_at - crashed_at
+
+
 def test_brief_outages_now_and_then_do_not_keep_a_crashed_servers_task_from_being_lost() -> None:
     # Why: a sweeper forgot what it had seen after any store error of its server, so
     # a tenth of a second without the store every 4 s kept a crashed server's task
     # running for as long as they went on (lost 811 s after the crash here; now 31 s,
     # and 20 s without them)
-    task = Sleeper(secs=300)
-    sim, owner, other = running_on_one_of_two_servers(1, task, timedelta(seconds=1))
-    every_4s = [
-        StoreOutage(at=timedelta(seconds=2 + 4 * n), duration=timedelta(seconds=0.1), server=other)
-        for n in range(200)
-    ]
-    sim.apply(every_4s)
-    sim.run_for(timedelta(seconds=2))
-    crashed_at = sim.now
-    sim.crash_server(owner, at=sim.elapsed)
-    sim.drain(within=timedelta(hours=1))
-    [link] = sim.chain(task)
-    assert link.failure is not None
-    assert link.failure.kind == "lost"
-    assert link.finished_at is not None
+    def every_4s(server: str) -> list[Any]:
+        tenth = timedelta(seconds=0.1)
+        return [
+            StoreOutage(at=timedelta(seconds=2 + 4 * n), duration=tenth, server=server)
+            for n in range(200)
+        ]
+
     # Each outage stops the sweeps' store time from the server's last call that worked
     # to its next (its claims poll every second, and wait a second after an error):
-    # up to 2 s in every 4, so at worst twice the lease
-    assert link.finished_at - crashed_at < 2 * sim.timings.lease
-    sim.close()
+    # up to 2 s in every 4, so at worst about twice the lease
+    assert lost_after_the_crash(every_4s) < 2 * LeaseTimings().lease
 
 
 def test_refused_store_calls_now_and_then_cost_a_crashed_servers_task_no_time() -> None:
-    # A refusal is an answer: the store is up, and owners can renew
-    task = Sleeper(secs=300)
-    sim, owner, other = running_on_one_of_two_servers(1, task, timedelta(seconds=1))
-    every_second = [
-        StoreFault(other, "FindDue", "not_applied", at=timedelta(seconds=2 + n)) for n in range(600)
-    ]
-    sim.apply(every_second)
-    sim.run_for(timedelta(seconds=2))
-    crashed_at = sim.now
-    sim.crash_server(owner, at=sim.elapsed)
-    sim.drain(within=timedelta(hours=1))
-    [link] = sim.chain(task)
-    assert link.failure is not None
-    assert link.failure.kind == "lost"
-    assert link.finished_at is not None
-    assert link.finished_at - crashed_at <= sim.timings.lease
-    sim.close()
+    # A refused read is an answer: the store is up, and owners can renew
+    def every_second(server: str) -> list[Any]:
+        at = [timedelta(seconds=2 + n) for n in range(600)]
+        return [StoreFault(server, "FindDue", "not_applied", at=t) for t in at]
+
+    assert lost_after_the_crash(every_second) <= LeaseTimings().lease
 
 
 def outages(first: float, every: float, count: int) -> list[StoreOutage]:
