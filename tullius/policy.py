@@ -115,6 +115,10 @@ class LeaseTimings:
         (`tullius.coverage`): slow work, so no more often than the lease."""
         return self.lease
 
+    def watch(self) -> LeaseWatch:
+        """A new memory for one server's sweeps, by these periods (every driver's)."""
+        return LeaseWatch(self.stale_after, late_after=self.late_sweep)
+
     @property
     def late_sweep(self) -> timedelta:
         """A sweep starting this long after the last good one ended was not watching

@@ -132,7 +132,7 @@ def _watched_sweeper() -> tuple[Switchable, Any, Sweeper]:
     as the daemon's does (lease 1.2 s: stale after 0.6 s of store time)."""
     inner = Switchable(_store_with_a_lease_of_another_server())
     timings = LeaseTimings(timedelta(seconds=1.2))
-    watch = LeaseWatch(timings.stale_after, late_after=timings.late_sweep)
+    watch = timings.watch()
     store = WatchedStore(inner, watch)
     sweeper = Sweeper(
         store,

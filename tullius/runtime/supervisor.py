@@ -63,7 +63,7 @@ from tullius.engine import (
 )
 from tullius.errors import InvalidTransition, StoreError, StoreUnavailable, WriteWindowClosed
 from tullius.events import Event, Failed, HandlerFailed
-from tullius.policy import WRITE_WINDOW, LeaseTimings, LeaseWatch, verdict_window
+from tullius.policy import WRITE_WINDOW, LeaseTimings, verdict_window
 from tullius.runtime.config import Settings
 from tullius.runtime.coverage_check import CoverageCheck
 from tullius.runtime.mongo_store import redact, short_error
@@ -129,7 +129,7 @@ class Supervisor(WorkerKeeping):
         self.settings = settings
         self.server = settings.server_name
         self.timings = LeaseTimings(settings.lease)
-        watch = LeaseWatch(self.timings.stale_after, late_after=self.timings.late_sweep)
+        watch = self.timings.watch()
         #: Every call of ours to the store is reported to the sweeps' watch (but
         #: the observer's, which gets the store as given).
         self.store: Store = WatchedStore(store, watch)

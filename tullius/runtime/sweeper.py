@@ -45,7 +45,7 @@ class Sweeper:
         self.rng = rng
         self.every = timings.sweep.total_seconds()
         #: What the sweeps remember; the store the daemon sweeps with reports to it.
-        self.watch = watch or LeaseWatch(timings.stale_after, late_after=timings.late_sweep)
+        self.watch = watch or timings.watch()
         #: When the next sweep is due (monotonic seconds).
         self.next_at = 0.0
         #: A sweep is on the store thread.

@@ -252,10 +252,7 @@ class Scheduler(ServerEvents):
             self._store_failed(server, error[1], op)
             self._advance(actor, None, error[1])
         else:
-            # As the daemon's `WatchedStore`: its sweeps' store time (`LeaseWatch`).
-            server.up_us = self.clock.us
-            if server.store_down:
-                self._store_worked(server)
+            self._store_answered(server)  # as the daemon's `WatchedStore` (`LeaseWatch`)
             self._advance(actor, result)
 
     def _store_fault(

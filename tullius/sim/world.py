@@ -574,18 +574,11 @@ class Drivers:
     def _store_answered(self, server: Server) -> None:
         """A store call of ``server`` was answered: it ends an outage open."""
         server.up_us = self.clock.us
-        if server.store_down:
-            self._store_worked(server)
-
-    def _store_worked(self, server: Server) -> None:
-        """A store call of ``server`` worked while its watch had an outage open."""
         watch = server.watch
-        if watch is not None:
+        if server.store_down and watch is not None:
             now = server.clock.monotonic()
             watch.store_worked(now, now)
             server.store_down = watch.down
-        else:
-            server.store_down = False
 
     @staticmethod
     def _own_tokens(server: Server) -> frozenset[str]:
@@ -601,7 +594,7 @@ class Drivers:
         """Sweep every sweep period, as the daemon's `Sweeper`: the same `LeaseWatch`
         rules (store time stands still through the server's outages; a late sweep
         forgets)."""
-        watch = LeaseWatch(self.timings.stale_after, late_after=self.timings.late_sweep)
+        watch = self.timings.watch()
         server.watch, server.store_down = watch, False
         yield Wait(self.rng.randrange(self._sweep_us // 1000 + 1) * 1000)
         while True:
