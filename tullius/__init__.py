@@ -4,12 +4,13 @@ The public API, re-exported here and nowhere else.  See the README for use and
 ``docs/design.md`` for how it works.
 """
 
-from tullius.api import chain, configure, queue, retry_unhandled, tree
+from tullius.api import chain, configure, keyed_id, queue, retry_unhandled, tree
 from tullius.band import Band
 from tullius.document import Failure, FailureKind, Status
 from tullius.errors import (
     ConfigError,
     InvalidTransition,
+    KeyConflict,
     NotRetried,
     StoreError,
     StoreUnavailable,
@@ -35,6 +36,7 @@ __all__ = [
     "Failure",
     "FailureKind",
     "InvalidTransition",
+    "KeyConflict",
     "NotRetried",
     "Retry",
     "Status",
@@ -51,6 +53,7 @@ __all__ = [
     "__version__",
     "chain",
     "configure",
+    "keyed_id",
     "queue",
     "retry_unhandled",
     "tree",

@@ -22,14 +22,15 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-from tullius.document import TaskSpec, queued_doc
-from tullius.errors import ConfigError, TaskDefinitionError
+from tullius.document import TaskDoc, TaskSpec, as_stored, keyed_task_id, queued_doc, short_name
+from tullius.errors import ConfigError, KeyConflict, TaskDefinitionError
 from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
 from tullius.retry import Retry, retry_now
 from tullius.store import Store
 from tullius.task import Task, find_in_module, queued_tasks, split_task_name, to_specs
 
-Sink = Callable[[Sequence[TaskSpec]], list[str]]
+#: Where a driver sends ``queue()`` calls: the specs and the call's ``key`` (or None).
+Sink = Callable[[Sequence[TaskSpec], str | None], list[str]]
 
 _sink: ContextVar[Sink | None] = ContextVar("tullius_queue_sink", default=None)
 _store: Store | None = None
@@ -98,28 +99,129 @@ def queue_sink(sink: Sink) -> Iterator[None]:
 
 
 def insert_queued(
-    store: Store, specs: Sequence[TaskSpec], *, now: datetime, new_id: Callable[[], str]
+    store: Store,
+    specs: Sequence[TaskSpec],
+    *,
+    now: datetime,
+    new_id: Callable[[], str],
+    key: str | None = None,
 ) -> list[str]:
-    """Insert new root tasks for ``specs``; return their ids.  Used by every driver."""
-    docs = [queued_doc(spec, task_id=new_id(), now=now) for spec in specs]
-    store.insert_tasks(docs)
+    """Insert new root tasks for ``specs``; return their ids.  Used by every driver.
+
+    With a ``key`` (checked by `check_key`), the ids are the key's
+    (`keyed_task_id`), and a task already stored under one is kept, not
+    inserted again: the call can be repeated after any error, or by another
+    process, and stores each task once.  A stored task that is not the same
+    class and fields raises `KeyConflict`; a conflict seen before inserting
+    stores nothing.
+    """
+    if key is None:
+        docs = [queued_doc(spec, task_id=new_id(), now=now) for spec in specs]
+        store.insert_tasks(docs)
+        return [doc.task_id for doc in docs]
+    docs = [
+        queued_doc(spec, task_id=keyed_task_id(key, index), now=now)
+        for index, spec in enumerate(specs)
+    ]
+    # Read first, not insert and compare: MongoStore refuses a repeated id only while
+    # the task is live, and a finished task inserted again would be queued a second
+    # time (harmlessly: its claim loses to the stored run record; but it costs work).
+    stored = _same_as_stored(key, docs, store.find_tasks([doc.task_id for doc in docs]))
+    missing = [doc for doc in docs if doc.task_id not in stored]
+    if missing and store.insert_tasks(missing) < len(missing):
+        # Another call with the key came between the read and the insert (or this
+        # insert's first answer was lost and its repeat found its own tasks).
+        _same_as_stored(key, missing, store.find_tasks([doc.task_id for doc in missing]))
     return [doc.task_id for doc in docs]
 
 
-def queue(task_or_tasks: Task | Iterable[Task]) -> list[str]:
+def check_key(key: object) -> str | None:
+    """``key`` as a plain ``str`` if it can be a ``queue()`` key (a non-empty str that
+    encodes as UTF-8; a subclass is taken by its value, as fields are), or None."""
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key:
+        raise ConfigError("queue() key", key, "is not a key; expected a non-empty str")
+    try:
+        key.encode()
+    except UnicodeEncodeError as error:
+        raise ConfigError(
+            "queue() key", key, f"can't be encoded as UTF-8 ({error.reason}); expected a str"
+        ) from None
+    return str.__str__(key)
+
+
+def _same_as_stored(key: str, docs: Sequence[TaskDoc], found: Sequence[TaskDoc]) -> set[str]:
+    """The ids of ``docs`` already stored (``found``); `KeyConflict` if one differs."""
+    by_id = {doc.task_id: doc for doc in found}
+    for index, doc in enumerate(docs):
+        stored = by_id.get(doc.task_id)
+        if stored is not None:
+            difference = _difference(stored, as_stored(doc))
+            if difference:
+                raise KeyConflict(key, index, doc.task_id, difference)
+    return set(by_id)
+
+
+def _difference(stored: TaskDoc, given: TaskDoc) -> str:
+    """How ``given`` (as it would be stored) differs in class or fields; "" if not."""
+    if stored.class_name != given.class_name:
+        return f"stored {short_name(stored.class_name)}, given {short_name(given.class_name)}"
+    for name in sorted(set(stored.fields) | set(given.fields)):
+        if name not in given.fields:
+            return f"field {name!r} only in the stored task"
+        if name not in stored.fields:
+            return f"field {name!r} only in the given task"
+        if not _same_value(stored.fields[name], given.fields[name]):
+            return (
+                f"field {name!r}: {_short(stored.fields[name])} stored, "
+                f"{_short(given.fields[name])} given"
+            )
+    return ""
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _same_value(stored: Any, given: Any) -> bool:
+    """Equal as stored values; a NaN equal to a NaN (a repeat of the call gives both)."""
+    if isinstance(stored, float) and isinstance(given, float):
+        return stored == given or (stored != stored and given != given)
+    if isinstance(stored, dict) and isinstance(given, dict):
+        return stored.keys() == given.keys() and all(
+            _same_value(value, given[name]) for name, value in stored.items()
+        )
+    if isinstance(stored, list) and isinstance(given, list):
+        return len(stored) == len(given) and all(map(_same_value, stored, given))
+    return bool(stored == given)
+
+
+def queue(task_or_tasks: Task | Iterable[Task], *, key: str | None = None) -> list[str]:
     """Store tasks to be run.  Returns their ids, also set as each task's ``task_id``.
 
     All tasks are validated before any is stored: a refused call stores nothing.
 
+    Args:
+        key: names the call, so that repeating it stores nothing twice: its
+            tasks get ids derived from the key (`keyed_id`), and a task already
+            stored under one is kept.  Use it where a call may be repeated
+            after an error whose write may have been applied, or by a retried
+            request: a key of your own, e.g. ``f"invoice-{invoice.id}"``.
+            Remembered as long as the task is kept (see pruning).
+
     Raises:
         TaskDefinitionError: something that is not a Task, or a field that can't be stored.
-        ConfigError: no store is configured and ``tullius_deps`` is missing.
+        ConfigError: no store is configured and ``tullius_deps`` is missing; a bad ``key``.
+        KeyConflict: a task stored under ``key`` differs in class or fields.
     """
+    key = check_key(key)
     tasks = queued_tasks(task_or_tasks, role="queue() argument")
     specs = to_specs(tasks, role="queue() argument")
     sink = _sink.get()
     if sink is not None:
-        ids = sink(specs)
+        ids = sink(specs, key)
     else:
         for task in tasks:
             _check_loadable_elsewhere(type(task))
@@ -132,10 +234,23 @@ def queue(task_or_tasks: Task | Iterable[Task]) -> list[str]:
                     "call this within `with sim.queue_calls():`"
                 )
             raise
-        ids = insert_queued(store, specs, now=datetime.now(UTC), new_id=lambda: uuid.uuid4().hex)
+        ids = insert_queued(
+            store, specs, now=datetime.now(UTC), new_id=lambda: uuid.uuid4().hex, key=key
+        )
     for task, task_id in zip(tasks, ids, strict=True):
         task.task_id = task_id
     return ids
+
+
+def keyed_id(key: str, index: int = 0) -> str:
+    """The id ``queue(..., key=key)`` gives its ``index``-th task (0: the first or only one),
+    for ``chain()`` or ``tulliusd --status`` without the task at hand."""
+    checked = check_key(key)
+    if checked is None:
+        raise ConfigError("keyed_id() key", key, "is not a key; expected a non-empty str")
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise ConfigError("keyed_id() index", index, "expected an int >= 0")
+    return keyed_task_id(checked, index)
 
 
 def _check_loadable_elsewhere(cls: type[Task]) -> None:

@@ -308,6 +308,18 @@ def derive_task_id(parent_id: str, origin: Origin, index: int) -> str:
     return b32encode(digest.digest()).decode().lower()
 
 
+def keyed_task_id(key: str, index: int) -> str:
+    """The id of the ``index``-th task queued with ``key`` (`tullius.queue`'s ``key=``).
+
+    Deterministic for the same reason as `derive_task_id`: a repeated call
+    inserts the same ids, and the store keeps the first.  Hashed, so that any
+    key (colons, a megabyte) makes an id of the usual shape; the prefix keeps
+    it apart from every derived id.
+    """
+    digest = hashlib.blake2b(f"key/{key}/{index}".encode(), digest_size=10)
+    return b32encode(digest.digest()).decode().lower()
+
+
 def queued_doc(
     spec: TaskSpec,
     *,

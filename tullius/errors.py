@@ -8,6 +8,7 @@
         InvalidTransition    an event not allowed in the task's status; nothing changed
         TaskNotFound
         NotRetried           an unhandled task's failed() can't be retried (see tullius.retry)
+        KeyConflict          queue(key=K) given a task other than the one stored under K
         UnknownTaskClass     a stored document names a class that can't be loaded
       StoreError
         StoreUnavailable     the database could not be reached after retries
@@ -141,6 +142,37 @@ class NotRetried(TaskError):
         self.task_id = task_id
         self.reason = reason
         super().__init__(f"task {task_id!r} not retried: {reason}")
+
+
+class KeyConflict(TaskError, ValueError):
+    """``queue(..., key=K)`` was given a task other than the one stored under ``K``.
+
+    Why an error: a key says "this is the same call as before", so that a
+    repeat after a lost answer stores nothing twice.  A different class or
+    different fields under a key already used is a mistake (a key reused for
+    another purpose, or not unique enough), and keeping the stored task
+    silently would lose the new one.  Nothing of the call was stored, unless
+    another call with the key raced it (then the tasks without a conflict may
+    be).  A ``ValueError`` too: the argument is wrong, not its type.
+
+    Attributes:
+        key: the key given.
+        index: which task of the call (0 for the first or only one).
+        task_id: the stored task's id (`tullius.keyed_id(key, index)`).
+        difference: what differs, e.g. ``field 'amount': 10 stored, 12 given``.
+    """
+
+    def __init__(self, key: str, index: int, task_id: str, difference: str) -> None:
+        self.key = key
+        self.index = index
+        self.task_id = task_id
+        self.difference = difference
+        which = "" if index == 0 else f" (task {index} of the call)"
+        super().__init__(
+            f"queue() key={key!r}{which} is already task {task_id!r}, a different task: "
+            f"{difference}; expected the same class and fields as the call that first "
+            "used the key, or a new key"
+        )
 
 
 class UnknownTaskClass(TaskError):

@@ -60,9 +60,11 @@ class FakeDaemon:
 
     def __init__(self) -> None:
         self.queued: list[TaskSpec] = []
+        self.keys: list[str | None] = []
 
-    def queue(self, specs: Any) -> list[str]:
+    def queue(self, specs: Any, key: str | None) -> list[str]:
         self.queued.extend(specs)
+        self.keys.append(key)
         return [f"id{n}" for n in range(len(specs))]
 
 
@@ -137,3 +139,4 @@ def test_queue_inside_run_goes_to_the_daemon() -> None:
     assert result == {"ok": True, "specs": []}
     (spec,) = daemon.queued
     assert spec.fields == {"a": 1, "b": 2}
+    assert daemon.keys == [None]

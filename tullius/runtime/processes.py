@@ -51,7 +51,7 @@ class WorkerKeeping:
     def _add_finishing(self, running: Running, event: Event, now: float) -> None:
         raise NotImplementedError
 
-    def _queue_for(self, worker: WorkerProcess, specs: list[Any]) -> None:
+    def _queue_for(self, worker: WorkerProcess, specs: list[Any], key: str | None) -> None:
         raise NotImplementedError
 
     def _reap_and_spawn(self, now: float) -> None:
@@ -171,7 +171,7 @@ class WorkerKeeping:
             worker.ready = True
             slot.spawn_failures = 0
         elif kind == "queue":
-            self._queue_for(worker, list(message[1]))
+            self._queue_for(worker, list(message[1]), message[2])
         elif kind == "done":
             self._job_done(slot, worker, message[1], now)
         else:

@@ -61,7 +61,13 @@ from tullius.engine import (
     finish,
     renew,
 )
-from tullius.errors import InvalidTransition, StoreError, StoreUnavailable, WriteWindowClosed
+from tullius.errors import (
+    InvalidTransition,
+    KeyConflict,
+    StoreError,
+    StoreUnavailable,
+    WriteWindowClosed,
+)
 from tullius.events import Event, Failed, HandlerFailed
 from tullius.policy import WRITE_WINDOW, LeaseTimings, verdict_window
 from tullius.runtime.config import Settings
@@ -333,10 +339,10 @@ class Supervisor(WorkerKeeping):
 
     # --- store work ------------------------------------------------------------------
 
-    def _queue_for(self, worker: WorkerProcess, specs: list[Any]) -> None:
+    def _queue_for(self, worker: WorkerProcess, specs: list[Any], key: str | None) -> None:
         def work() -> list[str]:
             return insert_queued(
-                self.store, specs, now=self.clock.now(), new_id=lambda: uuid.uuid4().hex
+                self.store, specs, now=self.clock.now(), new_id=lambda: uuid.uuid4().hex, key=key
             )
 
         def done(future: Future[Any]) -> None:
@@ -345,6 +351,10 @@ class Supervisor(WorkerKeeping):
                 self._store_ok()
                 worker.send(("ids", future.result()))
                 self._poll_soon()
+            elif isinstance(error, KeyConflict):  # raised as itself in the user's code
+                worker.send(
+                    ("key_conflict", (error.key, error.index, error.task_id, error.difference))
+                )
             else:
                 if isinstance(error, StoreError):
                     self._store_failed("queue", error)

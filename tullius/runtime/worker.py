@@ -9,8 +9,9 @@ data.  Messages (pickled tuples over a `multiprocessing.connection.Connection`):
     worker -> supervisor   ("ready", pid)
     supervisor -> worker   ("job", {"kind": "run"|"handle", "task": <task BSON>,
                                     "failure": <failure BSON>|None, "server": str})
-    worker -> supervisor   ("queue", [TaskSpec, ...])       from tullius.queue() in user code
+    worker -> supervisor   ("queue", [TaskSpec, ...], key|None)  from tullius.queue() in user code
     supervisor -> worker   ("ids", [str, ...]) | ("queue_error", message)
+                         | ("key_conflict", (key, index, task_id, difference))
     worker -> supervisor   ("done", {"ok": True, "specs": [TaskSpec, ...]})
                          | ("done", {"ok": False, "failure": <failure BSON>})
     supervisor -> worker   ("stop",)  (or EOF): exit
@@ -53,7 +54,7 @@ from tullius.document import (
     stored_value,
     task_from_bson,
 )
-from tullius.errors import StoreError, TaskDefinitionError, UnknownTaskClass
+from tullius.errors import KeyConflict, StoreError, TaskDefinitionError, UnknownTaskClass
 from tullius.task import from_doc, to_specs
 from tullius.user_errors import bounded_message, bounded_traceback, describe, raised
 
@@ -143,12 +144,14 @@ class _Supervisor:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    def queue(self, specs: Sequence[TaskSpec]) -> list[str]:
+    def queue(self, specs: Sequence[TaskSpec], key: str | None) -> list[str]:
         """Send ``tullius.queue()`` calls to the daemon, which stores them and returns ids."""
-        self.conn.send(("queue", plain_specs(specs)))
+        self.conn.send(("queue", plain_specs(specs), key))
         reply = self.conn.recv()
         if reply[0] == "ids":
             return list(reply[1])
+        if reply[0] == "key_conflict":
+            raise KeyConflict(*reply[1])
         raise StoreError(f"queue() failed in the daemon: {reply[1]}")
 
 

@@ -32,7 +32,7 @@ from functools import partial
 from typing import Any, Final
 
 from tullius.api import insert_queued
-from tullius.document import TERMINAL, RecordKind, TaskSpec, TaskView, spawned_of
+from tullius.document import TERMINAL, RecordKind, TaskSpec, TaskView, keyed_task_id, spawned_of
 from tullius.effects import InsertRecord, InsertTasks
 from tullius.errors import StoreError, StoreUnavailable
 from tullius.sim.clock import to_us
@@ -369,24 +369,33 @@ class Scheduler(ServerEvents):
         self._open.add(task_id)
 
     def _insert_roots(
-        self, specs: tuple[TaskSpec, ...] | list[TaskSpec], now: datetime
+        self,
+        specs: tuple[TaskSpec, ...] | list[TaskSpec],
+        now: datetime,
+        key: str | None = None,
     ) -> list[str]:
-        ids = []
-        for _ in specs:
-            self._task_counter += 1
-            ids.append(f"t{self._task_counter}-{self.rng.getrandbits(32):08x}")
+        if key is None:
+            ids = []
+            for _ in specs:
+                self._task_counter += 1
+                ids.append(f"t{self._task_counter}-{self.rng.getrandbits(32):08x}")
+        else:
+            ids = [keyed_task_id(key, index) for index in range(len(specs))]
+        counts = self.store.insert_counts
+        before = {task_id: counts.get(task_id, 0) for task_id in ids}
         fresh = iter(ids)
         try:
-            insert_queued(self.store, specs, now=now, new_id=fresh.__next__)
+            insert_queued(self.store, specs, now=now, new_id=fresh.__next__, key=key)
         finally:
-            # Only what was stored is open: an insert that raised part-way once left
-            # ids open that no task had, and every later drain failed on them.
-            stored = [task_id for task_id in ids if task_id in self.store.insert_counts]
+            # Only what this call stored is new: an insert that raised part-way once
+            # left ids open that no task had, and every later drain failed on them;
+            # and a keyed call repeated finds its tasks stored (perhaps finished).
+            stored = [task_id for task_id in ids if counts.get(task_id, 0) > before[task_id]]
             self._inv.roots.update(stored)
             for task_id in stored:
                 self._inserted[task_id] = self.events
                 self._open.add(task_id)
-        self._log("app", f"queued {','.join(ids)}")
+        self._log("app", f"queued {','.join(ids)}" + ("" if key is None else f" key={key!r}"))
         return ids
 
     # --- checks -------------------------------------------------------------------

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from tullius.api import OPEN_SIMULATIONS, queue_sink, task_id_of
+from tullius.api import OPEN_SIMULATIONS, check_key, queue_sink, task_id_of
 from tullius.band import Band, bands_from_setting
 from tullius.document import TERMINAL, Status, TaskSpec, short_name, spawned_of, status_of
 from tullius.effects import InsertRecord, InsertTasks
@@ -267,10 +267,12 @@ class Simulation(Scheduler):
             raise ConfigError("keep_trace", False, "must be True to read the whole trace")
         return [trace_line(entry) for entry in self._trace]
 
-    def queue(self, task_or_tasks: Task | Iterable[Task]) -> list[str]:
-        """Store tasks now, like ``tullius.queue``; return their ids (also set as ``task_id``)."""
+    def queue(self, task_or_tasks: Task | Iterable[Task], *, key: str | None = None) -> list[str]:
+        """Store tasks now, like ``tullius.queue`` (``key`` as there); return their ids
+        (also set as ``task_id``)."""
+        key = check_key(key)
         tasks = queued_tasks(task_or_tasks, role="sim.queue() argument")
-        ids = self._queue_specs(to_specs(tasks, role="sim.queue() argument"))
+        ids = self._queue_specs(to_specs(tasks, role="sim.queue() argument"), key)
         for task, task_id in zip(tasks, ids, strict=True):
             task.task_id = task_id
         return ids
@@ -286,7 +288,7 @@ class Simulation(Scheduler):
         with queue_sink(self._queue_specs):
             yield self
 
-    def _queue_specs(self, specs: Sequence[TaskSpec]) -> list[str]:
+    def _queue_specs(self, specs: Sequence[TaskSpec], key: str | None = None) -> list[str]:
         for spec in specs:
             if not any(band.covers(spec.priority) for band in self.bands):
                 raise ConfigError(
@@ -295,7 +297,7 @@ class Simulation(Scheduler):
                     f"is outside every band of task_processes {[str(b) for b in self.bands]}; "
                     "no worker would ever run it",
                 )
-        return self._insert_roots(list(specs), self.clock.now())
+        return self._insert_roots(list(specs), self.clock.now(), key)
 
     def retry_unhandled(self, task_or_id: Task | str) -> Retry:
         """Try ``failed()`` again for an UNHANDLED task, as ``tullius.retry_unhandled()``

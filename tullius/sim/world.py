@@ -337,7 +337,9 @@ class Drivers:
     def _log(self, server: str, what: object) -> None:
         raise NotImplementedError
 
-    def _insert_roots(self, specs: list[TaskSpec], now: datetime) -> list[str]:
+    def _insert_roots(
+        self, specs: list[TaskSpec], now: datetime, key: str | None = None
+    ) -> list[str]:
         raise NotImplementedError
 
     def _store_fault(
@@ -686,8 +688,8 @@ class Drivers:
         method = task.run if job.kind is _RUN else task.failed
         sink_server = server
 
-        def sink(specs: Any) -> list[str]:
-            return self._queue_from_user(sink_server, list(specs), ex)
+        def sink(specs: Any, key: str | None) -> list[str]:
+            return self._queue_from_user(sink_server, list(specs), ex, key)
 
         def call() -> Any:
             with queue_sink(sink):
@@ -702,7 +704,9 @@ class Drivers:
         if baton.run_inline(call, ex.what, lambda: self._moved(ex)) == "done":
             self._after_user_step(ex, "done")
 
-    def _queue_from_user(self, server: Server, specs: list[TaskSpec], ex: Execution) -> list[str]:
+    def _queue_from_user(
+        self, server: Server, specs: list[TaskSpec], ex: Execution, key: str | None
+    ) -> list[str]:
         """``tullius.queue()`` in user code: as tulliusd, the server's own insert of the
         tasks (`Supervisor._queue_for`), which its store faults and outages hit.  Its
         error is raised in the user code, worded as the daemon's worker words it.  (One
@@ -723,7 +727,7 @@ class Drivers:
         )
         ids: list[str] = []
         if fault is None or fault[0]:  # no fault, or one that applies the insert
-            ids = self._insert_roots(specs, server.clock.now())
+            ids = self._insert_roots(specs, server.clock.now(), key)
         if fault is not None:
             error = fault[1] or StoreError("the server died")  # (a StepCrash: it did)
             self._store_failed(server, error, InsertTasks(()))
