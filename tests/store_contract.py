@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tullius.api import insert_queued
 from tullius.band import Band
 from tullius.document import (
     Failure,
@@ -28,10 +29,13 @@ from tullius.document import (
     queued_doc,
     retry_id,
     run_id,
+    stored_time,
 )
+from tullius.errors import KeyConflict
 from tullius.store import ServerSeen
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
+DAY = timedelta(days=1)
 
 
 class Color(enum.StrEnum):
@@ -55,6 +59,26 @@ def make_doc(
         start_after=start_after,
     )
     return queued_doc(spec, task_id=task_id, now=T0)
+
+
+def make_spec(class_name: str = "tests:Nothing", **fields: Any) -> TaskSpec:
+    return TaskSpec(
+        class_name=class_name,
+        fields=fields,
+        priority=5,
+        timeout=timedelta(seconds=5),
+        handler_timeout=timedelta(seconds=60),
+        handler_attempts=3,
+    )
+
+
+def queue_keyed(store: Any, key: str, *specs: TaskSpec, now: datetime = T0) -> list[str]:
+    """``tullius.queue(..., key=key)`` as every driver stores it."""
+
+    def no_random_ids() -> str:
+        raise AssertionError("a keyed call made a random id")
+
+    return insert_queued(store, specs, now=now, new_id=no_random_ids, key=key)
 
 
 def make_record(task_id: str, token: str = "tok", **changes: Any) -> Record:
@@ -429,6 +453,83 @@ class StoreContract:
         assert views[0].records[run_id("r")].beat == 2
         assert set(views[1].records) == {run_id("f"), outcome_id("f")}
         assert store.load_many([]) == []
+
+    def test_a_keyed_call_repeated_stores_its_tasks_once_under_the_same_ids(
+        self, store: Any
+    ) -> None:
+        # Given a call with a key that stored two tasks
+        first = queue_keyed(store, "order-7", make_spec(n=1), make_spec(n=2))
+        # When it is repeated, later
+        again = queue_keyed(store, "order-7", make_spec(n=1), make_spec(n=2), now=T0 + DAY)
+        # Then it gives the same ids and stores nothing new: the first call's tasks stand
+        assert again == first
+        assert len(set(first)) == 2
+        assert len(store.find_by_status([Status.QUEUED], 10)) == 2
+        assert store.load(first[0]).task.created_at == stored_time(T0)
+
+    def test_a_keyed_call_repeated_after_its_task_finished_queues_nothing(self, store: Any) -> None:
+        # Given a keyed task that ran and succeeded
+        (task_id,) = queue_keyed(store, "order-7", make_spec(n=1))
+        store.insert_record(make_record(task_id))
+        store.set_status(task_id, Status.SUCCEEDED, T0)
+        # When the call is repeated
+        assert queue_keyed(store, "order-7", make_spec(n=1)) == [task_id]
+        # Then the task is still the finished one, and nothing is queued again
+        # (MongoStore: no live copy in the queue)
+        assert store.find_by_status([Status.QUEUED], 10) == []
+        assert store.load(task_id).task.status is Status.SUCCEEDED
+        assert store.count_due([Status.QUEUED], 0, 10, T0 + DAY) == {}
+
+    def test_a_keyed_call_matches_fields_as_the_store_gives_them_back(self, store: Any) -> None:
+        # Given a keyed task with a tuple, a microsecond time, an enum member and a NaN
+        fields = {"items": (1, "two"), "at": T0, "color": Color.RED, "ratio": math.nan}
+        (task_id,) = queue_keyed(store, "k", make_spec(**fields))
+        # When the call is repeated with the same values, or as the store gave them back
+        again = queue_keyed(store, "k", make_spec(**fields))
+        as_read = queue_keyed(store, "k", make_spec(**store.load(task_id).task.fields))
+        # Then both are the same task
+        assert again == as_read == [task_id]
+
+    def test_a_keyed_call_with_a_different_task_is_refused_and_stores_nothing(
+        self, store: Any
+    ) -> None:
+        # Given a call with a key that stored one task
+        (stored,) = queue_keyed(store, "order-7", make_spec(amount=10))
+        # When the key is used again for two tasks, the first of them different
+        with pytest.raises(KeyConflict) as refused:
+            queue_keyed(store, "order-7", make_spec(amount=12), make_spec(amount=1))
+        # Then the error names the key, the stored task and the difference, and the
+        # call stored nothing
+        error = refused.value
+        assert (error.key, error.index, error.task_id) == ("order-7", 0, stored)
+        assert error.difference == "field 'amount': 10 stored, 12 given"
+        assert "key='order-7' is already task" in str(error)
+        assert [d.task_id for d in store.find_by_status([Status.QUEUED], 10)] == [stored]
+        assert store.load(stored).task.fields == {"amount": 10}
+
+    @pytest.mark.parametrize(
+        ("given", "difference"),
+        [
+            (make_spec("tests:Other", amount=10), "stored Nothing, given Other"),
+            (make_spec(amount=10, note="x"), "field 'note' only in the given task"),
+            (make_spec(), "field 'amount' only in the stored task"),
+            (make_spec(amount=10.5), "field 'amount': 10 stored, 10.5 given"),
+        ],
+    )
+    def test_a_key_conflict_says_what_differs(
+        self, store: Any, given: TaskSpec, difference: str
+    ) -> None:
+        queue_keyed(store, "k", make_spec(amount=10))
+        with pytest.raises(KeyConflict) as refused:
+            queue_keyed(store, "k", given)
+        assert refused.value.difference == difference
+
+    def test_a_conflict_in_a_later_task_of_a_keyed_call_stores_none_of_it(self, store: Any) -> None:
+        queue_keyed(store, "k", make_spec(n=0), make_spec(n=1))
+        with pytest.raises(KeyConflict, match=r"\(task 1 of the call\)") as refused:
+            queue_keyed(store, "k", make_spec(n=0), make_spec(n=9), make_spec(n=2))
+        assert refused.value.index == 1
+        assert len(store.find_by_status([Status.QUEUED], 10)) == 2
 
     def test_finished_tasks_keep_when_they_settled_and_are_read_by_id_after_an_id(
         self, store: Any

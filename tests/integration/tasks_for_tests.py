@@ -93,6 +93,24 @@ class QueuesInside(tullius.Task):
         append_line(self.log, f"queued {ids[0]}")
 
 
+class QueuesByKey(tullius.Task):
+    """Queues a `Child` with ``key`` twice from inside ``run()``, then another `Child`
+    under the same key, catching the `tullius.KeyConflict` (all logged)."""
+
+    timeout = timedelta(seconds=30)
+    key: str
+    log: str
+
+    def run(self) -> None:
+        for _ in range(2):
+            (task_id,) = tullius.queue(Child(label="keyed"), key=self.key)
+            append_line(self.log, f"queued {task_id}")
+        try:
+            tullius.queue(Child(label="another"), key=self.key)
+        except tullius.KeyConflict as conflict:
+            append_line(self.log, f"conflict {conflict.task_id} {conflict.difference}")
+
+
 class Explodes(tullius.Task):
     """``run()`` raises; ``failed()`` (logged once per call) queues a `Recovers`."""
 

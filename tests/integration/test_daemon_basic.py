@@ -54,6 +54,29 @@ def test_queue_inside_run_goes_through_the_daemon(
     assert wait_terminal(store, queued_id) is Status.SUCCEEDED
 
 
+def test_queue_with_a_key_inside_run_stores_the_task_once(
+    store: Any, start_daemon: Any, scratch_dir: Path
+) -> None:
+    # Given a daemon, and a task that queues a child with a key twice, then another
+    # child with the same key
+    start_daemon()
+    log = str(scratch_dir / "keyed.log")
+    key = f"child-{uuid.uuid4().hex}"
+    (root,) = queue(store, t.QueuesByKey(key=key, log=log))
+    # When it runs
+    assert wait_terminal(store, root) is Status.SUCCEEDED
+    # Then both calls gave the key's id, the daemon stored one child, and the other
+    # child was refused in run() as a KeyConflict naming what differs
+    child = tullius.keyed_id(key)
+    assert t.read_lines(log) == [
+        f"queued {child}",
+        f"queued {child}",
+        f"conflict {child} field 'label': 'keyed' stored, 'another' given",
+    ]
+    assert wait_terminal(store, child) is Status.SUCCEEDED
+    assert store.load(child).task.fields == {"label": "keyed"}
+
+
 def test_exception_runs_failed_once_and_the_replacement_runs(
     store: Any, start_daemon: Any, scratch_dir: Path
 ) -> None:

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import enum
 import sys
 import textwrap
-from collections.abc import Iterator
-from datetime import timedelta
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import mongomock
 import pytest
 
 import tullius
-from tullius.api import configure
+from tullius.api import configure, insert_queued
 from tullius.deps import load_deps
+from tullius.document import TaskDoc, TaskSpec
 from tullius.errors import ConfigError, TaskDefinitionError
 from tullius.runtime.mongo_store import MongoStore
 from tullius.sim.memory_store import MemoryStore
+from tullius.task import to_spec
+
+T = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 class Hello(tullius.Task):
@@ -80,6 +85,94 @@ def test_queue_refuses_a_class_defined_in_main(store: MemoryStore) -> None:
     Main.__module__, Main.task_name = "__main__", "__main__:Main"
     with pytest.raises(TaskDefinitionError, match=r"Main is defined in __main__"):
         tullius.queue(Main(n=1))
+
+
+def test_queue_with_a_key_twice_stores_the_task_once_and_gives_both_its_id(
+    store: MemoryStore,
+) -> None:
+    first, again = Hello(n=1), Hello(n=1)
+    assert tullius.queue(first, key="greeting-1") == tullius.queue(again, key="greeting-1")
+    assert first.task_id == again.task_id == tullius.keyed_id("greeting-1")
+    assert [doc.task_id for doc in store.all_tasks()] == [first.task_id]
+
+
+def test_queue_with_a_key_gives_each_task_of_a_list_its_own_id(store: MemoryStore) -> None:
+    ids = tullius.queue([Hello(n=1), Hello(n=2)], key="batch")
+    assert ids == [tullius.keyed_id("batch"), tullius.keyed_id("batch", 1)]
+    assert tullius.queue([Hello(n=1), Hello(n=2), Hello(n=3)], key="batch")[:2] == ids
+    assert len(store.all_tasks()) == 3
+
+
+def test_a_key_reused_for_a_different_task_is_refused(store: MemoryStore) -> None:
+    tullius.queue(Hello(n=1), key="greeting")
+    with pytest.raises(tullius.KeyConflict, match=r"field 'n': 1 stored, 2 given; expected"):
+        tullius.queue(Hello(n=2), key="greeting")
+    assert len(store.all_tasks()) == 1
+
+
+def test_a_key_of_a_str_subclass_is_its_value(store: MemoryStore) -> None:
+    class Kind(enum.StrEnum):
+        GREETING = "greeting"
+
+    assert tullius.queue(Hello(n=1), key=Kind.GREETING) == [tullius.keyed_id("greeting")]
+
+
+@pytest.mark.parametrize(
+    ("key", "named"),
+    [
+        ("", "queue() key='' is not a key; expected a non-empty str"),
+        (7, "queue() key=7 is not a key; expected a non-empty str"),
+        ("\udc80", "can't be encoded as UTF-8 (surrogates not allowed); expected a str"),
+    ],
+)
+def test_a_bad_key_is_refused_naming_it_and_nothing_is_stored(
+    store: MemoryStore, key: object, named: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        tullius.queue(Hello(n=1), key=key)  # type: ignore[arg-type]
+    assert named in str(refused.value)
+    assert store.all_tasks() == []
+
+
+@pytest.mark.parametrize("index", [-1, 1.0, True, "0"])
+def test_keyed_id_refuses_an_index_that_is_not_a_count(index: object) -> None:
+    with pytest.raises(ConfigError, match=rf"keyed_id\(\) index={index!r} expected an int >= 0"):
+        tullius.keyed_id("k", index)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="keyed_id\\(\\) key=None is not a key"):
+        tullius.keyed_id(None)  # type: ignore[arg-type]
+
+
+class _RacedStore(MemoryStore):
+    """A store where another caller's insert lands between a keyed call's read and its
+    insert: the first ``find_tasks`` finds nothing, and then ``racer`` is stored."""
+
+    def __init__(self, racer: TaskSpec) -> None:
+        super().__init__()
+        self.racer = racer
+        self.raced = False
+
+    def find_tasks(self, task_ids: Sequence[str]) -> list[TaskDoc]:
+        if self.raced:
+            return super().find_tasks(task_ids)
+        self.raced = True
+        insert_queued(self, [self.racer], now=datetime.now(UTC), new_id=str, key="k")
+        return []
+
+
+def test_a_keyed_call_raced_by_the_same_call_gives_the_ids_without_error() -> None:
+    store = _RacedStore(to_spec(Hello(n=1), role="test"))
+    ids = insert_queued(store, [to_spec(Hello(n=1), role="test")], now=T, new_id=str, key="k")
+    assert ids == [tullius.keyed_id("k")]
+    assert store.raced
+    assert len(store.all_tasks()) == 1
+
+
+def test_a_keyed_call_raced_by_a_different_task_under_its_key_is_a_conflict() -> None:
+    store = _RacedStore(to_spec(Hello(n=2), role="test"))
+    with pytest.raises(tullius.KeyConflict, match=r"field 'n': 2 stored, 1 given"):
+        insert_queued(store, [to_spec(Hello(n=1), role="test")], now=T, new_id=str, key="k")
+    assert store.raced
+    assert [doc.fields for doc in store.all_tasks()] == [{"n": 2}]
 
 
 def test_chain_of_a_queued_task_starts_with_it(store: MemoryStore) -> None:
