@@ -14,8 +14,9 @@
   about half of the faults start at one of them (of the server they aim at):
   a fault drawn uniformly over a two-minute horizon mostly lands after a
   small workload has finished.
-* `SimulationMachine`: a ``RuleBasedStateMachine`` that queues tasks, lets time
-  pass and injects faults while every invariant is checked after every event;
+* `SimulationMachine`: a ``RuleBasedStateMachine`` that queues tasks (and repeats
+  keyed calls), lets time pass and injects faults while every invariant is
+  checked after every event;
   at teardown it drains, checks that every task ended, and runs on past the
   last fault (a paused server's late results are tried then) to check again.  Subclass it and
   override `SimulationMachine.tasks` to use your own task classes.
@@ -327,8 +328,8 @@ def server_names(max_servers: int = 3) -> st.SearchStrategy[list[str]]:
 
 
 class SimulationMachine(RuleBasedStateMachine):
-    """Queue tasks, let time pass, inject faults and retry unhandled tasks; every
-    invariant holds throughout.
+    """Queue tasks (some with a key, calls repeated), let time pass, inject faults
+    and retry unhandled tasks; every invariant holds throughout.
 
     Subclass and override `tasks` (and `simulation_options`) for your own task
     classes, and `initial` to queue first tasks.  ``self.sim`` is the
@@ -343,6 +344,8 @@ class SimulationMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self._made: Simulation | None = None
+        #: The tasks of each key's first call (`queue_with_a_key`).
+        self._keyed: dict[str, list[tullius.Task]] = {}
 
     @property
     def sim(self) -> Simulation:
@@ -383,6 +386,21 @@ class SimulationMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def queue(self, data: st.DataObject) -> None:
         self.sim.queue(data.draw(st.lists(self.tasks(), min_size=1, max_size=4), label="tasks"))
+
+    @rule(data=st.data(), key=st.sampled_from(("a", "b")))
+    def queue_with_a_key(self, data: st.DataObject, key: str) -> None:
+        """The application queues with a key, or repeats a keyed call (a retried
+        request, any time later): either way the key's tasks are stored once, which
+        the invariants check (each task inserted once)."""
+        first = self._keyed.get(key)
+        if first is None:
+            tasks = data.draw(st.lists(self.tasks(), min_size=1, max_size=2), label="keyed")
+            self._keyed[key] = [task.copy() for task in tasks]
+        else:
+            tasks = [task.copy() for task in first]
+            event("a keyed call repeated")
+        ids = self.sim.queue(tasks, key=key)
+        assert ids == [tullius.keyed_id(key, index) for index in range(len(tasks))], ids
 
     @rule(seconds=st.integers(1, 60))
     def advance(self, seconds: int) -> None:
