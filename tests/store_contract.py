@@ -454,6 +454,20 @@ class StoreContract:
         assert set(views[1].records) == {run_id("f"), outcome_id("f")}
         assert store.load_many([]) == []
 
+    def test_stored_ids_are_those_stored_live_or_finished_until_deleted(self, store: Any) -> None:
+        # Given a queued task, a running one and a finished one
+        store.insert_tasks([make_doc("q"), make_doc("r"), make_doc("f")])
+        store.insert_record(make_record("r"))
+        store.set_status("r", Status.RUNNING, None)
+        store.insert_record(make_record("f"))
+        store.set_status("f", Status.SUCCEEDED, T0)
+        # Then each is stored, a missing one not, whatever the repeats
+        assert store.stored_ids(["q", "nope", "f", "r", "q"]) == {"q", "r", "f"}
+        assert store.stored_ids([]) == set()
+        # And a deleted (pruned) one no longer is
+        store.delete_tasks(["f"])
+        assert store.stored_ids(["f", "q"]) == {"q"}
+
     def test_a_keyed_call_repeated_stores_its_tasks_once_under_the_same_ids(
         self, store: Any
     ) -> None:

@@ -124,15 +124,22 @@ def insert_queued(
         for index, spec in enumerate(specs)
     ]
     # Read first, not insert and compare: MongoStore refuses a repeated id only while
-    # the task is live, and a finished task inserted again would be queued a second
-    # time (harmlessly: its claim loses to the stored run record; but it costs work).
-    stored = _same_as_stored(key, docs, store.find_tasks([doc.task_id for doc in docs]))
+    # the task is live.  A finished task's id inserted again is queued again (its
+    # claim then loses to the stored run record: no second run, but work), and a
+    # different task given under its key would vanish without a word.  Which ids are
+    # stored is cheap to ask; their documents are read only for a repeat.
+    ids = [doc.task_id for doc in docs]
+    present = store.stored_ids(ids)
+    stored: set[str] = set()
+    if present:
+        found = store.find_tasks([task_id for task_id in ids if task_id in present])
+        stored = _same_as_stored(key, docs, found)
     missing = [doc for doc in docs if doc.task_id not in stored]
     if missing and store.insert_tasks(missing) < len(missing):
         # Another call with the key came between the read and the insert (or this
         # insert's first answer was lost and its repeat found its own tasks).
         _same_as_stored(key, missing, store.find_tasks([doc.task_id for doc in missing]))
-    return [doc.task_id for doc in docs]
+    return ids
 
 
 def check_key(key: object) -> str | None:

@@ -15,7 +15,7 @@ import pytest
 import tullius
 from tullius.api import configure, insert_queued
 from tullius.deps import load_deps
-from tullius.document import TaskDoc, TaskSpec
+from tullius.document import TaskSpec
 from tullius.errors import ConfigError, TaskDefinitionError
 from tullius.runtime.mongo_store import MongoStore
 from tullius.sim.memory_store import MemoryStore
@@ -144,19 +144,19 @@ def test_keyed_id_refuses_an_index_that_is_not_a_count(index: object) -> None:
 
 class _RacedStore(MemoryStore):
     """A store where another caller's insert lands between a keyed call's read and its
-    insert: the first ``find_tasks`` finds nothing, and then ``racer`` is stored."""
+    insert: the first ``stored_ids`` finds nothing, and then ``racer`` is stored."""
 
     def __init__(self, racer: TaskSpec) -> None:
         super().__init__()
         self.racer = racer
         self.raced = False
 
-    def find_tasks(self, task_ids: Sequence[str]) -> list[TaskDoc]:
+    def stored_ids(self, task_ids: Sequence[str]) -> set[str]:
         if self.raced:
-            return super().find_tasks(task_ids)
+            return super().stored_ids(task_ids)
         self.raced = True
         insert_queued(self, [self.racer], now=datetime.now(UTC), new_id=str, key="k")
-        return []
+        return set()
 
 
 def test_a_keyed_call_raced_by_the_same_call_gives_the_ids_without_error() -> None:

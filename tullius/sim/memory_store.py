@@ -382,6 +382,10 @@ class MemoryStore:
         tasks = self._tasks
         return [tasks[task_id] for task_id in dict.fromkeys(task_ids) if task_id in tasks]
 
+    def stored_ids(self, task_ids: Sequence[str]) -> set[str]:
+        tasks = self._tasks
+        return {task_id for task_id in task_ids if task_id in tasks}
+
     def count_by_status(self) -> dict[Status, int]:
         return {status: len(ids) for status, ids in self._by_status.items() if ids}
 
