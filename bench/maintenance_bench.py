@@ -25,6 +25,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,21 @@ def measure(db: Any, tasks: int, label: str) -> None:
     )
 
 
+@contextmanager
+def ferretdb_client() -> Iterator[Any]:
+    """A client of a FerretDB built and started (by the integration tests' harness) in a
+    temporary directory, stopped and removed after."""
+    with tempfile.TemporaryDirectory() as workdir:
+        server = FerretDBServer(build_ferretdb(), Path(workdir) / "ferretdb", log_level="warn")
+        server.start()
+        try:
+            client: Any = pymongo.MongoClient(server.uri, tz_aware=True)
+            yield client
+            client.close()
+        finally:
+            server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=1000)
@@ -131,16 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     measure(mongomock.MongoClient(tz_aware=True)["prune_bench"], args.tasks, "mongomock")
     measure_retry(mongomock.MongoClient(tz_aware=True)["retry_bench"], args.tasks, "mongomock")
-    with tempfile.TemporaryDirectory() as workdir:
-        server = FerretDBServer(build_ferretdb(), Path(workdir) / "ferretdb", log_level="warn")
-        server.start()
-        try:
-            client: Any = pymongo.MongoClient(server.uri, tz_aware=True)
-            measure(client["prune_bench"], args.tasks, "FerretDB")
-            measure_retry(client["retry_bench"], args.tasks, "FerretDB")
-            client.close()
-        finally:
-            server.stop()
+    with ferretdb_client() as client:
+        measure(client["prune_bench"], args.tasks, "FerretDB")
+        measure_retry(client["retry_bench"], args.tasks, "FerretDB")
     return 0
 
 

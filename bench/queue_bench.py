@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -33,9 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 
 import mongomock  # noqa: E402
-import pymongo  # noqa: E402
-from ferretdb_server import FerretDBServer, build_ferretdb  # noqa: E402
-from maintenance_bench import SPEC, history  # noqa: E402
+from maintenance_bench import SPEC, ferretdb_client, history  # noqa: E402
 
 from tullius.api import insert_queued  # noqa: E402
 from tullius.runtime.mongo_store import MongoStore  # noqa: E402
@@ -81,16 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     mock = mongomock.MongoClient(tz_aware=True)
     for finished in (0, args.history):
         measure(mock.__getitem__, args.calls, finished, "mongomock")
-    with tempfile.TemporaryDirectory() as workdir:
-        server = FerretDBServer(build_ferretdb(), Path(workdir) / "ferretdb", log_level="warn")
-        server.start()
-        try:
-            client: Any = pymongo.MongoClient(server.uri, tz_aware=True)
-            for finished in (0, args.history):
-                measure(client.__getitem__, args.calls, finished, "FerretDB")
-            client.close()
-        finally:
-            server.stop()
+    with ferretdb_client() as client:
+        for finished in (0, args.history):
+            measure(client.__getitem__, args.calls, finished, "FerretDB")
     return 0
 
 

@@ -7,6 +7,7 @@ tests/integration runs it on `MongoStore` over a real MongoDB-wire server.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from datetime import UTC, datetime, timedelta
@@ -46,21 +47,6 @@ class Size(enum.IntEnum):
     BIG = 3
 
 
-def make_doc(
-    task_id: str, *, priority: float = 5, start_after: datetime = T0, **fields: Any
-) -> TaskDoc:
-    spec = TaskSpec(
-        class_name="tests:Nothing",
-        fields=fields,
-        priority=priority,
-        timeout=timedelta(seconds=5),
-        handler_timeout=timedelta(seconds=60),
-        handler_attempts=3,
-        start_after=start_after,
-    )
-    return queued_doc(spec, task_id=task_id, now=T0)
-
-
 def make_spec(class_name: str = "tests:Nothing", **fields: Any) -> TaskSpec:
     return TaskSpec(
         class_name=class_name,
@@ -70,6 +56,13 @@ def make_spec(class_name: str = "tests:Nothing", **fields: Any) -> TaskSpec:
         handler_timeout=timedelta(seconds=60),
         handler_attempts=3,
     )
+
+
+def make_doc(
+    task_id: str, *, priority: float = 5, start_after: datetime = T0, **fields: Any
+) -> TaskDoc:
+    spec = dataclasses.replace(make_spec(**fields), priority=priority, start_after=start_after)
+    return queued_doc(spec, task_id=task_id, now=T0)
 
 
 def queue_keyed(store: Any, key: str, *specs: TaskSpec, now: datetime = T0) -> list[str]:
