@@ -136,6 +136,8 @@ class _Connection:
                             ) is None:
                                 self.client.sendall(raw)
                             else:
+                                if self.proxy._down_after_drop:
+                                    self.proxy._go_down(but=self)
                                 fired.set()
                                 return  # reply swallowed: reset the connection
         except (OSError, ValueError) as e:
@@ -165,7 +167,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._conns: set[_Connection] = set()
         self._drop_rule: tuple[Callable[[WireMessage], bool], threading.Event] | None = None
-        self._down = self._stopping = False
+        self._down = self._stopping = self._down_after_drop = False
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
@@ -239,9 +241,16 @@ class TcpProxy:
             return fired
 
     def drop_next_reply(
-        self, matching: Callable[[WireMessage], bool] | str | bytes | None = None
+        self,
+        matching: Callable[[WireMessage], bool] | str | bytes | None = None,
+        *,
+        then_down: bool = False,
     ) -> threading.Event:
         """Forward the next matching request, swallow its reply and reset that connection.
+
+        With ``then_down``, the proxy goes down (as `set_down`) at that moment,
+        before the client can try again: the write was applied, and the client
+        can't reach the server to learn it until ``set_down(False)``.
 
         ``matching`` is a predicate on :class:`WireMessage`, or a command name
         such as ``"insert"`` (str or bytes); ``None`` matches the next command
@@ -268,7 +277,18 @@ class TcpProxy:
         fired = threading.Event()
         with self._lock:
             self._drop_rule = (matcher, fired)
+            self._down_after_drop = then_down
         return fired
+
+    def _go_down(self, but: _Connection) -> None:
+        """`set_down` from a connection's own thread: reset every other connection
+        without waiting for them (``but`` resets itself as its thread returns)."""
+        with self._lock:
+            self._down = True
+            self._down_after_drop = False
+            others = [c for c in self._conns if c is not but]
+        for c in others:
+            c.request_reset()
 
     def reset_all(self, timeout: float = 10) -> int:
         """Reset every open connection (clients see ECONNRESET); return how many there were."""

@@ -14,10 +14,13 @@ import struct
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import bson
+import pymongo
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,7 +29,9 @@ from fault_tasks import Chain, Noop, Raises, Sleep
 from ferretdb_server import FerretDBServer, GoUnavailable, build_ferretdb
 from tcp_proxy import TcpProxy, WireMessage
 
+import tullius
 from tullius.document import Status
+from tullius.runtime.mongo_store import MongoStore
 
 pytestmark = pytest.mark.integration
 
@@ -274,6 +279,42 @@ def test_write_applied_but_acknowledgement_lost(scenario: Scenario, proxy: TcpPr
     assert daemon.running, daemon.log_tail()
     ledger = scenario.finish(expect_tasks=8)
     assert ledger.status_counts() == {Status.SUCCEEDED: 6, Status.HANDLED: 2}, ledger.summary()
+
+
+@pytest.mark.parametrize(("key", "stored"), [("invoice-7", 1), (None, 2)])
+def test_an_application_repeats_a_queue_call_that_gave_up_after_its_write_was_applied(
+    server: FerretDBServer, proxy: TcpProxy, key: str | None, stored: int
+) -> None:
+    # Given an application that queues through the proxy, retrying for one second
+    name = f"app_{uuid.uuid4().hex[:12]}"
+    app = pymongo.MongoClient(proxy.uri, tz_aware=True, serverSelectionTimeoutMS=300)
+    store = MongoStore(app[name], retry_for=timedelta(seconds=1))
+    store.ensure_indexes()
+    tullius.configure(store=store)
+    try:
+        # When its queue() call's insert is applied, but the answer is lost and the
+        # database stays out of reach until the call gives up
+        fired = proxy.drop_next_reply(_command_on("insert", "tasks"), then_down=True)
+        with pytest.raises(tullius.StoreUnavailable):
+            tullius.queue(Noop(marks="unused", order=7), key=key)
+        assert fired.is_set()
+        # And the application repeats the call once the database is back
+        proxy.set_down(False)
+        (again,) = tullius.queue(Noop(marks="unused", order=7), key=key)
+    finally:
+        tullius.configure()
+        app.close()
+    # Then with a key the repeat found the task the first call stored, and stored
+    # nothing more (without one, the task is queued twice)
+    direct = pymongo.MongoClient(server.uri, tz_aware=True)
+    try:
+        tasks = MongoStore(direct[name]).find_by_status([Status.QUEUED], 10)
+    finally:
+        direct.close()
+    assert len(tasks) == stored
+    assert again in {task.task_id for task in tasks}
+    if key is not None:
+        assert again == tullius.keyed_id(key)
 
 
 def test_proxy_down_then_up_daemons_resume(scenario: Scenario, proxy: TcpProxy) -> None:
