@@ -26,6 +26,7 @@ from tullius.document import (
     TaskSpec,
     as_stored,
     handler_id,
+    keyed_task_id,
     outcome_id,
     queued_doc,
     retry_id,
@@ -530,6 +531,13 @@ class StoreContract:
         with pytest.raises(KeyConflict) as refused:
             queue_keyed(store, "k", given)
         assert refused.value.difference == difference
+
+    def test_a_key_conflict_tells_a_bool_from_the_int_python_finds_equal(self, store: Any) -> None:
+        queue_keyed(store, "k", make_spec(on=1, items=[0]))
+        for given in (make_spec(on=True, items=[0]), make_spec(on=1, items=[False])):
+            with pytest.raises(KeyConflict):
+                queue_keyed(store, "k", given)
+        assert queue_keyed(store, "k", make_spec(on=1, items=[0])) == [keyed_task_id("k", 0)]
 
     def test_a_conflict_in_a_later_task_of_a_keyed_call_stores_none_of_it(self, store: Any) -> None:
         queue_keyed(store, "k", make_spec(n=0), make_spec(n=1))

@@ -193,7 +193,10 @@ def _short(value: Any) -> str:
 
 
 def _same_value(stored: Any, given: Any) -> bool:
-    """Equal as stored values; a NaN equal to a NaN (a repeat of the call gives both)."""
+    """Equal as stored values; a NaN equal to a NaN (a repeat of the call gives both),
+    a bool only to a bool (Python's ``True == 1`` is two different BSON values)."""
+    if isinstance(stored, bool) or isinstance(given, bool):
+        return type(stored) is type(given) and stored == given
     if isinstance(stored, float) and isinstance(given, float):
         return stored == given or (stored != stored and given != given)
     if isinstance(stored, dict) and isinstance(given, dict):
