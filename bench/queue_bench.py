@@ -1,6 +1,6 @@
 """Queue benchmark: what a key costs a ``tullius.queue()`` call; prints figures.
 
-    python bench/queue_bench.py [--calls 500] [--history 1000]
+    python bench/queue_bench.py [--calls 500] [--history 1000] [--ferretdb-only]
 
 Times ``--calls`` calls of one task each, as ``tullius.queue()`` stores them
 (`tullius.api.insert_queued`, after the task is validated): without a key (one
@@ -70,14 +70,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--history", type=int, default=1000)
+    parser.add_argument(
+        "--ferretdb-only", action="store_true", help="skip mongomock (slow with much history)"
+    )
     args = parser.parse_args(argv)
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, load {os.getloadavg()}",
         flush=True,
     )
-    mock = mongomock.MongoClient(tz_aware=True)
-    for finished in (0, args.history):
-        measure(mock.__getitem__, args.calls, finished, "mongomock")
+    if not args.ferretdb_only:
+        mock = mongomock.MongoClient(tz_aware=True)
+        for finished in (0, args.history):
+            measure(mock.__getitem__, args.calls, finished, "mongomock")
     with ferretdb_client() as client:
         for finished in (0, args.history):
             measure(client.__getitem__, args.calls, finished, "FerretDB")

@@ -522,6 +522,7 @@ class StoreContract:
             (make_spec(amount=10, note="x"), "field 'note' only in the given task"),
             (make_spec(), "field 'amount' only in the stored task"),
             (make_spec(amount=10.5), "field 'amount': 10 stored, 10.5 given"),
+            (make_spec(amount=10.0), "field 'amount': 10 stored, 10.0 given"),
         ],
     )
     def test_a_key_conflict_says_what_differs(

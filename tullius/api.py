@@ -193,12 +193,15 @@ def _short(value: Any) -> str:
 
 
 def _same_value(stored: Any, given: Any) -> bool:
-    """Equal as stored values; a NaN equal to a NaN (a repeat of the call gives both),
-    a bool only to a bool (Python's ``True == 1`` is two different BSON values)."""
-    if isinstance(stored, bool) or isinstance(given, bool):
-        return type(stored) is type(given) and stored == given
-    if isinstance(stored, float) and isinstance(given, float):
-        return stored == given or (stored != stored and given != given)
+    """Equal as stored values, of the same BSON type: a bool only to a bool, an int
+    only to an int and a float only to a float (Python finds ``True == 1 == 1.0``,
+    but ``run()`` gets what the first call stored; a repeat of the call gives the
+    same types), a NaN to a NaN."""
+    for kind in (bool, int, float):  # (bool first: a bool is an int to Python)
+        if isinstance(stored, kind) or isinstance(given, kind):
+            if not (isinstance(stored, kind) and isinstance(given, kind)):
+                return False
+            return stored == given or (kind is float and stored != stored and given != given)
     if isinstance(stored, dict) and isinstance(given, dict):
         return stored.keys() == given.keys() and all(
             _same_value(value, given[name]) for name, value in stored.items()

@@ -560,7 +560,7 @@ def task_from_bson(data: Mapping[str, Any]) -> TaskDoc:
     return TaskDoc(
         task_id=str(data["_id"]),
         class_name=data["cls"],
-        fields=dict(data["fields"]),
+        fields=aware_values(dict(data["fields"])),
         priority=_priority(data["priority"]),
         timeout=timedelta(milliseconds=data["timeout_ms"]),
         handler_timeout=timedelta(milliseconds=data["handler_timeout_ms"]),
@@ -593,6 +593,22 @@ def _priority(value: Any) -> float:
     if not is_number(value):
         raise ValueError(f"priority {value!r} is not a number")
     return value  # type: ignore[no-any-return]
+
+
+def aware_values(value: Any) -> Any:
+    """``value`` with every naive datetime in it made aware UTC, as BSON's are.
+
+    Why: a pymongo client without ``tz_aware=True`` (the README's ``make_db()``
+    does not ask for it) decodes a document's times naive, and a task's fields
+    must come back as they went in whichever collection or client read them.
+    """
+    if isinstance(value, datetime):
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    if isinstance(value, dict):
+        return {name: aware_values(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [aware_values(item) for item in value]
+    return value
 
 
 def aware_utc(value: datetime) -> datetime:

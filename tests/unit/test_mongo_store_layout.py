@@ -171,6 +171,23 @@ def test_a_new_keyed_call_never_reads_finished_tasks_and_a_repeat_reads_its_own(
     assert ids(store.live_collections()[0]) + ids(store.finished) == sorted([new, done])
 
 
+def test_a_client_without_tz_aware_reads_a_finished_tasks_times_aware_and_keys_match() -> None:
+    # Given a store on a client without tz_aware=True (as the README's make_db() makes),
+    # and a keyed task with times in its fields that ran to its end
+    store = MongoStore(mongomock.MongoClient()["tullius_naive"])
+    store.ensure_indexes()
+    spec = make_spec(at=T0, nested={"times": [T0]})
+    (task_id,) = insert_queued(store, [spec], now=T0, new_id=str, key="k")
+    run_to_success(store, task_id)
+    # Then its fields read back from finished are aware UTC times
+    fields = store.load(task_id).task.fields
+    assert fields["at"] == T0.replace(microsecond=123000)
+    assert fields["at"].tzinfo is not None
+    assert fields["nested"]["times"][0].tzinfo is not None
+    # And a repeat of the call is the same task, not a conflict
+    assert insert_queued(store, [spec], now=T0, new_id=str, key="k") == [task_id]
+
+
 def test_a_late_hint_for_a_finished_task_changes_nothing(store: MongoStore) -> None:
     store.insert_tasks([make_doc("a")])
     run_to_success(store, "a")
