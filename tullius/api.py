@@ -135,10 +135,15 @@ def insert_queued(
         found = store.find_tasks([task_id for task_id in ids if task_id in present])
         stored = _same_as_stored(key, docs, found)
     missing = [doc for doc in docs if doc.task_id not in stored]
-    if missing and store.insert_tasks(missing) < len(missing):
-        # Another call with the key came between the read and the insert (or this
-        # insert's first answer was lost and its repeat found its own tasks).
-        _same_as_stored(key, missing, store.find_tasks([doc.task_id for doc in missing]))
+    if missing:
+        store.insert_tasks(missing)
+        # Compare again what is stored now: another call with the key may have come
+        # between the read and the insert, and its task may even have finished
+        # since: the insert then made a live copy of it, which MongoStore's `load`
+        # drops, giving the finished task.  (Or this insert's first answer was lost
+        # and its repeat found its own tasks: the same ones.)
+        views = store.load_many([doc.task_id for doc in missing])
+        _same_as_stored(key, missing, [view.task for view in views])
     return ids
 
 

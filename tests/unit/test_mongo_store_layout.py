@@ -16,11 +16,11 @@ import mongomock
 import pytest
 
 from tests.store_contract import T0, make_doc, make_spec
-from tullius.api import insert_queued
+from tullius.api import insert_queued, keyed_id
 from tullius.band import Band
 from tullius.document import Status, TaskSpec, status_of
 from tullius.engine import claim, drive, finish, sweep
-from tullius.errors import ConfigError
+from tullius.errors import ConfigError, KeyConflict
 from tullius.events import Succeeded
 from tullius.policy import LeaseWatch
 from tullius.runtime.mongo_store import IDLE_RECHECK, LIVE_FIELDS, MongoStore, pack_live
@@ -186,6 +186,31 @@ def test_a_client_without_tz_aware_reads_a_finished_tasks_times_aware_and_keys_m
     assert fields["nested"]["times"][0].tzinfo is not None
     # And a repeat of the call is the same task, not a conflict
     assert insert_queued(store, [spec], now=T0, new_id=str, key="k") == [task_id]
+
+
+def test_a_keyed_call_whose_key_was_used_and_run_between_its_read_and_insert_conflicts(
+    store: MongoStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a keyed call whose read finds its key unused, and, before it inserts,
+    # another call with the key and a different task whose task runs to its end
+    stored_ids = store.stored_ids
+
+    def then_another_call_runs(task_ids: Any) -> set[str]:
+        found = stored_ids(task_ids)
+        monkeypatch.setattr(store, "stored_ids", stored_ids)
+        (other,) = insert_queued(store, [make_spec(amount=10)], now=T0, new_id=str, key="k")
+        run_to_success(store, other)
+        return found
+
+    monkeypatch.setattr(store, "stored_ids", then_another_call_runs)
+    # When the call inserts (a live copy of the finished task, to MongoStore)
+    with pytest.raises(KeyConflict, match=r"field 'amount': 10 stored, 12 given"):
+        insert_queued(store, [make_spec(amount=12)], now=T0, new_id=str, key="k")
+    # Then it raised rather than return as if its task were stored, and the copy
+    # is gone: the finished task stands, and nothing is left to claim
+    assert ids(store.live_collections()[0]) == []
+    assert store.load(keyed_id("k")).task.fields == {"amount": 10}
+    assert drive(store, claim(ALL, server="s1", worker="w1", token="late", now=T0)) is None
 
 
 def test_a_late_hint_for_a_finished_task_changes_nothing(store: MongoStore) -> None:
