@@ -458,9 +458,11 @@ class StoreContract:
         # Then each is stored, a missing one not, whatever the repeats
         assert store.stored_ids(["q", "nope", "f", "r", "q"]) == {"q", "r", "f"}
         assert store.stored_ids([]) == set()
-        # And a deleted (pruned) one no longer is
-        store.delete_tasks(["f"])
-        assert store.stored_ids(["f", "q"]) == {"q"}
+        # And a deleted (pruned) one no longer is, unless an operator's retry record of
+        # it is kept (a tombstone)
+        store.insert_record(make_record("r", record_id=retry_id("r"), kind=RecordKind.RETRY))
+        store.delete_tasks(["f", "r"])
+        assert store.stored_ids(["f", "q", "r"]) == {"q", "r"}
 
     def test_a_keyed_call_repeated_stores_its_tasks_once_under_the_same_ids(
         self, store: Any
@@ -539,6 +541,29 @@ class StoreContract:
             with pytest.raises(KeyConflict):
                 queue_keyed(store, "k", given)
         assert queue_keyed(store, "k", make_spec(on=1, items=[0])) == [keyed_task_id("k", 0)]
+
+    def test_a_keyed_call_after_its_task_was_pruned_stores_it_again_unless_retried(
+        self, store: Any
+    ) -> None:
+        # Given two keyed tasks that ended, the second one retried by an operator,
+        # both pruned (deleted: the retry record stays as a tombstone)
+        (plain,) = queue_keyed(store, "plain", make_spec(n=1))
+        (retried,) = queue_keyed(store, "retried", make_spec(n=2))
+        for task_id in (plain, retried):
+            store.insert_record(make_record(task_id))
+            store.set_status(task_id, Status.UNHANDLED, T0)
+        store.insert_record(
+            make_record(retried, record_id=retry_id(retried), kind=RecordKind.RETRY)
+        )
+        store.delete_tasks([plain, retried])
+        # When each call is repeated
+        # Then the first is stored again, as new; the second is refused, since a task
+        # stored again under its id would inherit the old retry record
+        assert queue_keyed(store, "plain", make_spec(n=1)) == [plain]
+        assert store.load(plain).records == {}
+        with pytest.raises(KeyConflict, match="pruned but for an operator's retry record"):
+            queue_keyed(store, "retried", make_spec(n=2))
+        assert store.load(retried) is None
 
     def test_a_conflict_in_a_later_task_of_a_keyed_call_stores_none_of_it(self, store: Any) -> None:
         queue_keyed(store, "k", make_spec(n=0), make_spec(n=1))

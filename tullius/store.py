@@ -162,13 +162,15 @@ class Store(Protocol):
         ...
 
     def stored_ids(self, task_ids: Sequence[str]) -> set[str]:
-        """Those of ``task_ids`` stored, live or finished; for a keyed ``queue()`` call.
+        """Those of ``task_ids`` stored, live or finished, or whose operator's retry
+        record outlived the task's prune (a tombstone, which a task stored again
+        under the id would inherit); for a keyed ``queue()`` call.
 
         Cheaper than `find_tasks` where reading finished tasks by id is not:
-        `MongoStore` reads the live queue, then the run records of the rest (a
-        task leaves the live queue only once it ran), so on FerretDB it scans
-        one task's shard of ``records``, not all of ``finished``.  Read in that
-        order, a task moving meanwhile is seen by one read or the other.
+        `MongoStore` reads the live queue, then the run and retry records of the
+        rest (a task leaves the live queue only once it ran), so on FerretDB it
+        scans one task's shard of ``records``, not all of ``finished``.  Read in
+        that order, a task moving meanwhile is seen by one read or the other.
         """
         ...
 

@@ -992,9 +992,9 @@ class MongoStore:
 
     def stored_ids(self, task_ids: Sequence[str]) -> set[str]:
         """One ``find`` per live shard holding some, then one per ``records`` shard for
-        the run records of the rest, ``_id`` only: a finished task always has its run
-        record, and ``records`` is sharded where ``finished``, on FerretDB a scan for
-        every read by id, is not."""
+        the run and retry records of the rest, ``_id`` only: a finished task always
+        has its run record, and ``records`` is sharded where ``finished``, on FerretDB
+        a scan for every read by id, is not."""
         ids = list(dict.fromkeys(task_ids))
         if not ids:
             return set()
@@ -1005,8 +1005,8 @@ class MongoStore:
                 found.update(d["_id"] for d in shard.find(_by_ids(in_shard), {"_id": 1}))
             rest = [task_id for task_id in ids if task_id not in found]
             for records, in_shard in self._by_record_shard(rest):
-                runs = [run_id(task_id) for task_id in in_shard]
-                found.update(r["task_id"] for r in records.find(_by_ids(runs), {"task_id": 1}))
+                wanted = [f(task_id) for task_id in in_shard for f in (run_id, retry_id)]
+                found.update(r["task_id"] for r in records.find(_by_ids(wanted), {"task_id": 1}))
             return found
 
         return self._retrying("find task ids", attempt)

@@ -42,6 +42,7 @@ from tullius.document import (
     Status,
     TaskDoc,
     TaskView,
+    retry_id,
     stored_time,
     stored_value,
 )
@@ -383,8 +384,8 @@ class MemoryStore:
         return [tasks[task_id] for task_id in dict.fromkeys(task_ids) if task_id in tasks]
 
     def stored_ids(self, task_ids: Sequence[str]) -> set[str]:
-        tasks = self._tasks
-        return {task_id for task_id in task_ids if task_id in tasks}
+        tasks, records = self._tasks, self._records
+        return {t for t in task_ids if t in tasks or retry_id(t) in records}
 
     def count_by_status(self) -> dict[Status, int]:
         return {status: len(ids) for status, ids in self._by_status.items() if ids}
