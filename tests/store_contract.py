@@ -561,8 +561,10 @@ class StoreContract:
         # stored again under its id would inherit the old retry record
         assert queue_keyed(store, "plain", make_spec(n=1)) == [plain]
         assert store.load(plain).records == {}
-        with pytest.raises(KeyConflict, match="pruned but for an operator's retry record"):
+        with pytest.raises(KeyConflict) as refused:
             queue_keyed(store, "retried", make_spec(n=2))
+        assert refused.value.difference == KeyConflict.UNREADABLE
+        assert "which can't be read (set aside as undecodable, or pruned" in str(refused.value)
         assert store.load(retried) is None
 
     def test_a_conflict_in_a_later_task_of_a_keyed_call_stores_none_of_it(self, store: Any) -> None:

@@ -137,7 +137,7 @@ def insert_queued(
         for index, task_id in enumerate(ids):
             if task_id in present and task_id not in stored:
                 # Inserted again, it would inherit what is left of the old task.
-                raise KeyConflict(key, index, task_id, UNREADABLE)
+                raise KeyConflict(key, index, task_id, KeyConflict.UNREADABLE)
     missing = [doc for doc in docs if doc.task_id not in stored]
     if missing:
         store.insert_tasks(missing)
@@ -149,13 +149,6 @@ def insert_queued(
         views = store.load_many([doc.task_id for doc in missing])
         _same_as_stored(key, missing, [view.task for view in views])
     return ids
-
-
-#: `KeyConflict.difference` for a key whose task is stored but can't be read.
-UNREADABLE = (
-    "its task can't be read (set aside as undecodable, or pruned but for an operator's "
-    "retry record, which a task stored again under its id would inherit)"
-)
 
 
 def check_key(key: object) -> str | None:

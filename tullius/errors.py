@@ -162,17 +162,26 @@ class KeyConflict(TaskError, ValueError):
         difference: what differs, e.g. ``field 'amount': 10 stored, 12 given``.
     """
 
+    #: `difference` for a stored task that can't be read, so can't be compared.
+    UNREADABLE = (
+        "set aside as undecodable, or pruned but for an operator's retry record, which "
+        "a task stored again under its id would inherit"
+    )
+
     def __init__(self, key: str, index: int, task_id: str, difference: str) -> None:
         self.key = key
         self.index = index
         self.task_id = task_id
         self.difference = difference
         which = "" if index == 0 else f" (task {index} of the call)"
-        super().__init__(
-            f"queue() key={key!r}{which} is already task {task_id!r}, a different task: "
-            f"{difference}; expected the same class and fields as the call that first "
-            "used the key, or a new key"
-        )
+        if difference == self.UNREADABLE:
+            message = f"which can't be read ({difference}); expected a new key"
+        else:
+            message = (
+                f"a different task: {difference}; expected the same class and fields as "
+                "the call that first used the key, or a new key"
+            )
+        super().__init__(f"queue() key={key!r}{which} is already task {task_id!r}, {message}")
 
 
 class UnknownTaskClass(TaskError):

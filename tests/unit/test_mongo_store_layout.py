@@ -213,6 +213,23 @@ def test_a_keyed_call_whose_key_was_used_and_run_between_its_read_and_insert_con
     assert drive(store, claim(ALL, server="s1", worker="w1", token="late", now=T0)) is None
 
 
+def test_a_live_copy_of_a_finished_task_that_cant_be_decoded_reads_as_set_aside(
+    store: MongoStore,
+) -> None:
+    # Given a finished task whose document can't be decoded (a hand edit), and a
+    # live copy of it inserted again
+    store.insert_tasks([make_doc("t")])
+    run_to_success(store, "t")
+    store.finished.update_one({"_id": "t"}, {"$set": {"handler_attempts": "five"}})
+    store.insert_tasks([make_doc("t")])
+    # When it is read
+    # Then it reads as missing, as any undecodable document does, rather than raise;
+    # the live copy is gone and nothing is claimed
+    assert store.load("t") is None
+    assert ids(store.live_collections()[0]) == []
+    assert drive(store, claim(ALL, server="s1", worker="w1", token="again", now=T0)) is None
+
+
 def test_a_late_hint_for_a_finished_task_changes_nothing(store: MongoStore) -> None:
     store.insert_tasks([make_doc("a")])
     run_to_success(store, "a")

@@ -797,7 +797,7 @@ class MongoStore:
             return self._drop_finished_twin(collection, view)
         return view
 
-    def _drop_finished_twin(self, live: Collection[Any], view: TaskView) -> TaskView:
+    def _drop_finished_twin(self, live: Collection[Any], view: TaskView) -> TaskView | None:
         """A decided task's live copy: if it was moved to ``finished`` before, delete it.
 
         Why: inserting a finished task again (a repeated ``queue()``, or a
@@ -819,7 +819,11 @@ class MongoStore:
         self._move_settled_time_up(task_id, stored_time(datetime.now(UTC)))
         live.delete_one({"_id": task_id})
         self._bodies.pop(task_id)
-        return TaskView(decode_task(moved), view.records)
+        try:
+            return TaskView(decode_task(moved), view.records)
+        except _DECODE_ERRORS as error:  # as `_view_of` for any other document
+            self._set_aside(self.finished, task_id, error)
+            return None
 
     def _move_settled_time_up(self, task_id: str, to: datetime | None) -> None:
         """Make the finished copy's settling time (its ``due_at``) at least ``to``.
