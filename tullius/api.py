@@ -22,9 +22,10 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-from tullius.document import TaskDoc, TaskSpec, as_stored, keyed_task_id, queued_doc, short_name
-from tullius.errors import ConfigError, KeyConflict, TaskDefinitionError
+from tullius.document import TaskSpec, keyed_task_id, queued_doc
+from tullius.errors import ConfigError, TaskDefinitionError
 from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
+from tullius.keyed import check_key, insert_keyed
 from tullius.retry import Retry, retry_now
 from tullius.store import Store
 from tullius.task import Task, find_in_module, queued_tasks, split_task_name, to_specs
@@ -108,116 +109,14 @@ def insert_queued(
 ) -> list[str]:
     """Insert new root tasks for ``specs``; return their ids.  Used by every driver.
 
-    With a ``key`` (checked by `check_key`), the ids are the key's
-    (`keyed_task_id`), and a task already stored under one is kept, not
-    inserted again: the call can be repeated after any error, or by another
-    process, and stores each task once.  A stored task that is not the same
-    class and fields raises `KeyConflict`; a conflict seen before inserting
-    stores nothing.
+    With a ``key`` (checked by `check_key`), as `tullius.keyed.insert_keyed`:
+    the ids are the key's, and a repeated call stores nothing twice.
     """
     if key is None:
         docs = [queued_doc(spec, task_id=new_id(), now=now) for spec in specs]
         store.insert_tasks(docs)
         return [doc.task_id for doc in docs]
-    docs = [
-        queued_doc(spec, task_id=keyed_task_id(key, index), now=now)
-        for index, spec in enumerate(specs)
-    ]
-    # Read first, not insert and compare: MongoStore refuses a repeated id only while
-    # the task is live.  A finished task's id inserted again is queued again (its
-    # claim then loses to the stored run record: no second run, but work), and a
-    # different task given under its key would vanish without a word.  Which ids are
-    # stored is cheap to ask; their documents are read only for a repeat.
-    ids = [doc.task_id for doc in docs]
-    present = store.stored_ids(ids)
-    stored: set[str] = set()
-    if present:
-        found = store.find_tasks([task_id for task_id in ids if task_id in present])
-        stored = _same_as_stored(key, docs, found)
-        for index, task_id in enumerate(ids):
-            if task_id in present and task_id not in stored:
-                # Inserted again, it would inherit what is left of the old task.
-                raise KeyConflict(key, index, task_id, KeyConflict.UNREADABLE)
-    missing = [doc for doc in docs if doc.task_id not in stored]
-    if missing:
-        store.insert_tasks(missing)
-        # Compare again what is stored now: another call with the key may have come
-        # between the read and the insert, and its task may even have finished
-        # since: the insert then made a live copy of it, which MongoStore's `load`
-        # drops, giving the finished task.  (Or this insert's first answer was lost
-        # and its repeat found its own tasks: the same ones.)
-        views = store.load_many([doc.task_id for doc in missing])
-        _same_as_stored(key, missing, [view.task for view in views])
-    return ids
-
-
-def check_key(key: object) -> str | None:
-    """``key`` as a plain ``str`` if it can be a ``queue()`` key (a non-empty str that
-    encodes as UTF-8; a subclass is taken by its value, as fields are), or None."""
-    if key is None:
-        return None
-    if not isinstance(key, str) or not key:
-        raise ConfigError("queue() key", key, "is not a key; expected a non-empty str")
-    try:
-        key.encode()
-    except UnicodeEncodeError as error:
-        raise ConfigError(
-            "queue() key", key, f"can't be encoded as UTF-8 ({error.reason}); expected a str"
-        ) from None
-    return str.__str__(key)
-
-
-def _same_as_stored(key: str, docs: Sequence[TaskDoc], found: Sequence[TaskDoc]) -> set[str]:
-    """The ids of ``docs`` already stored (``found``); `KeyConflict` if one differs."""
-    by_id = {doc.task_id: doc for doc in found}
-    for index, doc in enumerate(docs):
-        stored = by_id.get(doc.task_id)
-        if stored is not None:
-            difference = _difference(stored, as_stored(doc))
-            if difference:
-                raise KeyConflict(key, index, doc.task_id, difference)
-    return set(by_id)
-
-
-def _difference(stored: TaskDoc, given: TaskDoc) -> str:
-    """How ``given`` (as it would be stored) differs in class or fields; "" if not."""
-    if stored.class_name != given.class_name:
-        return f"stored {short_name(stored.class_name)}, given {short_name(given.class_name)}"
-    for name in sorted(set(stored.fields) | set(given.fields)):
-        if name not in given.fields:
-            return f"field {name!r} only in the stored task"
-        if name not in stored.fields:
-            return f"field {name!r} only in the given task"
-        if not _same_value(stored.fields[name], given.fields[name]):
-            return (
-                f"field {name!r}: {_short(stored.fields[name])} stored, "
-                f"{_short(given.fields[name])} given"
-            )
-    return ""
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _same_value(stored: Any, given: Any) -> bool:
-    """Equal as stored values, of the same BSON type: a bool only to a bool, an int
-    only to an int and a float only to a float (Python finds ``True == 1 == 1.0``,
-    but ``run()`` gets what the first call stored; a repeat of the call gives the
-    same types), a NaN to a NaN."""
-    for kind in (bool, int, float):  # (bool first: a bool is an int to Python)
-        if isinstance(stored, kind) or isinstance(given, kind):
-            if not (isinstance(stored, kind) and isinstance(given, kind)):
-                return False
-            return stored == given or (kind is float and stored != stored and given != given)
-    if isinstance(stored, dict) and isinstance(given, dict):
-        return stored.keys() == given.keys() and all(
-            _same_value(value, given[name]) for name, value in stored.items()
-        )
-    if isinstance(stored, list) and isinstance(given, list):
-        return len(stored) == len(given) and all(map(_same_value, stored, given))
-    return bool(stored == given)
+    return insert_keyed(store, specs, key=key, now=now)
 
 
 def queue(task_or_tasks: Task | Iterable[Task], *, key: str | None = None) -> list[str]:

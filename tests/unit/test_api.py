@@ -303,6 +303,7 @@ def test_the_public_api_is_exactly_what_all_lists() -> None:
         "prune",
         "retry",
         "user_errors",
+        "keyed",
     }
     assert exported | {"__version__"} == set(tullius.__all__)
     assert tullius.__all__ == sorted(tullius.__all__)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from tullius.api import OPEN_SIMULATIONS, check_key, queue_sink, task_id_of
+from tullius.api import OPEN_SIMULATIONS, queue_sink, task_id_of
 from tullius.band import Band, bands_from_setting
 from tullius.document import TERMINAL, Status, TaskSpec, short_name, spawned_of, status_of
 from tullius.effects import InsertRecord, InsertTasks
@@ -30,6 +30,7 @@ from tullius.errors import (
     TaskError,
 )
 from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
+from tullius.keyed import check_key
 from tullius.policy import DEFAULT_GRACE, DEFAULT_LEASE, LeaseTimings
 from tullius.retry import Retry, current_limits, retry
 from tullius.sim.clock import DEFAULT_START, EARLIEST, LATEST, ServerClock, SimClock, to_us
