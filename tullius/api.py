@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tullius.document import TaskSpec, keyed_task_id, queued_doc
+from tullius.engine import drive
 from tullius.errors import ConfigError, TaskDefinitionError
 from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
 from tullius.keyed import check_key, insert_keyed
@@ -116,7 +117,7 @@ def insert_queued(
         docs = [queued_doc(spec, task_id=new_id(), now=now) for spec in specs]
         store.insert_tasks(docs)
         return [doc.task_id for doc in docs]
-    return insert_keyed(store, specs, key=key, now=now)
+    return drive(store, insert_keyed(specs, key=key, now=now))
 
 
 def queue(task_or_tasks: Task | Iterable[Task], *, key: str | None = None) -> list[str]:

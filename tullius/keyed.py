@@ -17,17 +17,21 @@ from datetime import datetime
 from typing import Any
 
 from tullius.document import TaskDoc, TaskSpec, as_stored, keyed_task_id, queued_doc, short_name
+from tullius.effects import InsertTasks
+from tullius.engine import Conversation
 from tullius.errors import ConfigError, KeyConflict
-from tullius.store import Store
+from tullius.store import FindTasks, LoadMany, StoredIds
 
 
-def insert_keyed(store: Store, specs: Sequence[TaskSpec], *, key: str, now: datetime) -> list[str]:
+def insert_keyed(specs: Sequence[TaskSpec], *, key: str, now: datetime) -> Conversation[list[str]]:
     """Insert the root tasks of a ``queue()`` call with ``key``; return their ids.
 
     A task already stored under one of the ids is kept, not inserted again, so
     the call can be repeated, and stores each task once.  A stored task that
     is not the same class and fields (or can't be read) raises `KeyConflict`;
-    a conflict seen before inserting stores nothing.
+    a conflict seen before inserting stores nothing.  A conversation (driven
+    by `tullius.engine.drive`), so that a property test can interleave its
+    operations with other writers'.
     """
     docs = [
         queued_doc(spec, task_id=keyed_task_id(key, index), now=now)
@@ -39,24 +43,24 @@ def insert_keyed(store: Store, specs: Sequence[TaskSpec], *, key: str, now: date
     # different task given under its key would vanish without a word.  Which ids are
     # stored is cheap to ask; their documents are read only for a repeat.
     ids = [doc.task_id for doc in docs]
-    present = store.stored_ids(ids)
+    present: set[str] = yield StoredIds(tuple(ids))
     stored: set[str] = set()
     if present:
-        found = store.find_tasks([task_id for task_id in ids if task_id in present])
+        found = yield FindTasks(tuple(task_id for task_id in ids if task_id in present))
         stored = _same_as_stored(key, docs, found)
         for index, task_id in enumerate(ids):
             if task_id in present and task_id not in stored:
                 # Inserted again, it would inherit what is left of the old task.
                 raise KeyConflict(key, index, task_id, KeyConflict.UNREADABLE)
-    missing = [doc for doc in docs if doc.task_id not in stored]
+    missing = tuple(doc for doc in docs if doc.task_id not in stored)
     if missing:
-        store.insert_tasks(missing)
+        yield InsertTasks(missing)
         # Compare again what is stored now: another call with the key may have come
         # between the read and the insert, and its task may even have finished
         # since: the insert then made a live copy of it, which MongoStore's `load`
         # drops, giving the finished task.  (Or this insert's first answer was lost
         # and its repeat found its own tasks: the same ones.)
-        views = store.load_many([doc.task_id for doc in missing])
+        views = yield LoadMany(tuple(doc.task_id for doc in missing))
         _same_as_stored(key, missing, [view.task for view in views])
     return ids
 

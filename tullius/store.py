@@ -298,6 +298,11 @@ class DeleteTasks:
     task_ids: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class StoredIds:
+    task_ids: tuple[str, ...]
+
+
 Operation = (
     InsertRecord
     | InsertTasks
@@ -313,6 +318,7 @@ Operation = (
     | ForgetServer
     | FindTasks
     | DeleteTasks
+    | StoredIds
 )
 
 
@@ -349,6 +355,7 @@ PERFORMERS: Final[Mapping[type[Any], Callable[[Store, Any], Any]]] = {
     ReadServers: lambda store, op: store.read_servers(),
     ForgetServer: lambda store, op: store.forget_server(op.server, op.seen_at),
     FindTasks: lambda store, op: store.find_tasks(op.task_ids),
+    StoredIds: lambda store, op: store.stored_ids(op.task_ids),
     DeleteTasks: lambda store, op: store.delete_tasks(op.task_ids),
 }
 
