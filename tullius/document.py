@@ -557,10 +557,15 @@ def task_to_bson(doc: TaskDoc) -> dict[str, Any]:
 
 def task_from_bson(data: Mapping[str, Any]) -> TaskDoc:
     """Inverse of `task_to_bson`.  Raises KeyError/ValueError on a malformed document."""
+    fields = dict(data["fields"])
+    if data["created_at"].tzinfo is None:
+        # Decoded by a client without tz_aware=True: so were the fields' times.  (Only
+        # then: the walk costs as much as decoding a large field again.)
+        fields = aware_values(fields)
     return TaskDoc(
         task_id=str(data["_id"]),
         class_name=data["cls"],
-        fields=aware_values(dict(data["fields"])),
+        fields=fields,
         priority=_priority(data["priority"]),
         timeout=timedelta(milliseconds=data["timeout_ms"]),
         handler_timeout=timedelta(milliseconds=data["handler_timeout_ms"]),

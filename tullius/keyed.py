@@ -20,7 +20,7 @@ from tullius.document import TaskDoc, TaskSpec, as_stored, keyed_task_id, queued
 from tullius.effects import InsertTasks
 from tullius.engine import Conversation
 from tullius.errors import ConfigError, KeyConflict
-from tullius.store import FindTasks, LoadMany, StoredIds
+from tullius.store import LoadMany, StoredIds
 
 
 def insert_keyed(specs: Sequence[TaskSpec], *, key: str, now: datetime) -> Conversation[list[str]]:
@@ -41,17 +41,23 @@ def insert_keyed(specs: Sequence[TaskSpec], *, key: str, now: datetime) -> Conve
     # the task is live.  A finished task's id inserted again is queued again (its
     # claim then loses to the stored run record: no second run, but work), and a
     # different task given under its key would vanish without a word.  Which ids are
-    # stored is cheap to ask; their documents are read only for a repeat.
+    # stored is cheap to ask; the tasks are read only for a repeat, and as `load`
+    # reads them: a live copy an earlier racing call left of a finished task is
+    # dropped, giving the finished one (`find_tasks` would give the copy).
     ids = [doc.task_id for doc in docs]
     present: set[str] = yield StoredIds(tuple(ids))
     stored: set[str] = set()
     if present:
-        found = yield FindTasks(tuple(task_id for task_id in ids if task_id in present))
-        stored = _same_as_stored(key, docs, found)
-        for index, task_id in enumerate(ids):
-            if task_id in present and task_id not in stored:
-                # Inserted again, it would inherit what is left of the old task.
-                raise KeyConflict(key, index, task_id, KeyConflict.UNREADABLE)
+        views = yield LoadMany(tuple(task_id for task_id in ids if task_id in present))
+        stored = _same_as_stored(key, docs, [view.task for view in views])
+        unread = tuple(task_id for task_id in ids if task_id in present and task_id not in stored)
+        if unread:
+            # Gone since (pruned meanwhile), or stored but unreadable: ask again.
+            still: set[str] = yield StoredIds(unread)
+            for index, task_id in enumerate(ids):
+                if task_id in still:
+                    # Inserted again, it would inherit what is left of the old task.
+                    raise KeyConflict(key, index, task_id, KeyConflict.UNREADABLE)
     missing = tuple(doc for doc in docs if doc.task_id not in stored)
     if missing:
         yield InsertTasks(missing)
@@ -61,7 +67,7 @@ def insert_keyed(specs: Sequence[TaskSpec], *, key: str, now: datetime) -> Conve
         # drops, giving the finished task.  (Or this insert's first answer was lost
         # and its repeat found its own tasks: the same ones.)
         views = yield LoadMany(tuple(doc.task_id for doc in missing))
-        _same_as_stored(key, missing, [view.task for view in views])
+        _same_as_stored(key, docs, [view.task for view in views])
     return ids
 
 
@@ -82,7 +88,8 @@ def check_key(key: object) -> str | None:
 
 
 def _same_as_stored(key: str, docs: Sequence[TaskDoc], found: Sequence[TaskDoc]) -> set[str]:
-    """The ids of ``docs`` already stored (``found``); `KeyConflict` if one differs."""
+    """The ids of ``docs`` (all of the call's, for the index a conflict names) found
+    stored (``found``); `KeyConflict` if one differs."""
     by_id = {doc.task_id: doc for doc in found}
     for index, doc in enumerate(docs):
         stored = by_id.get(doc.task_id)

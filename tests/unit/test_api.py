@@ -15,7 +15,7 @@ import pytest
 import tullius
 from tullius.api import configure, insert_queued
 from tullius.deps import load_deps
-from tullius.document import TaskSpec
+from tullius.document import TaskSpec, queued_doc
 from tullius.errors import ConfigError, TaskDefinitionError
 from tullius.runtime.mongo_store import MongoStore
 from tullius.sim.memory_store import MemoryStore
@@ -173,6 +173,29 @@ def test_a_keyed_call_raced_by_a_different_task_under_its_key_is_a_conflict() ->
         insert_queued(store, [to_spec(Hello(n=1), role="test")], now=T, new_id=str, key="k")
     assert store.raced
     assert [doc.fields for doc in store.all_tasks()] == [{"n": 2}]
+
+
+def test_a_conflict_found_after_the_insert_names_the_task_of_the_call() -> None:
+    # Given a key whose first task is stored, and a racing call that stores a
+    # different second task between this call's read and its insert
+    store = MemoryStore()
+    first = to_spec(Hello(n=0), role="test")
+    insert_queued(store, [first], now=T, new_id=str, key="k")
+    racer = queued_doc(to_spec(Hello(n=9), role="test"), task_id=tullius.keyed_id("k", 1), now=T)
+    stored_ids = store.stored_ids
+
+    def then_raced(task_ids: Sequence[str]) -> set[str]:
+        store.stored_ids = stored_ids  # type: ignore[method-assign]
+        found = stored_ids(task_ids)
+        store.insert_tasks([racer])
+        return found
+
+    store.stored_ids = then_raced  # type: ignore[method-assign]
+    # When the call with both tasks goes on
+    with pytest.raises(tullius.KeyConflict, match=r"\(task 1 of the call\)") as refused:
+        insert_queued(store, [first, to_spec(Hello(n=1), role="test")], now=T, new_id=str, key="k")
+    # Then the conflict names the second task of the call
+    assert (refused.value.index, refused.value.task_id) == (1, tullius.keyed_id("k", 1))
 
 
 def test_chain_of_a_queued_task_starts_with_it(store: MemoryStore) -> None:

@@ -20,9 +20,10 @@ from tullius.api import insert_queued, keyed_id
 from tullius.band import Band
 from tullius.document import Status, TaskSpec, status_of
 from tullius.engine import claim, drive, finish, sweep
-from tullius.errors import ConfigError, KeyConflict
+from tullius.errors import ConfigError, KeyConflict, StoreUnavailable
 from tullius.events import Succeeded
 from tullius.policy import LeaseWatch
+from tullius.prune import MIN_AGE, prune
 from tullius.runtime.mongo_store import IDLE_RECHECK, LIVE_FIELDS, MongoStore, pack_live
 
 ALL = Band(1, 0, 10)
@@ -228,6 +229,60 @@ def test_a_live_copy_of_a_finished_task_that_cant_be_decoded_reads_as_set_aside(
     assert store.load("t") is None
     assert ids(store.live_collections()[0]) == []
     assert drive(store, claim(ALL, server="s1", worker="w1", token="again", now=T0)) is None
+
+
+def test_a_repeat_after_a_lost_answer_sees_the_finished_task_behind_its_own_live_copy(
+    store: MongoStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a keyed call whose key another call takes, with a different task that
+    # runs to its end, between the call's read and its insert; and whose insert is
+    # then applied (a live copy of that finished task) but its answer lost
+    stored_ids, insert_tasks = store.stored_ids, store.insert_tasks
+
+    def insert_then_lose_the_answer(docs: Any) -> int:
+        monkeypatch.setattr(store, "insert_tasks", insert_tasks)
+        insert_tasks(docs)
+        raise StoreUnavailable("insert tasks", "answer lost")
+
+    def then_another_call_runs(task_ids: Any) -> set[str]:
+        found = stored_ids(task_ids)
+        monkeypatch.setattr(store, "stored_ids", stored_ids)
+        (other,) = insert_queued(store, [make_spec(amount=10)], now=T0, new_id=str, key="k")
+        run_to_success(store, other)
+        monkeypatch.setattr(store, "insert_tasks", insert_then_lose_the_answer)
+        return found
+
+    monkeypatch.setattr(store, "stored_ids", then_another_call_runs)
+    with pytest.raises(StoreUnavailable):
+        insert_queued(store, [make_spec(amount=12)], now=T0, new_id=str, key="k")
+    # When the application repeats the call
+    # Then it sees the finished task, not its own copy, and raises
+    with pytest.raises(KeyConflict, match=r"field 'amount': 10 stored, 12 given"):
+        insert_queued(store, [make_spec(amount=12)], now=T0, new_id=str, key="k")
+    assert ids(store.live_collections()[0]) == []
+
+
+def test_a_keyed_call_whose_task_is_pruned_between_its_reads_stores_it_again(
+    store: MongoStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a keyed task that ran, and a repeat of its call whose first read finds it,
+    # before a prune deletes it
+    (task_id,) = insert_queued(store, [SPEC], now=T0, new_id=str, key="k")
+    run_to_success(store, task_id)
+    stored_ids = store.stored_ids
+
+    def then_pruned(task_ids: Any) -> set[str]:
+        found = stored_ids(task_ids)
+        monkeypatch.setattr(store, "stored_ids", stored_ids)
+        drive(store, prune(MIN_AGE, now=T0 + 10 * MIN_AGE))
+        return found
+
+    monkeypatch.setattr(store, "stored_ids", then_pruned)
+    # When the repeat goes on
+    # Then it asks again, finds the task gone, and stores it again (as after a prune),
+    # rather than call it unreadable
+    assert insert_queued(store, [SPEC], now=T0, new_id=str, key="k") == [task_id]
+    assert store.load(task_id).task.status is Status.QUEUED
 
 
 def test_a_late_hint_for_a_finished_task_changes_nothing(store: MongoStore) -> None:
