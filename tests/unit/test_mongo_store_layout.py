@@ -9,6 +9,7 @@ with the task settled and run once.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -43,6 +44,28 @@ def run_to_success(store: MongoStore, task_id: str) -> None:
     assert job.task_id == task_id
     verdict = drive(store, finish(job, Succeeded(job.token), now=T0 + timedelta(seconds=1)))
     assert verdict.accepted
+
+
+def after_the_next_read(
+    store: MongoStore, monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[], object]
+) -> None:
+    """Run ``meanwhile`` right after the next `MongoStore.stored_ids` (a keyed call's
+    first read), as another process would between that read and what follows."""
+    stored_ids = store.stored_ids
+
+    def then_meanwhile(task_ids: Any) -> set[str]:
+        found = stored_ids(task_ids)
+        monkeypatch.setattr(store, "stored_ids", stored_ids)
+        meanwhile()
+        return found
+
+    monkeypatch.setattr(store, "stored_ids", then_meanwhile)
+
+
+def another_call_runs(store: MongoStore) -> None:
+    """Another keyed call takes key "k" with ``amount=10``, and its task runs to its end."""
+    (other,) = insert_queued(store, [make_spec(amount=10)], now=T0, new_id=str, key="k")
+    run_to_success(store, other)
 
 
 def ids(collection: Any) -> list[str]:
@@ -194,16 +217,7 @@ def test_a_keyed_call_whose_key_was_used_and_run_between_its_read_and_insert_con
 ) -> None:
     # Given a keyed call whose read finds its key unused, and, before it inserts,
     # another call with the key and a different task whose task runs to its end
-    stored_ids = store.stored_ids
-
-    def then_another_call_runs(task_ids: Any) -> set[str]:
-        found = stored_ids(task_ids)
-        monkeypatch.setattr(store, "stored_ids", stored_ids)
-        (other,) = insert_queued(store, [make_spec(amount=10)], now=T0, new_id=str, key="k")
-        run_to_success(store, other)
-        return found
-
-    monkeypatch.setattr(store, "stored_ids", then_another_call_runs)
+    after_the_next_read(store, monkeypatch, lambda: another_call_runs(store))
     # When the call inserts (a live copy of the finished task, to MongoStore)
     with pytest.raises(KeyConflict, match=r"field 'amount': 10 stored, 12 given"):
         insert_queued(store, [make_spec(amount=12)], now=T0, new_id=str, key="k")
@@ -237,22 +251,18 @@ def test_a_repeat_after_a_lost_answer_sees_the_finished_task_behind_its_own_live
     # Given a keyed call whose key another call takes, with a different task that
     # runs to its end, between the call's read and its insert; and whose insert is
     # then applied (a live copy of that finished task) but its answer lost
-    stored_ids, insert_tasks = store.stored_ids, store.insert_tasks
+    insert_tasks = store.insert_tasks
 
     def insert_then_lose_the_answer(docs: Any) -> int:
         monkeypatch.setattr(store, "insert_tasks", insert_tasks)
         insert_tasks(docs)
         raise StoreUnavailable("insert tasks", "answer lost")
 
-    def then_another_call_runs(task_ids: Any) -> set[str]:
-        found = stored_ids(task_ids)
-        monkeypatch.setattr(store, "stored_ids", stored_ids)
-        (other,) = insert_queued(store, [make_spec(amount=10)], now=T0, new_id=str, key="k")
-        run_to_success(store, other)
+    def meanwhile() -> None:
+        another_call_runs(store)
         monkeypatch.setattr(store, "insert_tasks", insert_then_lose_the_answer)
-        return found
 
-    monkeypatch.setattr(store, "stored_ids", then_another_call_runs)
+    after_the_next_read(store, monkeypatch, meanwhile)
     with pytest.raises(StoreUnavailable):
         insert_queued(store, [make_spec(amount=12)], now=T0, new_id=str, key="k")
     # When the application repeats the call
@@ -269,15 +279,9 @@ def test_a_keyed_call_whose_task_is_pruned_between_its_reads_stores_it_again(
     # before a prune deletes it
     (task_id,) = insert_queued(store, [SPEC], now=T0, new_id=str, key="k")
     run_to_success(store, task_id)
-    stored_ids = store.stored_ids
-
-    def then_pruned(task_ids: Any) -> set[str]:
-        found = stored_ids(task_ids)
-        monkeypatch.setattr(store, "stored_ids", stored_ids)
-        drive(store, prune(MIN_AGE, now=T0 + 10 * MIN_AGE))
-        return found
-
-    monkeypatch.setattr(store, "stored_ids", then_pruned)
+    after_the_next_read(
+        store, monkeypatch, lambda: drive(store, prune(MIN_AGE, now=T0 + 10 * MIN_AGE))
+    )
     # When the repeat goes on
     # Then it asks again, finds the task gone, and stores it again (as after a prune),
     # rather than call it unreadable
