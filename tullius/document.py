@@ -304,8 +304,7 @@ def derive_task_id(parent_id: str, origin: Origin, index: int) -> str:
     record inserts the same ids (and the second insert is a harmless no-op);
     hashed, so that ids stay short along chains of thousands of retries.
     """
-    digest = hashlib.blake2b(f"{parent_id}/{origin.value}/{index}".encode(), digest_size=10)
-    return b32encode(digest.digest()).decode().lower()
+    return _short_id(f"{parent_id}/{origin.value}/{index}")
 
 
 def keyed_task_id(key: str, index: int) -> str:
@@ -316,7 +315,12 @@ def keyed_task_id(key: str, index: int) -> str:
     key (colons, a megabyte) makes an id of the usual shape; the prefix keeps
     it apart from every derived id.
     """
-    digest = hashlib.blake2b(f"key/{key}/{index}".encode(), digest_size=10)
+    return _short_id(f"key/{key}/{index}")
+
+
+def _short_id(text: str) -> str:
+    """A task id hashed from ``text``: 16 lowercase base-32 characters (80 bits)."""
+    digest = hashlib.blake2b(text.encode(), digest_size=10)
     return b32encode(digest.digest()).decode().lower()
 
 
@@ -608,7 +612,7 @@ def aware_values(value: Any) -> Any:
     must come back as they went in whichever collection or client read them.
     """
     if isinstance(value, datetime):
-        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return aware_utc(value)
     if isinstance(value, dict):
         return {name: aware_values(item) for name, item in value.items()}
     if isinstance(value, list):
