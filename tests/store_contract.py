@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -73,6 +74,22 @@ def queue_keyed(store: Any, key: str, *specs: TaskSpec, now: datetime = T0) -> l
         raise AssertionError("a keyed call made a random id")
 
     return insert_queued(store, specs, now=now, new_id=no_random_ids, key=key)
+
+
+def after_the_next_read(
+    store: Any, monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[], object]
+) -> None:
+    """Run ``meanwhile`` right after the next ``store.stored_ids`` (a keyed call's
+    first read), as another process would between that read and what follows."""
+    stored_ids = store.stored_ids
+
+    def then_meanwhile(task_ids: Any) -> set[str]:
+        found = stored_ids(task_ids)
+        monkeypatch.setattr(store, "stored_ids", stored_ids)
+        meanwhile()
+        return found
+
+    monkeypatch.setattr(store, "stored_ids", then_meanwhile)
 
 
 def make_record(task_id: str, token: str = "tok", **changes: Any) -> Record:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import sys
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import mongomock
 import pytest
 
 import tullius
+from tests.store_contract import after_the_next_read
 from tullius.api import configure, insert_queued
 from tullius.deps import load_deps
 from tullius.document import TaskSpec, queued_doc
@@ -142,55 +143,49 @@ def test_keyed_id_refuses_an_index_that_is_not_a_count(index: object) -> None:
         tullius.keyed_id(None)  # type: ignore[arg-type]
 
 
-class _RacedStore(MemoryStore):
-    """A store where another caller's insert lands between a keyed call's read and its
-    insert: the first ``stored_ids`` finds nothing, and then ``racer`` is stored."""
-
-    def __init__(self, racer: TaskSpec) -> None:
-        super().__init__()
-        self.racer = racer
-        self.raced = False
-
-    def stored_ids(self, task_ids: Sequence[str]) -> set[str]:
-        if self.raced:
-            return super().stored_ids(task_ids)
-        self.raced = True
-        insert_queued(self, [self.racer], now=datetime.now(UTC), new_id=str, key="k")
-        return set()
+def racing_call(store: MemoryStore, monkeypatch: pytest.MonkeyPatch, racer: TaskSpec) -> list[str]:
+    """Another call with key "k" stores ``racer`` between a keyed call's read and its
+    insert; the list returned gets its ids once it ran."""
+    raced: list[str] = []
+    after_the_next_read(
+        store,
+        monkeypatch,
+        lambda: raced.extend(insert_queued(store, [racer], now=T, new_id=str, key="k")),
+    )
+    return raced
 
 
-def test_a_keyed_call_raced_by_the_same_call_gives_the_ids_without_error() -> None:
-    store = _RacedStore(to_spec(Hello(n=1), role="test"))
+def test_a_keyed_call_raced_by_the_same_call_gives_the_ids_without_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = MemoryStore()
+    raced = racing_call(store, monkeypatch, to_spec(Hello(n=1), role="test"))
     ids = insert_queued(store, [to_spec(Hello(n=1), role="test")], now=T, new_id=str, key="k")
-    assert ids == [tullius.keyed_id("k")]
-    assert store.raced
+    assert ids == raced == [tullius.keyed_id("k")]
     assert len(store.all_tasks()) == 1
 
 
-def test_a_keyed_call_raced_by_a_different_task_under_its_key_is_a_conflict() -> None:
-    store = _RacedStore(to_spec(Hello(n=2), role="test"))
+def test_a_keyed_call_raced_by_a_different_task_under_its_key_is_a_conflict(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = MemoryStore()
+    raced = racing_call(store, monkeypatch, to_spec(Hello(n=2), role="test"))
     with pytest.raises(tullius.KeyConflict, match=r"field 'n': 2 stored, 1 given"):
         insert_queued(store, [to_spec(Hello(n=1), role="test")], now=T, new_id=str, key="k")
-    assert store.raced
+    assert raced == [tullius.keyed_id("k")]
     assert [doc.fields for doc in store.all_tasks()] == [{"n": 2}]
 
 
-def test_a_conflict_found_after_the_insert_names_the_task_of_the_call() -> None:
+def test_a_conflict_found_after_the_insert_names_the_task_of_the_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # Given a key whose first task is stored, and a racing call that stores a
     # different second task between this call's read and its insert
     store = MemoryStore()
     first = to_spec(Hello(n=0), role="test")
     insert_queued(store, [first], now=T, new_id=str, key="k")
     racer = queued_doc(to_spec(Hello(n=9), role="test"), task_id=tullius.keyed_id("k", 1), now=T)
-    stored_ids = store.stored_ids
-
-    def then_raced(task_ids: Sequence[str]) -> set[str]:
-        store.stored_ids = stored_ids  # type: ignore[method-assign]
-        found = stored_ids(task_ids)
-        store.insert_tasks([racer])
-        return found
-
-    store.stored_ids = then_raced  # type: ignore[method-assign]
+    after_the_next_read(store, monkeypatch, lambda: store.insert_tasks([racer]))
     # When the call with both tasks goes on
     with pytest.raises(tullius.KeyConflict, match=r"\(task 1 of the call\)") as refused:
         insert_queued(store, [first, to_spec(Hello(n=1), role="test")], now=T, new_id=str, key="k")

@@ -9,14 +9,13 @@ with the task settled and run once.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import mongomock
 import pytest
 
-from tests.store_contract import T0, make_doc, make_spec
+from tests.store_contract import T0, after_the_next_read, make_doc, make_spec
 from tullius.api import insert_queued, keyed_id
 from tullius.band import Band
 from tullius.document import Status, TaskSpec, status_of
@@ -44,22 +43,6 @@ def run_to_success(store: MongoStore, task_id: str) -> None:
     assert job.task_id == task_id
     verdict = drive(store, finish(job, Succeeded(job.token), now=T0 + timedelta(seconds=1)))
     assert verdict.accepted
-
-
-def after_the_next_read(
-    store: MongoStore, monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[], object]
-) -> None:
-    """Run ``meanwhile`` right after the next `MongoStore.stored_ids` (a keyed call's
-    first read), as another process would between that read and what follows."""
-    stored_ids = store.stored_ids
-
-    def then_meanwhile(task_ids: Any) -> set[str]:
-        found = stored_ids(task_ids)
-        monkeypatch.setattr(store, "stored_ids", stored_ids)
-        meanwhile()
-        return found
-
-    monkeypatch.setattr(store, "stored_ids", then_meanwhile)
 
 
 def another_call_runs(store: MongoStore) -> None:
