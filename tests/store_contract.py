@@ -34,11 +34,15 @@ from tullius.document import (
     run_id,
     stored_time,
 )
+from tullius.engine import Conversation, drive
 from tullius.errors import KeyConflict
-from tullius.store import ServerSeen
+from tullius.prune import MIN_AGE, prune
+from tullius.store import DeleteTasks, ServerSeen, perform
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 DAY = timedelta(days=1)
+#: A prune's line after T0: everything written at T0 is older (`Store.delete_tasks`).
+A_DAY_LATER = T0 + DAY
 
 
 class Color(enum.StrEnum):
@@ -90,6 +94,24 @@ def after_the_next_read(
         return found
 
     monkeypatch.setattr(store, "stored_ids", then_meanwhile)
+
+
+def drive_until(store: Any, conversation: Conversation[Any], kind: type) -> Any:
+    """Drive ``conversation`` up to its first operation of ``kind``, not performed
+    yet: the moment another process may act before it."""
+    op = next(conversation)
+    while not isinstance(op, kind):
+        op = conversation.send(perform(store, op))
+    return op
+
+
+def drive_on(store: Any, conversation: Conversation[Any], op: Any) -> Any:
+    """Drive ``conversation``, paused at ``op`` (`drive_until`), to its end."""
+    while True:
+        try:
+            op = conversation.send(perform(store, op))
+        except StopIteration as end:
+            return end.value
 
 
 def make_record(task_id: str, token: str = "tok", **changes: Any) -> Record:
@@ -387,7 +409,7 @@ class StoreContract:
             )
             store.set_status(name, Status.SUCCEEDED, T0)
         # When one child is deleted
-        assert store.delete_tasks(["x"]) == 1
+        assert store.delete_tasks(["x"], A_DAY_LATER) == 1
         # Then it is gone, with its records; the other child and the parent stay
         assert store.load("x") is None
         assert store.insert_record(make_record("x", token="new")).token == "new"
@@ -408,7 +430,7 @@ class StoreContract:
         store.insert_record(retry)
         store.set_status("t", Status.UNHANDLED, T0)
         # When it is deleted
-        assert store.delete_tasks(["t"]) == 1
+        assert store.delete_tasks(["t"], A_DAY_LATER) == 1
         # Then its run record is gone, but its retry record still wins an insert
         assert store.load("t") is None
         assert store.insert_record(make_record("t", token="new")).token == "new"
@@ -422,11 +444,59 @@ class StoreContract:
         store.set_status("t1", Status.SUCCEEDED, T0)
         store.insert_tasks([make_doc("t1")])
         # When it is deleted, twice
-        assert store.delete_tasks(["t1"]) == 1
-        assert store.delete_tasks(["t1"]) == 0
+        assert store.delete_tasks(["t1"], A_DAY_LATER) == 1
+        assert store.delete_tasks(["t1"], A_DAY_LATER) == 0
         # Then no copy is left anywhere
         assert store.load("t1") is None
         assert store.find_by_status(list(Status), 10) == []
+
+    @pytest.mark.parametrize("ran", [False, True], ids=["queued", "ran"])
+    def test_deleting_spares_a_task_stored_again_since_the_line(
+        self, store: Any, ran: bool
+    ) -> None:
+        # Given a task that finished at T0 and was deleted, then stored again under
+        # its id two days later (and perhaps run since: its own records)
+        store.insert_tasks([make_doc("t")])
+        store.insert_record(make_record("t"))
+        store.set_status("t", Status.SUCCEEDED, T0)
+        assert store.delete_tasks(["t"], A_DAY_LATER) == 1
+        later = stored_time(T0 + 2 * DAY)
+        store.insert_tasks([dataclasses.replace(make_doc("t"), created_at=later)])
+        if ran:
+            store.insert_record(make_record("t", token="new", at=later))
+            store.set_status("t", Status.SUCCEEDED, later)
+        # When it is deleted again with the same line (a second prune of the old task)
+        assert store.delete_tasks(["t"], A_DAY_LATER) == 0
+        # Then the new task is kept, with its records
+        view = store.load("t")
+        assert view.task.created_at == later
+        assert view.task.status == (Status.SUCCEEDED if ran else Status.QUEUED)
+        assert [record.token for record in view.records.values()] == (["new"] if ran else [])
+
+    def test_a_task_stored_again_by_key_between_two_racing_prunes_is_kept(self, store: Any) -> None:
+        # Given a keyed task that ran and settled at T0
+        spec = make_spec(n=1)
+        (task_id,) = queue_keyed(store, "k", spec)
+        store.insert_record(make_record(task_id))
+        store.insert_record(
+            make_record(task_id, record_id=outcome_id(task_id), kind=RecordKind.OUTCOME)
+        )
+        store.set_status(task_id, Status.SUCCEEDED, T0)
+        # And, ten days later, a prune that has read it and is about to delete it
+        now = T0 + 10 * DAY
+        late = prune(MIN_AGE, now=now)
+        delete = drive_until(store, late, DeleteTasks)
+        # When another prune deletes it meanwhile, and the keyed call, repeated
+        # late, stores it again (its application never saw the first answer)
+        assert drive(store, prune(MIN_AGE, now=now)).deleted[Status.SUCCEEDED] == 1
+        assert queue_keyed(store, "k", spec, now=now) == [task_id]
+        # And the first prune then deletes what it judged
+        drive_on(store, late, delete)
+        # Then the task stored again is still there, to run
+        view = store.load(task_id)
+        assert view.task.status == Status.QUEUED
+        assert view.task.created_at == stored_time(now)
+        assert view.records == {}
 
     def test_find_tasks_gives_the_stored_documents_asked_for_a_live_copy_first(
         self, store: Any
@@ -478,7 +548,7 @@ class StoreContract:
         # And a deleted (pruned) one no longer is, unless an operator's retry record of
         # it is kept (a tombstone)
         store.insert_record(make_record("r", record_id=retry_id("r"), kind=RecordKind.RETRY))
-        store.delete_tasks(["f", "r"])
+        store.delete_tasks(["f", "r"], A_DAY_LATER)
         assert store.stored_ids(["f", "q", "r"]) == {"q", "r"}
 
     def test_a_keyed_call_repeated_stores_its_tasks_once_under_the_same_ids(
@@ -572,7 +642,7 @@ class StoreContract:
         store.insert_record(
             make_record(retried, record_id=retry_id(retried), kind=RecordKind.RETRY)
         )
-        store.delete_tasks([plain, retried])
+        store.delete_tasks([plain, retried], A_DAY_LATER)
         # When each call is repeated
         # Then the first is stored again, as new; the second is refused, since a task
         # stored again under its id would inherit the old retry record

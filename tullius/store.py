@@ -208,8 +208,9 @@ class Store(Protocol):
         """
         ...
 
-    def delete_tasks(self, task_ids: Sequence[str]) -> int:
-        """Delete the tasks (every copy) and their records; return how many tasks were stored.
+    def delete_tasks(self, task_ids: Sequence[str], written_before: datetime) -> int:
+        """Delete the tasks (every copy) and their records, of those written before
+        ``written_before``; return how many finished copies went.
 
         For pruning finished tasks (`tullius.prune`), which alone decides what
         may go.  An operator's ``retry`` record stays, a tombstone: a retry asked
@@ -219,6 +220,12 @@ class Store(Protocol):
         part-way leaves at most a finished copy with some or none of its
         records, which nothing claims and a repeat deletes; never a live copy
         without its records, which a claim would run again.
+
+        Only a copy created (``created_at``), and a record written (``at``),
+        before ``written_before`` goes: a task stored again under its id since
+        the prune read it (a keyed ``queue()`` repeated after an earlier prune
+        deleted it) is a new task, which this prune never judged.  With two
+        prunes racing, the later one's delete would otherwise take it.
         """
         ...
 
@@ -296,6 +303,7 @@ class FindTasks:
 @dataclass(frozen=True)
 class DeleteTasks:
     task_ids: tuple[str, ...]
+    written_before: datetime
 
 
 @dataclass(frozen=True)
@@ -356,7 +364,7 @@ PERFORMERS: Final[Mapping[type[Any], Callable[[Store, Any], Any]]] = {
     ForgetServer: lambda store, op: store.forget_server(op.server, op.seen_at),
     FindTasks: lambda store, op: store.find_tasks(op.task_ids),
     StoredIds: lambda store, op: store.stored_ids(op.task_ids),
-    DeleteTasks: lambda store, op: store.delete_tasks(op.task_ids),
+    DeleteTasks: lambda store, op: store.delete_tasks(op.task_ids, op.written_before),
 }
 
 

@@ -12,13 +12,14 @@ import dataclasses
 from datetime import timedelta
 from typing import Any
 
+import bson
 import mongomock
 import pytest
 
 from tests.store_contract import T0, after_the_next_read, make_doc, make_spec
 from tullius.api import insert_queued, keyed_id
 from tullius.band import Band
-from tullius.document import Status, TaskSpec, status_of
+from tullius.document import Status, TaskSpec, status_of, stored_time
 from tullius.engine import claim, drive, finish, sweep
 from tullius.errors import ConfigError, KeyConflict, StoreUnavailable
 from tullius.events import Succeeded
@@ -70,6 +71,24 @@ def test_live_documents_keep_only_what_queries_use_outside_the_packed_body(
     store.insert_tasks([make_doc("a", n=1)])
     assert sorted(store.tasks.find_one({"_id": "a"})) == sorted([*LIVE_FIELDS, "body"])
     assert store.load("a").task.fields == {"n": 1}  # type: ignore[union-attr]
+
+
+def test_a_prune_deletes_a_live_copy_stored_before_created_at_was_kept_outside_its_body(
+    store: MongoStore,
+) -> None:
+    # Given a live document an older version stored, its creation time in its body only
+    packed = pack_live(make_doc("old"))
+    store.tasks.insert_one({key: value for key, value in packed.items() if key != "created_at"})
+    body = bson.decode(packed["body"])
+    store.tasks.update_one(
+        {"_id": "old"},
+        {"$set": {"body": bson.Binary(bson.encode({**body, "created_at": T0}))}},
+    )
+    assert store.load("old").task.created_at == stored_time(T0)  # type: ignore[union-attr]
+    # When a prune deletes it (a live copy it raced with: see `Store.delete_tasks`)
+    store.delete_tasks(["old"], T0 + timedelta(days=1))
+    # Then it is gone, as before
+    assert ids(store.tasks) == []
 
 
 def test_running_and_failed_hints_stay_in_the_live_collection(store: MongoStore) -> None:

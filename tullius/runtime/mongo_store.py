@@ -133,8 +133,9 @@ _log = logging.getLogger("tullius.store")
 _CREDENTIALS = re.compile(r"(mongodb(?:\+srv)?://)[^@/\s]*@")
 
 
-#: Fields of a live task document kept outside ``body``: what queries use.
-LIVE_FIELDS = ("_id", "status", "priority", "due_at", "cls", "parent_id")
+#: Fields of a live task document kept outside ``body``: what queries use
+#: (``created_at``: a prune's delete, `MongoStore.delete_tasks`).
+LIVE_FIELDS = ("_id", "status", "priority", "due_at", "cls", "parent_id", "created_at")
 _BODY_OPTIONS: bson.CodecOptions[dict[str, Any]] = bson.CodecOptions(tz_aware=True)
 
 
@@ -1110,8 +1111,9 @@ class MongoStore:
             lambda: self.servers.delete_one({"_id": server, "seen_at": stored_time(seen_at)}),
         )
 
-    def delete_tasks(self, task_ids: Sequence[str]) -> int:
-        """Delete the tasks' live copies, then their records, then the finished copies.
+    def delete_tasks(self, task_ids: Sequence[str], written_before: datetime) -> int:
+        """Delete the tasks' live copies, then their records, then the finished copies,
+        of those written before ``written_before``.
 
         One ``delete_many`` per collection (``_id`` or ``task_id`` in the list):
         on FerretDB every delete reads its whole collection, so per batch, not
@@ -1122,16 +1124,22 @@ class MongoStore:
         ids = list(task_ids)
         if not ids:
             return 0
+        old = {"$lt": stored_time(written_before)}
+        # A live copy stored before ``created_at`` was kept outside its body
+        # carries none there: it goes as it always did.
+        old_live = {"$or": [{"created_at": old}, {"created_at": {"$exists": False}}]}
 
         def attempt() -> int:
             for task_id in ids:
                 self._bodies.pop(task_id)
             for shard, in_shard in self._by_live_shard(ids):
-                shard.delete_many({"_id": {"$in": in_shard}})
+                shard.delete_many({"_id": {"$in": in_shard}, **old_live})
             # Not the operators' retry records: tombstones (`tullius.retry`).
             for records, in_shard in self._by_record_shard(ids):
-                records.delete_many({"task_id": {"$in": in_shard}, "kind": {"$ne": _RETRY_KIND}})
-            return self.finished.delete_many({"_id": {"$in": ids}}).deleted_count
+                records.delete_many(
+                    {"task_id": {"$in": in_shard}, "kind": {"$ne": _RETRY_KIND}, "at": old}
+                )
+            return self.finished.delete_many({"_id": {"$in": ids}, "created_at": old}).deleted_count
 
         return self._retrying("delete finished tasks", attempt)
 

@@ -410,21 +410,24 @@ class MemoryStore:
         if stored is not None and stored.seen_at == stored_time(seen_at):
             del self._servers[server]
 
-    def delete_tasks(self, task_ids: Sequence[str]) -> int:
+    def delete_tasks(self, task_ids: Sequence[str], written_before: datetime) -> int:
         # One copy per task here, deleted after its records, as the protocol orders;
-        # all but the retry records, which stay as tombstones (`tullius.retry`).
+        # all but the retry records, which stay as tombstones (`tullius.retry`), and
+        # what was written since ``written_before`` (a task stored again).
+        written_before = stored_time(written_before)
         for task_id in task_ids:
             records = self._records_by_task.pop(task_id, {})
             for record_id, record in records.items():
-                if record.kind is RecordKind.RETRY:
+                if record.kind is RecordKind.RETRY or record.at >= written_before:
                     self._records_by_task.setdefault(task_id, {})[record_id] = record
                 else:
                     del self._records[record_id]
         deleted = 0
         for task_id in task_ids:
-            doc = self._tasks.pop(task_id, None)
-            if doc is None:
+            doc = self._tasks.get(task_id)
+            if doc is None or doc.created_at >= written_before:
                 continue
+            del self._tasks[task_id]
             deleted += 1
             self._unindex(doc)
             self._previous_status.pop(task_id, None)
