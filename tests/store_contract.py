@@ -36,8 +36,9 @@ from tullius.document import (
 )
 from tullius.engine import Conversation, drive
 from tullius.errors import KeyConflict
+from tullius.keyed import insert_keyed
 from tullius.prune import MIN_AGE, prune
-from tullius.store import DeleteTasks, ServerSeen, perform
+from tullius.store import DeleteTasks, LoadMany, ServerSeen, perform
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -653,6 +654,26 @@ class StoreContract:
         assert refused.value.difference == KeyConflict.UNREADABLE
         assert "which can't be read (set aside as undecodable, or pruned" in str(refused.value)
         assert store.load(retried) is None
+
+    def test_a_keyed_call_whose_task_is_pruned_and_stored_again_as_it_reads_compares_it(
+        self, store: Any
+    ) -> None:
+        # Given a keyed task that ran, and a repeat of its call, days later, that
+        # found it stored and is about to read it
+        spec = make_spec(n=1)
+        (task_id,) = queue_keyed(store, "k", spec)
+        store.insert_record(make_record(task_id))
+        store.set_status(task_id, Status.SUCCEEDED, T0)
+        repeat = insert_keyed([spec], key="k", now=T0 + 10 * DAY)
+        read = drive_until(store, repeat, LoadMany)
+        # When the task is pruned before the read, so the call asks again, and
+        # another repeat of the call stores it again before that
+        store.delete_tasks([task_id], A_DAY_LATER)
+        asked_again = repeat.send(perform(store, read))
+        queue_keyed(store, "k", spec, now=T0 + 10 * DAY)
+        # Then the call reads the task stored again, and returns its id
+        assert drive_on(store, repeat, asked_again) == [task_id]
+        assert len(store.find_tasks([task_id])) == 1
 
     def test_a_conflict_in_a_later_task_of_a_keyed_call_stores_none_of_it(self, store: Any) -> None:
         queue_keyed(store, "k", make_spec(n=0), make_spec(n=1))

@@ -21,6 +21,7 @@ from tullius.errors import (
     TaskNotFound,
     TulliusError,
     UnknownTaskClass,
+    WriteWindowClosed,
 )
 from tullius.inspection import ChainLink, ChainTree
 from tullius.retry import Retry
@@ -50,6 +51,7 @@ __all__ = [
     "TaskNotFound",
     "TulliusError",
     "UnknownTaskClass",
+    "WriteWindowClosed",
     "__version__",
     "chain",
     "configure",

@@ -22,11 +22,13 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+from tullius.clock import window_seconds
 from tullius.document import TaskSpec, keyed_task_id, queued_doc
 from tullius.engine import drive
 from tullius.errors import ConfigError, TaskDefinitionError
 from tullius.inspection import ChainLink, ChainTree, read_chain, read_tree
 from tullius.keyed import check_key, insert_keyed
+from tullius.policy import WRITE_WINDOW
 from tullius.retry import Retry, retry_now
 from tullius.store import Store
 from tullius.task import Task, find_in_module, queued_tasks, split_task_name, to_specs
@@ -107,17 +109,27 @@ def insert_queued(
     now: datetime,
     new_id: Callable[[], str],
     key: str | None = None,
+    write_clock: Callable[[], float] | None = None,
 ) -> list[str]:
     """Insert new root tasks for ``specs``; return their ids.  Used by every driver.
 
     With a ``key`` (checked by `check_key`), as `tullius.keyed.insert_keyed`:
-    the ids are the key's, and a repeated call stores nothing twice.
+    the ids are the key's, and a repeated call stores nothing twice.  Given a
+    ``write_clock`` (`tullius.clock.window_seconds`), a keyed call writes
+    nothing past a `WRITE_WINDOW` after it started, and raises
+    `WriteWindowClosed` instead: the task it would store may be one a prune
+    deleted, and a prune racing another spares only what was stored since it
+    started (`tullius.prune`), which a call frozen for days would not be.
     """
     if key is None:
         docs = [queued_doc(spec, task_id=new_id(), now=now) for spec in specs]
         store.insert_tasks(docs)
         return [doc.task_id for doc in docs]
-    return drive(store, insert_keyed(specs, key=key, now=now))
+    conversation = insert_keyed(specs, key=key, now=now)
+    if write_clock is None:
+        return drive(store, conversation)
+    write_by = write_clock() + WRITE_WINDOW.total_seconds()
+    return drive(store, conversation, write_by=write_by, clock=write_clock)
 
 
 def queue(task_or_tasks: Task | Iterable[Task], *, key: str | None = None) -> list[str]:
@@ -137,6 +149,9 @@ def queue(task_or_tasks: Task | Iterable[Task], *, key: str | None = None) -> li
         TaskDefinitionError: something that is not a Task, or a field that can't be stored.
         ConfigError: no store is configured and ``tullius_deps`` is missing; a bad ``key``.
         KeyConflict: a task stored under ``key`` differs in class or fields.
+        WriteWindowClosed: a keyed call that could not store its tasks within a
+            day of its start (the process frozen, or the database out of reach,
+            that long); nothing more was written, and repeating it is safe.
     """
     key = check_key(key)
     tasks = queued_tasks(task_or_tasks, role="queue() argument")
@@ -157,7 +172,12 @@ def queue(task_or_tasks: Task | Iterable[Task], *, key: str | None = None) -> li
                 )
             raise
         ids = insert_queued(
-            store, specs, now=datetime.now(UTC), new_id=lambda: uuid.uuid4().hex, key=key
+            store,
+            specs,
+            now=datetime.now(UTC),
+            new_id=lambda: uuid.uuid4().hex,
+            key=key,
+            write_clock=window_seconds,
         )
     for task, task_id in zip(tasks, ids, strict=True):
         task.task_id = task_id

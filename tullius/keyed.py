@@ -54,8 +54,13 @@ def insert_keyed(specs: Sequence[TaskSpec], *, key: str, now: datetime) -> Conve
         if unread:
             # Gone since (pruned meanwhile), or stored but unreadable: ask again.
             still: set[str] = yield StoredIds(unread)
+            if still:
+                # Stored again meanwhile by another call with the key (readable now),
+                # or unreadable for good: read once more.
+                views = yield LoadMany(tuple(task_id for task_id in unread if task_id in still))
+                stored |= _same_as_stored(key, docs, [view.task for view in views])
             for index, task_id in enumerate(ids):
-                if task_id in still:
+                if task_id in still and task_id not in stored:
                     # Inserted again, it would inherit what is left of the old task.
                     raise KeyConflict(key, index, task_id, KeyConflict.UNREADABLE)
     missing = tuple(doc for doc in docs if doc.task_id not in stored)

@@ -8,18 +8,26 @@ live queue to ``finished``: the layout where a duplicate id is refused only
 while the task is live).  Now and then an operation's answer is lost: it was
 applied, and the call fails, as ``queue()`` raising after its write.
 
+Days pass too, and two pruning daemons delete finished tasks, one store
+operation per step, racing each other and the calls: a call repeated after
+its task was pruned stores it again, as new (another *incarnation* of the
+id, told apart by its ``created_at``).
+
 After every step: a call that returned has its tasks stored, as it gave them
-(two calls with one key and different tasks never both return), and no task
-ran twice.  At the end every call is finished, the server runs everything,
-and every task stored under a key ran exactly once, with no live copy left.
-On mongomock (`MemoryStore` refuses a repeated id live or finished alike, so
-it would hide the races with moves).
+(two calls with one key and different tasks never both return), unless what
+it stored has run since and was pruned; and no incarnation ran twice.  At the
+end every call is finished, the server runs everything, and every task
+stored under a key ran exactly once, with no live copy left.  On mongomock
+(`MemoryStore` refuses a repeated id live or finished alike, so it would
+hide the races with moves).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
 
 import mongomock
 from hypothesis import event, settings
@@ -29,15 +37,20 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from tests.store_contract import T0, make_spec
 from tullius.band import Band
 from tullius.document import TERMINAL, TaskSpec, keyed_task_id, status_of
-from tullius.engine import Conversation, claim, drive, finish
+from tullius.engine import TASK_WRITES, Conversation, claim, drive, finish
 from tullius.errors import KeyConflict, StoreError
 from tullius.events import Succeeded
 from tullius.keyed import insert_keyed
+from tullius.policy import WRITE_WINDOW
+from tullius.prune import MIN_AGE, PruneReport, prune
 from tullius.runtime.mongo_store import MongoStore
-from tullius.store import Operation, perform
+from tullius.store import DeleteTasks, Operation, perform
 
 ALL = Band(1, 0, 10)
 KEYS = ("a", "a", "b")
+#: An incarnation of a task id: the id and the ``created_at`` of what was stored
+#: (None: nothing, as a call returned).
+Incarnation = tuple[str, datetime | None]
 
 
 @dataclass
@@ -48,6 +61,7 @@ class Call:
     specs: list[TaskSpec]
     conversation: Conversation[list[str]]
     op: Operation
+    started: datetime
 
 
 class KeyedRaces(RuleBasedStateMachine):
@@ -57,22 +71,45 @@ class KeyedRaces(RuleBasedStateMachine):
         shards = {"live_shards": 3, "record_shards": 5} if sharded else {}
         self.store = MongoStore(db, **shards)  # type: ignore[arg-type]
         self.store.ensure_indexes()
+        self.now = T0
         self.calls: list[Call] = []
-        #: The calls that returned: their key and tasks.
-        self.returned: list[tuple[str, list[TaskSpec]]] = []
-        self.runs: Counter[str] = Counter()
+        #: The calls that returned: their key, tasks, and what was stored for them.
+        self.returned: list[tuple[str, list[TaskSpec], list[Incarnation]]] = []
+        self.runs: Counter[Incarnation] = Counter()
         self.tokens = 0
+        #: Each pruning daemon's pass under way, and the answer it waits to be sent.
+        self.prunes: dict[int, tuple[Conversation[PruneReport], Any]] = {}
 
-    @rule(key=st.sampled_from(KEYS), amount=st.integers(1, 2), tasks=st.integers(1, 2))
-    def an_application_makes_a_keyed_call(self, key: str, amount: int, tasks: int) -> None:
+    @rule(
+        key=st.sampled_from(KEYS),
+        amount=st.integers(1, 2),
+        tasks=st.integers(1, 2),
+        at_once=st.booleans(),
+    )
+    def an_application_makes_a_keyed_call(
+        self, key: str, amount: int, tasks: int, at_once: bool
+    ) -> None:
+        """A call whose operations land one per step, or all ``at_once``."""
         specs = [make_spec(amount=amount, index=index) for index in range(tasks)]
-        conversation = insert_keyed(specs, key=key, now=T0)
-        self.calls.append(Call(key, specs, conversation, next(conversation)))
+        conversation = insert_keyed(specs, key=key, now=self.now)
+        call = Call(key, specs, conversation, next(conversation), self.now)
+        self.calls.append(call)
+        while at_once and call in self.calls:
+            self._land(call, answer_lost=False)
 
     @precondition(lambda self: self.calls)
     @rule(data=st.data(), answer_lost=st.sampled_from([False, False, False, True]))
     def an_operation_of_a_call_lands(self, data: st.DataObject, answer_lost: bool) -> None:
-        call = data.draw(st.sampled_from(self.calls), label="call")
+        self._land(data.draw(st.sampled_from(self.calls), label="call"), answer_lost=answer_lost)
+
+    def _land(self, call: Call, *, answer_lost: bool) -> None:
+        """Perform the operation ``call`` waits on; if that ends it, check how."""
+        if type(call.op) in TASK_WRITES and self.now - call.started > WRITE_WINDOW:
+            # As `api.insert_queued` gives a write up past its window: nothing more.
+            call.conversation.close()
+            self.calls.remove(call)
+            event("a keyed call gave up a write past its window")
+            return
         result = perform(self.store, call.op)
         returned: list[str] | None = None
         conflict: KeyConflict | None = None
@@ -91,7 +128,20 @@ class KeyedRaces(RuleBasedStateMachine):
         self.calls.remove(call)
         if returned is not None:
             assert returned == [keyed_task_id(call.key, i) for i in range(len(call.specs))]
-            self.returned.append((call.key, call.specs))
+            stored = [self.store.load(task_id) for task_id in returned]
+            # Gone already: stored, run and pruned while the call went on (for days).
+            gone = [task_id for task_id, view in zip(returned, stored, strict=True) if not view]
+            assert all(self._ran(task_id) for task_id in gone), (call.key, gone)
+            self.returned.append(
+                (
+                    call.key,
+                    call.specs,
+                    [
+                        (task_id, view.task.created_at if view else None)
+                        for task_id, view in zip(returned, stored, strict=True)
+                    ],
+                )
+            )
             event("a keyed call returned")
         if conflict is not None:
             event("a keyed call raised KeyConflict")
@@ -100,34 +150,68 @@ class KeyedRaces(RuleBasedStateMachine):
             given = call.specs[conflict.index].fields
             assert view is None or dict(view.task.fields) != dict(given), conflict
 
-    @rule()
-    def a_server_runs_one_task(self) -> None:
-        self._run_one()
-
-    @rule()
-    def a_server_runs_all_it_can(self) -> None:
-        while self._run_one():
+    @rule(everything=st.booleans())
+    def a_server_runs_a_task(self, everything: bool) -> None:
+        """One task, or all it can."""
+        while self._run_one() and everything:
             pass
 
     def _run_one(self) -> bool:
         self.tokens += 1  # (a claim's token must be its own: see `engine.claim`)
         token = f"t{self.tokens}"
-        job = drive(self.store, claim(ALL, server="s1", worker="w1", token=token, now=T0))
+        job = drive(self.store, claim(ALL, server="s1", worker="w1", token=token, now=self.now))
         if job is None:
             return False
-        self.runs[job.task_id] += 1
-        assert drive(self.store, finish(job, Succeeded(job.token), now=T0)).accepted
+        self.runs[job.task_id, job.view.task.created_at] += 1
+        assert drive(self.store, finish(job, Succeeded(job.token), now=self.now)).accepted
         return True
+
+    @rule(days=st.integers(1, 6))
+    def days_pass(self, days: int) -> None:
+        self.now += timedelta(days=days)
+
+    @rule(daemon=st.sampled_from([None, 0, 1]), steps=st.integers(1, 3))
+    def a_prune_goes_on(self, daemon: int | None, steps: int) -> None:
+        """``tulliusd --prune-finished`` whole (``daemon`` None), between two operations
+        of everyone else; or a few store operations of a daemon with
+        ``--keep-finished``, whose reads and delete others' steps may come between."""
+        if daemon is None:
+            if drive(self.store, prune(MIN_AGE, now=self.now)).deleted:
+                event("a whole prune deleted tasks")
+            return
+        for _ in range(steps):
+            conversation, answer = self.prunes.pop(daemon, (None, None))
+            if conversation is None:
+                conversation = prune(MIN_AGE, now=self.now, batch=2)
+            try:
+                op = conversation.send(answer)
+            except StopIteration:
+                return
+            self.prunes[daemon] = (conversation, perform(self.store, op))
+            if isinstance(op, DeleteTasks):
+                event("a pruning daemon deleted (or tried to)")
+
+    def _ran(self, task_id: str) -> bool:
+        return any(ran == task_id for ran, _ in self.runs)
+
+    @staticmethod
+    def _all_ids() -> list[str]:
+        return sorted({keyed_task_id(key, index) for key in set(KEYS) for index in range(2)})
 
     @invariant()
     def a_call_that_returned_has_its_tasks_stored_as_it_gave_them(self) -> None:
         if not hasattr(self, "store"):
             return
-        for key, specs in self.returned:
-            for index, spec in enumerate(specs):
-                view = self.store.load(keyed_task_id(key, index))
-                assert view is not None, (key, index)
-                assert dict(view.task.fields) == dict(spec.fields), (key, index, view.task)
+        for key, specs, stored in self.returned:
+            for spec, (task_id, created_at) in zip(specs, stored, strict=True):
+                if created_at is None:
+                    continue  # gone as the call returned (checked then)
+                view = self.store.load(task_id)
+                if view is None or view.task.created_at != created_at:
+                    # Gone, or stored again since: only once it had run (then pruned).
+                    assert self.runs[task_id, created_at] == 1, (key, task_id, view)
+                    continue
+                assert dict(view.task.fields) == dict(spec.fields), (key, task_id, view.task)
 
     @invariant()
     def no_task_runs_twice(self) -> None:
@@ -137,29 +221,22 @@ class KeyedRaces(RuleBasedStateMachine):
     def teardown(self) -> None:
         if not hasattr(self, "store"):
             return
-        for call in list(self.calls):  # every call goes on to its end
-            try:
-                while True:
-                    call.op = call.conversation.send(perform(self.store, call.op))
-            except (StopIteration, KeyConflict):
-                pass
-        while (
-            job := drive(self.store, claim(ALL, server="s1", worker="w1", token="end", now=T0))
-        ) is not None:
-            self.runs[job.task_id] += 1
-            drive(self.store, finish(job, Succeeded(job.token), now=T0))
+        for call in list(self.calls):  # every call goes on to its end (or its window's)
+            while call in self.calls:
+                self._land(call, answer_lost=False)
+        while self._run_one():
+            pass
         self.no_task_runs_twice()
         self.a_call_that_returned_has_its_tasks_stored_as_it_gave_them()
-        ids = {keyed_task_id(key, index) for key in set(KEYS) for index in range(2)}
-        for view in self.store.load_many(sorted(ids)):
+        for view in self.store.load_many(self._all_ids()):
             assert status_of(view) in TERMINAL, view.task_id
-            assert self.runs[view.task_id] == 1, view.task_id
+            assert self.runs[view.task_id, view.task.created_at] == 1, view.task_id
         assert all(
             collection.count_documents({}) == 0 for collection in self.store.live_collections()
         )
 
 
 KeyedRaces.TestCase.settings = settings(
-    max_examples=2 * settings.default.max_examples, stateful_step_count=30
+    max_examples=2 * settings.default.max_examples, stateful_step_count=50
 )
 TestKeyedRaces = KeyedRaces.TestCase

@@ -17,7 +17,8 @@ from tests.store_contract import after_the_next_read
 from tullius.api import configure, insert_queued
 from tullius.deps import load_deps
 from tullius.document import TaskSpec, queued_doc
-from tullius.errors import ConfigError, TaskDefinitionError
+from tullius.errors import ConfigError, TaskDefinitionError, WriteWindowClosed
+from tullius.policy import WRITE_WINDOW
 from tullius.runtime.mongo_store import MongoStore
 from tullius.sim.memory_store import MemoryStore
 from tullius.task import to_spec
@@ -191,6 +192,25 @@ def test_a_conflict_found_after_the_insert_names_the_task_of_the_call(
         insert_queued(store, [first, to_spec(Hello(n=1), role="test")], now=T, new_id=str, key="k")
     # Then the conflict names the second task of the call
     assert (refused.value.index, refused.value.task_id) == (1, tullius.keyed_id("k", 1))
+
+
+def test_a_keyed_call_frozen_past_its_write_window_stores_nothing_and_can_be_repeated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a keyed call whose process is frozen for a day and a second between
+    # its first read and its insert
+    store = MemoryStore()
+    seconds = [0.0]
+    after_the_next_read(
+        store, monkeypatch, lambda: seconds.append(WRITE_WINDOW.total_seconds() + 1)
+    )
+    spec = to_spec(Hello(n=1), role="test")
+    # When it goes on, it gives its insert up
+    with pytest.raises(WriteWindowClosed, match="InsertTasks given up: 1 s past"):
+        insert_queued(store, [spec], now=T, new_id=str, key="k", write_clock=lambda: seconds[-1])
+    # Then nothing was stored, and the call repeated stores its task
+    assert store.all_tasks() == []
+    assert insert_queued(store, [spec], now=T, new_id=str, key="k") == [tullius.keyed_id("k")]
 
 
 def test_chain_of_a_queued_task_starts_with_it(store: MemoryStore) -> None:

@@ -342,7 +342,12 @@ class Supervisor(WorkerKeeping):
     def _queue_for(self, worker: WorkerProcess, specs: list[Any], key: str | None) -> None:
         def work() -> list[str]:
             return insert_queued(
-                self.store, specs, now=self.clock.now(), new_id=lambda: uuid.uuid4().hex, key=key
+                self.store,
+                specs,
+                now=self.clock.now(),
+                new_id=lambda: uuid.uuid4().hex,
+                key=key,
+                write_clock=self.write_clock,
             )
 
         def done(future: Future[Any]) -> None:
