@@ -210,7 +210,7 @@ class Store(Protocol):
 
     def delete_tasks(self, task_ids: Sequence[str], written_before: datetime) -> int:
         """Delete the tasks (every copy) and their records, of those written before
-        ``written_before``; return how many finished copies went.
+        ``written_before``; return how many tasks were deleted.
 
         For pruning finished tasks (`tullius.prune`), which alone decides what
         may go.  An operator's ``retry`` record stays, a tombstone: a retry asked
