@@ -42,8 +42,6 @@ from tullius.store import DeleteTasks, LoadMany, ServerSeen, perform
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 DAY = timedelta(days=1)
-#: A prune's line after T0: everything written at T0 is older (`Store.delete_tasks`).
-A_DAY_LATER = T0 + DAY
 
 
 class Color(enum.StrEnum):
@@ -95,6 +93,11 @@ def after_the_next_read(
         return found
 
     monkeypatch.setattr(store, "stored_ids", then_meanwhile)
+
+
+def delete_as_stored(store: Any, task_ids: list[str]) -> int:
+    """A prune's delete of the tasks as they are stored now (`Store.delete_tasks`)."""
+    return store.delete_tasks(store.find_tasks(task_ids))
 
 
 def drive_until(store: Any, conversation: Conversation[Any], kind: type) -> Any:
@@ -410,7 +413,7 @@ class StoreContract:
             )
             store.set_status(name, Status.SUCCEEDED, T0)
         # When one child is deleted
-        assert store.delete_tasks(["x"], A_DAY_LATER) == 1
+        assert delete_as_stored(store, ["x"]) == 1
         # Then it is gone, with its records; the other child and the parent stay
         assert store.load("x") is None
         assert store.insert_record(make_record("x", token="new")).token == "new"
@@ -431,7 +434,7 @@ class StoreContract:
         store.insert_record(retry)
         store.set_status("t", Status.UNHANDLED, T0)
         # When it is deleted
-        assert store.delete_tasks(["t"], A_DAY_LATER) == 1
+        assert delete_as_stored(store, ["t"]) == 1
         # Then its run record is gone, but its retry record still wins an insert
         assert store.load("t") is None
         assert store.insert_record(make_record("t", token="new")).token == "new"
@@ -445,29 +448,41 @@ class StoreContract:
         store.set_status("t1", Status.SUCCEEDED, T0)
         store.insert_tasks([make_doc("t1")])
         # When it is deleted, twice
-        assert store.delete_tasks(["t1"], A_DAY_LATER) == 1
-        assert store.delete_tasks(["t1"], A_DAY_LATER) == 0
+        assert delete_as_stored(store, ["t1"]) == 1
+        assert delete_as_stored(store, ["t1"]) == 0
         # Then no copy is left anywhere
         assert store.load("t1") is None
         assert store.find_by_status(list(Status), 10) == []
 
+    def test_deleting_a_task_takes_all_its_records_whatever_their_times(self, store: Any) -> None:
+        # Given a finished task whose record was written by a clock two days ahead
+        store.insert_tasks([make_doc("t")])
+        store.insert_record(make_record("t", at=T0 + 2 * DAY))
+        store.set_status("t", Status.SUCCEEDED, T0)
+        # When it is deleted
+        assert delete_as_stored(store, ["t"]) == 1
+        # Then no record is left for a task stored again under its id to inherit
+        store.insert_tasks([make_doc("t")])
+        assert store.load("t").records == {}
+
     @pytest.mark.parametrize("ran", [False, True], ids=["queued", "ran"])
-    def test_deleting_spares_a_task_stored_again_since_the_line(
+    def test_deleting_a_task_as_read_spares_one_stored_again_under_its_id_since(
         self, store: Any, ran: bool
     ) -> None:
-        # Given a task that finished at T0 and was deleted, then stored again under
-        # its id two days later (and perhaps run since: its own records)
+        # Given a task that finished at T0, read by two prunes, and deleted by one;
+        # then stored again under its id two days later (and perhaps run since)
         store.insert_tasks([make_doc("t")])
         store.insert_record(make_record("t"))
         store.set_status("t", Status.SUCCEEDED, T0)
-        assert store.delete_tasks(["t"], A_DAY_LATER) == 1
+        read = store.find_tasks(["t"])
+        assert store.delete_tasks(read) == 1
         later = stored_time(T0 + 2 * DAY)
         store.insert_tasks([dataclasses.replace(make_doc("t"), created_at=later)])
         if ran:
             store.insert_record(make_record("t", token="new", at=later))
             store.set_status("t", Status.SUCCEEDED, later)
-        # When it is deleted again with the same line (a second prune of the old task)
-        assert store.delete_tasks(["t"], A_DAY_LATER) == 0
+        # When the other prune deletes the task as it read it
+        assert store.delete_tasks(read) == 0
         # Then the new task is kept, with its records
         view = store.load("t")
         assert view.task.created_at == later
@@ -549,7 +564,7 @@ class StoreContract:
         # And a deleted (pruned) one no longer is, unless an operator's retry record of
         # it is kept (a tombstone)
         store.insert_record(make_record("r", record_id=retry_id("r"), kind=RecordKind.RETRY))
-        store.delete_tasks(["f", "r"], A_DAY_LATER)
+        delete_as_stored(store, ["f", "r"])
         assert store.stored_ids(["f", "q", "r"]) == {"q", "r"}
 
     def test_a_keyed_call_repeated_stores_its_tasks_once_under_the_same_ids(
@@ -643,7 +658,7 @@ class StoreContract:
         store.insert_record(
             make_record(retried, record_id=retry_id(retried), kind=RecordKind.RETRY)
         )
-        store.delete_tasks([plain, retried], A_DAY_LATER)
+        delete_as_stored(store, [plain, retried])
         # When each call is repeated
         # Then the first is stored again, as new; the second is refused, since a task
         # stored again under its id would inherit the old retry record
@@ -668,7 +683,7 @@ class StoreContract:
         read = drive_until(store, repeat, LoadMany)
         # When the task is pruned before the read, so the call asks again, and
         # another repeat of the call stores it again before that
-        store.delete_tasks([task_id], A_DAY_LATER)
+        delete_as_stored(store, [task_id])
         asked_again = repeat.send(perform(store, read))
         queue_keyed(store, "k", spec, now=T0 + 10 * DAY)
         # Then the call reads the task stored again, and returns its id

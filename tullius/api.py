@@ -117,9 +117,9 @@ def insert_queued(
     the ids are the key's, and a repeated call stores nothing twice.  Given a
     ``write_clock`` (`tullius.clock.window_seconds`), a keyed call writes
     nothing past a `WRITE_WINDOW` after it started, and raises
-    `WriteWindowClosed` instead: the task it would store may be one a prune
-    deleted, and a prune racing another spares only what was stored since it
-    started (`tullius.prune`), which a call frozen for days would not be.
+    `WriteWindowClosed` instead: a prune tells a task stored again under a key
+    from the one it read by ``created_at``, the call's start (`tullius.prune`),
+    which a call frozen for days would date days before it stored the task.
     """
     if key is None:
         docs = [queued_doc(spec, task_id=new_id(), now=now) for spec in specs]

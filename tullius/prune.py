@@ -30,16 +30,11 @@ then the finished copies (`Store.delete_tasks`), so a prune cut short is
 completed by the next one (a terminal hint whose records say otherwise is
 its leftover) and never leaves a live task without its records.
 
-Only what was written before the prune's ``now`` less ``older_than`` and a
-day for clocks (`CLOCKS_APART`) is deleted.  Why: once a prune deleted a
-task, a keyed ``queue()`` repeated late stores it again under the same id,
-as new.  A second prune that read the old task before that (two pruning
-daemons, or a prune repeated after an error) must not delete the new one.
-Every copy and record of a task old enough to go was written before it
-settled, over ``older_than`` ago by clocks at most a day apart; anything
-stored again since the prune started was written less than a day before its
-``now`` by those clocks; and ``older_than`` (at least `MIN_AGE`) is more
-than two such days, so the line falls between them.
+The delete names each task as read (`Store.delete_tasks` takes the documents):
+once a prune deleted a task, a keyed ``queue()`` repeated late stores it
+again under the same id, as new (another ``created_at``), and a second prune
+that read the old task before that (two pruning daemons, or a prune repeated
+after an error) must not delete the new one.
 """
 
 from __future__ import annotations
@@ -54,12 +49,10 @@ from tullius.engine import Conversation
 from tullius.policy import WRITE_WINDOW
 from tullius.store import DeleteTasks, FindByStatus, FindTasks, Load
 
-#: How far apart two servers' wall clocks may be, at most, for pruning to be safe.
-CLOCKS_APART: Final = timedelta(days=1)
 #: The least ``older_than`` a prune accepts: two write windows (a task settles at
 #: most one after the settling writer started; a writer that read it before
 #: that writes at most one after), and a day more for clocks.
-MIN_AGE: Final = 2 * WRITE_WINDOW + CLOCKS_APART
+MIN_AGE: Final = 3 * WRITE_WINDOW
 #: How many finished tasks one prune reads (and deletes) at a time.
 PRUNE_BATCH: Final = 500
 #: The statuses pruned unless ``unhandled`` is asked for too.
@@ -141,7 +134,6 @@ def prune(
     if pages is not None and pages < 1:
         raise ValueError(f"pages={pages!r} must be at least 1, or None for every page")
     report = PruneReport()
-    written_before = now - older_than + CLOCKS_APART
     read = 0
     # Pages in id order; only an empty one ends (a page may lose undecodable ones).
     while True:
@@ -183,7 +175,7 @@ def prune(
                 continue
             doomed.append(doc)
         if doomed:
-            yield DeleteTasks(tuple(doc.task_id for doc in doomed), written_before)
+            yield DeleteTasks(tuple(doomed))
             report.deleted.update(doc.status for doc in doomed)
 
 

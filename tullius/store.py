@@ -208,9 +208,9 @@ class Store(Protocol):
         """
         ...
 
-    def delete_tasks(self, task_ids: Sequence[str], written_before: datetime) -> int:
-        """Delete the tasks (every copy) and their records, of those written before
-        ``written_before``; return how many tasks were deleted.
+    def delete_tasks(self, docs: Sequence[TaskDoc]) -> int:
+        """Delete the tasks ``docs`` were read from (every copy) and their records;
+        return how many tasks were deleted.
 
         For pruning finished tasks (`tullius.prune`), which alone decides what
         may go.  An operator's ``retry`` record stays, a tombstone: a retry asked
@@ -221,11 +221,12 @@ class Store(Protocol):
         records, which nothing claims and a repeat deletes; never a live copy
         without its records, which a claim would run again.
 
-        Only a copy created (``created_at``), and a record written (``at``),
-        before ``written_before`` goes: a task stored again under its id since
-        the prune read it (a keyed ``queue()`` repeated after an earlier prune
-        deleted it) is a new task, which this prune never judged.  With two
-        prunes racing, the later one's delete would otherwise take it.
+        Only the task as read goes: a copy whose ``created_at`` is another is a
+        task stored again under the id since (a keyed ``queue()`` repeated
+        after an earlier prune deleted the one read), which this prune never
+        judged, and which keeps its copies and records (all of the id's then:
+        the old ones were deleted before the id could be stored again).  With
+        two prunes racing, the later one's delete would otherwise take it.
         """
         ...
 
@@ -302,8 +303,7 @@ class FindTasks:
 
 @dataclass(frozen=True)
 class DeleteTasks:
-    task_ids: tuple[str, ...]
-    written_before: datetime
+    docs: tuple[TaskDoc, ...]
 
 
 @dataclass(frozen=True)
@@ -364,7 +364,7 @@ PERFORMERS: Final[Mapping[type[Any], Callable[[Store, Any], Any]]] = {
     ForgetServer: lambda store, op: store.forget_server(op.server, op.seen_at),
     FindTasks: lambda store, op: store.find_tasks(op.task_ids),
     StoredIds: lambda store, op: store.stored_ids(op.task_ids),
-    DeleteTasks: lambda store, op: store.delete_tasks(op.task_ids, op.written_before),
+    DeleteTasks: lambda store, op: store.delete_tasks(op.docs),
 }
 
 

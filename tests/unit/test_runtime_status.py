@@ -472,7 +472,7 @@ def test_unhandled_tasks_are_listed_newest_first_with_the_pruned_retries_among_t
         histories.left_unhandled(store, task_id, at=start + timedelta(hours=hours))
         drive(store, retry(task_id, now=start + timedelta(hours=45), token="op", server="ops1"))
     pruned_copy = derive_task_id("f-pruned", Origin.RETRY, 0)
-    store.delete_tasks([pruned_copy], datetime.now(UTC))
+    store.delete_tasks(store.find_tasks([pruned_copy]))
     # When the status is read
     report = read_status(store, now=datetime.now(UTC))
     lines = unhandled_lines(format_status(report))

@@ -1111,35 +1111,52 @@ class MongoStore:
             lambda: self.servers.delete_one({"_id": server, "seen_at": stored_time(seen_at)}),
         )
 
-    def delete_tasks(self, task_ids: Sequence[str], written_before: datetime) -> int:
+    def delete_tasks(self, docs: Sequence[TaskDoc]) -> int:
         """Delete the tasks' live copies, then their records, then the finished copies,
-        of those written before ``written_before``.
+        of the tasks as ``docs`` were read (by ``created_at``).
 
         One ``delete_many`` per collection (``_id`` or ``task_id`` in the list):
         on FerretDB every delete reads its whole collection, so per batch, not
         per document.  Records go by ``task_id``, so that none is left behind
         past a gap in a chain (a sharded layout's `load` reads a chain only up
-        to its first missing record).
+        to its first missing record); but not those of an id stored again since
+        it was read (a copy with another ``created_at`` is left after the live
+        copies are deleted): they are the new task's, the old ones having been
+        deleted before the id could be stored again.
         """
-        ids = list(task_ids)
-        if not ids:
+        if not docs:
             return 0
-        old = {"$lt": stored_time(written_before)}
-        # A live copy stored before ``created_at`` was kept outside its body
-        # carries none there: it goes as it always did.
-        old_live = {"$or": [{"created_at": old}, {"created_at": {"$exists": False}}]}
+        created = {doc.task_id: stored_time(doc.created_at) for doc in docs}
+        ids = list(created)
+
+        def as_read(task_ids: Sequence[str]) -> dict[str, Any]:
+            return {"$or": [{"_id": i, "created_at": created[i]} for i in task_ids]}
 
         def attempt() -> int:
             for task_id in ids:
                 self._bodies.pop(task_id)
-            for shard, in_shard in self._by_live_shard(ids):
-                shard.delete_many({"_id": {"$in": in_shard}, **old_live})
+            live = self._by_live_shard(ids)
+            for shard, in_shard in live:
+                # A live copy stored before ``created_at`` was kept outside the body
+                # carries none there: it goes, as it always did.
+                old = {"_id": {"$in": in_shard}, "created_at": {"$exists": False}}
+                shard.delete_many({"$or": [as_read(in_shard), old]})
+            left = [
+                found
+                for collection, in_shard in [*live, (self.finished, ids)]
+                for found in collection.find(_by_ids(in_shard), {"created_at": 1})
+            ]
+            stored_again = {
+                found["_id"]
+                for found in left
+                if found.get("created_at") is None
+                or aware_utc(found["created_at"]) != created[found["_id"]]
+            }
             # Not the operators' retry records: tombstones (`tullius.retry`).
-            for records, in_shard in self._by_record_shard(ids):
-                records.delete_many(
-                    {"task_id": {"$in": in_shard}, "kind": {"$ne": _RETRY_KIND}, "at": old}
-                )
-            return self.finished.delete_many({"_id": {"$in": ids}, "created_at": old}).deleted_count
+            going = [task_id for task_id in ids if task_id not in stored_again]
+            for records, in_shard in self._by_record_shard(going):
+                records.delete_many({"task_id": {"$in": in_shard}, "kind": {"$ne": _RETRY_KIND}})
+            return self.finished.delete_many(as_read(ids)).deleted_count
 
         return self._retrying("delete finished tasks", attempt)
 

@@ -410,30 +410,31 @@ class MemoryStore:
         if stored is not None and stored.seen_at == stored_time(seen_at):
             del self._servers[server]
 
-    def delete_tasks(self, task_ids: Sequence[str], written_before: datetime) -> int:
+    def delete_tasks(self, docs: Sequence[TaskDoc]) -> int:
         # One copy per task here, deleted after its records, as the protocol orders;
-        # all but the retry records, which stay as tombstones (`tullius.retry`), and
-        # what was written since ``written_before`` (a task stored again).
-        written_before = stored_time(written_before)
-        for task_id in task_ids:
+        # all but the retry records, which stay as tombstones (`tullius.retry`).  A
+        # task stored again under the id since it was read (another ``created_at``)
+        # is not the one read: it stays, with its records.
+        doomed = [
+            doc.task_id
+            for doc in docs
+            if (stored := self._tasks.get(doc.task_id)) is not None
+            and stored.created_at == stored_time(doc.created_at)
+        ]
+        for task_id in doomed:
             records = self._records_by_task.pop(task_id, {})
             for record_id, record in records.items():
-                if record.kind is RecordKind.RETRY or record.at >= written_before:
+                if record.kind is RecordKind.RETRY:
                     self._records_by_task.setdefault(task_id, {})[record_id] = record
                 else:
                     del self._records[record_id]
-        deleted = 0
-        for task_id in task_ids:
-            doc = self._tasks.get(task_id)
-            if doc is None or doc.created_at >= written_before:
-                continue
-            del self._tasks[task_id]
-            deleted += 1
+        for task_id in doomed:
+            doc = self._tasks.pop(task_id)
             self._unindex(doc)
             self._previous_status.pop(task_id, None)
             if doc.parent_id is not None:
                 self._children[doc.parent_id].remove(task_id)
-        return deleted
+        return len(doomed)
 
     # --- for invariants and tests (not part of the Store protocol) ----------------
 
