@@ -9,12 +9,14 @@ with the task settled and run once.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import bson
 import mongomock
 import pytest
+from pymongo.errors import AutoReconnect
 
 from tests.store_contract import T0, after_the_next_read, make_doc, make_spec
 from tullius.api import insert_queued, keyed_id
@@ -89,6 +91,56 @@ def test_a_prune_deletes_a_live_copy_stored_before_created_at_was_kept_outside_i
     store.delete_tasks([make_doc("old")])
     # Then it is gone, as before
     assert ids(store.tasks) == []
+
+
+class StopsAfterOneDocument:
+    """A ``records`` collection whose next ``delete_many`` deletes one matching document
+    and then fails, as a ``delete_many`` cut short does (it goes a document at a
+    time), with ``meanwhile`` run before the error."""
+
+    def __init__(self, inner: Any, meanwhile: Callable[[], object]) -> None:
+        self.inner = inner
+        self.meanwhile: Callable[[], object] | None = meanwhile
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def delete_many(self, query: Any) -> Any:
+        if self.meanwhile is None:
+            return self.inner.delete_many(query)
+        meanwhile, self.meanwhile = self.meanwhile, None
+        self.inner.delete_one(query)
+        meanwhile()
+        raise AutoReconnect("the primary stepped down")
+
+
+@pytest.mark.parametrize("kind", ["run", "outcome"])
+def test_a_prune_whose_records_delete_stops_part_way_leaves_no_old_record_to_a_task_stored_again(
+    kind: str,
+) -> None:
+    # Given a keyed task that ran and settled long ago (a run and an outcome record),
+    # whichever of its records a delete_many meets first
+    store = MongoStore(mongomock.MongoClient(tz_aware=True)["tullius_layout"], sleep=lambda _: None)
+    store.ensure_indexes()
+    (task_id,) = insert_queued(store, [SPEC], now=T0, new_id=str, key="k")
+    run_to_success(store, task_id)
+    (records,) = store.record_collections()
+    if kind == "outcome":  # the outcome first in the collection's order
+        run = records.find_one({"kind": "run"})
+        records.delete_one({"_id": run["_id"]})
+        records.insert_one(run)
+    # When a prune's delete of its records stops after one document, the call is
+    # repeated meanwhile, and the store retries the delete
+    now = T0 + timedelta(days=10)
+
+    def repeat() -> None:
+        insert_queued(store, [SPEC], now=now, new_id=str, key="k")
+
+    store._record_shards = [StopsAfterOneDocument(records, repeat)]
+    assert drive(store, prune(MIN_AGE, now=now)).deleted
+    # Then the task, if stored again, has none of the old task's records
+    view = store.load(task_id)
+    assert view is None or view.records == {}
 
 
 def test_running_and_failed_hints_stay_in_the_live_collection(store: MongoStore) -> None:

@@ -129,6 +129,8 @@ _REREADS = 3
 UNDECODABLE = "undecodable"
 #: The kind of the records a prune keeps (`delete_tasks`).
 _RETRY_KIND = RecordKind.RETRY.value
+#: The kind of record a prune deletes last of a task's (`delete_tasks`).
+_RUN_KIND = RecordKind.RUN.value
 _log = logging.getLogger("tullius.store")
 _CREDENTIALS = re.compile(r"(mongodb(?:\+srv)?://)[^@/\s]*@")
 
@@ -1152,10 +1154,14 @@ class MongoStore:
                 if found.get("created_at") is None
                 or aware_utc(found["created_at"]) != created[found["_id"]]
             }
-            # Not the operators' retry records: tombstones (`tullius.retry`).
+            # Not the operators' retry records: tombstones (`tullius.retry`).  And the
+            # run records last: a delete_many goes a document at a time, and a keyed
+            # call counts a task stored while its run record is (`stored_ids`), so an
+            # error part-way never leaves records for a task stored again to inherit.
             going = [task_id for task_id in ids if task_id not in stored_again]
-            for records, in_shard in self._by_record_shard(going):
-                records.delete_many({"task_id": {"$in": in_shard}, "kind": {"$ne": _RETRY_KIND}})
+            for kinds in ({"$nin": [_RETRY_KIND, _RUN_KIND]}, _RUN_KIND):
+                for records, in_shard in self._by_record_shard(going):
+                    records.delete_many({"task_id": {"$in": in_shard}, "kind": kinds})
             return self.finished.delete_many(as_read(ids)).deleted_count
 
         return self._retrying("delete finished tasks", attempt)
