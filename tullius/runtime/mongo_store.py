@@ -1147,38 +1147,47 @@ class MongoStore:
         created = {doc.task_id: stored_time(doc.created_at) for doc in docs}
         ids = list(created)
 
-        def as_read(task_ids: Sequence[str]) -> dict[str, Any]:
-            return {"$or": [{"_id": i, "created_at": created[i]} for i in task_ids]}
+        def as_read(found: Mapping[str, Any]) -> bool:
+            # A live copy stored before ``created_at`` was kept outside the body
+            # carries none there: it goes, as it always did.
+            stored = found.get("created_at")
+            return stored is None or aware_utc(stored) == created[found["_id"]]
+
+        def read(collection: Collection[Any], task_ids: list[str]) -> list[str]:
+            """Those of ``task_ids`` with a copy as read in ``collection``; the others
+            found there are stored again (`stored_again`)."""
+            copies = list(collection.find(_by_ids(task_ids), {"created_at": 1}))
+            stored_again.update(found["_id"] for found in copies if not as_read(found))
+            return [found["_id"] for found in copies if as_read(found)]
+
+        def delete(collection: Collection[Any], going: list[str]) -> int:
+            """Delete the copies ``read`` found as read; by id, and by the times read
+            (or none), so that a copy stored again meanwhile under another stays."""
+            if not going:
+                return 0
+            times = sorted({created[task_id] for task_id in going})
+            when = {"$or": [{"created_at": {"$in": times}}, {"created_at": {"$exists": False}}]}
+            return int(collection.delete_many({"_id": {"$in": going}, **when}).deleted_count)
+
+        stored_again: set[str] = set()
 
         def attempt() -> int:
+            stored_again.clear()
             for task_id in ids:
                 self._bodies.pop(task_id)
-            live = self._by_live_shard(ids)
-            for shard, in_shard in live:
-                # A live copy stored before ``created_at`` was kept outside the body
-                # carries none there: it goes, as it always did.
-                old = {"_id": {"$in": in_shard}, "created_at": {"$exists": False}}
-                shard.delete_many({"$or": [as_read(in_shard), old]})
-            left = [
-                found
-                for collection, in_shard in [*live, (self.finished, ids)]
-                for found in collection.find(_by_ids(in_shard), {"created_at": 1})
-            ]
-            stored_again = {
-                found["_id"]
-                for found in left
-                if found.get("created_at") is None
-                or aware_utc(found["created_at"]) != created[found["_id"]]
-            }
+            for shard, in_shard in self._by_live_shard(ids):
+                delete(shard, read(shard, in_shard))
+            finished = read(self.finished, ids)
             # Not the operators' retry records: tombstones (`tullius.retry`).  And the
             # run records last: a delete_many goes a document at a time, and a keyed
             # call counts a task stored while its run record is (`stored_ids`), so an
             # error part-way never leaves records for a task stored again to inherit.
             going = [task_id for task_id in ids if task_id not in stored_again]
-            for kinds in ({"$nin": [_RETRY_KIND, _RUN_KIND]}, _RUN_KIND):
-                for records, in_shard in self._by_record_shard(going):
-                    records.delete_many({"task_id": {"$in": in_shard}, "kind": kinds})
-            return self.finished.delete_many(as_read(ids)).deleted_count
+            for records, in_shard in self._by_record_shard(going):
+                others = {"$nin": [_RETRY_KIND, _RUN_KIND]}
+                records.delete_many({"task_id": {"$in": in_shard}, "kind": others})
+                records.delete_many({"_id": {"$in": [run_id(task_id) for task_id in in_shard]}})
+            return delete(self.finished, finished)
 
         return self._retrying("delete finished tasks", attempt)
 
