@@ -326,21 +326,6 @@ class StoreContract:
         assert [doc.task_id for doc in store.find_children("p")] == ["x", "y"]
         assert store.find_children("x") == []
 
-    def test_children_stored_are_each_parents_live_and_finished_children(self, store: Any) -> None:
-        # Given two parents, one with a queued child and a finished one
-        children = [
-            TaskDoc(**{**make_doc(name).__dict__, "parent_id": parent, "root_id": parent})
-            for name, parent in (("y", "p"), ("x", "p"), ("z", "q"))
-        ]
-        store.insert_tasks([make_doc("p"), make_doc("q"), *children])
-        store.insert_record(make_record("x"))
-        store.set_status("x", Status.SUCCEEDED, T0)
-        # Then each parent's children are found, wherever they are; a task without
-        # children is left out
-        assert store.children_stored(["p", "q", "x", "p"]) == {"p": {"x", "y"}, "q": {"z"}}
-        assert store.children_stored(["q"]) == {"q": {"z"}}
-        assert store.children_stored([]) == {}
-
     def test_count_by_status_counts_hints(self, store: Any) -> None:
         store.insert_tasks([make_doc("a"), make_doc("b"), make_doc("c")])
         store.set_status("c", Status.RUNNING, None)

@@ -23,13 +23,7 @@ that window has closed for every writer who could reach it:
 * its parent is gone, or has a terminal hint and passes the same age rule
   with its own time limits: the parent's writers (its verdict, a repair of a
   move cut short) insert its children again, which would bring the task back
-  with no records, to run again;
-* its children are gone, or go with it: a keyed ``queue()`` repeated after the
-  task went stores it again under its id, and the children it then makes get
-  the ids its first run's children had (derived from the parent's).  One of
-  those still stored would take the new child's place: refused as a
-  duplicate, or run long ago, so the new one never runs.  So a tree goes from
-  its leaves up, a level a pass at worst (pages go in id order).
+  with no records, to run again.
 
 The store deletes each batch's live copies first, then all their records,
 then the finished copies (`Store.delete_tasks`), so a prune cut short is
@@ -53,7 +47,7 @@ from typing import Final
 from tullius.document import TERMINAL, Status, TaskDoc, TaskView, status_of
 from tullius.engine import Conversation
 from tullius.policy import WRITE_WINDOW
-from tullius.store import ChildrenStored, DeleteTasks, FindByStatus, FindTasks, Load
+from tullius.store import DeleteTasks, FindByStatus, FindTasks, Load
 
 #: The least ``older_than`` a prune accepts: two write windows (a task settles at
 #: most one after the settling writer started; a writer that read it before
@@ -70,8 +64,7 @@ class PruneReport:
     """What one prune did: tasks deleted per status, and why others were kept."""
 
     deleted: Counter[Status] = field(default_factory=Counter)
-    #: Tasks kept, by reason: "too young", "parent too young", "not settled",
-    #: "children kept".
+    #: Tasks kept, by reason: "too young", "parent too young", "not settled".
     kept: Counter[str] = field(default_factory=Counter)
     #: Where to go on from, when ``pages`` ran out before the last page (None:
     #: every page was read).
@@ -182,26 +175,8 @@ def prune(
                 continue
             doomed.append(doc)
         if doomed:
-            doomed = yield from _with_their_children(doomed, report)
-        if doomed:
             yield DeleteTasks(tuple(doomed))
             report.deleted.update(doc.status for doc in doomed)
-
-
-def _with_their_children(doomed: list[TaskDoc], report: PruneReport) -> Conversation[list[TaskDoc]]:
-    """Those of ``doomed`` whose children are gone, or doomed too (and theirs...);
-    the others are kept as "children kept"."""
-    children: dict[str, set[str]] = yield ChildrenStored(tuple(doc.task_id for doc in doomed))
-    going = {doc.task_id for doc in doomed}
-    kept = True
-    while kept:  # a parent kept keeps its own parent, up the tree
-        kept = False
-        for parent in list(going):
-            if not children.get(parent, set()) <= going:
-                going.discard(parent)
-                report.kept["children kept"] += 1
-                kept = True
-    return [doc for doc in doomed if doc.task_id in going]
 
 
 def _young(doc: TaskDoc, older_than: timedelta, now: datetime) -> bool:

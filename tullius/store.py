@@ -151,16 +151,6 @@ class Store(Protocol):
         """Tasks spawned by ``parent_id`` (successors and replacements), by id."""
         ...
 
-    def children_stored(self, parent_ids: Sequence[str]) -> dict[str, set[str]]:
-        """The ids of the tasks stored (live or finished) with each of ``parent_ids``
-        as their parent, by parent; a parent with none is left out.
-
-        For pruning (`tullius.prune`): a task goes only once its children have
-        gone.  `MongoStore` reads ``parent_id`` and ``_id`` alone, one query per
-        collection, from its index on ``parent_id`` (on FerretDB, a scan).
-        """
-        ...
-
     def find_tasks(self, task_ids: Sequence[str]) -> list[TaskDoc]:
         """The documents of those of ``task_ids`` that are stored, without their records.
 
@@ -321,11 +311,6 @@ class StoredIds:
     task_ids: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class ChildrenStored:
-    parent_ids: tuple[str, ...]
-
-
 Operation = (
     InsertRecord
     | InsertTasks
@@ -342,7 +327,6 @@ Operation = (
     | FindTasks
     | DeleteTasks
     | StoredIds
-    | ChildrenStored
 )
 
 
@@ -380,7 +364,6 @@ PERFORMERS: Final[Mapping[type[Any], Callable[[Store, Any], Any]]] = {
     ForgetServer: lambda store, op: store.forget_server(op.server, op.seen_at),
     FindTasks: lambda store, op: store.find_tasks(op.task_ids),
     StoredIds: lambda store, op: store.stored_ids(op.task_ids),
-    ChildrenStored: lambda store, op: store.children_stored(op.parent_ids),
     DeleteTasks: lambda store, op: store.delete_tasks(op.docs),
 }
 

@@ -15,8 +15,7 @@ from typing import Any
 import mongomock
 import pytest
 
-from tests.store_contract import T0, make_doc, make_record, make_spec
-from tullius.api import insert_queued
+from tests.store_contract import T0, make_doc, make_record
 from tullius.band import Band
 from tullius.document import (
     Failure,
@@ -168,51 +167,6 @@ def test_a_handled_failure_and_its_replacement_go_once_both_are_old(store: Store
     assert records_gone(store, run_id("first"), outcome_id("first"), handler_id("first", 1))
     assert store.load("first") is None
     assert store.load(replacement.task_id) is None
-
-
-def test_a_task_whose_child_is_still_kept_stays_until_the_child_goes(store: Store) -> None:
-    # Given a parent that succeeded 10 days ago, queuing a successor that ran only
-    # a day ago (it was delayed)
-    queued(store, "parent")
-    run_to_the_end(store, "parent", at=NOW - 10 * DAY, successors=(_spec_of(store, "parent"),))
-    (child,) = store.find_children("parent")
-    run_to_the_end(store, child.task_id, at=NOW - DAY)
-    # When old tasks are pruned
-    report = pruned(store)
-    # Then the parent stays while its child does
-    assert store.load("parent") is not None
-    assert report.kept == {"children kept": 1, "too young": 1}
-    # And both go together once the child is old enough too
-    later = drive(store, prune(MIN_AGE, now=NOW + 3 * DAY))
-    assert later.deleted == {Status.SUCCEEDED: 2}
-    assert store.load("parent") is None
-    assert store.load(child.task_id) is None
-
-
-def test_a_keyed_task_stored_again_after_its_prune_gets_new_children_that_run(
-    store: Store,
-) -> None:
-    # Given a keyed task that ran 10 days ago and queued a delayed successor, which
-    # ran only yesterday, both pruned as soon as they may be
-    spec = make_spec(n=1)
-    (root,) = insert_queued(store, [spec], now=NOW - 10 * DAY, new_id=str, key="k")
-    later = dataclasses.replace(make_spec(v="old"), start_after=NOW - DAY)
-    run_to_the_end(store, root, at=NOW - 10 * DAY, successors=(later,))
-    (old_child,) = store.find_children(root)
-    run_to_the_end(store, old_child.task_id, at=NOW - DAY)
-    assert pruned(store).kept["children kept"] == 1
-    assert drive(store, prune(MIN_AGE, now=NOW + 3 * DAY)).deleted == {Status.SUCCEEDED: 2}
-    # When the keyed call is repeated, and the task stored again runs, queuing its
-    # own successor
-    now = NOW + 5 * DAY
-    assert insert_queued(store, [spec], now=now, new_id=str, key="k") == [root]
-    run_to_the_end(store, root, at=now, successors=(make_spec(v="new"),))
-    # Then the new successor is stored under the same derived id, and runs
-    (new_child,) = store.find_children(root)
-    assert new_child.task_id == old_child.task_id
-    assert new_child.fields == {"v": "new"}
-    run_to_the_end(store, new_child.task_id, at=now)
-    assert store.load(new_child.task_id).task.status is Status.SUCCEEDED  # type: ignore[union-attr]
 
 
 def _spec_of(store: Store, task_id: str) -> TaskSpec:

@@ -77,13 +77,6 @@ def handle_the_copy(store: Store, copy_id: str, *, at: object = NOW) -> None:
     drive(store, finish(job, HandlerSucceeded(job.token, (REPLACEMENT,)), now=at))
 
 
-def run_the_replacement(store: Store, *, at: object) -> None:
-    """A daemon runs the copy's replacement to success (so the copy may be pruned)."""
-    job = drive(store, claim(ALL, server="s", worker="w", token="repl", now=at))
-    assert job is not None
-    drive(store, finish(job, Succeeded(job.token), now=at))
-
-
 def test_a_retried_task_stays_unhandled_and_its_copy_is_born_failed_with_its_failure(
     store: Store,
 ) -> None:
@@ -200,12 +193,10 @@ def test_an_old_retry_whose_copy_is_missing_is_reported_and_not_made_again(store
 
 
 def test_a_pruned_copy_never_comes_back_when_asked_again(store: Store) -> None:
-    # Given a task retried ten days ago, whose copy was handled then (its replacement
-    # run too), and pruned since
+    # Given a task retried ten days ago, whose copy was handled then and pruned since
     unhandled(store, "t", at=NOW - 10 * DAY)
     done = retried(store, "t", at=NOW - 10 * DAY)
     handle_the_copy(store, done.copy_id, at=NOW - 10 * DAY)
-    run_the_replacement(store, at=NOW - 10 * DAY)
     drive(store, prune(MIN_AGE, now=NOW))
     assert store.load(done.copy_id) is None
     assert store.load("t") is not None  # unhandled: kept without --prune-unhandled
@@ -400,14 +391,12 @@ def prune_in_the_middle_of_reading_records(store: MongoStore) -> Iterator[list[o
 def test_a_retry_asked_for_while_its_task_is_pruned_finds_the_first_retry(
     one_by_one: bool,
 ) -> None:
-    # Given a task retried long ago, whose copy was handled (its replacement run
-    # too) and pruned since
+    # Given a task retried long ago, whose copy was handled and pruned since
     store = MongoStore(mongomock.MongoClient(tz_aware=True)["db"], live_shards=3)
     store.ensure_indexes()
     unhandled(store, "t", at=NOW - 30 * DAY)
     done = retried(store, "t", at=NOW - 30 * DAY)
     handle_the_copy(store, done.copy_id, at=NOW - 30 * DAY)
-    run_the_replacement(store, at=NOW - 30 * DAY)
     drive(store, prune(MIN_AGE, now=NOW - 10 * DAY))
     assert store.load(done.copy_id) is None
     # When it is retried again (alone, whose records the sharded layout reads one by

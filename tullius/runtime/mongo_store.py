@@ -986,22 +986,6 @@ class MongoStore:
 
         return self._retrying("find children", attempt)
 
-    def children_stored(self, parent_ids: Sequence[str]) -> dict[str, set[str]]:
-        """One ``find`` per collection, of ``_id`` and ``parent_id`` alone."""
-        ids = list(dict.fromkeys(parent_ids))
-        if not ids:
-            return {}
-
-        def attempt() -> dict[str, set[str]]:
-            children: dict[str, set[str]] = {}
-            query = {"parent_id": ids[0] if len(ids) == 1 else {"$in": ids}}
-            for collection in (*self.live_collections(), self.finished):
-                for found in collection.find(query, {"parent_id": 1}):
-                    children.setdefault(found["parent_id"], set()).add(found["_id"])
-            return children
-
-        return self._retrying("find stored children", attempt)
-
     def find_tasks(self, task_ids: Sequence[str]) -> list[TaskDoc]:
         """One ``find`` per collection (``_id`` in the list); live copies win."""
         ids = list(dict.fromkeys(task_ids))

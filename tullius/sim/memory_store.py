@@ -379,10 +379,6 @@ class MemoryStore:
             key=lambda doc: doc.task_id,
         )
 
-    def children_stored(self, parent_ids: Sequence[str]) -> dict[str, set[str]]:
-        children = self._children
-        return {p: set(children[p]) for p in dict.fromkeys(parent_ids) if children.get(p)}
-
     def find_tasks(self, task_ids: Sequence[str]) -> list[TaskDoc]:
         tasks = self._tasks
         return [tasks[task_id] for task_id in dict.fromkeys(task_ids) if task_id in tasks]
