@@ -1117,9 +1117,11 @@ class MongoStore:
         """Delete the tasks' live copies, then their records, then the finished copies,
         of the tasks as ``docs`` were read (by ``created_at``).
 
-        One ``delete_many`` per collection (``_id`` or ``task_id`` in the list):
-        on FerretDB every delete reads its whole collection, so per batch, not
-        per document.  Records go by ``task_id``, so that none is left behind
+        One read of ``_id`` and ``created_at`` and one ``delete_many`` per
+        collection (``_id`` or ``task_id`` in the list), two for each of
+        ``records`` (the run records last): on FerretDB every delete reads its
+        whole collection, so per batch, not per document.  Records go by
+        ``task_id``, so that none is left behind
         past a gap in a chain (a sharded layout's `load` reads a chain only up
         to its first missing record); but not those of an id stored again since
         it was read (a copy with another ``created_at`` is left after the live
@@ -1130,6 +1132,7 @@ class MongoStore:
             return 0
         created = {doc.task_id: stored_time(doc.created_at) for doc in docs}
         ids = list(created)
+        stored_again: set[str] = set()
 
         def as_read(found: Mapping[str, Any]) -> bool:
             # A live copy stored before ``created_at`` was kept outside the body
@@ -1152,8 +1155,6 @@ class MongoStore:
             times = sorted({created[task_id] for task_id in going})
             when = {"$or": [{"created_at": {"$in": times}}, {"created_at": {"$exists": False}}]}
             return int(collection.delete_many({"_id": {"$in": going}, **when}).deleted_count)
-
-        stored_again: set[str] = set()
 
         def attempt() -> int:
             stored_again.clear()
