@@ -9,7 +9,7 @@ from functools import partial
 
 import pytest
 
-from tests.store_contract import T0, make_doc, make_record
+from tests.store_contract import T0, drive_on, make_doc, make_record
 from tullius.band import Band
 from tullius.document import (
     Failure,
@@ -401,7 +401,7 @@ def test_candidates_one_claim_read_serve_the_next_claim_without_reading_again() 
     )
     ops = [next(conversation)]
     assert not isinstance(ops[0], FindDue)  # it tries "b" straight away
-    second = drive_rest(store, conversation, ops[0])
+    second = drive_on(store, conversation, ops[0])
     assert [job.task_id for job in second] == ["b"]
     assert candidates.docs == []
 
@@ -416,15 +416,6 @@ def test_a_kept_candidate_a_rival_claimed_meanwhile_is_skipped_and_its_hint_repa
     )
     assert jobs == []
     assert store.load("b").task.status is Status.RUNNING  # type: ignore[union-attr]
-
-
-def drive_rest(store: MemoryStore, conversation, op):  # type: ignore[no-untyped-def]
-    """Finish driving ``conversation`` whose pending operation is ``op``."""
-    try:
-        while True:
-            op = conversation.send(perform(store, op))
-    except StopIteration as stop:
-        return stop.value
 
 
 def test_after_a_claim_failed_midway_forgotten_candidates_are_read_again() -> None:

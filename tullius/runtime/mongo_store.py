@@ -1143,9 +1143,13 @@ class MongoStore:
         def read(collection: Collection[Any], task_ids: list[str]) -> list[str]:
             """Those of ``task_ids`` with a copy as read in ``collection``; the others
             found there are stored again (`stored_again`)."""
-            copies = list(collection.find(_by_ids(task_ids), {"created_at": 1}))
-            stored_again.update(found["_id"] for found in copies if not as_read(found))
-            return [found["_id"] for found in copies if as_read(found)]
+            going: list[str] = []
+            for found in collection.find(_by_ids(task_ids), {"created_at": 1}):
+                if as_read(found):
+                    going.append(found["_id"])
+                else:
+                    stored_again.add(found["_id"])
+            return going
 
         def delete(collection: Collection[Any], going: list[str]) -> int:
             """Delete the copies ``read`` found as read; by id, and by the times read
@@ -1154,7 +1158,7 @@ class MongoStore:
                 return 0
             times = sorted({created[task_id] for task_id in going})
             when = {"$or": [{"created_at": {"$in": times}}, {"created_at": {"$exists": False}}]}
-            return int(collection.delete_many({"_id": {"$in": going}, **when}).deleted_count)
+            return int(collection.delete_many({**_by_ids(going), **when}).deleted_count)
 
         def attempt() -> int:
             stored_again.clear()
@@ -1171,7 +1175,7 @@ class MongoStore:
             for records, in_shard in self._by_record_shard(going):
                 others = {"$nin": [_RETRY_KIND, _RUN_KIND]}
                 records.delete_many({"task_id": {"$in": in_shard}, "kind": others})
-                records.delete_many({"_id": {"$in": [run_id(task_id) for task_id in in_shard]}})
+                records.delete_many(_by_ids([run_id(task_id) for task_id in in_shard]))
             return delete(self.finished, finished)
 
         return self._retrying("delete finished tasks", attempt)
