@@ -28,6 +28,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
 _T = TypeVar("_T")
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MS: Final = timedelta(milliseconds=1)
 
 
 class _Factory:
@@ -292,19 +294,46 @@ def retry_id(task_id: str) -> str:
     return f"{task_id}:retry"
 
 
-def retry_copy_id(task_id: str) -> str:
-    """Id of the copy an operator's retry of the task spawns (see `retry_id`)."""
-    return derive_task_id(task_id, Origin.RETRY, 0)
+def retry_copy_id(task: TaskDoc) -> str:
+    """Id of the copy an operator's retry of ``task`` spawns (see `retry_id`)."""
+    return derive_task_id(task, Origin.RETRY, 0)
 
 
-def derive_task_id(parent_id: str, origin: Origin, index: int) -> str:
-    """The id of the ``index``-th task spawned by ``parent_id``.
+def retry_copy_ids(task: TaskDoc) -> tuple[str, str]:
+    """The ids the copy of a retry of ``task`` may have: `retry_copy_id`, and the id
+    versions before 2026-12-06 gave it (from the task's id alone).  For readers
+    that look a copy up without its retry record (``tulliusd --status``)."""
+    return retry_copy_id(task), _short_id(f"{task.task_id}/{Origin.RETRY.value}/0")
 
-    Deterministic, so that every writer who materialises the same accepted
-    record inserts the same ids (and the second insert is a harmless no-op);
-    hashed, so that ids stay short along chains of thousands of retries.
+
+def derive_task_id(parent: TaskDoc, origin: Origin, index: int) -> str:
+    """The id of the ``index``-th task spawned by ``parent``.
+
+    Deterministic, so that every writer who decides the same step of the same
+    task makes the same ids (the accepted record then carries them, and a
+    second insert of them is a harmless no-op); hashed, so that ids stay
+    short along chains of thousands of retries.
+
+    From the parent's id *and its* ``created_at``: a keyed ``queue()`` call
+    repeated after its task was pruned stores the task again under the same
+    id, and what that new run spawns must not meet what the first one spawned.
+    A prune does not wait for a task's children (a delayed successor, a chain
+    that goes on for good), and keeps an operator's retry record for good (a
+    tombstone); a child under an id still stored would be refused, or would
+    inherit the old retry.  The task stored again has the repeated call's
+    start as its ``created_at``, so its tree takes new ids from its first
+    step down.  (Until 2026-12-06 the id came from the parent's id alone:
+    tasks stored then keep their ids, which their records carry.)
     """
-    return _short_id(f"{parent_id}/{origin.value}/{index}")
+    return _short_id(f"{parent.task_id}@{_epoch_ms(parent.created_at)}/{origin.value}/{index}")
+
+
+def _epoch_ms(when: datetime) -> int:
+    """``when`` in whole milliseconds since 1970 UTC, as the store keeps it (a naive
+    time as UTC, which is what a client without ``tz_aware`` gives back)."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return (when - _EPOCH) // _MS
 
 
 def keyed_task_id(key: str, index: int) -> str:

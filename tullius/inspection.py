@@ -17,7 +17,6 @@ from tullius.document import (
     Status,
     TaskDoc,
     TaskView,
-    derive_task_id,
     retried_as,
     spawned_of,
     status_of,
@@ -44,7 +43,10 @@ class ChainLink:
             may be past the task's timeout although ``run()`` returned in time).
         server: the server that ran it.
         children: ids of the successors or replacements it produced, in the order
-            ``run()`` or ``failed()`` returned them.
+            ``run()`` or ``failed()`` returned them, then the copy an operator's
+            retry made; those stored.
+        first: the id of what the task produced first, stored or not: the
+            successor or replacement returned first, or the retry's copy.
     """
 
     task_id: str
@@ -62,6 +64,7 @@ class ChainLink:
     finished_at: datetime | None
     server: str | None
     children: tuple[str, ...] = ()
+    first: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,22 @@ def link_of(view: TaskView, children: list[TaskDoc]) -> ChainLink:
         finished_at=None if outcome is None else outcome.at,
         server=None if run is None else run.server,
         children=_in_returned_order(view, children),
+        first=_first_produced(view),
     )
+
+
+def _first_produced(view: TaskView) -> str | None:
+    """The id of the successor or replacement returned first, or of the retry's copy.
+
+    Read from the accepted records, not derived again: ids derive from the
+    parent's ``created_at`` too since 2026-12-06, and the records carry what
+    was derived when they were written.
+    """
+    spawned = spawned_of(view)
+    if spawned:
+        return spawned[0].task_id
+    copy = retried_as(view)
+    return None if copy is None else copy.task_id
 
 
 def _in_returned_order(view: TaskView, children: list[TaskDoc]) -> tuple[str, ...]:
@@ -158,14 +176,10 @@ def read_chain(store: Store, task_id: str, *, limit: int = 10_000) -> list[Chain
     """
     chain = [_load_link(store, task_id)]
     while len(chain) < limit:
-        current = chain[-1].task_id
-        for origin in (Origin.SUCCESSOR, Origin.REPLACEMENT, Origin.RETRY):
-            first = derive_task_id(current, origin, 0)
-            if first in chain[-1].children:
-                chain.append(_load_link(store, first))
-                break
-        else:
+        first = chain[-1].first
+        if first is None or first not in chain[-1].children:
             break
+        chain.append(_load_link(store, first))
     return chain
 
 

@@ -420,7 +420,7 @@ def _record_retried(view: TaskView, event: Event, now: datetime, rng: object) ->
             f"already retried as task {earlier.task_id!r}",
         )
     task = view.task
-    copy_id = retry_copy_id(task.task_id)
+    copy_id = retry_copy_id(task)
     copy = TaskDoc(
         task_id=copy_id,
         class_name=task.class_name,
@@ -490,7 +490,7 @@ def spawn(
     return tuple(
         queued_doc(
             spec,
-            task_id=derive_task_id(parent.task_id, origin, index),
+            task_id=derive_task_id(parent, origin, index),
             now=now,
             origin=origin,
             parent=parent,

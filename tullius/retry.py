@@ -225,7 +225,7 @@ def retry(
         )
     if retried_as(view) is None:
         if dry_run:
-            copy_id = retry_copy_id(task_id)
+            copy_id = retry_copy_id(view.task)
             return Retry(task_id, copy_id, now, server, new=True, copy_status=None, dry_run=True)
         found = None if limits is None else limits(view.task.class_name)
         timeout, attempts = found or (None, None)

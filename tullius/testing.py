@@ -28,7 +28,6 @@ from tullius.document import (
     FailureKind,
     Origin,
     Status,
-    retry_copy_id,
     short_name,
     stored_value,
 )
@@ -183,10 +182,8 @@ def describe_link(link: ChainLink) -> str:
         if link.status is Status.UNHANDLED:
             text += f"; left unhandled after {link.handler_attempts} attempt(s)"
         text += "]"
-    if link.status is Status.UNHANDLED:
-        copy = retry_copy_id(link.task_id)
-        if copy in link.children:
-            text += f"; retried as {copy}"
+    if link.status is Status.UNHANDLED and link.first in link.children:
+        text += f"; retried as {link.first}"
     return text
 
 

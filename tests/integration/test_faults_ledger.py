@@ -77,7 +77,8 @@ def _failure() -> Failure:
 
 
 def test_a_clean_history_passes(store: MongoStore) -> None:
-    child = queued_doc(SPEC, task_id=derive_task_id("a", Origin.SUCCESSOR, 0), now=NOW)
+    parent = queued_doc(SPEC, task_id="a", now=NOW)
+    child = queued_doc(SPEC, task_id=derive_task_id(parent, Origin.SUCCESSOR, 0), now=NOW)
     child = dataclasses.replace(child, origin=Origin.SUCCESSOR, parent_id="a", root_id="a")
     doc, records = _succeeded("a", spawned=(child,))
     _store(store, doc, *records)

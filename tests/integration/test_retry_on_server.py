@@ -17,7 +17,7 @@ from daemon_harness import queue, run_tulliusd, wait_terminal
 from tasks_for_tests import append_line, read_lines
 
 import tullius
-from tullius.document import Origin, Status, derive_task_id, retried_as, status_of
+from tullius.document import Origin, Status, retried_as, retry_copy_id, status_of
 
 
 class FailedFixedLater(tullius.Task):
@@ -55,7 +55,7 @@ def test_a_retried_task_has_its_fixed_failed_run_once_by_the_daemon(
         mongodb_uri, database_name, "--retry-unhandled", task_id, "--server-name", "ops1"
     )
     # Then it says so, and the daemon runs the copy's failed() once (never run() again)
-    copy = derive_task_id(task_id, Origin.RETRY, 0)
+    copy = retry_copy_id(store.load(task_id).task)
     assert done == (0, f"{task_id}: retried as {copy}; its failed() runs next\n", "")
     assert wait_terminal(store, copy, timeout=120) is Status.HANDLED
     assert read_lines(log) == [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import sys
 import textwrap
@@ -18,6 +19,8 @@ from tullius.api import configure, insert_queued
 from tullius.deps import load_deps
 from tullius.document import TaskSpec, queued_doc
 from tullius.errors import ConfigError, TaskDefinitionError, WriteWindowClosed
+from tullius.events import Claimed, Succeeded
+from tullius.machine import step
 from tullius.policy import WRITE_WINDOW
 from tullius.runtime.mongo_store import MongoStore
 from tullius.sim.memory_store import MemoryStore
@@ -218,6 +221,35 @@ def test_chain_of_a_queued_task_starts_with_it(store: MemoryStore) -> None:
     tullius.queue(task)
     [link] = tullius.chain(task)
     assert (link.task, link.outcome, link.status) == (task, None, tullius.Status.QUEUED)
+
+
+def test_a_chain_follows_the_ids_its_records_carry_also_as_older_versions_derived_them(
+    store: MemoryStore,
+) -> None:
+    # Given a task that succeeded, returning a successor, recorded by a version that
+    # derived the successor's id otherwise (before 2026-12-06, from the task's id alone)
+    task = Hello(n=1)
+    [task_id] = tullius.queue(task)
+    view = store.load(task_id)
+    assert view is not None
+    at = view.task.start_after
+    claimed = step(view, Claimed("tok", "s1", "w1"), now=at)
+    done = step(claimed.view, Succeeded("tok", (to_spec(Hello(n=2), role="test"),)), now=at)
+    assert claimed.record is not None
+    assert done.record is not None
+    successor = dataclasses.replace(done.record.spawned[0], task_id="as-derived-before")
+    store.insert_record(claimed.record)
+    store.insert_record(dataclasses.replace(done.record, spawned=(successor,)))
+    store.insert_tasks([successor])
+    store.set_status(task_id, tullius.Status.SUCCEEDED, at)
+    # When its chain is read
+    first, second = tullius.chain(task)
+    # Then it goes on to the successor its record names
+    assert (first.outcome, second.task_id, second.fields) == (
+        "succeeded",
+        successor.task_id,
+        {"n": 2},
+    )
 
 
 def test_chain_of_a_task_never_queued_is_an_error(store: MemoryStore) -> None:

@@ -17,11 +17,10 @@ from tests import histories
 from tullius.band import Band
 from tullius.cli import EXIT_NOT_RETRIED, EXIT_STARTUP, build_parser, main
 from tullius.document import (
-    Origin,
     Record,
     Status,
-    derive_task_id,
     retried_as,
+    retry_copy_id,
     retry_id,
     status_of,
 )
@@ -225,12 +224,13 @@ def ran(store: Any, task_id: str, *, ok: bool, cls: str = "tests:Nothing") -> No
     histories.ran(store, task_id, at=AN_HOUR_AGO, ok=ok, class_name=cls)
 
 
-def copy_of(task_id: str) -> str:
-    return derive_task_id(task_id, Origin.RETRY, 0)
+def copy_of(store: Any, task_id: str) -> str:
+    """The id of the copy a retry of ``task_id`` makes (derived from the task as stored)."""
+    return retry_copy_id(store.load(task_id).task)
 
 
-def retried_line(task_id: str) -> str:
-    return f"{task_id}: retried as {copy_of(task_id)}; its failed() runs next"
+def retried_line(store: Any, task_id: str) -> str:
+    return f"{task_id}: retried as {copy_of(store, task_id)}; its failed() runs next"
 
 
 def assert_copy_born_failed(store: Any, task_id: str) -> None:
@@ -240,7 +240,7 @@ def assert_copy_born_failed(store: Any, task_id: str) -> None:
     assert status_of(view) is Status.UNHANDLED
     copy = retried_as(view)
     assert copy is not None
-    assert copy.task_id == copy_of(task_id)
+    assert copy.task_id == copy_of(store, task_id)
     assert view.records[f"{task_id}:retry"].server == "ops1"
     copy_view = store.load(copy.task_id)
     assert copy_view is not None
@@ -261,7 +261,7 @@ def test_retry_unhandled_retries_each_task_named_and_says_so(
     # When an operator retries both
     assert tulliusd("--retry-unhandled", "t1", "t2") == 0
     # Then each gets a copy born failed, whose failed() the daemons run next, one line each
-    assert output(capsys) == [retried_line("t1"), retried_line("t2")]
+    assert output(capsys) == [retried_line(database, "t1"), retried_line(database, "t2")]
     assert_copy_born_failed(database, "t1")
     assert_copy_born_failed(database, "t2")
 
@@ -277,11 +277,12 @@ def test_retrying_a_task_again_reports_the_first_retry_and_exits_0(
     # When it is retried again
     assert tulliusd("--retry-unhandled", "t1", "--server-name", "ops2") == 0
     # Then it says when and by whom it was retried, and where its copy is; no second copy
+    copy = copy_of(database, "t1")
     assert output(capsys) == [
-        f"t1: already retried as {copy_of('t1')} at {at.isoformat(timespec='seconds')} by ops1; "
-        f"{copy_of('t1')} is failed"
+        f"t1: already retried as {copy} at {at.isoformat(timespec='seconds')} by ops1; "
+        f"{copy} is failed"
     ]
-    assert [doc.task_id for doc in database.find_children("t1")] == [copy_of("t1")]
+    assert [doc.task_id for doc in database.find_children("t1")] == [copy_of(database, "t1")]
     assert_copy_born_failed(database, "t1")
 
 
@@ -300,13 +301,13 @@ def test_a_dry_run_says_what_would_be_retried_and_writes_nothing(
     assert tulliusd("--retry-unhandled", "all", "--dry-run") == 0
     every = output(capsys)
     # Then each line says what would be done, and nothing is written
-    assert out[0] == f"t1: would be retried as {copy_of('t1')}"
-    assert out[1].startswith(f"t2: already retried as {copy_of('t2')} at ")
+    assert out[0] == f"t1: would be retried as {copy_of(database, 't1')}"
+    assert out[1].startswith(f"t2: already retried as {copy_of(database, 't2')} at ")
     assert err == [
         "tulliusd: task 'done' not retried: its status is 'succeeded'; expected 'unhandled' "
         "(only a task whose every failed() attempt failed is retried)"
     ]
-    assert every[0] == f"t1: would be retried as {copy_of('t1')}"
+    assert every[0] == f"t1: would be retried as {copy_of(database, 't1')}"
     assert every[-1] == "would retry 1 unhandled task(s); 1 retried before"
     assert database.find_children("t1") == []
     assert "t1:retry" not in database.load("t1").records  # type: ignore[union-attr]
@@ -323,7 +324,7 @@ def test_a_task_not_unhandled_or_unknown_is_named_the_others_retried_and_exit_is
     # Then the unhandled one is retried (on stdout), and each other line says why it was
     # not, on stderr
     assert out_and_err(capsys) == (
-        [retried_line("t1")],
+        [retried_line(database, "t1")],
         [
             "tulliusd: task 'done' not retried: its status is 'succeeded'; expected "
             "'unhandled' (only a task whose every failed() attempt failed is retried)",
@@ -351,9 +352,9 @@ def test_retry_unhandled_all_retries_every_unhandled_task_and_sums_up(
     assert tulliusd("--retry-unhandled", "all") == 0
     # Then the new one is retried, the earlier retry reported, and a summary ends it
     lines = output(capsys)
-    assert lines[0] == retried_line("t1")
-    assert lines[1].startswith(f"t2: already retried as {copy_of('t2')} at ")
-    assert lines[1].endswith(f" by ops1; {copy_of('t2')} is failed")
+    assert lines[0] == retried_line(database, "t1")
+    assert lines[1].startswith(f"t2: already retried as {copy_of(database, 't2')} at ")
+    assert lines[1].endswith(f" by ops1; {copy_of(database, 't2')} is failed")
     assert lines[2:] == ["retried 1 unhandled task(s); 1 retried before"]
     assert_copy_born_failed(database, "t1")
     assert database.find_children("done") == []
@@ -369,7 +370,7 @@ def test_retry_class_narrows_all_to_one_class_by_stored_or_bare_name(
     # When every unhandled Invoice is retried
     assert tulliusd("--retry-unhandled", "all", "--retry-class", name) == 0
     # Then only the Invoice is
-    assert output(capsys) == [retried_line("inv"), "retried 1 unhandled task(s)"]
+    assert output(capsys) == [retried_line(database, "inv"), "retried 1 unhandled task(s)"]
     assert_copy_born_failed(database, "inv")
     assert database.find_children("rep") == []
 
@@ -380,7 +381,7 @@ def test_all_may_be_spelt_in_any_case(
 ) -> None:
     ran(database, "t1", ok=False)
     assert tulliusd("--retry-unhandled", word) == 0
-    assert output(capsys) == [retried_line("t1"), "retried 1 unhandled task(s)"]
+    assert output(capsys) == [retried_line(database, "t1"), "retried 1 unhandled task(s)"]
     assert_copy_born_failed(database, "t1")
 
 
@@ -426,8 +427,8 @@ def test_a_bare_retry_class_that_matches_two_modules_says_which(
     assert tulliusd("--retry-unhandled", "all", "--retry-class", "Invoice") == 0
     # Then both are, and a line says the name matched the classes of two modules
     assert output(capsys) == [
-        retried_line("inv1"),
-        retried_line("inv2"),
+        retried_line(database, "inv1"),
+        retried_line(database, "inv2"),
         "--retry-class Invoice matched the unhandled tasks of 2 classes: "
         "billing.tasks:Invoice 1, legacy.billing:Invoice 1 (give module:Class to retry one "
         "class only)",
@@ -456,7 +457,7 @@ def test_the_copy_takes_failed_timeout_and_attempts_from_the_class_as_loaded_now
     # When it is retried, its class now allowing more
     assert tulliusd("--retry-unhandled", asked) == 0
     # Then its copy has the class's limits
-    (copy,) = database.find_tasks([copy_of("t1")])
+    (copy,) = database.find_tasks([copy_of(database, "t1")])
     assert (copy.handler_timeout, copy.handler_attempts) == (timedelta(minutes=7), 6)
 
 
@@ -486,7 +487,7 @@ def test_a_database_lost_part_way_leaves_the_lines_printed_and_says_how_many_wer
     # When an operator retries them
     assert tulliusd("--retry-unhandled", *asked) == EXIT_STARTUP
     # Then the first two were printed as each was done, before the database went away
-    assert printed_by_then == [retried_line("t1"), retried_line("t2")]
+    assert printed_by_then == [retried_line(database, "t1"), retried_line(database, "t2")]
     assert_copy_born_failed(database, "t1")
     assert_copy_born_failed(database, "t2")
     # And the error line says so, and what to do

@@ -77,7 +77,7 @@ def test_a_task_is_not_claimed_before_its_start_after() -> None:
 def test_success_records_the_outcome_and_inserts_successors_before_the_terminal_hint() -> None:
     result = step(running(), Succeeded("a", (SPEC,)), now=T0)
     successors = spawn(running().task, (SPEC,), Origin.SUCCESSOR, T0)
-    assert successors[0].task_id == derive_task_id("t", Origin.SUCCESSOR, 0)
+    assert successors[0].task_id == derive_task_id(running().task, Origin.SUCCESSOR, 0)
     assert result.status is Status.SUCCEEDED
     assert result.effects == (
         InsertRecord(result.record),
@@ -86,6 +86,22 @@ def test_success_records_the_outcome_and_inserts_successors_before_the_terminal_
     )
     assert result.record is not None
     assert result.record.ok is True
+
+
+def test_a_childs_id_comes_from_its_parents_id_and_creation_time_as_stored() -> None:
+    # Given a task, the same task as a store would give it back (to the millisecond;
+    # naive, from a client without tz_aware), and a task stored again under its id
+    # a day later
+    task = make_doc("t")
+    as_read_back = dataclasses.replace(
+        task, created_at=task.created_at.replace(microsecond=123000, tzinfo=None)
+    )
+    stored_again = dataclasses.replace(task, created_at=task.created_at + timedelta(days=1))
+    # Then the first two give each child the same id, and the third new ones
+    ids = [derive_task_id(doc, Origin.SUCCESSOR, 0) for doc in (task, as_read_back, stored_again)]
+    assert ids[0] == ids[1] != ids[2]
+    assert derive_task_id(task, Origin.SUCCESSOR, 1) not in ids
+    assert derive_task_id(task, Origin.REPLACEMENT, 0) not in ids
 
 
 def test_only_the_owner_of_the_run_may_report_its_end() -> None:

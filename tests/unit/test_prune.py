@@ -15,7 +15,7 @@ from typing import Any
 import mongomock
 import pytest
 
-from tests.store_contract import T0, make_doc, make_record
+from tests.store_contract import T0, make_doc, make_record, make_spec, queue_keyed
 from tullius.band import Band
 from tullius.document import (
     Failure,
@@ -27,6 +27,7 @@ from tullius.document import (
     TaskSpec,
     handler_id,
     outcome_id,
+    retried_as,
     run_id,
 )
 from tullius.engine import claim, drive, finish, repair
@@ -34,6 +35,7 @@ from tullius.errors import WriteWindowClosed
 from tullius.events import Failed, HandlerFailed, HandlerSucceeded, Succeeded
 from tullius.machine import step
 from tullius.prune import MIN_AGE, PruneReport, prune
+from tullius.retry import retry
 from tullius.runtime.mongo_store import MongoStore
 from tullius.sim.memory_store import MemoryStore
 from tullius.store import Store, perform
@@ -462,3 +464,69 @@ def test_a_copy_of_a_task_settled_without_a_settling_time_gets_one_when_dropped(
     assert view is not None
     (settled,) = store.find_tasks(["old"])
     assert settled.due_at is not None
+
+
+# --- a keyed task stored again after its prune ---------------------------------
+
+
+def test_a_keyed_task_stored_again_after_its_prune_spawns_apart_from_its_first_runs_kept_child(
+    store: Store,
+) -> None:
+    # Given a keyed task that ran 20 days ago, returning a successor due in 30 days
+    # (still queued), and a prune that deleted the task but keeps the successor
+    first_child = dataclasses.replace(make_spec(n="first"), delay=30 * DAY)
+    (keyed,) = queue_keyed(store, "report", make_spec(), now=NOW - 20 * DAY)
+    run_to_the_end(store, keyed, at=NOW - 20 * DAY, successors=(first_child,))
+    assert pruned(store).deleted == {Status.SUCCEEDED: 1}
+    # When the keyed call is repeated (its application never saw the first answer)
+    # and the task stored again runs, returning another successor
+    assert queue_keyed(store, "report", make_spec(), now=NOW) == [keyed]
+    second_child = dataclasses.replace(make_spec(n="second"), delay=30 * DAY)
+    run_to_the_end(store, keyed, at=NOW, successors=(second_child,))
+    # Then both successors are stored, each with its own fields: the second was not
+    # taken for the first (the same id) and dropped without a word
+    children = store.find_children(keyed)
+    assert sorted(child.fields["n"] for child in children) == ["first", "second"]
+    assert all(child.status is Status.QUEUED for child in children)
+
+
+def test_a_child_of_a_keyed_task_stored_again_does_not_inherit_a_pruned_namesakes_retry(
+    store: Store,
+) -> None:
+    # Given a keyed task whose successor was left unhandled 20 days ago and retried
+    # by an operator, and the whole tree pruned since (the retry record stays: a
+    # tombstone)
+    doomed = dataclasses.replace(make_spec(n=1), handler_attempts=1)
+    (keyed,) = queue_keyed(store, "report", make_spec(), now=NOW - 20 * DAY)
+    run_to_the_end(store, keyed, at=NOW - 20 * DAY, successors=(doomed,))
+    first = unhandled_child(store, keyed, at=NOW - 20 * DAY)
+    copy = drive(store, retry(first, now=NOW - 20 * DAY, token="op", server="ops")).copy_id
+    handle(store, copy, at=NOW - 20 * DAY)
+    while sum(pruned(store, unhandled=True).deleted.values()):
+        pass
+    assert store.find_tasks([keyed, first, copy]) == []
+    # When the keyed call is repeated and runs again, and its successor is left
+    # unhandled too
+    queue_keyed(store, "report", make_spec(), now=NOW)
+    run_to_the_end(store, keyed, at=NOW, successors=(doomed,))
+    second = unhandled_child(store, keyed, at=NOW)
+    # Then the new successor is a task of its own, not retried yet: an operator's
+    # retry of it makes a copy and runs its failed() (not "already retried")
+    view = store.load(second)
+    assert view is not None
+    assert retried_as(view) is None
+    assert drive(store, retry(second, now=NOW, token="op2", server="ops")).new
+    assert second != first
+
+
+def unhandled_child(store: Store, parent_id: str, *, at: Any) -> str:
+    """The only child of ``parent_id``: its run fails at ``at``, and so does its one
+    failed() attempt."""
+    (child,) = store.find_children(parent_id)
+    run_to_the_end(store, child.task_id, at=at, ok=False)
+    job = drive(store, claim(ALL, server="s", worker="w", token=f"{child.task_id}-h", now=at))
+    assert job is not None
+    assert job.task_id == child.task_id
+    error = Failure(FailureKind.EXCEPTION, "failed() raised", at)
+    drive(store, finish(job, HandlerFailed(job.token, error), now=at))
+    return child.task_id

@@ -317,7 +317,7 @@ def test_retry_all_does_not_retry_a_copy_it_made_that_failed_again(store: Store)
     assert store.find_children(done.copy_id) == []
 
 
-@pytest.mark.parametrize("task_id", ["0", "t"])  # its id sorting before its copy's, or after
+@pytest.mark.parametrize("task_id", ["0", "~"])  # its id sorting before its copy's, or after
 def test_retry_all_retries_an_earlier_retrys_copy_that_failed_again(
     store: Store, task_id: str
 ) -> None:

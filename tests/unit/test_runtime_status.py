@@ -18,7 +18,7 @@ import tullius
 from tests import histories
 from tests.store_contract import make_doc
 from tullius.band import Band
-from tullius.document import Origin, Status, TaskDoc, derive_task_id, retry_copy_id
+from tullius.document import Status, TaskDoc, retry_copy_id, retry_copy_ids
 from tullius.engine import drive
 from tullius.errors import ConfigError
 from tullius.events import Retried
@@ -177,7 +177,7 @@ def test_a_retried_unhandled_task_is_listed_with_its_copy() -> None:
     sim.close()
     # Then the task is still listed, as it was, and the next line names its copy
     # and that it waits for its failed()
-    copy = derive_task_id(lost_cause, Origin.RETRY, 0)
+    copy = retry_copy_id(sim.store.load(lost_cause).task)
     assert unhandled_lines(text) == [
         "1 (1 of them retried already, listed after the others)",
         f"  {lost_cause}  tests.unit.test_runtime_status:Unlucky  failed (exception: run() raised "
@@ -186,6 +186,26 @@ def test_a_retried_unhandled_task_is_listed_with_its_copy() -> None:
         f"    retried as {copy} at {done.at.isoformat(timespec='seconds')} by ops1; {copy} is "
         "failed: its failed() is pending",
     ]
+
+
+def test_a_task_retried_by_a_version_before_the_copy_ids_changed_is_listed_as_retried() -> None:
+    # Given an unhandled task an older version retried, which gave the copy an id
+    # from the task's id alone (before 2026-12-06)
+    sim, lost_cause = unhandled_sim()
+    view = sim.store.load(lost_cause)
+    assert view is not None
+    decided = step(view, Retried("op", "ops1"), now=sim.now)
+    assert decided.record is not None
+    older = retry_copy_ids(view.task)[1]
+    copy = dataclasses.replace(decided.record.spawned[0], task_id=older)
+    sim.store.insert_record(dataclasses.replace(decided.record, spawned=(copy,)))
+    sim.store.insert_tasks([copy])
+    # When the status is read
+    lines = unhandled_lines(format_status(read_status(sim.store, now=sim.now)))
+    sim.close()
+    # Then it is listed as retried, with that copy
+    assert lines[0] == "1 (1 of them retried already, listed after the others)"
+    assert lines[2].startswith(f"    retried as {older} at ")
 
 
 def test_a_retry_cut_short_is_listed_with_the_command_that_completes_it() -> None:
@@ -197,7 +217,7 @@ def test_a_retry_cut_short_is_listed_with_the_command_that_completes_it() -> Non
     decided = step(view, Retried("op", "ops1"), now=at)
     assert decided.record is not None
     sim.store.insert_record(decided.record)
-    copy = derive_task_id(lost_cause, Origin.RETRY, 0)
+    copy = retry_copy_id(sim.store.load(lost_cause).task)
     assert sim.store.load(copy) is None
     # When the status is read within the retry's write window
     soon = format_status(read_status(sim.store, now=at + WRITE_WINDOW))
@@ -344,11 +364,12 @@ class OneBadDocument(MemoryStore):
     def find_tasks(self, task_ids: Sequence[str]) -> list[TaskDoc]:
         # A task's children, read for its line (one task's: a page's copies, read to
         # sort the tasks, are read together and decode)
-        if self.broken and list(task_ids) == [retry_copy_id("bad-children")]:
+        found = super().find_tasks(task_ids)
+        if self.broken and [doc.parent_id for doc in found] == ["bad-children"]:
             raise ValueError("'bogus' is not a valid Origin")
-        if self.broken and list(task_ids) == [retry_copy_id("bad-type")]:
+        if self.broken and [doc.parent_id for doc in found] == ["bad-type"]:
             raise TypeError("'NoneType' object is not subscriptable")
-        return super().find_tasks(task_ids)
+        return found
 
     def find_children(self, parent_id: str) -> Any:
         if self.broken and parent_id in ("bad-children", "bad-type"):
@@ -376,7 +397,7 @@ def test_a_document_that_cant_be_decoded_is_listed_bare_and_the_rest_as_usual() 
         "  fine  tests:Nothing  failed (timeout: slow); failed() error (exception: failed() "
         "raised)",
     ]
-    assert lines[6].startswith(f"    retried as {derive_task_id('fine', Origin.RETRY, 0)} at ")
+    assert lines[6].startswith(f"    retried as {retry_copy_id(store.load('fine').task)} at ")
     assert len(lines) == 7
 
 
@@ -471,7 +492,7 @@ def test_unhandled_tasks_are_listed_newest_first_with_the_pruned_retries_among_t
     for task_id, hours in [("d-retried-old", 2), ("e-retried-new", 40), ("f-pruned", 30)]:
         histories.left_unhandled(store, task_id, at=start + timedelta(hours=hours))
         drive(store, retry(task_id, now=start + timedelta(hours=45), token="op", server="ops1"))
-    pruned_copy = derive_task_id("f-pruned", Origin.RETRY, 0)
+    pruned_copy = retry_copy_id(store.load("f-pruned").task)
     store.delete_tasks(store.find_tasks([pruned_copy]))
     # When the status is read
     report = read_status(store, now=datetime.now(UTC))

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from tullius.coverage import Coverage, ago, is_live, read_coverage
-from tullius.document import Status, TaskDoc, retried_as, retry_copy_id, retry_id
+from tullius.document import Status, TaskDoc, retried_as, retry_copy_ids, retry_id
 from tullius.engine import drive
 from tullius.errors import TulliusError
 from tullius.inspection import ChainLink, children_of, link_of
@@ -186,7 +186,8 @@ def _read_unhandled(store: Store, *, read: int, shown: int, page: int) -> _Unhan
 
 def _copies_stored(store: Store, docs: list[TaskDoc]) -> set[str]:
     """Those of ``docs`` whose retry's copy is stored (one `Store.find_tasks` per chunk)."""
-    copy_of = {retry_copy_id(doc.task_id): doc.task_id for doc in docs}
+    # Both ids a copy may have: this version's, and that of retries made before it.
+    copy_of = {copy: doc.task_id for doc in docs for copy in retry_copy_ids(doc)}
     copy_ids = list(copy_of)
     stored: set[str] = set()
     for start in range(0, len(copy_ids), _FIND_CHUNK):
