@@ -11,19 +11,23 @@ applied, and the call fails, as ``queue()`` raising after its write.
 Days pass too, and two pruning daemons delete finished tasks, one store
 operation per step, racing each other and the calls: a call repeated after
 its task was pruned stores it again, as new (another *incarnation* of the
-id, told apart by its ``created_at``).
+id, told apart by its ``created_at``).  Each run of a keyed task returns a
+successor due days later, which may outlive its parent's prune: the run of
+an incarnation stored again returns one of its own.
 
 After every step: a call that returned has its tasks stored, as it gave them
 (two calls with one key and different tasks never both return), unless what
-it stored has run since and was pruned; and no incarnation ran twice.  At the
-end every call is finished, the server runs everything, and every task
-stored under a key ran exactly once, with no live copy left.  On mongomock
+it stored has run since and was pruned; so has every successor a run
+returned; and no incarnation ran twice.  At the end every call is finished,
+the server runs everything, and every task stored under a key and every
+successor ran exactly once, with no live copy left.  On mongomock
 (`MemoryStore` refuses a repeated id live or finished alike, so it would
 hide the races with moves).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -47,6 +51,8 @@ from tullius.runtime.mongo_store import MongoStore
 from tullius.store import DeleteTasks, Operation, perform
 
 ALL = Band(1, 0, 10)
+#: How long after its parent's run a successor is due: longer than a prune waits.
+SUCCESSOR_DELAY = MIN_AGE + timedelta(days=1)
 KEYS = ("a", "a", "b")
 #: An incarnation of a task id: the id and the ``created_at`` of what was stored
 #: (None: nothing, as a call returned).
@@ -76,6 +82,8 @@ class KeyedRaces(RuleBasedStateMachine):
         #: The calls that returned: their key, tasks, and what was stored for them.
         self.returned: list[tuple[str, list[TaskSpec], list[Incarnation]]] = []
         self.runs: Counter[Incarnation] = Counter()
+        #: The successors the runs returned: their incarnation and fields, as recorded.
+        self.successors: list[tuple[str, datetime, dict[str, Any]]] = []
         self.tokens = 0
         #: Each pruning daemon's pass under way, and the answer it waits to be sent.
         self.prunes: dict[int, tuple[Conversation[PruneReport], Any]] = {}
@@ -163,7 +171,20 @@ class KeyedRaces(RuleBasedStateMachine):
         if job is None:
             return False
         self.runs[job.task_id, job.view.task.created_at] += 1
-        assert drive(self.store, finish(job, Succeeded(job.token), now=self.now)).accepted
+        successors: tuple[TaskSpec, ...] = ()
+        if job.task_id in self._all_ids():  # a keyed task: it returns a successor
+            spec = make_spec(of=job.task_id, run=token)
+            successors = (dataclasses.replace(spec, delay=SUCCESSOR_DELAY),)
+        assert drive(
+            self.store, finish(job, Succeeded(job.token, successors), now=self.now)
+        ).accepted
+        if successors:
+            view = self.store.load(job.task_id)
+            assert view is not None
+            assert view.outcome is not None
+            self.successors += [
+                (doc.task_id, doc.created_at, dict(doc.fields)) for doc in view.outcome.spawned
+            ]
         return True
 
     @rule(days=st.integers(1, 6))
@@ -214,6 +235,18 @@ class KeyedRaces(RuleBasedStateMachine):
                 assert dict(view.task.fields) == dict(spec.fields), (key, task_id, view.task)
 
     @invariant()
+    def a_successor_a_run_returned_is_stored_as_returned(self) -> None:
+        if not hasattr(self, "store"):
+            return
+        for task_id, created_at, fields in self.successors:
+            view = self.store.load(task_id)
+            if view is None or view.task.created_at != created_at:
+                # Gone, or another task under its id: only once it had run (then pruned).
+                assert self.runs[task_id, created_at] == 1, (task_id, fields, view)
+                continue
+            assert dict(view.task.fields) == fields, (task_id, view.task)
+
+    @invariant()
     def no_task_runs_twice(self) -> None:
         if hasattr(self, "runs"):
             assert all(count == 1 for count in self.runs.values()), self.runs
@@ -226,11 +259,17 @@ class KeyedRaces(RuleBasedStateMachine):
                 self._land(call, answer_lost=False)
         while self._run_one():
             pass
+        self.now += SUCCESSOR_DELAY  # (the last successors are due)
+        while self._run_one():
+            pass
         self.no_task_runs_twice()
         self.a_call_that_returned_has_its_tasks_stored_as_it_gave_them()
+        self.a_successor_a_run_returned_is_stored_as_returned()
         for view in self.store.load_many(self._all_ids()):
             assert status_of(view) in TERMINAL, view.task_id
             assert self.runs[view.task_id, view.task.created_at] == 1, view.task_id
+        for task_id, created_at, _ in self.successors:
+            assert self.runs[task_id, created_at] == 1, task_id
         assert all(
             collection.count_documents({}) == 0 for collection in self.store.live_collections()
         )
