@@ -106,13 +106,13 @@ def test_retry_all_of_a_class_leaves_copies_born_failed_and_names_what_it_refuse
     # (its class, made up, can't be loaded: the copy keeps the stored limits, and a
     # warning says so)
     code, out, err = done
-    assert (code, out) == (0, f"{retried_line('inv')}\nretried 1 unhandled task(s)\n")
+    assert (code, out) == (0, f"{retried_line(store, 'inv')}\nretried 1 unhandled task(s)\n")
     assert err.startswith("tulliusd: warning: class 'billing.tasks:Invoice' can't be loaded")
     view = store.load("inv")
     assert view is not None
     assert status_of(view) is Status.UNHANDLED
     assert retried_as(view) is not None
-    copy = store.load(copy_of("inv"))
+    copy = store.load(copy_of(store, "inv"))
     assert copy is not None
     assert (status_of(copy), copy.task.status) == (Status.FAILED, Status.FAILED)
     assert copy.outcome is not None
@@ -125,10 +125,10 @@ def test_retry_all_of_a_class_leaves_copies_born_failed_and_names_what_it_refuse
     )
     # Then the Report is retried, each other line says why not on stderr, and the exit
     # status is 1
-    assert (code, out.splitlines()) == (1, [retried_line("rep")]), err
+    assert (code, out.splitlines()) == (1, [retried_line(store, "rep")]), err
     assert [line for line in err.splitlines() if "warning: class" not in line] == [
         "tulliusd: task 'done' not retried: its status is 'succeeded'; expected 'unhandled' "
         "(only a task whose every failed() attempt failed is retried)",
         "tulliusd: no task with task_id='nosuch'",
     ]
-    assert store.load(copy_of("rep")) is not None
+    assert store.load(copy_of(store, "rep")) is not None
