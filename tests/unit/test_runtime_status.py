@@ -197,6 +197,7 @@ def test_a_task_retried_by_a_version_before_the_copy_ids_changed_is_listed_as_re
     decided = step(view, Retried("op", "ops1"), now=sim.now)
     assert decided.record is not None
     older = retry_copy_ids(view.task)[1]
+    assert retry_copy_ids(make_doc("abc"))[1] == "idfdt22pdjsr4me7"  # (as they gave it)
     copy = dataclasses.replace(decided.record.spawned[0], task_id=older)
     sim.store.insert_record(dataclasses.replace(decided.record, spawned=(copy,)))
     sim.store.insert_tasks([copy])

@@ -37,8 +37,9 @@ UNHANDLED_SHOWN: Final = 20
 UNHANDLED_READ: Final = 20_000
 #: How many unhandled tasks are read at a time.
 UNHANDLED_PAGE: Final = 500
-#: How many retry copies one `Store.find_tasks` looks up at most.
-_FIND_CHUNK: Final = 500
+#: How many retry copies one `Store.find_tasks` looks up at most: a page's, each
+#: under both the ids it may have (`retry_copy_ids`).
+_FIND_CHUNK: Final = 2 * UNHANDLED_PAGE
 #: What decoding one bad document or record may raise.
 _BAD_DOCUMENT: Final = (ValueError, KeyError, TypeError)
 #: Entries of stopped or vanished servers older than this are counted, not listed.
@@ -114,8 +115,8 @@ def read_status(
     new failure; each group newest first, by the time the task was left
     unhandled (an unhandled task's ``due_at``; last when None, as written by
     versions before it was kept).  Whether a task's copy is stored is read with
-    one `Store.find_tasks` per page, the copy's id being derived from the
-    task's; only the tasks listed are loaded.
+    one `Store.find_tasks` per page, the copy's ids being derived from the
+    task (both forms, `retry_copy_ids`); only the tasks listed are loaded.
     """
     servers = tuple(store.read_servers())
     count_set_aside = getattr(store, "count_set_aside", None)
