@@ -237,6 +237,11 @@ class Record:
         failure: the run's failure (OUTCOME) or the handler's error (HANDLER_END).
         spawned: successors (OUTCOME) or replacements (HANDLER_END), with ids.
         retry_at: for a failed HANDLER_END, when the next attempt may start.
+        task_created_at: for RUN, the ``created_at`` of the task as claimed:
+            which of two tasks stored under one id ran (a keyed task stored
+            again after a prune, beside a finished copy the prune left when
+            cut short; see ``MongoStore``).  None from versions before
+            2026-12-06.
     """
 
     record_id: str
@@ -252,6 +257,7 @@ class Record:
     failure: Failure | None = None
     spawned: tuple[TaskDoc, ...] = ()
     retry_at: datetime | None = None
+    task_created_at: datetime | None = None
 
 
 # --- record ids -------------------------------------------------------------
@@ -676,7 +682,7 @@ def failure_from_bson(data: Mapping[str, Any]) -> Failure:
 
 def record_to_bson(record: Record) -> dict[str, Any]:
     """The dictionary stored for a record; ``_id`` is the record id."""
-    return {
+    data = {
         "_id": record.record_id,
         "task_id": record.task_id,
         "kind": record.kind.value,
@@ -691,6 +697,9 @@ def record_to_bson(record: Record) -> dict[str, Any]:
         "spawned": [task_to_bson(doc) for doc in record.spawned],
         "retry_at": None if record.retry_at is None else stored_time(record.retry_at),
     }
+    if record.task_created_at is not None:
+        data["task_created_at"] = stored_time(record.task_created_at)
+    return data
 
 
 def record_from_bson(data: Mapping[str, Any]) -> Record:
@@ -709,6 +718,9 @@ def record_from_bson(data: Mapping[str, Any]) -> Record:
         failure=None if data.get("failure") is None else failure_from_bson(data["failure"]),
         spawned=tuple(task_from_bson(item) for item in data.get("spawned") or ()),
         retry_at=None if data.get("retry_at") is None else aware_utc(data["retry_at"]),
+        task_created_at=(
+            None if data.get("task_created_at") is None else aware_utc(data["task_created_at"])
+        ),
     )
 
 

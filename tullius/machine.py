@@ -237,6 +237,7 @@ def _retry_writes(view: TaskView, copy: TaskDoc) -> tuple[Effect, ...]:
         token=retry.token,
         at=retry.at,
         server=retry.server,
+        task_created_at=copy.created_at,
     )
     failed = Record(
         record_id=outcome_id(copy.task_id),
@@ -267,6 +268,7 @@ def _record_claimed(view: TaskView, event: Event, now: datetime, rng: object) ->
         at=now,
         server=event.server,
         worker=event.worker,
+        task_created_at=view.task.created_at,
     )
 
 

@@ -64,6 +64,7 @@ def test_values_land_in_their_fields_and_stay_frozen(
         "failure": None,
         "spawned": (),
         "retry_at": None,
+        "task_created_at": None,
     }
     assert record == dataclasses.replace(record)
     assert hash(record) == hash(dataclasses.replace(record))

@@ -62,7 +62,10 @@ def handling(view: TaskView | None = None, token: str = "h") -> TaskView:
 
 def test_claiming_a_queued_task_inserts_a_run_record_then_sets_the_hint() -> None:
     result = step(queued(), Claimed("a", "s1", "w1"), now=T0)
-    record = Record(run_id("t"), "t", RecordKind.RUN, "a", T0, "s1", worker="w1")
+    # (the record says which task stored under the id it claimed: see MongoStore)
+    record = Record(
+        run_id("t"), "t", RecordKind.RUN, "a", T0, "s1", worker="w1", task_created_at=T0
+    )
     assert result.status is Status.RUNNING
     assert result.record == record
     assert result.effects == (InsertRecord(record), SetStatus("t", Status.RUNNING, None))

@@ -18,19 +18,30 @@ import mongomock
 import pytest
 from pymongo.errors import AutoReconnect
 
-from tests.store_contract import T0, after_the_next_read, make_doc, make_spec
+from tests.store_contract import (
+    T0,
+    after_the_next_read,
+    drive_on,
+    drive_until,
+    make_doc,
+    make_spec,
+)
 from tullius.api import insert_queued, keyed_id
 from tullius.band import Band
-from tullius.document import Status, TaskSpec, status_of, stored_time
+from tullius.document import Failure, FailureKind, Status, TaskSpec, status_of, stored_time
+from tullius.effects import InsertTasks
 from tullius.engine import claim, drive, finish, sweep
 from tullius.errors import ConfigError, KeyConflict, StoreUnavailable
-from tullius.events import Succeeded
+from tullius.events import Failed, HandlerFailed, Succeeded
 from tullius.policy import LeaseWatch
 from tullius.prune import MIN_AGE, prune
 from tullius.runtime.mongo_store import IDLE_RECHECK, LIVE_FIELDS, MongoStore, pack_live
+from tullius.store import DeleteTasks
 
 ALL = Band(1, 0, 10)
 SPEC = make_spec(n=1)
+NOW = T0 + timedelta(days=20)
+LONG_AGO = T0
 
 
 @pytest.fixture
@@ -143,12 +154,122 @@ def test_a_prune_whose_records_delete_stops_part_way_leaves_no_old_record_to_a_t
     assert view is None or view.records == {}
 
 
+class PruneDied(Exception):
+    """The pruning daemon's process killed (a prune cut short, not retried)."""
+
+
+def prune_dies_before_the_finished_copies(store: MongoStore, *, now: Any) -> None:
+    """A prune at ``now`` whose process dies after it deleted its tasks' records,
+    before their finished copies (which it deletes last)."""
+
+    def dies(*args: object, **kwargs: object) -> None:
+        raise PruneDied
+
+    delete_many = store.finished.delete_many
+    store.finished.delete_many = dies  # type: ignore[method-assign]
+    try:
+        with pytest.raises(PruneDied):
+            drive(store, prune(MIN_AGE, now=now))
+    finally:
+        store.finished.delete_many = delete_many  # type: ignore[method-assign]
+
+
+def a_prunes_leftover(store: MongoStore, spec: TaskSpec) -> str:
+    """A keyed task that succeeded 20 days ago, and a prune cut short before its
+    finished copy: the copy left without records."""
+    (task_id,) = insert_queued(store, [spec], now=LONG_AGO, new_id=str, key="k")
+    job = drive(store, claim(ALL, server="s1", worker="w1", token="first", now=LONG_AGO))
+    assert job is not None
+    assert drive(store, finish(job, Succeeded(job.token), now=LONG_AGO)).accepted
+    prune_dies_before_the_finished_copies(store, now=NOW)
+    assert ids(store.finished) == [task_id]
+    assert store.load(task_id).records == {}  # type: ignore[union-attr]
+    return task_id
+
+
+def stored_again(store: MongoStore, spec: TaskSpec) -> None:
+    """The keyed call repeated now (its application never saw the first answer)."""
+    assert insert_queued(store, [spec], now=NOW, new_id=str, key="k") == [keyed_id("k")]
+
+
+def test_a_task_stored_again_beside_a_prunes_leftover_whose_success_was_cut_short_is_repaired(
+    store: MongoStore,
+) -> None:
+    # Given a keyed task stored again beside an old finished copy a prune left
+    task_id = a_prunes_leftover(store, SPEC)
+    stored_again(store, SPEC)
+    # When it runs and succeeds, returning a successor, and its server dies between
+    # the success record and the successor's insert
+    job = drive(store, claim(ALL, server="s1", worker="w1", token="second", now=NOW))
+    assert job is not None
+    verdict = finish(job, Succeeded(job.token, (make_spec(n="next"),)), now=NOW)
+    insert = drive_until(store, verdict, InsertTasks)
+    (successor,) = insert.docs
+    # Then the next sweep repairs it (the old copy proves no move of this task):
+    # the successor is inserted, and the task settles as itself
+    drive(store, sweep(LeaseWatch(timedelta(seconds=15)), observer="s2", now=NOW, monotonic=float))
+    assert [doc.fields for doc in store.find_tasks([successor.task_id])] == [{"n": "next"}]
+    assert ids(store.tasks) == [successor.task_id]
+    (settled,) = store.find_tasks([task_id])
+    assert (settled.created_at, settled.status) == (stored_time(NOW), Status.SUCCEEDED)
+
+
+def test_a_task_stored_again_beside_a_prunes_leftover_ends_as_itself_and_outlives_the_leftover(
+    store: MongoStore,
+) -> None:
+    # Given an old success's copy a prune left, another prune that read that copy
+    # and is about to delete it, and the task stored again by its key meanwhile
+    spec = dataclasses.replace(SPEC, handler_attempts=1)
+    task_id = a_prunes_leftover(store, spec)
+    late = prune(MIN_AGE, now=NOW)
+    delete = drive_until(store, late, DeleteTasks)
+    stored_again(store, spec)
+    # When the task runs and fails, and so does its one failed() attempt
+    job = drive(store, claim(ALL, server="s1", worker="w1", token="second", now=NOW))
+    assert job is not None
+    drive(store, finish(job, Failed(job.token, Failure(FailureKind.EXCEPTION, "x", NOW)), now=NOW))
+    handler = drive(store, claim(ALL, server="s1", worker="w1", token="second-h", now=NOW))
+    assert handler is not None
+    error = Failure(FailureKind.EXCEPTION, "failed() raised", NOW)
+    drive(store, finish(handler, HandlerFailed(handler.token, error), now=NOW))
+    # Then its finished copy is its own, unhandled (not the old task's success)
+    (settled,) = store.find_tasks([task_id])
+    assert (settled.created_at, settled.status) == (stored_time(NOW), Status.UNHANDLED)
+    # And the other prune, going on, deletes what it read, not the new task's history
+    drive_on(store, late, delete)
+    view = store.load(task_id)
+    assert view is not None
+    assert status_of(view) is Status.UNHANDLED
+
+
 def test_running_and_failed_hints_stay_in_the_live_collection(store: MongoStore) -> None:
     store.insert_tasks([make_doc("a"), make_doc("b")])
     store.set_status("a", Status.RUNNING, None)
     store.set_status("b", Status.FAILED, T0)
     assert ids(store.tasks) == ["a", "b"]
     assert ids(store.finished) == []
+
+
+@pytest.mark.parametrize("reader", ["load", "move"])
+def test_a_finished_tasks_id_queued_again_later_is_dropped_not_taken_for_the_task(
+    store: MongoStore, reader: str
+) -> None:
+    # Given a finished task, and its id queued again a day later (a repeated call
+    # that raced its end: a live copy with the call's created_at)
+    store.insert_tasks([make_doc("a")])
+    run_to_success(store, "a")
+    store.insert_tasks([dataclasses.replace(make_doc("a"), created_at=T0 + timedelta(days=1))])
+    # When a load reads it, or a repair that read the task before moves its hint
+    if reader == "load":
+        view = store.load("a")
+        assert view is not None
+        assert view.task.created_at == stored_time(T0)
+    else:
+        store.set_status("a", Status.SUCCEEDED, T0)
+    # Then the copy is gone, and the finished task is the one that ran
+    assert ids(store.tasks) == []
+    (settled,) = store.find_tasks(["a"])
+    assert settled.created_at == stored_time(T0)
 
 
 def test_a_move_interrupted_after_the_copy_is_completed_by_the_next_load(

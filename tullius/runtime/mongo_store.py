@@ -124,6 +124,8 @@ MAX_RECORD_SHARDS = 256
 _DECODE_ERRORS = (KeyError, ValueError, TypeError, AttributeError)
 #: How many times `MongoStore.find_by_status` reads a page that lost undecodable documents.
 _REREADS = 3
+#: How often a move to ``finished`` tries again when the copy there changed under it.
+_MOVE_TRIES = 3
 #: Status given to a task document that can't be decoded (not a `Status`: no
 #: query for work or sweep ever selects it).
 UNDECODABLE = "undecodable"
@@ -655,9 +657,10 @@ class MongoStore:
         because only live tasks are updated and a finished task is no longer
         live: an update without upsert of a moved task matches nothing.  The
         move copies the task with its terminal hint into ``finished`` (a
-        duplicate is ignored: it was moved before), then deletes the live
-        copy.  A crash between the two leaves a live copy with its old hint,
-        which the next sweep or claim repairs, repeating the move.
+        duplicate is ignored: it was moved before, unless it is an older
+        task's, `_insert_finished`), then deletes the live copy.  A crash
+        between the two leaves a live copy with its old hint, which the next
+        sweep or claim repairs, repeating the move.
         """
         stored_due = None if due_at is None else stored_time(due_at)
         hint = {"status": status.value, "due_at": stored_due}
@@ -675,17 +678,59 @@ class MongoStore:
             live = self._bodies.pop(task_id) or shard.find_one({"_id": task_id})
             if live is None:
                 return False  # moved already, or no such task
-            try:
-                self.finished.insert_one({**unpack(live), **hint})
-            except DuplicateKeyError:
-                # Moved before: this is a copy inserted again, read (and perhaps
-                # acted on) since it settled.  Its settling time moves up to now,
-                # so that pruning waits a whole window after its last reader.
-                self._move_settled_time_up(task_id, stored_due)
+            self._insert_finished(task_id, {**unpack(live), **hint}, stored_due)
             shard.delete_one({"_id": task_id})
             return True
 
         return self._retrying("set status", move)
+
+    def _insert_finished(self, task_id: str, doc: dict[str, Any], due: datetime | None) -> None:
+        """Insert ``doc``, a task with its terminal hint, into ``finished``, where a
+        copy of ``task_id`` may be already.
+
+        That copy is this task, moved before (a live copy inserted again, read
+        and perhaps acted on since it settled): it stays, and its settling time
+        moves up to ``due``, so that pruning waits a whole window after its
+        last reader.  Or it is an older task's, stored under the id before a
+        prune deleted it, that the prune left when cut short (it deletes the
+        records first), before a keyed call stored the task again: then it
+        gives way (`_older_twin`), or the new task's end would be read with
+        the old task's terminal hint, and a prune that read the old copy would
+        delete the new one's history.
+        """
+        for _ in range(_MOVE_TRIES):
+            try:
+                self.finished.insert_one(doc)
+                return
+            except DuplicateKeyError:
+                pass
+            twin = self.finished.find_one({"_id": task_id}, {"created_at": 1})
+            if twin is None:
+                continue  # deleted since (by a prune): insert again
+            if not self._older_twin(task_id, twin, doc.get("created_at")):
+                break
+            replaced = self.finished.replace_one(
+                {"_id": task_id, "created_at": twin["created_at"]}, doc
+            )
+            if replaced.matched_count:
+                return
+        self._move_settled_time_up(task_id, due)
+
+    def _older_twin(self, task_id: str, twin: Mapping[str, Any], created_at: Any) -> bool:
+        """Whether ``twin``, the finished copy of ``task_id``, is an older task's than
+        the one created at ``created_at`` that ran under the id (the claim's `run`
+        record says which: `Record.task_created_at`).  One read of the `run`
+        record, made only when the copies' ``created_at`` differ (a copy inserted
+        again by a repeated call has the call's).  False when unsure (a record
+        of a version that did not say): the copy stays, as before."""
+        if not isinstance(created_at, datetime):
+            return False
+        theirs = twin.get("created_at")
+        if not isinstance(theirs, datetime) or aware_utc(theirs) == aware_utc(created_at):
+            return False
+        run = self.records_for(task_id).find_one({"_id": run_id(task_id)}, {"task_created_at": 1})
+        ran = None if run is None else run.get("task_created_at")
+        return isinstance(ran, datetime) and aware_utc(ran) == aware_utc(created_at)
 
     def beat(self, record_id: str) -> int | None:
         """Count a heartbeat of a lease; None if the record is missing or its task finished.
@@ -815,7 +860,9 @@ class MongoStore:
         """
         task_id = view.task.task_id
         moved = self.finished.find_one({"_id": task_id})
-        if moved is None:
+        if moved is None or self._older_twin(task_id, moved, view.task.created_at):
+            # (An older task's copy a cut-short prune left proves nothing: the
+            # repair repeats the inserts, and the move replaces it.)
             return view
         # Whoever read the live copy before this may still act on it for a write
         # window: the settling time moves up to now, so pruning waits for them.

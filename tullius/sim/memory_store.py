@@ -92,6 +92,7 @@ def stored_record(record: Record) -> Record:
         and type(record.beat) is int
         and _is_stored_instant(record.at)
         and (record.retry_at is None or _is_stored_instant(record.retry_at))
+        and (record.task_created_at is None or _is_stored_instant(record.task_created_at))
         and (failure is None or (type(failure) is Failure and _is_stored_instant(failure.at)))
     ):
         return record
@@ -117,6 +118,7 @@ def stored_record(record: Record) -> Record:
         ),
         tuple(map(stored_task, record.spawned)),
         None if record.retry_at is None else _stored_instant(record.retry_at),
+        None if record.task_created_at is None else _stored_instant(record.task_created_at),
     )
 
 
