@@ -9,18 +9,22 @@ while the task is live).  Now and then an operation's answer is lost: it was
 applied, and the call fails, as ``queue()`` raising after its write.
 
 Days pass too, and two pruning daemons delete finished tasks, one store
-operation per step, racing each other and the calls: a call repeated after
-its task was pruned stores it again, as new (another *incarnation* of the
-id, told apart by its ``created_at``).  Each run of a keyed task returns a
+operation per step, racing each other and the calls, and now and then dying
+part-way through a delete (after the records, before the finished copies):
+a call repeated after its task was pruned stores it again, as new (another
+*incarnation* of the id, told apart by its ``created_at``), perhaps beside
+such a leftover.  Each run of a keyed task returns a
 successor due days later, which may outlive its parent's prune: the run of
 an incarnation stored again returns one of its own.
 
 After every step: a call that returned has its tasks stored, as it gave them
 (two calls with one key and different tasks never both return), unless what
 it stored has run since and was pruned; so has every successor a run
-returned; and no incarnation ran twice.  At the end every call is finished,
+returned (the server may die between a run's verdict and its successor's
+insert, which a sweep repairs); and no incarnation ran twice.  At the end every call is finished,
 the server runs everything, and every task stored under a key and every
-successor ran exactly once, with no live copy left.  On mongomock
+successor ran exactly once, each task's hint agreeing with its records,
+with no live copy left.  On mongomock
 (`MemoryStore` refuses a repeated id live or finished alike, so it would
 hide the races with moves).
 """
@@ -38,19 +42,26 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from tests.store_contract import T0, make_spec
+from tests.store_contract import T0, drive_until, make_spec
 from tullius.band import Band
 from tullius.document import TERMINAL, TaskSpec, keyed_task_id, status_of
-from tullius.engine import TASK_WRITES, Conversation, claim, drive, finish
+from tullius.effects import InsertTasks
+from tullius.engine import TASK_WRITES, Conversation, claim, drive, finish, sweep
 from tullius.errors import KeyConflict, StoreError
 from tullius.events import Succeeded
 from tullius.keyed import insert_keyed
-from tullius.policy import WRITE_WINDOW
+from tullius.policy import WRITE_WINDOW, LeaseWatch
 from tullius.prune import MIN_AGE, PruneReport, prune
 from tullius.runtime.mongo_store import MongoStore
 from tullius.store import DeleteTasks, Operation, perform
 
 ALL = Band(1, 0, 10)
+
+
+class PruneDied(Exception):
+    """A pruning daemon's process killed in the middle of its delete."""
+
+
 #: How long after its parent's run a successor is due: longer than a prune waits.
 SUCCESSOR_DELAY = MIN_AGE + timedelta(days=1)
 KEYS = ("a", "a", "b")
@@ -84,6 +95,7 @@ class KeyedRaces(RuleBasedStateMachine):
         self.runs: Counter[Incarnation] = Counter()
         #: The successors the runs returned: their incarnation and fields, as recorded.
         self.successors: list[tuple[str, datetime, dict[str, Any]]] = []
+        self.owed: list[tuple[str, datetime, dict[str, Any]]] = []
         self.tokens = 0
         #: Each pruning daemon's pass under way, and the answer it waits to be sent.
         self.prunes: dict[int, tuple[Conversation[PruneReport], Any]] = {}
@@ -158,13 +170,21 @@ class KeyedRaces(RuleBasedStateMachine):
             given = call.specs[conflict.index].fields
             assert view is None or dict(view.task.fields) != dict(given), conflict
 
-    @rule(everything=st.booleans())
-    def a_server_runs_a_task(self, everything: bool) -> None:
-        """One task, or all it can."""
-        while self._run_one() and everything:
+    @rule(everything=st.booleans(), dies=st.sampled_from([False, False, True]))
+    def a_server_runs_a_task(self, everything: bool, dies: bool) -> None:
+        """One task, or all it can; or one whose server ``dies`` between its verdict
+        and the insert of its successor (a sweep repairs it)."""
+        while self._run_one(dies=dies) and everything and not dies:
             pass
 
-    def _run_one(self) -> bool:
+    @rule()
+    def a_server_sweeps(self) -> None:
+        watch = LeaseWatch(timedelta(seconds=15))
+        drive(self.store, sweep(watch, observer="s2", now=self.now, monotonic=float))
+        self.successors += self.owed
+        self.owed = []
+
+    def _run_one(self, *, dies: bool = False) -> bool:
         self.tokens += 1  # (a claim's token must be its own: see `engine.claim`)
         token = f"t{self.tokens}"
         job = drive(self.store, claim(ALL, server="s1", worker="w1", token=token, now=self.now))
@@ -175,27 +195,36 @@ class KeyedRaces(RuleBasedStateMachine):
         if job.task_id in self._all_ids():  # a keyed task: it returns a successor
             spec = make_spec(of=job.task_id, run=token)
             successors = (dataclasses.replace(spec, delay=SUCCESSOR_DELAY),)
-        assert drive(
-            self.store, finish(job, Succeeded(job.token, successors), now=self.now)
-        ).accepted
+        verdict = finish(job, Succeeded(job.token, successors), now=self.now)
+        if successors and dies:
+            drive_until(self.store, verdict, InsertTasks)
+            verdict.close()
+            event("a server died before inserting a successor")
+        else:
+            assert drive(self.store, verdict).accepted
         if successors:
             view = self.store.load(job.task_id)
             assert view is not None
             assert view.outcome is not None
-            self.successors += [
-                (doc.task_id, doc.created_at, dict(doc.fields)) for doc in view.outcome.spawned
-            ]
+            returned = [(d.task_id, d.created_at, dict(d.fields)) for d in view.outcome.spawned]
+            # (A dead server's are owed until a sweep repairs its verdict.)
+            (self.owed if dies else self.successors).extend(returned)
         return True
 
     @rule(days=st.integers(1, 6))
     def days_pass(self, days: int) -> None:
         self.now += timedelta(days=days)
 
-    @rule(daemon=st.sampled_from([None, 0, 1]), steps=st.integers(1, 3))
-    def a_prune_goes_on(self, daemon: int | None, steps: int) -> None:
+    @rule(
+        daemon=st.sampled_from([None, 0, 1]),
+        steps=st.integers(1, 3),
+        dies=st.sampled_from([False, False, True]),
+    )
+    def a_prune_goes_on(self, daemon: int | None, steps: int, dies: bool) -> None:
         """``tulliusd --prune-finished`` whole (``daemon`` None), between two operations
         of everyone else; or a few store operations of a daemon with
-        ``--keep-finished``, whose reads and delete others' steps may come between."""
+        ``--keep-finished``, whose reads and delete others' steps may come between,
+        and which ``dies`` in its delete, before the finished copies (not retried)."""
         if daemon is None:
             if drive(self.store, prune(MIN_AGE, now=self.now)).deleted:
                 event("a whole prune deleted tasks")
@@ -208,9 +237,28 @@ class KeyedRaces(RuleBasedStateMachine):
                 op = conversation.send(answer)
             except StopIteration:
                 return
+            if isinstance(op, DeleteTasks) and dies:
+                self._delete_dying(op)
+                return
             self.prunes[daemon] = (conversation, perform(self.store, op))
             if isinstance(op, DeleteTasks):
                 event("a pruning daemon deleted (or tried to)")
+
+    def _delete_dying(self, op: DeleteTasks) -> None:
+        """``op`` performed by a process that dies once it has deleted the records."""
+        finished = self.store.finished
+        delete_many = finished.delete_many
+
+        def dies(*args: object, **kwargs: object) -> None:
+            raise PruneDied
+
+        finished.delete_many = dies  # type: ignore[method-assign]
+        try:
+            perform(self.store, op)
+        except PruneDied:
+            event("a pruning daemon died in its delete")
+        finally:
+            finished.delete_many = delete_many  # type: ignore[method-assign]
 
     def _ran(self, task_id: str) -> bool:
         return any(ran == task_id for ran, _ in self.runs)
@@ -257,6 +305,7 @@ class KeyedRaces(RuleBasedStateMachine):
         for call in list(self.calls):  # every call goes on to its end (or its window's)
             while call in self.calls:
                 self._land(call, answer_lost=False)
+        self.a_server_sweeps()  # (repairs what a dying server left)
         while self._run_one():
             pass
         self.now += SUCCESSOR_DELAY  # (the last successors are due)
@@ -266,7 +315,10 @@ class KeyedRaces(RuleBasedStateMachine):
         self.a_call_that_returned_has_its_tasks_stored_as_it_gave_them()
         self.a_successor_a_run_returned_is_stored_as_returned()
         for view in self.store.load_many(self._all_ids()):
+            if view.run is None:  # a finished copy a dying prune left, with no records
+                continue
             assert status_of(view) in TERMINAL, view.task_id
+            assert view.task.status is status_of(view), view
             assert self.runs[view.task_id, view.task.created_at] == 1, view.task_id
         for task_id, created_at, _ in self.successors:
             assert self.runs[task_id, created_at] == 1, task_id
