@@ -13,6 +13,7 @@ from typing import Any
 import tasks_for_tests as t
 from daemon_harness import queue, run_tulliusd, wait_for, wait_terminal
 
+from tests.unit import test_mongo_store_layout as layout
 from tests.unit.test_prune import handle, queued, run_to_the_end
 from tullius.document import Status
 from tullius.prune import PRUNE_BATCH
@@ -101,4 +102,22 @@ def test_daemons_keeping_three_days_delete_older_tasks_page_by_page_while_they_r
         what="a daemon to log what its prune pass deleted",
         interval=0.5,
         on_timeout=lambda: "".join(daemon.stderr() for daemon in daemons)[-3000:],
+    )
+
+
+def test_a_task_stored_again_beside_a_prunes_leftover_is_repaired_on_the_server(
+    store: Any,
+) -> None:
+    """The layout test on a MongoDB-wire server (its projection, replace and delete)."""
+    layout.test_a_task_stored_again_beside_a_prunes_leftover_whose_success_was_cut_short_is_repaired(
+        store
+    )
+
+
+def test_a_task_stored_again_beside_a_prunes_leftover_ends_as_itself_on_the_server(
+    store: Any,
+) -> None:
+    """The layout test on a MongoDB-wire server."""
+    layout.test_a_task_stored_again_beside_a_prunes_leftover_ends_as_itself_and_outlives_the_leftover(
+        store
     )
