@@ -247,6 +247,53 @@ def test_a_task_stored_again_beside_a_prunes_leftover_ends_as_itself_and_outlive
     assert status_of(view) is Status.UNHANDLED
 
 
+class PruneDuring:
+    """``finished``, whose method ``name`` is followed at once by a racing prune's
+    delete (``delete``), once."""
+
+    def __init__(self, inner: Any, name: str, delete: Callable[[], object]) -> None:
+        self.inner = inner
+        self.name = name
+        self.delete: Callable[[], object] | None = delete
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+        if name != self.name or self.delete is None:
+            return method
+
+        def then_the_prune(*args: Any, **kwargs: Any) -> Any:
+            delete, self.delete = self.delete, None
+            try:
+                return method(*args, **kwargs)
+            finally:
+                delete()
+
+        return then_the_prune
+
+
+@pytest.mark.parametrize("after", ["insert_one", "find_one"])
+def test_a_task_stored_again_moves_even_as_a_prune_deletes_the_leftover_under_the_move(
+    store: MongoStore, after: str
+) -> None:
+    # Given a keyed task stored again beside an old copy a prune left, which a second
+    # prune has read; the task ran
+    task_id = a_prunes_leftover(store, SPEC)
+    (old,) = store.find_tasks([task_id])
+    stored_again(store, SPEC)
+    job = drive(store, claim(ALL, server="s1", worker="w1", token="second", now=NOW))
+    assert job is not None
+    # When its move to finished meets the old copy, and the second prune deletes
+    # that copy right after the move's insert, or after its read of the old copy
+    finished = store.finished
+    store.finished = PruneDuring(finished, after, lambda: store.delete_tasks([old]))  # type: ignore[assignment]
+    assert drive(store, finish(job, Succeeded(job.token), now=NOW)).accepted
+    store.finished = finished
+    # Then the task is in finished, as itself
+    (settled,) = store.find_tasks([task_id])
+    assert (settled.created_at, settled.status) == (stored_time(NOW), Status.SUCCEEDED)
+    assert live_ids(store) == []
+
+
 def test_running_and_failed_hints_stay_in_the_live_collection(store: MongoStore) -> None:
     store.insert_tasks([make_doc("a"), make_doc("b")])
     store.set_status("a", Status.RUNNING, None)
@@ -255,14 +302,18 @@ def test_running_and_failed_hints_stay_in_the_live_collection(store: MongoStore)
     assert ids(store.finished) == []
 
 
+@pytest.mark.parametrize("run_record", ["today's", "older"])
 @pytest.mark.parametrize("reader", ["load", "move"])
 def test_a_finished_tasks_id_queued_again_later_is_dropped_not_taken_for_the_task(
-    store: MongoStore, reader: str
+    store: MongoStore, reader: str, run_record: str
 ) -> None:
-    # Given a finished task, and its id queued again a day later (a repeated call
-    # that raced its end: a live copy with the call's created_at)
+    # Given a finished task (its run record written by this version or by one that
+    # did not say which task ran), and its id queued again a day later (a repeated
+    # call that raced its end: a live copy with the call's created_at)
     store.insert_tasks([make_doc("a")])
     run_to_success(store, "a")
+    if run_record == "older":
+        store.records_for("a").update_one({"_id": "a:run"}, {"$unset": {"task_created_at": 1}})
     store.insert_tasks([dataclasses.replace(make_doc("a"), created_at=T0 + timedelta(days=1))])
     # When a load reads it, or a repair that read the task before moves its hint
     if reader == "load":

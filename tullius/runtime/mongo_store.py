@@ -192,7 +192,9 @@ class _RecentDocs:
 
     A live document's body never changes, and the move overwrites its hint,
     so any copy read earlier serves the move as well as a fresh read: it saves
-    a round trip per task.  If the task was moved meanwhile, the copy's insert
+    a round trip per task.  (Of the task stored under the id now: every writer
+    that moves a task reads its current live copy first, which replaces any
+    copy of an older task stored under the id before a prune.)  If the task was moved meanwhile, the copy's insert
     is a duplicate (ignored) and the delete matches nothing, as with a read.
     """
 
@@ -678,15 +680,16 @@ class MongoStore:
             live = self._bodies.pop(task_id) or shard.find_one({"_id": task_id})
             if live is None:
                 return False  # moved already, or no such task
-            self._insert_finished(task_id, {**unpack(live), **hint}, stored_due)
-            shard.delete_one({"_id": task_id})
+            if self._insert_finished(task_id, {**unpack(live), **hint}, stored_due):
+                shard.delete_one({"_id": task_id})
             return True
 
         return self._retrying("set status", move)
 
-    def _insert_finished(self, task_id: str, doc: dict[str, Any], due: datetime | None) -> None:
+    def _insert_finished(self, task_id: str, doc: dict[str, Any], due: datetime | None) -> bool:
         """Insert ``doc``, a task with its terminal hint, into ``finished``, where a
-        copy of ``task_id`` may be already.
+        copy of ``task_id`` may be already; whether the task is there now, so
+        that its live copy may go.
 
         That copy is this task, moved before (a live copy inserted again, read
         and perhaps acted on since it settled): it stays, and its settling time
@@ -696,25 +699,29 @@ class MongoStore:
         records first), before a keyed call stored the task again: then it
         gives way (`_older_twin`), or the new task's end would be read with
         the old task's terminal hint, and a prune that read the old copy would
-        delete the new one's history.
+        delete the new one's history.  A prune that read the old copy may
+        delete it meanwhile: then the insert is tried again.
         """
         for _ in range(_MOVE_TRIES):
             try:
                 self.finished.insert_one(doc)
-                return
+                return True
             except DuplicateKeyError:
                 pass
             twin = self.finished.find_one({"_id": task_id}, {"created_at": 1})
             if twin is None:
                 continue  # deleted since (by a prune): insert again
             if not self._older_twin(task_id, twin, doc.get("created_at")):
-                break
+                self._move_settled_time_up(task_id, due)
+                return True
             replaced = self.finished.replace_one(
                 {"_id": task_id, "created_at": twin["created_at"]}, doc
             )
             if replaced.matched_count:
-                return
-        self._move_settled_time_up(task_id, due)
+                return True
+        # The copy in `finished` changed under every try: the live copy stays,
+        # with its hint, and its repair repeats the move.
+        return False
 
     def _older_twin(self, task_id: str, twin: Mapping[str, Any], created_at: Any) -> bool:
         """Whether ``twin``, the finished copy of ``task_id``, is an older task's than
@@ -854,7 +861,8 @@ class MongoStore:
         re-creating each finished descendant in turn, one per claim round.  A
         copy in ``finished`` proves the move was done, and the move comes after
         the successors' insert (`tullius.machine`), so the live copy can go
-        without a repair.  Otherwise (a crash between the record and the move)
+        without a repair; unless that copy is an older task's (`_older_twin`),
+        which proves nothing about this one.  Otherwise (a crash between the record and the move)
         the live copy is returned and its repair repeats the move.  Only a
         decided live task costs the extra read, which a healthy move never leaves.
         """
