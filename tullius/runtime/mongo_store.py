@@ -194,8 +194,9 @@ class _RecentDocs:
     so any copy read earlier serves the move as well as a fresh read: it saves
     a round trip per task.  (Of the task stored under the id now: every writer
     that moves a task reads its current live copy first, which replaces any
-    copy of an older task stored under the id before a prune.)  If the task was moved meanwhile, the copy's insert
-    is a duplicate (ignored) and the delete matches nothing, as with a read.
+    copy of an older task stored under the id before a prune.)  If the task
+    was moved meanwhile, the copy's insert is a duplicate (ignored) and the
+    delete matches nothing, as with a read.
     """
 
     def __init__(self, size: int) -> None:
