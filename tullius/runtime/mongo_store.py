@@ -863,9 +863,10 @@ class MongoStore:
         copy in ``finished`` proves the move was done, and the move comes after
         the successors' insert (`tullius.machine`), so the live copy can go
         without a repair; unless that copy is an older task's (`_older_twin`),
-        which proves nothing about this one.  Otherwise (a crash between the record and the move)
-        the live copy is returned and its repair repeats the move.  Only a
-        decided live task costs the extra read, which a healthy move never leaves.
+        which proves nothing about this one.  Otherwise (a crash between the
+        record and the move) the live copy is returned and its repair repeats
+        the move.  Only a decided live task costs the extra read, which a
+        healthy move never leaves.
         """
         task_id = view.task.task_id
         moved = self.finished.find_one({"_id": task_id})
