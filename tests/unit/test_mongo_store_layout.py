@@ -26,13 +26,14 @@ from tests.store_contract import (
     make_doc,
     make_spec,
 )
+from tests.unit.test_prune import fails_for_good
 from tullius.api import insert_queued, keyed_id
 from tullius.band import Band
-from tullius.document import Failure, FailureKind, Status, TaskSpec, status_of, stored_time
+from tullius.document import Status, TaskSpec, status_of, stored_time
 from tullius.effects import InsertTasks
 from tullius.engine import claim, drive, finish, sweep
 from tullius.errors import ConfigError, KeyConflict, StoreUnavailable
-from tullius.events import Failed, HandlerFailed, Succeeded
+from tullius.events import Succeeded
 from tullius.policy import LeaseWatch
 from tullius.prune import MIN_AGE, prune
 from tullius.runtime.mongo_store import IDLE_RECHECK, LIVE_FIELDS, MongoStore, pack_live
@@ -230,13 +231,7 @@ def test_a_task_stored_again_beside_a_prunes_leftover_ends_as_itself_and_outlive
     delete = drive_until(store, late, DeleteTasks)
     stored_again(store, spec)
     # When the task runs and fails, and so does its one failed() attempt
-    job = drive(store, claim(ALL, server="s1", worker="w1", token="second", now=NOW))
-    assert job is not None
-    drive(store, finish(job, Failed(job.token, Failure(FailureKind.EXCEPTION, "x", NOW)), now=NOW))
-    handler = drive(store, claim(ALL, server="s1", worker="w1", token="second-h", now=NOW))
-    assert handler is not None
-    error = Failure(FailureKind.EXCEPTION, "failed() raised", NOW)
-    drive(store, finish(handler, HandlerFailed(handler.token, error), now=NOW))
+    fails_for_good(store, task_id, at=NOW)
     # Then its finished copy is its own, unhandled (not the old task's success)
     (settled,) = store.find_tasks([task_id])
     assert (settled.created_at, settled.status) == (stored_time(NOW), Status.UNHANDLED)

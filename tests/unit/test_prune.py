@@ -94,9 +94,16 @@ def handle(store: Store, task_id: str, *, at: Any, replacement: TaskSpec | None 
 def left_unhandled(store: Store, task_id: str, *, at: Any) -> None:
     """Queue ``task_id``; at ``at`` its run fails, and so does its only failed() attempt."""
     queued(store, task_id, handler_attempts=1)
+    fails_for_good(store, task_id, at=at)
+
+
+def fails_for_good(store: Store, task_id: str, *, at: Any) -> None:
+    """At ``at`` the run of ``task_id`` (the only due task) fails, and so does its
+    failed(), which has one attempt."""
     run_to_the_end(store, task_id, at=at, ok=False)
     job = drive(store, claim(ALL, server="s", worker="w", token=f"{task_id}-h", now=at))
     assert job is not None
+    assert job.task_id == task_id
     error = Failure(FailureKind.EXCEPTION, "failed() raised", at)
     drive(store, finish(job, HandlerFailed(job.token, error), now=at))
 
@@ -523,10 +530,5 @@ def unhandled_child(store: Store, parent_id: str, *, at: Any) -> str:
     """The only child of ``parent_id``: its run fails at ``at``, and so does its one
     failed() attempt."""
     (child,) = store.find_children(parent_id)
-    run_to_the_end(store, child.task_id, at=at, ok=False)
-    job = drive(store, claim(ALL, server="s", worker="w", token=f"{child.task_id}-h", now=at))
-    assert job is not None
-    assert job.task_id == child.task_id
-    error = Failure(FailureKind.EXCEPTION, "failed() raised", at)
-    drive(store, finish(job, HandlerFailed(job.token, error), now=at))
+    fails_for_good(store, child.task_id, at=at)
     return child.task_id
