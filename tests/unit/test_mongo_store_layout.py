@@ -131,6 +131,51 @@ class StopsAfterOneDocument:
         raise AutoReconnect("the primary stepped down")
 
 
+class FirstDeleteLate:
+    """A ``records`` collection whose next ``delete_many`` comes after ``meanwhile``."""
+
+    def __init__(self, inner: Any, meanwhile: Callable[[], object]) -> None:
+        self.inner = inner
+        self.meanwhile: Callable[[], object] | None = meanwhile
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def delete_many(self, query: Any) -> Any:
+        meanwhile, self.meanwhile = self.meanwhile, None
+        if meanwhile is not None:
+            meanwhile()
+        return self.inner.delete_many(query)
+
+
+def test_a_task_stored_again_and_claimed_as_a_late_prune_deletes_records_keeps_its_lease(
+    store: MongoStore,
+) -> None:
+    # Given a keyed task that succeeded long ago, a prune that read it and is about to
+    # delete it, and another prune that deleted it since
+    (task_id,) = insert_queued(store, [SPEC], now=LONG_AGO, new_id=str, key="k")
+    run_to_success(store, task_id)
+    late = prune(MIN_AGE, now=NOW)
+    delete = drive_until(store, late, DeleteTasks)
+    assert drive(store, prune(MIN_AGE, now=NOW)).deleted
+
+    # When the late prune finds no copy of it, and before it deletes its records
+    # the keyed call is repeated and a daemon claims the task stored again
+    def stored_again_and_claimed() -> None:
+        stored_again(store, SPEC)
+        assert drive(store, claim(ALL, server="s1", worker="w1", token="again", now=NOW))
+
+    (records,) = store.record_collections()
+    store._record_shards = [FirstDeleteLate(records, stored_again_and_claimed)]
+    drive_on(store, late, delete)
+    # Then the new task keeps its lease (its run is not lost, nor run again)
+    view = store.load(task_id)
+    assert view is not None
+    assert view.run is not None
+    assert view.run.token == "again"
+    assert status_of(view) is Status.RUNNING
+
+
 @pytest.mark.parametrize("kind", ["run", "outcome"])
 def test_a_prune_whose_records_delete_stops_part_way_leaves_no_old_record_to_a_task_stored_again(
     kind: str,

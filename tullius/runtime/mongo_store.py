@@ -1183,7 +1183,10 @@ class MongoStore:
         to its first missing record); but not those of an id stored again since
         it was read (a copy with another ``created_at`` is left after the live
         copies are deleted): they are the new task's, the old ones having been
-        deleted before the id could be stored again.
+        deleted before the id could be stored again.  Nor a run record that
+        names another ``created_at`` (`Record.task_created_at`): a task stored
+        again and claimed after those reads, when a racing prune had deleted
+        the old one.
         """
         if not docs:
             return 0
@@ -1228,11 +1231,19 @@ class MongoStore:
             # run records last: a delete_many goes a document at a time, and a keyed
             # call counts a task stored while its run record is (`stored_ids`), so an
             # error part-way never leaves records for a task stored again to inherit.
+            # A run record goes only if it names the task as read (or none, written
+            # by an older version): one of a task stored again and claimed since the
+            # reads above (a racing prune deleted the old one) stays.
             going = [task_id for task_id in ids if task_id not in stored_again]
             for records, in_shard in self._by_record_shard(going):
                 others = {"$nin": [_RETRY_KIND, _RUN_KIND]}
                 records.delete_many({"task_id": {"$in": in_shard}, "kind": others})
-                records.delete_many(_by_ids([run_id(task_id) for task_id in in_shard]))
+                times = sorted({created[task_id] for task_id in in_shard})
+                ran = {"$in": times}
+                unnamed = {"task_created_at": {"$exists": False}}
+                named = {"$or": [{"task_created_at": ran}, unnamed]}
+                runs = _by_ids([run_id(task_id) for task_id in in_shard])
+                records.delete_many({**runs, **named})
             return delete(self.finished, finished)
 
         return self._retrying("delete finished tasks", attempt)
