@@ -295,6 +295,22 @@ class KeyedRaces(RuleBasedStateMachine):
             assert dict(view.task.fields) == fields, (task_id, view.task)
 
     @invariant()
+    def every_record_but_a_tombstone_has_its_task(self) -> None:
+        """No record outlives its task (a prune deletes the documents last), but an
+        operator's retry record: an orphan `run` record would make the key's task
+        read as stored but unreadable for good."""
+        if not hasattr(self, "store"):
+            return
+        stored = {
+            doc["_id"]
+            for collection in [*self.store.live_collections(), self.store.finished]
+            for doc in collection.find({}, {"_id": 1})
+        }
+        for records in self.store.record_collections():
+            for record in records.find({"kind": {"$ne": "retry"}}, {"task_id": 1}):
+                assert record["task_id"] in stored, ("a record without its task", record)
+
+    @invariant()
     def no_task_runs_twice(self) -> None:
         if hasattr(self, "runs"):
             assert all(count == 1 for count in self.runs.values()), self.runs
