@@ -131,15 +131,9 @@ class StopsAfterOneDocument:
         raise AutoReconnect("the primary stepped down")
 
 
-class FirstDeleteLate:
-    """A ``records`` collection whose next ``delete_many`` comes after ``meanwhile``."""
-
-    def __init__(self, inner: Any, meanwhile: Callable[[], object]) -> None:
-        self.inner = inner
-        self.meanwhile: Callable[[], object] | None = meanwhile
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+class FirstDeleteLate(StopsAfterOneDocument):
+    """A ``records`` collection whose next ``delete_many`` comes after ``meanwhile``
+    (and is whole)."""
 
     def delete_many(self, query: Any) -> Any:
         meanwhile, self.meanwhile = self.meanwhile, None
