@@ -330,6 +330,22 @@ def _majority_read(collection: Collection[Any]) -> Collection[Any]:
     return collection.with_options(read_concern=ReadConcern("majority"))
 
 
+def _older_twin(twin: Mapping[str, Any], created_at: Any, ran: Callable[[], Any]) -> bool:
+    """Whether ``twin``, a task's finished copy, is an older task's than the one
+    created at ``created_at`` that ran under its id: ``ran`` gives the
+    ``created_at`` the `run` record names (`Record.task_created_at`), asked only
+    when the copies' ``created_at`` differ (a copy inserted again by a repeated
+    call has the call's).  False when unsure (a record of a version that did not
+    say): the copy stays, as before."""
+    if not isinstance(created_at, datetime):
+        return False
+    theirs = twin.get("created_at")
+    if not isinstance(theirs, datetime) or aware_utc(theirs) == aware_utc(created_at):
+        return False
+    named = ran()
+    return isinstance(named, datetime) and aware_utc(named) == aware_utc(created_at)
+
+
 def _lease_task(record_id: str) -> str | None:
     """The task of a lease record (``<task>:run``, ``<task>:handler:<n>``), or None
     for an id of another shape."""
@@ -712,7 +728,7 @@ class MongoStore:
             twin = self.finished.find_one({"_id": task_id}, {"created_at": 1})
             if twin is None:
                 continue  # deleted since (by a prune): insert again
-            if not self._older_twin(task_id, twin, doc.get("created_at")):
+            if not _older_twin(twin, doc.get("created_at"), partial(self._ran, task_id)):
                 self._move_settled_time_up(task_id, due)
                 return True
             replaced = self.finished.replace_one(
@@ -724,21 +740,10 @@ class MongoStore:
         # with its hint, and its repair repeats the move.
         return False
 
-    def _older_twin(self, task_id: str, twin: Mapping[str, Any], created_at: Any) -> bool:
-        """Whether ``twin``, the finished copy of ``task_id``, is an older task's than
-        the one created at ``created_at`` that ran under the id (the claim's `run`
-        record says which: `Record.task_created_at`).  One read of the `run`
-        record, made only when the copies' ``created_at`` differ (a copy inserted
-        again by a repeated call has the call's).  False when unsure (a record
-        of a version that did not say): the copy stays, as before."""
-        if not isinstance(created_at, datetime):
-            return False
-        theirs = twin.get("created_at")
-        if not isinstance(theirs, datetime) or aware_utc(theirs) == aware_utc(created_at):
-            return False
+    def _ran(self, task_id: str) -> Any:
+        """The ``created_at`` the `run` record of ``task_id`` names (None if none)."""
         run = self.records_for(task_id).find_one({"_id": run_id(task_id)}, {"task_created_at": 1})
-        ran = None if run is None else run.get("task_created_at")
-        return isinstance(ran, datetime) and aware_utc(ran) == aware_utc(created_at)
+        return None if run is None else run.get("task_created_at")
 
     def beat(self, record_id: str) -> int | None:
         """Count a heartbeat of a lease; None if the record is missing or its task finished.
@@ -870,7 +875,9 @@ class MongoStore:
         """
         task_id = view.task.task_id
         moved = self.finished.find_one({"_id": task_id})
-        if moved is None or self._older_twin(task_id, moved, view.task.created_at):
+        run = view.run
+        ran = None if run is None else run.task_created_at
+        if moved is None or _older_twin(moved, view.task.created_at, lambda: ran):
             # (An older task's copy a cut-short prune left proves nothing: the
             # repair repeats the inserts, and the move replaces it.)
             return view
@@ -1211,14 +1218,19 @@ class MongoStore:
                     stored_again.add(found["_id"])
             return going
 
+        def named(field: str, task_ids: list[str]) -> dict[str, Any]:
+            """A filter: ``field`` is one of the times read for ``task_ids``, or is
+            missing (written by an older version)."""
+            times = sorted({created[task_id] for task_id in task_ids})
+            return {"$or": [{field: {"$in": times}}, {field: {"$exists": False}}]}
+
         def delete(collection: Collection[Any], going: list[str]) -> int:
             """Delete the copies ``read`` found as read; by id, and by the times read
             (or none), so that a copy stored again meanwhile under another stays."""
             if not going:
                 return 0
-            times = sorted({created[task_id] for task_id in going})
-            when = {"$or": [{"created_at": {"$in": times}}, {"created_at": {"$exists": False}}]}
-            return int(collection.delete_many({**_by_ids(going), **when}).deleted_count)
+            as_read = named("created_at", going)
+            return int(collection.delete_many({**_by_ids(going), **as_read}).deleted_count)
 
         def attempt() -> int:
             stored_again.clear()
@@ -1238,12 +1250,8 @@ class MongoStore:
             for records, in_shard in self._by_record_shard(going):
                 others = {"$nin": [_RETRY_KIND, _RUN_KIND]}
                 records.delete_many({"task_id": {"$in": in_shard}, "kind": others})
-                times = sorted({created[task_id] for task_id in in_shard})
-                ran = {"$in": times}
-                unnamed = {"task_created_at": {"$exists": False}}
-                named = {"$or": [{"task_created_at": ran}, unnamed]}
                 runs = _by_ids([run_id(task_id) for task_id in in_shard])
-                records.delete_many({**runs, **named})
+                records.delete_many({**runs, **named("task_created_at", in_shard)})
             return delete(self.finished, finished)
 
         return self._retrying("delete finished tasks", attempt)
