@@ -43,6 +43,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from tests.store_contract import T0, drive_until, make_spec
+from tests.unit.test_mongo_store_layout import PruneDied, finished_deletes_die
 from tullius.band import Band
 from tullius.document import TERMINAL, TaskSpec, keyed_task_id, status_of
 from tullius.effects import InsertTasks
@@ -56,10 +57,6 @@ from tullius.runtime.mongo_store import MongoStore
 from tullius.store import DeleteTasks, Operation, perform
 
 ALL = Band(1, 0, 10)
-
-
-class PruneDied(Exception):
-    """A pruning daemon's process killed in the middle of its delete."""
 
 
 #: How long after its parent's run a successor is due: longer than a prune waits.
@@ -246,19 +243,11 @@ class KeyedRaces(RuleBasedStateMachine):
 
     def _delete_dying(self, op: DeleteTasks) -> None:
         """``op`` performed by a process that dies once it has deleted the records."""
-        finished = self.store.finished
-        delete_many = finished.delete_many
-
-        def dies(*args: object, **kwargs: object) -> None:
-            raise PruneDied
-
-        finished.delete_many = dies  # type: ignore[method-assign]
         try:
-            perform(self.store, op)
+            with finished_deletes_die(self.store):
+                perform(self.store, op)
         except PruneDied:
             event("a pruning daemon died in its delete")
-        finally:
-            finished.delete_many = delete_many  # type: ignore[method-assign]
 
     def _ran(self, task_id: str) -> bool:
         return any(ran == task_id for ran, _ in self.runs)

@@ -9,7 +9,8 @@ with the task settled and run once.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -42,7 +43,7 @@ from tullius.store import DeleteTasks
 ALL = Band(1, 0, 10)
 SPEC = make_spec(n=1)
 NOW = T0 + timedelta(days=20)
-LONG_AGO = T0
+LONG_AGO = T0  # (when run_to_success runs a task)
 
 
 @pytest.fixture
@@ -203,9 +204,11 @@ class PruneDied(Exception):
     """The pruning daemon's process killed (a prune cut short, not retried)."""
 
 
-def prune_dies_before_the_finished_copies(store: MongoStore, *, now: Any) -> None:
-    """A prune at ``now`` whose process dies after it deleted its tasks' records,
-    before their finished copies (which it deletes last)."""
+@contextmanager
+def finished_deletes_die(store: MongoStore) -> Iterator[None]:
+    """While open, a delete from ``finished`` kills its process (`PruneDied`): a
+    prune dies once it deleted its tasks' records, before their finished copies
+    (which it deletes last)."""
 
     def dies(*args: object, **kwargs: object) -> None:
         raise PruneDied
@@ -213,19 +216,22 @@ def prune_dies_before_the_finished_copies(store: MongoStore, *, now: Any) -> Non
     delete_many = store.finished.delete_many
     store.finished.delete_many = dies  # type: ignore[method-assign]
     try:
-        with pytest.raises(PruneDied):
-            drive(store, prune(MIN_AGE, now=now))
+        yield
     finally:
         store.finished.delete_many = delete_many  # type: ignore[method-assign]
+
+
+def prune_dies_before_the_finished_copies(store: MongoStore, *, now: Any) -> None:
+    """A prune at ``now`` whose process dies before the finished copies."""
+    with finished_deletes_die(store), pytest.raises(PruneDied):
+        drive(store, prune(MIN_AGE, now=now))
 
 
 def a_prunes_leftover(store: MongoStore, spec: TaskSpec) -> str:
     """A keyed task that succeeded 20 days ago, and a prune cut short before its
     finished copy: the copy left without records."""
     (task_id,) = insert_queued(store, [spec], now=LONG_AGO, new_id=str, key="k")
-    job = drive(store, claim(ALL, server="s1", worker="w1", token="first", now=LONG_AGO))
-    assert job is not None
-    assert drive(store, finish(job, Succeeded(job.token), now=LONG_AGO)).accepted
+    run_to_success(store, task_id)
     prune_dies_before_the_finished_copies(store, now=NOW)
     assert ids(store.finished) == [task_id]
     assert store.load(task_id).records == {}  # type: ignore[union-attr]
